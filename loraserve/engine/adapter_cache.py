@@ -1,0 +1,132 @@
+"""The tiered adapter cache: device slots (pinned while used, LRU) <- host memory (LRU) <- disk.
+
+Adapters are parsed on a background thread, so a step never waits on a file read; the scheduler
+admits a request once its adapter is in host memory, and `pin` then copies it into a device slot
+(a memcpy of a few MB) unless it is resident already.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from loraserve.engine.adapter_slots import SlotTable
+from loraserve.engine.config import EngineConfig, ModelConfig
+from loraserve.engine.lora import LoraPool, LoraWeights, load_adapter, rank_bucket
+from loraserve.engine.scheduler import AdapterState
+from loraserve.types import AdapterRef
+
+
+class AdapterCache:
+    def __init__(self, cfg: ModelConfig, ecfg: EngineConfig, dtype: torch.dtype, device: torch.device) -> None:
+        self.cfg, self.ecfg, self.dtype, self.device = cfg, ecfg, dtype, device
+        self._refs: dict[str, AdapterRef] = {}
+        self._host: OrderedDict[str, LoraWeights] = OrderedDict()
+        self._host_bytes = 0
+        self._loading: dict[str, Future[LoraWeights]] = {}
+        self._failed: dict[str, str] = {}
+        self._pools: dict[int, tuple[LoraPool, SlotTable]] = {}
+        self._bucket: dict[str, int] = {}
+        self._lock = threading.Lock()  # guards _refs against the server thread's register/forget
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-load")
+
+    def register(self, ref: AdapterRef) -> None:
+        with self._lock:
+            self._refs[ref.key] = ref
+
+    def failure(self, key: str) -> str | None:
+        return self._failed.get(key)
+
+    # AdapterGate, called from the step thread only.
+    def state(self, key: str) -> AdapterState:
+        if key in self._host:
+            self._host.move_to_end(key)
+            return AdapterState.READY
+        if key in self._failed:
+            return AdapterState.FAILED
+        fut = self._loading.get(key)
+        if fut is None:
+            with self._lock:
+                ref = self._refs.get(key)
+            if ref is None:
+                self._failed[key] = "adapter is not registered"
+                return AdapterState.FAILED
+            self._loading[key] = self._loader.submit(load_adapter, ref, self.cfg, self.dtype)
+            return AdapterState.LOADING
+        if not fut.done():
+            return AdapterState.LOADING
+        del self._loading[key]
+        try:
+            w = fut.result()
+        except Exception as exc:  # a broken file must fail its requests, not the engine
+            self._failed[key] = f"adapter could not be loaded: {exc}"
+            return AdapterState.FAILED
+        self._put_host(w)
+        return AdapterState.READY
+
+    def pin(self, key: str) -> bool:
+        w = self._host[key]
+        pool, table = self._pool_for(w.rank)
+        got = table.acquire(key)
+        if got is None:
+            return False
+        slot, needs_load, evicted = got
+        if evicted is not None:
+            self._bucket.pop(evicted, None)
+        self._bucket[key] = w.rank
+        if needs_load:
+            pool.write(slot, w)
+        return True
+
+    def unpin(self, key: str) -> None:
+        self._pools[rank_bucket(self._bucket[key])][1].release(key)
+
+    def slot(self, key: str) -> tuple[LoraPool, int]:
+        pool, table = self._pools[rank_bucket(self._bucket[key])]
+        s = table.slot_of(key)
+        if s is None:
+            raise KeyError(key)
+        return pool, s
+
+    def forget(self, key: str) -> None:
+        """A deleted or replaced finetune: drop it from every tier it is not pinned in."""
+        with self._lock:
+            self._refs.pop(key, None)
+        self._failed.pop(key, None)
+        w = self._host.pop(key, None)
+        if w is not None:
+            self._host_bytes -= w.nbytes
+        if key in self._bucket:
+            _, table = self._pools[rank_bucket(self._bucket[key])]
+            if table.drop(key):
+                del self._bucket[key]
+
+    def stats(self) -> dict[str, float]:
+        return {
+            "adapters_host": float(len(self._host)),
+            "adapters_device": float(sum(len(t.resident) for _, t in self._pools.values())),
+            "adapters_pinned": float(sum(t.num_pinned for _, t in self._pools.values())),
+            "adapter_host_bytes": float(self._host_bytes),
+        }
+
+    def close(self) -> None:
+        self._loader.shutdown(wait=False, cancel_futures=True)
+
+    def _put_host(self, w: LoraWeights) -> None:
+        self._host[w.key] = w
+        self._host_bytes += w.nbytes
+        # Keep at least the newest adapter even if it alone is over budget: it is needed right now.
+        while self._host_bytes > self.ecfg.adapter_host_cache_bytes and len(self._host) > 1:
+            _, old = self._host.popitem(last=False)
+            self._host_bytes -= old.nbytes
+
+    def _pool_for(self, rank: int) -> tuple[LoraPool, SlotTable]:
+        bucket = rank_bucket(rank)
+        if bucket not in self._pools:
+            per_slot = LoraPool.slot_bytes(self.cfg, bucket, self.dtype.itemsize)
+            capacity = max(1, min(self.ecfg.max_loras, self.ecfg.lora_slot_bytes // per_slot))
+            self._pools[bucket] = (LoraPool(self.cfg, bucket, capacity, self.dtype, self.device), SlotTable(capacity))
+        return self._pools[bucket]

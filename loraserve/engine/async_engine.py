@@ -1,0 +1,187 @@
+"""The async face of the engine (the server's `Backend`): the step loop runs in its own thread.
+
+Requests and aborts from the event loop land in an inbox that the step thread drains before each
+step, so only that thread ever touches the scheduler. Text deltas go back through
+`loop.call_soon_threadsafe` into a per-request asyncio queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+from loraserve.chat_template import ChatTemplate
+from loraserve.engine.detokenizer import IncrementalDetokenizer
+from loraserve.engine.llm_engine import LLMEngine
+from loraserve.engine.tokenizer import Tokenizer
+from loraserve.errors import CapacityExceeded
+from loraserve.types import AdapterRef, ChatMessage, FinishReason, ModelInfo, SamplingParams, StreamEvent
+
+
+@dataclass(frozen=True)
+class _Add:
+    request_id: str
+    prompt: list[int]
+    params: SamplingParams
+    adapter: AdapterRef | None
+
+
+@dataclass(frozen=True)
+class _Abort:
+    request_id: str
+
+
+@dataclass(frozen=True)
+class _Forget:
+    key: str
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[StreamEvent]
+    detok: IncrementalDetokenizer
+    num_prompt: int
+    done: bool = False
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, tokenizer: Tokenizer, chat_template: ChatTemplate | None = None) -> None:
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.chat_template = chat_template or tokenizer.chat_template
+        cfg = engine.cfg
+        self._info = ModelInfo(context_window=engine.context_window, num_layers=cfg.num_layers,
+                               vocab_size=cfg.vocab_size, lora_shapes=cfg.lora_shapes(),
+                               architecture=cfg.architecture)
+        self._streams: dict[str, _Stream] = {}
+        self._inbox: list[_Add | _Abort | _Forget] = []
+        self._pending_adds = 0
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._stopped = False
+        self._stats: dict[str, float] = engine.stats()
+        self._thread = threading.Thread(target=self._loop, name="engine-step", daemon=True)
+        self._thread.start()
+
+    # -- Backend -----------------------------------------------------------------------------------
+    @property
+    def info(self) -> ModelInfo:
+        return self._info
+
+    def render_chat(self, messages: Sequence[ChatMessage]) -> str:
+        return self.chat_template.render(messages)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                 adapter: AdapterRef | None = None) -> AsyncIterator[StreamEvent]:
+        self.engine.check_fits(len(prompt_token_ids), params)
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            if self._stopped:
+                raise RuntimeError("engine is shut down")
+            if len(self.engine.scheduler.waiting) + self._pending_adds >= self.engine.ecfg.max_queue:
+                raise CapacityExceeded()
+            if request_id in self._streams:
+                raise ValueError(f"duplicate request id {request_id}")
+            stream = _Stream(loop, asyncio.Queue(), IncrementalDetokenizer(self.tokenizer, prompt_token_ids),
+                             len(prompt_token_ids))
+            self._streams[request_id] = stream
+            self._inbox.append(_Add(request_id, list(prompt_token_ids), params, adapter))
+            self._pending_adds += 1
+            self._wake.notify()
+        return self._events(request_id, stream)
+
+    async def _events(self, request_id: str, stream: _Stream) -> AsyncIterator[StreamEvent]:
+        try:
+            while True:
+                event = await stream.queue.get()
+                yield event
+                if event.finish_reason is not None:
+                    return
+        finally:
+            if not stream.done:  # the consumer went away (client disconnect): free the KV blocks now
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            if request_id in self._streams:
+                self._inbox.append(_Abort(request_id))
+                self._wake.notify()
+
+    def forget_adapter(self, key: str) -> None:
+        with self._lock:
+            self._inbox.append(_Forget(key))
+            self._wake.notify()
+
+    def stats(self) -> dict[str, float]:
+        return dict(self._stats)
+
+    def shutdown(self) -> None:
+        with self._lock:
+            self._stopped = True
+            self._wake.notify()
+        self._thread.join(timeout=10)
+        self.engine.adapters.close()
+
+    # -- the step thread ---------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stopped and not self._inbox and not self.engine.has_work():
+                    self._wake.wait()
+                if self._stopped:
+                    break
+                inbox, self._inbox = self._inbox, []
+            for item in inbox:
+                self._apply(item)
+            try:
+                outputs = self.engine.step()
+            except Exception as exc:  # never leave clients hanging: fail everything in flight
+                self._fail_all(f"engine step failed: {exc!r}")
+                continue
+            for out in outputs:
+                self._emit(out.seq.request_id, out.token, out.seq.finish_reason if out.finished else None,
+                           out.seq.num_output, self.engine.adapters.failure(out.seq.adapter_key or ""))
+            self._stats = self.engine.stats()
+        self._fail_all("engine is shut down")
+
+    def _apply(self, item: _Add | _Abort | _Forget) -> None:
+        if isinstance(item, _Add):
+            with self._lock:
+                self._pending_adds -= 1
+            if item.request_id not in self._streams:
+                return
+            try:
+                self.engine.add_request(item.request_id, item.prompt, item.params, item.adapter)
+            except Exception as exc:
+                self._emit(item.request_id, None, FinishReason.ERROR, 0, str(exc))
+        elif isinstance(item, _Forget):
+            self.engine.adapters.forget(item.key)
+        else:
+            self.engine.abort(item.request_id)
+            self._emit(item.request_id, None, FinishReason.ABORT, 0, None)
+
+    def _emit(self, request_id: str, token: int | None, finish: FinishReason | None, num_output: int,
+              error: str | None) -> None:
+        stream = self._streams.get(request_id)
+        if stream is None:
+            return
+        text = stream.detok.push(token) if token is not None else ""
+        if finish is not None:
+            text += stream.detok.flush()
+            stream.done = True
+            with self._lock:
+                self._streams.pop(request_id, None)
+        event = StreamEvent(text, stream.num_prompt, num_output, finish,
+                            error if finish is FinishReason.ERROR else None)
+        stream.loop.call_soon_threadsafe(stream.queue.put_nowait, event)
+
+    def _fail_all(self, message: str) -> None:
+        for request_id in list(self._streams):
+            self.engine.abort(request_id)
+            self._emit(request_id, None, FinishReason.ERROR, 0, message)

@@ -1,0 +1,140 @@
+"""Configs: the model's shape (from HF config.json or GGUF metadata) and the engine's knobs."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A Llama-family decoder (Llama 2/3, Mistral, SmolLM2): RMSNorm, RoPE, GQA, SwiGLU."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    # HF's `rope_scaling` dict; only {"rope_type": "llama3", ...} changes the frequencies here.
+    rope_scaling: dict[str, Any] | None = None
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = 1
+    eos_token_ids: tuple[int, ...] = (2,)
+    architecture: str = "llama"  # adapter_config.json's model_type for adapters of this model
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_kv_heads", "head_dim", "max_position_embeddings"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ModelConfig.{name} must be >= 1")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError("num_heads must be a multiple of num_kv_heads (GQA groups)")
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def lora_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in_features, out_features) of each projection, the shapes an adapter must match."""
+        h, i = self.hidden_size, self.intermediate_size
+        return {
+            "q_proj": (h, self.q_size),
+            "k_proj": (h, self.kv_size),
+            "v_proj": (h, self.kv_size),
+            "o_proj": (self.q_size, h),
+            "gate_proj": (h, i),
+            "up_proj": (h, i),
+            "down_proj": (i, h),
+        }
+
+    @classmethod
+    def from_hf(cls, cfg: dict[str, Any]) -> ModelConfig:
+        """From a Hugging Face `config.json` (LlamaForCausalLM / MistralForCausalLM)."""
+        heads = int(cfg["num_attention_heads"])
+        eos = cfg.get("eos_token_id", 2)
+        eos_ids = tuple(eos) if isinstance(eos, list) else ((int(eos),) if eos is not None else ())
+        return cls(
+            vocab_size=int(cfg["vocab_size"]),
+            hidden_size=int(cfg["hidden_size"]),
+            intermediate_size=int(cfg["intermediate_size"]),
+            num_layers=int(cfg["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+            head_dim=int(cfg.get("head_dim") or cfg["hidden_size"] // heads),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+            rope_theta=float(cfg.get("rope_theta", 10000.0)),
+            rope_scaling=cfg.get("rope_scaling"),
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            bos_token_id=cfg.get("bos_token_id", 1),
+            eos_token_ids=eos_ids,
+            architecture=str(cfg.get("model_type", "llama")),
+        )
+
+    def to_hf(self) -> dict[str, Any]:
+        """The equivalent HF config dict (tests build a transformers oracle from it)."""
+        return {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": self.rope_scaling,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": list(self.eos_token_ids),
+            "hidden_act": "silu",
+            "attention_bias": False,
+            "mlp_bias": False,
+        }
+
+
+def _default_threads() -> int:
+    return int(os.environ.get("LORASERVE_THREADS", "0")) or (os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    device: str = "cpu"
+    # fp32 on CPU: bf16 matmul on an AVX2 CPU is ~300x slower; CUDA runs bf16.
+    dtype: str = "auto"
+    block_size: int = 16  # tokens per KV block: small enough that the last block wastes little
+    # KV cache budget; 0 means "enough for max_num_seqs full context windows, capped at 25% of RAM".
+    kv_cache_bytes: int = 0
+    max_num_seqs: int = 64  # the running batch; more requests wait
+    max_num_batched_tokens: int = 1024  # per step: prefill chunks are cut to fit, decodes go first
+    max_queue: int = 256  # waiting requests beyond this are refused (the server answers 3040)
+    max_loras: int = 32  # adapters resident in device slots at once (per rank bucket)
+    max_lora_rank: int = 256
+    # Device memory for adapter slots, per rank bucket; a bucket holds min(max_loras, this / slot size) adapters.
+    lora_slot_bytes: int = 2 << 30
+    adapter_host_cache_bytes: int = 2 << 30  # parsed adapters kept in RAM (LRU); the disk holds the rest
+    threads: int = field(default_factory=_default_threads)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_queue", "max_loras",
+                     "max_lora_rank", "threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"EngineConfig.{name} must be >= 1")
+        if min(self.kv_cache_bytes, self.adapter_host_cache_bytes, self.lora_slot_bytes) < 0:
+            raise ValueError("cache budgets must be >= 0")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError("dtype must be auto, float32, bfloat16 or float16")

@@ -1,0 +1,160 @@
+"""The synchronous engine: add requests, `step()` them together, read tokens out. Knows nothing of HTTP."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from loraserve.engine.adapter_cache import AdapterCache
+from loraserve.engine.block_manager import BlockManager
+from loraserve.engine.config import EngineConfig, ModelConfig
+from loraserve.engine.model import KVCache, Llama
+from loraserve.engine.model_runner import ModelRunner
+from loraserve.engine.scheduler import Scheduler
+from loraserve.engine.sequence import Sequence
+from loraserve.errors import CapacityExceeded
+from loraserve.types import AdapterRef, FinishReason, SamplingParams
+
+_CPU_KV_CAP = 1 << 30  # default KV budget on CPU: 1 GiB holds ~22k tokens of SmolLM2 in fp32
+
+
+@dataclass
+class StepOutput:
+    seq: Sequence
+    token: int | None  # None when the sequence finished without a new token (error, abort)
+    finished: bool
+
+
+def resolve_dtype(ecfg: EngineConfig, device: torch.device) -> torch.dtype:
+    if ecfg.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, ecfg.dtype)
+
+
+class LLMEngine:
+    def __init__(self, cfg: ModelConfig, state: dict[str, torch.Tensor], ecfg: EngineConfig | None = None,
+                 context_window: int | None = None) -> None:
+        self.cfg = cfg
+        self.ecfg = ecfg = ecfg or EngineConfig()
+        self.device = torch.device(ecfg.device)
+        if self.device.type == "cpu":
+            torch.set_num_threads(ecfg.threads)
+        self.dtype = resolve_dtype(ecfg, self.device)
+        self.model = Llama(cfg, state, self.dtype, self.device)
+        self.context_window = min(context_window or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        bs = ecfg.block_size
+        num_blocks = self._num_kv_blocks()
+        self.kv = KVCache(cfg, num_blocks * bs, self.dtype, self.device)
+        self.blocks = BlockManager(num_blocks, bs)
+        self.adapters = AdapterCache(cfg, ecfg, self.dtype, self.device)
+        self.scheduler = Scheduler(self.blocks, ecfg.max_num_seqs, ecfg.max_num_batched_tokens,
+                                   gate=self.adapters, max_waiting=ecfg.max_queue)
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(ecfg.seed)
+        self.runner = ModelRunner(self.model, self.kv, bs, self.adapters, gen)
+        self.eos_ids = frozenset(cfg.eos_token_ids)
+        self._by_request: dict[str, Sequence] = {}
+
+    def _num_kv_blocks(self) -> int:
+        cfg, ecfg = self.cfg, self.ecfg
+        per_token = 2 * cfg.num_layers * cfg.kv_size * self.dtype.itemsize
+        # Never less than one full context window: a request that fits the window must be able to run alone.
+        floor = -(-self.context_window // ecfg.block_size) + 1
+        if ecfg.kv_cache_bytes:
+            budget = ecfg.kv_cache_bytes
+        else:
+            want = per_token * ecfg.max_num_seqs * self.context_window
+            if self.device.type == "cuda":
+                cap = int(torch.cuda.mem_get_info(self.device)[0] * 0.5)
+            else:
+                cap = _CPU_KV_CAP
+            budget = min(want, cap)
+        return max(floor, budget // (per_token * ecfg.block_size))
+
+    # -- requests ---------------------------------------------------------------------------------
+    def check_fits(self, num_prompt: int, params: SamplingParams) -> None:
+        if num_prompt + params.max_tokens > self.context_window:
+            raise ValueError(f"prompt ({num_prompt}) + max_tokens ({params.max_tokens}) exceeds the context "
+                             f"window ({self.context_window})")
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                    adapter: AdapterRef | None = None) -> Sequence:
+        self.check_fits(len(prompt_ids), params)
+        if request_id in self._by_request:
+            raise ValueError(f"duplicate request id {request_id}")
+        if self.scheduler.is_full():
+            raise CapacityExceeded()
+        if adapter is not None:
+            self.adapters.register(adapter)
+        seq = Sequence(request_id, list(prompt_ids), params, adapter.key if adapter else None)
+        self._by_request[request_id] = seq
+        self.scheduler.add(seq)
+        return seq
+
+    def abort(self, request_id: str) -> Sequence | None:
+        seq = self._by_request.pop(request_id, None)
+        if seq is not None:
+            self._finish(seq, FinishReason.ABORT)
+        return seq
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        self.scheduler.finish(seq, reason)
+        self.runner.forget(seq)
+        self._by_request.pop(seq.request_id, None)
+
+    # -- the step ---------------------------------------------------------------------------------
+    def step(self) -> list[StepOutput]:
+        sched = self.scheduler.schedule()
+        outputs: list[StepOutput] = []
+        for seq in sched.failed:
+            self._finish(seq, FinishReason.ERROR)
+            outputs.append(StepOutput(seq, None, True))
+        if not sched.scheduled:
+            return outputs
+        tokens = self.runner.run(sched.scheduled)
+        for s in sched.scheduled:
+            s.seq.num_computed += s.num_new
+        for s in sched.scheduled:
+            seq = s.seq
+            tok = tokens.get(seq.seq_id)
+            if tok is None:
+                continue
+            seq.append(tok)
+            reason = self._stop_reason(seq, tok)
+            if reason is not None:
+                self._finish(seq, reason)
+            outputs.append(StepOutput(seq, tok, reason is not None))
+        return outputs
+
+    def _stop_reason(self, seq: Sequence, tok: int) -> FinishReason | None:
+        p = seq.params
+        if (tok in self.eos_ids and not p.ignore_eos) or tok in p.stop_token_ids:
+            return FinishReason.STOP
+        if seq.num_output >= p.max_tokens or seq.num_tokens >= self.context_window:
+            return FinishReason.LENGTH
+        return None
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
+                 adapters: list[AdapterRef | None] | None = None) -> list[list[int]]:
+        """Offline batch generation (tests, benchmarks): output token ids per prompt."""
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        alist = adapters or [None] * len(prompts)
+        seqs = [self.add_request(f"offline-{id(prompts)}-{i}", p, sp, a)
+                for i, (p, sp, a) in enumerate(zip(prompts, plist, alist, strict=True))]
+        while self.has_work():
+            self.step()
+        return [s.output_ids for s in seqs]
+
+    def stats(self) -> dict[str, float]:
+        return {
+            "queue_depth": float(len(self.scheduler.waiting)),
+            "running": float(len(self.scheduler.running)),
+            "kv_blocks_used": float(self.blocks.num_used),
+            "kv_blocks_free": float(self.blocks.num_free),
+            "kv_blocks_total": float(self.blocks.num_blocks),
+            **self.adapters.stats(),
+        }

@@ -1,0 +1,179 @@
+"""A Llama-family decoder (Llama 2/3, Mistral, SmolLM2) over a paged KV cache, with batched multi-LoRA.
+
+Tokens of many sequences are flattened into one row each (`T` rows). Projections run once for the whole
+batch; attention reads each sequence's K/V through its block table; each LoRA-carrying row gets its own
+adapter's delta through `LoraBatch` (grouped shrink/expand, never a loop over requests).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from loraserve.engine.config import ModelConfig
+from loraserve.engine.lora import LoraBatch, LoraGroup
+
+
+@dataclass
+class PrefillMeta:
+    start: int  # first row of this sequence's new tokens in the flattened batch
+    num_new: int
+    gather: torch.Tensor  # [ctx] flat KV slots of the whole context, new tokens included
+    mask: torch.Tensor  # [num_new, ctx] bool, True = may attend (causal, offset by the cached context)
+
+
+@dataclass
+class BatchMeta:
+    """Everything the forward pass needs about one step, built by the model runner; no hidden globals."""
+
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    slot_mapping: torch.Tensor  # [T] flat KV slot each new token writes
+    num_decode: int  # rows [0, num_decode) are single-token decodes, one per sequence
+    decode_gather: torch.Tensor | None  # [Bd, Lmax] flat KV slots, padded
+    decode_mask: torch.Tensor | None  # [Bd, 1, 1, Lmax] bool
+    prefills: list[PrefillMeta]
+    logits_indices: torch.Tensor  # [S] rows whose next token is sampled
+    lora: LoraBatch | None = None
+
+
+class KVCache:
+    def __init__(self, cfg: ModelConfig, num_slots: int, dtype: torch.dtype, device: torch.device) -> None:
+        # k, v: [L, num_blocks * block_size, Hkv, D]; a flat slot index addresses one token's K/V.
+        shape = (cfg.num_layers, num_slots, cfg.num_kv_heads, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+
+@dataclass
+class LayerWeights:
+    attn_norm: torch.Tensor  # [H]
+    wqkv: torch.Tensor  # [Q + 2KV, H]: q, k, v fused so the batch reads one matrix
+    wo: torch.Tensor  # [H, Q]
+    mlp_norm: torch.Tensor  # [H]
+    w_gate_up: torch.Tensor  # [2I, H]
+    w_down: torch.Tensor  # [H, I]
+
+
+def rope_tables(cfg: ModelConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin: [max_pos, D] in HF's rotate_half layout (the two halves repeat the frequencies)."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    scaling = cfg.rope_scaling or {}
+    if scaling.get("rope_type", scaling.get("type")) == "llama3":
+        inv_freq = _llama3_scale(inv_freq, scaling)
+    t = torch.arange(cfg.max_position_embeddings, dtype=torch.float64)
+    freqs = torch.outer(t, inv_freq)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().float().to(device), emb.sin().float().to(device)
+
+
+def _llama3_scale(inv_freq: torch.Tensor, s: dict[str, Any]) -> torch.Tensor:
+    # Llama 3.1's long-context scaling: long wavelengths slowed by `factor`, short ones kept, a smooth ramp between.
+    factor, low, high = float(s["factor"]), float(s.get("low_freq_factor", 1.0)), float(s.get("high_freq_factor", 4.0))
+    old_ctx = float(s.get("original_max_position_embeddings", 8192))
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    scaled = torch.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
+    mid = (1 - smooth) * scaled / factor + smooth * scaled
+    is_mid = (wavelen <= old_ctx / low) & (wavelen >= old_ctx / high)
+    return torch.where(is_mid, mid, scaled)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [T, heads, D]; cos/sin: [T, 1, D]
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class Llama:
+    def __init__(self, cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype,
+                 device: torch.device) -> None:
+        self.cfg = cfg
+        self.device = device
+
+        def take(name: str) -> torch.Tensor:
+            return state.pop(name).to(device=device, dtype=dtype)
+
+        self.embed = take("model.embed_tokens.weight")  # [V, H]
+        self.layers: list[LayerWeights] = []
+        for i in range(cfg.num_layers):
+            p = f"model.layers.{i}."
+            self.layers.append(LayerWeights(
+                attn_norm=take(p + "input_layernorm.weight"),
+                wqkv=torch.cat([take(p + f"self_attn.{n}_proj.weight") for n in "qkv"]),
+                wo=take(p + "self_attn.o_proj.weight"),
+                mlp_norm=take(p + "post_attention_layernorm.weight"),
+                w_gate_up=torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]),
+                w_down=take(p + "mlp.down_proj.weight"),
+            ))
+        self.norm = take("model.norm.weight")
+        head = state.pop("lm_head.weight", None)
+        self.lm_head = self.embed if head is None or cfg.tie_word_embeddings else head.to(device, dtype)
+        self.cos, self.sin = rope_tables(cfg, device)
+        self.cos, self.sin = self.cos.to(dtype), self.sin.to(dtype)
+
+    @torch.inference_mode()
+    def forward(self, batch: BatchMeta, kv: KVCache) -> torch.Tensor:
+        """Logits [S, V] (float32) for the rows in `batch.logits_indices`."""
+        cfg = self.cfg
+        h = self.embed[batch.input_ids]  # [T, H]
+        cos = self.cos[batch.positions].unsqueeze(1)  # [T, 1, D]
+        sin = self.sin[batch.positions].unsqueeze(1)
+        for i, lw in enumerate(self.layers):
+            x = F.rms_norm(h, (cfg.hidden_size,), lw.attn_norm, cfg.rms_norm_eps)
+            qkv = F.linear(x, lw.wqkv)  # [T, Q + 2KV]
+            if batch.lora is not None:
+                batch.lora.apply(i, LoraGroup.QKV, x, qkv)
+            q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+            q = apply_rope(q.view(-1, cfg.num_heads, cfg.head_dim), cos, sin)  # [T, Hq, D]
+            k = apply_rope(k.view(-1, cfg.num_kv_heads, cfg.head_dim), cos, sin)  # [T, Hkv, D]
+            v = v.view(-1, cfg.num_kv_heads, cfg.head_dim)
+            kv.k[i].index_copy_(0, batch.slot_mapping, k)
+            kv.v[i].index_copy_(0, batch.slot_mapping, v)
+            attn = self._attention(q, kv.k[i], kv.v[i], batch)  # [T, Q]
+            o = F.linear(attn, lw.wo)
+            if batch.lora is not None:
+                batch.lora.apply(i, LoraGroup.O, attn, o)
+            h = h + o
+            x = F.rms_norm(h, (cfg.hidden_size,), lw.mlp_norm, cfg.rms_norm_eps)
+            gu = F.linear(x, lw.w_gate_up)  # [T, 2I]
+            if batch.lora is not None:
+                batch.lora.apply(i, LoraGroup.GATE_UP, x, gu)
+            gate, up = gu.chunk(2, dim=-1)
+            act = F.silu(gate) * up  # [T, I]
+            down = F.linear(act, lw.w_down)
+            if batch.lora is not None:
+                batch.lora.apply(i, LoraGroup.DOWN, act, down)
+            h = h + down
+        h = h.index_select(0, batch.logits_indices)
+        h = F.rms_norm(h, (cfg.hidden_size,), self.norm, cfg.rms_norm_eps)
+        return F.linear(h, self.lm_head).float()  # [S, V]
+
+    def _attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   batch: BatchMeta) -> torch.Tensor:
+        cfg = self.cfg
+        out = torch.empty(q.shape[0], cfg.q_size, dtype=q.dtype, device=q.device)
+        nd = batch.num_decode
+        if nd:
+            assert batch.decode_gather is not None and batch.decode_mask is not None
+            bd, lmax = batch.decode_gather.shape
+            idx = batch.decode_gather.reshape(-1)
+            k = k_cache.index_select(0, idx).view(bd, lmax, cfg.num_kv_heads, cfg.head_dim)
+            v = v_cache.index_select(0, idx).view(bd, lmax, cfg.num_kv_heads, cfg.head_dim)
+            qd = q[:nd].unsqueeze(2)  # [Bd, Hq, 1, D]
+            o = F.scaled_dot_product_attention(
+                qd, k.transpose(1, 2), v.transpose(1, 2), attn_mask=batch.decode_mask, enable_gqa=True)
+            out[:nd] = o.reshape(nd, cfg.q_size)  # o: [Bd, Hq, 1, D]
+        for p in batch.prefills:
+            k = k_cache.index_select(0, p.gather).transpose(0, 1).unsqueeze(0)  # [1, Hkv, ctx, D]
+            v = v_cache.index_select(0, p.gather).transpose(0, 1).unsqueeze(0)
+            qp = q[p.start:p.start + p.num_new].transpose(0, 1).unsqueeze(0)  # [1, Hq, n, D]
+            o = F.scaled_dot_product_attention(qp, k, v, attn_mask=p.mask, enable_gqa=True)
+            out[p.start:p.start + p.num_new] = o[0].transpose(0, 1).reshape(p.num_new, cfg.q_size)
+        return out
