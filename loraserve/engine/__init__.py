@@ -9,13 +9,14 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from loraserve.chat_template import ChatTemplate
 from loraserve.engine.async_engine import AsyncEngine
 from loraserve.engine.config import EngineConfig, ModelConfig
-from loraserve.engine.llm_engine import LLMEngine
+from loraserve.engine.llm_engine import LLMEngine, resolve_dtype
 from loraserve.engine.tokenizer import Tokenizer
 
 EMBEDDED = "embedded"
@@ -23,9 +24,12 @@ RANDOM_PREFIX = "random:"
 _EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # Tiny random Llamas for tests and benchmarks; they borrow SmolLM2's tokenizer and chat template.
-RANDOM_SHAPES: dict[str, dict[str, int]] = {
+RANDOM_SHAPES: dict[str, dict[str, Any]] = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16),
     "small": dict(hidden_size=256, intermediate_size=512, num_layers=4, num_heads=8, num_kv_heads=4, head_dim=32),
+    # SmolLM2-135M's shape: benchmarks without loading the GGUF.
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9, num_kv_heads=3,
+                         head_dim=64),
     # Llama-2-7B's shape, for GPU benchmarks with random weights.
     "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32, num_kv_heads=32,
                       head_dim=128),
@@ -75,9 +79,7 @@ def random_model(name: str, tokenizer: Tokenizer, seed: int = 0,
 def load_engine(source: str, config: EngineConfig | None = None) -> tuple[LLMEngine, Tokenizer]:
     """Load weights and tokenizer from `source`: a .gguf file, an HF directory, "embedded" or "random:NAME"."""
     ecfg = config or EngineConfig()
-    dtype = torch.float32 if ecfg.device == "cpu" else torch.bfloat16
-    if ecfg.dtype != "auto":
-        dtype = getattr(torch, ecfg.dtype)
+    dtype = resolve_dtype(ecfg, torch.device(ecfg.device))
     if source == EMBEDDED:
         source = str(embedded_gguf_path())
     if source.startswith(RANDOM_PREFIX):

@@ -26,10 +26,13 @@ class StepOutput:
     finished: bool
 
 
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def resolve_dtype(ecfg: EngineConfig, device: torch.device) -> torch.dtype:
     if ecfg.dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, ecfg.dtype)
+    return _DTYPES[ecfg.dtype]
 
 
 class LLMEngine:

@@ -130,7 +130,7 @@ class Llama:
             qkv = F.linear(x, lw.wqkv)  # [T, Q + 2KV]
             if batch.lora is not None:
                 batch.lora.apply(i, LoraGroup.QKV, x, qkv)
-            q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+            q, k, v = torch.split(qkv, [cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
             q = apply_rope(q.view(-1, cfg.num_heads, cfg.head_dim), cos, sin)  # [T, Hq, D]
             k = apply_rope(k.view(-1, cfg.num_kv_heads, cfg.head_dim), cos, sin)  # [T, Hkv, D]
             v = v.view(-1, cfg.num_kv_heads, cfg.head_dim)

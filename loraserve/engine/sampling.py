@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from loraserve.types import SamplingParams
@@ -40,7 +42,7 @@ def top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) 
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams],
-           generators: list[torch.Generator | None]) -> list[int]:
+           generators: Sequence[torch.Generator | None]) -> list[int]:
     """One token per row. Seeded rows draw from their own generator, so a seed reproduces its output
     whatever else shares the batch; unseeded rows share the engine's default generator."""
     greedy = logits.argmax(dim=-1)

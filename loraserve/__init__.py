@@ -1,0 +1,1 @@
+"""loraserve: a self-hosted, Workers AI-compatible server for one base LLM with many LoRA finetunes."""

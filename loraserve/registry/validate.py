@@ -1,0 +1,60 @@
+"""Adapter validation: pure functions over bytes and files, no database (also driven by a fuzzer).
+
+`parse_adapter_config` checks `adapter_config.json`; `validate_safetensors` checks
+`adapter_model.safetensors` alone, or against a config when one is given. Both raise
+InvalidFinetune (3039) with a message naming the field or tensor, expected vs found.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from loraserve.registry.limits import RegistryLimits
+from loraserve.registry.validate_config import (
+    ALL_LINEAR,
+    MAX_CONFIG_BYTES,
+    PROJ_SECTION,
+    AdapterConfig,
+    module_key,
+    parse_adapter_config,
+)
+from loraserve.registry.validate_tensors import (
+    DTYPE_SIZES,
+    MAX_HEADER_BYTES,
+    AdapterTensors,
+    LoraModule,
+    TensorInfo,
+    check_against_config,
+    check_finite,
+    read_adapter_tensors,
+)
+from loraserve.types import ModelInfo
+
+__all__ = [
+    "ALL_LINEAR",
+    "DTYPE_SIZES",
+    "MAX_CONFIG_BYTES",
+    "MAX_HEADER_BYTES",
+    "PROJ_SECTION",
+    "AdapterConfig",
+    "AdapterTensors",
+    "LoraModule",
+    "TensorInfo",
+    "check_against_config",
+    "check_finite",
+    "module_key",
+    "parse_adapter_config",
+    "read_adapter_tensors",
+    "validate_safetensors",
+]
+
+
+def validate_safetensors(
+    path: Path, base: ModelInfo, config: AdapterConfig | None, limits: RegistryLimits
+) -> AdapterTensors:
+    """Every check on an adapter file; the full read (NaN/Inf scan) runs last, after the cheap ones."""
+    tensors = read_adapter_tensors(path, base, limits)
+    if config is not None:
+        check_against_config(tensors, config)
+    check_finite(path, tensors)
+    return tensors

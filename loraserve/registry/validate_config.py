@@ -1,0 +1,219 @@
+"""Parsing `adapter_config.json` (PEFT's LoraConfig) against the base model, trusting nothing in it."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from loraserve.errors import InvalidFinetune
+from loraserve.registry.limits import RegistryLimits
+from loraserve.types import LORA_TARGETS, ModelInfo
+
+MAX_CONFIG_BYTES = 1 << 20
+ALL_LINEAR = "all-linear"
+
+# Which block of a decoder layer owns each projection (PEFT module path component).
+PROJ_SECTION: dict[str, str] = {
+    "q_proj": "self_attn",
+    "k_proj": "self_attn",
+    "v_proj": "self_attn",
+    "o_proj": "self_attn",
+    "gate_proj": "mlp",
+    "up_proj": "mlp",
+    "down_proj": "mlp",
+}
+
+# PEFT matches module names by suffix or by regex. Only plain dotted names are accepted here: a regex
+# from an upload would be run against every module (ReDoS), and its meaning would be hard to report.
+_PLAIN_PATH = re.compile(r"[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*")
+
+# Options that change the forward pass in ways this server does not implement; any truthy value refuses.
+_UNSUPPORTED: dict[str, str] = {
+    "use_dora": "DoRA (use_dora) is not supported; train with use_dora=false",
+    "lora_bias": "lora_bias is not supported",
+    "use_qalora": "QALoRA (use_qalora) is not supported",
+    "use_bdlora": "BD-LoRA (use_bdlora) is not supported",
+    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens) is not supported",
+    "kasa_config": "KaSA (kasa_config) is not supported",
+    "monteclora_config": "MonteCLoRA (monteclora_config) is not supported",
+    "arrow_config": "arrow routing (arrow_config) is not supported",
+    "layer_replication": "layer_replication is not supported",
+    "modules_to_save": "modules_to_save is not supported: only LoRA A/B matrices can be served",
+    "trainable_token_indices": "trainable_token_indices is not supported",
+    "target_parameters": "target_parameters is not supported; use target_modules",
+}
+
+
+def _fail(message: str) -> InvalidFinetune:
+    return InvalidFinetune(f"adapter_config.json: {message}")
+
+
+def _show(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def module_key(layer: int, proj: str) -> str:
+    """The module's name inside the base model, as PEFT matches target_modules and patterns against it."""
+    return f"model.layers.{layer}.{PROJ_SECTION[proj]}.{proj}"
+
+
+def _matches(key: str, pattern: str) -> bool:
+    return key == pattern or key.endswith("." + pattern)
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    r: int
+    lora_alpha: float
+    # Plain module names or dotted suffixes of them ("q_proj", "self_attn.q_proj", "layers.0.mlp.up_proj").
+    target_modules: tuple[str, ...]
+    use_rslora: bool
+    model_type: str
+    rank_pattern: Mapping[str, int] = field(default_factory=dict)
+    alpha_pattern: Mapping[str, float] = field(default_factory=dict)
+    layers_to_transform: tuple[int, ...] | None = None
+
+    def targets(self, layer: int, proj: str) -> bool:
+        """Whether PEFT would have put an adapter on this module."""
+        if self.layers_to_transform is not None and layer not in self.layers_to_transform:
+            return False
+        key = module_key(layer, proj)
+        return any(_matches(key, t) for t in self.target_modules)
+
+    def rank_for(self, layer: int, proj: str) -> int:
+        key = module_key(layer, proj)
+        # PEFT takes the first matching pattern in the file's order.
+        return next((v for p, v in self.rank_pattern.items() if _matches(key, p)), self.r)
+
+    def alpha_for(self, layer: int, proj: str) -> float:
+        key = module_key(layer, proj)
+        return next((v for p, v in self.alpha_pattern.items() if _matches(key, p)), self.lora_alpha)
+
+    @property
+    def projections(self) -> frozenset[str]:
+        return frozenset(t.rsplit(".", 1)[-1] for t in self.target_modules)
+
+    @property
+    def max_rank(self) -> int:
+        return max([self.r, *self.rank_pattern.values()])
+
+
+def _rank(name: str, value: object, limits: RegistryLimits) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= limits.max_rank:
+        return value
+    raise _fail(f"{name} must be an integer in 1..{limits.max_rank}, found {_show(value)}")
+
+
+def _positive_number(name: str, value: object) -> float:
+    # bool is an int in Python, and json.loads accepts NaN and Infinity: refuse all three.
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0:
+        return float(value)
+    raise _fail(f"{name} must be a finite number > 0, found {_show(value)}")
+
+
+def _module_name(field_name: str, value: object, base: ModelInfo) -> str:
+    if not isinstance(value, str) or not _PLAIN_PATH.fullmatch(value):
+        raise _fail(
+            f"{field_name} entries must be module names like 'q_proj' (regular expressions are not "
+            f"supported), found {_show(value)}"
+        )
+    if value.rsplit(".", 1)[-1] not in base.lora_shapes:
+        raise _fail(
+            f"{field_name}: unknown module {_show(value)}; expected one of {sorted(base.lora_shapes)}"
+        )
+    return value
+
+
+def _target_modules(value: object, base: ModelInfo) -> tuple[str, ...]:
+    if value == ALL_LINEAR:
+        return tuple(t for t in LORA_TARGETS if t in base.lora_shapes)
+    if isinstance(value, str):
+        # PEFT treats a string as a regex over module names; accept it only when it is one known name.
+        return (_module_name("target_modules", value, base),)
+    if not isinstance(value, list) or not value:
+        raise _fail(
+            f"target_modules must be a non-empty list of module names or 'all-linear', found {_show(value)}"
+        )
+    return tuple(dict.fromkeys(_module_name("target_modules", v, base) for v in value))
+
+
+def _pattern(name: str, value: object, base: ModelInfo) -> dict[str, object]:
+    """A rank/alpha pattern's entries with checked keys, in the file's order (PEFT's first match wins)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _fail(f"{name} must be an object, found {_show(value)}")
+    return {_module_name(name, k, base): v for k, v in value.items()}
+
+
+def _layers(value: object, base: ModelInfo) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    items = value if isinstance(value, list) else [value]  # PEFT also takes a single int
+    layers: set[int] = set()
+    for i in items:
+        if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < base.num_layers:
+            raise _fail(
+                f"layers_to_transform must be layer indices in 0..{base.num_layers - 1}, found {_show(value)}"
+            )
+        layers.add(i)
+    if not layers:
+        raise _fail("layers_to_transform must not be empty")
+    return tuple(sorted(layers))
+
+
+def _require(obj: dict[str, object], key: str, ok: bool, expected: str) -> None:
+    if key in obj and not ok:
+        raise _fail(f"{key} must be {expected}, found {_show(obj[key])}")
+
+
+def parse_adapter_config(data: bytes, base: ModelInfo, limits: RegistryLimits) -> AdapterConfig:
+    """Parse and check one `adapter_config.json`; raises InvalidFinetune naming the offending field."""
+    if len(data) > MAX_CONFIG_BYTES:
+        raise _fail(f"file is {len(data)} bytes, expected at most {MAX_CONFIG_BYTES}")
+    try:
+        obj = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise _fail(f"not valid UTF-8 JSON ({type(exc).__name__})") from None
+    if not isinstance(obj, dict):
+        raise _fail(f"expected a JSON object, found {type(obj).__name__}")
+    _require(obj, "peft_type", obj.get("peft_type") == "LORA", "'LORA'")
+    _require(obj, "bias", obj.get("bias") in ("none", None), "'none'")
+    _require(obj, "fan_in_fan_out", obj.get("fan_in_fan_out") in (False, None), "false")
+    _require(obj, "use_rslora", isinstance(obj.get("use_rslora"), bool | None), "a boolean")
+    for key, why in _UNSUPPORTED.items():
+        if obj.get(key) not in (None, False, [], {}):
+            raise _fail(why)
+    model_type = obj.get("model_type")
+    if model_type is None:
+        model_type = base.architecture  # Workers AI requires it; PEFT does not write it. Be lenient.
+    if not isinstance(model_type, str) or model_type.lower() != base.architecture.lower():
+        raise _fail(
+            f"model_type must be {base.architecture!r} for this base model, found {_show(model_type)}"
+        )
+    if "r" not in obj:
+        raise _fail("r is required")
+    if "lora_alpha" not in obj:
+        raise _fail("lora_alpha is required")
+    if "target_modules" not in obj:
+        raise _fail("target_modules is required")
+    return AdapterConfig(
+        r=_rank("r", obj["r"], limits),
+        lora_alpha=_positive_number("lora_alpha", obj["lora_alpha"]),
+        target_modules=_target_modules(obj["target_modules"], base),
+        use_rslora=bool(obj.get("use_rslora") or False),
+        model_type=base.architecture,
+        rank_pattern={
+            k: _rank(f"rank_pattern[{k!r}]", v, limits)
+            for k, v in _pattern("rank_pattern", obj.get("rank_pattern"), base).items()
+        },
+        alpha_pattern={
+            k: _positive_number(f"alpha_pattern[{k!r}]", v)
+            for k, v in _pattern("alpha_pattern", obj.get("alpha_pattern"), base).items()
+        },
+        layers_to_transform=_layers(obj.get("layers_to_transform"), base),
+    )

@@ -1,0 +1,270 @@
+"""Checking `adapter_model.safetensors` from its raw bytes, without trusting its header.
+
+The safetensors library would happily load what it is given; an upload can claim any length, shape
+or offset, so every number is checked against the file before anything is read at an offset.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from loraserve.errors import InvalidFinetune
+from loraserve.registry.limits import RegistryLimits
+from loraserve.registry.validate_config import PROJ_SECTION, AdapterConfig, module_key
+from loraserve.types import ModelInfo
+
+MAX_HEADER_BYTES = 100 << 20
+DTYPE_SIZES: dict[str, int] = {"F32": 4, "F16": 2, "BF16": 2}
+# An all-ones exponent is Inf or NaN in every IEEE-style float; checking bits covers bf16, which numpy lacks.
+_NONFINITE_MASKS: dict[str, tuple[str, int]] = {
+    "F32": ("<u4", 0x7F800000),
+    "F16": ("<u2", 0x7C00),
+    "BF16": ("<u2", 0x7F80),
+}
+_SCAN_CHUNK = 1 << 22  # elements per step: bounds the temporaries of a NaN scan of a large tensor
+_MAX_NDIM = 8
+# PEFT's names; the "base_model.model." prefix and the ".default" adapter name are optional.
+_NAME = re.compile(
+    r"(?:base_model\.model\.)?model\.layers\.(0|[1-9][0-9]{0,5})\.([A-Za-z_]+)\.([A-Za-z0-9_]+)"
+    r"\.lora_([AB])(?:\.default)?\.weight"
+)
+_EXAMPLE_NAME = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+
+
+def _fail(message: str) -> InvalidFinetune:
+    return InvalidFinetune(f"adapter_model.safetensors: {message}")
+
+
+def _show(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str  # as written in the file
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int  # byte offsets relative to the start of the data region
+    end: int
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    layer: int
+    proj: str
+    a: TensorInfo  # [r, in_features]
+    b: TensorInfo  # [out_features, r]
+
+    @property
+    def rank(self) -> int:
+        return self.a.shape[0]
+
+    @property
+    def key(self) -> str:
+        return module_key(self.layer, self.proj)
+
+
+@dataclass(frozen=True)
+class AdapterTensors:
+    data_offset: int  # where the data region starts in the file: 8 + header length
+    modules: tuple[LoraModule, ...]  # sorted by (layer, projection)
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def tensors(self) -> tuple[TensorInfo, ...]:
+        return tuple(t for m in self.modules for t in (m.a, m.b))
+
+    @property
+    def max_rank(self) -> int:
+        return max(m.rank for m in self.modules)
+
+
+def _read_header(path: Path) -> tuple[bytes, int, int]:
+    """(header bytes, data region offset, data region size)."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < 8:
+            raise _fail(f"file is {size} bytes, too short for a safetensors header")
+        n = int.from_bytes(f.read(8), "little")
+        if n > MAX_HEADER_BYTES:
+            raise _fail(f"header length {n} exceeds the limit of {MAX_HEADER_BYTES} bytes")
+        if n > size - 8:
+            raise _fail(f"header length {n} exceeds the file ({size} bytes): truncated or corrupt")
+        raw = f.read(n)
+    if len(raw) != n:
+        raise _fail("file changed while being read")
+    return raw, 8 + n, size - 8 - n
+
+
+def _non_negative_ints(value: object) -> list[int] | None:
+    if not isinstance(value, list):
+        return None
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
+        return None
+    return value
+
+
+def _tensor(name: str, info: object, data_size: int) -> TensorInfo:
+    if not isinstance(info, dict):
+        raise _fail(f"tensor {_show(name)}: header entry must be an object, found {_show(info)}")
+    dtype = info.get("dtype")
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
+        raise _fail(
+            f"tensor {_show(name)}: dtype {_show(dtype)} is not supported; expected one of {list(DTYPE_SIZES)}"
+        )
+    shape = _non_negative_ints(info.get("shape"))
+    if shape is None or len(shape) > _MAX_NDIM:
+        raise _fail(
+            f"tensor {_show(name)}: shape must be a list of non-negative integers, found {_show(info.get('shape'))}"
+        )
+    offsets = _non_negative_ints(info.get("data_offsets"))
+    if offsets is None or len(offsets) != 2 or offsets[0] > offsets[1]:
+        raise _fail(
+            f"tensor {_show(name)}: data_offsets must be [begin, end] with 0 <= begin <= end, "
+            f"found {_show(info.get('data_offsets'))}"
+        )
+    begin, end = offsets
+    if end > data_size:
+        raise _fail(
+            f"tensor {_show(name)}: data_offsets end {end} is beyond the data region ({data_size} bytes)"
+        )
+    expected = math.prod(shape) * DTYPE_SIZES[dtype]
+    if end - begin != expected:
+        raise _fail(
+            f"tensor {_show(name)}: data_offsets span {end - begin} bytes, expected {expected} "
+            f"for shape {shape} of {dtype}"
+        )
+    return TensorInfo(name=name, dtype=dtype, shape=tuple(shape), begin=begin, end=end)
+
+
+def _check_no_overlap(tensors: list[TensorInfo]) -> None:
+    spans = sorted((t for t in tensors if t.end > t.begin), key=lambda t: (t.begin, t.end))
+    # Sorted by start, any overlap shows up between neighbours.
+    for prev, cur in itertools.pairwise(spans):
+        if cur.begin < prev.end:
+            raise _fail(
+                f"tensor {_show(cur.name)}: data_offsets [{cur.begin}, {cur.end}] overlap tensor "
+                f"{_show(prev.name)} [{prev.begin}, {prev.end}]"
+            )
+
+
+def _parse_header(raw: bytes, data_size: int) -> tuple[list[TensorInfo], dict[str, str]]:
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise _fail(f"header is not valid UTF-8 JSON ({type(exc).__name__})") from None
+    if not isinstance(header, dict):
+        raise _fail(f"header must be a JSON object, found {type(header).__name__}")
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise _fail("__metadata__ must map strings to strings")
+    tensors = [_tensor(name, info, data_size) for name, info in header.items()]
+    if not tensors:
+        raise _fail("no tensors")
+    _check_no_overlap(tensors)
+    return tensors, metadata
+
+
+def _locate(t: TensorInfo, base: ModelInfo) -> tuple[int, str, str]:
+    """(layer, projection, "A" or "B") of a LoRA tensor; refuses anything else, naming it."""
+    m = _NAME.fullmatch(t.name)
+    if m is None:
+        raise _fail(
+            f"tensor {_show(t.name)} is not a LoRA weight of a decoder layer; only names like "
+            f"{_EXAMPLE_NAME} are accepted (no embeddings, lm_head, norms or biases)"
+        )
+    layer, section, proj, ab = int(m[1]), m[2], m[3], m[4]
+    if proj not in base.lora_shapes or PROJ_SECTION.get(proj) != section:
+        known = [f"{PROJ_SECTION[p]}.{p}" for p in base.lora_shapes if p in PROJ_SECTION]
+        raise _fail(f"tensor {_show(t.name)}: unknown module {section}.{proj}; expected one of {known}")
+    if layer >= base.num_layers:
+        raise _fail(
+            f"tensor {_show(t.name)}: layer {layer} does not exist; the base model has layers 0..{base.num_layers - 1}"
+        )
+    return layer, proj, ab
+
+
+def _pair(
+    found: dict[tuple[int, str, str], TensorInfo], base: ModelInfo, limits: RegistryLimits
+) -> list[LoraModule]:
+    for (layer, proj, ab), t in found.items():
+        other = "B" if ab == "A" else "A"
+        if (layer, proj, other) not in found:
+            raise _fail(f"tensor {_show(t.name)} has no matching lora_{other} tensor")
+    order = list(base.lora_shapes)
+    modules = []
+    for layer, proj in sorted({(k[0], k[1]) for k in found}, key=lambda k: (k[0], order.index(k[1]))):
+        a, b = found[(layer, proj, "A")], found[(layer, proj, "B")]
+        in_f, out_f = base.lora_shapes[proj]
+        if len(a.shape) != 2 or a.shape[1] != in_f or a.shape[0] < 1:
+            raise _fail(
+                f"tensor {_show(a.name)}: expected shape [r, {in_f}] with r >= 1, found {list(a.shape)}"
+            )
+        r = a.shape[0]
+        if r > limits.max_rank:
+            raise _fail(f"tensor {_show(a.name)}: rank {r} exceeds the limit of {limits.max_rank}")
+        if b.shape != (out_f, r):
+            raise _fail(f"tensor {_show(b.name)}: expected shape [{out_f}, {r}], found {list(b.shape)}")
+        modules.append(LoraModule(layer=layer, proj=proj, a=a, b=b))
+    return modules
+
+
+def read_adapter_tensors(path: Path, base: ModelInfo, limits: RegistryLimits) -> AdapterTensors:
+    """Structure, names and shapes of an adapter file; reads only its header."""
+    raw, data_offset, data_size = _read_header(path)
+    tensors, metadata = _parse_header(raw, data_size)
+    found: dict[tuple[int, str, str], TensorInfo] = {}
+    for t in tensors:
+        where = _locate(t, base)
+        if where in found:
+            raise _fail(f"tensor {_show(t.name)} duplicates tensor {_show(found[where].name)}")
+        found[where] = t
+    return AdapterTensors(
+        data_offset=data_offset, modules=tuple(_pair(found, base, limits)), metadata=metadata
+    )
+
+
+def check_finite(path: Path, tensors: AdapterTensors) -> None:
+    """Refuse NaN or Inf anywhere: one bad value would poison every token the adapter touches."""
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    for t in tensors.tensors:
+        utype, mask = _NONFINITE_MASKS[t.dtype]
+        words = data[tensors.data_offset + t.begin : tensors.data_offset + t.end].view(utype)
+        for start in range(0, words.size, _SCAN_CHUNK):
+            bad = np.flatnonzero((words[start : start + _SCAN_CHUNK] & mask) == mask)
+            if bad.size:
+                raise _fail(
+                    f"tensor {_show(t.name)}: expected finite values, found NaN or Inf at element {start + int(bad[0])}"
+                )
+
+
+def check_against_config(tensors: AdapterTensors, config: AdapterConfig) -> None:
+    """The two files must describe the same adapter: targeted modules and ranks agree."""
+    for m in tensors.modules:
+        if not config.targets(m.layer, m.proj):
+            raise InvalidFinetune(
+                f"adapter_model.safetensors does not match adapter_config.json: tensor {_show(m.a.name)} adapts "
+                f"{m.key}, which target_modules {list(config.target_modules)} (and layers_to_transform) exclude"
+            )
+        expected = config.rank_for(m.layer, m.proj)
+        if m.rank != expected:
+            raise InvalidFinetune(
+                f"adapter_model.safetensors does not match adapter_config.json: tensor {_show(m.a.name)} has "
+                f"rank {m.rank}, expected {expected} (r / rank_pattern)"
+            )
+    for target in config.target_modules:
+        if not any(m.key == target or m.key.endswith("." + target) for m in tensors.modules):
+            raise InvalidFinetune(
+                f"adapter_model.safetensors does not match adapter_config.json: target_modules lists "
+                f"{target!r} but no tensor adapts it"
+            )
