@@ -26,14 +26,14 @@ from loraserve.types import AdapterRef
 
 class LoraGroup(enum.IntEnum):
     QKV = 0
-    O = 1
+    OUT = 1
     GATE_UP = 2
     DOWN = 3
 
 
 GROUP_TARGETS: dict[LoraGroup, tuple[str, ...]] = {
     LoraGroup.QKV: ("q_proj", "k_proj", "v_proj"),
-    LoraGroup.O: ("o_proj",),
+    LoraGroup.OUT: ("o_proj",),
     LoraGroup.GATE_UP: ("gate_proj", "up_proj"),
     LoraGroup.DOWN: ("down_proj",),
 }

@@ -139,7 +139,7 @@ class Llama:
             attn = self._attention(q, kv.k[i], kv.v[i], batch)  # [T, Q]
             o = F.linear(attn, lw.wo)
             if batch.lora is not None:
-                batch.lora.apply(i, LoraGroup.O, attn, o)
+                batch.lora.apply(i, LoraGroup.OUT, attn, o)
             h = h + o
             x = F.rms_norm(h, (cfg.hidden_size,), lw.mlp_norm, cfg.rms_norm_eps)
             gu = F.linear(x, lw.w_gate_up)  # [T, 2I]
