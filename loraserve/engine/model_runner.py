@@ -82,6 +82,7 @@ class ModelRunner:
         )
         return meta, order
 
+    @torch.inference_mode()
     def run(self, scheduled: list[ScheduledSeq]) -> dict[int, int]:
         """Compute one step; returns seq_id -> sampled token for the sequences that sample."""
         meta, order = self.prepare(scheduled)

@@ -1,0 +1,62 @@
+"""The FastAPI application: Workers AI's REST face over a registry and loaded models."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from fastapi import FastAPI, Request
+from starlette.responses import JSONResponse
+
+from loraserve.api import playground, routes_finetunes, routes_models, routes_openai, routes_run
+from loraserve.api.bodylimit import BodyLimitMiddleware
+from loraserve.api.context import AppContext, attach, get_context
+from loraserve.api.handlers import CatchAllMiddleware, install_error_handlers
+from loraserve.api.metrics import Metrics, MetricsMiddleware, metrics_endpoint
+from loraserve.api.ratelimit import RateLimiter
+from loraserve.api.settings import MULTIPART_OVERHEAD_BYTES, ServerSettings
+from loraserve.registry import Registry
+from loraserve.types import Backend
+
+API_PREFIX = "/client/v4"
+ACCOUNT_PREFIX = API_PREFIX + "/accounts/{account_id}/ai"
+
+
+def create_app(
+    registry: Registry, backends: Mapping[str, Backend], settings: ServerSettings | None = None
+) -> FastAPI:
+    """`backends` maps each served model id to its loaded model (one model may serve several ids)."""
+    if not backends:
+        raise ValueError("create_app needs at least one model to serve")
+    settings = settings or ServerSettings()
+    # The Workers AI surface is exactly the routes below; no docs pages to collide with it.
+    app = FastAPI(title="loraserve", docs_url=None, redoc_url=None, openapi_url=None, redirect_slashes=False)
+    # Every backend is wrapped once so that all generation is measured for /metrics.
+    metrics = app.state.metrics = Metrics()
+    served = metrics.instrument(backends)
+    attach(app, AppContext(registry, served, settings, RateLimiter(settings.rate_limit_per_minute)))
+    install_error_handlers(app)
+    app.include_router(routes_run.router, prefix=ACCOUNT_PREFIX)
+    app.include_router(routes_finetunes.router, prefix=ACCOUNT_PREFIX)
+    app.include_router(routes_models.router, prefix=ACCOUNT_PREFIX)
+    app.include_router(routes_openai.router, prefix=ACCOUNT_PREFIX)
+    app.include_router(playground.router)
+    app.add_api_route("/healthz", healthz, methods=["GET"])
+    app.add_api_route("/metrics", metrics_endpoint, methods=["GET"])
+    upload_limit = registry.limits.max_file_bytes + MULTIPART_OVERHEAD_BYTES
+
+    def body_limit(path: str) -> int:
+        if path.endswith("/finetune-assets"):
+            return upload_limit
+        if "/ai/run/" in path or "/ai/v1/" in path:
+            return settings.max_run_body_bytes
+        return settings.max_json_body_bytes
+
+    app.add_middleware(BodyLimitMiddleware, limit_for_path=body_limit)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)  # sees every error as the Workers AI envelope
+    app.add_middleware(routes_openai.OpenAIErrorMiddleware)  # then /v1 errors take OpenAI's shape
+    app.add_middleware(CatchAllMiddleware)  # added last: the outermost layer
+    return app
+
+
+async def healthz(request: Request) -> JSONResponse:
+    return JSONResponse({"status": "ok", "models": sorted(get_context(request).backends)})

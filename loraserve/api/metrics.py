@@ -1,0 +1,329 @@
+"""Prometheus metrics at GET /metrics: HTTP requests and errors by route and Workers AI code, tokens,
+latency histograms, engine gauges (queue, KV blocks, adapters resident) and requests per adapter.
+
+Each app has its own `CollectorRegistry` (several apps may live in one process: tests, benchmarks).
+Generation is measured by wrapping each served `Backend` (`Metrics.instrument`), so every route
+that generates (/run, the OpenAI face) is counted the same way without knowing about metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from loraserve.types import AdapterRef, Backend, ChatMessage, ModelInfo, SamplingParams, StreamEvent
+
+NO_ADAPTER = "none"  # the adapter label of requests on the base model
+OTHER_ADAPTERS = "other"  # every finetune without a series of its own
+DEFAULT_ADAPTER_TOP_N = 20
+_ACCOUNT_ROUTE_PREFIX = "/client/v4/accounts/{account_id}"
+_UNMATCHED_ROUTE = "unmatched"
+
+# Latency buckets: TTFT spans queueing (ms to tens of s); per-token time is ms to a second.
+_TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0)
+_DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+# backend.stats() key -> (metric name, help). Adapters resident are one family with a `tier` label.
+_GAUGES = {
+    "queue_depth": ("loraserve_queue_depth", "Requests waiting for a batch slot."),
+    "running": ("loraserve_running_requests", "Requests in the running batch."),
+    "kv_blocks_used": ("loraserve_kv_blocks_used", "Paged KV-cache blocks in use."),
+    "kv_blocks_free": ("loraserve_kv_blocks_free", "Paged KV-cache blocks free."),
+}
+_ADAPTER_TIERS = {"adapters_device": "device", "adapters_host": "host", "adapters_pinned": "pinned"}
+
+
+class AdapterRequestCounter:
+    """Requests per finetune with a bounded number of label values.
+
+    A finetune gets a series of its own when a request arrives while it ranks among the `top_n` most
+    requested finetunes so far; requests of finetunes outside the top go to "other". A series, once
+    made, stays (Prometheus counters must never go down or vanish), so the top's history lives in
+    "other" and at most `max_series` finetune series are ever made: the label cardinality is bounded
+    whatever the traffic. Counts are kept for at most `max_tracked` finetunes.
+    """
+
+    def __init__(self, top_n: int = DEFAULT_ADAPTER_TOP_N, max_series: int | None = None,
+                 max_tracked: int = 4096) -> None:
+        if top_n < 0:
+            raise ValueError("top_n must be >= 0")
+        self.top_n = top_n
+        self.max_series = 2 * top_n if max_series is None else max_series
+        self.max_tracked = max_tracked
+        self._counts: dict[str, int] = {}  # all requests per tracked finetune
+        self._series: dict[str, int] = {}  # requests counted under the finetune's own label
+        self._other = 0
+        self._none = 0
+        self._lock = threading.Lock()
+
+    def add(self, finetune_id: str | None) -> None:
+        with self._lock:
+            if finetune_id is None:
+                self._none += 1
+                return
+            if finetune_id in self._series:
+                self._series[finetune_id] += 1
+                self._counts[finetune_id] += 1
+                return
+            if finetune_id in self._counts or len(self._counts) < self.max_tracked:
+                self._counts[finetune_id] = self._counts.get(finetune_id, 0) + 1
+            if len(self._series) < self.max_series and self._in_top(finetune_id):
+                self._series[finetune_id] = 1
+            else:
+                self._other += 1
+
+    def _in_top(self, finetune_id: str) -> bool:
+        mine = self._counts.get(finetune_id)
+        if mine is None:
+            return False
+        ahead = sum(1 for key, count in self._counts.items() if count > mine and key != finetune_id)
+        return ahead < self.top_n
+
+    def samples(self) -> list[tuple[str, int]]:
+        """(adapter label, requests) for every series, "none" and "other" included."""
+        with self._lock:
+            return [(NO_ADAPTER, self._none), *sorted(self._series.items()), (OTHER_ADAPTERS, self._other)]
+
+
+class _EngineCollector(Collector):
+    """Reads each backend's stats() at scrape time: gauges are always current, never stale."""
+
+    def __init__(self, backends: Sequence[tuple[str, Backend]], adapters: AdapterRequestCounter) -> None:
+        self._backends = backends
+        self._adapters = adapters
+
+    def collect(self) -> Iterable[Any]:
+        families = {key: GaugeMetricFamily(name, doc, labels=["model"]) for key, (name, doc) in _GAUGES.items()}
+        resident = GaugeMetricFamily(
+            "loraserve_adapters_resident", "LoRA adapters loaded, by cache tier (device, host, pinned).",
+            labels=["model", "tier"],
+        )
+        for label, backend in self._backends:
+            stats = backend.stats()
+            for key, family in families.items():
+                if key in stats:
+                    family.add_metric([label], float(stats[key]))
+            for key, tier in _ADAPTER_TIERS.items():
+                if key in stats:
+                    resident.add_metric([label, tier], float(stats[key]))
+        yield from families.values()
+        yield resident
+        requests = CounterMetricFamily(
+            "loraserve_adapter_requests",
+            "Generation requests per LoRA finetune id: the most requested have their own series, the rest "
+            "are 'other'; 'none' is the base model.",
+            labels=["adapter"],
+        )
+        for adapter, count in self._adapters.samples():
+            requests.add_metric([adapter], float(count))
+        yield requests
+
+
+class Metrics:
+    """The app's metrics. Build it before the app's context, then `instrument` the backends with it."""
+
+    def __init__(self, adapter_top_n: int = DEFAULT_ADAPTER_TOP_N) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "loraserve_http_requests", "HTTP requests by route, method and status.",
+            ["route", "method", "status"], registry=r,
+        )
+        self.errors = Counter(
+            "loraserve_http_errors", "HTTP error responses by route, status and Workers AI error code.",
+            ["route", "status", "code"], registry=r,
+        )
+        self.duration = Histogram(
+            "loraserve_http_request_duration_seconds", "Time to the end of the response, streams included.",
+            ["route"], buckets=_DURATION_BUCKETS, registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "loraserve_prompt_tokens", "Prompt tokens of generation requests.", ["model"], registry=r,
+        )
+        self.generation_tokens = Counter(
+            "loraserve_generation_tokens", "Tokens generated.", ["model"], registry=r,
+        )
+        self.generations = Counter(
+            "loraserve_generations", "Generations by how they finished (stop, length, abort, error).",
+            ["model", "finish_reason"], registry=r,
+        )
+        self.ttft = Histogram(
+            "loraserve_time_to_first_token_seconds", "From queueing a request to its first generated token.",
+            ["model"], buckets=_TTFT_BUCKETS, registry=r,
+        )
+        self.tpot = Histogram(
+            "loraserve_time_per_output_token_seconds", "Mean time between output tokens of a request, "
+            "after the first.", ["model"], buckets=_TPOT_BUCKETS, registry=r,
+        )
+        self.adapters = AdapterRequestCounter(adapter_top_n)
+        self._instrumented: list[tuple[str, Backend]] = []
+        self.registry.register(_EngineCollector(self._instrumented, self.adapters))
+
+    def instrument(self, backends: Mapping[str, Backend]) -> dict[str, Backend]:
+        """The same mapping with each distinct backend wrapped once; labelled by its first model id."""
+        wrapped: dict[int, InstrumentedBackend] = {}
+        out: dict[str, Backend] = {}
+        for model_id, backend in backends.items():
+            if id(backend) not in wrapped:
+                wrapped[id(backend)] = InstrumentedBackend(backend, self, model_id)
+                self._instrumented.append((model_id, backend))
+            out[model_id] = wrapped[id(backend)]
+        return out
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class InstrumentedBackend:
+    """A Backend that measures what passes through `generate` and delegates everything else."""
+
+    def __init__(self, inner: Backend, metrics: Metrics, label: str) -> None:
+        self.inner = inner
+        self._metrics = metrics
+        self._label = label
+
+    @property
+    def info(self) -> ModelInfo:
+        return self.inner.info
+
+    def render_chat(self, messages: Sequence[ChatMessage]) -> str:
+        return self.inner.render_chat(messages)
+
+    def encode(self, text: str) -> list[int]:
+        return self.inner.encode(text)
+
+    def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, adapter: AdapterRef | None = None
+    ) -> AsyncIterator[StreamEvent]:
+        started = time.perf_counter()
+        # Called (not iterated) here, so that the engine's synchronous refusals (queue full) still raise now.
+        events = self.inner.generate(request_id, prompt_token_ids, params, adapter)
+        self._metrics.adapters.add(adapter.key if adapter is not None else None)
+        return self._measured(events, started)
+
+    async def _measured(self, events: AsyncIterator[StreamEvent], started: float) -> AsyncIterator[StreamEvent]:
+        m, label = self._metrics, self._label
+        first_token_at: float | None = None
+        last_token_at = started
+        prompt_counted = False
+        generated = 0
+        try:
+            async for event in events:
+                now = time.perf_counter()
+                if not prompt_counted:
+                    m.prompt_tokens.labels(label).inc(event.prompt_tokens)
+                    prompt_counted = True
+                if event.completion_tokens > generated:
+                    m.generation_tokens.labels(label).inc(event.completion_tokens - generated)
+                    if first_token_at is None:
+                        first_token_at = now
+                        m.ttft.labels(label).observe(now - started)
+                    generated = event.completion_tokens
+                    last_token_at = now
+                if event.finish_reason is not None:
+                    m.generations.labels(label, event.finish_reason.value).inc()
+                yield event
+        finally:
+            if first_token_at is not None and generated > 1:
+                m.tpot.labels(label).observe((last_token_at - first_token_at) / (generated - 1))
+            aclose = getattr(events, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    def abort(self, request_id: str) -> None:
+        self.inner.abort(request_id)
+
+    def forget_adapter(self, key: str) -> None:
+        self.inner.forget_adapter(key)
+
+    def stats(self) -> dict[str, float]:
+        return self.inner.stats()
+
+    def __getattr__(self, name: str) -> Any:
+        # Anything beyond the Backend protocol (the engine's own attributes) is the inner backend's.
+        return getattr(self.inner, name)
+
+
+def route_label(scope: Scope) -> str:
+    """The matched route's template without the account prefix: bounded, whatever the URL held."""
+    route = scope.get("route")
+    path = getattr(route, "path", None)
+    if not isinstance(path, str):
+        return _UNMATCHED_ROUTE
+    return path.removeprefix(_ACCOUNT_ROUTE_PREFIX) or "/"
+
+
+def _error_code(body: bytes) -> str:
+    """The Workers AI code of an error envelope (or of an OpenAI-shaped error), "unknown" if none."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return "unknown"
+    if isinstance(data, dict):
+        errors = data.get("errors")
+        if isinstance(errors, list) and errors and isinstance(errors[0], dict) and "code" in errors[0]:
+            return str(errors[0]["code"])
+    return "unknown"
+
+
+class MetricsMiddleware:
+    """Counts every HTTP response by route, method and status, and errors by Workers AI code.
+
+    Sits inside the OpenAI error translation, so it sees every error as the Workers AI envelope.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 0
+        error_body: bytes | None = None
+
+        async def observing_send(message: Message) -> None:
+            nonlocal status, error_body
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            elif message["type"] == "http.response.body" and status >= 400 and error_body is None:
+                error_body = bytes(message.get("body", b""))  # error bodies are small, one message
+            await send(message)
+
+        try:
+            await self.app(scope, receive, observing_send)
+        except Exception:
+            self._record(scope, 500, b'{"errors":[{"code":3043}]}', started)
+            raise
+        self._record(scope, status, error_body, started)
+
+    def _record(self, scope: Scope, status: int, error_body: bytes | None, started: float) -> None:
+        route = route_label(scope)
+        m = self.metrics
+        m.requests.labels(route, scope.get("method", ""), str(status)).inc()
+        m.duration.labels(route).observe(time.perf_counter() - started)
+        if status >= 400:
+            m.errors.labels(route, str(status), _error_code(error_body or b"")).inc()
+
+
+def get_metrics(request: Request) -> Metrics:
+    metrics = request.app.state.metrics
+    assert isinstance(metrics, Metrics)  # set by create_app
+    return metrics
+
+
+async def metrics_endpoint(request: Request) -> Response:
+    return Response(get_metrics(request).exposition(), media_type=CONTENT_TYPE_LATEST)

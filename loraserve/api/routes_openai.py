@@ -1,0 +1,554 @@
+"""The OpenAI-compatible face (contract section 5): /accounts/{account_id}/ai/v1/chat/completions,
+/v1/completions and /v1/models, with the account's bearer token as the API key.
+
+Requests are translated into /run inputs and go through the run endpoint's own pipeline (`prepare`:
+templating, context check, model routing, adapter resolution), so both faces validate and generate
+alike. A finetune is chosen with `lora` in the body or with `model: "<model>:<finetune name or id>"`.
+Errors are the Workers AI errors, reshaped as OpenAI's `{"error": {...}}` by `OpenAIErrorMiddleware`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import json
+import time
+from collections.abc import AsyncIterator, Collection
+from datetime import datetime
+from typing import Any, Literal
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from loraserve.api.auth import Account
+from loraserve.api.context import get_context
+from loraserve.api.generation import PreparedRun, event_error, prepare, usage
+from loraserve.api.routes_run import ClientGone, _unless_disconnected
+from loraserve.api.schemas import MAX_TEXT_CHARS, MessagesInput, PromptInput, RunInput
+from loraserve.api.sse import DONE, EventStreamResponse
+from loraserve.api.validation import read_json_object, validate
+from loraserve.errors import BadInput, NoSuchModel, RequestTimeout, WorkersAIError
+from loraserve.types import FinishReason, StreamEvent
+
+router = APIRouter(prefix="/v1")
+
+MAX_STOP_SEQUENCES = 4
+_SEED_MIN, _SEED_MAX = -(2**63), 2**63 - 1
+
+
+# -- request bodies ---------------------------------------------------------------------------------
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: bool = False
+
+
+class _OpenAIFields(BaseModel):
+    """What chat and completions share. A sampling field left out takes the Workers AI default."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(min_length=1)
+    lora: str | None = Field(default=None, min_length=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=5)
+    top_p: float | None = Field(default=None, ge=0, le=2)
+    top_k: int | None = Field(default=None, ge=1, le=50)  # beyond OpenAI, as vLLM takes them
+    repetition_penalty: float | None = Field(default=None, ge=0, le=2)
+    seed: int | None = Field(default=None, ge=_SEED_MIN, le=_SEED_MAX)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    stop: str | list[str] | None = None
+    n: int | None = Field(default=None, ge=1, le=1, description="only 1 is supported")
+    logprobs: Any = None
+    top_logprobs: int | None = None
+
+    def stop_strings(self) -> list[str]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stops) > MAX_STOP_SEQUENCES:
+            raise BadInput(f"stop: at most {MAX_STOP_SEQUENCES} sequences")
+        return [s for s in stops if s]
+
+    def check_unsupported(self) -> None:
+        if self.logprobs not in (None, False) or self.top_logprobs not in (None, 0):
+            raise BadInput("logprobs: not supported by this server")
+
+    def sampling(self, max_tokens: int | None) -> dict[str, Any]:
+        fields = {"max_tokens": max_tokens, "temperature": self.temperature, "top_p": self.top_p,
+                  "top_k": self.top_k, "repetition_penalty": self.repetition_penalty, "seed": self.seed, "frequency_penalty": self.frequency_penalty,
+                  "presence_penalty": self.presence_penalty}
+        return {k: v for k, v in fields.items() if v is not None}
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text"]
+    text: str
+
+
+class ChatRole(enum.StrEnum):
+    SYSTEM = "system"
+    DEVELOPER = "developer"  # OpenAI's newer name for the system message
+    USER = "user"
+    ASSISTANT = "assistant"
+
+
+class ChatMessageIn(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: ChatRole
+    content: str | list[TextPart] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class ChatCompletionRequest(_OpenAIFields):
+    messages: list[ChatMessageIn] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    tools: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+    def check_unsupported(self) -> None:
+        super().check_unsupported()
+        if self.tools:
+            raise BadInput("tools: tool calling is not supported by this server")
+        if self.response_format is not None and self.response_format.get("type", "text") != "text":
+            raise BadInput("response_format: only {\"type\": \"text\"} is supported")
+
+
+class CompletionRequest(_OpenAIFields):
+    prompt: str | list[str]
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = Field(default=None, ge=1, le=1, description="only 1 is supported")
+
+    def check_unsupported(self) -> None:
+        super().check_unsupported()
+        if self.echo:
+            raise BadInput("echo: not supported by this server")
+        if self.suffix:
+            raise BadInput("suffix: not supported by this server")
+
+    def prompt_text(self) -> str:
+        if isinstance(self.prompt, str):
+            return self.prompt
+        if len(self.prompt) != 1:
+            raise BadInput("prompt: give one prompt (a string, or a list of one string)")
+        return self.prompt[0]
+
+
+# The /run input shapes, with OpenAI's wider ranges for what OpenAI allows beyond Workers AI.
+class ChatRunInput(MessagesInput):
+    seed: int | None = Field(default=None, ge=_SEED_MIN, le=_SEED_MAX)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+
+
+class CompletionRunInput(PromptInput):
+    seed: int | None = Field(default=None, ge=_SEED_MIN, le=_SEED_MAX)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+
+
+def split_model(model: str, lora: str | None, served: Collection[str]) -> tuple[str, str | None]:
+    """(model, finetune): `lora` from the body, or a "<model>:<finetune>" suffix on the model.
+
+    Finetune names cannot hold ":" (registry rule), so the last ":" separates them; a served model
+    id is never split.
+    """
+    if model in served or ":" not in model:
+        return model, lora
+    base, _, finetune = model.rpartition(":")
+    if not base or not finetune:
+        raise NoSuchModel(model)
+    if lora is not None and lora != finetune:
+        raise BadInput(f"lora: {lora!r} differs from the finetune named in model ({finetune!r})")
+    return base, finetune
+
+
+def _chat_input(body: ChatCompletionRequest, lora: str | None) -> RunInput:
+    messages = []
+    for i, m in enumerate(body.messages):
+        text = m.text()
+        if len(text) > MAX_TEXT_CHARS:
+            raise BadInput(f"messages.{i}.content: at most {MAX_TEXT_CHARS} characters")
+        role = "system" if m.role is ChatRole.DEVELOPER else m.role.value
+        messages.append({"role": role, "content": text})
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    data = {"messages": messages, "lora": lora, **body.sampling(max_tokens)}
+    return validate(ChatRunInput, data)
+
+
+def _completion_input(body: CompletionRequest, lora: str | None) -> RunInput:
+    # OpenAI's completions continue the text as it is: a raw prompt, no chat template.
+    data = {"prompt": body.prompt_text(), "raw": True, "lora": lora, **body.sampling(body.max_tokens)}
+    return validate(CompletionRunInput, data)
+
+
+# -- stop sequences ---------------------------------------------------------------------------------
+
+
+class StopMatcher:
+    """Cuts the output at the first stop sequence. Text that could be the start of one is held back
+    until the next delta tells, so a streamed answer never shows part of a stop sequence."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+        self.stopped = False
+
+    def feed(self, text: str) -> str:
+        """The text that is now safe to emit. Sets `stopped` when a stop sequence was found."""
+        if not self.stops:
+            return text
+        self.pending += text
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.pending, self.stopped = self.pending[: min(hits)], "", True
+            return out
+        keep = self._partial_suffix()
+        cut = len(self.pending) - keep
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+    def _partial_suffix(self) -> int:
+        """Length of the longest end of `pending` that some stop sequence starts with."""
+        longest = 0
+        for stop in self.stops:
+            for k in range(min(len(stop) - 1, len(self.pending)), longest, -1):
+                if stop.startswith(self.pending[-k:]):
+                    longest = k
+                    break
+        return longest
+
+
+def _finish_reason(reason: FinishReason | None) -> str:
+    return "length" if reason is FinishReason.LENGTH else "stop"
+
+
+# -- response shapes --------------------------------------------------------------------------------
+
+
+class _Shape:
+    """Builds one endpoint's objects: chat.completion(.chunk) or text_completion."""
+
+    def __init__(self, chat: bool, request_id: str, model: str) -> None:
+        self.chat = chat
+        self.id = ("chatcmpl-" if chat else "cmpl-") + request_id
+        self.model = model
+        self.created = int(time.time())
+
+    def _base(self, obj: str) -> dict[str, Any]:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
+                "system_fingerprint": None}
+
+    def completion(self, text: str, finish: str, used: dict[str, int]) -> dict[str, Any]:
+        if self.chat:
+            choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text},
+                                      "logprobs": None, "finish_reason": finish}
+            return {**self._base("chat.completion"), "choices": [choice], "usage": used}
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        return {**self._base("text_completion"), "choices": [choice], "usage": used}
+
+    def chunk(self, text: str | None, finish: str | None = None, role: bool = False) -> dict[str, Any]:
+        if self.chat:
+            delta: dict[str, Any] = {}
+            if role:
+                delta["role"] = "assistant"
+            if text is not None:
+                delta["content"] = text
+            choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            return {**self._base("chat.completion.chunk"), "choices": [choice]}
+        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+        return {**self._base("text_completion"), "choices": [choice]}
+
+    def usage_chunk(self, used: dict[str, int]) -> dict[str, Any]:
+        obj = "chat.completion.chunk" if self.chat else "text_completion"
+        return {**self._base(obj), "choices": [], "usage": used}
+
+
+def _sse(payload: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
+
+
+# -- routes -----------------------------------------------------------------------------------------
+
+
+@router.post("/chat/completions")
+async def chat_completions(request: Request, account: Account) -> Response:
+    context = get_context(request)
+    context.rate_limiter.check(account)
+    body = validate(ChatCompletionRequest, await read_json_object(request))
+    body.check_unsupported()
+    model, lora = split_model(body.model, body.lora, context.backends.keys())
+    return await _generate(request, account, body, model, _chat_input(body, lora), chat=True)
+
+
+@router.post("/completions")
+async def completions(request: Request, account: Account) -> Response:
+    context = get_context(request)
+    context.rate_limiter.check(account)
+    body = validate(CompletionRequest, await read_json_object(request))
+    body.check_unsupported()
+    model, lora = split_model(body.model, body.lora, context.backends.keys())
+    return await _generate(request, account, body, model, _completion_input(body, lora), chat=False)
+
+
+@router.get("/models")
+async def list_models(request: Request, account: Account) -> JSONResponse:
+    return JSONResponse({"object": "list", "data": await _model_entries(request, account)})
+
+
+@router.get("/models/{model:path}")
+async def retrieve_model(request: Request, model: str, account: Account) -> JSONResponse:
+    for entry in await _model_entries(request, account):
+        if entry["id"] == model:
+            return JSONResponse(entry)
+    raise NoSuchModel(model)
+
+
+async def _model_entries(request: Request, account: str) -> list[dict[str, Any]]:
+    """The served models, then the account's usable finetunes as "<model>:<finetune name>"."""
+    context = get_context(request)
+    started = int(time.time())
+    entries: list[dict[str, Any]] = [
+        {"id": model_id, "object": "model", "created": started, "owned_by": "loraserve"}
+        for model_id in sorted(context.backends)
+    ]
+    finetunes = await run_in_threadpool(context.registry.list_finetunes, account)
+    for finetune in finetunes:
+        if finetune.ready and finetune.model in context.backends:
+            entries.append({
+                "id": f"{finetune.model}:{finetune.name}", "object": "model",
+                "created": _epoch(finetune.created_at), "owned_by": account,
+                "parent": finetune.model, "finetune_id": finetune.id,
+            })
+    return entries
+
+
+def _epoch(iso: str) -> int:
+    try:
+        return int(datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp())
+    except ValueError:
+        return 0
+
+
+async def _generate(
+    request: Request, account: str, body: _OpenAIFields, model: str, inputs: RunInput, chat: bool
+) -> Response:
+    context = get_context(request)
+    run = await run_in_threadpool(prepare, context, account, model, inputs)
+    timeout = context.settings.request_timeout_s
+    deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
+    shape = _Shape(chat, run.request_id, body.model)
+    headers = {"cf-ai-req-id": run.request_id}
+    stops = StopMatcher(body.stop_strings())
+    try:
+        if body.stream:
+            include_usage = body.stream_options is not None and body.stream_options.include_usage
+            return await _stream(request, run, deadline, shape, stops, include_usage, headers)
+        return await _complete(request, run, deadline, shape, stops, headers)
+    except ClientGone:
+        return Response(status_code=499)
+
+
+async def _close(events: AsyncIterator[StreamEvent]) -> None:
+    aclose = getattr(events, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
+async def _complete(
+    request: Request, run: PreparedRun, deadline: float | None, shape: _Shape, stops: StopMatcher,
+    headers: dict[str, str],
+) -> Response:
+    async def collect() -> tuple[str, str, StreamEvent | None]:
+        parts: list[str] = []
+        last: StreamEvent | None = None
+        events = run.events()
+        try:
+            async for event in events:
+                error = event_error(run, event)
+                if error is not None:
+                    raise error
+                last = event
+                parts.append(stops.feed(event.text))
+                if stops.stopped:
+                    return "".join(parts), "stop", last
+                if event.finish_reason is not None:
+                    break
+        finally:
+            await _close(events)
+        parts.append(stops.flush())
+        return "".join(parts), _finish_reason(last.finish_reason if last else None), last
+
+    try:
+        async with asyncio.timeout_at(deadline):
+            text, finish, last = await _unless_disconnected(collect(), request.receive)
+    except TimeoutError:
+        raise RequestTimeout() from None
+    finally:
+        run.abort()
+    return JSONResponse(shape.completion(text, finish, usage(run, last)), headers=headers)
+
+
+async def _stream(
+    request: Request, run: PreparedRun, deadline: float | None, shape: _Shape, stops: StopMatcher,
+    include_usage: bool, headers: dict[str, str],
+) -> Response:
+    events = run.events()
+    try:
+        # As /run does: the first event before the 200, so early failures are still HTTP errors.
+        async with asyncio.timeout_at(deadline):
+            first = await _unless_disconnected(anext(events, None), request.receive)
+        if first is not None and (error := event_error(run, first)) is not None:
+            raise error
+    except TimeoutError:
+        run.abort()
+        raise RequestTimeout() from None
+    except BaseException:
+        run.abort()
+        raise
+    chunks = _chunks(run, first, events, deadline, shape, stops, include_usage)
+    return EventStreamResponse(chunks, on_close=run.abort, headers=headers)
+
+
+async def _chunks(
+    run: PreparedRun, first: StreamEvent | None, events: AsyncIterator[StreamEvent], deadline: float | None,
+    shape: _Shape, stops: StopMatcher, include_usage: bool,
+) -> AsyncIterator[bytes]:
+    def chunk(text: str | None, finish: str | None = None, role: bool = False) -> bytes:
+        payload = shape.chunk(text, finish, role)
+        if include_usage:
+            payload["usage"] = None  # as OpenAI sends it: null on every chunk but the last
+        return _sse(payload)
+
+    try:
+        if shape.chat:
+            yield chunk("", role=True)
+        event, last, finish = first, None, "stop"
+        while event is not None:
+            error = event_error(run, event)
+            if error is not None:
+                yield _sse(openai_error(error))
+                return
+            last = event
+            text = stops.feed(event.text)
+            if text:
+                yield chunk(text)
+            if stops.stopped:
+                run.abort()
+                break
+            if event.finish_reason is not None:
+                finish = _finish_reason(event.finish_reason)
+                break
+            try:
+                async with asyncio.timeout_at(deadline):
+                    event = await anext(events, None)
+            except TimeoutError:
+                yield _sse(openai_error(RequestTimeout()))
+                return
+        if rest := stops.flush():
+            yield chunk(rest)
+        yield chunk(None if shape.chat else "", finish)
+        if include_usage:
+            yield _sse(shape.usage_chunk(usage(run, last)))
+        yield DONE
+    finally:
+        await _close(events)
+
+
+# -- errors -----------------------------------------------------------------------------------------
+
+# Workers AI codes with a well-known OpenAI counterpart; the others keep their number (as a string).
+_OPENAI_CODES = {
+    10000: "invalid_api_key",
+    5007: "model_not_found",
+    5021: "context_length_exceeded",
+    3036: "rate_limit_exceeded",
+}
+
+
+def _error_type(status: int) -> str:
+    if status == 401:
+        return "authentication_error"
+    if status == 429:
+        return "rate_limit_error"
+    if status == 408:
+        return "timeout_error"
+    if status >= 500:
+        return "server_error"
+    return "invalid_request_error"
+
+
+def openai_error_body(status: int, code: int, message: str) -> dict[str, Any]:
+    return {"error": {"message": message, "type": _error_type(status), "param": None,
+                      "code": _OPENAI_CODES.get(code, str(code))}}
+
+
+def openai_error(error: WorkersAIError) -> dict[str, Any]:
+    return openai_error_body(error.status, error.code, error.message)
+
+
+def is_openai_path(path: str) -> bool:
+    return path.startswith("/client/v4/accounts/") and "/ai/v1/" in path
+
+
+class OpenAIErrorMiddleware:
+    """On the /v1 routes, every error envelope (whoever made it: routes, auth, body limits, 404s)
+    goes out as OpenAI's `{"error": {"message", "type", "param", "code"}}`, with the same status."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not is_openai_path(scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        start: Message | None = None
+        body = bytearray()
+
+        async def reshaping_send(message: Message) -> None:
+            nonlocal start
+            if message["type"] == "http.response.start" and int(message["status"]) >= 400:
+                start = message  # held until the whole (small, JSON) error body is here
+                return
+            if start is None or message["type"] != "http.response.body":
+                await send(message)
+                return
+            body.extend(message.get("body", b""))
+            if message.get("more_body", False):
+                return
+            status = int(start["status"])
+            payload = _reshape(status, bytes(body))
+            headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+            headers.append((b"content-length", str(len(payload)).encode()))
+            await send({**start, "headers": headers})
+            await send({"type": "http.response.body", "body": payload, "more_body": False})
+
+        await self.app(scope, receive, reshaping_send)
+
+
+def _reshape(status: int, body: bytes) -> bytes:
+    try:
+        data = json.loads(body)
+        first = data["errors"][0]
+        reshaped = openai_error_body(status, int(first["code"]), str(first["message"]))
+    except (ValueError, KeyError, IndexError, TypeError):
+        reshaped = openai_error_body(status, 0, body.decode("utf-8", "replace")[:500] or "error")
+    return json.dumps(reshaped).encode()

@@ -1,0 +1,195 @@
+"""The models this server knows by Workers AI id, and where their weights come from.
+
+No torch here: `serve` asks the catalog what to load and with which chat template, and the API asks
+it which model a request names and whether that model takes LoRA adapters.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from loraserve.chat_template import ChatTemplate, TemplateKind
+from loraserve.errors import LoraNotSupported, NoSuchModel
+
+EMBEDDED_SOURCE = "embedded"
+RANDOM_SOURCE_PREFIX = "random:"
+# Workers AI names the LoRA-capable variant of a model "<base>-lora"; models outside the catalog follow it.
+LORA_SUFFIX = "-lora"
+_HUB_REPO_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    id: str
+    description: str
+    template: TemplateKind
+    lora: bool
+    # Where the weights are found when `--model ID` names no source: an environment variable
+    # holding a local directory, or a source that ships with the package.
+    weights_env: str | None = None
+    default_source: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.weights_env is None) == (self.default_source is None):
+            raise ValueError(f"{self.id}: give exactly one of weights_env and default_source")
+
+
+LLAMA2_LORA = CatalogEntry(
+    id="@cf/meta-llama/llama-2-7b-chat-hf-lora",
+    description="Llama 2 7B chat (Hugging Face format), dedicated to inference with LoRA adapters.",
+    template=TemplateKind.LLAMA2,
+    lora=True,
+    weights_env="LORASERVE_LLAMA2_PATH",
+)
+MISTRAL_LORA = CatalogEntry(
+    id="@cf/mistral/mistral-7b-instruct-v0.2-lora",
+    description="Mistral 7B Instruct v0.2, dedicated to inference with LoRA adapters.",
+    template=TemplateKind.MISTRAL,
+    lora=True,
+    weights_env="LORASERVE_MISTRAL_PATH",
+)
+SMOLLM2 = CatalogEntry(
+    id="@cf/huggingfacetb/smollm2-135m-instruct",
+    description="SmolLM2 135M Instruct, shipped with loraserve: the default model, LoRA supported.",
+    template=TemplateKind.JINJA,
+    lora=True,
+    default_source=EMBEDDED_SOURCE,
+)
+CATALOG: tuple[CatalogEntry, ...] = (LLAMA2_LORA, MISTRAL_LORA, SMOLLM2)
+DEFAULT_MODEL = SMOLLM2
+
+
+def find(model_id: str) -> CatalogEntry | None:
+    for entry in CATALOG:
+        if entry.id == model_id:
+            return entry
+    return None
+
+
+def supports_lora(model_id: str) -> bool:
+    entry = find(model_id)
+    return entry.lora if entry is not None else model_id.endswith(LORA_SUFFIX)
+
+
+def template_kind(model_id: str) -> TemplateKind:
+    """The catalog's template, or the model's own (Jinja) one for ids outside the catalog."""
+    entry = find(model_id)
+    return entry.template if entry is not None else TemplateKind.JINJA
+
+
+def chat_template(kind: TemplateKind) -> ChatTemplate | None:
+    """What `serve` passes to load_backend: None lets the engine use the template the model ships."""
+    if kind is TemplateKind.LLAMA2:
+        return ChatTemplate.llama2()
+    if kind is TemplateKind.MISTRAL:
+        return ChatTemplate.mistral()
+    return None
+
+
+def resolve(model: str, served: Collection[str], lora: bool) -> str:
+    """The served model id that handles a /run for `model`.
+
+    A base name with a `lora` goes to its "-lora" variant (`@cf/x/y` -> `@cf/x/y-lora`), as the
+    public service routes it. Raises NoSuchModel (5007) or LoraNotSupported (5005).
+    """
+    if lora:
+        if model in served and supports_lora(model):
+            return model
+        variant = model + LORA_SUFFIX
+        if variant in served and supports_lora(variant):
+            return variant
+        if model in served:
+            raise LoraNotSupported(model)
+    elif model in served:
+        return model
+    raise NoSuchModel(model)
+
+
+class ModelSourceError(ValueError):
+    """A --model argument that cannot be served; the message says what is missing and how to fix it."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """One model to serve: its id, where its weights are, and the template the catalog wants."""
+
+    id: str
+    source: str
+    template: TemplateKind
+
+
+def parse_model_arg(arg: str, env: Mapping[str, str] | None = None) -> ModelSource:
+    """`ID=SOURCE`, or a catalog `ID` alone (its weights from its environment variable or shipped)."""
+    env = os.environ if env is None else env
+    model_id, sep, source = arg.partition("=")
+    model_id, source = model_id.strip(), source.strip()
+    if not model_id:
+        raise ModelSourceError(f"--model {arg!r}: expected ID=SOURCE")
+    entry = find(model_id)
+    if not sep:
+        if entry is None:
+            raise ModelSourceError(
+                f"--model {arg!r}: {model_id!r} is not in the catalog, so it needs a source: ID=SOURCE "
+                f"(a local HF directory, a .gguf file, {EMBEDDED_SOURCE!r} or a Hugging Face repo id)"
+            )
+        source = _default_source(entry, env)
+    if not source:
+        raise ModelSourceError(f"--model {arg!r}: empty SOURCE")
+    return ModelSource(model_id, source, template_kind(model_id))
+
+
+def _default_source(entry: CatalogEntry, env: Mapping[str, str]) -> str:
+    if entry.default_source is not None:
+        return entry.default_source
+    assert entry.weights_env is not None  # CatalogEntry checks that one of the two is set
+    path = env.get(entry.weights_env, "").strip()
+    if not path:
+        raise ModelSourceError(
+            f"missing weights for {entry.id}: pass --model {entry.id}=/path/to/hf-model-dir "
+            f"or set {entry.weights_env} to a local Hugging Face directory (config.json, tokenizer, "
+            f"*.safetensors)"
+        )
+    return path
+
+
+def locate(source: str) -> str:
+    """Check `source` and return what load_backend takes; a Hub repo id is fetched when possible."""
+    if source == EMBEDDED_SOURCE or source.startswith(RANDOM_SOURCE_PREFIX):
+        return source
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelSourceError(f"{source}: not a Hugging Face model directory (no config.json)")
+        return str(path)
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelSourceError(f"{source}: a model file must be a .gguf")
+        return str(path)
+    if _HUB_REPO_RE.fullmatch(source) and not source.endswith(".gguf"):
+        return _fetch_from_hub(source)
+    raise ModelSourceError(f"{source}: no such file or directory")
+
+
+def _fetch_from_hub(repo_id: str) -> str:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as exc:
+        raise ModelSourceError(
+            f"{repo_id}: not a local path, and huggingface_hub is not installed to fetch it; "
+            f"download the model and pass its directory"
+        ) from exc
+    try:
+        return str(
+            snapshot_download(
+                repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer.model"]
+            )
+        )
+    except Exception as exc:  # the hub raises many kinds (offline, gated, not found)
+        raise ModelSourceError(
+            f"{repo_id}: could not fetch it from the Hugging Face hub ({type(exc).__name__}: {exc}); "
+            f"download the model and pass its directory"
+        ) from exc

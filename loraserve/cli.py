@@ -1,0 +1,286 @@
+"""The `loraserve` command: serve, tokens, finetunes (wrangler's verbs), run, bench.
+
+Only `serve` (and `bench`) load the engine, lazily: every other command stays torch-free and quick.
+Human-facing output goes to stderr; stdout carries only what a script would capture.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from loraserve import catalog
+from loraserve.chat_template import TemplateKind
+from loraserve.client import ASSET_FILES, DEFAULT_BASE_URL, APIError, Client, RunStream
+from loraserve.types import Backend
+
+app = typer.Typer(
+    no_args_is_help=True, add_completion=False,
+    help="loraserve: a self-hosted Workers AI server for one base LLM and many LoRA finetunes.",
+)
+token_app = typer.Typer(no_args_is_help=True, help="API tokens (written straight to the registry).")
+finetune_app = typer.Typer(no_args_is_help=True, help="LoRA finetunes on a running server.")
+app.add_typer(token_app, name="token")
+app.add_typer(finetune_app, name="finetune")
+err = Console(stderr=True, soft_wrap=True)
+
+DEFAULT_DATA_DIR = Path("data")
+DataDir = Annotated[
+    Path, typer.Option("--data-dir", envvar="LORASERVE_DATA_DIR", help="Registry database and adapter files.")
+]
+DatabaseUrl = Annotated[
+    str | None, typer.Option("--database-url", help="SQLAlchemy URL; default: SQLite in the data dir.")
+]
+BaseUrl = Annotated[str, typer.Option("--base-url", envvar="LORASERVE_BASE_URL", help="The server's root URL.")]
+AccountId = Annotated[str, typer.Option("--account", envvar="LORASERVE_ACCOUNT_ID", help="Account id.")]
+Token = Annotated[str, typer.Option("--token", envvar="LORASERVE_TOKEN", help="API token of the account.")]
+
+
+def main() -> None:
+    app()
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+# serve ---------------------------------------------------------------------------------------------
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8787,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    model: Annotated[
+        list[str] | None,
+        typer.Option("--model", help="ID=SOURCE (a local HF dir, a .gguf, 'embedded', 'random:tiny' or a HF repo "
+                                     "id), or a catalog ID alone. Repeatable. Default: the embedded SmolLM2."),
+    ] = None,
+    database_url: DatabaseUrl = None,
+    rate_limit: Annotated[int | None, typer.Option(help="Runs per account per minute; 0 disables.")] = None,
+    max_rank: Annotated[int | None, typer.Option(help="Largest LoRA rank accepted at upload.")] = None,
+    timeout: Annotated[float | None, typer.Option(help="Seconds a /run may take, queueing included.")] = None,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+) -> None:
+    """Serve the Workers AI API for the given models."""
+    from loraserve.api import ServerSettings, create_app
+    from loraserve.api import serve as run_server
+    from loraserve.registry import Registry, RegistryLimits
+
+    try:
+        sources = [catalog.parse_model_arg(arg) for arg in model or [catalog.DEFAULT_MODEL.id]]
+        located = {s.id: catalog.locate(s.source) for s in sources}
+        settings = ServerSettings(**_given(rate_limit_per_minute=rate_limit, request_timeout_s=timeout))
+        limits = RegistryLimits(**_given(max_rank=max_rank))
+    except ValueError as exc:  # ModelSourceError, or a setting out of range
+        raise _fail(str(exc), 2) from None
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from loraserve.engine import load_backend  # torch: only now
+
+    backends: dict[str, Backend] = {}
+    loaded: dict[tuple[str, TemplateKind], Backend] = {}
+    for spec in sources:
+        key = (located[spec.id], spec.template)
+        if key not in loaded:  # two ids over the same weights share one engine
+            err.print(f"loading [bold]{spec.id}[/] from {located[spec.id]} ...", highlight=False)
+            try:
+                loaded[key] = load_backend(located[spec.id], chat_template=catalog.chat_template(spec.template))
+            except (OSError, ValueError) as exc:
+                raise _fail(f"{spec.id}: cannot load {located[spec.id]}: {exc}", 2) from None
+        backends[spec.id] = loaded[key]
+    registry = Registry.open(data_dir, database_url, limits)
+    err.print(f"serving {', '.join(backends)} on http://{host}:{port}", highlight=False)
+    run_server(create_app(registry, backends, settings), host, port, log_level=log_level)
+
+
+def _given(**values: Any) -> dict[str, Any]:
+    """Options left out keep the defaults of the config classes (which own them)."""
+    return {k: v for k, v in values.items() if v is not None}
+
+
+# tokens --------------------------------------------------------------------------------------------
+
+
+@token_app.command("create")
+def token_create(
+    account: Annotated[str, typer.Option("--account", help="Account id (created if new).")],
+    label: Annotated[str, typer.Option(help="A note to tell tokens apart.")] = "",
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Create an API token; it is printed once, alone on the last line of stdout."""
+    from loraserve.registry import Registry
+
+    try:
+        with Registry.open(data_dir, database_url) as registry:
+            token = registry.create_token(account, label)
+    except ValueError as exc:
+        raise _fail(str(exc), 2) from None
+    err.print(f"token for account [bold]{account}[/] (shown once, keep it):", highlight=False)
+    print(token)
+
+
+@token_app.command("revoke")
+def token_revoke(
+    token: Annotated[str, typer.Argument(help="The token to revoke.")],
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Revoke an API token."""
+    from loraserve.registry import Registry
+
+    with Registry.open(data_dir, database_url) as registry:
+        revoked = registry.revoke_token(token)
+    if not revoked:
+        raise _fail("no such live token")
+    err.print("token revoked")
+
+
+# finetunes -----------------------------------------------------------------------------------------
+
+
+@finetune_app.command("create")
+def finetune_create(
+    model: Annotated[str, typer.Argument(help="The catalog model name.")],
+    name: Annotated[str, typer.Argument(help="The finetune name.")],
+    folder: Annotated[Path, typer.Argument(help="Folder holding adapter_config.json and adapter_model.safetensors.")],
+    account: AccountId,
+    token: Token,
+    base_url: BaseUrl = DEFAULT_BASE_URL,
+    description: Annotated[str, typer.Option(help="Free text.")] = "",
+    public: Annotated[bool, typer.Option(help="Let every account use it.")] = False,
+) -> None:
+    """Create a finetune and upload its adapter files (as `wrangler ai finetune create`)."""
+    paths = [folder / f for f in ASSET_FILES]
+    if missing := [p.name for p in paths if not p.is_file()]:
+        raise _fail(f"asset missing in {folder}: {', '.join(missing)} (required: {', '.join(ASSET_FILES)})")
+    with Client(account, token, base_url) as client, Progress(console=err, transient=True) as progress:
+        try:
+            err.print(f"creating finetune [bold]{name}[/] for model [bold]{model}[/] ...", highlight=False)
+            finetune = client.new_finetune(model, name, description, public)
+            task = progress.add_task("uploading", total=sum(p.stat().st_size for p in paths))
+            for path in paths:
+                progress.update(task, description=f"uploading {path.name}")
+                client.upload_asset(finetune["id"], path)
+                progress.advance(task, path.stat().st_size)
+        except (APIError, OSError) as exc:
+            raise _fail(str(exc)) from None
+    err.print(f"finetune [bold]{name}[/] ({finetune['id']}) is ready to use", highlight=False)
+    print(finetune["id"])
+
+
+@finetune_app.command("list")
+def finetune_list(
+    account: AccountId, token: Token, base_url: BaseUrl = DEFAULT_BASE_URL,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """List the account's finetunes."""
+    with Client(account, token, base_url) as client:
+        try:
+            finetunes = client.list_finetunes()
+        except APIError as exc:
+            raise _fail(str(exc)) from None
+    if as_json:
+        print(json.dumps(finetunes, indent=2))
+        return
+    if not sys.stdout.isatty():  # piped: one tab-separated line per finetune, never cut to a width
+        for f in finetunes:
+            print("\t".join([f["id"], f["name"], f["model"], f.get("description") or ""]))
+        return
+    table = Table()
+    for column in ("finetune_id", "name", "model"):
+        table.add_column(column, no_wrap=True)  # ids are copied from here: never cut them
+    table.add_column("description", overflow="fold")
+    for f in finetunes:
+        table.add_row(f["id"], f["name"], f["model"], f.get("description") or "")
+    Console().print(table)
+
+
+@finetune_app.command("delete")
+def finetune_delete(
+    ref: Annotated[str, typer.Argument(help="Finetune id or name.")],
+    account: AccountId, token: Token, base_url: BaseUrl = DEFAULT_BASE_URL,
+) -> None:
+    """Delete a finetune and its files."""
+    with Client(account, token, base_url) as client:
+        try:
+            finetune = client.delete_finetune(ref)
+        except APIError as exc:
+            raise _fail(str(exc)) from None
+    err.print(f"deleted finetune [bold]{finetune['name']}[/] ({finetune['id']})", highlight=False)
+
+
+# run -----------------------------------------------------------------------------------------------
+
+
+@app.command()
+def run(
+    model: Annotated[str, typer.Argument(help="Model id, e.g. @cf/meta-llama/llama-2-7b-chat-hf-lora.")],
+    account: AccountId,
+    token: Token,
+    base_url: BaseUrl = DEFAULT_BASE_URL,
+    prompt: Annotated[str | None, typer.Option(help="An unscoped prompt.")] = None,
+    messages: Annotated[str | None, typer.Option(help='JSON: [{"role": "user", "content": "..."}]')] = None,
+    lora: Annotated[str | None, typer.Option(help="Finetune id or name.")] = None,
+    stream: Annotated[bool, typer.Option(help="Print tokens as they come.")] = False,
+    max_tokens: Annotated[int | None, typer.Option(help="Tokens to generate at most.")] = None,
+    raw: Annotated[bool, typer.Option(help="Send the prompt without the chat template.")] = False,
+    temperature: Annotated[float | None, typer.Option(help="0 = greedy.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Same seed, same input: same output.")] = None,
+) -> None:
+    """Run a model on a running server and print its answer."""
+    if (prompt is None) == (messages is None):
+        raise _fail("give exactly one of --prompt and --messages", 2)
+    inputs: dict[str, Any] = _given(lora=lora, max_tokens=max_tokens, temperature=temperature, seed=seed)
+    if prompt is not None:
+        inputs.update(prompt=prompt, raw=raw)
+    else:
+        try:
+            inputs["messages"] = json.loads(messages or "")
+        except ValueError:
+            raise _fail("--messages must be JSON", 2) from None
+    with Client(account, token, base_url) as client:
+        try:
+            if stream:
+                with client.stream(model, inputs) as deltas:
+                    for text in deltas:
+                        print(text, end="", flush=True)
+                    print()
+                    usage = deltas.usage
+            else:
+                result = client.run(model, inputs)
+                assert not isinstance(result, RunStream)  # inputs do not ask to stream
+                print(result["response"])
+                usage = result.get("usage")
+        except APIError as exc:
+            raise _fail(str(exc)) from None
+    if usage:
+        err.print(f"[dim]{usage}[/]", highlight=False)
+
+
+# bench ---------------------------------------------------------------------------------------------
+
+
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,
+)
+def bench(ctx: typer.Context) -> None:
+    """Benchmarks (all arguments go to loraserve.bench; try `loraserve bench --help`)."""
+    bench_module = importlib.import_module("loraserve.bench")  # written elsewhere; may load torch
+    raise typer.Exit(int(bench_module.main(list(ctx.args))))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,203 @@
+"""Shared builders for the engine tests.
+
+The oracle is always an independent implementation: a tiny random `transformers` LlamaForCausalLM and
+PEFT adapters saved with `save_pretrained`, compared with our engine built from the same weights.
+Nothing here replaces an engine component: `run_traced` drives the real scheduler, model runner and
+model the way `LLMEngine.step` does, and only asks the model for the logits of every computed row.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from loraserve.engine.config import EngineConfig, ModelConfig
+from loraserve.engine.llm_engine import LLMEngine
+from loraserve.types import LORA_TARGETS
+
+ALL_TARGETS: tuple[str, ...] = LORA_TARGETS
+QV_TARGETS: tuple[str, ...] = ("q_proj", "v_proj")
+MLP_TARGETS: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
+
+
+def hf_config(**overrides: Any) -> LlamaConfig:
+    """A tiny Llama: GQA (4 heads, 2 KV heads), untied head. `initializer_range` is larger than HF's
+    default so that logits are well spread and a greedy argmax is never a near tie."""
+    kw: dict[str, Any] = dict(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.1, tie_word_embeddings=False,
+        bos_token_id=1, eos_token_id=2,
+    )
+    kw.update(overrides)
+    return LlamaConfig(**kw)
+
+
+def hf_model(seed: int = 0, **overrides: Any) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(hf_config(**overrides)).eval()
+    # HF initialises norms to ones; random norms catch a swapped input/post-attention norm.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+def model_config(model: LlamaForCausalLM) -> ModelConfig:
+    return ModelConfig.from_hf(model.config.to_dict())
+
+
+def legacy_hf_dict(model: LlamaForCausalLM) -> dict[str, Any]:
+    """`model.config` as a transformers 4.x config.json spells it (the Hub's Llama files): top-level
+    `rope_theta` and `rope_scaling` instead of transformers 5's `rope_parameters`."""
+    d = model.config.to_dict()
+    rope = dict(d.pop("rope_parameters", None) or {})
+    d["rope_theta"] = rope.pop("rope_theta", 10000.0)
+    d["rope_scaling"] = rope if rope.get("rope_type", "default") != "default" else None
+    return d
+
+
+def build_engine(model: LlamaForCausalLM, context_window: int | None = None, cfg: ModelConfig | None = None,
+                 **engine_options: Any) -> LLMEngine:
+    """Our engine on a copy of `model`'s weights (the engine pops tensors out of the dict it is given).
+    `cfg` defaults to `ModelConfig.from_hf(model.config.to_dict())`."""
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    options: dict[str, Any] = dict(block_size=4, threads=2)
+    options.update(engine_options)
+    return LLMEngine(cfg or model_config(model), state, EngineConfig(**options), context_window=context_window)
+
+
+def make_adapter(base: LlamaForCausalLM, folder: Path, *, seed: int, r: int, targets: tuple[str, ...],
+                 lora_alpha: float | None = None, use_rslora: bool = False, std: float = 0.05,
+                 **extra: Any) -> Path:
+    """Save a PEFT adapter for `base` with random A and B (both N(0, std)), so it changes the outputs."""
+    torch.manual_seed(seed)
+    config = LoraConfig(r=r, lora_alpha=lora_alpha if lora_alpha is not None else r, target_modules=list(targets),
+                        use_rslora=use_rslora, init_lora_weights=False, task_type="CAUSAL_LM", **extra)
+    peft_model = get_peft_model(copy.deepcopy(base), config)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_A" in name or "lora_B" in name:
+                p.normal_(0.0, std)
+    peft_model.save_pretrained(str(folder))
+    return folder
+
+
+def peft_reference(base: LlamaForCausalLM, adapters: dict[str, Path]) -> PeftModel:
+    """One PeftModel holding every adapter under its name (switch with `set_adapter`)."""
+    names = list(adapters)
+    model = PeftModel.from_pretrained(copy.deepcopy(base), str(adapters[names[0]]), adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(str(adapters[name]), adapter_name=name)
+    return model.eval()
+
+
+@torch.no_grad()
+def hf_greedy(model: Any, prompt: list[int], max_new_tokens: int) -> list[int]:
+    out = model.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                         max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
+                         eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def reference_greedy(base: LlamaForCausalLM, peft_model: PeftModel | None, prompt: list[int],
+                     adapter: str | None, max_new_tokens: int) -> list[int]:
+    if adapter is None:
+        return hf_greedy(base, prompt, max_new_tokens)
+    assert peft_model is not None
+    peft_model.set_adapter(adapter)
+    return hf_greedy(peft_model, prompt, max_new_tokens)
+
+
+@torch.no_grad()
+def hf_logits(model: Any, token_ids: list[int]) -> torch.Tensor:
+    """[len, V] logits of every position (position p predicts token p + 1)."""
+    return model(input_ids=torch.tensor([token_ids])).logits[0].float()
+
+
+def reference_logits(base: LlamaForCausalLM, peft_model: PeftModel | None, token_ids: list[int],
+                     adapter: str | None) -> torch.Tensor:
+    if adapter is None:
+        return hf_logits(base, token_ids)
+    assert peft_model is not None
+    peft_model.set_adapter(adapter)
+    return hf_logits(peft_model, token_ids)
+
+
+@dataclass
+class Trace:
+    """What `run_traced` saw: per sequence, (position, logits) of every computed row, in step order."""
+
+    rows: dict[int, list[tuple[int, torch.Tensor]]] = field(default_factory=lambda: defaultdict(list))
+    lora_paths: set[str] = field(default_factory=set)  # "padded" / "grouped" LoraBatch paths used
+    num_steps: int = 0
+    max_step_tokens: int = 0
+    mixed_steps: int = 0  # steps with decode rows and prefill chunks together
+
+
+def run_traced(engine: LLMEngine, timeout_s: float = 60.0) -> Trace:
+    """Run `engine` to completion with greedy sampling, as `LLMEngine.step` does, recording logits.
+
+    Every row's logits are computed (not only the sampled rows), so prefill chunks are checked at each
+    position. A sequence stops after `params.max_tokens` tokens (EOS is ignored).
+    """
+    trace = Trace()
+    deadline = time.monotonic() + timeout_s
+    while engine.has_work():
+        if time.monotonic() > deadline:
+            raise TimeoutError("engine did not finish")
+        sched = engine.scheduler.schedule()
+        assert not sched.failed, "run_traced expects loadable adapters"
+        if not sched.scheduled:
+            time.sleep(0.002)  # an adapter is loading in the background
+            continue
+        meta, order = engine.runner.prepare(sched.scheduled)
+        num_rows = int(meta.input_ids.shape[0])
+        if meta.lora is not None:
+            for part in meta.lora.parts:
+                trace.lora_paths.add("grouped" if part.padded is None else "padded")
+        logits = engine.model.forward(replace(meta, logits_indices=torch.arange(num_rows)), engine.kv)
+        trace.num_steps += 1
+        trace.max_step_tokens = max(trace.max_step_tokens, num_rows)
+        if 0 < meta.num_decode < len(order):
+            trace.mixed_steps += 1
+        row = 0
+        sampled: list[tuple[Any, int]] = []
+        for s in order:
+            seq = s.seq
+            for j in range(s.num_new):
+                trace.rows[seq.seq_id].append((seq.num_computed + j, logits[row + j].clone()))
+            if s.samples:
+                sampled.append((seq, int(logits[row + s.num_new - 1].argmax())))
+            row += s.num_new
+        for s in order:
+            s.seq.num_computed += s.num_new
+        for seq, tok in sampled:
+            seq.append(tok)
+            if seq.num_output >= seq.params.max_tokens:
+                engine.abort(seq.request_id)
+    return trace
+
+
+def assert_trace_matches(trace: Trace, seq: Any, reference: torch.Tensor, atol: float = 1e-4,
+                         rtol: float = 1e-4, first: int = 0) -> None:
+    """Every recorded row of `seq` equals the reference logits at its position; `first` is the first
+    position the trace saw (earlier ones were computed before `run_traced` started)."""
+    rows = trace.rows[seq.seq_id]
+    assert rows, f"no rows were computed for {seq.request_id}"
+    positions = {p for p, _ in rows}
+    # Every position was computed: the prompt, then each output token but the last (it ends the run).
+    assert positions == set(range(first, seq.num_tokens - 1))
+    for pos, got in rows:
+        torch.testing.assert_close(got, reference[pos], atol=atol, rtol=rtol,
+                                   msg=lambda m, pos=pos: f"{seq.request_id} position {pos}: {m}")

@@ -1,0 +1,179 @@
+"""AsyncEngine, the server's Backend: streaming events from the step thread, aborts, concurrency.
+
+One random:tiny backend per module. Its token ids are checked against a second, synchronous engine
+loaded from the same source (same seed, so the same weights).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from engine_helpers import QV_TARGETS, hf_model, make_adapter
+from loraserve.engine import AsyncEngine, EngineConfig, load_backend, load_engine
+from loraserve.types import AdapterRef, ChatMessage, FinishReason, SamplingParams, StreamEvent
+
+# peft asks transformers for `is_gradient_checkpointing`, which transformers 5 deprecates.
+pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+
+GREEDY = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def backend() -> Iterator[AsyncEngine]:
+    b = load_backend("random:tiny", EngineConfig(max_num_seqs=16))
+    yield b
+    b.shutdown()
+
+
+@pytest.fixture(scope="module")
+def offline() -> Any:
+    return load_engine("random:tiny")
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(backend: AsyncEngine, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    info = backend.info
+    hidden, q_size = info.lora_shapes["q_proj"]
+    kv_size = info.lora_shapes["k_proj"][1]
+    cfg = backend.engine.cfg
+    base = hf_model(seed=0, vocab_size=info.vocab_size, hidden_size=hidden, intermediate_size=cfg.intermediate_size,
+                    num_hidden_layers=info.num_layers, num_attention_heads=cfg.num_heads,
+                    num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim)
+    assert q_size == cfg.q_size and kv_size == cfg.kv_size
+    return make_adapter(base, tmp_path_factory.mktemp("tiny-adapter") / "a", seed=3, r=8, targets=QV_TARGETS,
+                        lora_alpha=16, std=0.3)
+
+
+async def _collect(stream: AsyncIterator[StreamEvent]) -> list[StreamEvent]:
+    return [event async for event in stream]
+
+
+async def _eventually(check: Any, timeout_s: float = 10.0) -> None:
+    """Wait until `check()` holds (the step thread publishes stats after each step)."""
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, "condition never held"
+        await asyncio.sleep(0.01)
+
+
+def _idle(backend: AsyncEngine) -> bool:
+    s = backend.stats()
+    return s["running"] == 0 and s["kv_blocks_used"] == 0 and s["queue_depth"] == 0
+
+
+async def test_stream_text_and_usage(backend: AsyncEngine, offline: Any) -> None:
+    engine, tokenizer = offline
+    prompt = backend.encode(backend.render_chat([ChatMessage("user", "Tell me a story about a dragon.")]))
+    assert prompt == tokenizer.encode(tokenizer.chat_template.render([ChatMessage("user", "Tell me a story about a dragon.")]))
+    events = await _collect(backend.generate("story", prompt, GREEDY))
+    *body, last = events
+    assert last.finish_reason is FinishReason.LENGTH and last.error is None
+    assert all(e.finish_reason is None for e in body)
+    assert all(e.prompt_tokens == len(prompt) for e in events)
+    assert [e.completion_tokens for e in events] == list(range(1, 21))
+    ids = engine.generate([prompt], GREEDY)[0]
+    assert "".join(e.text for e in events) == tokenizer.decode(ids, skip_special_tokens=True)
+
+
+async def test_sampled_stream_matches_the_offline_engine(backend: AsyncEngine, offline: Any) -> None:
+    engine, tokenizer = offline
+    params = SamplingParams(max_tokens=24, temperature=0.9, top_k=50, seed=77, ignore_eos=True)
+    prompt = backend.encode("The weather today is")
+    events = await _collect(backend.generate("seeded", prompt, params))
+    assert "".join(e.text for e in events) == tokenizer.decode(engine.generate([prompt], params)[0])
+
+
+async def test_closing_the_stream_early_aborts(backend: AsyncEngine) -> None:
+    prompt = backend.encode("Count to one thousand:")
+    stream = backend.generate("early", prompt, SamplingParams(max_tokens=1500, temperature=0, ignore_eos=True))
+    seen = 0
+    async with contextlib.aclosing(stream):
+        async for _ in stream:
+            seen += 1
+            if seen == 3:
+                break
+    await _eventually(lambda: _idle(backend))
+    # The id is free again: the request was really dropped.
+    events = await _collect(backend.generate("early", prompt, SamplingParams(max_tokens=2, temperature=0)))
+    assert events[-1].finish_reason is not None
+
+
+async def test_abort_by_request_id(backend: AsyncEngine) -> None:
+    prompt = backend.encode("Say something long")
+    stream = backend.generate("to-abort", prompt, SamplingParams(max_tokens=1500, temperature=0, ignore_eos=True))
+    first = await anext(stream)
+    assert first.finish_reason is None
+    backend.abort("to-abort")
+    rest = await _collect(stream)
+    assert rest[-1].finish_reason is FinishReason.ABORT
+    assert len(rest) < 1499
+    backend.abort("to-abort")  # unknown by now: ignored
+    backend.abort("never-existed")
+    await _eventually(lambda: _idle(backend))
+
+
+async def test_many_concurrent_requests_complete(backend: AsyncEngine) -> None:
+    prompts = [backend.encode(f"Request number {i} asks about topic {i % 3}") for i in range(24)]
+    params = [SamplingParams(max_tokens=4 + i % 7, temperature=0, ignore_eos=True) for i in range(24)]
+    results = await asyncio.gather(*(_collect(backend.generate(f"c{i}", p, sp))
+                                     for i, (p, sp) in enumerate(zip(prompts, params, strict=True))))
+    for i, events in enumerate(results):
+        assert events[-1].finish_reason is FinishReason.LENGTH
+        assert events[-1].completion_tokens == params[i].max_tokens
+    # Same prompt and greedy settings give the same text whatever else shared the batch.
+    same = await asyncio.gather(*(_collect(backend.generate(f"s{i}", prompts[0], params[0])) for i in range(5)))
+    texts = {"".join(e.text for e in events) for events in [*same, results[0]]}
+    assert len(texts) == 1
+    await _eventually(lambda: _idle(backend))
+
+
+async def test_prompt_over_the_context_window_raises_synchronously(backend: AsyncEngine) -> None:
+    window = backend.info.context_window
+    with pytest.raises(ValueError):
+        backend.generate("too-long", [1] * (window - 10), SamplingParams(max_tokens=20))
+    with pytest.raises(ValueError):
+        backend.generate("dup", [1, 2], SamplingParams(max_tokens=2)) and backend.generate(
+            "dup", [1, 2], SamplingParams(max_tokens=2))
+    await _eventually(lambda: _idle(backend))
+
+
+async def test_adapters_and_a_broken_adapter(backend: AsyncEngine, adapter_dir: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_text((adapter_dir / "adapter_config.json").read_text())
+    (broken / "adapter_model.safetensors").write_bytes(b"garbage")
+    prompt = backend.encode("Hello there")
+    good = AdapterRef("tiny-good", str(adapter_dir))
+    bad = AdapterRef("tiny-broken", str(broken))
+    with_adapter, with_broken, plain = await asyncio.gather(
+        _collect(backend.generate("ad-good", prompt, GREEDY, good)),
+        _collect(backend.generate("ad-bad", prompt, GREEDY, bad)),
+        _collect(backend.generate("ad-none", prompt, GREEDY)),
+    )
+    assert with_adapter[-1].finish_reason is FinishReason.LENGTH and with_adapter[-1].completion_tokens == 20
+    assert plain[-1].finish_reason is FinishReason.LENGTH
+    assert "".join(e.text for e in with_adapter) != "".join(e.text for e in plain)
+    assert with_broken[-1].finish_reason is FinishReason.ERROR and with_broken[-1].error
+    assert with_broken[-1].completion_tokens == 0
+    await _eventually(lambda: backend.stats()["adapters_host"] >= 1 and _idle(backend))
+    backend.forget_adapter("tiny-good")
+    await _eventually(lambda: backend.stats()["adapters_host"] == 0 and backend.stats()["adapters_device"] == 0)
+
+
+async def test_penalised_request_completes_and_spares_its_neighbours(backend: AsyncEngine) -> None:
+    prompt = backend.encode("Repeat after me: la la la")
+    penalised = SamplingParams(max_tokens=8, temperature=0, presence_penalty=1.0, repetition_penalty=1.2,
+                               ignore_eos=True)
+    pen, plain = await asyncio.gather(
+        _collect(backend.generate("pen", prompt, penalised)),
+        _collect(backend.generate("pen-neighbour", prompt, GREEDY)),
+    )
+    assert plain[-1].finish_reason is FinishReason.LENGTH, plain[-1].error
+    assert pen[-1].finish_reason is FinishReason.LENGTH, pen[-1].error

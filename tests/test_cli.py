@@ -1,0 +1,172 @@
+"""The `loraserve` command: tokens on the registry, finetunes and runs against a live server, and
+`serve` itself in a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from typer.testing import CliRunner
+
+from loraserve.cli import app
+from loraserve.errors import AuthenticationError
+
+from conftest import LORA_MODEL, Account, LiveServer
+
+runner = CliRunner()
+
+
+def cli(*args: str, server: LiveServer | None = None, account: Account | None = None) -> Any:
+    env = {}
+    if server is not None:
+        env["LORASERVE_BASE_URL"] = server.base_url
+    if account is not None:
+        env.update(LORASERVE_ACCOUNT_ID=account.id, LORASERVE_TOKEN=account.token)
+    return runner.invoke(app, list(args), env=env)
+
+
+def loraserve(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "loraserve", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def test_token_create_prints_the_token_alone_on_the_last_line(server: LiveServer) -> None:
+    done = loraserve("token", "create", "--account", "cli-new", "--label", "ci",
+                     env={"LORASERVE_DATA_DIR": str(server.registry.data_dir)})
+    assert done.returncode == 0, done.stderr
+    token = done.stdout.splitlines()[-1]
+    assert token.strip() == token and " " not in token and len(token) >= 20
+    server.registry.authenticate("cli-new", token)
+    response = httpx.get(f"{server.ai_url('cli-new')}/finetunes", headers={"Authorization": f"Bearer {token}"})
+    assert response.status_code == 200
+
+
+def test_token_revoke(server: LiveServer) -> None:
+    data_dir = str(server.registry.data_dir)
+    token = cli("token", "create", "--account", "cli-revoke", "--data-dir", data_dir).stdout.splitlines()[-1]
+    assert cli("token", "revoke", token, "--data-dir", data_dir).exit_code == 0
+    with pytest.raises(AuthenticationError):
+        server.registry.authenticate("cli-revoke", token)
+    again = cli("token", "revoke", token, "--data-dir", data_dir)
+    assert again.exit_code == 1 and "no such live token" in again.stderr
+
+
+def test_token_create_refuses_a_bad_account_id(tmp_path: Path) -> None:
+    result = cli("token", "create", "--account", "bad id!", "--data-dir", str(tmp_path))
+    assert result.exit_code == 2 and "account id" in result.stderr
+
+
+def test_token_then_finetune_create_list_delete(server: LiveServer, peft_adapter: Any) -> None:
+    made = cli("token", "create", "--account", "cli-ft-owner", "--data-dir", str(server.registry.data_dir))
+    account = Account("cli-ft-owner", made.stdout.splitlines()[-1])
+    created = cli("finetune", "create", LORA_MODEL, "cli-ft", str(peft_adapter()), server=server, account=account)
+    assert created.exit_code == 0, created.output
+    finetune_id = created.stdout.splitlines()[-1]
+    assert "ready to use" in created.stderr
+    run = httpx.post(server.run_url(account), headers=account.headers,
+                     json={"prompt": "x", "lora": "cli-ft", "max_tokens": 1})
+    assert run.status_code == 200
+    listed = cli("finetune", "list", "--json", server=server, account=account)
+    assert [f["id"] for f in json.loads(listed.stdout)] == [finetune_id]
+    piped = cli("finetune", "list", server=server, account=account)
+    assert piped.stdout.splitlines() == [f"{finetune_id}\tcli-ft\t{LORA_MODEL}\t"]
+    assert cli("finetune", "delete", "cli-ft", server=server, account=account).exit_code == 0
+    assert json.loads(cli("finetune", "list", "--json", server=server, account=account).stdout) == []
+
+
+def test_finetune_create_errors(server: LiveServer, account: Account, tmp_path: Path, peft_adapter: Any) -> None:
+    (tmp_path / "adapter_config.json").write_text("{}")
+    half = cli("finetune", "create", LORA_MODEL, "half", str(tmp_path), server=server, account=account)
+    assert half.exit_code == 1 and "adapter_model.safetensors" in half.stderr
+    unknown = cli("finetune", "create", "@cf/nope/x", "x", str(peft_adapter()), server=server, account=account)
+    assert unknown.exit_code == 1 and "5007" in unknown.stderr
+    assert json.loads(cli("finetune", "list", "--json", server=server, account=account).stdout) == []
+
+
+def test_run(server: LiveServer, account: Account) -> None:
+    whole = cli("run", LORA_MODEL, "--prompt", "tell me a story", "--max-tokens", "6", "--temperature", "0",
+                server=server, account=account)
+    assert whole.exit_code == 0, whole.output
+    streamed = cli("run", LORA_MODEL, "--prompt", "tell me a story", "--max-tokens", "6", "--temperature", "0",
+                   "--stream", server=server, account=account)
+    assert streamed.exit_code == 0, streamed.output
+    assert whole.stdout == streamed.stdout and whole.stdout.strip()
+    assert "'completion_tokens': 6" in whole.stderr
+    messages = json.dumps([{"role": "user", "content": "hi"}])
+    chat = cli("run", LORA_MODEL, "--messages", messages, "--max-tokens", "2", server=server, account=account)
+    assert chat.exit_code == 0
+    raw = cli("run", LORA_MODEL, "--prompt", "[INST] hi [/INST]", "--raw", "--max-tokens", "2",
+              server=server, account=account)
+    assert raw.exit_code == 0
+
+
+def test_run_errors(server: LiveServer, account: Account) -> None:
+    assert cli("run", LORA_MODEL, server=server, account=account).exit_code == 2
+    assert cli("run", LORA_MODEL, "--messages", "{oops", server=server, account=account).exit_code == 2
+    failed = cli("run", LORA_MODEL, "--prompt", "x", "--lora", "nope", server=server, account=account)
+    assert failed.exit_code == 1 and "3037" in failed.stderr
+
+
+def test_bench_passes_its_arguments_through() -> None:
+    result = runner.invoke(app, ["bench", "--help"])
+    assert result.exit_code == 0
+    assert "loraserve bench" in result.stdout
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def test_serve_runs_until_interrupted(tmp_path: Path) -> None:
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "loraserve", "serve", "--port", str(port), "--data-dir", str(tmp_path),
+         "--model", "@cf/test/tiny-lora=random:tiny", "--model", "@cf/test/tiny=random:tiny",
+         "--rate-limit", "0", "--max-rank", "16", "--log-level", "warning"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline, "serve did not come up"
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/healthz")
+                break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        assert health.json() == {"status": "ok", "models": ["@cf/test/tiny", "@cf/test/tiny-lora"]}
+        assert (tmp_path / "finetunes").exists() or any(tmp_path.iterdir())
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+
+
+def test_serve_explains_missing_weights(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "LORASERVE_LLAMA2_PATH"}
+    done = subprocess.run(
+        [sys.executable, "-m", "loraserve", "serve", "--data-dir", str(tmp_path), "--model", LORA_MODEL],
+        capture_output=True, text=True, timeout=60, env=env,
+    )
+    assert done.returncode == 2
+    assert "missing weights for @cf/meta-llama/llama-2-7b-chat-hf-lora" in done.stderr
+    assert "LORASERVE_LLAMA2_PATH" in done.stderr
+    offline = loraserve("serve", "--data-dir", str(tmp_path), "--model", "@cf/x/y-lora=no-such-org/no-such-model",
+                        env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    assert offline.returncode == 2
+    assert "could not fetch it from the Hugging Face hub" in offline.stderr
+    missing = loraserve("serve", "--data-dir", str(tmp_path), "--model", f"@cf/x/y={tmp_path / 'nothing.gguf'}")
+    assert missing.returncode == 2 and "no such file or directory" in missing.stderr
