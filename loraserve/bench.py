@@ -38,6 +38,7 @@ from loraserve.bench_workload import (
     write_adapters,
 )
 from loraserve.engine import EMBEDDED, AsyncEngine, EngineConfig, load_backend
+from loraserve.engine.lora import LoraPool, rank_bucket
 from loraserve.types import LORA_TARGETS
 
 
@@ -121,35 +122,42 @@ class BenchConfig:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="loraserve bench", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                epilog="--quick shrinks every workload default; explicit options still win.")
     a = p.add_argument
-    a("--model", default=EMBEDDED, help="embedded, random:NAME, a .gguf file or an HF directory")
-    a("--device", choices=[d.value for d in Device], default=Device.CPU.value)
-    a("--dtype", choices=[d.value for d in DType], default=DType.AUTO.value)
-    a("--adapters", type=int, help=f"distinct random adapters (default {DEFAULTS['adapters']})")
+    a("--model", default=EMBEDDED, help="embedded, random:NAME, a .gguf file or an HF directory (default: embedded)")
+    a("--device", choices=[d.value for d in Device], default=Device.CPU.value, help="(default: cpu)")
+    a("--dtype", choices=[d.value for d in DType], default=DType.AUTO.value,
+      help="(default: auto = float32 on CPU, bfloat16 on CUDA)")
+
+    def sized(flag: str, what: str) -> None:
+        key = flag.removeprefix("--").replace("-", "_")
+        a(flag, type=int, help=f"{what} (default: {DEFAULTS[key]}; --quick: {QUICK[key]})")
+
+    sized("--adapters", "distinct random adapters")
     a("--registered", type=int, help="adapters on disk that requests draw from (default: --adapters)")
-    a("--rank", type=int, help=f"LoRA rank (default {DEFAULTS['rank']})")
-    a("--targets", default=",".join(LORA_TARGETS), help="comma-separated projections")
-    a("--popularity", choices=[p.value for p in Popularity], default=Popularity.POWERLAW.value)
-    a("--alpha", type=float, default=1.0, help="power-law exponent")
-    a("--no-adapter-fraction", type=float, default=0.0)
-    a("--requests", type=int, help=f"(default {DEFAULTS['requests']})")
-    a("--concurrency", type=int, help=f"closed-loop requests in flight; HF batch size (default {DEFAULTS['concurrency']})")
+    sized("--rank", "LoRA rank")
+    a("--targets", default=",".join(LORA_TARGETS), help="comma-separated projections (default: all seven)")
+    a("--popularity", choices=[p.value for p in Popularity], default=Popularity.POWERLAW.value,
+      help="which adapter a request uses (default: powerlaw)")
+    a("--alpha", type=float, default=1.0, help="power-law exponent (default: 1.0)")
+    a("--no-adapter-fraction", type=float, default=0.0, help="share of adapter-free requests (default: 0)")
+    sized("--requests", "requests")
+    sized("--concurrency", "closed-loop requests in flight; the HF baseline's batch")
     a("--rate", type=float, help="open loop: Poisson arrivals per second instead of the closed loop")
-    a("--prompt-len", type=int, help=f"(default {DEFAULTS['prompt_len']})")
-    a("--output-len", type=int, help=f"new tokens per request, EOS ignored (default {DEFAULTS['output_len']})")
-    a("--seed", type=int, default=0)
-    a("--max-num-seqs", type=int, help="engine batch limit (default: engine's, at least --concurrency)")
-    a("--max-num-batched-tokens", type=int, help="engine tokens per step (default: engine's)")
-    a("--max-loras", type=int, help="engine adapter slots (default: engine's)")
+    sized("--prompt-len", "prompt tokens")
+    sized("--output-len", "new tokens per request, EOS ignored")
+    a("--seed", type=int, default=0, help="workload seed: prompts, adapter choice, arrivals (default: 0)")
+    a("--max-num-seqs", type=int, help="engine batch limit (default: the engine's, at least --concurrency)")
+    a("--max-num-batched-tokens", type=int, help="engine tokens per step (default: the engine's)")
+    a("--max-loras", type=int, help="engine adapter slots (default: the engine's)")
     a("--threads", type=int, help="CPU threads (default: all cores)")
     for flag, what in (("baseline", "HF transformers + PEFT on the same workload"),
                        ("baseline-no-adapter", "HF without adapters too"),
                        ("compare-no-adapter", "our engine with every request adapter-free too"),
                        ("roofline", "machine roofline and linear-layer ceiling"),
                        ("warmup", "a short uncounted warm-up")):
-        a("--" + flag, action=argparse.BooleanOptionalAction, default=True, help=what)
-    a("--quick", action="store_true", help="a smoke run: " + " ".join(f"{k}={v}" for k, v in QUICK.items()))
+        a("--" + flag, action=argparse.BooleanOptionalAction, default=True, help=what + " (default: on)")
+    a("--quick", action="store_true", help="a smoke run with tiny workload defaults")
     a("--json", type=Path, help="write every figure to this file")
     return p
 
@@ -181,10 +189,13 @@ def _log(message: str) -> None:
 
 
 def _warmup(backend: AsyncEngine, cfg: BenchConfig, requests: list[BenchRequest], refs: list[Any]) -> None:
-    # The most popular adapters (as many as fit the slots) and one adapter-free request: a long-running
-    # server has its hot adapters resident, and the first steps' one-off costs are not the workload's.
-    hot = refs[:min(len(refs), backend.engine.ecfg.max_loras, cfg.workload.concurrency)]
-    warm = [BenchRequest(requests[i % len(requests)].prompt, ref) for i, ref in enumerate([*hot, None])]
+    # The most popular adapters (as many as the device slots hold, so none evicts another) and one
+    # adapter-free request: a long-running server has its hot adapters resident, and the first steps'
+    # one-off costs are not the workload's.
+    engine = backend.engine
+    slot = LoraPool.slot_bytes(engine.cfg, rank_bucket(cfg.workload.rank), engine.dtype.itemsize)
+    slots = max(1, min(engine.ecfg.max_loras, engine.ecfg.lora_slot_bytes // slot))
+    warm = [BenchRequest(requests[i % len(requests)].prompt, ref) for i, ref in enumerate([*refs[:slots], None])]
     spec = dataclasses.replace(cfg.workload, requests=len(warm), concurrency=len(warm), rate=None)
     asyncio.run(drive(backend, warm, spec, "warmup", max_tokens=2))
 
@@ -201,43 +212,27 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
     started = time.perf_counter()
     _log(f"loading {cfg.model} on {cfg.device.value}")
     backend = load_backend(cfg.model, cfg.engine_config())
-    engine = backend.engine
-    model_cfg, tokenizer, device, dtype = engine.cfg, backend.tokenizer, engine.device, engine.dtype
-    figures: dict[str, Any] = {"command": "loraserve bench " + shlex.join(cfg.argv()),
-                               "config": {**dataclasses.asdict(cfg.workload), "popularity": w.popularity.value,
-                                          "model": cfg.model, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
-                                          "engine": dataclasses.asdict(engine.ecfg)},
-                               "runs": {}}
+    model_cfg, tokenizer = backend.engine.cfg, backend.tokenizer
+    device, dtype = backend.engine.device, backend.engine.dtype
+    figures: dict[str, Any] = {
+        "command": "loraserve bench " + shlex.join(cfg.argv()),
+        "config": {**dataclasses.asdict(w), "popularity": w.popularity.value, "model": cfg.model,
+                   "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+                   "engine": dataclasses.asdict(backend.engine.ecfg)},
+        "runs": {},
+    }
     tmp = Path(tempfile.mkdtemp(prefix="loraserve-bench-"))
     try:
-        _log(f"writing {w.adapters} random rank-{w.rank} adapters ({w.registered} registered) to {tmp}")
-        refs = write_adapters(tmp, model_cfg, w, dtype)
-        requests = make_requests(w, model_cfg.vocab_size, refs)
-        if cfg.warmup:
-            _log("warm-up")
-            _warmup(backend, cfg, requests, refs)
-        _log(f"ours: {w.requests} requests")
-        ours = asyncio.run(drive(backend, requests, w, "ours"))
-        figures["runs"]["ours"] = ours.summary()
-        if cfg.compare_no_adapter:
-            _log("ours without adapters")
-            figures["runs"]["ours_no_adapter"] = asyncio.run(
-                drive(backend, without_adapters(requests), w, "bare")).summary()
-        if cfg.roofline:
-            _log("roofline")
-            rcfg = QUICK_ROOFLINE if cfg.quick else RooflineConfig(
-                gemm_size=8192 if device.type == "cuda" else 2048,
-                copy_bytes=(2 << 30) if device.type == "cuda" else (256 << 20))
-            machine = measure_machine(device, dtype, rcfg)
-            mean_batch = figures["runs"]["ours"]["mean_batch"] or 1
-            at = w.concurrency if w.rate is None else max(1, round(mean_batch))
-            points: list[CeilingPoint] = linear_ceiling(engine.model, [1, at], machine, rcfg.repeats)
-            figures["machine"] = dataclasses.asdict(machine)
-            figures["ceiling"] = [dataclasses.asdict(p) for p in points]
-            figures["ceiling_batch"] = at
-        backend.shutdown()
-        del backend, engine
-        _free(device)
+        try:
+            _log(f"writing {w.adapters} random rank-{w.rank} adapters ({w.registered} registered) to {tmp}")
+            refs = write_adapters(tmp, model_cfg, w, dtype)
+            requests = make_requests(w, model_cfg.vocab_size, refs)
+            figures["config"]["distinct_adapters_requested"] = len({r.adapter.key for r in requests if r.adapter})
+            _measure_ours(backend, cfg, requests, refs, figures)
+        finally:
+            backend.shutdown()
+            del backend  # the HF model needs the memory (a 7B model twice does not fit every GPU)
+            _free(device)
         if cfg.baseline:
             from loraserve.bench_baseline import run_baseline
 
@@ -254,6 +249,32 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
     return figures
 
 
+def _measure_ours(backend: AsyncEngine, cfg: BenchConfig, requests: list[BenchRequest], refs: list[Any],
+                  figures: dict[str, Any]) -> None:
+    w, engine = cfg.workload, backend.engine
+    if cfg.warmup:
+        _log("warm-up")
+        _warmup(backend, cfg, requests, refs)
+    _log(f"ours: {w.requests} requests")
+    figures["runs"]["ours"] = asyncio.run(drive(backend, requests, w, "ours")).summary()
+    if cfg.compare_no_adapter:
+        _log("ours without adapters")
+        figures["runs"]["ours_no_adapter"] = asyncio.run(
+            drive(backend, without_adapters(requests), w, "bare")).summary()
+    if cfg.roofline:
+        _log("roofline")
+        cuda = engine.device.type == "cuda"
+        rcfg = QUICK_ROOFLINE if cfg.quick else RooflineConfig(
+            gemm_size=8192 if cuda else 2048, copy_bytes=(2 << 30) if cuda else (256 << 20))
+        machine = measure_machine(engine.device, engine.dtype, rcfg)
+        # Open loop: the batch the run really had, not the concurrency (which then only sizes HF's batches).
+        at = w.concurrency if w.rate is None else max(1, round(figures["runs"]["ours"]["mean_batch"] or 1))
+        points: list[CeilingPoint] = linear_ceiling(engine.model, [1, at], machine, rcfg.repeats)
+        figures["machine"] = dataclasses.asdict(machine)
+        figures["ceiling"] = [dataclasses.asdict(p) for p in points]
+        figures["ceiling_batch"] = at
+
+
 def engine_seed(cfg: BenchConfig) -> int:
     return cfg.engine_config().seed  # random:* weights depend on it; the baseline rebuilds them with it
 
@@ -267,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.code or 0)
     except ValueError as exc:
         print(f"loraserve bench: error: {exc}", file=sys.stderr)
+        return 2
+    if cfg.json_path is not None and not cfg.json_path.parent.is_dir():
+        print(f"loraserve bench: error: no directory for {cfg.json_path}", file=sys.stderr)
         return 2
     if cfg.device is Device.CUDA and not torch.cuda.is_available():
         print("loraserve bench: error: --device cuda but no CUDA device", file=sys.stderr)

@@ -50,17 +50,17 @@ def _f(value: float | None, digits: int = 1) -> str:
 def print_report(figures: dict[str, Any], console: Console | None = None) -> None:
     console = console or Console()
     if not console.is_terminal:
-        console.width = max(console.width, 160)  # piped output: don't wrap the tables at 80 columns
+        console.width = max(console.width, 180)  # piped output: don't wrap the tables at 80 columns
     c = figures["config"]
     console.print(f"[bold]loraserve bench[/]: {c['model']} on {c['device']} ({c['dtype']}); {c['requests']} requests, "
                   f"{c['prompt_len']}-token prompts, {c['output_len']} new tokens; {c['adapters']} adapters of rank "
-                  f"{c['rank']} ({c['registered']} registered, {c['popularity']}"
+                  f"{c['rank']} ({c['registered']} registered, {c['distinct_adapters_requested']} requested, {c['popularity']}"
                   f"{' alpha ' + str(c['alpha']) if c['popularity'] == 'powerlaw' else ''}); "
                   + (f"Poisson {c['rate']}/s" if c["rate"] else f"concurrency {c['concurrency']}"))
     table = Table(title="throughput and latency")
     for col in ("run", "out tok/s", "req/s", "TTFT p50 ms", "TTFT p99 ms", "TPOT p50 ms", "TPOT p99 ms",
                 "decode batch", "decode step ms", "busy %", "wall s", "failed"):
-        table.add_column(col, justify="left" if col == "run" else "right")
+        table.add_column(col, justify="left" if col == "run" else "right", no_wrap=col == "run")
     for key, name in _RUN_NAMES.items():
         r = figures["runs"].get(key)
         if r is None:

@@ -69,7 +69,7 @@ def test_unknown_account(server: LiveServer, account: Account) -> None:
 
 @pytest.mark.parametrize(
     ("method", "path"),
-    [("GET", "/client/v4/accounts/{a}/ai/nothing"), ("GET", "/nothing"), ("GET", "/"),
+    [("GET", "/client/v4/accounts/{a}/ai/nothing"), ("GET", "/nothing"), ("POST", "/"),  # GET / is the HTML index page
      ("GET", "/client/v4/accounts/{a}/ai/run/" + LORA_MODEL), ("PUT", "/client/v4/accounts/{a}/ai/finetunes"),
      ("PATCH", "/client/v4/accounts/{a}/ai/finetunes/x"), ("GET", "/client/v4/accounts/{a}/ai/finetunes/")],
 )

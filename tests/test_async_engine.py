@@ -51,11 +51,14 @@ def adapter_dir(backend: AsyncEngine, tmp_path_factory: pytest.TempPathFactory) 
                         lora_alpha=16, std=0.3)
 
 
-async def _collect(stream: AsyncIterator[StreamEvent]) -> list[StreamEvent]:
-    return [event async for event in stream]
+async def _collect(stream: AsyncIterator[StreamEvent], timeout_s: float = 60.0) -> list[StreamEvent]:
+    async def drain() -> list[StreamEvent]:
+        return [event async for event in stream]
+
+    return await asyncio.wait_for(drain(), timeout_s)  # a dead step thread fails the test, never hangs it
 
 
-async def _eventually(check: Any, timeout_s: float = 10.0) -> None:
+async def _eventually(check: Any, timeout_s: float = 20.0) -> None:
     """Wait until `check()` holds (the step thread publishes stats after each step)."""
     deadline = time.monotonic() + timeout_s
     while not check():
@@ -138,10 +141,15 @@ async def test_prompt_over_the_context_window_raises_synchronously(backend: Asyn
     window = backend.info.context_window
     with pytest.raises(ValueError):
         backend.generate("too-long", [1] * (window - 10), SamplingParams(max_tokens=20))
+    assert backend.stats()["queue_depth"] == 0
+
+
+async def test_duplicate_request_id_raises(backend: AsyncEngine) -> None:
+    first = backend.generate("dup", [1, 2], SamplingParams(max_tokens=200, temperature=0, ignore_eos=True))
     with pytest.raises(ValueError):
-        backend.generate("dup", [1, 2], SamplingParams(max_tokens=2)) and backend.generate(
-            "dup", [1, 2], SamplingParams(max_tokens=2))
-    await _eventually(lambda: _idle(backend))
+        backend.generate("dup", [1, 2], SamplingParams(max_tokens=2))
+    events = await _collect(first)
+    assert events[-1].finish_reason is FinishReason.LENGTH and events[-1].completion_tokens == 200
 
 
 async def test_adapters_and_a_broken_adapter(backend: AsyncEngine, adapter_dir: Path, tmp_path: Path) -> None:
@@ -177,3 +185,25 @@ async def test_penalised_request_completes_and_spares_its_neighbours(backend: As
     )
     assert plain[-1].finish_reason is FinishReason.LENGTH, plain[-1].error
     assert pen[-1].finish_reason is FinishReason.LENGTH, pen[-1].error
+
+
+def test_a_stream_whose_event_loop_closed_does_not_stop_the_engine() -> None:
+    """A request left in flight on an event loop that then closes (a server loop shut down while the
+    backend is shared, as the test servers share one) must not kill the step thread for everyone."""
+    own = load_backend("random:tiny")
+    try:
+        prompt = [1, 2, 3]
+
+        async def orphan() -> None:
+            own.generate("orphan", prompt, SamplingParams(max_tokens=200, temperature=0, ignore_eos=True))
+
+        asyncio.run(orphan())  # the loop closes while the request still generates
+
+        async def later() -> list[StreamEvent]:
+            return await _collect(own.generate("later", prompt, SamplingParams(max_tokens=3, temperature=0)),
+                                  timeout_s=8.0)
+
+        events = asyncio.run(later())
+        assert events[-1].finish_reason is FinishReason.LENGTH
+    finally:
+        own.shutdown()

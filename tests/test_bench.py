@@ -49,6 +49,7 @@ def test_closed_loop_with_baseline_and_roofline(tmp_path: Path, capsys: pytest.C
         assert 0 < r["ttft_p50_ms"] <= r["ttft_p99_ms"]
         assert 0 < r["tpot_p50_ms"] <= r["tpot_p99_ms"]
         assert 1 <= r["mean_batch"] <= 2  # never more than the concurrency in flight
+        assert r["decode_steps"] >= 1 and _positive(r["decode_step_ms"]) and 0 < r["engine_busy"] <= 1
         assert r["peak"]["kv_blocks_used"] >= 1 and r["final"]["kv_blocks_used"] == 0
     assert runs["ours"]["peak"]["adapters_device"] >= 1
     assert _positive(figures["machine"]["gemm_flop_s"]) and _positive(figures["machine"]["copy_bytes_s"])

@@ -61,9 +61,11 @@ def test_top_p_keeps_the_smallest_nucleus() -> None:
     # 0.5 < 0.7 -> keep the next (0.3): mass 0.8 >= 0.7, stop. Kept: tokens 0 and 2.
     out = top_k_top_p(logits, torch.tensor([0]), torch.tensor([0.7]))
     assert torch.isfinite(out[0]).tolist() == [True, False, True, False, False]
-    # top_p 0.5 exactly: the top token alone already has 0.5.
-    out = top_k_top_p(logits, torch.tensor([0]), torch.tensor([0.5]))
+    # The top token alone already has 0.5 >= 0.45.
+    out = top_k_top_p(logits, torch.tensor([0]), torch.tensor([0.45]))
     assert torch.isfinite(out[0]).tolist() == [True, False, False, False, False]
+    out = top_k_top_p(logits, torch.tensor([0]), torch.tensor([0.85]))
+    assert torch.isfinite(out[0]).tolist() == [True, True, True, False, False]
     # Values over 1 mean no cut.
     out = top_k_top_p(logits, torch.tensor([0]), torch.tensor([1.5]))
     assert torch.equal(out, logits)
@@ -154,3 +156,56 @@ def test_top_k_and_top_p_restrict_the_draws() -> None:
     assert set(toks) == top2
     toks = sample(logits, [SamplingParams(temperature=1.0, top_p=0.0)] * n, [g] * n)
     assert set(toks) == {int(row.argmax())}
+
+
+def _reference_mask(row: torch.Tensor, k: int, p: float) -> set[int]:
+    """The tokens HF's TopK then TopP warpers keep, by a plain full sort."""
+    vocab = row.shape[0]
+    k = min(k if k > 0 else vocab, vocab)
+    sorted_logits, order = row.sort(descending=True)
+    keep = torch.zeros(vocab, dtype=torch.bool)
+    keep[:k] = True
+    if p < 1.0:
+        probs = sorted_logits[:k].softmax(-1)
+        before = probs.cumsum(-1) - probs
+        keep[:k] &= before < p
+        keep[0] = True
+    return set(order[keep].tolist())
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_top_k_top_p_on_a_large_vocabulary_matches_a_full_sort(seed: int) -> None:
+    """Large vocabularies take the candidate shortcut; flat rows whose nucleus reaches past the
+    candidates, and top-k beyond them, must still give exactly the full-sort answer."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = 5000
+    cases = [  # (temperature-like spread, top_k, top_p)
+        (8.0, 0, 0.9),  # peaked: the nucleus closes within a few tokens
+        (0.3, 0, 0.9),  # flat: the nucleus needs thousands of tokens
+        (0.3, 0, 0.2),
+        (1.0, 300, 1.0),  # top-k wider than the candidates
+        (0.3, 1000, 0.5),  # both, with the nucleus inside the top-k but past the candidates
+        (2.0, 40, 0.7),
+        (1.0, 0, 1.0),  # no cut
+        (1.0, 1, 0.3),
+    ]
+    logits = torch.stack([torch.randn(vocab, generator=g) * spread for spread, _, _ in cases])
+    top_k = torch.tensor([k for _, k, _ in cases])
+    top_p = torch.tensor([p for _, _, p in cases])
+    out = top_k_top_p(logits.clone(), top_k, top_p)
+    for i, (_, k, p) in enumerate(cases):
+        kept = set(torch.isfinite(out[i]).nonzero().flatten().tolist())
+        assert kept == _reference_mask(logits[i], k, p), cases[i]
+        assert torch.equal(out[i][list(kept)], logits[i][list(kept)])  # kept logits unchanged
+    assert len(_reference_mask(logits[1], 0, 0.9)) > 256  # the fallback case really is one
+
+
+def test_sampling_stays_inside_the_mask_on_a_large_vocabulary() -> None:
+    g = torch.Generator().manual_seed(5)
+    row = torch.randn(3000, generator=g) * 0.3
+    allowed = _reference_mask(row, 0, 0.3)
+    assert len(allowed) > 256
+    n = 400
+    params = [SamplingParams(temperature=1.0, top_p=0.3)] * n
+    toks = sample(row.unsqueeze(0).repeat(n, 1), params, [torch.Generator().manual_seed(9)] * n)
+    assert set(toks) <= allowed and len(set(toks)) > 50

@@ -14,19 +14,34 @@ import time
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from loraserve.types import AdapterRef, Backend, ChatMessage, ModelInfo, SamplingParams, StreamEvent
+from loraserve.types import (
+    AdapterRef,
+    Backend,
+    ChatMessage,
+    FinishReason,
+    ModelInfo,
+    SamplingParams,
+    StreamEvent,
+)
 
 NO_ADAPTER = "none"  # the adapter label of requests on the base model
 OTHER_ADAPTERS = "other"  # every finetune without a series of its own
 DEFAULT_ADAPTER_TOP_N = 20
-_ACCOUNT_ROUTE_PREFIX = "/client/v4/accounts/{account_id}"
+_ACCOUNT_ROUTE_PREFIX = "/client/v4/accounts/{account_id}/ai"
 _UNMATCHED_ROUTE = "unmatched"
 
 # Latency buckets: TTFT spans queueing (ms to tens of s); per-token time is ms to a second.
@@ -134,6 +149,8 @@ class Metrics:
     """The app's metrics. Build it before the app's context, then `instrument` the backends with it."""
 
     def __init__(self, adapter_top_n: int = DEFAULT_ADAPTER_TOP_N) -> None:
+        # No "*_created" series beside every counter and histogram: noise for scrapers (process-wide switch).
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
@@ -155,7 +172,8 @@ class Metrics:
             "loraserve_generation_tokens", "Tokens generated.", ["model"], registry=r,
         )
         self.generations = Counter(
-            "loraserve_generations", "Generations by how they finished (stop, length, abort, error).",
+            "loraserve_generations", "Generations by how they ended: stop, length, error, or abort (the "
+            "caller stopped reading first: a disconnect, a stop sequence, a timeout).",
             ["model", "finish_reason"], registry=r,
         )
         self.ttft = Histogram(
@@ -216,7 +234,7 @@ class InstrumentedBackend:
         m, label = self._metrics, self._label
         first_token_at: float | None = None
         last_token_at = started
-        prompt_counted = False
+        prompt_counted = finished = False
         generated = 0
         try:
             async for event in events:
@@ -232,9 +250,12 @@ class InstrumentedBackend:
                     generated = event.completion_tokens
                     last_token_at = now
                 if event.finish_reason is not None:
+                    finished = True
                     m.generations.labels(label, event.finish_reason.value).inc()
                 yield event
         finally:
+            if not finished:  # abandoned before the engine finished: a disconnect, a stop sequence, a timeout
+                m.generations.labels(label, FinishReason.ABORT.value).inc()
             if first_token_at is not None and generated > 1:
                 m.tpot.labels(label).observe((last_token_at - first_token_at) / (generated - 1))
             aclose = getattr(events, "aclose", None)
@@ -256,7 +277,11 @@ class InstrumentedBackend:
 
 
 def route_label(scope: Scope) -> str:
-    """The matched route's template without the account prefix: bounded, whatever the URL held."""
+    """The matched route's template, e.g. "/run/{model:path}": bounded, whatever the URL held.
+
+    Account routes are labelled relative to /client/v4/accounts/{account_id}/ai (FastAPI's route
+    objects carry their router's own path; a full one is cut to the same label).
+    """
     route = scope.get("route")
     path = getattr(route, "path", None)
     if not isinstance(path, str):

@@ -107,34 +107,42 @@ class RunOutput(BaseModel):
     usage: RunUsage
 
 
-@cache
-def input_schema() -> dict[str, Any]:
-    """The two /run input shapes as one schema: exactly the pydantic models the endpoint validates."""
-    defs: dict[str, Any] = {}
-    shapes = []
-    for model in (PromptInput, MessagesInput):
-        schema = model.model_json_schema(mode="validation")
-        defs.update(schema.pop("$defs", {}))
-        shapes.append(schema)
-    out: dict[str, Any] = {"type": "object", "oneOf": shapes}
-    if defs:
-        out["$defs"] = defs
+def _inlined(schema: dict[str, Any]) -> dict[str, Any]:
+    """`schema` with its `$defs` references replaced by what they name: every part stands alone
+    (none of these models is recursive)."""
+    defs: dict[str, Any] = schema.pop("$defs", {})
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                rest = {k: walk(v) for k, v in node.items() if k != "$ref"}
+                return {**walk(defs[ref.removeprefix("#/$defs/")]), **rest}
+            return {k: walk(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        return node
+
+    out: dict[str, Any] = walk(schema)
     return out
 
 
 @cache
+def input_schema() -> dict[str, Any]:
+    """The two /run input shapes as one schema: exactly the pydantic models the endpoint validates."""
+    shapes = [_inlined(m.model_json_schema(mode="validation")) for m in (PromptInput, MessagesInput)]
+    return {"type": "object", "oneOf": shapes}
+
+
+@cache
 def output_schema() -> dict[str, Any]:
-    whole = RunOutput.model_json_schema(mode="serialization")
-    defs = whole.pop("$defs", {})
-    out: dict[str, Any] = {
+    whole = _inlined(RunOutput.model_json_schema(mode="serialization"))
+    return {
         "oneOf": [
             {**whole, "contentType": "application/json"},
             {"type": "string", "contentType": "text/event-stream", "format": "binary"},
         ]
     }
-    if defs:
-        out["$defs"] = defs
-    return out
 
 
 @router.get("/schema")

@@ -223,7 +223,7 @@ function codeSnippets() {
   const curl = [
     `curl -N ${root}/client/v4/accounts/${account}/ai/run/${model} \\`,
     `  -H "Authorization: Bearer $CLOUDFLARE_API_TOKEN" \\`,
-    `  -d ${shellQuote(JSON.stringify(inputs))}`,
+    `  -d ${shellQuote(JSON.stringify(inputs, null, 2))}`,
   ].join("\n");
 
   const python = `import os
