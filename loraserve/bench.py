@@ -39,6 +39,7 @@ from loraserve.bench_workload import (
 )
 from loraserve.engine import EMBEDDED, AsyncEngine, EngineConfig, load_backend
 from loraserve.engine.lora import LoraPool, rank_bucket
+from loraserve.engine.model import Llama
 from loraserve.types import LORA_TARGETS
 
 
@@ -230,9 +231,13 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
             figures["config"]["distinct_adapters_requested"] = len({r.adapter.key for r in requests if r.adapter})
             _measure_ours(backend, cfg, requests, refs, figures)
         finally:
+            model = backend.engine.model
             backend.shutdown()
             del backend  # the HF model needs the memory (a 7B model twice does not fit every GPU)
             _free(device)
+        if cfg.roofline:
+            _measure_roofline(model, cfg, figures)
+        del model
         if cfg.baseline:
             from loraserve.bench_baseline import run_baseline
 
@@ -251,7 +256,7 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
 
 def _measure_ours(backend: AsyncEngine, cfg: BenchConfig, requests: list[BenchRequest], refs: list[Any],
                   figures: dict[str, Any]) -> None:
-    w, engine = cfg.workload, backend.engine
+    w = cfg.workload
     if cfg.warmup:
         _log("warm-up")
         _warmup(backend, cfg, requests, refs)
@@ -261,18 +266,23 @@ def _measure_ours(backend: AsyncEngine, cfg: BenchConfig, requests: list[BenchRe
         _log("ours without adapters")
         figures["runs"]["ours_no_adapter"] = asyncio.run(
             drive(backend, without_adapters(requests), w, "bare")).summary()
-    if cfg.roofline:
-        _log("roofline")
-        cuda = engine.device.type == "cuda"
-        rcfg = QUICK_ROOFLINE if cfg.quick else RooflineConfig(
-            gemm_size=8192 if cuda else 2048, copy_bytes=(2 << 30) if cuda else (256 << 20))
-        machine = measure_machine(engine.device, engine.dtype, rcfg)
-        # Open loop: the batch the run really had, not the concurrency (which then only sizes HF's batches).
-        at = w.concurrency if w.rate is None else max(1, round(figures["runs"]["ours"]["mean_batch"] or 1))
-        points: list[CeilingPoint] = linear_ceiling(engine.model, [1, at], machine, rcfg.repeats)
-        figures["machine"] = dataclasses.asdict(machine)
-        figures["ceiling"] = [dataclasses.asdict(p) for p in points]
-        figures["ceiling_batch"] = at
+
+
+def _measure_roofline(model: Llama, cfg: BenchConfig, figures: dict[str, Any]) -> None:
+    """Runs after the engine's step thread is gone: while its OpenMP team lives, another thread's
+    parallel ops would be throttled (see async_engine.py) and the ceiling would come out too low."""
+    w = cfg.workload
+    _log("roofline")
+    cuda = model.device.type == "cuda"
+    rcfg = QUICK_ROOFLINE if cfg.quick else RooflineConfig(
+        gemm_size=8192 if cuda else 2048, copy_bytes=(2 << 30) if cuda else (256 << 20))
+    machine = measure_machine(model.device, model.embed.dtype, rcfg)
+    # Open loop: the batch the run really had, not the concurrency (which then only sizes HF's batches).
+    at = w.concurrency if w.rate is None else max(1, round(figures["runs"]["ours"]["mean_batch"] or 1))
+    points: list[CeilingPoint] = linear_ceiling(model, [1, at], machine, rcfg.repeats)
+    figures["machine"] = dataclasses.asdict(machine)
+    figures["ceiling"] = [dataclasses.asdict(p) for p in points]
+    figures["ceiling_batch"] = at
 
 
 def engine_seed(cfg: BenchConfig) -> int:

@@ -37,8 +37,8 @@ def ratios(figures: dict[str, Any]) -> dict[str, float]:
         if ours["decode_step_ms"]:
             out["step_vs_ceiling_step"] = top["step_ms"] / ours["decode_step_ms"]
     one = _ceiling_at(figures, 1)
-    if one is not None and ours["tpot_p50_ms"]:
-        # For a single stream (--concurrency 1) this is how close decode gets to the batch-1 linear time.
+    if one is not None and ours["tpot_p50_ms"] and figures.get("ceiling_batch") == 1:
+        # A single stream (--concurrency 1): how close decode gets to the batch-1 linear time.
         out["tpot_vs_batch1_ceiling"] = one["step_ms"] / ours["tpot_p50_ms"]
     return out
 

@@ -40,9 +40,11 @@ def hf_config(**overrides: Any) -> LlamaConfig:
     return LlamaConfig(**kw)
 
 
-def hf_model(seed: int = 0, **overrides: Any) -> LlamaForCausalLM:
+def hf_model(seed: int = 0, **overrides: Any) -> Any:
+    """A LlamaForCausalLM in eval mode (typed Any: transformers' own annotations are loose)."""
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(hf_config(**overrides)).eval()
+    model: Any = LlamaForCausalLM(hf_config(**overrides))
+    model.eval()
     # HF initialises norms to ones; random norms catch a swapped input/post-attention norm.
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -72,13 +74,14 @@ def build_engine(model: LlamaForCausalLM, context_window: int | None = None, cfg
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
-    options: dict[str, Any] = dict(block_size=4, threads=2)
+    # One thread: the test machine is shared and small; oversubscribed OpenMP threads spin and crawl.
+    options: dict[str, Any] = dict(block_size=4, threads=1)
     options.update(engine_options)
     return LLMEngine(cfg or model_config(model), state, EngineConfig(**options), context_window=context_window)
 
 
 def make_adapter(base: LlamaForCausalLM, folder: Path, *, seed: int, r: int, targets: tuple[str, ...],
-                 lora_alpha: float | None = None, use_rslora: bool = False, std: float = 0.05,
+                 lora_alpha: int | None = None, use_rslora: bool = False, std: float = 0.05,
                  **extra: Any) -> Path:
     """Save a PEFT adapter for `base` with random A and B (both N(0, std)), so it changes the outputs."""
     torch.manual_seed(seed)
@@ -107,7 +110,8 @@ def hf_greedy(model: Any, prompt: list[int], max_new_tokens: int) -> list[int]:
     out = model.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                          max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
                          eos_token_id=None, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
+    ids: list[int] = out[0, len(prompt):].tolist()
+    return ids
 
 
 def reference_greedy(base: LlamaForCausalLM, peft_model: PeftModel | None, prompt: list[int],
@@ -122,7 +126,8 @@ def reference_greedy(base: LlamaForCausalLM, peft_model: PeftModel | None, promp
 @torch.no_grad()
 def hf_logits(model: Any, token_ids: list[int]) -> torch.Tensor:
     """[len, V] logits of every position (position p predicts token p + 1)."""
-    return model(input_ids=torch.tensor([token_ids])).logits[0].float()
+    logits: torch.Tensor = model(input_ids=torch.tensor([token_ids])).logits[0].float()
+    return logits
 
 
 def reference_logits(base: LlamaForCausalLM, peft_model: PeftModel | None, token_ids: list[int],
@@ -199,5 +204,7 @@ def assert_trace_matches(trace: Trace, seq: Any, reference: torch.Tensor, atol: 
     # Every position was computed: the prompt, then each output token but the last (it ends the run).
     assert positions == set(range(first, seq.num_tokens - 1))
     for pos, got in rows:
-        torch.testing.assert_close(got, reference[pos], atol=atol, rtol=rtol,
-                                   msg=lambda m, pos=pos: f"{seq.request_id} position {pos}: {m}")
+        try:
+            torch.testing.assert_close(got, reference[pos], atol=atol, rtol=rtol)
+        except AssertionError as exc:
+            raise AssertionError(f"{seq.request_id} position {pos}: {exc}") from None

@@ -13,9 +13,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from engine_helpers import ALL_TARGETS, hf_greedy, make_adapter, peft_reference
 from loraserve.engine import EngineConfig, embedded_gguf_path, load_engine
 from loraserve.types import AdapterRef, ChatMessage, FinishReason, SamplingParams
+
+from engine_helpers import ALL_TARGETS, hf_greedy, make_adapter, peft_reference
 
 pytestmark = [
     # peft asks transformers for `is_gradient_checkpointing`, which transformers 5 deprecates.
@@ -31,13 +32,16 @@ QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "
 
 @pytest.fixture(scope="module")
 def ours() -> Any:
-    return load_engine("embedded", EngineConfig(max_num_seqs=8))
+    # One thread (also for transformers: torch's thread count is per process); see engine_helpers.build_engine.
+    return load_engine("embedded", EngineConfig(max_num_seqs=8, threads=1))
 
 
 @pytest.fixture(scope="module")
 def hf() -> Any:
     path = embedded_gguf_path()
-    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    model: Any = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    model.eval()
+    return model
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,12 @@ from typing import Any
 import pytest
 import torch
 
-from engine_helpers import build_engine, hf_greedy, hf_model
 from loraserve.engine.llm_engine import LLMEngine
 from loraserve.engine.sequence import Sequence, SequenceStatus
 from loraserve.errors import CapacityExceeded
 from loraserve.types import FinishReason, SamplingParams
+
+from engine_helpers import build_engine, hf_greedy, hf_model
 
 
 @pytest.fixture(scope="module")

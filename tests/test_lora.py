@@ -14,6 +14,12 @@ from typing import Any
 import pytest
 import torch
 
+from loraserve.engine import lora
+from loraserve.engine.llm_engine import LLMEngine
+from loraserve.engine.lora import LoraBatch, LoraGroup, LoraPool, grouped_mm, load_adapter, rank_bucket
+from loraserve.engine.sequence import Sequence
+from loraserve.types import AdapterRef, FinishReason, SamplingParams
+
 from engine_helpers import (
     ALL_TARGETS,
     MLP_TARGETS,
@@ -29,11 +35,6 @@ from engine_helpers import (
     reference_logits,
     run_traced,
 )
-from loraserve.engine import lora
-from loraserve.engine.llm_engine import LLMEngine
-from loraserve.engine.lora import LoraBatch, LoraGroup, LoraPool, grouped_mm, load_adapter, rank_bucket
-from loraserve.engine.sequence import Sequence
-from loraserve.types import AdapterRef, FinishReason, SamplingParams
 
 # peft asks transformers for `is_gradient_checkpointing`, which transformers 5 deprecates.
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
@@ -232,7 +233,7 @@ def test_layer_specific_alpha_pattern_matches_peft(base: Any, tmp_path: Path) ->
     path = make_adapter(base, tmp_path / "layer-pattern", seed=7, r=4, targets=ALL_TARGETS, lora_alpha=4,
                         alpha_pattern={"model.layers.1.self_attn.q_proj": 64, "mlp.down_proj": 12})
     assert json.loads((path / "adapter_config.json").read_text())["alpha_pattern"]
-    reference = peft_reference(base, {"lp": path})
+    reference: Any = peft_reference(base, {"lp": path})
     layers = reference.base_model.model.model.layers
     assert layers[1].self_attn.q_proj.scaling["lp"] == 16.0 and layers[0].self_attn.q_proj.scaling["lp"] == 1.0
     assert layers[0].mlp.down_proj.scaling["lp"] == 3.0
@@ -254,7 +255,7 @@ def test_layer_specific_alpha_pattern_matches_peft(base: Any, tmp_path: Path) ->
 
 # -- LoraBatch on its own: both shrink/expand paths against a per-row loop ----------------------------
 
-def _pool_with_adapters(base: Any, adapters: dict[str, Path], names: list[str], bucket: int) -> tuple[LoraPool, list]:
+def _pool_with_adapters(base: Any, adapters: dict[str, Path], names: list[str], bucket: int) -> tuple[LoraPool, list[Any]]:
     cfg = model_config(base)
     pool = LoraPool(cfg, bucket, len(names), torch.float32, torch.device("cpu"))
     weights = []
@@ -308,7 +309,7 @@ def test_lora_batch_paths_match_a_per_row_loop(base: Any, adapters: dict[str, Pa
             torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_lora_batch_of_rows_without_adapters_is_none(base: Any) -> None:
+def test_lora_batch_of_rows_without_adapters_is_none() -> None:
     assert LoraBatch.build([None, None], torch.device("cpu")) is None
 
 

@@ -6,8 +6,14 @@ steps) and compares the logits of every computed row with transformers' logits a
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
+
+from loraserve.engine.config import ModelConfig
+from loraserve.engine.model import rope_tables
+from loraserve.types import SamplingParams
 
 from engine_helpers import (
     assert_trace_matches,
@@ -18,14 +24,11 @@ from engine_helpers import (
     legacy_hf_dict,
     run_traced,
 )
-from loraserve.engine.config import ModelConfig
-from loraserve.engine.model import rope_tables
-from loraserve.types import SamplingParams
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 64}
 
-CASES = {
+CASES: dict[str, dict[str, Any]] = {
     "gqa-untied": dict(num_attention_heads=4, num_key_value_heads=2),
     "gqa-tied": dict(num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=True),
     "mha-untied": dict(num_attention_heads=4, num_key_value_heads=4),

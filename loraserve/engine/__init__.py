@@ -107,5 +107,4 @@ def load_engine(source: str, config: EngineConfig | None = None) -> tuple[LLMEng
 
 def load_backend(source: str, config: EngineConfig | None = None,
                  chat_template: ChatTemplate | None = None) -> AsyncEngine:
-    engine, tokenizer = load_engine(source, config)
-    return AsyncEngine(engine, tokenizer, chat_template)
+    return AsyncEngine(lambda: load_engine(source, config), chat_template)

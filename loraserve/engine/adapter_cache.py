@@ -31,7 +31,9 @@ class AdapterCache:
         self._pools: dict[int, tuple[LoraPool, SlotTable]] = {}
         self._bucket: dict[str, int] = {}
         self._lock = threading.Lock()  # guards _refs against the server thread's register/forget
-        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-load")
+        # One torch thread: the loader must not start an OpenMP team of its own (see async_engine.py).
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-load",
+                                          initializer=torch.set_num_threads, initargs=(1,))
 
     def register(self, ref: AdapterRef) -> None:
         with self._lock:

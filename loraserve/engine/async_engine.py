@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 from loraserve.chat_template import ChatTemplate
@@ -47,24 +47,39 @@ class _Stream:
     done: bool = False
 
 
+EngineFactory = Callable[[], tuple[LLMEngine, Tokenizer]]
+
+
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, tokenizer: Tokenizer, chat_template: ChatTemplate | None = None) -> None:
-        self.engine = engine
-        self.tokenizer = tokenizer
-        self.chat_template = chat_template or tokenizer.chat_template
-        cfg = engine.cfg
-        self._info = ModelInfo(context_window=engine.context_window, num_layers=cfg.num_layers,
-                               vocab_size=cfg.vocab_size, lora_shapes=cfg.lora_shapes(),
-                               architecture=cfg.architecture)
+    """Builds its engine on the step thread and runs every step there.
+
+    Everything that touches torch happens on that one thread. OpenMP keeps a worker team per thread
+    that runs parallel work; with a second team (say the loader's, on the main thread) there are more
+    workers than cores on a small machine, libgomp stops spinning between parallel regions, and
+    each of a step's ~1000 small ops pays a thread wake-up: steps got 50% slower.
+    """
+
+    def __init__(self, factory: EngineFactory, chat_template: ChatTemplate | None = None) -> None:
         self._streams: dict[str, _Stream] = {}
         self._inbox: list[_Add | _Abort | _Forget] = []
         self._pending_adds = 0
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._stopped = False
-        self._stats: dict[str, float] = engine.stats()
-        self._thread = threading.Thread(target=self._loop, name="engine-step", daemon=True)
+        self._ready = threading.Event()
+        self._build_error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(factory,), name="engine-step", daemon=True)
         self._thread.start()
+        self._ready.wait()
+        if self._build_error is not None:
+            raise self._build_error
+        engine = self.engine
+        self.chat_template = chat_template or self.tokenizer.chat_template
+        cfg = engine.cfg
+        self._info = ModelInfo(context_window=engine.context_window, num_layers=cfg.num_layers,
+                               vocab_size=cfg.vocab_size, lora_shapes=cfg.lora_shapes(),
+                               architecture=cfg.architecture)
+        self._stats: dict[str, float] = engine.stats()
 
     # -- Backend -----------------------------------------------------------------------------------
     @property
@@ -129,6 +144,16 @@ class AsyncEngine:
         self.engine.adapters.close()
 
     # -- the step thread ---------------------------------------------------------------------------
+    def _run(self, factory: EngineFactory) -> None:
+        try:
+            self.engine, self.tokenizer = factory()
+        except BaseException as exc:  # handed to the constructor, which re-raises it on the caller's thread
+            self._build_error = exc
+            return
+        finally:
+            self._ready.set()
+        self._loop()
+
     def _loop(self) -> None:
         while True:
             with self._lock:
@@ -144,10 +169,10 @@ class AsyncEngine:
             except Exception as exc:  # never leave clients hanging: fail everything in flight
                 self._fail_all(f"engine step failed: {exc!r}")
                 continue
+            self._stats = self.engine.stats()  # before the events: a finished request shows as freed
             for out in outputs:
                 self._emit(out.seq.request_id, out.token, out.seq.finish_reason if out.finished else None,
                            out.seq.num_output, self.engine.adapters.failure(out.seq.adapter_key or ""))
-            self._stats = self.engine.stats()
         self._fail_all("engine is shut down")
 
     def _apply(self, item: _Add | _Abort | _Forget) -> None:
