@@ -77,6 +77,8 @@ def build_engine(model: LlamaForCausalLM, context_window: int | None = None, cfg
     # One thread: the test machine is shared and small; oversubscribed OpenMP threads spin and crawl.
     options: dict[str, Any] = dict(block_size=4, threads=1)
     options.update(engine_options)
+    # Small token budgets force chunked prefill; the batch must not outnumber the budget.
+    options.setdefault("max_num_seqs", min(64, options.get("max_num_batched_tokens", 1024)))
     return LLMEngine(cfg or model_config(model), state, EngineConfig(**options), context_window=context_window)
 
 
@@ -144,7 +146,7 @@ class Trace:
     """What `run_traced` saw: per sequence, (position, logits) of every computed row, in step order."""
 
     rows: dict[int, list[tuple[int, torch.Tensor]]] = field(default_factory=lambda: defaultdict(list))
-    lora_paths: set[str] = field(default_factory=set)  # "padded" / "grouped" LoraBatch paths used
+    lora_paths: set[str] = field(default_factory=set)  # "padded" / "heavy" / "singles" LoraBatch paths used
     num_steps: int = 0
     max_step_tokens: int = 0
     mixed_steps: int = 0  # steps with decode rows and prefill chunks together
@@ -170,7 +172,9 @@ def run_traced(engine: LLMEngine, timeout_s: float = 60.0) -> Trace:
         num_rows = int(meta.input_ids.shape[0])
         if meta.lora is not None:
             for part in meta.lora.parts:
-                trace.lora_paths.add("grouped" if part.padded is None else "padded")
+                trace.lora_paths |= {name for name, used in (("padded", part.padded is not None),
+                                                             ("heavy", bool(part.heavy)),
+                                                             ("singles", bool(part.singles))) if used}
         logits = engine.model.forward(replace(meta, logits_indices=torch.arange(num_rows)), engine.kv)
         trace.num_steps += 1
         trace.max_step_tokens = max(trace.max_step_tokens, num_rows)

@@ -16,7 +16,8 @@ import torch
 
 from loraserve.engine import lora
 from loraserve.engine.llm_engine import LLMEngine
-from loraserve.engine.lora import LoraBatch, LoraGroup, LoraPool, grouped_mm, load_adapter, rank_bucket
+from loraserve.engine.lora import LoraGroup, LoraPool, load_adapter, rank_bucket
+from loraserve.engine.lora_batch import LoraBatch
 from loraserve.engine.sequence import Sequence
 from loraserve.types import AdapterRef, FinishReason, SamplingParams
 
@@ -124,14 +125,14 @@ def test_mixed_batch_logits_match_peft_on_both_lora_paths(base: Any, adapters: d
     refs = _refs(adapters)
     engine = build_engine(base, max_num_batched_tokens=128)
     # The long first prompt on slot 0 next to short ones on slots 1..3 of the same rank-8 pool makes
-    # the first step's LoRA batch too sparse to pad (grouped GEMM); decode steps are padded bmm.
+    # slot 0 a heavy slot (its own GEMMs) in the first step; decode steps are padded bmm.
     names: list[str | None] = ["r1-qv", "r2-mlp", None, "r8-all", "r4-patterns", "r16-all-rslora", "r64-attn",
                                "r8-all", None]
     prompts = _prompts(len(names), [90, 5, 9, 3, 6, 14, 7, 1, 4], seed=1)
     seqs = [engine.add_request(f"m{i}", p, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True),
                                refs[n] if n else None) for i, (p, n) in enumerate(zip(prompts, names, strict=True))]
     trace = run_traced(engine)
-    assert trace.lora_paths == {"grouped", "padded"}
+    assert {"heavy", "padded"} <= trace.lora_paths
     for seq, name in zip(seqs, names, strict=True):
         assert_trace_matches(trace, seq, reference_logits(base, reference, seq.token_ids, name), atol=2e-4)
     assert engine.blocks.num_used == 0
@@ -279,11 +280,8 @@ def _naive_delta(w: Any, layer: int, group: LoraGroup, x: torch.Tensor, cfg: Any
     return torch.cat(parts)
 
 
-@pytest.mark.parametrize("grouped_kernel", [True, False], ids=["torch-grouped-mm", "loop-fallback"])
 @pytest.mark.parametrize("pattern", ["decode", "long-prefill"])
-def test_lora_batch_paths_match_a_per_row_loop(base: Any, adapters: dict[str, Path], pattern: str,
-                                               grouped_kernel: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(lora, "_grouped_ok", grouped_kernel and lora._grouped_ok)
+def test_lora_batch_paths_match_a_per_row_loop(base: Any, adapters: dict[str, Path], pattern: str) -> None:
     cfg = model_config(base)
     names = ["r1-qv", "r2-mlp", "r8-all", "r4-patterns"]
     pool, weights = _pool_with_adapters(base, adapters, names, bucket=8)
@@ -293,7 +291,8 @@ def test_lora_batch_paths_match_a_per_row_loop(base: Any, adapters: dict[str, Pa
         slots = [0] * 70 + [None] * 3 + [3] + [1] * 2
     batch = LoraBatch.build([None if s is None else (pool, s) for s in slots], torch.device("cpu"))
     assert batch is not None and len(batch.parts) == 1
-    assert (batch.parts[0].padded is None) == (pattern == "long-prefill")
+    assert batch.parts[0].padded is not None
+    assert bool(batch.parts[0].heavy) == (pattern == "long-prefill")
     g = torch.Generator().manual_seed(0)
     for group in LoraGroup:
         fan_in = pool.a[group].shape[2]
@@ -311,15 +310,3 @@ def test_lora_batch_paths_match_a_per_row_loop(base: Any, adapters: dict[str, Pa
 
 def test_lora_batch_of_rows_without_adapters_is_none() -> None:
     assert LoraBatch.build([None, None], torch.device("cpu")) is None
-
-
-def test_grouped_mm_matches_per_group_matmuls(monkeypatch: pytest.MonkeyPatch) -> None:
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(9, 6, generator=g)
-    w = torch.randn(4, 6, 5, generator=g)
-    offs_list = [2, 2, 7, 9]  # group 1 is empty
-    expected = torch.cat([x[0:2] @ w[0], x[2:7] @ w[2], x[7:9] @ w[3]])
-    for kernel in (True, False):
-        monkeypatch.setattr(lora, "_grouped_ok", kernel and lora._grouped_ok)
-        got = grouped_mm(x, w, torch.tensor(offs_list, dtype=torch.int32), offs_list)
-        torch.testing.assert_close(got, expected)

@@ -204,7 +204,14 @@ class AsyncEngine:
                 self._streams.pop(request_id, None)
         event = StreamEvent(text, stream.num_prompt, num_output, finish,
                             error if finish is FinishReason.ERROR else None)
-        stream.loop.call_soon_threadsafe(stream.queue.put_nowait, event)
+        try:
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, event)
+        except RuntimeError:  # its event loop is closed: nobody can read this stream any more
+            if finish is None:
+                self.engine.abort(request_id)
+                stream.done = True
+                with self._lock:
+                    self._streams.pop(request_id, None)
 
     def _fail_all(self, message: str) -> None:
         for request_id in list(self._streams):

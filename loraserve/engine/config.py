@@ -138,6 +138,9 @@ class EngineConfig:
                      "max_lora_rank", "threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"EngineConfig.{name} must be >= 1")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            # Otherwise running decodes past the budget would stall until earlier sequences finish.
+            raise ValueError("max_num_batched_tokens must be >= max_num_seqs")
         if min(self.kv_cache_bytes, self.adapter_host_cache_bytes, self.lora_slot_bytes) < 0:
             raise ValueError("cache budgets must be >= 0")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):

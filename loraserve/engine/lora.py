@@ -2,15 +2,13 @@
 
 The projections that share an input are fused (q/k/v, gate/up), so a layer applies four LoRA groups.
 Per group and rank bucket, every slot holds A as [in, n*R] (the targets side by side) and B as a
-block-diagonal [n*R, out], with `lora_alpha / r` folded into B. A step sorts its LoRA rows by slot and
-runs one grouped GEMM for the shrink and one for the expand (the SGMV idea): each resident adapter's
-weights are read once per step however many rows use it, and idle slots cost nothing.
+block-diagonal [n*R, out], with `lora_alpha / r` folded into B. `lora_batch.py` applies them to a
+mixed batch.
 """
 
 from __future__ import annotations
 
 import enum
-import itertools
 import json
 import math
 import re
@@ -140,98 +138,3 @@ class LoraPool:
                     a[layer, :, j * self.rank:j * self.rank + r] = wa.t()
                     b[layer, j * self.rank:j * self.rank + r, out_off:out_off + fan_out] = wb.t()
                 out_off += fan_out
-
-
-_grouped_ok = hasattr(torch, "_grouped_mm")
-
-
-def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, offs_list: list[int]) -> torch.Tensor:
-    """Rows [offs[g-1], offs[g]) of x times w[g]: x [n, K], w [G, K, N] -> [n, N]."""
-    global _grouped_ok
-    if _grouped_ok:
-        try:
-            return torch._grouped_mm(x, w, offs=offs)
-        except (RuntimeError, NotImplementedError):
-            _grouped_ok = False  # e.g. fp32 on a CUDA build that only groups bf16: loop from now on
-    out = x.new_empty(x.shape[0], w.shape[2])
-    start = 0
-    for g, end in enumerate(offs_list):
-        if end > start:
-            torch.mm(x[start:end], w[g], out=out[start:end])
-        start = end
-    return out
-
-
-@dataclass
-class LoraBatchPart:
-    """The rows of one step that use adapters of one pool, sorted by slot.
-
-    When rows spread evenly over a narrow slot range (decode steps), they are padded into a
-    [slots, M, K] block and run as two batched GEMMs over the contiguous slot range: far cheaper on
-    CPU than grouped GEMMs, whose cost grows with the number of groups. Long prefill chunks would pad
-    badly, so those steps use the grouped GEMM.
-    """
-
-    pool: LoraPool
-    rows: torch.Tensor  # [n] batch rows using this pool, sorted by slot
-    offs: torch.Tensor  # [C] int32 cumulative row counts per slot
-    offs_list: list[int]
-    lo: int  # padded path: slots [lo, hi), M rows each; `padded` is each row's place in [(hi-lo)*M]
-    hi: int
-    m: int
-    padded: torch.Tensor | None
-
-    def shrink_expand(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """(x[rows] @ A_slot) @ B_slot for each row; a: [C, K, R], b: [C, R, N] -> [n, N]."""
-        xs = x.index_select(0, self.rows)  # [n, K]
-        if self.padded is None:
-            h = grouped_mm(xs, a, self.offs, self.offs_list)  # [n, R]
-            return grouped_mm(h, b, self.offs, self.offs_list)
-        g = self.hi - self.lo
-        xp = xs.new_zeros(g * self.m, xs.shape[1]).index_copy_(0, self.padded, xs)
-        h = torch.bmm(xp.view(g, self.m, -1), a[self.lo:self.hi])  # [G, M, R]
-        d = torch.bmm(h, b[self.lo:self.hi])  # [G, M, N]
-        return d.view(g * self.m, -1).index_select(0, self.padded)
-
-
-@dataclass
-class LoraBatch:
-    parts: list[LoraBatchPart]
-
-    @classmethod
-    def build(cls, row_slots: list[tuple[LoraPool, int] | None], device: torch.device) -> LoraBatch | None:
-        """`row_slots[i]` is the (pool, slot) of batch row i, or None for a row without an adapter."""
-        by_pool: dict[int, tuple[LoraPool, list[tuple[int, int]]]] = {}
-        for row, ps in enumerate(row_slots):
-            if ps is not None:
-                by_pool.setdefault(id(ps[0]), (ps[0], []))[1].append((ps[1], row))
-        parts = []
-        for pool, items in by_pool.values():
-            items.sort()
-            counts = [0] * pool.capacity
-            for slot, _ in items:
-                counts[slot] += 1
-            offs_list = list(itertools.accumulate(counts))
-            lo, hi, m = items[0][0], items[-1][0] + 1, max(counts)
-            padded = None
-            # Pad only while the padding stays small next to the real rows.
-            if (hi - lo) * m <= 2 * len(items) + 32:
-                seen: dict[int, int] = {}
-                places = []
-                for slot, _ in items:
-                    places.append((slot - lo) * m + seen.get(slot, 0))
-                    seen[slot] = seen.get(slot, 0) + 1
-                padded = torch.tensor(places, dtype=torch.long, device=device)
-            parts.append(LoraBatchPart(
-                pool,
-                torch.tensor([row for _, row in items], dtype=torch.long, device=device),
-                torch.tensor(offs_list, dtype=torch.int32, device=device),
-                offs_list, lo, hi, m, padded,
-            ))
-        return cls(parts) if parts else None
-
-    def apply(self, layer: int, group: LoraGroup, x: torch.Tensor, out: torch.Tensor) -> None:
-        """out[rows] += (x[rows] @ A_slot) @ B_slot, each row with its own adapter's slot."""
-        for p in self.parts:
-            d = p.shrink_expand(x, p.pool.a[group][layer], p.pool.b[group][layer])
-            out.index_add_(0, p.rows, d)

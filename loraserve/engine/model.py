@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from loraserve.engine.config import ModelConfig
-from loraserve.engine.lora import LoraBatch, LoraGroup
+from loraserve.engine.lora import LoraGroup
+from loraserve.engine.lora_batch import LoraBatch
 
 
 @dataclass

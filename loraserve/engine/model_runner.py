@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from loraserve.engine.adapter_cache import AdapterCache
-from loraserve.engine.lora import LoraBatch, LoraPool
+from loraserve.engine.lora import LoraPool
+from loraserve.engine.lora_batch import LoraBatch
 from loraserve.engine.model import BatchMeta, KVCache, Llama, PrefillMeta
 from loraserve.engine.sampling import apply_penalties, sample
 from loraserve.engine.scheduler import ScheduledSeq
