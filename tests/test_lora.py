@@ -310,3 +310,12 @@ def test_lora_batch_paths_match_a_per_row_loop(base: Any, adapters: dict[str, Pa
 
 def test_lora_batch_of_rows_without_adapters_is_none() -> None:
     assert LoraBatch.build([None, None], torch.device("cpu")) is None
+
+
+def test_adapters_over_the_engines_max_rank_fail_their_requests(base: Any, adapters: dict[str, Path]) -> None:
+    refs = _refs(adapters)
+    engine = build_engine(base, max_num_batched_tokens=32, max_lora_rank=8)
+    prompts = _prompts(2, [5, 6], seed=3)
+    over, within = _run(engine, [(prompts[0], refs["r16-all-rslora"]), (prompts[1], refs["r8-all"])])
+    assert over.finish_reason is FinishReason.ERROR and "max_lora_rank" in (engine.adapters.failure("r16-all-rslora") or "")
+    assert within.finish_reason is FinishReason.LENGTH

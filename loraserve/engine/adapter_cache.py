@@ -66,6 +66,9 @@ class AdapterCache:
         except Exception as exc:  # a broken file must fail its requests, not the engine
             self._failed[key] = f"adapter could not be loaded: {exc}"
             return AdapterState.FAILED
+        if w.rank > self.ecfg.max_lora_rank:
+            self._failed[key] = f"adapter rank {w.rank} exceeds this engine's max_lora_rank {self.ecfg.max_lora_rank}"
+            return AdapterState.FAILED
         self._put_host(w)
         return AdapterState.READY
 
