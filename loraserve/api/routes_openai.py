@@ -26,7 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from loraserve.api.auth import Account
 from loraserve.api.context import get_context
 from loraserve.api.generation import PreparedRun, event_error, prepare, usage
-from loraserve.api.routes_run import ClientGone, _unless_disconnected
+from loraserve.api.routes_run import ClientGone, _unless_disconnected, first_event
 from loraserve.api.schemas import MAX_TEXT_CHARS, MessagesInput, PromptInput, RunInput
 from loraserve.api.sse import DONE, EventStreamResponse
 from loraserve.api.validation import read_json_object, validate
@@ -412,18 +412,7 @@ async def _stream(
     include_usage: bool, headers: dict[str, str],
 ) -> Response:
     events = run.events()
-    try:
-        # As /run does: the first event before the 200, so early failures are still HTTP errors.
-        async with asyncio.timeout_at(deadline):
-            first = await _unless_disconnected(anext(events, None), request.receive)
-        if first is not None and (error := event_error(run, first)) is not None:
-            raise error
-    except TimeoutError:
-        run.abort()
-        raise RequestTimeout() from None
-    except BaseException:
-        run.abort()
-        raise
+    first = await first_event(request, run, events, deadline)  # as /run: early failures stay HTTP errors
     chunks = _chunks(run, first, events, deadline, shape, stops, include_usage)
     return EventStreamResponse(chunks, on_close=run.abort, headers=headers)
 

@@ -68,11 +68,11 @@ async def _complete(request: Request, run: PreparedRun, deadline: float | None, 
     return JSONResponse(success({"response": text, "usage": usage(run, last)}), headers=headers)
 
 
-async def _stream(request: Request, run: PreparedRun, deadline: float | None, headers: dict[str, str]) -> Response:
-    events = run.events()
+async def first_event(request: Request, run: PreparedRun, events: AsyncIterator[StreamEvent],
+                      deadline: float | None) -> StreamEvent | None:
+    """A stream's first event, awaited before the 200 goes out, so that a full queue (3040), a timeout
+    or an adapter that fails to load is still an HTTP error and not an event inside a 200."""
     try:
-        # The first event is awaited before the 200 goes out, so that a full queue (3040), a timeout
-        # or an adapter that fails to load is still an HTTP error and not an event inside a 200.
         async with asyncio.timeout_at(deadline):
             first = await _unless_disconnected(anext(events, None), request.receive)
         if first is not None and (error := event_error(run, first)) is not None:
@@ -83,6 +83,12 @@ async def _stream(request: Request, run: PreparedRun, deadline: float | None, he
     except BaseException:
         run.abort()
         raise
+    return first
+
+
+async def _stream(request: Request, run: PreparedRun, deadline: float | None, headers: dict[str, str]) -> Response:
+    events = run.events()
+    first = await first_event(request, run, events, deadline)
     return EventStreamResponse(_sse(run, first, events, deadline), on_close=run.abort, headers=headers)
 
 
