@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import save_file
 
 from loraserve.engine.async_engine import AsyncEngine
-from loraserve.engine.config import ModelConfig
+from loraserve.engine.config import ModelConfig, module_name
 from loraserve.engine.llm_engine import LLMEngine, StepOutput
 from loraserve.types import LORA_TARGETS, AdapterRef, FinishReason, SamplingParams
 
@@ -91,8 +91,7 @@ def _random_lora(cfg: ModelConfig, spec: WorkloadSpec, gen: torch.Generator,
     for layer in range(cfg.num_layers):
         for target in spec.targets:
             fan_in, fan_out = shapes[target]
-            kind = "self_attn" if target[0] in "qkvo" else "mlp"
-            name = f"base_model.model.model.layers.{layer}.{kind}.{target}"
+            name = f"base_model.model.{module_name(layer, target)}"
             # B is not zero (a fresh PEFT init would be): the delta must really change the output.
             tensors[f"{name}.lora_A.weight"] = (torch.randn(spec.rank, fan_in, generator=gen)
                                                 / math.sqrt(fan_in)).to(dtype)

@@ -15,7 +15,7 @@ import torch
 
 from loraserve.chat_template import ChatTemplate
 from loraserve.engine.async_engine import AsyncEngine
-from loraserve.engine.config import EngineConfig, ModelConfig
+from loraserve.engine.config import EngineConfig, ModelConfig, module_name
 from loraserve.engine.llm_engine import LLMEngine, resolve_dtype
 from loraserve.engine.tokenizer import Tokenizer
 
@@ -71,8 +71,7 @@ def random_model(name: str, tokenizer: Tokenizer, seed: int = 0,
         state[p + "input_layernorm.weight"] = torch.ones(h)
         state[p + "post_attention_layernorm.weight"] = torch.ones(h)
         for proj, (fan_in, fan_out) in cfg.lora_shapes().items():
-            kind = "self_attn" if proj[0] in "qkvo" else "mlp"
-            state[f"{p}{kind}.{proj}.weight"] = rand(fan_out, fan_in)
+            state[f"{module_name(layer, proj)}.weight"] = rand(fan_out, fan_in)
     return cfg, state
 
 

@@ -29,7 +29,7 @@ class AdapterCache:
         self._loading: dict[str, Future[LoraWeights]] = {}
         self._failed: dict[str, str] = {}
         self._pools: dict[int, tuple[LoraPool, SlotTable]] = {}
-        self._bucket: dict[str, int] = {}
+        self._bucket: dict[str, int] = {}  # adapter key -> rank bucket of the pool holding its slot
         self._lock = threading.Lock()  # guards _refs against the server thread's register/forget
         # One torch thread: the loader must not start an OpenMP team of its own (see async_engine.py).
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-load",
@@ -74,23 +74,24 @@ class AdapterCache:
 
     def pin(self, key: str) -> bool:
         w = self._host[key]
-        pool, table = self._pool_for(w.rank)
+        bucket = rank_bucket(w.rank)
+        pool, table = self._pool_for(bucket)
         got = table.acquire(key)
         if got is None:
             return False
         slot, needs_load, evicted = got
         if evicted is not None:
             self._bucket.pop(evicted, None)
-        self._bucket[key] = w.rank
+        self._bucket[key] = bucket
         if needs_load:
             pool.write(slot, w)
         return True
 
     def unpin(self, key: str) -> None:
-        self._pools[rank_bucket(self._bucket[key])][1].release(key)
+        self._pools[self._bucket[key]][1].release(key)
 
     def slot(self, key: str) -> tuple[LoraPool, int]:
-        pool, table = self._pools[rank_bucket(self._bucket[key])]
+        pool, table = self._pools[self._bucket[key]]
         s = table.slot_of(key)
         if s is None:
             raise KeyError(key)
@@ -105,7 +106,7 @@ class AdapterCache:
         if w is not None:
             self._host_bytes -= w.nbytes
         if key in self._bucket:
-            _, table = self._pools[rank_bucket(self._bucket[key])]
+            _, table = self._pools[self._bucket[key]]
             if table.drop(key):
                 del self._bucket[key]
 
@@ -128,8 +129,7 @@ class AdapterCache:
             _, old = self._host.popitem(last=False)
             self._host_bytes -= old.nbytes
 
-    def _pool_for(self, rank: int) -> tuple[LoraPool, SlotTable]:
-        bucket = rank_bucket(rank)
+    def _pool_for(self, bucket: int) -> tuple[LoraPool, SlotTable]:
         if bucket not in self._pools:
             per_slot = LoraPool.slot_bytes(self.cfg, bucket, self.dtype.itemsize)
             capacity = max(1, min(self.ecfg.max_loras, self.ecfg.lora_slot_bytes // per_slot))

@@ -110,6 +110,12 @@ class ModelConfig:
         }
 
 
+def module_name(layer: int, target: str) -> str:
+    """HF's dotted name of a layer's projection, e.g. `model.layers.3.self_attn.q_proj`."""
+    kind = "self_attn" if target in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+    return f"model.layers.{layer}.{kind}.{target}"
+
+
 def _default_threads() -> int:
     return int(os.environ.get("LORASERVE_THREADS", "0")) or (os.cpu_count() or 1)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from loraserve.engine.config import ModelConfig
+from loraserve.engine.config import ModelConfig, module_name
 from loraserve.types import AdapterRef
 
 
@@ -82,8 +82,7 @@ def load_adapter(ref: AdapterRef, cfg: ModelConfig, dtype: torch.dtype) -> LoraW
         fan_in, fan_out = shapes[target]
         if a.shape != (r, fan_in) or b.shape != (fan_out, r):
             raise ValueError(f"adapter tensors for layer {layer} {target} have shapes {a.shape}, {b.shape}")
-        kind = "self_attn" if target in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
-        mod_alpha = _pattern_value(alpha_pattern, f"base_model.model.model.layers.{layer}.{kind}.{target}", alpha)
+        mod_alpha = _pattern_value(alpha_pattern, f"base_model.model.{module_name(layer, target)}", alpha)
         scale = mod_alpha / math.sqrt(r) if rslora else mod_alpha / r
         modules[(layer, target)] = (a.to(dtype), (b * scale).to(dtype))
     return LoraWeights(ref.key, modules)
