@@ -152,6 +152,18 @@ class Trace:
     mixed_steps: int = 0  # steps with decode rows and prefill chunks together
 
 
+def wait_adapters_in_host(engine: LLMEngine, keys: set[str], timeout_s: float = 30.0) -> None:
+    """Block until every adapter in `keys` is parsed into host memory, so the next `schedule()` admits
+    all their requests in one step (without this the first step's batch depends on loader timing)."""
+    from loraserve.engine.scheduler import AdapterState
+
+    deadline = time.monotonic() + timeout_s
+    while (pending := {k for k in keys if engine.adapters.state(k) is not AdapterState.READY}):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"adapters not loaded: {sorted(pending)}")
+        time.sleep(0.002)
+
+
 def run_traced(engine: LLMEngine, timeout_s: float = 60.0) -> Trace:
     """Run `engine` to completion with greedy sampling, as `LLMEngine.step` does, recording logits.
 

@@ -35,6 +35,7 @@ from engine_helpers import (
     reference_greedy,
     reference_logits,
     run_traced,
+    wait_adapters_in_host,
 )
 
 # peft asks transformers for `is_gradient_checkpointing`, which transformers 5 deprecates.
@@ -131,6 +132,7 @@ def test_mixed_batch_logits_match_peft_on_both_lora_paths(base: Any, adapters: d
     prompts = _prompts(len(names), [90, 5, 9, 3, 6, 14, 7, 1, 4], seed=1)
     seqs = [engine.add_request(f"m{i}", p, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True),
                                refs[n] if n else None) for i, (p, n) in enumerate(zip(prompts, names, strict=True))]
+    wait_adapters_in_host(engine, {refs[n].key for n in names if n})
     trace = run_traced(engine)
     assert {"heavy", "padded"} <= trace.lora_paths
     for seq, name in zip(seqs, names, strict=True):
