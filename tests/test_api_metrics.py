@@ -10,6 +10,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from loraserve.api import BackgroundServer, ServerSettings, create_app
 from loraserve.api.metrics import AdapterRequestCounter
 
 from conftest import LORA_MODEL, Account, LiveServer, create_finetune
@@ -134,3 +135,20 @@ def test_adapter_label_cardinality_is_bounded() -> None:
     assert all(after[k] >= before[k] for k in before)  # counters only go up
     with pytest.raises(ValueError):
         AdapterRequestCounter(top_n=-1)
+
+
+def test_a_metrics_token_guards_the_scrape(server: LiveServer, tiny_backend: Any) -> None:
+    token = "scrape-" + "x" * 20
+    app = create_app(server.registry, {LORA_MODEL: tiny_backend}, ServerSettings(metrics_token=token))
+    with BackgroundServer(app) as live:
+        url = f"{live.base_url}/metrics"
+        for headers in ({}, {"Authorization": "Bearer wrong-token-wrong-token"}, {"Authorization": f"Basic {token}"}):
+            refused = httpx.get(url, headers=headers)
+            assert refused.status_code == 401 and refused.json()["errors"][0]["code"] == 10000
+            assert "loraserve_" not in refused.text
+        allowed = httpx.get(url, headers={"Authorization": f"Bearer {token}"})
+        assert allowed.status_code == 200 and "loraserve_kv_blocks_used" in allowed.text
+        assert httpx.get(f"{live.base_url}/healthz").status_code == 200  # health stays open for probes
+    for bad in ("short", " padded-token-padded-token "):
+        with pytest.raises(ValueError, match="metrics_token"):
+            ServerSettings(metrics_token=bad)

@@ -8,6 +8,7 @@ that generates (/run, the OpenAI face) is counted the same way without knowing a
 
 from __future__ import annotations
 
+import hmac
 import json
 import threading
 import time
@@ -28,6 +29,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from loraserve.api.context import get_context
+from loraserve.errors import AuthenticationError
 from loraserve.types import (
     AdapterRef,
     Backend,
@@ -351,4 +354,11 @@ def get_metrics(request: Request) -> Metrics:
 
 
 async def metrics_endpoint(request: Request) -> Response:
+    """Open by default (the server listens on loopback unless told otherwise); with a metrics token set,
+    the scraper must send it as a bearer token, since the series name finetune ids and their traffic."""
+    required = get_context(request).settings.metrics_token
+    if required is not None:
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), required.encode()):
+            raise AuthenticationError()
     return Response(get_metrics(request).exposition(), media_type=CONTENT_TYPE_LATEST)

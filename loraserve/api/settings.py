@@ -19,6 +19,8 @@ class ServerSettings:
     rate_limit_per_minute: int = 300
     # Wall-clock budget of one /run call, queueing included; None means no limit.
     request_timeout_s: float | None = None
+    # When set, GET /metrics wants `Authorization: Bearer <metrics_token>` (its series name finetune ids).
+    metrics_token: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_run_body_bytes", "max_json_body_bytes"):
@@ -31,3 +33,6 @@ class ServerSettings:
         timeout = self.request_timeout_s
         if timeout is not None and not timeout > 0:
             raise ValueError(f"ServerSettings.request_timeout_s must be > 0 or None, got {timeout!r}")
+        token = self.metrics_token
+        if token is not None and (not isinstance(token, str) or len(token.strip()) < 16 or token != token.strip()):
+            raise ValueError("ServerSettings.metrics_token must be at least 16 characters, without surrounding spaces")
