@@ -321,3 +321,18 @@ def test_adapters_over_the_engines_max_rank_fail_their_requests(base: Any, adapt
     over, within = _run(engine, [(prompts[0], refs["r16-all-rslora"]), (prompts[1], refs["r8-all"])])
     assert over.finish_reason is FinishReason.ERROR and "max_lora_rank" in (engine.adapters.failure("r16-all-rslora") or "")
     assert within.finish_reason is FinishReason.LENGTH
+
+
+def test_prefix_cache_is_per_adapter(base: Any, adapters: dict[str, Path], reference: Any) -> None:
+    """A cached prefix computed under one adapter (whose q/k/v deltas shape its K/V) serves later requests
+    of that adapter only; every output still matches PEFT's."""
+    refs = _refs(adapters)
+    engine = build_engine(base)
+    prefix = _prompts(1, [24], seed=7)[0]
+    first = _run(engine, [([*prefix, 5, 6], refs["r8-all"])])
+    assert engine.stats()["prefix_cache_hit_tokens"] == 0
+    names: list[str | None] = ["r8-all", "r16-all-rslora", None, "r8-all"]
+    later = _run(engine, [([*prefix, 7 + i], refs[n] if n else None) for i, n in enumerate(names)])
+    assert engine.stats()["prefix_cache_hit_tokens"] == 2 * 24  # the two r8-all requests, six blocks of 4
+    for seq, name in zip([*first, *later], ["r8-all", *names], strict=True):
+        assert seq.output_ids == reference_greedy(base, reference, seq.prompt_ids, name, GREEDY.max_tokens), name

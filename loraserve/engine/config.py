@@ -136,6 +136,8 @@ class EngineConfig:
     # Device memory for adapter slots, per rank bucket; a bucket holds min(max_loras, this / slot size) adapters.
     lora_slot_bytes: int = 2 << 30
     adapter_host_cache_bytes: int = 2 << 30  # parsed adapters kept in RAM (LRU); the disk holds the rest
+    # Reuse the K/V of cached prompt prefixes (same tokens, adapter and salt); off only to compare.
+    prefix_caching: bool = True
     threads: int = field(default_factory=_default_threads)
     seed: int = 0
 

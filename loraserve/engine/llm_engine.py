@@ -49,7 +49,7 @@ class LLMEngine:
         bs = ecfg.block_size
         num_blocks = self._num_kv_blocks()
         self.kv = KVCache(cfg, num_blocks * bs, self.dtype, self.device)
-        self.blocks = BlockManager(num_blocks, bs)
+        self.blocks = BlockManager(num_blocks, bs, ecfg.prefix_caching)
         self.adapters = AdapterCache(cfg, ecfg, self.dtype, self.device)
         self.scheduler = Scheduler(self.blocks, ecfg.max_num_seqs, ecfg.max_num_batched_tokens,
                                    gate=self.adapters, max_waiting=ecfg.max_queue)
@@ -82,7 +82,8 @@ class LLMEngine:
                              f"window ({self.context_window})")
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                    adapter: AdapterRef | None = None) -> Sequence:
+                    adapter: AdapterRef | None = None, cache_salt: str | None = None) -> Sequence:
+        """`cache_salt` scopes prefix caching: only requests with the same salt share cached K/V."""
         self.check_fits(len(prompt_ids), params)
         if request_id in self._by_request:
             raise ValueError(f"duplicate request id {request_id}")
@@ -90,7 +91,7 @@ class LLMEngine:
             raise CapacityExceeded()
         if adapter is not None:
             self.adapters.register(adapter)
-        seq = Sequence(request_id, list(prompt_ids), params, adapter.key if adapter else None)
+        seq = Sequence(request_id, list(prompt_ids), params, adapter.key if adapter else None, cache_salt)
         self._by_request[request_id] = seq
         self.scheduler.add(seq)
         return seq
@@ -121,6 +122,7 @@ class LLMEngine:
         tokens = self.runner.run(sched.scheduled)
         for s in sched.scheduled:
             s.seq.num_computed += s.num_new
+            self.blocks.cache_computed(s.seq)
         for s in sched.scheduled:
             seq = s.seq
             tok = tokens.get(seq.seq_id)
@@ -159,5 +161,7 @@ class LLMEngine:
             "kv_blocks_used": float(self.blocks.num_used),
             "kv_blocks_free": float(self.blocks.num_free),
             "kv_blocks_total": float(self.blocks.num_blocks),
+            "kv_blocks_cached": float(self.blocks.num_cached),
+            "prefix_cache_hit_tokens": float(self.blocks.hit_tokens),
             **self.adapters.stats(),
         }

@@ -129,11 +129,14 @@ class Scheduler:
                 if state is AdapterState.LOADING:
                     passed.append(seq)
                     continue
+            self.blocks.reuse_prefix(seq)  # a cached prompt prefix is neither computed nor allocated again
             num_new = min(seq.num_uncomputed, budget)
             if not self.blocks.can_grow(seq, num_new):
+                self.blocks.free(seq)
                 self.waiting.appendleft(seq)  # FCFS on memory: nobody jumps a request waiting for blocks
                 break
             if key is not None and self.gate is not None and not self.gate.pin(key):
+                self.blocks.free(seq)
                 passed.append(seq)  # every adapter slot pinned; requests for resident adapters may pass
                 continue
             self.blocks.grow(seq, num_new)

@@ -24,11 +24,15 @@ class Sequence:
     prompt_ids: list[int]
     params: SamplingParams
     adapter_key: str | None = None
+    # Prefix-cache scope: sequences share cached K/V only with the same salt (the server: the account).
+    cache_salt: str | None = None
     seq_id: int = field(default_factory=lambda: next(_ids))
     token_ids: list[int] = field(init=False)
     # Tokens whose K/V sit in the cache. A preempted sequence drops to 0 and recomputes prompt + output.
     num_computed: int = 0
     block_table: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)  # prefix hashes of full blocks (block_manager)
+    num_cached_blocks: int = 0  # leading blocks filed in (or taken from) the prefix cache
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None
     arrival: float = field(default_factory=time.monotonic)
