@@ -121,8 +121,12 @@ class Backend(Protocol):
         prompt_token_ids: list[int],
         params: SamplingParams,
         adapter: AdapterRef | None = None,
+        cache_salt: str | None = None,
     ) -> AsyncIterator[StreamEvent]:
-        """Queue a request; iterate its events. Raises ValueError when it can never fit the context."""
+        """Queue a request; iterate its events. Raises ValueError when it can never fit the context.
+
+        Requests share cached prompt prefixes only with requests of the same `cache_salt` (the server
+        passes the account, so no tenant can time another's prompts)."""
         ...
 
     def abort(self, request_id: str) -> None:

@@ -201,3 +201,23 @@ def test_same_name_in_two_accounts(server: LiveServer, peft_adapter: Any) -> Non
         assert got["id"] == mine["id"]
     assert httpx.delete(server.ai_url(alice) + "/finetunes/shared-name", headers=alice.headers).status_code == 200
     assert httpx.get(server.ai_url(bob) + "/finetunes/shared-name", headers=bob.headers).status_code == 200
+
+
+def _prefix_hits(server: LiveServer) -> float:
+    text = httpx.get(f"{server.base_url}/metrics").text
+    found = re.search(rf'^loraserve_prefix_cache_hit_tokens_total{{model="{re.escape(LORA_MODEL)}"}} (\S+)$', text, re.M)
+    assert found, "the prefix cache counter is missing from /metrics"
+    return float(found.group(1))
+
+
+def test_accounts_never_share_cached_prompts(server: LiveServer, world: World) -> None:
+    """Prefix caching is scoped to the account: a second account's identical prompt is computed anew
+    (so its latency reveals nothing of the first's), while the same account reuses its own prefix."""
+    prompt = " ".join(f"isolation-{i}" for i in range(40))  # unique to this test: nothing cached yet
+    body = {"prompt": prompt, "raw": True, "max_tokens": 1}
+    hits = [_prefix_hits(server)]
+    for who in (world.alice, world.bob, world.alice):
+        assert httpx.post(server.run_url(who), headers=who.headers, json=body).status_code == 200
+        hits.append(_prefix_hits(server))
+    assert hits[1] == hits[0] and hits[2] == hits[1]  # Alice filled the cache; Bob got nothing from it
+    assert hits[3] > hits[2]  # Alice's second request did

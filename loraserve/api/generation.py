@@ -26,9 +26,10 @@ class PreparedRun:
     prompt_ids: list[int]
     params: SamplingParams
     adapter: AdapterRef | None
+    account_id: str  # the prefix-cache scope: one account's cached prompts never serve another's
 
     def events(self) -> AsyncIterator[StreamEvent]:
-        return self.backend.generate(self.request_id, self.prompt_ids, self.params, self.adapter)
+        return self.backend.generate(self.request_id, self.prompt_ids, self.params, self.adapter, self.account_id)
 
     def abort(self) -> None:
         self.backend.abort(self.request_id)
@@ -58,7 +59,7 @@ def prepare(context: AppContext, account_id: str, model: str, inputs: RunInput) 
     adapter = None
     if inputs.lora is not None:
         _, adapter = context.registry.adapter_for(account_id, model_id, inputs.lora)
-    return PreparedRun(uuid.uuid4().hex, model_id, backend, prompt_ids, params, adapter)
+    return PreparedRun(uuid.uuid4().hex, model_id, backend, prompt_ids, params, adapter, account_id)
 
 
 def event_error(run: PreparedRun, event: StreamEvent) -> WorkersAIError | None:

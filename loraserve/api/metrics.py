@@ -58,6 +58,12 @@ _GAUGES = {
     "running": ("loraserve_running_requests", "Requests in the running batch."),
     "kv_blocks_used": ("loraserve_kv_blocks_used", "Paged KV-cache blocks in use."),
     "kv_blocks_free": ("loraserve_kv_blocks_free", "Paged KV-cache blocks free."),
+    "kv_blocks_cached": ("loraserve_kv_blocks_cached", "KV blocks holding a cached prompt prefix (in use or free)."),
+}
+# backend.stats() key -> (counter name, help): totals since the engine started.
+_COUNTERS = {
+    "prefix_cache_hit_tokens": ("loraserve_prefix_cache_hit_tokens",
+                                "Prompt tokens whose K/V came from the prefix cache instead of being computed."),
 }
 _ADAPTER_TIERS = {"adapters_device": "device", "adapters_host": "host", "adapters_pinned": "pinned"}
 
@@ -122,7 +128,10 @@ class _EngineCollector(Collector):
         self._adapters = adapters
 
     def collect(self) -> Iterable[Any]:
-        families = {key: GaugeMetricFamily(name, doc, labels=["model"]) for key, (name, doc) in _GAUGES.items()}
+        families: dict[str, GaugeMetricFamily | CounterMetricFamily] = {
+            key: GaugeMetricFamily(name, doc, labels=["model"]) for key, (name, doc) in _GAUGES.items()}
+        families.update(
+            {key: CounterMetricFamily(name, doc, labels=["model"]) for key, (name, doc) in _COUNTERS.items()})
         resident = GaugeMetricFamily(
             "loraserve_adapters_resident", "LoRA adapters loaded, by cache tier (device, host, pinned).",
             labels=["model", "tier"],
@@ -225,11 +234,12 @@ class InstrumentedBackend:
         return self.inner.encode(text)
 
     def generate(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, adapter: AdapterRef | None = None
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, adapter: AdapterRef | None = None,
+        cache_salt: str | None = None,
     ) -> AsyncIterator[StreamEvent]:
         started = time.perf_counter()
         # Called (not iterated) here, so that the engine's synchronous refusals (queue full) still raise now.
-        events = self.inner.generate(request_id, prompt_token_ids, params, adapter)
+        events = self.inner.generate(request_id, prompt_token_ids, params, adapter, cache_salt)
         self._metrics.adapters.add(adapter.key if adapter is not None else None)
         return self._measured(events, started)
 

@@ -26,6 +26,7 @@ class _Add:
     prompt: list[int]
     params: SamplingParams
     adapter: AdapterRef | None
+    cache_salt: str | None
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,7 @@ class AsyncEngine:
         return self.tokenizer.encode(text)
 
     def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                 adapter: AdapterRef | None = None) -> AsyncIterator[StreamEvent]:
+                 adapter: AdapterRef | None = None, cache_salt: str | None = None) -> AsyncIterator[StreamEvent]:
         self.engine.check_fits(len(prompt_token_ids), params)
         loop = asyncio.get_running_loop()
         with self._lock:
@@ -106,7 +107,7 @@ class AsyncEngine:
             stream = _Stream(loop, asyncio.Queue(), IncrementalDetokenizer(self.tokenizer, prompt_token_ids),
                              len(prompt_token_ids))
             self._streams[request_id] = stream
-            self._inbox.append(_Add(request_id, list(prompt_token_ids), params, adapter))
+            self._inbox.append(_Add(request_id, list(prompt_token_ids), params, adapter, cache_salt))
             self._pending_adds += 1
             self._wake.notify()
         return self._events(request_id, stream)
@@ -182,7 +183,7 @@ class AsyncEngine:
             if item.request_id not in self._streams:
                 return
             try:
-                self.engine.add_request(item.request_id, item.prompt, item.params, item.adapter)
+                self.engine.add_request(item.request_id, item.prompt, item.params, item.adapter, item.cache_salt)
             except Exception as exc:
                 self._emit(item.request_id, None, FinishReason.ERROR, 0, str(exc))
         elif isinstance(item, _Forget):
