@@ -71,6 +71,7 @@ class BenchConfig:
     max_num_batched_tokens: int | None = None
     max_loras: int | None = None
     threads: int | None = None
+    prefix_caching: bool = True
     baseline: bool = True
     baseline_no_adapter: bool = True
     compare_no_adapter: bool = True
@@ -97,6 +98,7 @@ class BenchConfig:
             max_loras=self.max_loras or base.max_loras,
             max_queue=max(base.max_queue, w.requests),  # an open-loop burst must queue, not be refused
             threads=self.threads or base.threads,
+            prefix_caching=self.prefix_caching,
         )
 
     def argv(self) -> list[str]:
@@ -107,13 +109,13 @@ class BenchConfig:
                 "--targets", ",".join(w.targets), "--popularity", w.popularity.value, "--alpha", str(w.alpha),
                 "--no-adapter-fraction", str(w.no_adapter_fraction), "--requests", str(w.requests),
                 "--concurrency", str(w.concurrency), "--prompt-len", str(w.prompt_len),
-                "--output-len", str(w.output_len), "--seed", str(w.seed)]
+                "--shared-prefix", str(w.shared_prefix), "--output-len", str(w.output_len), "--seed", str(w.seed)]
         if w.rate is not None:
             args += ["--rate", str(w.rate)]
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_loras", "threads"):
             if getattr(self, name) is not None:
                 args += ["--" + name.replace("_", "-"), str(getattr(self, name))]
-        for name in ("baseline", "baseline_no_adapter", "compare_no_adapter", "roofline", "warmup"):
+        for name in ("prefix_caching", "baseline", "baseline_no_adapter", "compare_no_adapter", "roofline", "warmup"):
             if not getattr(self, name):
                 args.append("--no-" + name.replace("_", "-"))
         if self.quick:
@@ -146,13 +148,16 @@ def build_parser() -> argparse.ArgumentParser:
     sized("--concurrency", "closed-loop requests in flight; the HF baseline's batch")
     a("--rate", type=float, help="open loop: Poisson arrivals per second instead of the closed loop")
     sized("--prompt-len", "prompt tokens")
+    a("--shared-prefix", type=int, default=0,
+      help="leading prompt tokens common to every request, like a system prompt (default: 0)")
     sized("--output-len", "new tokens per request, EOS ignored")
     a("--seed", type=int, default=0, help="workload seed: prompts, adapter choice, arrivals (default: 0)")
     a("--max-num-seqs", type=int, help="engine batch limit (default: the engine's, at least --concurrency)")
     a("--max-num-batched-tokens", type=int, help="engine tokens per step (default: the engine's)")
     a("--max-loras", type=int, help="engine adapter slots (default: the engine's)")
     a("--threads", type=int, help="CPU threads (default: all cores)")
-    for flag, what in (("baseline", "HF transformers + PEFT on the same workload"),
+    for flag, what in (("prefix-caching", "the engine reuses cached prompt prefixes within a phase"),
+                       ("baseline", "HF transformers + PEFT on the same workload"),
                        ("baseline-no-adapter", "HF without adapters too"),
                        ("compare-no-adapter", "our engine with every request adapter-free too"),
                        ("roofline", "machine roofline and linear-layer ceiling"),
@@ -176,11 +181,11 @@ def config_from_args(ns: argparse.Namespace) -> BenchConfig:
         targets=tuple(t.strip() for t in ns.targets.split(",") if t.strip()),
         popularity=Popularity(ns.popularity), alpha=ns.alpha, no_adapter_fraction=ns.no_adapter_fraction,
         requests=pick("requests"), concurrency=pick("concurrency"), rate=ns.rate, prompt_len=pick("prompt_len"),
-        output_len=pick("output_len"), seed=ns.seed)
+        shared_prefix=ns.shared_prefix, output_len=pick("output_len"), seed=ns.seed)
     return BenchConfig(
         model=ns.model, device=Device(ns.device), dtype=DType(ns.dtype), workload=workload,
         max_num_seqs=ns.max_num_seqs, max_num_batched_tokens=ns.max_num_batched_tokens, max_loras=ns.max_loras,
-        threads=ns.threads, baseline=ns.baseline, baseline_no_adapter=ns.baseline_no_adapter,
+        threads=ns.threads, prefix_caching=ns.prefix_caching, baseline=ns.baseline, baseline_no_adapter=ns.baseline_no_adapter,
         compare_no_adapter=ns.compare_no_adapter, roofline=ns.roofline, warmup=ns.warmup, quick=ns.quick,
         json_path=ns.json)
 

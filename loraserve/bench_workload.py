@@ -55,6 +55,8 @@ class WorkloadSpec:
     concurrency: int = 32  # closed loop: this many requests in flight; also the HF baseline's batch
     rate: float | None = None  # open loop: Poisson arrivals per second instead of a closed loop
     prompt_len: int = 128
+    # The first tokens of every prompt are the same (a system prompt): what prefix caching can reuse.
+    shared_prefix: int = 0
     output_len: int = 128
     seed: int = 0
 
@@ -62,6 +64,8 @@ class WorkloadSpec:
         for name in ("adapters", "rank", "requests", "concurrency", "prompt_len", "output_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if not 0 <= self.shared_prefix <= self.prompt_len:
+            raise ValueError("shared_prefix must be in [0, prompt_len]")
         if self.registered < self.adapters:
             raise ValueError("registered must be >= adapters (the extra ones reuse their weights)")
         if not self.targets or any(t not in LORA_TARGETS for t in self.targets):
@@ -142,6 +146,7 @@ def make_requests(spec: WorkloadSpec, vocab_size: int, refs: list[AdapterRef]) -
     rng = np.random.default_rng(spec.seed)
     low = min(_FIRST_PROMPT_ID, vocab_size - 1)
     prompts = rng.integers(low, vocab_size, size=(spec.requests, spec.prompt_len))
+    prompts[:, :spec.shared_prefix] = prompts[0, :spec.shared_prefix]
     picks = rng.choice(spec.registered, size=spec.requests, p=popularity_weights(spec))
     bare = rng.random(spec.requests) < spec.no_adapter_fraction
     arrivals = (np.cumsum(rng.exponential(1.0 / spec.rate, size=spec.requests)) if spec.rate
@@ -255,7 +260,8 @@ async def drive(backend: AsyncEngine, requests: list[BenchRequest], spec: Worklo
         submitted = time.perf_counter()
         first = last = None
         n, error = 0, None
-        async for ev in backend.generate(f"{label}-{i}", req.prompt, params, req.adapter):
+        # The phase is the prefix-cache scope: warm-up and earlier phases must not speed up this one.
+        async for ev in backend.generate(f"{label}-{i}", req.prompt, params, req.adapter, cache_salt=label):
             now = time.perf_counter()
             if ev.completion_tokens > n:
                 first = now if first is None else first

@@ -78,6 +78,7 @@ def test_bad_options_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--adapters", "3", "--registered", "2"]) == 2
     assert main(["--targets", "q_proj,nope"]) == 2
     assert main(["--popularity", "zipfian"]) == 2
+    assert main(["--prompt-len", "8", "--shared-prefix", "9"]) == 2
     assert "error" in capsys.readouterr().err
 
 
@@ -105,3 +106,14 @@ def test_adapters_and_requests(tmp_path: Path) -> None:
     assert all(r.adapter is None for r in uniform)
     arrivals = [r.arrival_s for r in uniform]
     assert arrivals == sorted(arrivals) and arrivals[0] > 0
+    shared = make_requests(WorkloadSpec(**{**spec.__dict__, "prompt_len": 6, "shared_prefix": 4}), cfg.vocab_size, refs)
+    assert len({tuple(r.prompt[:4]) for r in shared}) == 1 and len({tuple(r.prompt[4:]) for r in shared}) > 1
+
+
+def test_a_shared_prefix_is_served_from_the_cache(tmp_path: Path) -> None:
+    args = ("--no-baseline", "--no-roofline", "--no-compare-no-adapter", "--no-warmup", "--prompt-len", "40",
+            "--shared-prefix", "36", "--no-adapter-fraction", "1")
+    cached = _run(tmp_path, *args)["runs"]["ours"]
+    assert cached["failed"] == 0 and cached["final"]["prefix_cache_hit_tokens"] > 0
+    uncached = _run(tmp_path, *args, "--no-prefix-caching")["runs"]["ours"]
+    assert uncached["final"]["prefix_cache_hit_tokens"] == 0
