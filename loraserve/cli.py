@@ -1,4 +1,4 @@
-"""The `loraserve` command: serve, tokens, finetunes (wrangler's verbs), run, bench.
+"""The `loraserve` command: serve, tokens, finetunes (wrangler's verbs), run, bench, loadtest.
 
 Only `serve` (and `bench`) load the engine, lazily: every other command stays torch-free and quick.
 Human-facing output goes to stderr; stdout carries only what a script would capture.
@@ -11,7 +11,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -22,6 +22,9 @@ from loraserve import catalog
 from loraserve.chat_template import TemplateKind
 from loraserve.client import ASSET_FILES, DEFAULT_BASE_URL, APIError, Client, RunStream
 from loraserve.types import Backend
+
+if TYPE_CHECKING:
+    from loraserve.registry import Registry, RegistryLimits
 
 app = typer.Typer(
     no_args_is_help=True, add_completion=False,
@@ -71,12 +74,16 @@ def serve(
     rate_limit: Annotated[int | None, typer.Option(help="Runs per account per minute; 0 disables.")] = None,
     max_rank: Annotated[int | None, typer.Option(help="Largest LoRA rank accepted at upload.")] = None,
     timeout: Annotated[float | None, typer.Option(help="Seconds a /run may take, queueing included.")] = None,
+    max_batch: Annotated[int | None, typer.Option(min=1, help="Requests generated together (default 64).")] = None,
+    max_queue: Annotated[
+        int | None, typer.Option(min=1, help="Requests waiting beyond the batch; more get 429/3040 (default 256).")
+    ] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Serve the Workers AI API for the given models."""
     from loraserve.api import ServerSettings, create_app
     from loraserve.api import serve as run_server
-    from loraserve.registry import Registry, RegistryLimits
+    from loraserve.registry import RegistryLimits
 
     try:
         sources = [catalog.parse_model_arg(arg) for arg in model or [catalog.DEFAULT_MODEL.id]]
@@ -86,7 +93,13 @@ def serve(
     except ValueError as exc:  # ModelSourceError, or a setting out of range
         raise _fail(str(exc), 2) from None
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from loraserve.engine import load_backend  # torch: only now
+    registry = _open_registry(data_dir, database_url, limits)  # before the slow model loading: fail fast
+    from loraserve.engine import EngineConfig, load_backend  # torch: only now
+
+    try:
+        engine_config = EngineConfig(**_given(max_num_seqs=max_batch, max_queue=max_queue))
+    except ValueError as exc:
+        raise _fail(str(exc), 2) from None
 
     backends: dict[str, Backend] = {}
     loaded: dict[tuple[str, TemplateKind], Backend] = {}
@@ -95,13 +108,34 @@ def serve(
         if key not in loaded:  # two ids over the same weights share one engine
             err.print(f"loading [bold]{spec.id}[/] from {located[spec.id]} ...", highlight=False)
             try:
-                loaded[key] = load_backend(located[spec.id], chat_template=catalog.chat_template(spec.template))
+                loaded[key] = load_backend(located[spec.id], engine_config,
+                                           chat_template=catalog.chat_template(spec.template))
             except (OSError, ValueError) as exc:
                 raise _fail(f"{spec.id}: cannot load {located[spec.id]}: {exc}", 2) from None
         backends[spec.id] = loaded[key]
-    registry = Registry.open(data_dir, database_url, limits)
     err.print(f"serving {', '.join(backends)} on http://{host}:{port}", highlight=False)
     run_server(create_app(registry, backends, settings), host, port, log_level=log_level)
+
+
+def _open_registry(data_dir: Path, database_url: str | None, limits: RegistryLimits) -> Registry:
+    """Open (and migrate) the registry, then repair what a crash of the last server left behind
+    (registry/recovery.py): dead temp uploads, directories of deleted finetunes, files the database
+    does not vouch for. A database that fails its integrity check stops the start."""
+    from sqlalchemy.exc import DatabaseError
+
+    from loraserve.registry import Registry
+    from loraserve.registry.recovery import RegistryCorrupt
+
+    try:
+        registry = Registry.open(data_dir, database_url, limits)
+    except DatabaseError as exc:  # e.g. a SQLite file too damaged to migrate
+        raise _fail(f"cannot open the registry database: {exc.orig}", 2) from None
+    try:
+        err.print(registry.recover().summary(), highlight=False)
+    except RegistryCorrupt as exc:
+        registry.close()
+        raise _fail(f"{exc}; restore the database from a backup", 2) from None
+    return registry
 
 
 def _given(**values: Any) -> dict[str, Any]:
@@ -280,6 +314,20 @@ def bench(ctx: typer.Context) -> None:
     """Benchmarks (all arguments go to loraserve.bench; try `loraserve bench --help`)."""
     bench_module = importlib.import_module("loraserve.bench")  # written elsewhere; may load torch
     raise typer.Exit(int(bench_module.main(list(ctx.args))))
+
+
+# loadtest ------------------------------------------------------------------------------------------
+
+
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,
+)
+def loadtest(ctx: typer.Context) -> None:
+    """Overload run against a server: streaming clients, disconnects, health, leaks (`loraserve loadtest --help`)."""
+    from loraserve import loadtest as loadtest_module  # torch-free
+
+    raise typer.Exit(loadtest_module.main(list(ctx.args)))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from loraserve.cli import app
 from loraserve.errors import AuthenticationError
 
 from conftest import LORA_MODEL, Account, LiveServer
+from serve_helpers import free_port
 
 runner = CliRunner()
 
@@ -122,15 +122,8 @@ def test_bench_passes_its_arguments_through() -> None:
     assert "loraserve bench" in result.stdout
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def test_serve_runs_until_interrupted(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "loraserve", "serve", "--port", str(port), "--data-dir", str(tmp_path),
          "--model", "@cf/test/tiny-lora=random:tiny", "--model", "@cf/test/tiny=random:tiny",

@@ -1,19 +1,25 @@
 """Uploading adapter files through the registry: validation at the door, atomic install, nothing left
-behind by a refusal, readiness, and resolving a finetune for a run request."""
+behind by a refusal, readiness, resolving a finetune for a run request, and the startup recovery that
+repairs what a crash left (the crashes themselves, on a real server process: test_crash.py)."""
 
 from __future__ import annotations
 
 import io
+import shutil
+import sqlite3
 import struct
 import threading
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+from sqlalchemy import event
 
 from loraserve.errors import FinetuneNotFound, InvalidFinetune, WorkersAIError
 from loraserve.registry import BUCKET_NAME, AssetFile, Finetune, Registry, RegistryLimits, synth
+from loraserve.registry.recovery import RegistryCorrupt
 from loraserve.types import LORA_TARGETS, AdapterRef
 
 BASE = synth.llama_model_info()
@@ -394,3 +400,183 @@ def test_adapter_path_is_absolute_whatever_the_cwd(tmp_path: Path, monkeypatch: 
     assert Path(ref.path).is_absolute()
     assert Path(ref.path) == tmp_path.resolve() / "relative" / "finetunes" / ref.key
     assert (Path(ref.path) / WEIGHTS).read_bytes() == weights()
+
+
+# Startup recovery (registry/recovery.py): what a kill -9 can leave, repaired on real files and SQLite.
+
+
+def ready_pair(reg: Registry, ft: Finetune) -> Path:
+    upload(reg, "mine", CONFIG, config())
+    upload(reg, "mine", WEIGHTS, weights())
+    return reg.storage.directory(ft.id)
+
+
+def asset_rows(reg: Registry, ft: Finetune) -> dict[str, tuple[int, str]]:
+    with sqlite3.connect(reg.data_dir / "registry.sqlite3") as db:
+        rows = db.execute("SELECT file_name, size_bytes, sha256 FROM finetune_assets WHERE finetune_id = ?",
+                          (ft.id,)).fetchall()
+        flags = db.execute("SELECT has_config, has_weights FROM finetunes WHERE id = ?", (ft.id,)).fetchone()
+    db.close()
+    assert {CONFIG: bool(flags[0]), WEIGHTS: bool(flags[1])} == {name: name in {r[0] for r in rows}
+                                                                  for name in (CONFIG, WEIGHTS)}
+    return {r[0]: (r[1], r[2]) for r in rows}
+
+
+def test_recovery_of_a_clean_registry_changes_nothing(reg: Registry, ft: Finetune) -> None:
+    d = ready_pair(reg, ft)
+    reg.create_finetune("alice", MODEL, "empty")
+    before = snapshot(reg, ft)
+    report = reg.recover()
+    assert report.clean and report.finetunes_checked == 2
+    assert "nothing to repair" in report.summary()
+    assert snapshot(reg, ft) == before and sorted(p.name for p in d.iterdir()) == [CONFIG, WEIGHTS]
+    assert not (reg.storage.root / reg.get_finetune("alice", "empty").id).exists()
+
+
+def test_recovery_removes_dead_temp_files_but_not_live_ones(reg: Registry, ft: Finetune) -> None:
+    d = ready_pair(reg, ft)
+    dead = d / ".upload-0123456789abcdef.tmp"  # a killed upload: nobody holds its lock
+    dead.write_bytes(b"half an upload")
+    live = reg.storage.receive(ft.id, AssetFile.WEIGHTS, io.BytesIO(weights(seed=1)), 1 << 20)
+    try:
+        report = reg.recover()
+        assert report.temp_files_removed == [dead] and not dead.exists()
+        assert live.path.exists()  # another process's upload in progress is left alone
+        assert "1 dead temp files removed" in report.summary()
+    finally:
+        reg.storage.discard(live)
+    assert sorted(p.name for p in d.iterdir()) == [CONFIG, WEIGHTS]
+    assert reg.get_finetune("alice", "mine").ready
+
+
+def test_recovery_removes_directories_of_deleted_finetunes(reg: Registry, ft: Finetune) -> None:
+    d = ready_pair(reg, ft)
+    orphan = reg.storage.root / str(uuid.uuid4())  # killed between a delete's commit and its rmtree
+    shutil.copytree(d, orphan)
+    stray = reg.storage.root / "not-a-finetune"  # not ours: never touched
+    stray.mkdir()
+    report = reg.recover()
+    assert report.orphan_dirs_removed == [orphan.name] and not orphan.exists()
+    assert stray.exists() and d.exists() and reg.get_finetune("alice", "mine").ready
+
+
+def test_recovery_keeps_orphans_when_the_finetunes_table_is_empty(tmp_path: Path) -> None:
+    # A fresh (or wrong) database over a data dir full of adapters: nothing is deleted.
+    with Registry.open(tmp_path / "data") as reg:
+        orphan = reg.storage.root / str(uuid.uuid4())
+        orphan.mkdir(parents=True)
+        (orphan / CONFIG).write_bytes(config())
+        report = reg.recover()
+        assert report.orphan_dirs_kept == [orphan.name] and report.orphan_dirs_removed == []
+        assert (orphan / CONFIG).exists() and "KEPT" in report.summary()
+
+
+def test_recovery_removes_files_the_database_never_vouched_for(reg: Registry, ft: Finetune) -> None:
+    # Killed between the rename and the commit of a first upload: the flag stayed false.
+    upload(reg, "mine", CONFIG, config())
+    d = reg.storage.directory(ft.id)
+    (d / WEIGHTS).write_bytes(weights())
+    (d / f".installing-{WEIGHTS}").touch()
+    report = reg.recover()
+    assert report.unvouched_files_removed == [d / WEIGHTS]
+    assert sorted(p.name for p in d.iterdir()) == [CONFIG]
+    assert reg.get_finetune("alice", "mine").has_config
+    upload(reg, "mine", WEIGHTS, weights())
+    assert reg.get_finetune("alice", "mine").ready
+
+
+def test_recovery_settles_an_intent_whose_commit_happened(reg: Registry, ft: Finetune) -> None:
+    # Killed after the commit, before the marker was removed: the file is what the database recorded.
+    d = ready_pair(reg, ft)
+    marker = d / f".installing-{WEIGHTS}"
+    marker.touch()
+    rows = asset_rows(reg, ft)
+    report = reg.recover()
+    assert report.intents_resolved == [marker] and "1 interrupted installs resolved" in report.summary()
+    assert report.files_invalidated == [] and report.unvouched_files_removed == []
+    assert sorted(p.name for p in d.iterdir()) == [CONFIG, WEIGHTS]
+    assert asset_rows(reg, ft) == rows and reg.get_finetune("alice", "mine").ready
+
+
+def test_recovery_invalidates_a_reupload_whose_commit_never_happened(reg: Registry, ft: Finetune) -> None:
+    # Killed between the rename and the commit of a re-upload: same size, other bytes, the database
+    # still describes the old file. Only the sha256 (checked because of the marker) tells them apart.
+    d = ready_pair(reg, ft)
+    assert len(weights(seed=5)) == len(weights())
+    (d / WEIGHTS).write_bytes(weights(seed=5))
+    (d / f".installing-{WEIGHTS}").touch()
+    report = reg.recover()
+    assert report.files_invalidated == [(ft.id, AssetFile.WEIGHTS, "replaced by an upload whose commit never happened")]
+    assert sorted(p.name for p in d.iterdir()) == [CONFIG]
+    assert set(asset_rows(reg, ft)) == {CONFIG}
+    with pytest.raises(InvalidFinetune, match=r"missing adapter_model\.safetensors"):
+        reg.adapter_for("alice", MODEL, "mine")
+    upload(reg, "mine", WEIGHTS, weights(seed=5))
+    assert reg.adapter_for("alice", MODEL, "mine")[0].ready
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing", "bad header", "bad config"])
+def test_recovery_invalidates_vouched_files_that_fail_the_cheap_checks(
+    reg: Registry, ft: Finetune, damage: str
+) -> None:
+    d = ready_pair(reg, ft)
+    file, why = {
+        "truncated": (WEIGHTS, f"file is 100 bytes, {len(weights())} recorded"),
+        "missing": (WEIGHTS, "file missing"),
+        "bad header": (WEIGHTS, "safetensors header length is out of bounds"),
+        "bad config": (CONFIG, "config is not a JSON object"),
+    }[damage]
+    blob = (d / file).read_bytes()
+    if damage == "truncated":
+        (d / file).write_bytes(blob[:100])
+    elif damage == "missing":
+        (d / file).unlink()
+    elif damage == "bad header":
+        (d / file).write_bytes(struct.pack("<Q", len(blob)) + blob[8:])
+    else:
+        (d / file).write_bytes(b"[" + b" " * (len(blob) - 2) + b"]")
+    report = reg.recover()
+    assert report.files_invalidated == [(ft.id, AssetFile(file), why)]
+    assert not (d / file).exists() and set(asset_rows(reg, ft)) == {CONFIG, WEIGHTS} - {file}
+    assert not reg.get_finetune("alice", "mine").ready
+    assert reg.recover().clean  # repaired once, for good
+
+
+def test_a_commit_that_fails_after_the_rename_takes_the_file_back(reg: Registry, ft: Finetune) -> None:
+    upload(reg, "mine", CONFIG, config())
+    failures = []
+
+    def fail_once(_session: object) -> None:
+        if not failures:
+            failures.append(1)
+            raise OSError("disk I/O error")
+
+    event.listen(reg._sessions, "before_commit", fail_once)
+    try:
+        with pytest.raises(OSError, match="disk I/O error"):
+            upload(reg, "mine", WEIGHTS, weights())
+    finally:
+        event.remove(reg._sessions, "before_commit", fail_once)
+    d = reg.storage.directory(ft.id)
+    assert sorted(p.name for p in d.iterdir()) == [CONFIG]  # no file, no marker, no temp file
+    assert not reg.get_finetune("alice", "mine").has_weights and reg.recover().clean
+    upload(reg, "mine", WEIGHTS, weights())
+    assert reg.get_finetune("alice", "mine").ready
+
+
+def test_recovery_refuses_a_corrupt_database(tmp_path: Path) -> None:
+    with Registry.open(tmp_path / "data") as reg:
+        reg.create_token("alice")
+        for i in range(50):  # a few pages of rows
+            reg.create_finetune("alice", MODEL, f"ft-{i}", description="x" * 200)
+        assert reg.recover().clean
+    db = tmp_path / "data" / "registry.sqlite3"
+    with sqlite3.connect(db) as conn:  # the last connection closed: the WAL is checkpointed
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        root = conn.execute("SELECT rootpage FROM sqlite_master WHERE name = 'finetunes'").fetchone()[0]
+    conn.close()
+    with open(db, "r+b") as f:  # scribble over the finetunes table's root page
+        f.seek((root - 1) * page_size)
+        f.write(b"\xff" * page_size)
+    with Registry.open(tmp_path / "data") as reg, pytest.raises(RegistryCorrupt, match="quick_check"):
+        reg.recover()

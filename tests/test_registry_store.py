@@ -214,6 +214,19 @@ def test_migrations_create_the_schema_from_empty(tmp_path: Path) -> None:
         db.close()
 
 
+def test_sqlite_connections_survive_a_crash_and_a_power_loss(tmp_path: Path) -> None:
+    # WAL (a kill -9 mid-commit leaves the last committed state) and synchronous=FULL (a commit is on
+    # disk before it returns, so an answered upload or a printed token survives a power loss too).
+    engine = make_engine(default_url(tmp_path))
+    try:
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("pragma journal_mode").scalar() == "wal"
+            assert conn.exec_driver_sql("pragma synchronous").scalar() == 2  # FULL
+            assert conn.exec_driver_sql("pragma foreign_keys").scalar() == 1
+    finally:
+        engine.dispose()
+
+
 def test_foreign_keys_are_enforced(tmp_path: Path) -> None:
     engine = make_engine(default_url(tmp_path))
     try:

@@ -30,7 +30,10 @@ def _on_sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
-        cursor.execute("PRAGMA synchronous=NORMAL")
+        # FULL: in WAL mode NORMAL survives a process crash (kill -9 loses no page cache) but may drop
+        # the last commits on power loss, e.g. an upload already answered 200 or a token already
+        # printed. The registry writes rarely; one more fsync per commit is cheap.
+        cursor.execute("PRAGMA synchronous=FULL")
     finally:
         cursor.close()
 

@@ -35,6 +35,7 @@ from loraserve.registry.records import (
     TokenInfo,
     now_iso,
 )
+from loraserve.registry.recovery import RecoveryReport, recover
 from loraserve.registry.schema import AccountRow, AssetRow, FinetuneRow
 from loraserve.registry.storage import FinetuneStorage, Upload
 from loraserve.registry.uploads import check_upload, size_cap
@@ -80,6 +81,12 @@ class Registry:
 
     def close(self) -> None:
         self._engine.dispose()
+
+    def recover(self) -> RecoveryReport:
+        """Repair what a crash left (dead temp files, orphan directories, files the database does not
+        vouch for) before serving; see recovery.py. Safe while another process serves the same data dir.
+        Raises RegistryCorrupt if the SQLite database fails its integrity check."""
+        return recover(self._engine, self._sessions, self.storage)
 
     def __enter__(self) -> Registry:
         return self
@@ -263,33 +270,42 @@ class Registry:
         self, account_id: str, ref: str, finetune_id: str, file: AssetFile, upload: Upload
     ) -> FinetuneAsset:
         now = now_iso()
-        with self._sessions.begin() as s:
-            # The UPDATE comes first: it takes the write lock, and finds the row gone if it was deleted.
-            mark = (
-                update(FinetuneRow)
-                .where(FinetuneRow.id == finetune_id, FinetuneRow.account_id == account_id)
-                .values({_FLAGS[file]: True, FinetuneRow.modified_at: now})
-            )
-            if rows_matched(s.execute(mark)) == 0:
-                raise FinetuneNotFound(ref)
-            asset = s.scalars(
-                select(AssetRow).where(AssetRow.finetune_id == finetune_id, AssetRow.file_name == file.value)
-            ).first()
-            if asset is None:
-                asset = AssetRow(
-                    id=str(uuid.uuid4()),
-                    finetune_id=finetune_id,
-                    file_name=file.value,
-                    bucket_name=BUCKET_NAME,
-                    created_at=now,
+        renamed = False
+        try:
+            with self._sessions.begin() as s:
+                # The UPDATE comes first: it takes the write lock, and finds the row gone if it was deleted.
+                mark = (
+                    update(FinetuneRow)
+                    .where(FinetuneRow.id == finetune_id, FinetuneRow.account_id == account_id)
+                    .values({_FLAGS[file]: True, FinetuneRow.modified_at: now})
                 )
-                s.add(asset)
-            asset.size_bytes, asset.sha256, asset.modified_at = upload.size, upload.sha256, now
-            s.flush()
-            record = to_asset(asset)
-            # Last step before commit. A crash between rename and commit leaves a file the DB does not
-            # vouch for: the flag stays false, so the finetune is not ready until the file is re-sent.
-            self.storage.install(upload, finetune_id, file)
+                if rows_matched(s.execute(mark)) == 0:
+                    raise FinetuneNotFound(ref)
+                asset = s.scalars(
+                    select(AssetRow).where(AssetRow.finetune_id == finetune_id, AssetRow.file_name == file.value)
+                ).first()
+                if asset is None:
+                    asset = AssetRow(
+                        id=str(uuid.uuid4()),
+                        finetune_id=finetune_id,
+                        file_name=file.value,
+                        bucket_name=BUCKET_NAME,
+                        created_at=now,
+                    )
+                    s.add(asset)
+                asset.size_bytes, asset.sha256, asset.modified_at = upload.size, upload.sha256, now
+                s.flush()
+                record = to_asset(asset)
+                # Last step before commit. A crash between rename and commit leaves a file the DB does not
+                # vouch for, announced by an intent marker: startup recovery (recovery.py) checks it
+                # against the database by sha256 and, if they differ, removes it and clears the flag.
+                self.storage.install(upload, finetune_id, file)
+                renamed = True
+        except BaseException:
+            if renamed:  # the commit failed after the rename: take the unvouched file away now
+                self.storage.retract(finetune_id, file)
+            raise
+        self.storage.settle(finetune_id, file)
         return record
 
     def adapter_for(self, account_id: str, model: str, ref: str) -> tuple[Finetune, AdapterRef]:
