@@ -5,43 +5,15 @@ token nor its stored hash appears anywhere in what the server printed."""
 from __future__ import annotations
 
 import hashlib
-import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from conftest import LORA_MODEL
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def wait_for_health(proc: subprocess.Popen[Any], base: str, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        assert proc.poll() is None, "the server exited"
-        assert time.monotonic() < deadline, "the server did not come up"
-        try:
-            if httpx.get(f"{base}/healthz").status_code == 200:
-                return
-        except httpx.TransportError:
-            time.sleep(0.1)
-
-
-def _token(data_dir: Path, account: str) -> str:
-    done = subprocess.run([sys.executable, "-m", "loraserve", "token", "create", "--account", account,
-                           "--data-dir", str(data_dir)], capture_output=True, text=True, timeout=60, check=True)
-    return done.stdout.strip().splitlines()[-1]
+from serve_helpers import ServeProcess, create_token
 
 
 def _revoke(data_dir: Path, token: str) -> None:
@@ -82,24 +54,16 @@ def _traffic(base: str, alice: str, bob: str, revoked: str, folder: Path) -> Non
 
 
 def test_tokens_never_appear_in_the_server_logs(tmp_path: Path, peft_adapter: Any) -> None:
-    alice, bob, revoked = _token(tmp_path, "alice"), _token(tmp_path, "bob"), _token(tmp_path, "alice")
+    alice, bob, revoked = (create_token(tmp_path, account) for account in ("alice", "bob", "alice"))
     _revoke(tmp_path, revoked)
-    port = free_port()
-    log_path = tmp_path / "server.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "loraserve", "serve", "--port", str(port), "--data-dir", str(tmp_path),
-             "--model", f"{LORA_MODEL}=random:tiny", "--rate-limit", "0", "--log-level", "debug"],
-            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        try:
-            base = f"http://127.0.0.1:{port}"
-            wait_for_health(proc, base)
-            _traffic(base, alice, bob, revoked, peft_adapter())
-        finally:
-            proc.send_signal(signal.SIGINT)
-            proc.wait(timeout=30)
-    logs = log_path.read_text()
+    # The last --log-level wins: debug, the most an operator can ask for.
+    with ServeProcess(tmp_path, tmp_path / "server.log", [f"{LORA_MODEL}=random:tiny"],
+                      extra_args=("--rate-limit", "0", "--log-level", "debug"),
+                      env={"PYTHONUNBUFFERED": "1"}) as server:
+        server.start()
+        _traffic(server.base_url, alice, bob, revoked, peft_adapter())
+        assert server.stop() == 0
+        logs = server.log()
     # The logs are real and detailed: every request is there, so a token in them would be seen.
     assert logs.count('"POST /client/v4/accounts/alice/ai/') >= 14 and " 401 " in logs
     for token in (alice, bob, revoked):
