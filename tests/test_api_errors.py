@@ -201,3 +201,30 @@ def test_a_bug_is_an_envelope_and_a_log_line_without_the_token(
     assert any("unhandled error" in r.message and r.exc_info for r in caplog.records)
     assert account.token not in caplog.text
     assert threading.active_count() >= 1
+
+
+def test_a_client_gone_before_its_body_is_read_is_no_server_error(
+    server: LiveServer, account: Account, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Under overload a client may hang up before the server reads its body: a 499 in the metrics, not a
+    3043 with a traceback."""
+
+    def run_statuses() -> dict[str, float]:
+        statuses: dict[str, float] = {}
+        for line in httpx.get(f"{server.base_url}/metrics").text.splitlines():
+            if line.startswith("loraserve_http_requests_total{") and 'route="/run/{model:path}"' in line:
+                status = line.split('status="')[1].split('"')[0]
+                statuses[status] = statuses.get(status, 0) + float(line.rsplit(" ", 1)[1])
+        return statuses
+
+    before = run_statuses()
+    url = urlsplit(server.run_url(account))
+    with caplog.at_level(logging.ERROR, logger="loraserve.api"):
+        sock = socket.create_connection((url.hostname, url.port), timeout=10)
+        sock.sendall(f"POST {url.path} HTTP/1.1\r\nHost: {url.netloc}\r\nAuthorization: Bearer {account.token}\r\n"
+                     f"Content-Length: 1000\r\n\r\n{{\"prompt\": ".encode())
+        sock.close()  # 990 bytes short
+        assert wait_until(lambda: run_statuses().get("499", 0) > before.get("499", 0))
+    after = run_statuses()
+    assert {k: v for k, v in after.items() if k.startswith("5")} == {k: v for k, v in before.items() if k.startswith("5")}
+    assert not [r for r in caplog.records if "unhandled error" in r.message]

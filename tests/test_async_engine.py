@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from loraserve.engine import AsyncEngine, EngineConfig, load_backend, load_engine
+from loraserve.errors import CapacityExceeded
 from loraserve.types import AdapterRef, ChatMessage, FinishReason, SamplingParams, StreamEvent
 
 from engine_helpers import QV_TARGETS, hf_model, make_adapter
@@ -117,6 +118,20 @@ async def test_closing_the_stream_early_aborts(backend: AsyncEngine) -> None:
     assert backend.stats()["kv_blocks_used"] == 0
 
 
+async def test_a_stream_closed_before_its_first_read_aborts(backend: AsyncEngine) -> None:
+    """Closing a stream that was never read (an async generator would skip its `finally`) aborts it too:
+    a witness started after it finishes 30 tokens while the closed one would have needed 1500."""
+    prompt = backend.encode("Nobody reads this")
+    unread = backend.generate("unread", prompt, SamplingParams(max_tokens=1500, temperature=0, ignore_eos=True))
+    await unread.aclose()  # type: ignore[attr-defined]
+    witness = await _collect(backend.generate("unread-witness", prompt, SamplingParams(max_tokens=30, temperature=0,
+                                                                                        ignore_eos=True)))
+    assert witness[-1].finish_reason is FinishReason.LENGTH
+    assert "unread" not in backend._streams
+    assert [e async for e in unread] == []
+    await _eventually(lambda: _idle(backend))
+
+
 async def test_abort_by_request_id(backend: AsyncEngine) -> None:
     prompt = backend.encode("Say something long")
     stream = backend.generate("to-abort", prompt, SamplingParams(max_tokens=1500, temperature=0, ignore_eos=True))
@@ -214,5 +229,63 @@ def test_a_stream_whose_event_loop_closed_does_not_stop_the_engine() -> None:
 
         events = asyncio.run(later())
         assert events[-1].finish_reason is FinishReason.LENGTH
+    finally:
+        own.shutdown()
+
+
+async def test_churn_with_disconnects_refusals_and_preemption_leaks_nothing(adapter_dir: Path) -> None:
+    """What the overload run (loraserve loadtest) does to the server, at the engine: more requests than
+    batch and queue hold (some refused), two adapters competing for one device slot, a KV cache small
+    enough to preempt, and consumers that go away while queued, mid-stream or never read at all.
+    Afterwards every block, pin, stream and per-request state is returned."""
+    own = load_backend("random:tiny", EngineConfig(max_num_seqs=4, max_queue=6, max_loras=1, kv_cache_bytes=1,
+                                                   threads=1))
+    preempted = 0
+    preempt = own.engine.scheduler._preempt
+
+    def counting_preempt(seq: Any) -> None:
+        nonlocal preempted
+        preempted += 1
+        preempt(seq)
+
+    own.engine.scheduler._preempt = counting_preempt  # type: ignore[method-assign]
+    adapters = [None, AdapterRef("churn-a", str(adapter_dir)), AdapterRef("churn-b", str(adapter_dir))]
+    outcomes: dict[str, int] = {}
+
+    async def one(i: int) -> None:
+        prompt = own.encode(f"request {i} " * (1 + i % 5))
+        kind = i % 4
+        # Readers generate long enough that two of them outgrow the KV cache (129 blocks): preemption.
+        params = SamplingParams(max_tokens=1100 if kind == 0 else (40, 300, 900)[i % 3], temperature=0.5, seed=i,
+                                ignore_eos=True)
+        try:
+            stream = own.generate(f"churn-{i}", prompt, params, adapters[i % 3])
+        except CapacityExceeded:
+            outcomes["refused"] = outcomes.get("refused", 0) + 1
+            return
+        async with contextlib.aclosing(stream):
+            if kind == 0:  # reads to the end
+                events = await _collect(stream)
+                assert events[-1].finish_reason is FinishReason.LENGTH, events[-1].error
+            elif kind == 1:  # hangs up after a few events
+                for _ in range(1 + i % 7):
+                    await asyncio.wait_for(anext(stream), 60)
+            elif kind == 2:  # gives up while (probably) still queued
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(anext(stream), 0.001 * (i % 5))
+            # kind 3: never reads; closing the stream is all it does
+        outcomes[str(kind)] = outcomes.get(str(kind), 0) + 1
+
+    try:
+        for wave in range(2):
+            await asyncio.gather(*(one(wave * 30 + i) for i in range(30)))
+        await _eventually(lambda: _idle(own) and own.stats()["adapters_pinned"] == 0)
+        engine = own.engine
+        assert engine.blocks.num_free == engine.blocks.num_blocks and not any(engine.blocks._refs)
+        assert not engine.scheduler.waiting and not engine.scheduler.running
+        assert not engine._by_request and not engine.runner._generators
+        assert not own._streams and not own._inbox and own._pending_adds == 0
+        assert outcomes.get("refused", 0) > 0 and all(outcomes.get(str(k), 0) > 0 for k in range(4)), outcomes
+        assert preempted > 0
     finally:
         own.shutdown()

@@ -12,6 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -48,11 +49,18 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return error_response(error)
 
 
+async def _client_disconnect(request: Request, exc: Exception) -> Response:
+    # The client hung up before its body was read (overload makes this common): not a bug, nobody is
+    # there to answer; 499 (nginx's "client closed request") is what the access log and metrics record.
+    return Response(status_code=499)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(WorkersAIError, _workers_ai_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(ValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(ClientDisconnect, _client_disconnect)
 
 
 class CatchAllMiddleware:

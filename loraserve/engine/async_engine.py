@@ -51,6 +51,36 @@ class _Stream:
 EngineFactory = Callable[[], tuple[LLMEngine, Tokenizer]]
 
 
+class _Events:
+    """One request's events. Closing it, or cancelling a read, before the last event aborts the request,
+    which frees its KV blocks and adapter pin at once. Not an async generator: one closed before its first
+    read would never run its `finally`, and its request would generate on for nobody."""
+
+    def __init__(self, engine: AsyncEngine, request_id: str, stream: _Stream) -> None:
+        self._engine, self._request_id, self._stream = engine, request_id, stream
+        self._ended = False
+
+    def __aiter__(self) -> _Events:
+        return self
+
+    async def __anext__(self) -> StreamEvent:
+        if self._ended:
+            raise StopAsyncIteration
+        try:
+            event = await self._stream.queue.get()
+        except BaseException:  # cancelled: the consumer went away (a client disconnect)
+            await self.aclose()
+            raise
+        if event.finish_reason is not None:
+            self._ended = True
+        return event
+
+    async def aclose(self) -> None:
+        self._ended = True
+        if not self._stream.done:
+            self._engine.abort(self._request_id)
+
+
 class AsyncEngine:
     """Builds its engine on the step thread and runs every step there.
 
@@ -110,18 +140,7 @@ class AsyncEngine:
             self._inbox.append(_Add(request_id, list(prompt_token_ids), params, adapter, cache_salt))
             self._pending_adds += 1
             self._wake.notify()
-        return self._events(request_id, stream)
-
-    async def _events(self, request_id: str, stream: _Stream) -> AsyncIterator[StreamEvent]:
-        try:
-            while True:
-                event = await stream.queue.get()
-                yield event
-                if event.finish_reason is not None:
-                    return
-        finally:
-            if not stream.done:  # the consumer went away (client disconnect): free the KV blocks now
-                self.abort(request_id)
+        return _Events(self, request_id, stream)
 
     def abort(self, request_id: str) -> None:
         with self._lock:
