@@ -78,6 +78,13 @@ def serve(
     max_queue: Annotated[
         int | None, typer.Option(min=1, help="Requests waiting beyond the batch; more get 429/3040 (default 256).")
     ] = None,
+    prefix_caching: Annotated[
+        bool, typer.Option(help="Reuse the K/V of prompt prefixes an account sent before (never across accounts).")
+    ] = True,
+    metrics_token: Annotated[
+        str | None, typer.Option(envvar="LORASERVE_METRICS_TOKEN",
+                                 help="Bearer token GET /metrics requires (its series name finetune ids).")
+    ] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Serve the Workers AI API for the given models."""
@@ -88,7 +95,8 @@ def serve(
     try:
         sources = [catalog.parse_model_arg(arg) for arg in model or [catalog.DEFAULT_MODEL.id]]
         located = {s.id: catalog.locate(s.source) for s in sources}
-        settings = ServerSettings(**_given(rate_limit_per_minute=rate_limit, request_timeout_s=timeout))
+        settings = ServerSettings(**_given(rate_limit_per_minute=rate_limit, request_timeout_s=timeout,
+                                           metrics_token=metrics_token))
         limits = RegistryLimits(**_given(max_rank=max_rank))
     except ValueError as exc:  # ModelSourceError, or a setting out of range
         raise _fail(str(exc), 2) from None
@@ -97,7 +105,8 @@ def serve(
     from loraserve.engine import EngineConfig, load_backend  # torch: only now
 
     try:
-        engine_config = EngineConfig(**_given(max_num_seqs=max_batch, max_queue=max_queue))
+        engine_config = EngineConfig(**_given(max_num_seqs=max_batch, max_queue=max_queue),
+                                     prefix_caching=prefix_caching)
     except ValueError as exc:
         raise _fail(str(exc), 2) from None
 
@@ -113,6 +122,9 @@ def serve(
             except (OSError, ValueError) as exc:
                 raise _fail(f"{spec.id}: cannot load {located[spec.id]}: {exc}", 2) from None
         backends[spec.id] = loaded[key]
+    if metrics_token is None and host not in ("127.0.0.1", "localhost", "::1"):
+        err.print(f"warning: GET /metrics is open to anyone who reaches {host}:{port}; "
+                  "set --metrics-token (or LORASERVE_METRICS_TOKEN) to require a bearer token", highlight=False)
     err.print(f"serving {', '.join(backends)} on http://{host}:{port}", highlight=False)
     run_server(create_app(registry, backends, settings), host, port, log_level=log_level)
 

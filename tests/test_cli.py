@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +18,7 @@ from loraserve.cli import app
 from loraserve.errors import AuthenticationError
 
 from conftest import LORA_MODEL, Account, LiveServer
-from serve_helpers import free_port
+from serve_helpers import ServeProcess
 
 runner = CliRunner()
 
@@ -123,29 +121,18 @@ def test_bench_passes_its_arguments_through() -> None:
 
 
 def test_serve_runs_until_interrupted(tmp_path: Path) -> None:
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "loraserve", "serve", "--port", str(port), "--data-dir", str(tmp_path),
-         "--model", "@cf/test/tiny-lora=random:tiny", "--model", "@cf/test/tiny=random:tiny",
-         "--rate-limit", "0", "--max-rank", "16", "--log-level", "warning"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, proc.communicate()[1]
-            assert time.monotonic() < deadline, "serve did not come up"
-            try:
-                health = httpx.get(f"http://127.0.0.1:{port}/healthz")
-                break
-            except httpx.TransportError:
-                time.sleep(0.1)
+    metrics_token = "scrape-me-please-0123"
+    with ServeProcess(tmp_path, tmp_path / "serve.log", ["@cf/test/tiny-lora=random:tiny", "@cf/test/tiny=random:tiny"],
+                      extra_args=("--rate-limit", "0", "--max-rank", "16", "--no-prefix-caching"),
+                      env={"LORASERVE_METRICS_TOKEN": metrics_token}) as server:
+        server.start()
+        health = httpx.get(f"{server.base_url}/healthz")
         assert health.json() == {"status": "ok", "models": ["@cf/test/tiny", "@cf/test/tiny-lora"]}
         assert (tmp_path / "finetunes").exists() or any(tmp_path.iterdir())
-    finally:
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=30)
-    assert proc.returncode == 0, err
+        assert httpx.get(f"{server.base_url}/metrics").status_code == 401
+        scraped = httpx.get(f"{server.base_url}/metrics", headers={"Authorization": f"Bearer {metrics_token}"})
+        assert scraped.status_code == 200 and "loraserve_kv_blocks_used" in scraped.text
+        assert server.stop() == 0, server.log()
 
 
 def test_serve_explains_missing_weights(tmp_path: Path) -> None:
