@@ -195,3 +195,28 @@ def create_finetune(
         )
         assert upload.status_code == 200, upload.text
     return finetune
+
+
+def ok(response: Any) -> Any:
+    """The `result` of a successful Workers AI envelope."""
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["success"] is True and body["errors"] == [] and body["messages"] == []
+    return body["result"]
+
+
+def fails(response: Any, status: int, code: int) -> str:
+    """The message of a failed Workers AI envelope with this status and code."""
+    assert response.status_code == status, response.text
+    error = response.json()["errors"][0]
+    assert error["code"] == code
+    message: str = error["message"]
+    return message
+
+
+def upload(server: LiveServer, account: Account, ref: str, file_name: str, content: bytes) -> Any:
+    """One `finetune-assets` upload, as wrangler sends it (a part named "blob")."""
+    import httpx
+
+    return httpx.post(f"{server.ai_url(account)}/finetunes/{ref}/finetune-assets", headers=account.headers,
+                      data={"file_name": file_name}, files={"file": ("blob", content)})

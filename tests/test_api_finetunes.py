@@ -10,31 +10,21 @@ from typing import Any
 
 import httpx
 
-from conftest import BASE_NAME, LORA_MODEL, NO_LORA_MODEL, Account, LiveServer, create_finetune
+from conftest import (
+    BASE_NAME,
+    LORA_MODEL,
+    NO_LORA_MODEL,
+    Account,
+    LiveServer,
+    create_finetune,
+    fails,
+    ok,
+    upload,
+)
 
 FINETUNE_KEYS = {"id", "name", "description", "model", "public", "created_at", "modified_at"}
 ASSET_KEYS = {"id", "finetune_id", "file_name", "bucket_name", "created_at", "modified_at"}
 ISO = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z")
-
-
-def ok(response: httpx.Response) -> Any:
-    assert response.status_code == 200, response.text
-    body = response.json()
-    assert body["success"] is True and body["errors"] == [] and body["messages"] == []
-    return body["result"]
-
-
-def fails(response: httpx.Response, status: int, code: int) -> str:
-    assert response.status_code == status, response.text
-    error = response.json()["errors"][0]
-    assert error["code"] == code
-    message: str = error["message"]
-    return message
-
-
-def upload(server: LiveServer, account: Account, ref: str, file_name: str, content: bytes) -> httpx.Response:
-    return httpx.post(f"{server.ai_url(account)}/finetunes/{ref}/finetune-assets", headers=account.headers,
-                      data={"file_name": file_name}, files={"file": ("blob", content)})
 
 
 def test_create_returns_the_finetune(server: LiveServer, account: Account) -> None:

@@ -223,7 +223,7 @@ def test_header_not_json_or_not_object(tmp_path: Path) -> None:
 
 
 def _two(
-    a_entry: Mapping[str, object], b_entry: Mapping[str, object] | None = None, data: bytes = bytes(256)
+    a_entry: Mapping[str, object], b_entry: Mapping[str, object] | None = None, data: bytes = bytes(128)
 ) -> bytes:
     b = b_entry or {"dtype": "F32", "shape": [16, 1], "data_offsets": [64, 128]}
     return synth.raw_safetensors({A0: a_entry, B0: b}, data)

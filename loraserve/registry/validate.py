@@ -12,7 +12,9 @@ from pathlib import Path
 from loraserve.registry.limits import RegistryLimits
 from loraserve.registry.validate_config import (
     ALL_LINEAR,
+    MAX_ALPHA,
     MAX_CONFIG_BYTES,
+    MAX_ENTRIES,
     PROJ_SECTION,
     AdapterConfig,
     module_key,
@@ -33,7 +35,9 @@ from loraserve.types import ModelInfo
 __all__ = [
     "ALL_LINEAR",
     "DTYPE_SIZES",
+    "MAX_ALPHA",
     "MAX_CONFIG_BYTES",
+    "MAX_ENTRIES",
     "MAX_HEADER_BYTES",
     "PROJ_SECTION",
     "AdapterConfig",

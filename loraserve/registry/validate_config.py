@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import math
 import re
+import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -14,6 +14,12 @@ from loraserve.types import LORA_TARGETS, ModelInfo
 
 MAX_CONFIG_BYTES = 1 << 20
 ALL_LINEAR = "all-linear"
+# Far above anything PEFT writes (a few names, or one full path per adapted module of a 100+ layer model),
+# and low enough that matching every module against every entry stays cheap.
+MAX_ENTRIES = 4096
+# float16's largest value: a scaling factor (alpha / r) beyond it is no trained adapter, and a huge int
+# would not even convert to a float.
+MAX_ALPHA = 65504.0
 
 # Which block of a decoder layer owns each projection (PEFT module path component).
 PROJ_SECTION: dict[str, str] = {
@@ -51,8 +57,18 @@ def _fail(message: str) -> InvalidFinetune:
     return InvalidFinetune(f"adapter_config.json: {message}")
 
 
-def _show(value: object) -> str:
-    text = repr(value)
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxlong, _REPR.maxother = 3, 80, 40, 60
+_REPR.maxlist = _REPR.maxdict = _REPR.maxtuple = _REPR.maxset = 8
+
+
+def show(value: object) -> str:
+    """A bounded repr for error messages: an upload's value may be 1 MB long or nested 1000 deep, and
+    repr() escapes what JSON cannot carry (lone surrogates)."""
+    try:
+        text = _REPR.repr(value)
+    except (ValueError, RecursionError):  # an int past Python's 4300-digit str limit; defensive
+        text = f"<{type(value).__name__}>"
     return text if len(text) <= 80 else text[:77] + "..."
 
 
@@ -105,26 +121,25 @@ class AdapterConfig:
 def _rank(name: str, value: object, limits: RegistryLimits) -> int:
     if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= limits.max_rank:
         return value
-    raise _fail(f"{name} must be an integer in 1..{limits.max_rank}, found {_show(value)}")
+    raise _fail(f"{name} must be an integer in 1..{limits.max_rank}, found {show(value)}")
 
 
 def _positive_number(name: str, value: object) -> float:
-    # bool is an int in Python, and json.loads accepts NaN and Infinity: refuse all three.
-    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0:
+    # bool is an int in Python, and json.loads accepts NaN and Infinity: refuse all three. The bound is
+    # checked before any conversion: float(10**400) raises OverflowError.
+    if isinstance(value, int | float) and not isinstance(value, bool) and 0 < value <= MAX_ALPHA:
         return float(value)
-    raise _fail(f"{name} must be a finite number > 0, found {_show(value)}")
+    raise _fail(f"{name} must be a finite number in (0, {MAX_ALPHA:g}], found {show(value)}")
 
 
 def _module_name(field_name: str, value: object, base: ModelInfo) -> str:
     if not isinstance(value, str) or not _PLAIN_PATH.fullmatch(value):
         raise _fail(
             f"{field_name} entries must be module names like 'q_proj' (regular expressions are not "
-            f"supported), found {_show(value)}"
+            f"supported), found {show(value)}"
         )
     if value.rsplit(".", 1)[-1] not in base.lora_shapes:
-        raise _fail(
-            f"{field_name}: unknown module {_show(value)}; expected one of {sorted(base.lora_shapes)}"
-        )
+        raise _fail(f"{field_name}: unknown module {show(value)}; expected one of {sorted(base.lora_shapes)}")
     return value
 
 
@@ -136,9 +151,15 @@ def _target_modules(value: object, base: ModelInfo) -> tuple[str, ...]:
         return (_module_name("target_modules", value, base),)
     if not isinstance(value, list) or not value:
         raise _fail(
-            f"target_modules must be a non-empty list of module names or 'all-linear', found {_show(value)}"
+            f"target_modules must be a non-empty list of module names or 'all-linear', found {show(value)}"
         )
+    _at_most("target_modules", value)
     return tuple(dict.fromkeys(_module_name("target_modules", v, base) for v in value))
+
+
+def _at_most(name: str, value: list[object] | dict[str, object]) -> None:
+    if len(value) > MAX_ENTRIES:
+        raise _fail(f"{name} has {len(value)} entries, expected at most {MAX_ENTRIES}")
 
 
 def _pattern(name: str, value: object, base: ModelInfo) -> dict[str, object]:
@@ -146,7 +167,8 @@ def _pattern(name: str, value: object, base: ModelInfo) -> dict[str, object]:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise _fail(f"{name} must be an object, found {_show(value)}")
+        raise _fail(f"{name} must be an object, found {show(value)}")
+    _at_most(name, value)
     return {_module_name(name, k, base): v for k, v in value.items()}
 
 
@@ -154,11 +176,12 @@ def _layers(value: object, base: ModelInfo) -> tuple[int, ...] | None:
     if value is None:
         return None
     items = value if isinstance(value, list) else [value]  # PEFT also takes a single int
+    _at_most("layers_to_transform", items)
     layers: set[int] = set()
     for i in items:
         if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < base.num_layers:
             raise _fail(
-                f"layers_to_transform must be layer indices in 0..{base.num_layers - 1}, found {_show(value)}"
+                f"layers_to_transform must be layer indices in 0..{base.num_layers - 1}, found {show(value)}"
             )
         layers.add(i)
     if not layers:
@@ -168,17 +191,27 @@ def _layers(value: object, base: ModelInfo) -> tuple[int, ...] | None:
 
 def _require(obj: dict[str, object], key: str, ok: bool, expected: str) -> None:
     if key in obj and not ok:
-        raise _fail(f"{key} must be {expected}, found {_show(obj[key])}")
+        raise _fail(f"{key} must be {expected}, found {show(obj[key])}")
+
+
+def _load_json(data: bytes) -> object:
+    try:
+        return json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise _fail(f"not valid UTF-8 JSON: {exc.reason} at byte {exc.start}") from None
+    except json.JSONDecodeError as exc:  # says where: "Expecting ',' delimiter: line 1 column 9 (char 8)"
+        raise _fail(f"not valid UTF-8 JSON: {exc}") from None
+    except RecursionError:
+        raise _fail("not valid UTF-8 JSON: nested too deeply") from None
+    except ValueError as exc:  # an integer literal past Python's 4300-digit limit
+        raise _fail(f"not valid UTF-8 JSON: {exc}") from None
 
 
 def parse_adapter_config(data: bytes, base: ModelInfo, limits: RegistryLimits) -> AdapterConfig:
     """Parse and check one `adapter_config.json`; raises InvalidFinetune naming the offending field."""
     if len(data) > MAX_CONFIG_BYTES:
         raise _fail(f"file is {len(data)} bytes, expected at most {MAX_CONFIG_BYTES}")
-    try:
-        obj = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise _fail(f"not valid UTF-8 JSON ({type(exc).__name__})") from None
+    obj = _load_json(data)
     if not isinstance(obj, dict):
         raise _fail(f"expected a JSON object, found {type(obj).__name__}")
     _require(obj, "peft_type", obj.get("peft_type") == "LORA", "'LORA'")
@@ -192,9 +225,7 @@ def parse_adapter_config(data: bytes, base: ModelInfo, limits: RegistryLimits) -
     if model_type is None:
         model_type = base.architecture  # Workers AI requires it; PEFT does not write it. Be lenient.
     if not isinstance(model_type, str) or model_type.lower() != base.architecture.lower():
-        raise _fail(
-            f"model_type must be {base.architecture!r} for this base model, found {_show(model_type)}"
-        )
+        raise _fail(f"model_type must be {base.architecture!r} for this base model, found {show(model_type)}")
     if "r" not in obj:
         raise _fail("r is required")
     if "lora_alpha" not in obj:
@@ -208,11 +239,11 @@ def parse_adapter_config(data: bytes, base: ModelInfo, limits: RegistryLimits) -
         use_rslora=bool(obj.get("use_rslora") or False),
         model_type=base.architecture,
         rank_pattern={
-            k: _rank(f"rank_pattern[{k!r}]", v, limits)
+            k: _rank(f"rank_pattern[{show(k)}]", v, limits)
             for k, v in _pattern("rank_pattern", obj.get("rank_pattern"), base).items()
         },
         alpha_pattern={
-            k: _positive_number(f"alpha_pattern[{k!r}]", v)
+            k: _positive_number(f"alpha_pattern[{show(k)}]", v)
             for k, v in _pattern("alpha_pattern", obj.get("alpha_pattern"), base).items()
         },
         layers_to_transform=_layers(obj.get("layers_to_transform"), base),
