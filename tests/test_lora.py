@@ -121,6 +121,25 @@ def test_load_adapter_folds_the_peft_scale(base: Any, adapters: dict[str, Path])
     assert set(w.modules) == {(layer, t) for layer in range(2) for t in ALL_TARGETS}
 
 
+def test_load_adapter_refuses_weights_that_overflow_once_scaled(base: Any, adapters: dict[str, Path],
+                                                               tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "loud"
+    shutil.copytree(adapters["r1-qv"], folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": 65504}))
+    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    save_file({k: v * 100 if "lora_B" in k else v for k, v in tensors.items()}, str(folder / "adapter_model.safetensors"))
+    ref = AdapterRef("loud", str(folder))
+    assert load_adapter(ref, model_config(base), torch.float32).rank == 1  # finite in fp32
+    with pytest.raises(ValueError, match=r"overflow torch\.float16"):
+        load_adapter(ref, model_config(base), torch.float16)
+
+
 def test_mixed_batch_logits_match_peft_on_both_lora_paths(base: Any, adapters: dict[str, Path],
                                                           reference: Any) -> None:
     refs = _refs(adapters)

@@ -63,7 +63,7 @@ def _pattern_value(patterns: dict[str, float], module: str, default: float) -> f
 def load_adapter(ref: AdapterRef, cfg: ModelConfig, dtype: torch.dtype) -> LoraWeights:
     """Parse a PEFT adapter folder. The registry validated it at upload; this re-checks shapes cheaply."""
     folder = Path(ref.path)
-    conf = json.loads((folder / "adapter_config.json").read_text())
+    conf = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
     alpha = float(conf.get("lora_alpha", conf.get("r", 8)))
     rslora = bool(conf.get("use_rslora", False))
     alpha_pattern = conf.get("alpha_pattern") or {}
@@ -84,7 +84,11 @@ def load_adapter(ref: AdapterRef, cfg: ModelConfig, dtype: torch.dtype) -> LoraW
             raise ValueError(f"adapter tensors for layer {layer} {target} have shapes {a.shape}, {b.shape}")
         mod_alpha = _pattern_value(alpha_pattern, f"base_model.model.{module_name(layer, target)}", alpha)
         scale = mod_alpha / math.sqrt(r) if rslora else mod_alpha / r
-        modules[(layer, target)] = (a.to(dtype), (b * scale).to(dtype))
+        a_cast, b_cast = a.to(dtype), (b * scale).to(dtype)
+        # Finite at upload can still overflow here: B times a large alpha/r, cast to fp16 or bf16.
+        if not (torch.isfinite(a_cast).all() and torch.isfinite(b_cast).all()):
+            raise ValueError(f"layer {layer} {target}: weights times lora_alpha/r ({scale:g}) overflow {dtype}")
+        modules[(layer, target)] = (a_cast, b_cast)
     return LoraWeights(ref.key, modules)
 
 
