@@ -5,13 +5,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from fastapi import FastAPI, Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, PlainTextResponse
 
 from loraserve.api import playground, routes_finetunes, routes_models, routes_openai, routes_run
 from loraserve.api.bodylimit import BodyLimitMiddleware
 from loraserve.api.context import AppContext, attach, get_context
 from loraserve.api.handlers import CatchAllMiddleware, install_error_handlers
 from loraserve.api.metrics import Metrics, MetricsMiddleware, metrics_endpoint
+from loraserve.api.openai_errors import OpenAIErrorMiddleware
+from loraserve.api.openapi import DocumentedApp
+from loraserve.api.openapi_models import Health
 from loraserve.api.ratelimit import RateLimiter
 from loraserve.api.settings import MULTIPART_OVERHEAD_BYTES, ServerSettings
 from loraserve.registry import Registry
@@ -28,8 +31,10 @@ def create_app(
     if not backends:
         raise ValueError("create_app needs at least one model to serve")
     settings = settings or ServerSettings()
-    # The Workers AI surface is exactly the routes below; no docs pages to collide with it.
-    app = FastAPI(title="loraserve", docs_url=None, redoc_url=None, openapi_url=None, redirect_slashes=False)
+    # The Workers AI surface is exactly the routes below plus /openapi.json; no docs pages to collide with it.
+    app = DocumentedApp(
+        title="loraserve", docs_url=None, redoc_url=None, openapi_url="/openapi.json", redirect_slashes=False
+    )
     # Every backend is wrapped once so that all generation is measured for /metrics.
     metrics = app.state.metrics = Metrics()
     served = metrics.instrument(backends)
@@ -40,8 +45,8 @@ def create_app(
     app.include_router(routes_models.router, prefix=ACCOUNT_PREFIX)
     app.include_router(routes_openai.router, prefix=ACCOUNT_PREFIX)
     app.include_router(playground.router)
-    app.add_api_route("/healthz", healthz, methods=["GET"])
-    app.add_api_route("/metrics", metrics_endpoint, methods=["GET"])
+    app.add_api_route("/healthz", healthz, methods=["GET"], responses={200: {"model": Health}})
+    app.add_api_route("/metrics", metrics_endpoint, methods=["GET"], response_class=PlainTextResponse)
     upload_limit = registry.limits.max_file_bytes + MULTIPART_OVERHEAD_BYTES
 
     def body_limit(path: str) -> int:
@@ -53,7 +58,7 @@ def create_app(
 
     app.add_middleware(BodyLimitMiddleware, limit_for_path=body_limit)
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # sees every error as the Workers AI envelope
-    app.add_middleware(routes_openai.OpenAIErrorMiddleware)  # then /v1 errors take OpenAI's shape
+    app.add_middleware(OpenAIErrorMiddleware)  # then /v1 errors take OpenAI's shape
     app.add_middleware(CatchAllMiddleware)  # added last: the outermost layer
     return app
 

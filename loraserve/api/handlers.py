@@ -13,10 +13,11 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from loraserve.api.envelope import InternalError, error_response
+from loraserve.api.openai_errors import is_openai_path, openai_error
 from loraserve.api.validation import describe_validation_error
 from loraserve.errors import BadInput, MissingBody, RequestTooLarge, RouteNotFound, WorkersAIError
 
@@ -87,4 +88,8 @@ class CatchAllMiddleware:
             # The path is logged, never the headers: they carry the bearer token.
             logger.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
             if not started:
-                await error_response(InternalError())(scope, receive, send)
+                error = InternalError()
+                # Outside OpenAIErrorMiddleware, so the /v1 routes' own shape is chosen here.
+                response = (JSONResponse(openai_error(error), status_code=error.status)
+                            if is_openai_path(scope["path"]) else error_response(error))
+                await response(scope, receive, send)

@@ -8,6 +8,7 @@ from functools import partial
 from typing import Annotated, Any, BinaryIO
 
 from fastapi import APIRouter, Query, Request
+from pydantic import AfterValidator
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.responses import JSONResponse
@@ -16,6 +17,13 @@ from loraserve import catalog
 from loraserve.api.auth import Account
 from loraserve.api.context import AppContext, get_context
 from loraserve.api.envelope import success_response
+from loraserve.api.openapi_models import (
+    AssetEnvelope,
+    FinetuneEnvelope,
+    FinetuneListEnvelope,
+    finetune_create_body,
+    upload_body,
+)
 from loraserve.api.schemas import FinetuneCreate
 from loraserve.api.validation import read_json_object, validate
 from loraserve.errors import BadInput, MissingBody
@@ -23,9 +31,17 @@ from loraserve.registry.records import AssetFile, PublicOrder
 from loraserve.types import ModelInfo
 
 router = APIRouter(prefix="/finetunes")
+MAX_OFFSET = 2**53  # every whole float up to here is exact, and it fits the database's 64-bit integers
 
 
-@router.post("")
+def _whole(value: float | None) -> float | None:
+    # pydantic's multiple_of lets through what is within float epsilon of a multiple (2.5e-42).
+    if value is not None and not value.is_integer():
+        raise ValueError("must be a whole number")
+    return value
+
+
+@router.post("", openapi_extra=finetune_create_body(), responses={200: {"model": FinetuneEnvelope}})
 async def create_finetune(request: Request, account: Account) -> JSONResponse:
     context = get_context(request)
     body = validate(FinetuneCreate, await read_json_object(request))
@@ -37,19 +53,19 @@ async def create_finetune(request: Request, account: Account) -> JSONResponse:
     return success_response(finetune.to_api())
 
 
-@router.get("")
+@router.get("", responses={200: {"model": FinetuneListEnvelope}})
 async def list_finetunes(request: Request, account: Account) -> JSONResponse:
     finetunes = await run_in_threadpool(get_context(request).registry.list_finetunes, account)
     return success_response([f.to_api() for f in finetunes])
 
 
-@router.get("/public")
+@router.get("/public", responses={200: {"model": FinetuneListEnvelope}})
 async def list_public_finetunes(
     request: Request,
     account: Account,
     # Floats because the official SDK types them so (and may send "10.0"); whole numbers only.
-    limit: Annotated[float | None, Query(ge=1, le=1000, multiple_of=1)] = None,
-    offset: Annotated[float | None, Query(ge=0, multiple_of=1)] = None,
+    limit: Annotated[float | None, Query(ge=1, le=1000, multiple_of=1), AfterValidator(_whole)] = None,
+    offset: Annotated[float | None, Query(ge=0, le=MAX_OFFSET, multiple_of=1), AfterValidator(_whole)] = None,
     order_by: Annotated[PublicOrder | None, Query(alias="orderBy")] = None,
 ) -> JSONResponse:
     # Only what the caller gave is passed on: the registry owns the defaults.
@@ -65,13 +81,13 @@ async def list_public_finetunes(
     return success_response([f.to_api() for f in finetunes])
 
 
-@router.get("/{ref}")
+@router.get("/{ref}", responses={200: {"model": FinetuneEnvelope}})
 async def get_finetune(request: Request, ref: str, account: Account) -> JSONResponse:
     finetune = await run_in_threadpool(get_context(request).registry.get_finetune, account, ref)
     return success_response(finetune.to_api())
 
 
-@router.delete("/{ref}")
+@router.delete("/{ref}", responses={200: {"model": FinetuneEnvelope}})
 async def delete_finetune(request: Request, ref: str, account: Account) -> JSONResponse:
     context = get_context(request)
     finetune = await run_in_threadpool(context.registry.delete_finetune, account, ref)
@@ -79,7 +95,7 @@ async def delete_finetune(request: Request, ref: str, account: Account) -> JSONR
     return success_response(finetune.to_api())
 
 
-@router.post("/{ref}/finetune-assets")
+@router.post("/{ref}/finetune-assets", openapi_extra=upload_body(), responses={200: {"model": AssetEnvelope}})
 async def upload_asset(request: Request, ref: str, account: Account) -> JSONResponse:
     context = get_context(request)
     finetune = await run_in_threadpool(context.registry.get_finetune, account, ref)

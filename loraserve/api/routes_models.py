@@ -1,25 +1,24 @@
 """GET /accounts/{account_id}/ai/models/search and /models/schema (contract section 5).
 
 The search lists the models this server serves, in Workers AI's shape. The schema endpoint returns
-JSON Schemas generated from the very pydantic models /run validates with (`schemas.py`), so the
+JSON Schemas generated from the very pydantic models /run validates with (`schemas.py`, via
+`openapi_models.py`), so the
 published schema and the validation cannot drift apart.
 """
 
 from __future__ import annotations
 
 import uuid
-from functools import cache
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
-from pydantic import BaseModel
 from starlette.responses import JSONResponse
 
 from loraserve import catalog
 from loraserve.api.auth import Account
 from loraserve.api.context import AppContext, get_context
 from loraserve.api.envelope import success, success_response
-from loraserve.api.schemas import MessagesInput, PromptInput
+from loraserve.api.openapi_models import ModelSchemaEnvelope, ModelSearchEnvelope, input_schema, output_schema
 from loraserve.errors import NoSuchModel
 
 router = APIRouter(prefix="/models")
@@ -73,7 +72,7 @@ def _matches(model: dict[str, Any], search: str | None, task: str | None, author
     return source is None or source == model["source"]
 
 
-@router.get("/search")
+@router.get("/search", responses={200: {"model": ModelSearchEnvelope}})
 async def search_models(
     request: Request,
     account: Account,
@@ -94,58 +93,7 @@ async def search_models(
     return JSONResponse(body)
 
 
-class RunUsage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
-class RunOutput(BaseModel):
-    """What a /run that is not streamed returns as `result` (routes_run builds exactly this)."""
-
-    response: str
-    usage: RunUsage
-
-
-def _inlined(schema: dict[str, Any]) -> dict[str, Any]:
-    """`schema` with its `$defs` references replaced by what they name: every part stands alone
-    (none of these models is recursive)."""
-    defs: dict[str, Any] = schema.pop("$defs", {})
-
-    def walk(node: Any) -> Any:
-        if isinstance(node, dict):
-            ref = node.get("$ref")
-            if isinstance(ref, str) and ref.startswith("#/$defs/"):
-                rest = {k: walk(v) for k, v in node.items() if k != "$ref"}
-                return {**walk(defs[ref.removeprefix("#/$defs/")]), **rest}
-            return {k: walk(v) for k, v in node.items()}
-        if isinstance(node, list):
-            return [walk(v) for v in node]
-        return node
-
-    out: dict[str, Any] = walk(schema)
-    return out
-
-
-@cache
-def input_schema() -> dict[str, Any]:
-    """The two /run input shapes as one schema: exactly the pydantic models the endpoint validates."""
-    shapes = [_inlined(m.model_json_schema(mode="validation")) for m in (PromptInput, MessagesInput)]
-    return {"type": "object", "oneOf": shapes}
-
-
-@cache
-def output_schema() -> dict[str, Any]:
-    whole = _inlined(RunOutput.model_json_schema(mode="serialization"))
-    return {
-        "oneOf": [
-            {**whole, "contentType": "application/json"},
-            {"type": "string", "contentType": "text/event-stream", "format": "binary"},
-        ]
-    }
-
-
-@router.get("/schema")
+@router.get("/schema", responses={200: {"model": ModelSchemaEnvelope}})
 async def model_schema(request: Request, account: Account, model: str) -> JSONResponse:
     context = get_context(request)
     if model not in context.backends and model + catalog.LORA_SUFFIX not in context.backends:

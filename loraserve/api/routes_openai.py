@@ -4,161 +4,48 @@
 Requests are translated into /run inputs and go through the run endpoint's own pipeline (`prepare`:
 templating, context check, model routing, adapter resolution), so both faces validate and generate
 alike. A finetune is chosen with `lora` in the body or with `model: "<model>:<finetune name or id>"`.
-Errors are the Workers AI errors, reshaped as OpenAI's `{"error": {...}}` by `OpenAIErrorMiddleware`.
+Errors are the Workers AI errors, reshaped as OpenAI's `{"error": {...}}` by `OpenAIErrorMiddleware`
+(openai_errors.py); the request and response models are in openai_schemas.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import json
 import time
 from collections.abc import AsyncIterator, Collection
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, Response
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from loraserve.api.auth import Account
 from loraserve.api.context import get_context
 from loraserve.api.generation import PreparedRun, event_error, prepare, usage
+from loraserve.api.openai_errors import openai_error
+from loraserve.api.openai_schemas import (
+    ChatCompletionRequest,
+    ChatRole,
+    ChatRunInput,
+    CompletionRequest,
+    CompletionRunInput,
+    ModelEntry,
+    ModelList,
+    OpenAIFields,
+    chat_responses,
+    completion_responses,
+)
+from loraserve.api.openapi_models import json_body, request_schema
 from loraserve.api.routes_run import ClientGone, _unless_disconnected, first_event
-from loraserve.api.schemas import MAX_TEXT_CHARS, MessagesInput, PromptInput, RunInput
+from loraserve.api.schemas import MAX_TEXT_CHARS, RunInput
 from loraserve.api.sse import DONE, EventStreamResponse
 from loraserve.api.validation import read_json_object, validate
-from loraserve.errors import BadInput, NoSuchModel, RequestTimeout, WorkersAIError
+from loraserve.errors import BadInput, NoSuchModel, RequestTimeout
 from loraserve.types import FinishReason, StreamEvent
 
 router = APIRouter(prefix="/v1")
-
-MAX_STOP_SEQUENCES = 4
-_SEED_MIN, _SEED_MAX = -(2**63), 2**63 - 1
-
-
-# -- request bodies ---------------------------------------------------------------------------------
-
-
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    include_usage: bool = False
-
-
-class _OpenAIFields(BaseModel):
-    """What chat and completions share. A sampling field left out takes the Workers AI default."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    model: str = Field(min_length=1)
-    lora: str | None = Field(default=None, min_length=1)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0, le=5)
-    top_p: float | None = Field(default=None, ge=0, le=2)
-    top_k: int | None = Field(default=None, ge=1, le=50)  # beyond OpenAI, as vLLM takes them
-    repetition_penalty: float | None = Field(default=None, ge=0, le=2)
-    seed: int | None = Field(default=None, ge=_SEED_MIN, le=_SEED_MAX)
-    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
-    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
-    stop: str | list[str] | None = None
-    n: int | None = Field(default=None, ge=1, le=1, description="only 1 is supported")
-    logprobs: Any = None
-    top_logprobs: int | None = None
-
-    def stop_strings(self) -> list[str]:
-        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        if len(stops) > MAX_STOP_SEQUENCES:
-            raise BadInput(f"stop: at most {MAX_STOP_SEQUENCES} sequences")
-        return [s for s in stops if s]
-
-    def check_unsupported(self) -> None:
-        if self.logprobs not in (None, False) or self.top_logprobs not in (None, 0):
-            raise BadInput("logprobs: not supported by this server")
-
-    def sampling(self, max_tokens: int | None) -> dict[str, Any]:
-        fields = {"max_tokens": max_tokens, "temperature": self.temperature, "top_p": self.top_p,
-                  "top_k": self.top_k, "repetition_penalty": self.repetition_penalty, "seed": self.seed, "frequency_penalty": self.frequency_penalty,
-                  "presence_penalty": self.presence_penalty}
-        return {k: v for k, v in fields.items() if v is not None}
-
-
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    type: Literal["text"]
-    text: str
-
-
-class ChatRole(enum.StrEnum):
-    SYSTEM = "system"
-    DEVELOPER = "developer"  # OpenAI's newer name for the system message
-    USER = "user"
-    ASSISTANT = "assistant"
-
-
-class ChatMessageIn(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    role: ChatRole
-    content: str | list[TextPart] | None = None
-
-    def text(self) -> str:
-        if isinstance(self.content, list):
-            return "".join(part.text for part in self.content)
-        return self.content or ""
-
-
-class ChatCompletionRequest(_OpenAIFields):
-    messages: list[ChatMessageIn] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    tools: list[Any] | None = None
-    response_format: dict[str, Any] | None = None
-
-    def check_unsupported(self) -> None:
-        super().check_unsupported()
-        if self.tools:
-            raise BadInput("tools: tool calling is not supported by this server")
-        if self.response_format is not None and self.response_format.get("type", "text") != "text":
-            raise BadInput("response_format: only {\"type\": \"text\"} is supported")
-
-
-class CompletionRequest(_OpenAIFields):
-    prompt: str | list[str]
-    echo: bool = False
-    suffix: str | None = None
-    best_of: int | None = Field(default=None, ge=1, le=1, description="only 1 is supported")
-
-    def check_unsupported(self) -> None:
-        super().check_unsupported()
-        if self.echo:
-            raise BadInput("echo: not supported by this server")
-        if self.suffix:
-            raise BadInput("suffix: not supported by this server")
-
-    def prompt_text(self) -> str:
-        if isinstance(self.prompt, str):
-            return self.prompt
-        if len(self.prompt) != 1:
-            raise BadInput("prompt: give one prompt (a string, or a list of one string)")
-        return self.prompt[0]
-
-
-# The /run input shapes, with OpenAI's wider ranges for what OpenAI allows beyond Workers AI.
-class ChatRunInput(MessagesInput):
-    seed: int | None = Field(default=None, ge=_SEED_MIN, le=_SEED_MAX)
-    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
-    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
-
-
-class CompletionRunInput(PromptInput):
-    seed: int | None = Field(default=None, ge=_SEED_MIN, le=_SEED_MAX)
-    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
-    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
 
 
 def split_model(model: str, lora: str | None, served: Collection[str]) -> tuple[str, str | None]:
@@ -289,7 +176,8 @@ def _sse(payload: dict[str, Any]) -> bytes:
 # -- routes -----------------------------------------------------------------------------------------
 
 
-@router.post("/chat/completions")
+@router.post("/chat/completions", openapi_extra=json_body(request_schema(ChatCompletionRequest)),
+             responses=chat_responses())
 async def chat_completions(request: Request, account: Account) -> Response:
     context = get_context(request)
     context.rate_limiter.check(account)
@@ -299,7 +187,8 @@ async def chat_completions(request: Request, account: Account) -> Response:
     return await _generate(request, account, body, model, _chat_input(body, lora), chat=True)
 
 
-@router.post("/completions")
+@router.post("/completions", openapi_extra=json_body(request_schema(CompletionRequest)),
+             responses=completion_responses())
 async def completions(request: Request, account: Account) -> Response:
     context = get_context(request)
     context.rate_limiter.check(account)
@@ -309,12 +198,12 @@ async def completions(request: Request, account: Account) -> Response:
     return await _generate(request, account, body, model, _completion_input(body, lora), chat=False)
 
 
-@router.get("/models")
+@router.get("/models", responses={200: {"model": ModelList}})
 async def list_models(request: Request, account: Account) -> JSONResponse:
     return JSONResponse({"object": "list", "data": await _model_entries(request, account)})
 
 
-@router.get("/models/{model:path}")
+@router.get("/models/{model:path}", responses={200: {"model": ModelEntry}})
 async def retrieve_model(request: Request, model: str, account: Account) -> JSONResponse:
     for entry in await _model_entries(request, account):
         if entry["id"] == model:
@@ -349,7 +238,7 @@ def _epoch(iso: str) -> int:
 
 
 async def _generate(
-    request: Request, account: str, body: _OpenAIFields, model: str, inputs: RunInput, chat: bool
+    request: Request, account: str, body: OpenAIFields, model: str, inputs: RunInput, chat: bool
 ) -> Response:
     context = get_context(request)
     run = await run_in_threadpool(prepare, context, account, model, inputs)
@@ -460,84 +349,3 @@ async def _chunks(
         yield DONE
     finally:
         await _close(events)
-
-
-# -- errors -----------------------------------------------------------------------------------------
-
-# Workers AI codes with a well-known OpenAI counterpart; the others keep their number (as a string).
-_OPENAI_CODES = {
-    10000: "invalid_api_key",
-    5007: "model_not_found",
-    5021: "context_length_exceeded",
-    3036: "rate_limit_exceeded",
-}
-
-
-def _error_type(status: int) -> str:
-    if status == 401:
-        return "authentication_error"
-    if status == 429:
-        return "rate_limit_error"
-    if status == 408:
-        return "timeout_error"
-    if status >= 500:
-        return "server_error"
-    return "invalid_request_error"
-
-
-def openai_error_body(status: int, code: int, message: str) -> dict[str, Any]:
-    return {"error": {"message": message, "type": _error_type(status), "param": None,
-                      "code": _OPENAI_CODES.get(code, str(code))}}
-
-
-def openai_error(error: WorkersAIError) -> dict[str, Any]:
-    return openai_error_body(error.status, error.code, error.message)
-
-
-def is_openai_path(path: str) -> bool:
-    return path.startswith("/client/v4/accounts/") and "/ai/v1/" in path
-
-
-class OpenAIErrorMiddleware:
-    """On the /v1 routes, every error envelope (whoever made it: routes, auth, body limits, 404s)
-    goes out as OpenAI's `{"error": {"message", "type", "param", "code"}}`, with the same status."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not is_openai_path(scope["path"]):
-            await self.app(scope, receive, send)
-            return
-        start: Message | None = None
-        body = bytearray()
-
-        async def reshaping_send(message: Message) -> None:
-            nonlocal start
-            if message["type"] == "http.response.start" and int(message["status"]) >= 400:
-                start = message  # held until the whole (small, JSON) error body is here
-                return
-            if start is None or message["type"] != "http.response.body":
-                await send(message)
-                return
-            body.extend(message.get("body", b""))
-            if message.get("more_body", False):
-                return
-            status = int(start["status"])
-            payload = _reshape(status, bytes(body))
-            headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
-            headers.append((b"content-length", str(len(payload)).encode()))
-            await send({**start, "headers": headers})
-            await send({"type": "http.response.body", "body": payload, "more_body": False})
-
-        await self.app(scope, receive, reshaping_send)
-
-
-def _reshape(status: int, body: bytes) -> bytes:
-    try:
-        data = json.loads(body)
-        first = data["errors"][0]
-        reshaped = openai_error_body(status, int(first["code"]), str(first["message"]))
-    except (ValueError, KeyError, IndexError, TypeError):
-        reshaped = openai_error_body(status, 0, body.decode("utf-8", "replace")[:500] or "error")
-    return json.dumps(reshaped).encode()

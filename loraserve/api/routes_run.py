@@ -15,6 +15,7 @@ from loraserve.api.auth import Account
 from loraserve.api.context import get_context
 from loraserve.api.envelope import success
 from loraserve.api.generation import PreparedRun, event_error, prepare, usage
+from loraserve.api.openapi_models import input_schema, json_body, run_responses
 from loraserve.api.schemas import parse_run_input
 from loraserve.api.sse import DONE, EventStreamResponse, error_event, text_event, usage_event
 from loraserve.api.validation import read_json_object
@@ -29,7 +30,7 @@ class ClientGone(Exception):
     """The caller disconnected before its answer was ready."""
 
 
-@router.post("/run/{model:path}")
+@router.post("/run/{model:path}", openapi_extra=json_body(input_schema()), responses=run_responses())
 async def run_model(request: Request, model: str, account: Account) -> Response:
     context = get_context(request)
     context.rate_limiter.check(account)

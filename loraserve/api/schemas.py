@@ -3,15 +3,37 @@
 from __future__ import annotations
 
 import enum
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, WithJsonSchema
+from pydantic.config import JsonDict
 
 from loraserve.api.validation import validate
 from loraserve.errors import BadInput
+from loraserve.registry.names import MAX_DESCRIPTION_CHARS, MAX_NAME_CHARS
 from loraserve.types import ChatMessage, SamplingParams
 
 MAX_TEXT_CHARS = 131072
+
+
+def _json_bool(value: Any) -> Any:
+    return {"true": True, "false": False}.get(value, value) if isinstance(value, str) else value
+
+
+def _json_int(value: Any) -> Any:
+    # JSON has one number type: 5.0 is the integer 5 (JSON Schema's "integer" says so too), 5.5 is not.
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+# JSON's own types, as the published schemas say: no "5" for 5, no 0 or "yes" for false, no true for 1.
+# Two leniencies, because real clients need them: the docs' own curl sends `"raw": "true"`, and the
+# SDK may send 5.0 for 5.
+Flag = Annotated[bool, BeforeValidator(_json_bool), Strict(),
+                 WithJsonSchema({"anyOf": [{"type": "boolean"}, {"enum": ["true", "false"]}]})]
+# Optional numbers (every numeric field here is). The validator wraps the whole union so that bounds
+# given with Field(ge=...) reach the integer's JSON Schema as "minimum" (not pydantic's raw "ge").
+OptionalWhole = Annotated[Annotated[int, Strict()] | None, BeforeValidator(_json_int)]
+OptionalNumber = Annotated[float, Strict()] | None  # an integer is a number too
 
 
 class Role(enum.StrEnum):
@@ -33,19 +55,18 @@ class Message(BaseModel):
 class _RunFields(BaseModel):
     """What both input shapes share. A sampling field left out takes SamplingParams' default."""
 
-    # Lax mode on purpose: the docs' own curl sends `"raw": "true"`, and the SDK may send 5.0 for 5.
     model_config = ConfigDict(extra="ignore")
 
-    stream: bool = False
+    stream: Flag = False
     lora: str | None = Field(default=None, min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0, le=5)
-    top_p: float | None = Field(default=None, ge=0, le=2)
-    top_k: int | None = Field(default=None, ge=1, le=50)
-    seed: int | None = Field(default=None, ge=1, le=9_999_999_999)
-    repetition_penalty: float | None = Field(default=None, ge=0, le=2)
-    frequency_penalty: float | None = Field(default=None, ge=0, le=2)
-    presence_penalty: float | None = Field(default=None, ge=0, le=2)
+    max_tokens: OptionalWhole = Field(default=None, ge=1)
+    temperature: OptionalNumber = Field(default=None, ge=0, le=5)
+    top_p: OptionalNumber = Field(default=None, ge=0, le=2)
+    top_k: OptionalWhole = Field(default=None, ge=1, le=50)
+    seed: OptionalWhole = Field(default=None, ge=1, le=9_999_999_999)
+    repetition_penalty: OptionalNumber = Field(default=None, ge=0, le=2)
+    frequency_penalty: OptionalNumber = Field(default=None, ge=0, le=2)
+    presence_penalty: OptionalNumber = Field(default=None, ge=0, le=2)
 
     def sampling_params(self) -> SamplingParams:
         given = {
@@ -59,7 +80,7 @@ class _RunFields(BaseModel):
 
 class PromptInput(_RunFields):
     prompt: str = Field(min_length=1, max_length=MAX_TEXT_CHARS)
-    raw: bool = False
+    raw: Flag = False
 
 
 class MessagesInput(_RunFields):
@@ -84,10 +105,24 @@ def parse_run_input(data: dict[str, Any]) -> RunInput:
     raise BadInput("prompt, messages: one of them is required")
 
 
+# The registry checks names (registry/names.py); the schema says the same, for clients and fuzzers.
+_NAME_SCHEMA: JsonDict = {
+    "maxLength": MAX_NAME_CHARS,
+    "pattern": "^[A-Za-z0-9._-]+$",
+    "not": {"anyOf": [
+        {"pattern": "^[.]+$"},  # only dots: a path segment
+        {"pattern": "^[cC][fF]-[pP][uU][bB][lL][iI][cC]-"},  # reserved
+        # reads as a UUID, i.e. an id, to Python's uuid.UUID (hyphens anywhere, "0x", "_" between digits)
+        {"pattern": "^(?=(?:-*[0-9a-fA-FxX_]){32}-*$)-*(?:0-*[xX]-*(?:_-*)?)?[0-9a-fA-F](?:-*_?-*[0-9a-fA-F])*-*$"},
+    ]},
+}
+
+
 class FinetuneCreate(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str = Field(min_length=1)
-    name: str = Field(min_length=1)
-    description: str | None = ""
-    public: bool = False
+    name: str = Field(min_length=1, json_schema_extra=_NAME_SCHEMA)
+    description: str | None = Field(default="", json_schema_extra={"anyOf": [
+        {"type": "string", "maxLength": MAX_DESCRIPTION_CHARS}, {"type": "null"}]})
+    public: Flag = False

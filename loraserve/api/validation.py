@@ -45,6 +45,8 @@ async def read_json_object(request: Request) -> dict[str, Any]:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise MissingBody("Bad request: the request body is not valid JSON") from exc
+    except RecursionError as exc:  # `[[[[...` a few thousand deep: the parser gives up
+        raise MissingBody("Bad request: the request body is nested too deeply") from exc
     if not isinstance(data, dict):
         raise BadInput("body: must be a JSON object")
     return data
