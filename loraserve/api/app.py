@@ -8,7 +8,7 @@ from fastapi import FastAPI, Request
 from starlette.responses import JSONResponse, PlainTextResponse
 
 from loraserve.api import playground, routes_finetunes, routes_models, routes_openai, routes_run
-from loraserve.api.bodylimit import BodyLimitMiddleware
+from loraserve.api.bodylimit import BodyLimit, BodyLimitMiddleware
 from loraserve.api.context import AppContext, attach, get_context
 from loraserve.api.handlers import CatchAllMiddleware, install_error_handlers
 from loraserve.api.metrics import Metrics, MetricsMiddleware, metrics_endpoint
@@ -17,6 +17,7 @@ from loraserve.api.openapi import DocumentedApp
 from loraserve.api.openapi_models import Health
 from loraserve.api.ratelimit import RateLimiter
 from loraserve.api.settings import MULTIPART_OVERHEAD_BYTES, ServerSettings
+from loraserve.errors import InvalidFinetune
 from loraserve.registry import Registry
 from loraserve.types import Backend
 
@@ -47,14 +48,18 @@ def create_app(
     app.include_router(playground.router)
     app.add_api_route("/healthz", healthz, methods=["GET"], responses={200: {"model": Health}})
     app.add_api_route("/metrics", metrics_endpoint, methods=["GET"], response_class=PlainTextResponse)
-    upload_limit = registry.limits.max_file_bytes + MULTIPART_OVERHEAD_BYTES
+    file_limit = registry.limits.max_file_bytes
+    # Which of the two files it was is in the multipart fields, not read yet: the message names the limit.
+    upload = BodyLimit(file_limit + MULTIPART_OVERHEAD_BYTES, lambda: InvalidFinetune(
+        f"upload: an adapter file exceeds {file_limit} bytes; nothing was stored"))
+    run, small = BodyLimit(settings.max_run_body_bytes), BodyLimit(settings.max_json_body_bytes)
 
-    def body_limit(path: str) -> int:
+    def body_limit(path: str) -> BodyLimit:
         if path.endswith("/finetune-assets"):
-            return upload_limit
+            return upload
         if "/ai/run/" in path or "/ai/v1/" in path:
-            return settings.max_run_body_bytes
-        return settings.max_json_body_bytes
+            return run
+        return small
 
     app.add_middleware(BodyLimitMiddleware, limit_for_path=body_limit)
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # sees every error as the Workers AI envelope

@@ -40,7 +40,8 @@ _STATUS_TEXT = {
     404: "No such account or route (7003), no such finetune (3037)",
     405: "The model takes no LoRA adapters (5005)",
     408: "The request took longer than the server's timeout (3007)",
-    413: "The body is too large (3006), or prompt plus max_tokens exceed the context window (5021)",
+    413: "The body is too large (3006; an adapter file over the limit is 400/3039), or prompt plus max_tokens "
+         "exceed the context window (5021)",
     429: "Rate limited or too many finetunes (3036), or the engine's queue is full (3040)",
     500: "A bug on the server's side (3043); the log has the details",
 }
