@@ -104,3 +104,12 @@ def test_bad_labels_are_refused(reg: Registry) -> None:
     with pytest.raises(ValueError, match="label"):
         reg.create_token("alice", label="a\x00b")
     assert not reg.account_exists("alice")
+
+
+def test_no_token_starts_with_a_dash() -> None:
+    """A leading "-" would make `loraserve token revoke TOKEN` read the token as an option."""
+    from loraserve.registry.tokens import new_token
+
+    tokens = [new_token() for _ in range(2000)]  # about 31 would start with "-" otherwise
+    assert not any(t.startswith("-") for t in tokens) and len(set(tokens)) == 2000
+    assert all(len(t) == 43 for t in tokens)

@@ -12,7 +12,11 @@ MAX_TOKEN_CHARS = 256
 
 
 def new_token() -> str:
-    return secrets.token_urlsafe(TOKEN_BYTES)
+    # Never a leading "-": pasted after `loraserve token revoke` it would parse as an option. Redrawing
+    # the 1 in 64 such tokens costs well under a bit of entropy.
+    while (token := secrets.token_urlsafe(TOKEN_BYTES)).startswith("-"):
+        pass
+    return token
 
 
 def hash_token(token: str) -> str:
