@@ -30,6 +30,14 @@ class APIError(Exception):
         self.errors = errors or []
 
 
+class StreamInterrupted(APIError):
+    """A streamed run that broke off before the server's `[DONE]` (connection lost, server gone): the
+    text received so far is incomplete. `__cause__` holds the transport error, if there was one."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(status, 0, f"the stream ended before its [DONE]: {detail}")
+
+
 def _api_error(status: int, body: Any) -> APIError:
     errors = body.get("errors") if isinstance(body, dict) else None
     if isinstance(errors, list) and errors and isinstance(errors[0], dict):
@@ -106,9 +114,12 @@ class RunStream:
                 if text is not None:
                     yield text
                 if self._decoder.done:
-                    break
+                    return
+        except httpx.TransportError as exc:
+            raise StreamInterrupted(self._decoder.status, repr(exc)) from exc
         finally:
             self.close()
+        raise StreamInterrupted(self._decoder.status, "the connection closed")
 
     def close(self) -> None:
         """Stop early: closing the connection makes the server abort the generation."""
@@ -137,9 +148,12 @@ class AsyncRunStream:
                 if text is not None:
                     yield text
                 if self._decoder.done:
-                    break
+                    return
+        except httpx.TransportError as exc:
+            raise StreamInterrupted(self._decoder.status, repr(exc)) from exc
         finally:
             await self.aclose()
+        raise StreamInterrupted(self._decoder.status, "the connection closed")
 
     async def aclose(self) -> None:
         await self._response.aclose()

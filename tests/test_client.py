@@ -96,3 +96,48 @@ async def test_async_client(server: LiveServer, account: Account, peft_adapter: 
         assert bad.value.code == 5007
         with pytest.raises(APIError):
             await client.stream(LORA_MODEL, {"prompt": "x", "top_k": 0})
+
+
+class _CutStreamServer:
+    """A loopback socket that answers one /run with the start of a real-looking SSE stream, then closes
+    the connection cleanly, as a server process that dies between two events would appear to a client."""
+
+    def __init__(self) -> None:
+        import socket
+        import threading
+
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.base_url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        for _ in range(2):  # one sync client, one async client
+            conn, _ = self.sock.accept()
+            with conn:
+                conn.recv(65536)
+                body = b'data: {"response":"Once","p":"ab"}\n\ndata: {"response":" upon","p":"abc"}\n\n'
+                conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n" + body)
+
+    def close(self) -> None:
+        self.thread.join(timeout=10)
+        self.sock.close()
+
+
+async def test_a_stream_cut_before_done_raises_stream_interrupted() -> None:
+    from loraserve.client import StreamInterrupted
+
+    cut = _CutStreamServer()
+    try:
+        got: list[str] = []
+        with Client("acct", "token", cut.base_url) as c, pytest.raises(StreamInterrupted) as info:
+            got.extend(c.stream(LORA_MODEL, {"prompt": "x"}))
+        assert got == ["Once", " upon"] and isinstance(info.value, APIError)
+        assert "before its [DONE]" in info.value.message
+        async with AsyncClient("acct", "token", cut.base_url) as ac:
+            stream = await ac.stream(LORA_MODEL, {"prompt": "x"})
+            with pytest.raises(StreamInterrupted):
+                async for _text in stream:
+                    pass
+    finally:
+        cut.close()

@@ -25,7 +25,7 @@ import httpx
 import numpy as np
 import pytest
 
-from loraserve.client import Client
+from loraserve.client import Client, StreamInterrupted
 from loraserve.registry import Registry, synth
 from loraserve.registry.storage import INTENT_PREFIX, TEMP_PREFIX
 
@@ -119,8 +119,10 @@ def in_thread(work: Callable[[Outcome], None]) -> tuple[threading.Thread, Outcom
 def assert_failed_promptly(name: str, outcome: Outcome, killed_at: float) -> float:
     """A transport error (connection reset, peer closed, incomplete body), never a timeout, soon after."""
     assert outcome.error is not None, f"{name}: no error after the kill (done={outcome.done})"
-    assert isinstance(outcome.error, httpx.TransportError), f"{name}: {outcome.error!r}"
-    assert not isinstance(outcome.error, httpx.TimeoutException), f"{name} hung: {outcome.error!r}"
+    # loraserve.client wraps the transport error: the caller learns its text is incomplete.
+    error = outcome.error.__cause__ if isinstance(outcome.error, StreamInterrupted) else outcome.error
+    assert isinstance(error, httpx.TransportError), f"{name}: {outcome.error!r}"
+    assert not isinstance(error, httpx.TimeoutException), f"{name} hung: {outcome.error!r}"
     latency = outcome.ended - killed_at
     assert latency < PROMPT_FAILURE_S, f"{name} took {latency:.2f} s to fail"
     return latency
