@@ -129,6 +129,11 @@ class Backend(Protocol):
         passes the account, so no tenant can time another's prompts)."""
         ...
 
+    def is_full(self) -> bool:
+        """True while `generate` would refuse a new request (queue full): callers may refuse early,
+        before spending anything on it."""
+        ...
+
     def abort(self, request_id: str) -> None:
         """Stop a request now: its KV blocks and adapter pin are freed at once. Unknown ids are ignored."""
         ...

@@ -177,6 +177,11 @@ def test_capacity_exceeded_when_the_queue_is_full(one_slot_server: LiveServer) -
         response = httpx.post(one_slot_server.run_url(account, ONE_SLOT_MODEL), headers=account.headers,
                               json={"prompt": "x", "max_tokens": 1})
         assert envelope(response, 429, 3040) == "Capacity temporarily exceeded, please try again."
+        # Refused before the template, tokenizer and finetune lookup run: an unknown lora is not looked up.
+        assert engine.is_full()
+        early = httpx.post(one_slot_server.run_url(account, ONE_SLOT_MODEL), headers=account.headers,
+                           json={"prompt": "x", "max_tokens": 1, "lora": "no-such-finetune"})
+        envelope(early, 429, 3040)
     finally:
         running.close()
         if waiting is not None:

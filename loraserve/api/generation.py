@@ -12,7 +12,13 @@ from loraserve.api.context import AppContext
 from loraserve.api.envelope import InternalError
 from loraserve.api.schemas import PromptInput, RunInput
 from loraserve.chat_template import unscoped_messages
-from loraserve.errors import BadInput, ContextWindowExceeded, InvalidFinetune, WorkersAIError
+from loraserve.errors import (
+    BadInput,
+    CapacityExceeded,
+    ContextWindowExceeded,
+    InvalidFinetune,
+    WorkersAIError,
+)
 from loraserve.types import AdapterRef, Backend, FinishReason, SamplingParams, StreamEvent
 
 logger = logging.getLogger("loraserve.api")
@@ -51,6 +57,8 @@ def prepare(context: AppContext, account_id: str, model: str, inputs: RunInput) 
     """Everything before the engine. Blocking (tokenizer, SQLite): call it from a worker thread."""
     model_id = catalog.resolve(model, context.backends.keys(), lora=inputs.lora is not None)
     backend = context.backends[model_id]
+    if backend.is_full():  # refused before the template, the tokenizer and the finetune lookup
+        raise CapacityExceeded()
     params = inputs.sampling_params()
     prompt_ids = backend.encode(prompt_text(backend, inputs))
     window = backend.info.context_window

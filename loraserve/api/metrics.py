@@ -275,6 +275,9 @@ class InstrumentedBackend:
             if aclose is not None:
                 await aclose()
 
+    def is_full(self) -> bool:
+        return self.inner.is_full()
+
     def abort(self, request_id: str) -> None:
         self.inner.abort(request_id)
 

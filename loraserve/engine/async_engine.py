@@ -130,7 +130,7 @@ class AsyncEngine:
         with self._lock:
             if self._stopped:
                 raise RuntimeError("engine is shut down")
-            if len(self.engine.scheduler.waiting) + self._pending_adds >= self.engine.ecfg.max_queue:
+            if self._full():
                 raise CapacityExceeded()
             if request_id in self._streams:
                 raise ValueError(f"duplicate request id {request_id}")
@@ -141,6 +141,13 @@ class AsyncEngine:
             self._pending_adds += 1
             self._wake.notify()
         return _Events(self, request_id, stream)
+
+    def is_full(self) -> bool:
+        with self._lock:
+            return self._full()
+
+    def _full(self) -> bool:
+        return len(self.engine.scheduler.waiting) + self._pending_adds >= self.engine.ecfg.max_queue
 
     def abort(self, request_id: str) -> None:
         with self._lock:
