@@ -11,7 +11,8 @@ from loraserve.api import playground, routes_finetunes, routes_models, routes_op
 from loraserve.api.bodylimit import BodyLimit, BodyLimitMiddleware
 from loraserve.api.context import AppContext, attach, get_context
 from loraserve.api.handlers import CatchAllMiddleware, install_error_handlers
-from loraserve.api.metrics import Metrics, MetricsMiddleware, metrics_endpoint
+from loraserve.api.metrics import Metrics
+from loraserve.api.metrics_http import MetricsMiddleware, metrics_endpoint
 from loraserve.api.openai_errors import OpenAIErrorMiddleware
 from loraserve.api.openapi import DocumentedApp
 from loraserve.api.openapi_models import Health

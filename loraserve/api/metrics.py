@@ -4,19 +4,17 @@ latency histograms, engine gauges (queue, KV blocks, adapters resident) and requ
 Each app has its own `CollectorRegistry` (several apps may live in one process: tests, benchmarks).
 Generation is measured by wrapping each served `Backend` (`Metrics.instrument`), so every route
 that generates (/run, the OpenAI face) is counted the same way without knowing about metrics.
+The HTTP middleware and the endpoint are in metrics_http.py.
 """
 
 from __future__ import annotations
 
-import hmac
-import json
 import threading
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import Any
 
 from prometheus_client import (
-    CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Histogram,
@@ -25,12 +23,7 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from loraserve.api.context import get_context
-from loraserve.errors import AuthenticationError
 from loraserve.types import (
     AdapterRef,
     Backend,
@@ -44,8 +37,6 @@ from loraserve.types import (
 NO_ADAPTER = "none"  # the adapter label of requests on the base model
 OTHER_ADAPTERS = "other"  # every finetune without a series of its own
 DEFAULT_ADAPTER_TOP_N = 20
-_ACCOUNT_ROUTE_PREFIX = "/client/v4/accounts/{account_id}/ai"
-_UNMATCHED_ROUTE = "unmatched"
 
 # Latency buckets: TTFT spans queueing (ms to tens of s); per-token time is ms to a second.
 _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -290,88 +281,3 @@ class InstrumentedBackend:
     def __getattr__(self, name: str) -> Any:
         # Anything beyond the Backend protocol (the engine's own attributes) is the inner backend's.
         return getattr(self.inner, name)
-
-
-def route_label(scope: Scope) -> str:
-    """The matched route's template, e.g. "/run/{model:path}": bounded, whatever the URL held.
-
-    Account routes are labelled relative to /client/v4/accounts/{account_id}/ai (FastAPI's route
-    objects carry their router's own path; a full one is cut to the same label).
-    """
-    route = scope.get("route")
-    path = getattr(route, "path", None)
-    if not isinstance(path, str):
-        return _UNMATCHED_ROUTE
-    return path.removeprefix(_ACCOUNT_ROUTE_PREFIX) or "/"
-
-
-def _error_code(body: bytes) -> str:
-    """The Workers AI code of an error envelope (or of an OpenAI-shaped error), "unknown" if none."""
-    try:
-        data = json.loads(body)
-    except ValueError:
-        return "unknown"
-    if isinstance(data, dict):
-        errors = data.get("errors")
-        if isinstance(errors, list) and errors and isinstance(errors[0], dict) and "code" in errors[0]:
-            return str(errors[0]["code"])
-    return "unknown"
-
-
-class MetricsMiddleware:
-    """Counts every HTTP response by route, method and status, and errors by Workers AI code.
-
-    Sits inside the OpenAI error translation, so it sees every error as the Workers AI envelope.
-    """
-
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        status = 0
-        error_body: bytes | None = None
-
-        async def observing_send(message: Message) -> None:
-            nonlocal status, error_body
-            if message["type"] == "http.response.start":
-                status = int(message["status"])
-            elif message["type"] == "http.response.body" and status >= 400 and error_body is None:
-                error_body = bytes(message.get("body", b""))  # error bodies are small, one message
-            await send(message)
-
-        try:
-            await self.app(scope, receive, observing_send)
-        except Exception:
-            self._record(scope, 500, b'{"errors":[{"code":3043}]}', started)
-            raise
-        self._record(scope, status, error_body, started)
-
-    def _record(self, scope: Scope, status: int, error_body: bytes | None, started: float) -> None:
-        route = route_label(scope)
-        m = self.metrics
-        m.requests.labels(route, scope.get("method", ""), str(status)).inc()
-        m.duration.labels(route).observe(time.perf_counter() - started)
-        if status >= 400:
-            m.errors.labels(route, str(status), _error_code(error_body or b"")).inc()
-
-
-def get_metrics(request: Request) -> Metrics:
-    metrics = request.app.state.metrics
-    assert isinstance(metrics, Metrics)  # set by create_app
-    return metrics
-
-
-async def metrics_endpoint(request: Request) -> Response:
-    """Open by default (the server listens on loopback unless told otherwise); with a metrics token set,
-    the scraper must send it as a bearer token, since the series name finetune ids and their traffic."""
-    required = get_context(request).settings.metrics_token
-    if required is not None:
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), required.encode()):
-            raise AuthenticationError()
-    return Response(get_metrics(request).exposition(), media_type=CONTENT_TYPE_LATEST)
