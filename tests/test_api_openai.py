@@ -14,7 +14,7 @@ import openai
 import pytest
 from openai import OpenAI
 
-from loraserve.api.routes_openai import StopMatcher
+from loraserve.api.openai_shapes import StopMatcher
 
 from conftest import BASE_NAME, LORA_MODEL, NO_LORA_MODEL, Account, LiveServer, create_finetune
 

@@ -1,7 +1,7 @@
 """The OpenAI-compatible routes' bodies: the requests they validate with, the answers they give.
 
 The request models are what `routes_openai` validates with; the response models only describe the
-dicts `routes_openai._Shape` builds, for /openapi.json.
+dicts `openai_shapes.ResponseShape` builds, for /openapi.json.
 """
 
 from __future__ import annotations

@@ -11,7 +11,6 @@ Errors are the Workers AI errors, reshaped as OpenAI's `{"error": {...}}` by `Op
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import AsyncIterator, Collection
 from datetime import datetime
@@ -37,13 +36,14 @@ from loraserve.api.openai_schemas import (
     chat_responses,
     completion_responses,
 )
+from loraserve.api.openai_shapes import ResponseShape, StopMatcher, openai_finish_reason, sse_bytes
 from loraserve.api.openapi_models import json_body, request_schema
 from loraserve.api.routes_run import ClientGone, _unless_disconnected, first_event
 from loraserve.api.schemas import MAX_TEXT_CHARS, RunInput
 from loraserve.api.sse import DONE, EventStreamResponse
 from loraserve.api.validation import read_json_object, validate
 from loraserve.errors import BadInput, NoSuchModel, RequestTimeout
-from loraserve.types import FinishReason, StreamEvent
+from loraserve.types import StreamEvent
 
 router = APIRouter(prefix="/v1")
 
@@ -81,96 +81,6 @@ def _completion_input(body: CompletionRequest, lora: str | None) -> RunInput:
     # OpenAI's completions continue the text as it is: a raw prompt, no chat template.
     data = {"prompt": body.prompt_text(), "raw": True, "lora": lora, **body.sampling(body.max_tokens)}
     return validate(CompletionRunInput, data)
-
-
-# -- stop sequences ---------------------------------------------------------------------------------
-
-
-class StopMatcher:
-    """Cuts the output at the first stop sequence. Text that could be the start of one is held back
-    until the next delta tells, so a streamed answer never shows part of a stop sequence."""
-
-    def __init__(self, stops: list[str]) -> None:
-        self.stops = [s for s in stops if s]
-        self.pending = ""
-        self.stopped = False
-
-    def feed(self, text: str) -> str:
-        """The text that is now safe to emit. Sets `stopped` when a stop sequence was found."""
-        if not self.stops:
-            return text
-        self.pending += text
-        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            out, self.pending, self.stopped = self.pending[: min(hits)], "", True
-            return out
-        keep = self._partial_suffix()
-        cut = len(self.pending) - keep
-        out, self.pending = self.pending[:cut], self.pending[cut:]
-        return out
-
-    def flush(self) -> str:
-        out, self.pending = self.pending, ""
-        return out
-
-    def _partial_suffix(self) -> int:
-        """Length of the longest end of `pending` that some stop sequence starts with."""
-        longest = 0
-        for stop in self.stops:
-            for k in range(min(len(stop) - 1, len(self.pending)), longest, -1):
-                if stop.startswith(self.pending[-k:]):
-                    longest = k
-                    break
-        return longest
-
-
-def _finish_reason(reason: FinishReason | None) -> str:
-    return "length" if reason is FinishReason.LENGTH else "stop"
-
-
-# -- response shapes --------------------------------------------------------------------------------
-
-
-class _Shape:
-    """Builds one endpoint's objects: chat.completion(.chunk) or text_completion."""
-
-    def __init__(self, chat: bool, request_id: str, model: str) -> None:
-        self.chat = chat
-        self.id = ("chatcmpl-" if chat else "cmpl-") + request_id
-        self.model = model
-        self.created = int(time.time())
-
-    def _base(self, obj: str) -> dict[str, Any]:
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
-                "system_fingerprint": None}
-
-    def completion(self, text: str, finish: str, used: dict[str, int]) -> dict[str, Any]:
-        if self.chat:
-            choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text},
-                                      "logprobs": None, "finish_reason": finish}
-            return {**self._base("chat.completion"), "choices": [choice], "usage": used}
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-        return {**self._base("text_completion"), "choices": [choice], "usage": used}
-
-    def chunk(self, text: str | None, finish: str | None = None, role: bool = False) -> dict[str, Any]:
-        if self.chat:
-            delta: dict[str, Any] = {}
-            if role:
-                delta["role"] = "assistant"
-            if text is not None:
-                delta["content"] = text
-            choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-            return {**self._base("chat.completion.chunk"), "choices": [choice]}
-        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
-        return {**self._base("text_completion"), "choices": [choice]}
-
-    def usage_chunk(self, used: dict[str, int]) -> dict[str, Any]:
-        obj = "chat.completion.chunk" if self.chat else "text_completion"
-        return {**self._base(obj), "choices": [], "usage": used}
-
-
-def _sse(payload: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
 
 
 # -- routes -----------------------------------------------------------------------------------------
@@ -244,7 +154,7 @@ async def _generate(
     run = await run_in_threadpool(prepare, context, account, model, inputs)
     timeout = context.settings.request_timeout_s
     deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
-    shape = _Shape(chat, run.request_id, body.model)
+    shape = ResponseShape(chat, run.request_id, body.model)
     headers = {"cf-ai-req-id": run.request_id}
     stops = StopMatcher(body.stop_strings())
     try:
@@ -263,7 +173,7 @@ async def _close(events: AsyncIterator[StreamEvent]) -> None:
 
 
 async def _complete(
-    request: Request, run: PreparedRun, deadline: float | None, shape: _Shape, stops: StopMatcher,
+    request: Request, run: PreparedRun, deadline: float | None, shape: ResponseShape, stops: StopMatcher,
     headers: dict[str, str],
 ) -> Response:
     async def collect() -> tuple[str, str, StreamEvent | None]:
@@ -284,7 +194,7 @@ async def _complete(
         finally:
             await _close(events)
         parts.append(stops.flush())
-        return "".join(parts), _finish_reason(last.finish_reason if last else None), last
+        return "".join(parts), openai_finish_reason(last.finish_reason if last else None), last
 
     try:
         async with asyncio.timeout_at(deadline):
@@ -297,7 +207,7 @@ async def _complete(
 
 
 async def _stream(
-    request: Request, run: PreparedRun, deadline: float | None, shape: _Shape, stops: StopMatcher,
+    request: Request, run: PreparedRun, deadline: float | None, shape: ResponseShape, stops: StopMatcher,
     include_usage: bool, headers: dict[str, str],
 ) -> Response:
     events = run.events()
@@ -308,13 +218,13 @@ async def _stream(
 
 async def _chunks(
     run: PreparedRun, first: StreamEvent | None, events: AsyncIterator[StreamEvent], deadline: float | None,
-    shape: _Shape, stops: StopMatcher, include_usage: bool,
+    shape: ResponseShape, stops: StopMatcher, include_usage: bool,
 ) -> AsyncIterator[bytes]:
     def chunk(text: str | None, finish: str | None = None, role: bool = False) -> bytes:
         payload = shape.chunk(text, finish, role)
         if include_usage:
             payload["usage"] = None  # as OpenAI sends it: null on every chunk but the last
-        return _sse(payload)
+        return sse_bytes(payload)
 
     try:
         if shape.chat:
@@ -323,7 +233,7 @@ async def _chunks(
         while event is not None:
             error = event_error(run, event)
             if error is not None:
-                yield _sse(openai_error(error))
+                yield sse_bytes(openai_error(error))
                 return
             last = event
             text = stops.feed(event.text)
@@ -333,19 +243,19 @@ async def _chunks(
                 run.abort()
                 break
             if event.finish_reason is not None:
-                finish = _finish_reason(event.finish_reason)
+                finish = openai_finish_reason(event.finish_reason)
                 break
             try:
                 async with asyncio.timeout_at(deadline):
                     event = await anext(events, None)
             except TimeoutError:
-                yield _sse(openai_error(RequestTimeout()))
+                yield sse_bytes(openai_error(RequestTimeout()))
                 return
         if rest := stops.flush():
             yield chunk(rest)
         yield chunk(None if shape.chat else "", finish)
         if include_usage:
-            yield _sse(shape.usage_chunk(usage(run, last)))
+            yield sse_bytes(shape.usage_chunk(usage(run, last)))
         yield DONE
     finally:
         await _close(events)
