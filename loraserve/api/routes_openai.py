@@ -38,7 +38,7 @@ from loraserve.api.openai_schemas import (
 )
 from loraserve.api.openai_shapes import ResponseShape, StopMatcher, openai_finish_reason, sse_bytes
 from loraserve.api.openapi_models import json_body, request_schema
-from loraserve.api.routes_run import ClientGone, _unless_disconnected, first_event
+from loraserve.api.routes_run import ClientGone, first_event, unless_disconnected
 from loraserve.api.schemas import MAX_TEXT_CHARS, RunInput
 from loraserve.api.sse import DONE, EventStreamResponse
 from loraserve.api.validation import read_json_object, validate
@@ -198,7 +198,7 @@ async def _complete(
 
     try:
         async with asyncio.timeout_at(deadline):
-            text, finish, last = await _unless_disconnected(collect(), request.receive)
+            text, finish, last = await unless_disconnected(collect(), request.receive)
     except TimeoutError:
         raise RequestTimeout() from None
     finally:

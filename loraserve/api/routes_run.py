@@ -61,7 +61,7 @@ async def _complete(request: Request, run: PreparedRun, deadline: float | None, 
 
     try:
         async with asyncio.timeout_at(deadline):
-            text, last = await _unless_disconnected(collect(), request.receive)
+            text, last = await unless_disconnected(collect(), request.receive)
     except TimeoutError:
         raise RequestTimeout() from None
     finally:
@@ -75,7 +75,7 @@ async def first_event(request: Request, run: PreparedRun, events: AsyncIterator[
     or an adapter that fails to load is still an HTTP error and not an event inside a 200."""
     try:
         async with asyncio.timeout_at(deadline):
-            first = await _unless_disconnected(anext(events, None), request.receive)
+            first = await unless_disconnected(anext(events, None), request.receive)
         if first is not None and (error := event_error(run, first)) is not None:
             raise error
     except TimeoutError:
@@ -117,7 +117,7 @@ async def _sse(
     yield DONE
 
 
-async def _unless_disconnected(work: Awaitable[T], receive: Receive) -> T:
+async def unless_disconnected(work: Awaitable[T], receive: Receive) -> T:
     """`work`'s result, or ClientGone as soon as the client disconnects (the body is read by now)."""
 
     async def disconnected() -> None:
