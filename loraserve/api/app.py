@@ -7,7 +7,14 @@ from collections.abc import Mapping
 from fastapi import FastAPI, Request
 from starlette.responses import JSONResponse, PlainTextResponse
 
-from loraserve.api import playground, routes_finetunes, routes_models, routes_openai, routes_run
+from loraserve.api import (
+    playground,
+    routes_finetunes,
+    routes_models,
+    routes_openai,
+    routes_run,
+    routes_tokens,
+)
 from loraserve.api.bodylimit import BodyLimit, BodyLimitMiddleware
 from loraserve.api.context import AppContext, attach, get_context
 from loraserve.api.handlers import CatchAllMiddleware, install_error_handlers
@@ -46,6 +53,7 @@ def create_app(
     app.include_router(routes_finetunes.router, prefix=ACCOUNT_PREFIX)
     app.include_router(routes_models.router, prefix=ACCOUNT_PREFIX)
     app.include_router(routes_openai.router, prefix=ACCOUNT_PREFIX)
+    app.include_router(routes_tokens.router, prefix=API_PREFIX)
     app.include_router(playground.router)
     app.add_api_route("/healthz", healthz, methods=["GET"], responses={200: {"model": Health}})
     app.add_api_route("/metrics", metrics_endpoint, methods=["GET"], response_class=PlainTextResponse)

@@ -26,13 +26,19 @@ def add_token(s: Session, account_id: str, label: str) -> str:
 
 def token_owner(s: Session, token: str) -> str | None:
     """The account a live token belongs to, or None."""
+    info = live_token(s, token)
+    return None if info is None else info.account_id
+
+
+def live_token(s: Session, token: str) -> TokenInfo | None:
+    """The metadata of a live token, or None."""
     if not plausible_token(token):
         return None
     digest = hash_token(token)
-    row = s.scalars(select(TokenRow).where(TokenRow.token_hash == digest)).first()
-    if row is None or row.revoked_at is not None or not digests_equal(row.token_hash, digest):
+    r = s.scalars(select(TokenRow).where(TokenRow.token_hash == digest)).first()
+    if r is None or r.revoked_at is not None or not digests_equal(r.token_hash, digest):
         return None
-    return row.account_id
+    return TokenInfo(id=r.id, account_id=r.account_id, label=r.label, created_at=r.created_at, revoked_at=None)
 
 
 def revoke_token(s: Session, token: str) -> bool:

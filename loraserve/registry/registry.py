@@ -133,6 +133,14 @@ class Registry:
         if not isinstance(account_id, str) or not accounts.owns(owner, account_id):
             raise AuthenticationError()
 
+    def token(self, token: str) -> TokenInfo:
+        """The live token's metadata (its account included); AuthenticationError otherwise."""
+        with self._sessions() as s:
+            info = accounts.live_token(s, token)
+        if info is None:
+            raise AuthenticationError()
+        return info
+
     def account_exists(self, account_id: str) -> bool:
         if not isinstance(account_id, str):
             return False
