@@ -1,6 +1,7 @@
 """`loraserve loadtest`, for real but small: it starts `loraserve serve` (random:tiny) in a subprocess
 with a batch of 4 and a queue of 4, so that 24 streaming clients overflow it, and hangs up on a third
-of its requests. Its own checks (health, no 5xx, no leaked KV blocks or pins, flat memory) must pass."""
+of its requests. Its functional checks (no 5xx, no stream errors or hangs, only 200 or 3040, no leaked KV
+blocks or pins, the queue drained) must pass."""
 
 from __future__ import annotations
 
@@ -19,13 +20,18 @@ def test_a_small_overload_run_passes_its_checks() -> None:
     opts = Options(clients=24, duration_s=4.0, warmup_s=1.5, disconnect_p=0.3, model=MODEL, adapters=2,
                    max_batch=4, max_queue=4, max_tokens=(4, 16, 48), settle_s=10.0, startup_timeout_s=120.0)
     report = loadtest.run(opts)
-    assert report["passed"], json.dumps(report, indent=2)
+    # The functional checks only: latency and memory-growth limits are judged by the full 60 s run
+    # (a figure printed by a command), never by a timed test on whatever machine runs the suite.
+    timing = {"health_max_under_1s", "refusals_quick", "rss_growth_under_10pct"}
+    assert set(report["checks"]) > timing
+    failed = [name for name, ok in report["checks"].items() if name not in timing and not ok]
+    assert not failed, json.dumps(report, indent=2)
     requests = report["requests"]
     assert report["responses"].get("429 3040", 0) > 0  # the surplus was refused, not queued
     assert requests["disconnected"] > 0 and requests["completed"] > 0
     assert report["config"]["finetunes"] == 2
     assert report["after"] == {**report["after"], "kv_blocks_used": 0, "adapters_pinned": 0, "queue_depth": 0}
-    assert report["health_ms"]["probes"] >= 8 and report["health_ms"]["max"] < 1000
+    assert report["health_ms"]["probes"] >= 8 and report["health_ms"]["failures"] == {}  # /healthz always answered
     assert report["rss_mib"]["after_warmup"] and report["rss_mib"]["end"]
 
 
