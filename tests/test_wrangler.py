@@ -29,7 +29,8 @@ def wrangler(server: LiveServer, account: Account, *args: str, tmp_path: Path) -
         "CLOUDFLARE_ACCOUNT_ID": account.id,
         "CLOUDFLARE_API_TOKEN": account.token,
         "WRANGLER_SEND_METRICS": "false",
-        "CI": "true",  # no prompts, no update check
+        "CI": "true",  # no prompts
+        "WRANGLER_HIDE_BANNER": "true",  # and with the banner goes its update check (a call to the npm registry)
         "NO_COLOR": "1",
         "XDG_CONFIG_HOME": str(tmp_path / "config"),  # wrangler's logs and state, not the user's
         "HOME": str(tmp_path),
