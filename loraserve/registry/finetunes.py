@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from loraserve.errors import FinetuneNotFound
 from loraserve.registry.names import MAX_NAME_CHARS, parse_uuid, same_model
@@ -13,6 +13,11 @@ from loraserve.registry.storage import FinetuneStorage
 
 # Longer than any id or name: refused without a query.
 _MAX_REF_CHARS = max(MAX_NAME_CHARS, 64)
+# The column that records each file as accepted.
+FLAG_COLUMNS: dict[AssetFile, InstrumentedAttribute[bool]] = {
+    AssetFile.CONFIG: FinetuneRow.has_config,
+    AssetFile.WEIGHTS: FinetuneRow.has_weights,
+}
 
 
 def to_finetune(row: FinetuneRow, storage: FinetuneStorage) -> Finetune:

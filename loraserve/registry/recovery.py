@@ -39,14 +39,13 @@ from sqlalchemy import Engine, delete, select, text, update
 from sqlalchemy.exc import DatabaseError
 from sqlalchemy.orm import Session, sessionmaker
 
+from loraserve.registry.finetunes import FLAG_COLUMNS
 from loraserve.registry.records import AssetFile
 from loraserve.registry.schema import AssetRow, FinetuneRow
 from loraserve.registry.storage import CHUNK_BYTES, FinetuneStorage
 from loraserve.registry.validate import MAX_CONFIG_BYTES, MAX_HEADER_BYTES
 
 log = logging.getLogger(__name__)
-
-_FLAG_COLUMNS = {AssetFile.CONFIG: FinetuneRow.has_config, AssetFile.WEIGHTS: FinetuneRow.has_weights}
 
 
 class RegistryCorrupt(RuntimeError):
@@ -224,5 +223,5 @@ def _sha256(path: Path) -> str:
 
 def _invalidate(sessions: sessionmaker[Session], finetune_id: str, file: AssetFile) -> None:
     with sessions.begin() as s:
-        s.execute(update(FinetuneRow).where(FinetuneRow.id == finetune_id).values({_FLAG_COLUMNS[file]: False}))
+        s.execute(update(FinetuneRow).where(FinetuneRow.id == finetune_id).values({FLAG_COLUMNS[file]: False}))
         s.execute(delete(AssetRow).where(AssetRow.finetune_id == finetune_id, AssetRow.file_name == file.value))

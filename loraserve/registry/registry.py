@@ -11,7 +11,7 @@ from typing import BinaryIO
 
 from sqlalchemy import Engine, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import InstrumentedAttribute, sessionmaker
+from sqlalchemy.orm import sessionmaker
 
 from loraserve.errors import (
     AccountLimitExceeded,
@@ -23,7 +23,7 @@ from loraserve.errors import (
 )
 from loraserve.registry import accounts
 from loraserve.registry.database import default_url, make_engine, migrate, rows_matched
-from loraserve.registry.finetunes import resolve, to_asset, to_finetune
+from loraserve.registry.finetunes import FLAG_COLUMNS, resolve, to_asset, to_finetune
 from loraserve.registry.limits import RegistryLimits
 from loraserve.registry.names import check_account_id, check_description, check_label, check_model, check_name
 from loraserve.registry.records import (
@@ -48,10 +48,6 @@ _ORDERINGS = {
     PublicOrder.CREATED_AT: (FinetuneRow.created_at.desc(), FinetuneRow.id),
     PublicOrder.MODIFIED_AT: (FinetuneRow.modified_at.desc(), FinetuneRow.id),
     PublicOrder.NAME: (FinetuneRow.name, FinetuneRow.id),
-}
-_FLAGS: dict[AssetFile, InstrumentedAttribute[bool]] = {
-    AssetFile.CONFIG: FinetuneRow.has_config,
-    AssetFile.WEIGHTS: FinetuneRow.has_weights,
 }
 
 
@@ -285,7 +281,7 @@ class Registry:
                 mark = (
                     update(FinetuneRow)
                     .where(FinetuneRow.id == finetune_id, FinetuneRow.account_id == account_id)
-                    .values({_FLAGS[file]: True, FinetuneRow.modified_at: now})
+                    .values({FLAG_COLUMNS[file]: True, FinetuneRow.modified_at: now})
                 )
                 if rows_matched(s.execute(mark)) == 0:
                     raise FinetuneNotFound(ref)

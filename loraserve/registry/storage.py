@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from loraserve.errors import InvalidFinetune
+from loraserve.registry.names import parse_uuid
 from loraserve.registry.records import AssetFile
 
 CHUNK_BYTES = 1 << 20
@@ -170,12 +171,7 @@ class FinetuneStorage:
         """The finetune directories on disk (canonical UUID names only; anything else is not ours)."""
         if not self.root.is_dir():
             return []
-        ids = []
-        for entry in self.root.iterdir():
-            with contextlib.suppress(ValueError):
-                if entry.is_dir() and str(uuid.UUID(entry.name)) == entry.name:
-                    ids.append(entry.name)
-        return sorted(ids)
+        return sorted(e.name for e in self.root.iterdir() if e.is_dir() and parse_uuid(e.name) == e.name)
 
     def remove_dead_temp_files(self, finetune_id: str) -> list[Path]:
         """Remove the temp files no live upload holds (left by a killed process); returns them."""
