@@ -12,6 +12,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from loraserve.api.auth import bearer_token
 from loraserve.api.context import get_context
 from loraserve.api.metrics import Metrics
 from loraserve.errors import AuthenticationError
@@ -98,8 +99,6 @@ async def metrics_endpoint(request: Request) -> Response:
     """Open by default (the server listens on loopback unless told otherwise); with a metrics token set,
     the scraper must send it as a bearer token, since the series name finetune ids and their traffic."""
     required = get_context(request).settings.metrics_token
-    if required is not None:
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), required.encode()):
-            raise AuthenticationError()
+    if required is not None and not hmac.compare_digest(bearer_token(request).encode(), required.encode()):
+        raise AuthenticationError()
     return Response(get_metrics(request).exposition(), media_type=CONTENT_TYPE_LATEST)
