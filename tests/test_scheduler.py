@@ -335,3 +335,28 @@ def test_nothing_to_do() -> None:
     sch = Scheduler(BlockManager(4, 4), max_num_seqs=1, max_num_batched_tokens=4)
     out = sch.schedule()
     assert out.scheduled == [] and out.failed == [] and out.num_tokens == 0 and not sch.has_work()
+
+
+def test_a_cached_prefix_counts_once_however_often_admission_is_retried() -> None:
+    """A waiting request that finds its prefix cached but no room for the rest gives the cached blocks
+    back and waits; the prefix-cache hits count only when it is really admitted."""
+    sch = Scheduler(BlockManager(4, 4), max_num_seqs=8, max_num_batched_tokens=100)
+    first = _seq("first", 9)  # fills and files blocks 0 and 1
+    sch.add(first)
+    run_step(sch.schedule())
+    sch.blocks.cache_computed(first)
+    hog = _seq("hog", 3)  # takes the last free block (its next token still fits it)
+    sch.add(hog)
+    run_step(sch.schedule())
+    assert sch.blocks.num_free == 0
+    again = _seq("again", 13)  # shares first's 8-token prefix, needs 2 more blocks: none free
+    sch.add(again)
+    for _ in range(3):  # the decodes are scheduled (not run), then `again` tries and gives its blocks back
+        out = sch.schedule()
+        assert again not in [s.seq for s in out.scheduled] and again.block_table == []
+    assert sch.prefix_hit_tokens == 0
+    sch.finish(first, FinishReason.STOP)
+    sch.finish(hog, FinishReason.STOP)
+    out = sch.schedule()
+    assert _plan(out) == [("again", 5)]  # 8 tokens came from the cache
+    assert sch.prefix_hit_tokens == 8

@@ -56,7 +56,6 @@ class BlockManager:
         self._refs = [0] * num_blocks
         self._hash_of: dict[int, bytes] = {}
         self._block_of: dict[bytes, int] = {}
-        self.hit_tokens = 0  # prompt tokens taken from the cache instead of computed, since start
 
     @property
     def num_free(self) -> int:
@@ -110,7 +109,6 @@ class BlockManager:
             seq.block_table.append(block)
         seq.num_computed = len(seq.block_table) * self.block_size
         seq.num_cached_blocks = len(seq.block_table)
-        self.hit_tokens += seq.num_computed
         return seq.num_computed
 
     def cache_computed(self, seq: Sequence) -> None:

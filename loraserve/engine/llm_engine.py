@@ -162,6 +162,6 @@ class LLMEngine:
             "kv_blocks_free": float(self.blocks.num_free),
             "kv_blocks_total": float(self.blocks.num_blocks),
             "kv_blocks_cached": float(self.blocks.num_cached),
-            "prefix_cache_hit_tokens": float(self.blocks.hit_tokens),
+            "prefix_cache_hit_tokens": float(self.scheduler.prefix_hit_tokens),
             **self.adapters.stats(),
         }

@@ -73,6 +73,9 @@ class Scheduler:
         self.gate = gate
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        # Prompt tokens admitted from the prefix cache instead of computed, since start. Counted at
+        # admission: a request that takes its cached blocks and then has to wait gives them back.
+        self.prefix_hit_tokens = 0
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -129,7 +132,7 @@ class Scheduler:
                 if state is AdapterState.LOADING:
                     passed.append(seq)
                     continue
-            self.blocks.reuse_prefix(seq)  # a cached prompt prefix is neither computed nor allocated again
+            reused = self.blocks.reuse_prefix(seq)  # a cached prompt prefix is neither computed nor allocated again
             num_new = min(seq.num_uncomputed, budget)
             if not self.blocks.can_grow(seq, num_new):
                 self.blocks.free(seq)
@@ -140,6 +143,7 @@ class Scheduler:
                 passed.append(seq)  # every adapter slot pinned; requests for resident adapters may pass
                 continue
             self.blocks.grow(seq, num_new)
+            self.prefix_hit_tokens += reused
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             out.scheduled.append(ScheduledSeq(seq, num_new))
