@@ -11,12 +11,34 @@ import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from loraserve.chat_template import ChatTemplate, TemplateKind
 from loraserve.errors import LoraNotSupported, NoSuchModel
 
 EMBEDDED_SOURCE = "embedded"
 RANDOM_SOURCE_PREFIX = "random:"
+# Random-weight Llamas ("random:NAME") for tests and benchmarks, as ModelConfig fields; they borrow
+# SmolLM2's tokenizer and chat template. Here, not in the engine, so that torch-free tools (loraserve
+# loadtest) know their LoRA shapes too.
+RANDOM_SHAPES: dict[str, dict[str, Any]] = {
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16),
+    "small": dict(hidden_size=256, intermediate_size=512, num_layers=4, num_heads=8, num_kv_heads=4, head_dim=32),
+    # SmolLM2-135M's shape (the embedded model's): benchmarks without loading the GGUF.
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9, num_kv_heads=3,
+                         head_dim=64),
+    # Llama-2-7B's shape, for GPU benchmarks with random weights.
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32, num_kv_heads=32,
+                      head_dim=128),
+}
+
+
+def known_shape(source: str) -> dict[str, Any] | None:
+    """The shape of the embedded model or a random:NAME source, without loading it; None for others."""
+    if source == EMBEDDED_SOURCE:
+        return RANDOM_SHAPES["smollm2-135m"]
+    return RANDOM_SHAPES.get(source.removeprefix(RANDOM_SOURCE_PREFIX)) if source.startswith(
+        RANDOM_SOURCE_PREFIX) else None
 # Workers AI names the LoRA-capable variant of a model "<base>-lora"; models outside the catalog follow it.
 LORA_SUFFIX = "-lora"
 _HUB_REPO_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")

@@ -59,17 +59,6 @@ HEALTH_LIMIT_S = 1.0
 REFUSAL_LIMIT_S = 1.0  # 3040 must come at once, not after queueing
 RSS_GROWTH_LIMIT = 0.10
 
-# LoRA shapes of the sources the tool can make adapters for without asking the server (which does not
-# publish them): (layers, hidden, intermediate, heads, kv heads, head dim). Mirrors engine.RANDOM_SHAPES.
-_SHAPES: dict[str, tuple[int, int, int, int, int, int]] = {
-    "embedded": (30, 576, 1536, 9, 3, 64),
-    "random:smollm2-135m": (30, 576, 1536, 9, 3, 64),
-    "random:tiny": (2, 64, 128, 4, 2, 16),
-    "random:small": (4, 256, 512, 8, 4, 32),
-    "random:llama2-7b": (32, 4096, 11008, 32, 32, 128),
-}
-
-
 @dataclass(frozen=True)
 class Options:
     clients: int = 200
@@ -212,12 +201,12 @@ def write_adapters(opts: Options, root: Path) -> list[Path]:
     """Valid random PEFT adapters for the model's shapes (q_proj and v_proj, ranks 4, 8, 16, ...)."""
     from loraserve.registry.synth import adapter_config, encode_safetensors, llama_model_info, lora_tensors
 
-    shape = _SHAPES.get(model_source(opts) or "")
+    shape = catalog.known_shape(model_source(opts) or "")
     if shape is None or opts.adapters == 0:
         return []
-    layers, hidden, intermediate, heads, kv_heads, head_dim = shape
-    info = llama_model_info(num_layers=layers, hidden=hidden, intermediate=intermediate, heads=heads,
-                            kv_heads=kv_heads, head_dim=head_dim)
+    info = llama_model_info(num_layers=shape["num_layers"], hidden=shape["hidden_size"],
+                            intermediate=shape["intermediate_size"], heads=shape["num_heads"],
+                            kv_heads=shape["num_kv_heads"], head_dim=shape["head_dim"])
     folders = []
     for i in range(opts.adapters):
         rank = (4, 8, 16)[i % 3]

@@ -100,3 +100,10 @@ def test_the_api_layer_never_imports_torch() -> None:
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_known_shapes_without_loading_a_model() -> None:
+    assert catalog.known_shape("embedded") == catalog.RANDOM_SHAPES["smollm2-135m"]
+    assert catalog.known_shape("random:tiny") == catalog.RANDOM_SHAPES["tiny"]
+    for other in ("random:nope", "/models/llama.gguf", "org/repo"):
+        assert catalog.known_shape(other) is None

@@ -9,31 +9,20 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
-from typing import Any
 
 import torch
 
+from loraserve import catalog
 from loraserve.chat_template import ChatTemplate
 from loraserve.engine.async_engine import AsyncEngine
 from loraserve.engine.config import EngineConfig, ModelConfig, module_name
 from loraserve.engine.llm_engine import LLMEngine, resolve_dtype
 from loraserve.engine.tokenizer import Tokenizer
 
-EMBEDDED = "embedded"
-RANDOM_PREFIX = "random:"
+EMBEDDED = catalog.EMBEDDED_SOURCE
+RANDOM_PREFIX = catalog.RANDOM_SOURCE_PREFIX
+RANDOM_SHAPES = catalog.RANDOM_SHAPES
 _EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-# Tiny random Llamas for tests and benchmarks; they borrow SmolLM2's tokenizer and chat template.
-RANDOM_SHAPES: dict[str, dict[str, Any]] = {
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16),
-    "small": dict(hidden_size=256, intermediate_size=512, num_layers=4, num_heads=8, num_kv_heads=4, head_dim=32),
-    # SmolLM2-135M's shape: benchmarks without loading the GGUF.
-    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9, num_kv_heads=3,
-                         head_dim=64),
-    # Llama-2-7B's shape, for GPU benchmarks with random weights.
-    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32, num_kv_heads=32,
-                      head_dim=128),
-}
 
 __all__ = ["AsyncEngine", "EngineConfig", "LLMEngine", "ModelConfig", "embedded_gguf_path", "load_backend",
            "load_engine"]
