@@ -79,8 +79,10 @@ def serve(
         int | None, typer.Option(min=1, help="Requests waiting beyond the batch; more get 429/3040 (default 256).")
     ] = None,
     prefix_caching: Annotated[
-        bool, typer.Option(help="Reuse the K/V of prompt prefixes an account sent before (never across accounts).")
-    ] = True,
+        bool | None,
+        typer.Option(help="Reuse the K/V of prompt prefixes an account sent before (never across accounts); "
+                          "on by default."),
+    ] = None,
     metrics_token: Annotated[
         str | None, typer.Option(envvar="LORASERVE_METRICS_TOKEN",
                                  help="Bearer token GET /metrics requires (its series name finetune ids).")
@@ -105,8 +107,8 @@ def serve(
     from loraserve.engine import EngineConfig, load_backend  # torch: only now
 
     try:
-        engine_config = EngineConfig(**_given(max_num_seqs=max_batch, max_queue=max_queue),
-                                     prefix_caching=prefix_caching)
+        engine_config = EngineConfig(**_given(max_num_seqs=max_batch, max_queue=max_queue,
+                                              prefix_caching=prefix_caching))
     except ValueError as exc:
         raise _fail(str(exc), 2) from None
 
