@@ -29,7 +29,7 @@ from loraserve.client import Client, StreamInterrupted
 from loraserve.registry import Registry, synth
 from loraserve.registry.storage import INTENT_PREFIX, TEMP_PREFIX
 
-from conftest import LORA_MODEL
+from conftest import LORA_MODEL, Account
 from serve_helpers import ServeProcess, create_token
 
 # random:tiny as `serve` builds it: SmolLM2's tokenizer (vocab 49152), 2 layers, hidden 64.
@@ -52,16 +52,15 @@ def adapter(seed: int) -> dict[str, bytes]:
 @dataclass
 class Api:
     base_url: str
-    account: str
-    token: str
+    account: Account
 
     @property
     def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.token}"}
+        return self.account.headers
 
     @property
     def ai(self) -> str:
-        return f"{self.base_url}/client/v4/accounts/{self.account}/ai"
+        return f"{self.base_url}/client/v4/accounts/{self.account.id}/ai"
 
     def call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         return httpx.request(method, f"{self.ai}{path}", headers=self.headers, timeout=CLIENT_TIMEOUT, **kwargs)
@@ -180,7 +179,7 @@ def test_kill_during_uploads(workdir: tuple[Path, Path]) -> None:
     complete, later = adapter(seed=1), adapter(seed=2)
     with serve(data_dir, spool) as server:
         first_start = server.start()
-        api = Api(server.base_url, "crash", token)
+        api = Api(server.base_url, Account("crash", token))
         ids = {name: api.create(name) for name in ("complete", "trickled", "half", "receiving")}
         for file_name, blob in complete.items():
             assert api.upload(ids["complete"], file_name, blob).status_code == 200
@@ -278,7 +277,7 @@ def test_kill_during_generation_and_finetune_writes(workdir: tuple[Path, Path]) 
     files = adapter(seed=3)
     with serve(data_dir, spool) as server:
         server.start()
-        api = Api(server.base_url, "gen", token)
+        api = Api(server.base_url, Account("gen", token))
         keep, gone = api.create("keep"), api.create("gone")
         for finetune_id in (keep, gone):
             for file_name, blob in files.items():
