@@ -208,7 +208,9 @@ def ok(response: Any) -> Any:
 def fails(response: Any, status: int, code: int) -> str:
     """The message of a failed Workers AI envelope with this status and code."""
     assert response.status_code == status, response.text
-    error = response.json()["errors"][0]
+    body = response.json()
+    assert body["success"] is False and body["result"] is None, body
+    error = body["errors"][0]
     assert error["code"] == code
     message: str = error["message"]
     return message

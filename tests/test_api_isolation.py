@@ -16,11 +16,7 @@ import pytest
 from loraserve.api import create_app
 from loraserve.api.app import ACCOUNT_PREFIX
 
-from conftest import BASE_NAME, LORA_MODEL, Account, LiveServer, create_finetune
-
-
-def code(response: httpx.Response) -> tuple[int, int]:
-    return response.status_code, response.json()["errors"][0]["code"] if response.status_code != 200 else 0
+from conftest import BASE_NAME, LORA_MODEL, Account, LiveServer, create_finetune, fails
 
 
 def error_of(response: httpx.Response) -> tuple[int, str, str]:
@@ -104,9 +100,9 @@ def test_a_revoked_token_stops_at_once(server: LiveServer) -> None:
     url = server.ai_url(account) + "/finetunes"
     assert httpx.get(url, headers=account.headers).status_code == 200
     server.registry.revoke_token(account.token)
-    assert code(httpx.get(url, headers=account.headers)) == (401, 10000)
+    fails(httpx.get(url, headers=account.headers), 401, 10000)
     run = httpx.post(server.run_url(account), headers=account.headers, json={"prompt": "x", "max_tokens": 1})
-    assert code(run) == (401, 10000)
+    fails(run, 401, 10000)
 
 
 def _foreign_requests(server: LiveServer, alice: Account, ref: str, folder: Any) -> dict[str, httpx.Response]:
@@ -181,10 +177,10 @@ def test_a_public_finetune_is_usable_but_not_writable_by_others(server: LiveServ
     assert run.status_code == 200, run.text
     assert httpx.get(f"{ai}/finetunes/{shared_id}", headers=h).json()["result"]["id"] == shared_id
     before = sorted((p.name, p.read_bytes()) for p in server.registry.storage.directory(shared_id).iterdir())
-    assert code(httpx.delete(f"{ai}/finetunes/{shared_id}", headers=h)) == (404, 3037)
+    fails(httpx.delete(f"{ai}/finetunes/{shared_id}", headers=h), 404, 3037)
     upload = httpx.post(f"{ai}/finetunes/{shared_id}/finetune-assets", headers=h,
                         data={"file_name": "adapter_config.json"}, files={"file": ("blob", b"{}")})
-    assert code(upload) == (404, 3037)
+    fails(upload, 404, 3037)
     after = sorted((p.name, p.read_bytes()) for p in server.registry.storage.directory(shared_id).iterdir())
     assert before == after
     bob_get = httpx.get(server.ai_url(world.bob) + f"/finetunes/{shared_id}", headers=world.bob.headers)

@@ -5,19 +5,13 @@ from __future__ import annotations
 
 import httpx
 
-from conftest import Account, LiveServer
-
-
-def _error(response: httpx.Response) -> tuple[int, int]:
-    body = response.json()
-    assert body["success"] is False and body["result"] is None
-    return response.status_code, body["errors"][0]["code"]
+from conftest import Account, LiveServer, fails
 
 
 def test_user_routes_say_this_is_an_account_token(server: LiveServer, account: Account) -> None:
     root = f"{server.base_url}/client/v4"
-    assert _error(httpx.get(f"{root}/user/tokens/verify", headers=account.headers)) == (401, 1000)
-    assert _error(httpx.get(f"{root}/user", headers=account.headers)) == (403, 9109)
+    fails(httpx.get(f"{root}/user/tokens/verify", headers=account.headers), 401, 1000)
+    fails(httpx.get(f"{root}/user", headers=account.headers), 403, 9109)
 
 
 def test_accounts_and_account_token_verify(server: LiveServer, account: Account) -> None:
@@ -30,6 +24,6 @@ def test_accounts_and_account_token_verify(server: LiveServer, account: Account)
     other = server.new_account("other")
     for url, headers in ((f"{root}/accounts", {"Authorization": "Bearer nope"}), (f"{root}/accounts", {}),
                          (f"{root}/accounts/{other.id}/tokens/verify", account.headers)):
-        assert _error(httpx.get(url, headers=headers)) == (401, 10000)
+        fails(httpx.get(url, headers=headers), 401, 10000)
     server.registry.revoke_token(account.token)
-    assert _error(httpx.get(f"{root}/accounts", headers=account.headers)) == (401, 10000)
+    fails(httpx.get(f"{root}/accounts", headers=account.headers), 401, 10000)
