@@ -12,6 +12,7 @@ and `--token`) targets a running server instead. No torch here: the client shoul
 of the machine from the server as it can.
 
 Exit status: 0 when every check passed, 1 when one failed, 2 when the run could not be set up.
+The server side (process, finetunes, /metrics) is in loadtest_server.py, the clients in loadtest_clients.py.
 """
 
 from __future__ import annotations
@@ -21,43 +22,37 @@ import asyncio
 import contextlib
 import json
 import os
-import random
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
 
 from loraserve import catalog
-from loraserve.client import APIError, Client
+from loraserve.loadtest_clients import LoadClients, Tally
+from loraserve.loadtest_server import (
+    HealthProber,
+    ServerProcess,
+    ServerState,
+    SetupError,
+    read_state,
+    register_adapters,
+    rss_kib,
+    settled_state,
+    write_adapters,
+)
 
 ACCOUNT = "loadtest"
-PROMPTS = (
-    "tell me a story",
-    "What is the capital of France?",
-    "Write a haiku about the sea.",
-    "Explain in two sentences why the sky is blue.",
-    "List three uses of a paperclip.",
-    "Translate 'good morning' into Spanish, French and German.",
-    "Summarise the plot of Hamlet for a ten year old, in a friendly tone, and end with a question.",
-    "Once upon a time, in a small village by the mountains, there lived an old clockmaker who",
-    "hi",
-)
 MAX_TOKENS = (8, 16, 32, 64, 128)
-CUT_EVENTS = 24  # a hang-up comes after 0..CUT_EVENTS events (0: before the first one, still queued)
 HEALTH_LIMIT_S = 1.0
 REFUSAL_LIMIT_S = 1.0  # 3040 must come at once, not after queueing
 RSS_GROWTH_LIMIT = 0.10
+
 
 @dataclass(frozen=True)
 class Options:
@@ -87,356 +82,6 @@ class Options:
     @property
     def warmup(self) -> float:
         return min(10.0, self.duration_s / 6) if self.warmup_s is None else self.warmup_s
-
-
-@dataclass
-class Tally:
-    started: int = 0
-    completed: int = 0  # read to [DONE]
-    disconnected: int = 0  # hung up on purpose: after some events, or while queued
-    cut_at_end: int = 0  # still running when the time was up
-    responses: Counter[str] = field(default_factory=Counter)  # "200", "429 3040", ...
-    stream_errors: Counter[str] = field(default_factory=Counter)  # error events inside a 200, by code
-    transport_errors: Counter[str] = field(default_factory=Counter)  # by exception type
-    truncated: int = 0  # a 200 stream that ended without [DONE] or an error event
-    hangs: int = 0  # nothing read for read_timeout_s
-    tokens: int = 0  # completion tokens received
-    ttft_s: list[float] = field(default_factory=list)
-    refusal_s: list[float] = field(default_factory=list)  # time to a 429
-
-
-# -- the server --------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-class SetupError(Exception):
-    pass
-
-
-class ServerProcess:
-    """`loraserve serve` in a subprocess, with its log in the data dir."""
-
-    def __init__(self, opts: Options, data_dir: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = data_dir / "serve.log"
-        args = [sys.executable, "-m", "loraserve", "serve", "--port", str(self.port), "--data-dir", str(data_dir),
-                "--model", opts.model, "--rate-limit", "0", "--log-level", "warning"]
-        if opts.max_batch is not None:
-            args += ["--max-batch", str(opts.max_batch)]
-        if opts.max_queue is not None:
-            args += ["--max-queue", str(opts.max_queue)]
-        self.args = args
-        self._log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def wait_ready(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if self.proc.poll() is not None:
-                raise SetupError(f"the server exited with {self.proc.returncode}:\n{self.log_tail()}")
-            if time.monotonic() > deadline:
-                raise SetupError(f"the server did not answer /healthz within {timeout_s:.0f} s:\n{self.log_tail()}")
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=2.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-
-    def log_tail(self, lines: int = 30) -> str:
-        if not self._log.closed:
-            self._log.flush()
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-
-
-def rss_kib(pid: int | None) -> int | None:
-    """Resident memory of a process (VmRSS), None when it cannot be read."""
-    if pid is None:
-        return None
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
-def model_id(opts: Options) -> str:
-    return opts.model.partition("=")[0].strip()
-
-
-def model_source(opts: Options) -> str | None:
-    try:
-        return catalog.parse_model_arg(opts.model).source
-    except ValueError:
-        return None
-
-
-def write_adapters(opts: Options, root: Path) -> list[Path]:
-    """Valid random PEFT adapters for the model's shapes (q_proj and v_proj, ranks 4, 8, 16, ...)."""
-    from loraserve.registry.synth import adapter_config, encode_safetensors, llama_model_info, lora_tensors
-
-    shape = catalog.known_shape(model_source(opts) or "")
-    if shape is None or opts.adapters == 0:
-        return []
-    info = llama_model_info(num_layers=shape["num_layers"], hidden=shape["hidden_size"],
-                            intermediate=shape["intermediate_size"], heads=shape["num_heads"],
-                            kv_heads=shape["num_kv_heads"], head_dim=shape["head_dim"])
-    folders = []
-    for i in range(opts.adapters):
-        rank = (4, 8, 16)[i % 3]
-        folder = root / f"adapter-{i}"
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "adapter_config.json").write_bytes(adapter_config(rank, 2 * rank))
-        tensors = lora_tensors(info, rank, seed=opts.seed + i)
-        (folder / "adapter_model.safetensors").write_bytes(encode_safetensors(tensors))
-        folders.append(folder)
-    return folders
-
-
-def register_adapters(opts: Options, url: str, token: str, folders: list[Path]) -> list[str]:
-    names = []
-    with Client(opts.account, token, url) as client:
-        for i, folder in enumerate(folders):
-            name = f"loadtest-{os.getpid()}-{i}"
-            try:
-                finetune = client.new_finetune(model_id(opts), name, "loadtest adapter")
-                for file_name in ("adapter_config.json", "adapter_model.safetensors"):
-                    client.upload_asset(finetune["id"], folder / file_name)
-            except APIError as exc:
-                raise SetupError(f"cannot register finetune {name}: {exc}") from None
-            names.append(name)
-    return names
-
-
-# -- /metrics ----------------------------------------------------------------------------------------
-
-def parse_metrics(text: str) -> list[tuple[str, dict[str, str], float]]:
-    return [(sample.name, sample.labels, sample.value)
-            for family in text_string_to_metric_families(text) for sample in family.samples]
-
-
-def metric_sum(samples: list[tuple[str, dict[str, str], float]], name: str, **labels: str) -> float:
-    return sum(v for n, lab, v in samples if n == name and all(lab.get(k) == w for k, w in labels.items()))
-
-
-@dataclass(frozen=True)
-class ServerState:
-    kv_blocks_used: float
-    adapters_pinned: float
-    queue_depth: float
-    running: float
-    generation_tokens: float
-    engine_errors: float  # generations that ended in an error
-    http_5xx: dict[str, float]  # "route status" -> responses
-
-    def new_5xx(self, before: ServerState | None) -> dict[str, float]:
-        old = before.http_5xx if before is not None else {}
-        return {k: v - old.get(k, 0) for k, v in self.http_5xx.items() if v > old.get(k, 0)}
-
-    @property
-    def idle(self) -> bool:
-        return not (self.kv_blocks_used or self.adapters_pinned or self.queue_depth or self.running)
-
-
-def read_state(http: httpx.Client, url: str) -> ServerState:
-    response = http.get(f"{url}/metrics")
-    response.raise_for_status()
-    s = parse_metrics(response.text)
-    return ServerState(
-        kv_blocks_used=metric_sum(s, "loraserve_kv_blocks_used"),
-        adapters_pinned=metric_sum(s, "loraserve_adapters_resident", tier="pinned"),
-        queue_depth=metric_sum(s, "loraserve_queue_depth"),
-        running=metric_sum(s, "loraserve_running_requests"),
-        generation_tokens=metric_sum(s, "loraserve_generation_tokens_total"),
-        engine_errors=metric_sum(s, "loraserve_generations_total", finish_reason="error"),
-        http_5xx={f"{lab.get('route')} {lab.get('status')}": v for n, lab, v in s
-                  if n == "loraserve_http_requests_total" and lab.get("status", "").startswith("5")},
-    )
-
-
-def settled_state(url: str, settle_s: float) -> tuple[ServerState, float]:
-    """The server's state once it is idle (or when settle_s ran out), and how long that took."""
-    started = time.monotonic()
-    with httpx.Client(timeout=10.0) as http:
-        while True:
-            state = read_state(http, url)
-            waited = time.monotonic() - started
-            if state.idle or waited >= settle_s:
-                return state, waited
-            time.sleep(0.2)
-
-
-# -- the prober --------------------------------------------------------------------------------------
-
-
-class HealthProber(threading.Thread):
-    """GET /healthz every `interval` on a fresh connection (as a load balancer does); also samples RSS."""
-
-    def __init__(self, url: str, interval: float, pid: int | None) -> None:
-        super().__init__(name="health-prober", daemon=True)
-        self.url, self.interval, self.pid = url, interval, pid
-        self.latencies: list[float] = []
-        self.failures: Counter[str] = Counter()
-        self.rss_peak_kib: int | None = None
-        self._halt = threading.Event()
-
-    def run(self) -> None:
-        limits = httpx.Limits(max_keepalive_connections=0)
-        with httpx.Client(timeout=10.0, limits=limits) as http:
-            next_at = time.monotonic()
-            while not self._halt.is_set():
-                started = time.perf_counter()
-                try:
-                    status = http.get(f"{self.url}/healthz").status_code
-                    if status != 200:
-                        self.failures[f"status {status}"] += 1
-                except httpx.HTTPError as exc:
-                    self.failures[type(exc).__name__] += 1
-                self.latencies.append(time.perf_counter() - started)
-                rss = rss_kib(self.pid)
-                if rss is not None:
-                    self.rss_peak_kib = max(rss, self.rss_peak_kib or 0)
-                next_at += self.interval
-                self._halt.wait(max(0.0, next_at - time.monotonic()))
-
-    def stop(self) -> None:
-        self._halt.set()
-        self.join()
-
-
-# -- the clients -------------------------------------------------------------------------------------
-
-
-def _error_code(raw: bytes) -> str:
-    try:
-        data = json.loads(raw)
-        return str(data["errors"][0]["code"])
-    except (ValueError, KeyError, IndexError, TypeError):
-        return "?"
-
-
-class LoadClients:
-    def __init__(self, opts: Options, url: str, token: str, finetunes: list[str]) -> None:
-        self.opts = opts
-        self.run_url = f"{url}/client/v4/accounts/{opts.account}/ai/run/{model_id(opts)}"
-        self.headers = {"Authorization": f"Bearer {token}"}
-        self.finetunes = finetunes
-        self.tally = Tally()
-
-    def body(self, rng: random.Random) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "prompt": rng.choice(PROMPTS),
-            "max_tokens": rng.choice(self.opts.max_tokens),
-            "temperature": round(rng.uniform(0.0, 1.0), 2),
-            "seed": rng.randrange(1 << 30),
-            "stream": True,
-        }
-        if self.finetunes and rng.random() < self.opts.lora_p:
-            body["lora"] = rng.choice(self.finetunes)
-        return body
-
-    async def run(self, duration_s: float) -> None:
-        opts = self.opts
-        limits = httpx.Limits(max_connections=opts.clients + 8, max_keepalive_connections=opts.clients + 8)
-        timeout = httpx.Timeout(30.0, read=opts.read_timeout_s)
-        async with httpx.AsyncClient(headers=self.headers, limits=limits, timeout=timeout) as http:
-            tasks = [asyncio.create_task(self._client(http, random.Random(opts.seed * 100_003 + i)))
-                     for i in range(opts.clients)]
-            await asyncio.sleep(duration_s)
-            for task in tasks:  # time is up: whatever is in flight is cut, as a mass disconnect
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-    async def _client(self, http: httpx.AsyncClient, rng: random.Random) -> None:
-        await asyncio.sleep(rng.uniform(0, 1.0))  # do not all connect in the same millisecond
-        while True:
-            await self._request(http, rng)
-
-    async def _request(self, http: httpx.AsyncClient, rng: random.Random) -> None:
-        t, loop = self.tally, asyncio.get_running_loop()
-        body = self.body(rng)
-        cut = rng.randint(0, CUT_EVENTS) if rng.random() < self.opts.disconnect_p else None
-        patience = rng.uniform(0.05, 2.0) if cut == 0 else None  # hang up while (probably) still queued
-        started = loop.time()
-        t.started += 1
-        state = "in flight"
-        try:
-            async with asyncio.timeout(patience):
-                state = await self._stream(http, body, cut, started)
-        except TimeoutError:  # asyncio.timeout's, i.e. our own patience ran out
-            t.disconnected += 1
-            return
-        except httpx.ReadTimeout:
-            t.hangs += 1
-        except httpx.HTTPError as exc:
-            t.transport_errors[type(exc).__name__] += 1
-            await asyncio.sleep(self.opts.backoff_s)
-        except asyncio.CancelledError:  # the time is up
-            t.cut_at_end += 1
-            raise
-        if state in ("refused", "error"):  # back off, as a client should (and never spin on errors)
-            await asyncio.sleep(self.opts.backoff_s * rng.uniform(0.5, 1.5))
-
-    async def _stream(self, http: httpx.AsyncClient, body: dict[str, Any], cut: int | None, started: float) -> str:
-        t, loop = self.tally, asyncio.get_running_loop()
-        async with http.stream("POST", self.run_url, json=body) as response:
-            if response.status_code != 200:
-                code = _error_code(await response.aread())
-                t.responses[f"{response.status_code} {code}"] += 1
-                if response.status_code == 429:
-                    t.refusal_s.append(loop.time() - started)
-                    return "refused"
-                return "error"
-            t.responses["200"] += 1
-            events = 0
-            async for line in response.aiter_lines():
-                if not line.startswith("data: "):
-                    continue
-                data = line.removeprefix("data: ")
-                if data == "[DONE]":
-                    t.completed += 1
-                    return "done"
-                event = json.loads(data)
-                if "errors" in event:
-                    t.stream_errors[_error_code(data.encode())] += 1
-                    return "error"
-                if events == 0:
-                    t.ttft_s.append(loop.time() - started)
-                events += 1
-                if "usage" in event:
-                    t.tokens += int(event["usage"].get("completion_tokens", 0))
-                elif cut is not None and events >= cut:
-                    t.tokens += events
-                    t.disconnected += 1
-                    return "disconnected"  # leaving the block closes the connection mid-stream
-            t.truncated += 1
-            return "truncated"
 
 
 # -- the run -----------------------------------------------------------------------------------------
@@ -521,7 +166,7 @@ def run(opts: Options) -> dict[str, Any]:
             with Registry.open(data_dir) as registry:
                 token = registry.create_token(opts.account, "loadtest")
             _log(f"starting loraserve serve --model {opts.model} ...")
-            proc = ServerProcess(opts, data_dir)
+            proc = ServerProcess(opts.model, opts.max_batch, opts.max_queue, data_dir)
             if opts.server_log is not None:  # copied once the server has stopped (callbacks run last first)
                 stack.callback(shutil.copyfile, proc.log_path, opts.server_log)
             stack.callback(proc.stop)
@@ -531,7 +176,8 @@ def run(opts: Options) -> dict[str, Any]:
             if opts.token is None:
                 raise SetupError("--url needs --token (and --account)")
             url, pid, token = opts.url.rstrip("/"), opts.server_pid, opts.token
-        finetunes = register_adapters(opts, url, token, write_adapters(opts, data_dir / "adapters"))
+        folders = write_adapters(opts.model, opts.adapters, opts.seed, data_dir / "adapters")
+        finetunes = register_adapters(opts.account, opts.model, url, token, folders)
         server = {"url": url, "pid": pid, "finetunes": len(finetunes)}
         _log(f"{url}: {opts.clients} clients for {opts.duration_s:g} s, {len(finetunes)} finetunes")
         report = _measure(opts, url, pid, token, finetunes, server)

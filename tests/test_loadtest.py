@@ -11,7 +11,8 @@ import pytest
 
 from loraserve import loadtest
 from loraserve.cli import app
-from loraserve.loadtest import Options, parse_metrics
+from loraserve.loadtest import Options
+from loraserve.loadtest_server import metric_sum, parse_metrics
 
 MODEL = "@cf/test/tiny-lora=random:tiny"
 
@@ -54,6 +55,6 @@ def test_parse_metrics() -> None:
         "loraserve_plain 7\n"
     )
     samples = parse_metrics(text)
-    assert loadtest.metric_sum(samples, "loraserve_kv_blocks_used") == 5
-    assert loadtest.metric_sum(samples, "loraserve_adapters_resident", tier="pinned") == 1
-    assert loadtest.metric_sum(samples, "loraserve_plain") == 7
+    assert metric_sum(samples, "loraserve_kv_blocks_used") == 5
+    assert metric_sum(samples, "loraserve_adapters_resident", tier="pinned") == 1
+    assert metric_sum(samples, "loraserve_plain") == 7
