@@ -72,6 +72,7 @@ class BenchConfig:
     max_loras: int | None = None
     threads: int | None = None
     prefix_caching: bool = True
+    cuda_graphs: bool = True
     baseline: bool = True
     baseline_no_adapter: bool = True
     compare_no_adapter: bool = True
@@ -98,7 +99,7 @@ class BenchConfig:
             max_loras=self.max_loras or base.max_loras,
             max_queue=max(base.max_queue, w.requests),  # an open-loop burst must queue, not be refused
             threads=self.threads or base.threads,
-            prefix_caching=self.prefix_caching,
+            prefix_caching=self.prefix_caching, cuda_graphs=self.cuda_graphs,
         )
 
     def argv(self) -> list[str]:
@@ -115,7 +116,7 @@ class BenchConfig:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_loras", "threads"):
             if getattr(self, name) is not None:
                 args += ["--" + name.replace("_", "-"), str(getattr(self, name))]
-        for name in ("prefix_caching", "baseline", "baseline_no_adapter", "compare_no_adapter", "roofline", "warmup"):
+        for name in ("prefix_caching", "cuda_graphs", "baseline", "baseline_no_adapter", "compare_no_adapter", "roofline", "warmup"):
             if not getattr(self, name):
                 args.append("--no-" + name.replace("_", "-"))
         if self.quick:
@@ -157,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max-loras", type=int, help="engine adapter slots (default: the engine's)")
     a("--threads", type=int, help="CPU threads (default: all cores)")
     for flag, what in (("prefix-caching", "the engine reuses cached prompt prefixes within a phase"),
+                       ("cuda-graphs", "the engine replays decode steps as CUDA graphs (CUDA only)"),
                        ("baseline", "HF transformers + PEFT on the same workload"),
                        ("baseline-no-adapter", "HF without adapters too"),
                        ("compare-no-adapter", "our engine with every request adapter-free too"),
@@ -185,7 +187,7 @@ def config_from_args(ns: argparse.Namespace) -> BenchConfig:
     return BenchConfig(
         model=ns.model, device=Device(ns.device), dtype=DType(ns.dtype), workload=workload,
         max_num_seqs=ns.max_num_seqs, max_num_batched_tokens=ns.max_num_batched_tokens, max_loras=ns.max_loras,
-        threads=ns.threads, prefix_caching=ns.prefix_caching, baseline=ns.baseline, baseline_no_adapter=ns.baseline_no_adapter,
+        threads=ns.threads, prefix_caching=ns.prefix_caching, cuda_graphs=ns.cuda_graphs, baseline=ns.baseline, baseline_no_adapter=ns.baseline_no_adapter,
         compare_no_adapter=ns.compare_no_adapter, roofline=ns.roofline, warmup=ns.warmup, quick=ns.quick,
         json_path=ns.json)
 

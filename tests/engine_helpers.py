@@ -187,7 +187,7 @@ def run_traced(engine: LLMEngine, timeout_s: float = 60.0) -> Trace:
                 trace.lora_paths |= {name for name, used in (("padded", part.padded is not None),
                                                              ("heavy", bool(part.heavy)),
                                                              ("singles", bool(part.singles))) if used}
-        logits = engine.model.forward(replace(meta, logits_indices=torch.arange(num_rows)), engine.kv)
+        logits = engine.model.forward(replace(meta, logits_indices=torch.arange(num_rows, device=engine.device)), engine.kv)
         trace.num_steps += 1
         trace.max_step_tokens = max(trace.max_step_tokens, num_rows)
         if 0 < meta.num_decode < len(order):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from loraserve.bench_workload import count_steps
 from loraserve.engine import AsyncEngine, EngineConfig, load_backend, load_engine
 from loraserve.errors import CapacityExceeded
 from loraserve.types import AdapterRef, ChatMessage, FinishReason, SamplingParams, StreamEvent
@@ -197,6 +199,27 @@ async def test_adapters_and_a_broken_adapter(backend: AsyncEngine, adapter_dir: 
     await _eventually(lambda: backend.stats()["adapters_host"] >= 1 and _idle(backend))
     backend.forget_adapter("tiny-good")
     await _eventually(lambda: backend.stats()["adapters_host"] == 0 and backend.stats()["adapters_device"] == 0)
+
+
+async def test_the_step_loop_sleeps_while_an_adapter_loads(adapter_dir: Path) -> None:
+    """A request whose adapter is still loading leaves the step thread asleep, not stepping in a loop:
+    a spinning step thread holds the GIL the loader thread needs (on a GPU machine, loading 17
+    Llama-2-7B-shaped adapters next to it took minutes)."""
+    b = load_backend("random:tiny", EngineConfig(threads=1))
+    try:
+        gate = threading.Event()
+        b.engine.adapters._loader.submit(gate.wait)  # the loader's one worker is busy; the adapter queues
+        with count_steps(b.engine) as counts:
+            stream = b.generate("slow-adapter", b.encode("Hi"), GREEDY, AdapterRef("tiny-slow", str(adapter_dir)))
+            await asyncio.sleep(0.5)
+            stalled_steps = counts.steps
+            gate.set()
+            events = await _collect(stream)
+        assert events[-1].finish_reason is FinishReason.LENGTH and events[-1].completion_tokens == 20
+        # The safety-net timeout (50 ms) allows ~10 steps in 0.5 s; a spinning loop makes thousands.
+        assert 1 <= stalled_steps <= 30, stalled_steps
+    finally:
+        b.shutdown()
 
 
 async def test_penalised_request_completes_and_spares_its_neighbours(backend: AsyncEngine) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -34,6 +35,9 @@ class AdapterCache:
         # One torch thread: the loader must not start an OpenMP team of its own (see async_engine.py).
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-load",
                                           initializer=torch.set_num_threads, initargs=(1,))
+        # Called on the loader thread when an adapter finishes loading (or fails): an idle step loop
+        # waiting for it wakes up instead of spinning, which would starve the loader of the GIL.
+        self.on_loaded: Callable[[], None] | None = None
 
     def register(self, ref: AdapterRef) -> None:
         with self._lock:
@@ -56,7 +60,8 @@ class AdapterCache:
             if ref is None:
                 self._failed[key] = "adapter is not registered"
                 return AdapterState.FAILED
-            self._loading[key] = self._loader.submit(load_adapter, ref, self.cfg, self.dtype)
+            fut = self._loading[key] = self._loader.submit(load_adapter, ref, self.cfg, self.dtype)
+            fut.add_done_callback(self._loaded)
             return AdapterState.LOADING
         if not fut.done():
             return AdapterState.LOADING
@@ -120,6 +125,10 @@ class AdapterCache:
 
     def close(self) -> None:
         self._loader.shutdown(wait=False, cancel_futures=True)
+
+    def _loaded(self, _: Future[LoraWeights]) -> None:
+        if self.on_loaded is not None:
+            self.on_loaded()
 
     def _put_host(self, w: LoraWeights) -> None:
         self._host[w.key] = w

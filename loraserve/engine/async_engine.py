@@ -97,6 +97,7 @@ class AsyncEngine:
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._stopped = False
+        self._adapter_loaded = False  # set by the loader thread, read under the lock
         self._ready = threading.Event()
         self._build_error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, args=(factory,), name="engine-step", daemon=True)
@@ -179,13 +180,24 @@ class AsyncEngine:
             return
         finally:
             self._ready.set()
+        self.engine.adapters.on_loaded = self._on_adapter_loaded
         self._loop()
+
+    def _on_adapter_loaded(self) -> None:
+        with self._lock:
+            self._adapter_loaded = True
+            self._wake.notify()
 
     def _loop(self) -> None:
         while True:
             with self._lock:
                 while not self._stopped and not self._inbox and not self.engine.has_work():
                     self._wake.wait()
+                # Work is waiting only for adapters being loaded: sleep until one is (or a request
+                # comes or goes) instead of spinning; the timeout is a safety net, not the mechanism.
+                if self.engine.stalled and not (self._stopped or self._inbox or self._adapter_loaded):
+                    self._wake.wait(timeout=0.05)
+                self._adapter_loaded = False
                 if self._stopped:
                     break
                 inbox, self._inbox = self._inbox, []

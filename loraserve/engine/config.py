@@ -138,6 +138,8 @@ class EngineConfig:
     adapter_host_cache_bytes: int = 2 << 30  # parsed adapters kept in RAM (LRU); the disk holds the rest
     # Reuse the K/V of cached prompt prefixes (same tokens, adapter and salt); off only to compare.
     prefix_caching: bool = True
+    # CUDA only: replay pure decode steps as captured CUDA graphs (decode_graphs.py); off to compare.
+    cuda_graphs: bool = True
     threads: int = field(default_factory=_default_threads)
     seed: int = 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -9,6 +10,7 @@ import torch
 from loraserve.engine.adapter_cache import AdapterCache
 from loraserve.engine.block_manager import BlockManager
 from loraserve.engine.config import EngineConfig, ModelConfig
+from loraserve.engine.decode_graphs import DecodeGraphs
 from loraserve.engine.model import KVCache, Llama
 from loraserve.engine.model_runner import ModelRunner
 from loraserve.engine.scheduler import Scheduler
@@ -55,9 +57,18 @@ class LLMEngine:
                                    gate=self.adapters, max_waiting=ecfg.max_queue)
         gen = torch.Generator(device=self.device)
         gen.manual_seed(ecfg.seed)
-        self.runner = ModelRunner(self.model, self.kv, bs, self.adapters, gen)
+        graphs = None
+        if self.device.type == "cuda":
+            # cuDNN's attention plans anew for each context length (~2 ms of CPU per call on an H100);
+            # prefill then uses the memory-efficient kernel, decode the graph-friendly `decode_attention`.
+            torch.backends.cuda.enable_cudnn_sdp(False)
+            graphs = DecodeGraphs(self.model, self.kv, ecfg.max_num_seqs) if ecfg.cuda_graphs else None
+        self.runner = ModelRunner(self.model, self.kv, bs, self.adapters, gen, graphs)
         self.eos_ids = frozenset(cfg.eos_token_ids)
         self._by_request: dict[str, Sequence] = {}
+        # The last step scheduled nothing although work is waiting (its adapters are still loading):
+        # callers should wait for the loader rather than step again at once.
+        self.stalled = False
 
     def _num_kv_blocks(self) -> int:
         cfg, ecfg = self.cfg, self.ecfg
@@ -113,6 +124,7 @@ class LLMEngine:
     # -- the step ---------------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
         sched = self.scheduler.schedule()
+        self.stalled = not sched.scheduled and not sched.failed
         outputs: list[StepOutput] = []
         for seq in sched.failed:
             self._finish(seq, FinishReason.ERROR)
@@ -152,6 +164,8 @@ class LLMEngine:
                 for i, (p, sp, a) in enumerate(zip(prompts, plist, alist, strict=True))]
         while self.has_work():
             self.step()
+            if self.stalled:
+                time.sleep(0.001)  # lets the adapter loader have the GIL
         return [s.output_ids for s in seqs]
 
     def stats(self) -> dict[str, float]:

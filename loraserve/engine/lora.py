@@ -102,17 +102,22 @@ class LoraPool:
 
     def __init__(self, cfg: ModelConfig, rank: int, capacity: int, dtype: torch.dtype, device: torch.device):
         self.cfg, self.rank, self.capacity = cfg, rank, capacity
+        # One slot past the capacity stays zero: rows of a static (CUDA-graph) batch that use no adapter
+        # of this pool read it, so every row can gather "its" weights without a branch.
+        self.zero_slot = capacity
         shapes = cfg.lora_shapes()
-        self.a: list[torch.Tensor] = []  # per group: [L, C, in, n*R]
-        self.b: list[torch.Tensor] = []  # per group: [L, C, n*R, sum(out)]
+        self.a: list[torch.Tensor] = []  # per group: [L, C + 1, in, n*R]
+        self.b: list[torch.Tensor] = []  # per group: [L, C + 1, n*R, sum(out)]
         for group in LoraGroup:
             targets = GROUP_TARGETS[group]
             fan_in = shapes[targets[0]][0]
             fan_out = sum(shapes[t][1] for t in targets)
             n = len(targets) * rank
             # empty, not zeros: pages of never-used slots stay uncommitted; `write` zeroes a slot first.
-            self.a.append(torch.empty(cfg.num_layers, capacity, fan_in, n, dtype=dtype, device=device))
-            self.b.append(torch.empty(cfg.num_layers, capacity, n, fan_out, dtype=dtype, device=device))
+            self.a.append(torch.empty(cfg.num_layers, capacity + 1, fan_in, n, dtype=dtype, device=device))
+            self.b.append(torch.empty(cfg.num_layers, capacity + 1, n, fan_out, dtype=dtype, device=device))
+            self.a[-1][:, capacity].zero_()
+            self.b[-1][:, capacity].zero_()
 
     @staticmethod
     def slot_bytes(cfg: ModelConfig, rank: int, itemsize: int) -> int:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from loraserve.engine.config import ModelConfig
 from loraserve.engine.lora import LoraGroup
 from loraserve.engine.lora_batch import LoraBatch
+from loraserve.engine.lora_static import StaticLora
 
 
 @dataclass
@@ -39,13 +40,15 @@ class BatchMeta:
     decode_mask: torch.Tensor | None  # [Bd, 1, 1, Lmax] bool
     prefills: list[PrefillMeta]
     logits_indices: torch.Tensor  # [S] rows whose next token is sampled
-    lora: LoraBatch | None = None
+    lora: LoraBatch | StaticLora | None = None
 
 
 class KVCache:
     def __init__(self, cfg: ModelConfig, num_slots: int, dtype: torch.dtype, device: torch.device) -> None:
-        # k, v: [L, num_blocks * block_size, Hkv, D]; a flat slot index addresses one token's K/V.
-        shape = (cfg.num_layers, num_slots, cfg.num_kv_heads, cfg.head_dim)
+        # k, v: [L, num_blocks * block_size + 1, Hkv, D]; a flat slot index addresses one token's K/V. The
+        # last slot belongs to no block: padding rows of a static (CUDA-graph) batch write and read it.
+        self.scratch_slot = num_slots
+        shape = (cfg.num_layers, num_slots + 1, cfg.num_kv_heads, cfg.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
 
@@ -90,6 +93,21 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                     cfg: ModelConfig) -> torch.Tensor:
+    """One query token per sequence over its gathered K/V, GQA by reshaping q (K/V never repeated).
+
+    Used on CUDA: it captures into a CUDA graph, and it avoids cuDNN's attention, which spends ~2 ms of
+    CPU per call (H100, torch.profiler: 1.9 ms x 32 layers of a 67 ms Llama-2-7B decode step).
+    q: [Bd, Hq, D]; k, v: [Bd, L, Hkv, D]; mask: [Bd, 1, 1, L] bool -> [Bd, Q].
+    """
+    bd = q.shape[0]
+    qg = q.reshape(bd, cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim)  # [Bd, Hkv, G, D]
+    scores = torch.matmul(qg, k.permute(0, 2, 3, 1)) * cfg.head_dim ** -0.5  # [Bd, Hkv, G, L]
+    probs = scores.float().masked_fill(~mask, float("-inf")).softmax(dim=-1).to(q.dtype)
+    return torch.matmul(probs, v.permute(0, 2, 1, 3)).reshape(bd, cfg.q_size)  # [Bd, Hkv, G, D] -> [Bd, Q]
 
 
 class Llama:
@@ -172,10 +190,13 @@ class Llama:
             idx = batch.decode_gather.reshape(-1)
             k = k_cache.index_select(0, idx).view(bd, lmax, cfg.num_kv_heads, cfg.head_dim)
             v = v_cache.index_select(0, idx).view(bd, lmax, cfg.num_kv_heads, cfg.head_dim)
-            qd = q[:nd].unsqueeze(2)  # [Bd, Hq, 1, D]
-            o = F.scaled_dot_product_attention(
-                qd, k.transpose(1, 2), v.transpose(1, 2), attn_mask=batch.decode_mask, enable_gqa=True)
-            out[:nd] = o.reshape(nd, cfg.q_size)  # o: [Bd, Hq, 1, D]
+            if q.device.type == "cpu":  # torch's CPU flash kernel: ~1.5x faster than the explicit form here
+                qd = q[:nd].unsqueeze(2)  # [Bd, Hq, 1, D]
+                o = F.scaled_dot_product_attention(
+                    qd, k.transpose(1, 2), v.transpose(1, 2), attn_mask=batch.decode_mask, enable_gqa=True)
+                out[:nd] = o.reshape(nd, cfg.q_size)  # o: [Bd, Hq, 1, D]
+            else:
+                out[:nd] = decode_attention(q[:nd], k, v, batch.decode_mask, cfg)
         for p in batch.prefills:
             k = k_cache.index_select(0, p.gather).transpose(0, 1).unsqueeze(0)  # [1, Hkv, ctx, D]
             v = v_cache.index_select(0, p.gather).transpose(0, 1).unsqueeze(0)

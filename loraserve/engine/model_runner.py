@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from loraserve.engine.adapter_cache import AdapterCache
+from loraserve.engine.decode_graphs import DecodeGraphs, DecodeInputs
 from loraserve.engine.lora import LoraPool
 from loraserve.engine.lora_batch import LoraBatch
 from loraserve.engine.model import BatchMeta, KVCache, Llama, PrefillMeta
@@ -15,8 +16,9 @@ from loraserve.engine.sequence import Sequence
 
 class ModelRunner:
     def __init__(self, model: Llama, kv: KVCache, block_size: int, adapters: AdapterCache,
-                 default_generator: torch.Generator) -> None:
+                 default_generator: torch.Generator, graphs: DecodeGraphs | None = None) -> None:
         self.model, self.kv, self.block_size, self.adapters = model, kv, block_size, adapters
+        self.graphs = graphs
         self.device = model.device
         self.default_generator = default_generator
         self._generators: dict[int, torch.Generator] = {}  # seq_id -> its own, for seeded requests
@@ -58,17 +60,10 @@ class ModelRunner:
             row_slots.extend([lora] * s.num_new)
         decode_gather = decode_mask = None
         if nd:
-            ctx = torch.tensor([s.seq.num_computed + 1 for s in order[:nd]])
-            lmax = int(ctx.max())
-            width = -(-lmax // self.block_size)
-            tables = torch.zeros(nd, width, dtype=torch.long)  # [Bd, blocks]
-            for i, s in enumerate(order[:nd]):
-                bt = s.seq.block_table[:width]
-                tables[i, :len(bt)] = torch.tensor(bt, dtype=torch.long)
-            pos = torch.arange(lmax)
-            decode_gather = tables[:, pos // self.block_size] * self.block_size + pos % self.block_size
-            valid = pos.unsqueeze(0) < ctx.unsqueeze(1)  # [Bd, Lmax]
-            decode_gather = torch.where(valid, decode_gather, decode_gather[:, :1]).to(self.device)
+            seqs = [s.seq for s in order[:nd]]
+            lmax = max(seq.num_computed + 1 for seq in seqs)
+            gather, valid = self._decode_gather(seqs, lmax)  # [Bd, Lmax]
+            decode_gather = gather.to(self.device)
             decode_mask = valid.view(nd, 1, 1, lmax).to(self.device)
         meta = BatchMeta(
             input_ids=torch.tensor(ids, dtype=torch.long, device=self.device),
@@ -83,11 +78,59 @@ class ModelRunner:
         )
         return meta, order
 
+    def _decode_gather(self, seqs: list[Sequence], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat KV slots of each sequence's context, [n, length], and which of them are real."""
+        bs = self.block_size
+        width = -(-length // bs)
+        tables = torch.zeros(len(seqs), width, dtype=torch.long)  # [n, blocks]
+        for i, seq in enumerate(seqs):
+            bt = seq.block_table[:width]
+            tables[i, :len(bt)] = torch.tensor(bt, dtype=torch.long)
+        pos = torch.arange(length)
+        gather = tables[:, pos // bs] * bs + pos % bs
+        valid = pos.unsqueeze(0) < torch.tensor([seq.num_computed + 1 for seq in seqs]).unsqueeze(1)
+        return torch.where(valid, gather, self.kv.scratch_slot), valid
+
+    def decode_inputs(self, scheduled: list[ScheduledSeq], batch: int, length: int) -> DecodeInputs:
+        """A pure decode step padded to [batch] rows and [length] context positions (for a CUDA graph)."""
+        seqs = [s.seq for s in scheduled]
+        n, scratch = len(seqs), self.kv.scratch_slot
+        input_ids = torch.zeros(batch, dtype=torch.long)
+        input_ids[:n] = torch.tensor([seq.token_ids[seq.num_computed] for seq in seqs])
+        positions = torch.zeros(batch, dtype=torch.long)
+        positions[:n] = torch.tensor([seq.num_computed for seq in seqs])
+        slot_mapping = torch.full((batch,), scratch, dtype=torch.long)
+        slot_mapping[:n] = torch.cat([self._slots(seq, seq.num_computed, seq.num_computed + 1) for seq in seqs])
+        gather = torch.full((batch, length), scratch, dtype=torch.long)
+        mask = torch.zeros(batch, length, dtype=torch.bool)
+        gather[:n], mask[:n] = self._decode_gather(seqs, length)
+        mask[n:, 0] = True  # padding rows attend to the scratch slot alone (an all-masked row would be NaN)
+        rows = [self.adapters.slot(seq.adapter_key) if seq.adapter_key is not None else None for seq in seqs]
+        pools = sorted({id(pool): pool for pool, _ in filter(None, rows)}.values(), key=lambda pool: pool.rank)
+        lora_slots = []
+        for pool in pools:
+            idx = torch.full((batch,), pool.zero_slot, dtype=torch.long)
+            for i, row in enumerate(rows):
+                if row is not None and row[0] is pool:
+                    idx[i] = row[1]
+            lora_slots.append(idx)
+        return DecodeInputs(input_ids, positions, slot_mapping, gather, mask, pools, lora_slots)
+
+    def _forward(self, scheduled: list[ScheduledSeq]) -> tuple[torch.Tensor, list[ScheduledSeq]]:
+        """Logits [S, V] of the sampling rows, in the returned order of the sequences."""
+        if self.graphs is not None and all(s.num_new == 1 and s.samples for s in scheduled):
+            shape = self.graphs.shape_for(len(scheduled), max(s.seq.num_computed + 1 for s in scheduled))
+            if shape is not None:
+                logits = self.graphs.run(self.decode_inputs(scheduled, *shape))
+                if logits is not None:
+                    return logits[:len(scheduled)], scheduled
+        meta, order = self.prepare(scheduled)
+        return self.model.forward(meta, self.kv), order
+
     @torch.inference_mode()
     def run(self, scheduled: list[ScheduledSeq]) -> dict[int, int]:
         """Compute one step; returns seq_id -> sampled token for the sequences that sample."""
-        meta, order = self.prepare(scheduled)
-        logits = self.model.forward(meta, self.kv)  # [S, V]
+        logits, order = self._forward(scheduled)  # [S, V]
         sampling = [s.seq for s in order if s.samples]
         if not sampling:
             return {}
