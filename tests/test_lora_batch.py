@@ -46,6 +46,11 @@ def test_paths_chosen_by_shape(pool: LoraPool) -> None:
     sparse = _check(pool, [0, 19, None])
     assert sparse is not None and sparse.parts[0].singles and sparse.parts[0].padded is None
     assert _check(pool, [None, None]) is None
+    # A prefill chunk of several prompts: every slot with more than 32 rows runs its own GEMMs, never a
+    # padded block (slots 1..4 x 100 rows for 160 real ones here, before the absolute limit).
+    chunk = _check(pool, [1] * 100 + [2] * 30 + [4] * 30)
+    assert chunk is not None and [s for s, _, _ in chunk.parts[0].heavy] == [1]
+    assert chunk.parts[0].m == 30
 
 
 def test_random_batches_match_a_per_row_loop(pool: LoraPool) -> None:

@@ -33,8 +33,14 @@ class ModelRunner:
         return table[pos // self.block_size] * self.block_size + pos % self.block_size
 
     def prepare(self, scheduled: list[ScheduledSeq]) -> tuple[BatchMeta, list[ScheduledSeq]]:
-        # Single-token rows first: they share one batched attention call.
-        order = [s for s in scheduled if s.num_new == 1] + [s for s in scheduled if s.num_new != 1]
+        # Single-token rows first: they share one batched attention call. Among them, rows of one adapter
+        # slot side by side: LoraBatch then runs a popular adapter's rows as one in-place GEMM pair.
+        lora = {s.seq.seq_id: self.adapters.slot(s.seq.adapter_key) for s in scheduled
+                if s.seq.adapter_key is not None}
+        decodes = sorted((s for s in scheduled if s.num_new == 1),
+                         key=lambda s: (lora[s.seq.seq_id][0].rank, lora[s.seq.seq_id][1])
+                         if s.seq.seq_id in lora else (1 << 30, 0))
+        order = decodes + [s for s in scheduled if s.num_new != 1]
         nd = sum(1 for s in order if s.num_new == 1)
         ids: list[int] = []
         positions: list[torch.Tensor] = []
@@ -56,8 +62,7 @@ class ModelRunner:
                                             mask.to(self.device)))
             if s.samples:
                 logits_rows.append(row + s.num_new - 1)
-            lora = self.adapters.slot(seq.adapter_key) if seq.adapter_key is not None else None
-            row_slots.extend([lora] * s.num_new)
+            row_slots.extend([lora.get(seq.seq_id)] * s.num_new)
         decode_gather = decode_mask = None
         if nd:
             seqs = [s.seq for s in order[:nd]]
