@@ -309,7 +309,7 @@ def test_lora_batch_paths_match_a_per_row_loop(base: Any, adapters: dict[str, Pa
     if pattern == "decode":
         slots: list[int | None] = [2, None, 0, 3, 2, 1, None, 0]
     else:
-        slots = [0] * 70 + [None] * 3 + [3] + [1] * 2
+        slots = [0] * 70 + [None] * 3 + [3] + [1] * 2 + [2]
     batch = LoraBatch.build([None if s is None else (pool, s) for s in slots], torch.device("cpu"))
     assert batch is not None and len(batch.parts) == 1
     assert batch.parts[0].padded is not None

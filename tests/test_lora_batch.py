@@ -41,14 +41,18 @@ def _check(pool: LoraPool, slots: list[int | None]) -> LoraBatch | None:
 def test_paths_chosen_by_shape(pool: LoraPool) -> None:
     decode = _check(pool, [2, None, 0, 3, 2, 1, None, 0])
     assert decode is not None and decode.parts[0].padded is not None and not decode.parts[0].heavy
-    prefill = _check(pool, [5] * 60 + [6, 7, None, 7])
+    prefill = _check(pool, [5] * 60 + [6, 7, None, 7, 8])
     assert prefill is not None and prefill.parts[0].heavy and prefill.parts[0].padded is not None
     sparse = _check(pool, [0, 19, None])
     assert sparse is not None and sparse.parts[0].singles and sparse.parts[0].padded is None
     assert _check(pool, [None, None]) is None
+    # A single stream, or two light slots: a GEMM pair each takes fewer ops than a padded block.
+    for slots in ([3], [None, 3], [3, 3, 5]):
+        few = _check(pool, slots)
+        assert few is not None and few.parts[0].singles and few.parts[0].padded is None
     # A prefill chunk of several prompts: every slot with more than 32 rows runs its own GEMMs, never a
     # padded block (slots 1..4 x 100 rows for 160 real ones here, before the absolute limit).
-    chunk = _check(pool, [1] * 100 + [2] * 30 + [4] * 30)
+    chunk = _check(pool, [1] * 100 + [2] * 30 + [4] * 30 + [3] * 30)
     assert chunk is not None and [s for s, _, _ in chunk.parts[0].heavy] == [1]
     assert chunk.parts[0].m == 30
 
