@@ -78,6 +78,13 @@ def serve(
     max_queue: Annotated[
         int | None, typer.Option(min=1, help="Requests waiting beyond the batch; more get 429/3040 (default 256).")
     ] = None,
+    device: Annotated[
+        str | None, typer.Option(help="cpu, cuda or cuda:N (default: cpu).")
+    ] = None,
+    dtype: Annotated[
+        str | None, typer.Option(help="auto, float32, bfloat16 or float16 (default: auto = float32 on CPU, "
+                                      "bfloat16 on CUDA).")
+    ] = None,
     prefix_caching: Annotated[
         bool | None,
         typer.Option(help="Reuse the K/V of prompt prefixes an account sent before (never across accounts); "
@@ -108,9 +115,14 @@ def serve(
 
     try:
         engine_config = EngineConfig(**_given(max_num_seqs=max_batch, max_queue=max_queue,
-                                              prefix_caching=prefix_caching))
+                                              prefix_caching=prefix_caching, device=device, dtype=dtype))
     except ValueError as exc:
         raise _fail(str(exc), 2) from None
+    if engine_config.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise _fail(f"--device {engine_config.device}: torch sees no CUDA device (torch {torch.__version__})", 2)
 
     backends: dict[str, Backend] = {}
     loaded: dict[tuple[str, TemplateKind], Backend] = {}

@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from loraserve.cli import app
@@ -133,6 +134,17 @@ def test_serve_runs_until_interrupted(tmp_path: Path) -> None:
         scraped = httpx.get(f"{server.base_url}/metrics", headers={"Authorization": f"Bearer {metrics_token}"})
         assert scraped.status_code == 200 and "loraserve_kv_blocks_used" in scraped.text
         assert server.stop() == 0, server.log()
+
+
+def test_serve_refuses_a_bad_device_or_dtype_before_loading(tmp_path: Path) -> None:
+    base = ("serve", "--data-dir", str(tmp_path), "--model", "@cf/test/tiny=random:tiny")
+    bad_device = loraserve(*base, "--device", "tpu")
+    assert bad_device.returncode == 2 and "device must be cpu, cuda or cuda:N" in bad_device.stderr
+    bad_dtype = loraserve(*base, "--dtype", "float64")
+    assert bad_dtype.returncode == 2 and "dtype must be auto, float32, bfloat16 or float16" in bad_dtype.stderr
+    if not torch.cuda.is_available():  # CI: the CPU torch wheel
+        no_gpu = loraserve(*base, "--device", "cuda")
+        assert no_gpu.returncode == 2 and "torch sees no CUDA device" in no_gpu.stderr
 
 
 def test_serve_explains_missing_weights(tmp_path: Path) -> None:

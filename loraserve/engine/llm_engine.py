@@ -59,6 +59,8 @@ class LLMEngine:
         gen.manual_seed(ecfg.seed)
         graphs = None
         if self.device.type == "cuda":
+            if self.device.index is not None:  # cuda:N: graphs capture on this (step) thread's current device
+                torch.cuda.set_device(self.device)
             # cuDNN's attention plans anew for each context length (~2 ms of CPU per call on an H100);
             # prefill then uses the memory-efficient kernel, decode the graph-friendly `decode_attention`.
             torch.backends.cuda.enable_cudnn_sdp(False)
