@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 import torch
 
-from loraserve.engine.decode_graphs import CTX_QUANTUM, batch_sizes, context_bucket
+from loraserve.engine.decode_graphs import CTX_QUANTUM, MAX_GRAPH_RANK, batch_sizes, context_bucket, graphable
 from loraserve.engine.llm_engine import LLMEngine
+from loraserve.engine.lora import LoraPool
 from loraserve.types import AdapterRef, SamplingParams
 
 from engine_helpers import (
@@ -37,6 +38,13 @@ def test_batch_sizes() -> None:
 def test_context_bucket() -> None:
     assert [context_bucket(c) for c in (1, CTX_QUANTUM, CTX_QUANTUM + 1, 1000, 1024, 1025)] == \
         [CTX_QUANTUM, CTX_QUANTUM, 2 * CTX_QUANTUM, 1024, 1024, 2048]
+
+
+def test_large_rank_buckets_run_eagerly(base: Any) -> None:
+    cfg = build_engine(base).cfg
+    small, large = (LoraPool(cfg, r, 1, torch.float32, torch.device("cpu")) for r in (MAX_GRAPH_RANK, 2 * MAX_GRAPH_RANK))
+    assert graphable([]) and graphable([small])
+    assert not graphable([small, large])
 
 
 @pytest.fixture(scope="module")

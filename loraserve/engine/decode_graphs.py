@@ -6,7 +6,7 @@ with 10 adapters 191 ms). A CUDA graph replays the whole forward with one launch
 so a step is padded (`DecodeInputs`): the batch up to the next of `batch_sizes`, the context up to
 256 * 2^k tokens. Padding rows write and read the KV cache's scratch slot and each LoRA pool's zero
 slot, and LoRA goes through `StaticLora`. Graphs are captured on first use and share one memory pool;
-steps with prefill chunks, or shapes past the limits, run eagerly.
+steps with prefill chunks, adapters of rank buckets above 64, or shapes past the limits run eagerly.
 """
 
 from __future__ import annotations
@@ -21,12 +21,19 @@ from loraserve.engine.model import BatchMeta, KVCache, Llama
 
 CTX_QUANTUM = 256  # few graphs (one per doubling), at most 2x padding in decode attention
 _MAX_GRAPHS = 64  # past this, unseen shapes run eagerly: each graph costs a capture and some memory
+# Steps using a LoRA pool of a larger rank bucket run eagerly: `StaticLora` copies every row's A and B,
+# which for rank 256 at Llama-2-7B shapes and batch 64 is ~3 GB of transient memory a step.
+MAX_GRAPH_RANK = 64
 
 
 def batch_sizes(max_batch: int) -> list[int]:
     """Padded batch sizes: small powers of two, then multiples of 16 (as vLLM's capture sizes)."""
     sizes = {s for s in (1, 2, 4, 8, *range(16, max_batch, 16)) if s < max_batch}
     return sorted(sizes | {max_batch})
+
+
+def graphable(pools: list[LoraPool]) -> bool:
+    return all(pool.rank <= MAX_GRAPH_RANK for pool in pools)
 
 
 def context_bucket(ctx: int) -> int:
@@ -88,7 +95,7 @@ class DecodeGraphs:
         key = (*inputs.gather.shape, tuple(id(p) for p in inputs.pools))
         g = self._graphs.get(key)
         if g is None:
-            if len(self._graphs) >= _MAX_GRAPHS:
+            if len(self._graphs) >= _MAX_GRAPHS or not graphable(inputs.pools):
                 return None
             g = self._graphs[key] = self._capture(inputs)
         m = g.meta
