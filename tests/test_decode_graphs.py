@@ -84,9 +84,11 @@ def test_static_step_matches_the_eager_step(base: Any, adapters: dict[str, Adapt
         assert len(sched) == len(names) and all(s.num_new == 1 and s.samples for s in sched)
         meta, order = runner.prepare(sched)
         eager = engine.model.forward(meta, engine.kv)
-        inputs = runner.decode_inputs(order, 8, context_bucket(max(s.seq.num_computed + 1 for s in order)))
+        inputs = runner.decode_inputs(order, 8, context_bucket(max(s.seq.num_computed + 1 for s in order)),
+                                      runner.adapter_slots(order))
         assert len(inputs.pools) == len({engine.adapters.slot(n)[0] for n in names if n})
-        # Padding rows touch only the scratch slot and the zero slots.
+        # Real rows write where the eager step writes; padding rows touch only the scratch and zero slots.
+        assert inputs.slot_mapping[:len(names)].equal(meta.slot_mapping)
         assert inputs.slot_mapping[len(names):].eq(engine.kv.scratch_slot).all()
         for pool, idx in zip(inputs.pools, inputs.lora_slots, strict=True):
             assert idx[len(names):].eq(pool.zero_slot).all()

@@ -36,6 +36,10 @@ def graphable(pools: list[LoraPool]) -> bool:
     return all(pool.rank <= MAX_GRAPH_RANK for pool in pools)
 
 
+def _key(shape: tuple[int, ...], pools: list[LoraPool]) -> tuple[int, ...]:
+    return (*shape, *(id(pool) for pool in pools))  # pools live as long as the engine: ids are stable
+
+
 def context_bucket(ctx: int) -> int:
     length = CTX_QUANTUM
     while length < ctx:
@@ -78,25 +82,31 @@ class DecodeGraphs:
     def __init__(self, model: Llama, kv: KVCache, max_batch: int) -> None:
         self.model, self.kv = model, kv
         self.sizes = batch_sizes(max_batch)
-        self._graphs: dict[tuple[int, int, tuple[int, ...]], _Graph] = {}
+        self._graphs: dict[tuple[int, ...], _Graph] = {}
         self._pool = torch.cuda.graph_pool_handle()
 
     @property
     def num_graphs(self) -> int:
         return len(self._graphs)
 
-    def shape_for(self, n: int, ctx: int) -> tuple[int, int] | None:
-        """(padded batch, padded context) for n rows whose longest context is ctx; None: run eagerly."""
+    def shape_for(self, n: int, ctx: int, pools: list[LoraPool]) -> tuple[int, int] | None:
+        """(padded batch, padded context) of the graph that will run a decode step of n rows, whose
+        longest context is ctx, using `pools`; None: the step runs eagerly (decided before its inputs
+        are built)."""
         b = next((s for s in self.sizes if s >= n), None)
-        return None if b is None else (b, context_bucket(ctx))
+        if b is None or not graphable(pools):
+            return None
+        shape = (b, context_bucket(ctx))
+        if _key(shape, pools) not in self._graphs and len(self._graphs) >= _MAX_GRAPHS:
+            return None
+        return shape
 
-    def run(self, inputs: DecodeInputs) -> torch.Tensor | None:
-        """The step's logits [B, V] (a static buffer: read before the next step), or None to run eagerly."""
-        key = (*inputs.gather.shape, tuple(id(p) for p in inputs.pools))
+    def run(self, inputs: DecodeInputs) -> torch.Tensor:
+        """The step's logits [B, V] (a static buffer: read before the next step); captures its graph
+        the first time. `inputs` has a shape `shape_for` gave."""
+        key = _key(inputs.gather.shape, inputs.pools)
         g = self._graphs.get(key)
         if g is None:
-            if len(self._graphs) >= _MAX_GRAPHS or not graphable(inputs.pools):
-                return None
             g = self._graphs[key] = self._capture(inputs)
         m = g.meta
         for dst, src in ((m.input_ids, inputs.input_ids), (m.positions, inputs.positions),

@@ -32,11 +32,15 @@ class ModelRunner:
         table = torch.tensor(seq.block_table, dtype=torch.long)
         return table[pos // self.block_size] * self.block_size + pos % self.block_size
 
+    def adapter_slots(self, scheduled: list[ScheduledSeq]) -> dict[int, tuple[LoraPool, int]]:
+        """seq_id -> (pool, slot) of each scheduled sequence that uses an adapter."""
+        return {s.seq.seq_id: self.adapters.slot(s.seq.adapter_key) for s in scheduled
+                if s.seq.adapter_key is not None}
+
     def prepare(self, scheduled: list[ScheduledSeq]) -> tuple[BatchMeta, list[ScheduledSeq]]:
         # Single-token rows first: they share one batched attention call. Among them, rows of one adapter
         # slot side by side: LoraBatch then runs a popular adapter's rows as one in-place GEMM pair.
-        lora = {s.seq.seq_id: self.adapters.slot(s.seq.adapter_key) for s in scheduled
-                if s.seq.adapter_key is not None}
+        lora = self.adapter_slots(scheduled)
         decodes = sorted((s for s in scheduled if s.num_new == 1),
                          key=lambda s: (lora[s.seq.seq_id][0].rank, lora[s.seq.seq_id][1])
                          if s.seq.seq_id in lora else (1 << 30, 0))
@@ -96,39 +100,42 @@ class ModelRunner:
         valid = pos.unsqueeze(0) < torch.tensor([seq.num_computed + 1 for seq in seqs]).unsqueeze(1)
         return torch.where(valid, gather, self.kv.scratch_slot), valid
 
-    def decode_inputs(self, scheduled: list[ScheduledSeq], batch: int, length: int) -> DecodeInputs:
-        """A pure decode step padded to [batch] rows and [length] context positions (for a CUDA graph)."""
+    def decode_inputs(self, scheduled: list[ScheduledSeq], batch: int, length: int,
+                      lora: dict[int, tuple[LoraPool, int]]) -> DecodeInputs:
+        """A pure decode step padded to [batch] rows and [length] context positions (for a CUDA graph);
+        `lora` is `adapter_slots(scheduled)`."""
         seqs = [s.seq for s in scheduled]
         n, scratch = len(seqs), self.kv.scratch_slot
         input_ids = torch.zeros(batch, dtype=torch.long)
         input_ids[:n] = torch.tensor([seq.token_ids[seq.num_computed] for seq in seqs])
         positions = torch.zeros(batch, dtype=torch.long)
         positions[:n] = torch.tensor([seq.num_computed for seq in seqs])
-        slot_mapping = torch.full((batch,), scratch, dtype=torch.long)
-        slot_mapping[:n] = torch.cat([self._slots(seq, seq.num_computed, seq.num_computed + 1) for seq in seqs])
         gather = torch.full((batch, length), scratch, dtype=torch.long)
         mask = torch.zeros(batch, length, dtype=torch.bool)
         gather[:n], mask[:n] = self._decode_gather(seqs, length)
         mask[n:, 0] = True  # padding rows attend to the scratch slot alone (an all-masked row would be NaN)
-        rows = [self.adapters.slot(seq.adapter_key) if seq.adapter_key is not None else None for seq in seqs]
-        pools = sorted({id(pool): pool for pool, _ in filter(None, rows)}.values(), key=lambda pool: pool.rank)
+        slot_mapping = torch.full((batch,), scratch, dtype=torch.long)
+        slot_mapping[:n] = gather[:n].gather(1, positions[:n].unsqueeze(1)).squeeze(1)  # the new token's slot
+        pools = _by_rank(lora)
         lora_slots = []
         for pool in pools:
             idx = torch.full((batch,), pool.zero_slot, dtype=torch.long)
-            for i, row in enumerate(rows):
-                if row is not None and row[0] is pool:
-                    idx[i] = row[1]
+            for i, seq in enumerate(seqs):
+                ps = lora.get(seq.seq_id)
+                if ps is not None and ps[0] is pool:
+                    idx[i] = ps[1]
             lora_slots.append(idx)
         return DecodeInputs(input_ids, positions, slot_mapping, gather, mask, pools, lora_slots)
 
     def _forward(self, scheduled: list[ScheduledSeq]) -> tuple[torch.Tensor, list[ScheduledSeq]]:
         """Logits [S, V] of the sampling rows, in the returned order of the sequences."""
         if self.graphs is not None and all(s.num_new == 1 and s.samples for s in scheduled):
-            shape = self.graphs.shape_for(len(scheduled), max(s.seq.num_computed + 1 for s in scheduled))
+            lora = self.adapter_slots(scheduled)
+            ctx = max(s.seq.num_computed + 1 for s in scheduled)
+            shape = self.graphs.shape_for(len(scheduled), ctx, _by_rank(lora))
             if shape is not None:
-                logits = self.graphs.run(self.decode_inputs(scheduled, *shape))
-                if logits is not None:
-                    return logits[:len(scheduled)], scheduled
+                logits = self.graphs.run(self.decode_inputs(scheduled, *shape, lora))
+                return logits[:len(scheduled)], scheduled
         meta, order = self.prepare(scheduled)
         return self.model.forward(meta, self.kv), order
 
@@ -156,3 +163,8 @@ class ModelRunner:
             g.manual_seed(seq.params.seed)
             self._generators[seq.seq_id] = g
         return g
+
+
+def _by_rank(lora: dict[int, tuple[LoraPool, int]]) -> list[LoraPool]:
+    """The distinct pools of a step's adapters, in rank order (a CUDA graph is keyed by them)."""
+    return sorted({id(pool): pool for pool, _ in lora.values()}.values(), key=lambda pool: pool.rank)
