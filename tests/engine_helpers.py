@@ -28,6 +28,20 @@ QV_TARGETS: tuple[str, ...] = ("q_proj", "v_proj")
 MLP_TARGETS: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
 
 
+# Adapters of every kind the engine must mix in one batch: ranks 1 to 64 (three rank buckets), subsets of
+# the projections, lora_alpha, rsLoRA, per-module rank and alpha.
+ADAPTER_SPECS: dict[str, dict[str, Any]] = {
+    "r1-qv": dict(r=1, targets=QV_TARGETS, lora_alpha=2, std=0.2),
+    "r2-mlp": dict(r=2, targets=MLP_TARGETS, lora_alpha=4, std=0.15),
+    "r8-all": dict(r=8, targets=ALL_TARGETS, lora_alpha=16),
+    "r16-all-rslora": dict(r=16, targets=ALL_TARGETS, lora_alpha=8, use_rslora=True),
+    "r64-attn": dict(r=64, targets=("q_proj", "k_proj", "v_proj", "o_proj"), lora_alpha=32, std=0.03),
+    # Per-module rank and alpha, keyed by the short names PEFT matches as suffixes.
+    "r4-patterns": dict(r=4, targets=ALL_TARGETS, lora_alpha=8, rank_pattern={"v_proj": 2},
+                        alpha_pattern={"down_proj": 24}),
+}
+
+
 def hf_config(**overrides: Any) -> LlamaConfig:
     """A tiny Llama: GQA (4 heads, 2 KV heads), untied head. `initializer_range` is larger than HF's
     default so that logits are well spread and a greedy argmax is never a near tie."""
@@ -96,6 +110,18 @@ def make_adapter(base: LlamaForCausalLM, folder: Path, *, seed: int, r: int, tar
                 p.normal_(0.0, std)
     peft_model.save_pretrained(str(folder))
     return folder
+
+
+def make_adapters(base: LlamaForCausalLM, root: Path, names: list[str]) -> dict[str, Path]:
+    """The `ADAPTER_SPECS` adapters named, each with its own fixed seed, saved under `root`."""
+    return {name: make_adapter(base, root / name, seed=100 + i, **spec)
+            for i, (name, spec) in enumerate(ADAPTER_SPECS.items()) if name in names}
+
+
+def random_prompts(lengths: list[int], seed: int = 0) -> list[list[int]]:
+    """Prompts of random token ids (3 and up: 0-2 are the tiny model's special tokens)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 256, (n,), generator=g).tolist() for n in lengths]
 
 
 def peft_reference(base: LlamaForCausalLM, adapters: dict[str, Path]) -> PeftModel:

@@ -18,14 +18,12 @@ from loraserve.engine.llm_engine import LLMEngine
 from loraserve.types import AdapterRef, FinishReason, SamplingParams
 
 from engine_helpers import (
-    ALL_TARGETS,
-    MLP_TARGETS,
-    QV_TARGETS,
     assert_trace_matches,
     build_engine,
     hf_model,
-    make_adapter,
+    make_adapters,
     peft_reference,
+    random_prompts,
     reference_greedy,
     reference_logits,
     run_traced,
@@ -37,13 +35,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"),
 ]
 
-SPECS: dict[str, dict[str, Any]] = {
-    "r1-qv": dict(r=1, targets=QV_TARGETS, lora_alpha=2, std=0.2),
-    "r2-mlp": dict(r=2, targets=MLP_TARGETS, lora_alpha=4, std=0.15),
-    "r8-all": dict(r=8, targets=ALL_TARGETS, lora_alpha=16),
-    "r16-all-rslora": dict(r=16, targets=ALL_TARGETS, lora_alpha=8, use_rslora=True),
-    "r64-attn": dict(r=64, targets=("q_proj", "k_proj", "v_proj", "o_proj"), lora_alpha=32, std=0.03),
-}
 NAMES: list[str | None] = ["r1-qv", "r2-mlp", None, "r8-all", "r16-all-rslora", "r64-attn", "r8-all", None]
 LENGTHS = [90, 5, 9, 3, 14, 7, 1, 4]
 
@@ -56,18 +47,13 @@ def base() -> Any:
 @pytest.fixture(scope="module")
 def adapters(base: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, AdapterRef]:
     root = tmp_path_factory.mktemp("adapters")
-    return {name: AdapterRef(name, str(make_adapter(base, root / name, seed=100 + i, **spec)))
-            for i, (name, spec) in enumerate(SPECS.items())}
+    paths = make_adapters(base, root, ["r1-qv", "r2-mlp", "r8-all", "r16-all-rslora", "r64-attn"])
+    return {name: AdapterRef(name, str(path)) for name, path in paths.items()}
 
 
 @pytest.fixture(scope="module")
 def reference(base: Any, adapters: dict[str, AdapterRef]) -> Any:
     return peft_reference(base, {name: Path(ref.path) for name, ref in adapters.items()})
-
-
-def _prompts(lengths: list[int], seed: int) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, 256, (n,), generator=g).tolist() for n in lengths]
 
 
 def _cuda_engine(base: Any, dtype: str, **options: Any) -> LLMEngine:
@@ -79,7 +65,7 @@ def _cuda_engine(base: Any, dtype: str, **options: Any) -> LLMEngine:
 def _add(engine: LLMEngine, adapters: dict[str, AdapterRef], seed: int, max_tokens: int = 8) -> list[Any]:
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     seqs = [engine.add_request(f"c{i}", p, params, adapters[n] if n else None)
-            for i, (p, n) in enumerate(zip(_prompts(LENGTHS, seed), NAMES, strict=True))]
+            for i, (p, n) in enumerate(zip(random_prompts(LENGTHS, seed), NAMES, strict=True))]
     wait_adapters_in_host(engine, {adapters[n].key for n in NAMES if n})
     return seqs
 
@@ -117,7 +103,7 @@ def test_greedy_tokens_match_peft_with_chunked_prefill_and_eviction(base: Any, a
     # Few slots and a small token budget: adapters are evicted and copied back into device slots, prompts
     # are chunked and share steps with decodes.
     engine = _cuda_engine(base, "float32", max_num_batched_tokens=16, max_loras=2, max_num_seqs=8)
-    prompts = _prompts(LENGTHS, seed=3)
+    prompts = random_prompts(LENGTHS, seed=3)
     params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
     seqs = [engine.add_request(f"g{i}", p, params, adapters[n] if n else None)
             for i, (p, n) in enumerate(zip(prompts, NAMES, strict=True))]
@@ -134,7 +120,7 @@ def test_preemption_on_the_gpu(base: Any, adapters: dict[str, AdapterRef], refer
     names = ["r8-all", None, "r16-all-rslora", "r1-qv", "r64-attn"]
     params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
     seqs = [engine.add_request(f"p{i}", p, params, adapters[n] if n else None)
-            for i, (p, n) in enumerate(zip(_prompts([12, 10, 14, 9, 11], seed=5), names, strict=True))]
+            for i, (p, n) in enumerate(zip(random_prompts([12, 10, 14, 9, 11], seed=5), names, strict=True))]
     while engine.has_work():
         engine.step()
     assert sum(s.num_preemptions for s in seqs) > 0
@@ -144,11 +130,11 @@ def test_preemption_on_the_gpu(base: Any, adapters: dict[str, AdapterRef], refer
 
 def test_seeded_sampling_on_the_gpu(base: Any, adapters: dict[str, AdapterRef]) -> None:
     p = SamplingParams(max_tokens=20, temperature=1.0, top_p=0.9, top_k=50, seed=1234, ignore_eos=True)
-    prompt = _prompts([6], seed=7)[0]
+    prompt = random_prompts([6], seed=7)[0]
     alone = _cuda_engine(base, "float32").generate([prompt], p, [adapters["r8-all"]])[0]
     engine = _cuda_engine(base, "float32")
     others = [SamplingParams(max_tokens=n, temperature=0.8, ignore_eos=True) for n in (5, 30)]
-    batch = engine.generate([_prompts([9], 8)[0], prompt, _prompts([4], 9)[0]], [others[0], p, others[1]],
+    batch = engine.generate([random_prompts([9], 8)[0], prompt, random_prompts([4], 9)[0]], [others[0], p, others[1]],
                             [adapters["r1-qv"], adapters["r8-all"], None])
     assert batch[1] == alone
     greedy = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
@@ -157,7 +143,7 @@ def test_seeded_sampling_on_the_gpu(base: Any, adapters: dict[str, AdapterRef]) 
 
 def test_cuda_graphs_replay_what_the_eager_engine_computes(base: Any, adapters: dict[str, AdapterRef],
                                                             reference: Any) -> None:
-    prompts = _prompts(LENGTHS, seed=10)
+    prompts = random_prompts(LENGTHS, seed=10)
     refs = [adapters[n] if n else None for n in NAMES]
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     graphed = _cuda_engine(base, "float32")

@@ -22,16 +22,18 @@ from loraserve.engine.sequence import Sequence
 from loraserve.types import AdapterRef, FinishReason, SamplingParams
 
 from engine_helpers import (
+    ADAPTER_SPECS,
     ALL_TARGETS,
-    MLP_TARGETS,
     QV_TARGETS,
     assert_trace_matches,
     build_engine,
     hf_logits,
     hf_model,
     make_adapter,
+    make_adapters,
     model_config,
     peft_reference,
+    random_prompts,
     reference_greedy,
     reference_logits,
     run_traced,
@@ -41,16 +43,7 @@ from engine_helpers import (
 # peft asks transformers for `is_gradient_checkpointing`, which transformers 5 deprecates.
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 
-SPECS: dict[str, dict[str, Any]] = {
-    "r1-qv": dict(r=1, targets=QV_TARGETS, lora_alpha=2, std=0.2),
-    "r2-mlp": dict(r=2, targets=MLP_TARGETS, lora_alpha=4, std=0.15),
-    "r8-all": dict(r=8, targets=ALL_TARGETS, lora_alpha=16),
-    "r16-all-rslora": dict(r=16, targets=ALL_TARGETS, lora_alpha=8, use_rslora=True),
-    "r64-attn": dict(r=64, targets=("q_proj", "k_proj", "v_proj", "o_proj"), lora_alpha=32, std=0.03),
-    # Per-module rank and alpha, keyed by the short names PEFT matches as suffixes.
-    "r4-patterns": dict(r=4, targets=ALL_TARGETS, lora_alpha=8, rank_pattern={"v_proj": 2},
-                        alpha_pattern={"down_proj": 24}),
-}
+SPECS = ADAPTER_SPECS
 GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
 
 
@@ -62,7 +55,7 @@ def base() -> Any:
 @pytest.fixture(scope="module")
 def adapters(base: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("adapters")
-    return {name: make_adapter(base, root / name, seed=100 + i, **spec) for i, (name, spec) in enumerate(SPECS.items())}
+    return make_adapters(base, root, list(SPECS))
 
 
 @pytest.fixture(scope="module")
@@ -72,11 +65,6 @@ def reference(base: Any, adapters: dict[str, Path]) -> Any:
 
 def _refs(adapters: dict[str, Path]) -> dict[str, AdapterRef]:
     return {name: AdapterRef(name, str(path)) for name, path in adapters.items()}
-
-
-def _prompts(n: int, lengths: list[int], seed: int = 0) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, 256, (length,), generator=g).tolist() for length in lengths[:n]]
 
 
 def _run(engine: LLMEngine, requests: list[tuple[list[int], AdapterRef | None]],
@@ -94,7 +82,7 @@ def test_rank_bucket() -> None:
 
 def test_adapters_change_the_reference(base: Any, reference: Any) -> None:
     """Sanity for every other test here: each adapter moves PEFT's logits well beyond the tolerance."""
-    ids = _prompts(1, [12])[0]
+    ids = random_prompts([12])[0]
     plain = hf_logits(base, ids)
     for name in SPECS:
         assert (reference_logits(base, reference, ids, name) - plain).abs().max() > 0.05, name
@@ -148,7 +136,7 @@ def test_mixed_batch_logits_match_peft_on_both_lora_paths(base: Any, adapters: d
     # slot 0 a heavy slot (its own GEMMs) in the first step; decode steps are padded bmm.
     names: list[str | None] = ["r1-qv", "r2-mlp", None, "r8-all", "r4-patterns", "r16-all-rslora", "r64-attn",
                                "r8-all", None]
-    prompts = _prompts(len(names), [90, 5, 9, 3, 6, 14, 7, 1, 4], seed=1)
+    prompts = random_prompts([90, 5, 9, 3, 6, 14, 7, 1, 4], seed=1)
     seqs = [engine.add_request(f"m{i}", p, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True),
                                refs[n] if n else None) for i, (p, n) in enumerate(zip(prompts, names, strict=True))]
     wait_adapters_in_host(engine, {refs[n].key for n in names if n})
@@ -166,7 +154,7 @@ def test_mixed_batch_greedy_tokens_match_peft(base: Any, adapters: dict[str, Pat
     engine = build_engine(base, max_num_batched_tokens=16)
     names: list[str | None] = [None, "r64-attn", "r1-qv", "r16-all-rslora", None, "r2-mlp", "r8-all", "r4-patterns",
                                "r1-qv"]
-    prompts = _prompts(len(names), [20, 3, 11, 7, 1, 25, 4, 9, 2], seed=2)
+    prompts = random_prompts([20, 3, 11, 7, 1, 25, 4, 9, 2], seed=2)
     seqs = _run(engine, [(p, refs[n] if n else None) for p, n in zip(prompts, names, strict=True)])
     for seq, name in zip(seqs, names, strict=True):
         assert seq.finish_reason is FinishReason.LENGTH
@@ -179,7 +167,7 @@ def test_more_adapters_than_slots(base: Any, adapters: dict[str, Path], referenc
     refs = _refs(adapters)
     engine = build_engine(base, max_num_batched_tokens=32, max_loras=2, max_num_seqs=8)
     names = ["r8-all", "r1-qv", "r2-mlp", "r4-patterns", "r1-qv", "r8-all", "r2-mlp", "r4-patterns", "r16-all-rslora"]
-    prompts = _prompts(len(names), [6, 8, 5, 12, 3, 7, 9, 4, 10], seed=3)
+    prompts = random_prompts([6, 8, 5, 12, 3, 7, 9, 4, 10], seed=3)
     seqs = _run(engine, [(p, refs[n]) for p, n in zip(prompts, names, strict=True)])
     stats = engine.stats()
     assert stats["adapters_device"] == 3  # two in the rank-8 pool, one in the rank-16 pool
@@ -193,7 +181,7 @@ def test_one_slot_reused_by_adapters_with_other_targets(base: Any, adapters: dic
     """A slot that held an all-targets adapter, reused by a q/v-only one: nothing of the first may remain."""
     refs = _refs(adapters)
     engine = build_engine(base, max_loras=1)
-    prompt = _prompts(1, [7], seed=4)[0]
+    prompt = random_prompts([7], seed=4)[0]
     for name in ("r8-all", "r1-qv", "r2-mlp", "r8-all"):
         (seq,) = _run(engine, [(prompt, refs[name])])
         assert seq.output_ids == reference_greedy(base, reference, prompt, name, 10), name
@@ -207,7 +195,7 @@ def test_preemption_with_adapters(base: Any, adapters: dict[str, Path], referenc
     engine = build_engine(base, context_window=40, kv_cache_bytes=1, max_num_batched_tokens=32)
     assert engine.blocks.num_blocks == 11
     names = ["r8-all", None, "r16-all-rslora", "r1-qv", "r64-attn"]
-    prompts = _prompts(len(names), [12, 10, 14, 9, 11], seed=5)
+    prompts = random_prompts([12, 10, 14, 9, 11], seed=5)
     params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
     seqs = _run(engine, [(p, refs[n] if n else None) for p, n in zip(prompts, names, strict=True)], params)
     assert sum(s.num_preemptions for s in seqs) > 0
@@ -234,7 +222,7 @@ def test_broken_adapters_fail_only_their_own_requests(base: Any, adapters: dict[
         ("r8-all", refs["r8-all"]), ("garbage", bad["garbage"]), (None, None), ("other-model", bad["other-model"]),
         ("r1-qv", refs["r1-qv"]), ("missing", bad["missing"]), ("garbage", bad["garbage"]),
     ]
-    prompts = _prompts(len(plan), [5, 6, 7, 8, 9, 4, 3], seed=6)
+    prompts = random_prompts([5, 6, 7, 8, 9, 4, 3], seed=6)
     seqs = _run(engine, [(p, ref) for p, (_, ref) in zip(prompts, plan, strict=True)])
     for seq, (name, _) in zip(seqs, plan, strict=True):
         if name in bad:
@@ -270,7 +258,7 @@ def test_layer_specific_alpha_pattern_matches_peft(base: Any, tmp_path: Path) ->
     assert scales == pytest.approx({(1, "q_proj"): 16.0, (0, "q_proj"): 1.0, (0, "down_proj"): 3.0})
 
     engine = build_engine(base)
-    prompt = _prompts(1, [6], seed=8)[0]
+    prompt = random_prompts([6], seed=8)[0]
     (seq,) = _run(engine, [(prompt, AdapterRef("lp", str(path)))])
     assert seq.output_ids == reference_greedy(base, reference, prompt, "lp", 10)
 
@@ -336,7 +324,7 @@ def test_lora_batch_of_rows_without_adapters_is_none() -> None:
 def test_adapters_over_the_engines_max_rank_fail_their_requests(base: Any, adapters: dict[str, Path]) -> None:
     refs = _refs(adapters)
     engine = build_engine(base, max_num_batched_tokens=32, max_lora_rank=8)
-    prompts = _prompts(2, [5, 6], seed=3)
+    prompts = random_prompts([5, 6], seed=3)
     over, within = _run(engine, [(prompts[0], refs["r16-all-rslora"]), (prompts[1], refs["r8-all"])])
     assert over.finish_reason is FinishReason.ERROR and "max_lora_rank" in (engine.adapters.failure("r16-all-rslora") or "")
     assert within.finish_reason is FinishReason.LENGTH
@@ -347,7 +335,7 @@ def test_prefix_cache_is_per_adapter(base: Any, adapters: dict[str, Path], refer
     of that adapter only; every output still matches PEFT's."""
     refs = _refs(adapters)
     engine = build_engine(base)
-    prefix = _prompts(1, [24], seed=7)[0]
+    prefix = random_prompts([24], seed=7)[0]
     first = _run(engine, [([*prefix, 5, 6], refs["r8-all"])])
     assert engine.stats()["prefix_cache_hit_tokens"] == 0
     names: list[str | None] = ["r8-all", "r16-all-rslora", None, "r8-all"]
