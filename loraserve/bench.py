@@ -219,7 +219,10 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
     w = cfg.workload
     started = time.perf_counter()
     _log(f"loading {cfg.model} on {cfg.device.value}")
-    backend = load_backend(cfg.model, cfg.engine_config())
+    ecfg = cfg.engine_config()
+    # The roofline and the HF baseline run on this thread: with the engine's CPU thread count.
+    torch.set_num_threads(ecfg.threads)
+    backend = load_backend(cfg.model, ecfg)
     model_cfg, tokenizer = backend.engine.cfg, backend.tokenizer
     device, dtype = backend.engine.device, backend.engine.dtype
     figures: dict[str, Any] = {

@@ -51,6 +51,7 @@ class BaselineResult:
     output_tokens: int
     requests: int
     batch_s: tuple[float, ...]  # each generate call
+    threads: int  # torch's CPU threads while it ran
 
     @property
     def output_tok_s(self) -> float:
@@ -59,7 +60,7 @@ class BaselineResult:
     def summary(self) -> dict[str, Any]:
         return {"wall_s": self.wall_s, "output_tokens": self.output_tokens, "output_tok_s": self.output_tok_s,
                 "request_s": self.requests / self.wall_s, "completed": self.requests,
-                "batch_s": list(self.batch_s)}
+                "batch_s": list(self.batch_s), "threads": self.threads}
 
 
 @contextlib.contextmanager
@@ -152,7 +153,7 @@ def _timed(label: str, model: Any, requests: list[BenchRequest], batch_size: int
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         batch_s.append(time.perf_counter() - t)
-    return BaselineResult(label, sum(batch_s), total, len(requests), tuple(batch_s))
+    return BaselineResult(label, sum(batch_s), total, len(requests), tuple(batch_s), torch.get_num_threads())
 
 
 def run_baseline(source: str, cfg: ModelConfig, tokenizer: Tokenizer, requests: list[BenchRequest],

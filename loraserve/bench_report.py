@@ -78,7 +78,8 @@ def print_report(figures: dict[str, Any], console: Console | None = None) -> Non
                   f"in host memory {_f(peak.get('adapters_host'), 0)}, queue {_f(peak.get('queue_depth'), 0)}")
     if "machine" in figures:
         m = figures["machine"]
-        console.print(f"machine: GEMM {m['gemm_flop_s'] / 1e9:,.1f} GFLOP/s, copy {m['copy_bytes_s'] / 1e9:,.1f} GB/s")
+        console.print(f"machine: GEMM {m['gemm_flop_s'] / 1e9:,.1f} GFLOP/s, copy {m['copy_bytes_s'] / 1e9:,.1f} GB/s "
+                      f"({m['threads']} CPU threads, as the engine)")
         ceil = Table(title="linear-layer ceiling (all q/k/v/o/gate/up/down + lm_head, one decode step)")
         for col in ("batch", "step ms", "ceiling tok/s", "roofline ideal ms", "weights MB", "ours % of ceiling"):
             ceil.add_column(col, justify="right")

@@ -34,6 +34,7 @@ class RooflineConfig:
 class MachineRoofline:
     gemm_flop_s: float
     copy_bytes_s: float  # bytes read + written per second
+    threads: int  # torch's CPU threads while measuring (the ceiling's too)
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,8 @@ def best_time(fn: Callable[[], object], device: torch.device, repeats: int) -> f
 def measure_machine(device: torch.device, dtype: torch.dtype, cfg: RooflineConfig) -> MachineRoofline:
     n = cfg.gemm_size
     return MachineRoofline(gemm_flop_s=2.0 * n ** 3 / _gemm_seconds(n, device, dtype, cfg.repeats),
-                           copy_bytes_s=2.0 * cfg.copy_bytes / _copy_seconds(cfg.copy_bytes, device, cfg.repeats))
+                           copy_bytes_s=2.0 * cfg.copy_bytes / _copy_seconds(cfg.copy_bytes, device, cfg.repeats),
+                           threads=torch.get_num_threads())
 
 
 def _gemm_seconds(n: int, device: torch.device, dtype: torch.dtype, repeats: int) -> float:

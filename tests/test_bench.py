@@ -54,6 +54,10 @@ def test_closed_loop_with_baseline_and_roofline(tmp_path: Path, capsys: pytest.C
     assert runs["ours"]["peak"]["adapters_device"] >= 1
     assert _positive(figures["machine"]["gemm_flop_s"]) and _positive(figures["machine"]["copy_bytes_s"])
     assert [p["batch"] for p in figures["ceiling"]] == [1, 2]
+    # The roofline and HF run on the bench's own thread after the engine's: with its thread count.
+    threads = figures["config"]["engine"]["threads"]
+    assert figures["machine"]["threads"] == threads
+    assert all(runs[k]["threads"] == threads for k in runs if k.startswith("hf_"))
     assert all(_positive(p["step_ms"]) and _positive(p["tok_s"]) for p in figures["ceiling"])
     ratios = figures["ratios"]
     assert _positive(ratios["adapters_vs_no_adapter"]) and _positive(ratios["ours_vs_ceiling"])

@@ -32,9 +32,7 @@ class AdapterCache:
         self._pools: dict[int, tuple[LoraPool, SlotTable]] = {}
         self._bucket: dict[str, int] = {}  # adapter key -> rank bucket of the pool holding its slot
         self._lock = threading.Lock()  # guards _refs against the server thread's register/forget
-        # One torch thread: the loader must not start an OpenMP team of its own (see async_engine.py).
-        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-load",
-                                          initializer=torch.set_num_threads, initargs=(1,))
+        self._loader = _single_thread_loader()
         # Called on the loader thread when an adapter finishes loading (or fails): an idle step loop
         # waiting for it wakes up instead of spinning, which would starve the loader of the GIL.
         self.on_loaded: Callable[[], None] | None = None
@@ -144,3 +142,21 @@ class AdapterCache:
             capacity = max(1, min(self.ecfg.max_loras, self.ecfg.lora_slot_bytes // per_slot))
             self._pools[bucket] = (LoraPool(self.cfg, bucket, capacity, self.dtype, self.device), SlotTable(capacity))
         return self._pools[bucket]
+
+
+def _single_thread_loader() -> ThreadPoolExecutor:
+    """A one-worker pool whose thread runs torch ops on one thread: it must not start an OpenMP team of
+    its own (see async_engine.py).
+
+    `torch.set_num_threads` also sets the process-wide default that every thread reads the first time
+    it runs a parallel op. Left at 1, any thread starting torch work later ran single-threaded: the
+    benchmark's roofline and HF baseline did (a batch-32 ceiling of 113-120 ms instead of ~70). So the
+    worker starts now, and the caller's own count is set back as the default once it has.
+    """
+    restore = torch.get_num_threads()
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-load",
+                              initializer=torch.set_num_threads, initargs=(1,))
+    pool.submit(torch.get_num_threads).result()
+    torch.set_num_threads(restore)
+    return pool
+
