@@ -3,7 +3,7 @@ linear-layer ceiling of the loaded model (one decode step's worth of its own wei
 
 A decode step cannot be faster than its linear layers: every layer's q/k/v/o/gate/up/down and the
 lm_head must be read and multiplied once per step, whatever the batch. Timing exactly those GEMMs on
-random [B, in] inputs gives a ceiling of B tokens per that time, attention, norms, sampling, LoRA
+random [B, in] inputs (on the CPU each in the faster of its two layouts) gives a ceiling of B tokens per that time, attention, norms, sampling, LoRA
 and scheduling all excluded, against which the engine's throughput is judged.
 """
 
@@ -40,7 +40,7 @@ class MachineRoofline:
 @dataclass(frozen=True)
 class CeilingPoint:
     batch: int
-    step_ms: float  # measured: all linear layers of one decode step at this batch
+    step_ms: float  # measured: all linear layers of one decode step at this batch (CPU: best layouts)
     tok_s: float  # batch / step time
     weight_bytes: int
     flops: float  # 2 * params * batch
@@ -87,9 +87,14 @@ def _copy_seconds(nbytes: int, device: torch.device, repeats: int) -> float:
 
 
 def linear_weights(model: Llama) -> list[torch.Tensor]:
-    """The model's own matrices as the engine stores them (q/k/v and gate/up fused), lm_head last."""
-    mats = [w for lw in model.layers for w in (lw.wqkv, lw.wo, lw.w_gate_up, lw.w_down)]
-    return [*mats, model.lm_head]
+    """The model's own matrices as [out, in] (q/k/v and gate/up fused, as the engine runs them), lm_head
+    last; views where the engine keeps only [in, out]."""
+    mats = [p.out_in() for lw in model.layers for p in (lw.qkv, lw.o, lw.gate_up, lw.down)]
+    return [*mats, model.lm_head.out_in()]
+
+
+def _contiguous(w: torch.Tensor) -> torch.Tensor:
+    return w if w.is_contiguous() else w.contiguous()
 
 
 @torch.inference_mode()
@@ -99,16 +104,40 @@ def linear_ceiling(model: Llama, batches: list[int], machine: MachineRoofline | 
     device, dtype = weights[0].device, weights[0].dtype
     params = sum(w.numel() for w in weights)
     nbytes = sum(w.numel() * w.element_size() for w in weights)
+    # On the CPU a matrix counts at the faster of its two layouts, whichever the engine keeps: MKL's
+    # speed depends on the layout for few rows (engine/linear.py). Copies of the missing layouts live
+    # for the measurement only.
+    pairs = [(_contiguous(w), _contiguous(w.t())) for w in weights] if device.type == "cpu" else []
     points = []
     for batch in sorted(set(batches)):
         inputs = {w.shape[1]: torch.randn(batch, w.shape[1], device=device).to(dtype) for w in weights}
+        if pairs:
+            seconds = _best_layouts_seconds(pairs, inputs, repeats)
+        else:
+            def step(inputs: dict[int, torch.Tensor] = inputs) -> None:
+                for w in weights:
+                    F.linear(inputs[w.shape[1]], w)
 
-        def step(inputs: dict[int, torch.Tensor] = inputs) -> None:
-            for w in weights:
-                F.linear(inputs[w.shape[1]], w)
-
-        seconds = best_time(step, device, repeats)
+            seconds = best_time(step, device, repeats)
         flops = 2.0 * params * batch
         ideal = (max(nbytes / machine.copy_bytes_s, flops / machine.gemm_flop_s) if machine else float("nan"))
         points.append(CeilingPoint(batch, seconds * 1e3, batch / seconds, nbytes, flops, ideal * 1e3))
     return points
+
+
+def _best_layouts_seconds(pairs: list[tuple[torch.Tensor, torch.Tensor]], inputs: dict[int, torch.Tensor],
+                          repeats: int) -> float:
+    """One step's worth of products, each matrix at the best time of its faster layout over `repeats` + 1
+    passes; pairs are ([out, in], [in, out]). The passes run every matrix in model order, as a step does,
+    so no matrix stays in cache between its timings."""
+    best = [[float("inf"), float("inf")] for _ in pairs]
+    for _ in range(repeats + 1):
+        for i, (w, wt) in enumerate(pairs):
+            x = inputs[w.shape[1]]
+            t0 = time.perf_counter()
+            F.linear(x, w)
+            t1 = time.perf_counter()
+            torch.mm(x, wt)
+            t2 = time.perf_counter()
+            best[i] = [min(best[i][0], t1 - t0), min(best[i][1], t2 - t1)]
+    return sum(min(b) for b in best)

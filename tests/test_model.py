@@ -110,6 +110,25 @@ def test_greedy_generation_matches_transformers_generate() -> None:
         assert out == hf_greedy(hf, prompt, 20)
 
 
+@pytest.mark.parametrize("dual_budget", [1 << 30, 0])
+def test_cpu_weight_layouts_within_their_budget(dual_budget: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """q/k/v and o as [in, out] only, down as [out, in], gate/up and lm_head in both layouts while the
+    second copies fit the budget (linear.py); the generated tokens never depend on it."""
+    monkeypatch.setattr("loraserve.engine.model.DUAL_LAYOUT_MAX_BYTES", dual_budget)
+    hf = hf_model(seed=5, tie_word_embeddings=True)
+    engine = build_engine(hf, max_num_batched_tokens=16)
+    for lw in engine.model.layers:
+        assert lw.qkv.w is None and lw.qkv.wt is not None and lw.o.w is None
+        assert lw.down.wt is None and lw.down.w is not None
+        assert (lw.gate_up.wt is not None) == bool(dual_budget) and lw.gate_up.w is not None
+    head = engine.model.lm_head
+    assert head.w is engine.model.embed and (head.wt is not None) == bool(dual_budget)
+    prompts = _prompts(hf.config.vocab_size, [11, 3, 25], seed=7)
+    outs = engine.generate(prompts, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+    for prompt, out in zip(prompts, outs, strict=True):
+        assert out == hf_greedy(hf, prompt, 12)
+
+
 def test_prefill_of_a_single_token_prompt_and_decode_share_a_step() -> None:
     """A one-token prompt is scheduled like a decode row (num_new == 1) but has no cached context."""
     hf = hf_model(seed=9)

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from loraserve.engine.config import ModelConfig
+from loraserve.engine.linear import DUAL_LAYOUT_MAX_BYTES, Layout, Linear
 from loraserve.engine.lora import LoraGroup
 from loraserve.engine.lora_batch import LoraBatch
 from loraserve.engine.lora_static import StaticLora
@@ -56,11 +57,11 @@ class KVCache:
 @dataclass
 class LayerWeights:
     attn_norm: torch.Tensor  # [H]
-    wqkv: torch.Tensor  # [Q + 2KV, H]: q, k, v fused so the batch reads one matrix
-    wo: torch.Tensor  # [H, Q]
+    qkv: Linear  # H -> Q + 2KV: q, k, v fused so the batch reads one matrix
+    o: Linear  # Q -> H
     mlp_norm: torch.Tensor  # [H]
-    w_gate_up: torch.Tensor  # [2I, H]
-    w_down: torch.Tensor  # [H, I]
+    gate_up: Linear  # H -> 2I
+    down: Linear  # I -> H
 
 
 def rope_tables(cfg: ModelConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,24 +120,30 @@ class Llama:
         def take(name: str) -> torch.Tensor:
             return state.pop(name).to(device=device, dtype=dtype)
 
+        # Layouts by device (see linear.py): CPU keeps q/k/v and o as [in, out], gate/up and lm_head in
+        # both layouts while the copies fit DUAL_LAYOUT_MAX_BYTES.
+        cpu = device.type == "cpu"
+        h, inter = cfg.hidden_size, cfg.intermediate_size
+        dual_bytes = (cfg.num_layers * 2 * inter * h + cfg.vocab_size * h) * dtype.itemsize
+        dual = Layout.BOTH if cpu and dual_bytes <= DUAL_LAYOUT_MAX_BYTES else Layout.OUT_IN
+        in_out = Layout.IN_OUT if cpu else Layout.OUT_IN
         self.embed = take("model.embed_tokens.weight")  # [V, H]
         self.layers: list[LayerWeights] = []
         for i in range(cfg.num_layers):
             p = f"model.layers.{i}."
             self.layers.append(LayerWeights(
                 attn_norm=take(p + "input_layernorm.weight"),
-                wqkv=torch.cat([take(p + f"self_attn.{n}_proj.weight") for n in "qkv"]),
-                wo=take(p + "self_attn.o_proj.weight"),
+                qkv=Linear.of(torch.cat([take(p + f"self_attn.{n}_proj.weight") for n in "qkv"]), in_out),
+                o=Linear.of(take(p + "self_attn.o_proj.weight"), in_out),
                 mlp_norm=take(p + "post_attention_layernorm.weight"),
-                w_gate_up=torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]),
-                w_down=take(p + "mlp.down_proj.weight"),
+                gate_up=Linear.of(torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]),
+                                  dual),
+                down=Linear.of(take(p + "mlp.down_proj.weight"), Layout.OUT_IN),
             ))
         self.norm = take("model.norm.weight")
         head = state.pop("lm_head.weight", None)
-        self.lm_head = self.embed if head is None or cfg.tie_word_embeddings else head.to(device, dtype)
-        # MKL's GEMV over a [H, V] matrix runs ~1.6x faster than over [V, H] (measured: 3.8 vs 6.3 ms for
-        # SmolLM2's head at batch 1), so a CPU engine keeps a transposed copy for one- and two-row steps.
-        self.lm_head_t = self.lm_head.t().contiguous() if device.type == "cpu" else None
+        self.lm_head = Linear.of(self.embed if head is None or cfg.tie_word_embeddings else head.to(device, dtype),
+                                 dual)
         self.cos, self.sin = rope_tables(cfg, device)
         self.cos, self.sin = self.cos.to(dtype), self.sin.to(dtype)
 
@@ -149,7 +156,7 @@ class Llama:
         sin = self.sin[batch.positions].unsqueeze(1)
         for i, lw in enumerate(self.layers):
             x = F.rms_norm(h, (cfg.hidden_size,), lw.attn_norm, cfg.rms_norm_eps)
-            qkv = F.linear(x, lw.wqkv)  # [T, Q + 2KV]
+            qkv = lw.qkv(x)  # [T, Q + 2KV]
             if batch.lora is not None:
                 batch.lora.apply(i, LoraGroup.QKV, x, qkv)
             q, k, v = torch.split(qkv, [cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
@@ -159,25 +166,23 @@ class Llama:
             kv.k[i].index_copy_(0, batch.slot_mapping, k)
             kv.v[i].index_copy_(0, batch.slot_mapping, v)
             attn = self._attention(q, kv.k[i], kv.v[i], batch)  # [T, Q]
-            o = F.linear(attn, lw.wo)
+            o = lw.o(attn)
             if batch.lora is not None:
                 batch.lora.apply(i, LoraGroup.OUT, attn, o)
             h = h + o
             x = F.rms_norm(h, (cfg.hidden_size,), lw.mlp_norm, cfg.rms_norm_eps)
-            gu = F.linear(x, lw.w_gate_up)  # [T, 2I]
+            gu = lw.gate_up(x)  # [T, 2I]
             if batch.lora is not None:
                 batch.lora.apply(i, LoraGroup.GATE_UP, x, gu)
             gate, up = gu.chunk(2, dim=-1)
             act = F.silu(gate) * up  # [T, I]
-            down = F.linear(act, lw.w_down)
+            down = lw.down(act)
             if batch.lora is not None:
                 batch.lora.apply(i, LoraGroup.DOWN, act, down)
             h = h + down
         h = h.index_select(0, batch.logits_indices)
         h = F.rms_norm(h, (cfg.hidden_size,), self.norm, cfg.rms_norm_eps)
-        if self.lm_head_t is not None and h.shape[0] <= 2:
-            return (h @ self.lm_head_t).float()  # [S, V]
-        return F.linear(h, self.lm_head).float()  # [S, V]
+        return self.lm_head(h).float()  # [S, V]
 
     def _attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                    batch: BatchMeta) -> torch.Tensor:
