@@ -73,6 +73,7 @@ class BenchConfig:
     threads: int | None = None
     prefix_caching: bool = True
     cuda_graphs: bool = True
+    native_kernels: bool = True
     baseline: bool = True
     baseline_no_adapter: bool = True
     compare_no_adapter: bool = True
@@ -100,6 +101,7 @@ class BenchConfig:
             max_queue=max(base.max_queue, w.requests),  # an open-loop burst must queue, not be refused
             threads=self.threads or base.threads,
             prefix_caching=self.prefix_caching, cuda_graphs=self.cuda_graphs,
+            native_kernels=self.native_kernels,
         )
 
     def argv(self) -> list[str]:
@@ -116,7 +118,7 @@ class BenchConfig:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_loras", "threads"):
             if getattr(self, name) is not None:
                 args += ["--" + name.replace("_", "-"), str(getattr(self, name))]
-        for name in ("prefix_caching", "cuda_graphs", "baseline", "baseline_no_adapter", "compare_no_adapter", "roofline", "warmup"):
+        for name in ("prefix_caching", "cuda_graphs", "native_kernels", "baseline", "baseline_no_adapter", "compare_no_adapter", "roofline", "warmup"):
             if not getattr(self, name):
                 args.append("--no-" + name.replace("_", "-"))
         if self.quick:
@@ -159,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--threads", type=int, help="CPU threads (default: all cores)")
     for flag, what in (("prefix-caching", "the engine reuses cached prompt prefixes within a phase"),
                        ("cuda-graphs", "the engine replays decode steps as CUDA graphs (CUDA only)"),
+                       ("native-kernels", "CPU decode attention in the paged C kernel, not gather + SDPA"),
                        ("baseline", "HF transformers + PEFT on the same workload"),
                        ("baseline-no-adapter", "HF without adapters too"),
                        ("compare-no-adapter", "our engine with every request adapter-free too"),
@@ -187,7 +190,8 @@ def config_from_args(ns: argparse.Namespace) -> BenchConfig:
     return BenchConfig(
         model=ns.model, device=Device(ns.device), dtype=DType(ns.dtype), workload=workload,
         max_num_seqs=ns.max_num_seqs, max_num_batched_tokens=ns.max_num_batched_tokens, max_loras=ns.max_loras,
-        threads=ns.threads, prefix_caching=ns.prefix_caching, cuda_graphs=ns.cuda_graphs, baseline=ns.baseline, baseline_no_adapter=ns.baseline_no_adapter,
+        threads=ns.threads, prefix_caching=ns.prefix_caching, cuda_graphs=ns.cuda_graphs,
+        native_kernels=ns.native_kernels, baseline=ns.baseline, baseline_no_adapter=ns.baseline_no_adapter,
         compare_no_adapter=ns.compare_no_adapter, roofline=ns.roofline, warmup=ns.warmup, quick=ns.quick,
         json_path=ns.json)
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from loraserve.engine.config import ModelConfig
+from loraserve.engine.cpu_kernels import PagedAttention
 from loraserve.engine.linear import DUAL_LAYOUT_MAX_BYTES, Layout, Linear
 from loraserve.engine.lora import LoraGroup
 from loraserve.engine.lora_batch import LoraBatch
@@ -30,6 +31,15 @@ class PrefillMeta:
 
 
 @dataclass
+class PagedDecode:
+    """Decode rows' K/V addressed through block tables, for a paged attention kernel (no gather)."""
+
+    tables: torch.Tensor  # [Bd, W] int64 block ids of each sequence, zero-padded
+    lens: torch.Tensor  # [Bd] int64 context length, the new token included
+    block_size: int
+
+
+@dataclass
 class BatchMeta:
     """Everything the forward pass needs about one step, built by the model runner; no hidden globals."""
 
@@ -37,11 +47,13 @@ class BatchMeta:
     positions: torch.Tensor  # [T]
     slot_mapping: torch.Tensor  # [T] flat KV slot each new token writes
     num_decode: int  # rows [0, num_decode) are single-token decodes, one per sequence
+    # Decode attention's K/V: either gathered (flat slots, padded, with a mask) or `paged` (block tables).
     decode_gather: torch.Tensor | None  # [Bd, Lmax] flat KV slots, padded
     decode_mask: torch.Tensor | None  # [Bd, 1, 1, Lmax] bool
     prefills: list[PrefillMeta]
     logits_indices: torch.Tensor  # [S] rows whose next token is sampled
     lora: LoraBatch | StaticLora | None = None
+    paged: PagedDecode | None = None
 
 
 class KVCache:
@@ -113,9 +125,13 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
 
 class Llama:
     def __init__(self, cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype,
-                 device: torch.device) -> None:
+                 device: torch.device, paged_attention: PagedAttention | None = None) -> None:
         self.cfg = cfg
         self.device = device
+        # CPU float32 only: decode attention straight from the paged cache (cpu_kernels.py); None: gather + SDPA.
+        if paged_attention is not None and (device.type != "cpu" or dtype != torch.float32):
+            raise ValueError("the paged attention kernel runs on the CPU in float32 only")
+        self.paged_attention = paged_attention
 
         def take(name: str) -> torch.Tensor:
             return state.pop(name).to(device=device, dtype=dtype)
@@ -189,7 +205,12 @@ class Llama:
         cfg = self.cfg
         out = torch.empty(q.shape[0], cfg.q_size, dtype=q.dtype, device=q.device)
         nd = batch.num_decode
-        if nd:
+        if nd and batch.paged is not None:
+            assert self.paged_attention is not None  # the runner builds `paged` only when the model has it
+            pd = batch.paged
+            self.paged_attention(q[:nd], k_cache, v_cache, pd.tables, pd.lens, pd.block_size,
+                                 out[:nd].view(nd, cfg.num_heads, cfg.head_dim))
+        elif nd:
             assert batch.decode_gather is not None and batch.decode_mask is not None
             bd, lmax = batch.decode_gather.shape
             idx = batch.decode_gather.reshape(-1)

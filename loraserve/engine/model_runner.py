@@ -8,7 +8,7 @@ from loraserve.engine.adapter_cache import AdapterCache
 from loraserve.engine.decode_graphs import DecodeGraphs, DecodeInputs
 from loraserve.engine.lora import LoraPool
 from loraserve.engine.lora_batch import LoraBatch
-from loraserve.engine.model import BatchMeta, KVCache, Llama, PrefillMeta
+from loraserve.engine.model import BatchMeta, KVCache, Llama, PagedDecode, PrefillMeta
 from loraserve.engine.sampling import apply_penalties, sample
 from loraserve.engine.scheduler import ScheduledSeq
 from loraserve.engine.sequence import Sequence
@@ -67,13 +67,18 @@ class ModelRunner:
             if s.samples:
                 logits_rows.append(row + s.num_new - 1)
             row_slots.extend([lora.get(seq.seq_id)] * s.num_new)
-        decode_gather = decode_mask = None
+        decode_gather = decode_mask = paged = None
         if nd:
             seqs = [s.seq for s in order[:nd]]
             lmax = max(seq.num_computed + 1 for seq in seqs)
-            gather, valid = self._decode_gather(seqs, lmax)  # [Bd, Lmax]
-            decode_gather = gather.to(self.device)
-            decode_mask = valid.view(nd, 1, 1, lmax).to(self.device)
+            if self.model.paged_attention is not None:  # the kernel reads K/V through the block tables
+                paged = PagedDecode(self._block_tables(seqs, lmax).to(self.device),
+                                    torch.tensor([seq.num_computed + 1 for seq in seqs], device=self.device),
+                                    self.block_size)
+            else:
+                gather, valid = self._decode_gather(seqs, lmax)  # [Bd, Lmax]
+                decode_gather = gather.to(self.device)
+                decode_mask = valid.view(nd, 1, 1, lmax).to(self.device)
         meta = BatchMeta(
             input_ids=torch.tensor(ids, dtype=torch.long, device=self.device),
             positions=torch.cat(positions).to(self.device),
@@ -84,17 +89,20 @@ class ModelRunner:
             prefills=prefills,
             logits_indices=torch.tensor(logits_rows, dtype=torch.long, device=self.device),
             lora=LoraBatch.build(row_slots, self.device),
+            paged=paged,
         )
         return meta, order
+
+    def _block_tables(self, seqs: list[Sequence], length: int) -> torch.Tensor:
+        """[n, blocks] int64: each sequence's first ceil(length / block_size) block ids, zero-padded."""
+        width = -(-length // self.block_size)
+        rows = [seq.block_table[:width] for seq in seqs]
+        return torch.tensor([row + [0] * (width - len(row)) for row in rows], dtype=torch.long)
 
     def _decode_gather(self, seqs: list[Sequence], length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Flat KV slots of each sequence's context, [n, length], and which of them are real."""
         bs = self.block_size
-        width = -(-length // bs)
-        tables = torch.zeros(len(seqs), width, dtype=torch.long)  # [n, blocks]
-        for i, seq in enumerate(seqs):
-            bt = seq.block_table[:width]
-            tables[i, :len(bt)] = torch.tensor(bt, dtype=torch.long)
+        tables = self._block_tables(seqs, length)
         pos = torch.arange(length)
         gather = tables[:, pos // bs] * bs + pos % bs
         valid = pos.unsqueeze(0) < torch.tensor([seq.num_computed + 1 for seq in seqs]).unsqueeze(1)

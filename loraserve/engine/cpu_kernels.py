@@ -1,0 +1,124 @@
+"""Native CPU kernels: small C files in csrc/, built at first use with the machine's C compiler.
+
+Why: decode attention through torch on the CPU first gathers every sequence's K/V into a padded copy
+(`index_select`, ~6 MB a layer at batch 32 for SmolLM2) that `scaled_dot_product_attention` then reads
+again. `paged_decode_attention` reads each K/V row once, in place, through the block table (see
+csrc/paged_attention.c), which makes decode attention memory-bound on the cache alone.
+
+Built with -march=native, so the library is cached per source, flags, compiler and CPU
+(`$LORASERVE_KERNEL_CACHE`, else `$XDG_CACHE_HOME/loraserve/kernels`, else ~/.cache/loraserve/kernels)
+and written under a temporary name, then renamed: concurrent first starts never load half a file. No
+compiler, or a failed build: `load_paged_attention()` returns None and the engine keeps torch's path.
+OpenMP: the library's libgomp is the one torch already loaded (same soname), so both share one pool.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_name("csrc") / "paged_attention.c"
+_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
+_BUILD_TIMEOUT_S = 120
+
+
+def kernel_cache_dir() -> Path:
+    if env := os.environ.get("LORASERVE_KERNEL_CACHE"):
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "loraserve" / "kernels"
+
+
+def _compiler() -> str | None:
+    cc = os.environ.get("CC")
+    return cc if cc else shutil.which("cc") or shutil.which("gcc")
+
+
+def _cpu_signature() -> str:
+    """What -march=native depends on: a library built on one CPU may not run on another (home on NFS)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        flags = ""
+    return platform.machine() + flags
+
+
+def build(source: Path, cc: str, cache_dir: Path) -> Path:
+    """The shared library for `source`, compiled unless a build with the same inputs is cached.
+    Raises OSError or subprocess.CalledProcessError when the compiler fails."""
+    key = hashlib.sha256()
+    for part in (source.read_bytes(), " ".join(_FLAGS).encode(), cc.encode(), _cpu_signature().encode()):
+        key.update(part)
+    lib = cache_dir / f"{source.stem}-{key.hexdigest()[:16]}.so"
+    if lib.exists():
+        return lib
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=f".{lib.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        subprocess.run([cc, *_FLAGS, str(source), "-o", tmp, "-lm"], check=True, capture_output=True,
+                       timeout=_BUILD_TIMEOUT_S)
+        os.replace(tmp, lib)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return lib
+
+
+class PagedAttention:
+    """Decode attention on the CPU, reading K/V in place through block tables (float32 only)."""
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        fn = lib.paged_decode_attention
+        p, i = ctypes.c_void_p, ctypes.c_int64
+        fn.argtypes = [p, p, p, p, i, p, i, i, i, i, i, ctypes.c_float, p, ctypes.c_int]
+        fn.restype = ctypes.c_int
+        self._fn = fn
+
+    def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
+                 lens: torch.Tensor, block_size: int, out: torch.Tensor) -> None:
+        """out[b] = softmax(q[b] K_b^T / sqrt(D)) V_b over sequence b's first lens[b] positions.
+        q, out: [B, Hq, D]; k_cache, v_cache: [slots, Hkv, D]; tables: [B, W] int64; lens: [B] int64."""
+        b, hq, d = q.shape
+        hkv = k_cache.shape[1]
+        for t in (q, k_cache, v_cache, out):
+            if t.dtype != torch.float32 or not t.is_contiguous() or t.device.type != "cpu":
+                raise ValueError("paged_decode_attention takes contiguous float32 CPU tensors")
+        if tables.dtype != torch.int64 or lens.dtype != torch.int64 or not tables.is_contiguous():
+            raise ValueError("block tables and lengths must be contiguous int64")
+        if hq % hkv or out.shape != q.shape or tables.shape[0] != b or lens.shape != (b,):
+            raise ValueError("paged_decode_attention: inconsistent shapes")
+        failed = self._fn(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(),
+                          tables.shape[1], lens.data_ptr(), b, hq, hkv, d, block_size, d ** -0.5,
+                          out.data_ptr(), torch.get_num_threads())
+        if failed:
+            raise MemoryError("paged_decode_attention could not allocate its scratch buffers")
+
+
+@functools.cache
+def load_paged_attention() -> PagedAttention | None:
+    """The kernel, built on first call; None (logged once) where it cannot be built or loaded."""
+    cc = _compiler()
+    if cc is None:
+        log.warning("no C compiler found: CPU decode attention uses torch's gather + SDPA path")
+        return None
+    try:
+        return PagedAttention(ctypes.CDLL(str(build(_SOURCE, cc, kernel_cache_dir()))))
+    except (OSError, subprocess.SubprocessError) as e:
+        detail = getattr(e, "stderr", b"") or b""
+        log.warning("could not build %s (%s%s): CPU decode attention uses torch's gather + SDPA path",
+                    _SOURCE.name, e, ": " + detail.decode(errors="replace")[-500:] if detail else "")
+        return None
