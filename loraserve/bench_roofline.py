@@ -93,10 +93,6 @@ def linear_weights(model: Llama) -> list[torch.Tensor]:
     return [*mats, model.lm_head.out_in()]
 
 
-def _contiguous(w: torch.Tensor) -> torch.Tensor:
-    return w if w.is_contiguous() else w.contiguous()
-
-
 @torch.inference_mode()
 def linear_ceiling(model: Llama, batches: list[int], machine: MachineRoofline | None,
                    repeats: int) -> list[CeilingPoint]:
@@ -107,7 +103,7 @@ def linear_ceiling(model: Llama, batches: list[int], machine: MachineRoofline | 
     # On the CPU a matrix counts at the faster of its two layouts, whichever the engine keeps: MKL's
     # speed depends on the layout for few rows (engine/linear.py). Copies of the missing layouts live
     # for the measurement only.
-    pairs = [(_contiguous(w), _contiguous(w.t())) for w in weights] if device.type == "cpu" else []
+    pairs = [(w.contiguous(), w.t().contiguous()) for w in weights] if device.type == "cpu" else []
     points = []
     for batch in sorted(set(batches)):
         inputs = {w.shape[1]: torch.randn(batch, w.shape[1], device=device).to(dtype) for w in weights}

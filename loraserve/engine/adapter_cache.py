@@ -159,4 +159,3 @@ def _single_thread_loader() -> ThreadPoolExecutor:
     pool.submit(torch.get_num_threads).result()
     torch.set_num_threads(restore)
     return pool
-

@@ -70,11 +70,11 @@ class ModelRunner:
         decode_gather = decode_mask = paged = None
         if nd:
             seqs = [s.seq for s in order[:nd]]
-            lmax = max(seq.num_computed + 1 for seq in seqs)
+            lens = [seq.num_computed + 1 for seq in seqs]  # context lengths, the new token included
+            lmax = max(lens)
             if self.model.paged_attention is not None:  # the kernel reads K/V through the block tables
                 paged = PagedDecode(self._block_tables(seqs, lmax).to(self.device),
-                                    torch.tensor([seq.num_computed + 1 for seq in seqs], device=self.device),
-                                    self.block_size)
+                                    torch.tensor(lens, device=self.device), self.block_size)
             else:
                 gather, valid = self._decode_gather(seqs, lmax)  # [Bd, Lmax]
                 decode_gather = gather.to(self.device)
