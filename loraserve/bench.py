@@ -38,7 +38,7 @@ from loraserve.bench_workload import (
     write_adapters,
 )
 from loraserve.engine import EMBEDDED, AsyncEngine, EngineConfig, load_backend
-from loraserve.engine.lora import LoraPool, rank_bucket
+from loraserve.engine.lora import rank_bucket
 from loraserve.engine.model import Llama
 from loraserve.types import LORA_TARGETS
 
@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--threads", type=int, help="CPU threads (default: all cores)")
     for flag, what in (("prefix-caching", "the engine reuses cached prompt prefixes within a phase"),
                        ("cuda-graphs", "the engine replays decode steps as CUDA graphs (CUDA only)"),
-                       ("native-kernels", "CPU decode attention in the paged C kernel, not gather + SDPA"),
+                       ("native-kernels", "CPU decode attention and multi-LoRA in C kernels, not torch ops"),
                        ("baseline", "HF transformers + PEFT on the same workload"),
                        ("baseline-no-adapter", "HF without adapters too"),
                        ("compare-no-adapter", "our engine with every request adapter-free too"),
@@ -205,8 +205,7 @@ def _warmup(backend: AsyncEngine, cfg: BenchConfig, requests: list[BenchRequest]
     # adapter-free request: a long-running server has its hot adapters resident, and the first steps'
     # one-off costs are not the workload's.
     engine = backend.engine
-    slot = LoraPool.slot_bytes(engine.cfg, rank_bucket(cfg.workload.rank), engine.dtype.itemsize)
-    slots = max(1, min(engine.ecfg.max_loras, engine.ecfg.lora_slot_bytes // slot))
+    slots = engine.adapters.pool_capacity(rank_bucket(cfg.workload.rank))
     warm = [BenchRequest(requests[i % len(requests)].prompt, ref) for i, ref in enumerate([*refs[:slots], None])]
     spec = dataclasses.replace(cfg.workload, requests=len(warm), concurrency=len(warm), rate=None)
     asyncio.run(drive(backend, warm, spec, "warmup", max_tokens=2))

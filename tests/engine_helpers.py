@@ -21,6 +21,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from loraserve.engine.config import EngineConfig, ModelConfig
 from loraserve.engine.llm_engine import LLMEngine
+from loraserve.engine.lora_batch import SgmvPart
 from loraserve.types import LORA_TARGETS
 
 ALL_TARGETS: tuple[str, ...] = LORA_TARGETS
@@ -172,7 +173,8 @@ class Trace:
     """What `run_traced` saw: per sequence, (position, logits) of every computed row, in step order."""
 
     rows: dict[int, list[tuple[int, torch.Tensor]]] = field(default_factory=lambda: defaultdict(list))
-    lora_paths: set[str] = field(default_factory=set)  # "padded" / "heavy" / "singles" LoraBatch paths used
+    # LoraBatch paths used: "padded" / "heavy" / "singles" (torch), "sgmv" (the CPU kernel)
+    lora_paths: set[str] = field(default_factory=set)
     num_steps: int = 0
     max_step_tokens: int = 0
     mixed_steps: int = 0  # steps with decode rows and prefill chunks together
@@ -210,6 +212,9 @@ def run_traced(engine: LLMEngine, timeout_s: float = 60.0) -> Trace:
         num_rows = int(meta.input_ids.shape[0])
         if meta.lora is not None:
             for part in meta.lora.parts:
+                if isinstance(part, SgmvPart):
+                    trace.lora_paths.add("sgmv")
+                    continue
                 trace.lora_paths |= {name for name, used in (("padded", part.padded is not None),
                                                              ("heavy", bool(part.heavy)),
                                                              ("singles", bool(part.singles))) if used}

@@ -1,4 +1,5 @@
-"""The paged decode attention C kernel against torch's attention over gathered K/V, and its build cache."""
+"""The paged decode attention C kernel against torch's attention over gathered K/V; the kernels' build cache
+and fallback (the LoRA kernel has its own tests in test_lora_sgmv.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from loraserve.engine import cpu_kernels
-from loraserve.engine.cpu_kernels import PagedAttention, build, load_paged_attention
+from loraserve.engine.cpu_kernels import PagedAttention, build, load_lora_sgmv, load_paged_attention
 
 from engine_helpers import build_engine, hf_model
 
@@ -105,9 +106,10 @@ def test_refuses_tensors_it_cannot_read(kernel: PagedAttention) -> None:
 def test_build_is_cached_and_atomic(tmp_path: Path) -> None:
     cc = cpu_kernels._compiler()
     assert cc is not None
-    lib = build(cpu_kernels._SOURCE, cc, tmp_path)
+    source = cpu_kernels._CSRC / "paged_attention.c"
+    lib = build(source, cc, tmp_path)
     mtime = lib.stat().st_mtime_ns
-    assert build(cpu_kernels._SOURCE, cc, tmp_path) == lib and lib.stat().st_mtime_ns == mtime
+    assert build(source, cc, tmp_path) == lib and lib.stat().st_mtime_ns == mtime
     broken = tmp_path / "broken.c"
     broken.write_text("this is not C\n")
     with pytest.raises(subprocess.CalledProcessError):
@@ -115,19 +117,26 @@ def test_build_is_cached_and_atomic(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([lib.name, "broken.c"])  # no partial file
 
 
-def test_without_a_working_compiler_the_engine_keeps_torch_attention(
+def test_without_a_working_compiler_the_engine_keeps_torch_paths(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setenv("LORASERVE_KERNEL_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("CC", "false")  # a compiler that always fails
     load_paged_attention.cache_clear()
+    load_lora_sgmv.cache_clear()
     try:
         with caplog.at_level(logging.WARNING, logger="loraserve.engine.cpu_kernels"):
             assert load_paged_attention() is None
-        assert "gather + SDPA" in caplog.text
+            assert load_lora_sgmv() is None
+            engine = build_engine(hf_model(seed=1))
+        assert "could not build paged_attention.c" in caplog.text and "could not build lora_sgmv.c" in caplog.text
+        assert engine.model.paged_attention is None and engine.adapters.sgmv is None
     finally:
         load_paged_attention.cache_clear()
+        load_lora_sgmv.cache_clear()
 
 
-def test_the_cpu_engine_decodes_through_the_kernel_by_default() -> None:
-    assert build_engine(hf_model(seed=1)).model.paged_attention is not None
-    assert build_engine(hf_model(seed=1), native_kernels=False).model.paged_attention is None
+def test_the_cpu_engine_uses_the_kernels_by_default() -> None:
+    engine = build_engine(hf_model(seed=1))
+    assert engine.model.paged_attention is not None and engine.adapters.sgmv is not None
+    engine = build_engine(hf_model(seed=1), native_kernels=False)
+    assert engine.model.paged_attention is None and engine.adapters.sgmv is None

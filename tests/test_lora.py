@@ -128,12 +128,14 @@ def test_load_adapter_refuses_weights_that_overflow_once_scaled(base: Any, adapt
         load_adapter(ref, model_config(base), torch.float16)
 
 
-def test_mixed_batch_logits_match_peft_on_both_lora_paths(base: Any, adapters: dict[str, Path],
-                                                          reference: Any) -> None:
+@pytest.mark.parametrize("native", [True, False], ids=["kernel", "torch"])
+def test_mixed_batch_logits_match_peft_on_every_lora_path(base: Any, adapters: dict[str, Path],
+                                                          reference: Any, native: bool) -> None:
     refs = _refs(adapters)
-    engine = build_engine(base, max_num_batched_tokens=128)
-    # The long first prompt on slot 0 next to short ones on slots 1..3 of the same rank-8 pool makes
-    # slot 0 a heavy slot (its own GEMMs) in the first step; decode steps are padded bmm.
+    engine = build_engine(base, max_num_batched_tokens=128, native_kernels=native)
+    # torch: the long first prompt on slot 0 next to short ones on slots 1..3 of the same rank-8 pool
+    # makes slot 0 a heavy slot (its own GEMMs) in the first step; decode steps are padded bmm. The CPU
+    # kernel takes every row of every pool (ranks 8, 16, 64 here).
     names: list[str | None] = ["r1-qv", "r2-mlp", None, "r8-all", "r4-patterns", "r16-all-rslora", "r64-attn",
                                "r8-all", None]
     prompts = random_prompts([90, 5, 9, 3, 6, 14, 7, 1, 4], seed=1)
@@ -141,7 +143,10 @@ def test_mixed_batch_logits_match_peft_on_both_lora_paths(base: Any, adapters: d
                                refs[n] if n else None) for i, (p, n) in enumerate(zip(prompts, names, strict=True))]
     wait_adapters_in_host(engine, {refs[n].key for n in names if n})
     trace = run_traced(engine)
-    assert {"heavy", "padded"} <= trace.lora_paths
+    if native:
+        assert trace.lora_paths == {"sgmv"}
+    else:
+        assert {"heavy", "padded"} <= trace.lora_paths
     for seq, name in zip(seqs, names, strict=True):
         assert_trace_matches(trace, seq, reference_logits(base, reference, seq.token_ids, name), atol=2e-4)
     assert engine.blocks.num_used == 0

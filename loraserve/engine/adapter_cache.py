@@ -16,14 +16,17 @@ import torch
 
 from loraserve.engine.adapter_slots import SlotTable
 from loraserve.engine.config import EngineConfig, ModelConfig
+from loraserve.engine.cpu_kernels import LoraSgmv
 from loraserve.engine.lora import LoraPool, LoraWeights, load_adapter, rank_bucket
 from loraserve.engine.scheduler import AdapterState
 from loraserve.types import AdapterRef
 
 
 class AdapterCache:
-    def __init__(self, cfg: ModelConfig, ecfg: EngineConfig, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, cfg: ModelConfig, ecfg: EngineConfig, dtype: torch.dtype, device: torch.device,
+                 sgmv: LoraSgmv | None = None) -> None:
         self.cfg, self.ecfg, self.dtype, self.device = cfg, ecfg, dtype, device
+        self.sgmv = sgmv  # the CPU kernel: pools are then packed for it (lora.py)
         self._refs: dict[str, AdapterRef] = {}
         self._host: OrderedDict[str, LoraWeights] = OrderedDict()
         self._host_bytes = 0
@@ -136,11 +139,16 @@ class AdapterCache:
             _, old = self._host.popitem(last=False)
             self._host_bytes -= old.nbytes
 
+    def pool_capacity(self, bucket: int) -> int:
+        """Slots of the rank-`bucket` pool: as many as `lora_slot_bytes` holds, at most `max_loras`."""
+        per_slot = LoraPool.slot_bytes(self.cfg, bucket, self.dtype.itemsize, packed=self.sgmv is not None)
+        return max(1, min(self.ecfg.max_loras, self.ecfg.lora_slot_bytes // per_slot))
+
     def _pool_for(self, bucket: int) -> tuple[LoraPool, SlotTable]:
         if bucket not in self._pools:
-            per_slot = LoraPool.slot_bytes(self.cfg, bucket, self.dtype.itemsize)
-            capacity = max(1, min(self.ecfg.max_loras, self.ecfg.lora_slot_bytes // per_slot))
-            self._pools[bucket] = (LoraPool(self.cfg, bucket, capacity, self.dtype, self.device), SlotTable(capacity))
+            capacity = self.pool_capacity(bucket)
+            pool = LoraPool(self.cfg, bucket, capacity, self.dtype, self.device, self.sgmv)
+            self._pools[bucket] = (pool, SlotTable(capacity))
         return self._pools[bucket]
 
 

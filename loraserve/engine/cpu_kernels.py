@@ -3,12 +3,14 @@
 Why: decode attention through torch on the CPU first gathers every sequence's K/V into a padded copy
 (`index_select`, ~6 MB a layer at batch 32 for SmolLM2) that `scaled_dot_product_attention` then reads
 again. `paged_decode_attention` reads each K/V row once, in place, through the block table (see
-csrc/paged_attention.c), which makes decode attention memory-bound on the cache alone.
+csrc/paged_attention.c), which makes decode attention memory-bound on the cache alone. Multi-LoRA
+through torch gathers rows into padded blocks and scatters them back, and reads block-diagonal B
+matrices; `lora_sgmv` (csrc/lora_sgmv.c) streams each adapter's packed weights once per step.
 
 Built with -march=native, so the library is cached per source, flags, compiler and CPU
 (`$LORASERVE_KERNEL_CACHE`, else `$XDG_CACHE_HOME/loraserve/kernels`, else ~/.cache/loraserve/kernels)
 and written under a temporary name, then renamed: concurrent first starts never load half a file. No
-compiler, or a failed build: `load_paged_attention()` returns None and the engine keeps torch's path.
+compiler, or a failed build: the loaders return None and the engine keeps torch's paths.
 OpenMP: the library's libgomp is the one torch already loaded (same soname), so both share one pool.
 """
 
@@ -29,7 +31,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).with_name("csrc") / "paged_attention.c"
+_CSRC = Path(__file__).with_name("csrc")
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 _BUILD_TIMEOUT_S = 120
 
@@ -108,17 +110,60 @@ class PagedAttention:
             raise MemoryError("paged_decode_attention could not allocate its scratch buffers")
 
 
-@functools.cache
-def load_paged_attention() -> PagedAttention | None:
-    """The kernel, built on first call; None (logged once) where it cannot be built or loaded."""
+class LoraSgmv:
+    """out[row] += (x[row] @ A_slot) @ B_slot for segments of rows sharing a slot, over packed weights."""
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        self.tile = int(lib.lora_sgmv_tile())  # the packed layout's column tile (LoraPool packs with it)
+        fn = lib.lora_sgmv
+        p, i = ctypes.c_void_p, ctypes.c_int64
+        fn.argtypes = [p, i, p, i, p, p, i, i, i, i, p, i, p, p, ctypes.c_int]
+        fn.restype = None
+        self._fn = fn
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rank: int,
+                 cols: torch.Tensor, plan: torch.Tensor, nseg: int, max_row: int, h: torch.Tensor) -> None:
+        """x: [T, K]; out: [T, N]. The rest belongs to a packed LoraPool and its step plan, which check them
+        once (not per call, 120 calls a step): a: [C, K * n * rank] and b: [C, rank * N] one layer's slots;
+        cols: [n + 1] int64 column offsets of the n targets; plan: int64 [nseg slots | nseg + 1 starts |
+        rows] with slots < C and rows <= max_row; h: float32 scratch [rows, >= n * rank]."""
+        n = cols.shape[0] - 1
+        k = x.shape[1]
+        for t in (x, out):  # cheap checks only: ~100 ns each matters at 120 calls a step
+            if t.dtype is not torch.float32 or not t.is_cpu or t.stride(1) != 1:
+                raise ValueError("lora_sgmv takes float32 CPU tensors with contiguous rows")
+        if max_row >= min(x.shape[0], out.shape[0]) or a.shape[1] != k * n * rank or b.shape[1] != rank * out.shape[1]:
+            raise ValueError("lora_sgmv: inconsistent shapes")
+        self._fn(x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0), a.data_ptr(), b.data_ptr(), k,
+                 out.shape[1], rank, n, cols.data_ptr(), nseg, plan.data_ptr(), h.data_ptr(),
+                 torch.get_num_threads())
+
+
+def _load(name: str) -> ctypes.CDLL | None:
+    """csrc/`name`.c built and loaded; None (logged) where that cannot be done."""
+    source = _CSRC / f"{name}.c"
     cc = _compiler()
     if cc is None:
-        log.warning("no C compiler found: CPU decode attention uses torch's gather + SDPA path")
+        log.warning("no C compiler found: %s falls back to torch", name)
         return None
     try:
-        return PagedAttention(ctypes.CDLL(str(build(_SOURCE, cc, kernel_cache_dir()))))
+        return ctypes.CDLL(str(build(source, cc, kernel_cache_dir())))
     except (OSError, subprocess.SubprocessError) as e:
         detail = getattr(e, "stderr", b"") or b""
-        log.warning("could not build %s (%s%s): CPU decode attention uses torch's gather + SDPA path",
-                    _SOURCE.name, e, ": " + detail.decode(errors="replace")[-500:] if detail else "")
+        log.warning("could not build %s (%s%s): it falls back to torch", source.name, e,
+                    ": " + detail.decode(errors="replace")[-500:] if detail else "")
         return None
+
+
+@functools.cache
+def load_paged_attention() -> PagedAttention | None:
+    """The decode attention kernel, built on first call; None where it cannot be built or loaded."""
+    lib = _load("paged_attention")
+    return None if lib is None else PagedAttention(lib)
+
+
+@functools.cache
+def load_lora_sgmv() -> LoraSgmv | None:
+    """The multi-LoRA kernel, built on first call; None where it cannot be built or loaded."""
+    lib = _load("lora_sgmv")
+    return None if lib is None else LoraSgmv(lib)

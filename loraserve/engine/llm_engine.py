@@ -10,7 +10,7 @@ import torch
 from loraserve.engine.adapter_cache import AdapterCache
 from loraserve.engine.block_manager import BlockManager
 from loraserve.engine.config import EngineConfig, ModelConfig
-from loraserve.engine.cpu_kernels import load_paged_attention
+from loraserve.engine.cpu_kernels import load_lora_sgmv, load_paged_attention
 from loraserve.engine.decode_graphs import DecodeGraphs
 from loraserve.engine.model import KVCache, Llama
 from loraserve.engine.model_runner import ModelRunner
@@ -54,7 +54,7 @@ class LLMEngine:
         num_blocks = self._num_kv_blocks()
         self.kv = KVCache(cfg, num_blocks * bs, self.dtype, self.device)
         self.blocks = BlockManager(num_blocks, bs, ecfg.prefix_caching)
-        self.adapters = AdapterCache(cfg, ecfg, self.dtype, self.device)
+        self.adapters = AdapterCache(cfg, ecfg, self.dtype, self.device, load_lora_sgmv() if native else None)
         self.scheduler = Scheduler(self.blocks, ecfg.max_num_seqs, ecfg.max_num_batched_tokens,
                                    gate=self.adapters, max_waiting=ecfg.max_queue)
         gen = torch.Generator(device=self.device)

@@ -3,7 +3,9 @@
 The projections that share an input are fused (q/k/v, gate/up), so a layer applies four LoRA groups.
 Per group and rank bucket, every slot holds A as [in, n*R] (the targets side by side) and B as a
 block-diagonal [n*R, out], with `lora_alpha / r` folded into B. `lora_batch.py` applies them to a
-mixed batch.
+mixed batch. With the CPU kernel (cpu_kernels.LoraSgmv) a pool is packed instead: A and B cut into
+column tiles stored one after another, B without its zero blocks (see csrc/lora_sgmv.c), so the
+kernel streams each adapter's true size once.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from loraserve.engine.config import ModelConfig, module_name
+from loraserve.engine.cpu_kernels import LoraSgmv
 from loraserve.types import AdapterRef
 
 
@@ -97,52 +100,85 @@ def rank_bucket(rank: int) -> int:
     return max(8, 1 << (rank - 1).bit_length())
 
 
-class LoraPool:
-    """Device slots for adapters of one rank bucket R; slot memory is touched only when written."""
+def _pack_tiles(m: torch.Tensor, tile: int) -> torch.Tensor:
+    """[L, rows, cols] -> [L, rows * cols]: column tiles of `tile` (the last may be narrower) one after
+    another, each [rows, w] row-major, so the tile at column c starts at rows * c."""
+    n_l, rows, cols = m.shape
+    full = cols - cols % tile
+    parts = [m[:, :, :full].reshape(n_l, rows, full // tile, tile).transpose(1, 2).reshape(n_l, rows * full)]
+    if full < cols:
+        parts.append(m[:, :, full:].reshape(n_l, rows * (cols - full)))
+    return torch.cat(parts, dim=1)
 
-    def __init__(self, cfg: ModelConfig, rank: int, capacity: int, dtype: torch.dtype, device: torch.device):
-        self.cfg, self.rank, self.capacity = cfg, rank, capacity
+
+class LoraPool:
+    """Device slots for adapters of one rank bucket R; slot memory is touched only when written.
+
+    Layouts per group (n targets, fan-in K, fan-outs summing to N): with `sgmv` None, a [L, C + 1, K, n*R]
+    and b [L, C + 1, n*R, N] block-diagonal (torch's GEMMs, CUDA graphs); with `sgmv`, packed for it:
+    a [L, C + 1, K * n*R] and b [L, C + 1, R * N] (no zero blocks: 1/n of B's size).
+    """
+
+    def __init__(self, cfg: ModelConfig, rank: int, capacity: int, dtype: torch.dtype, device: torch.device,
+                 sgmv: LoraSgmv | None = None):
+        if sgmv is not None and (device.type != "cpu" or dtype != torch.float32):
+            raise ValueError("packed LoRA slots are for the CPU kernel, float32 only")
+        self.cfg, self.rank, self.capacity, self.sgmv = cfg, rank, capacity, sgmv
         # One slot past the capacity stays zero: rows of a static (CUDA-graph) batch that use no adapter
         # of this pool read it, so every row can gather "its" weights without a branch.
         self.zero_slot = capacity
-        shapes = cfg.lora_shapes()
-        self.a: list[torch.Tensor] = []  # per group: [L, C + 1, in, n*R]
-        self.b: list[torch.Tensor] = []  # per group: [L, C + 1, n*R, sum(out)]
+        self.a: list[torch.Tensor] = []
+        self.b: list[torch.Tensor] = []
+        self.cols: list[torch.Tensor] = []  # per group: [n + 1] int64 first output column of each target
         for group in LoraGroup:
-            targets = GROUP_TARGETS[group]
-            fan_in = shapes[targets[0]][0]
-            fan_out = sum(shapes[t][1] for t in targets)
-            n = len(targets) * rank
+            fan_in, fan_outs = self._group_shape(cfg, group)
+            n = len(fan_outs) * rank
+            self.cols.append(torch.tensor([sum(fan_outs[:j]) for j in range(len(fan_outs) + 1)]))
+            a_shape = (fan_in, n) if sgmv is None else (fan_in * n,)
+            b_shape = (n, sum(fan_outs)) if sgmv is None else (rank * sum(fan_outs),)
             # empty, not zeros: pages of never-used slots stay uncommitted; `write` zeroes a slot first.
-            self.a.append(torch.empty(cfg.num_layers, capacity + 1, fan_in, n, dtype=dtype, device=device))
-            self.b.append(torch.empty(cfg.num_layers, capacity + 1, n, fan_out, dtype=dtype, device=device))
+            self.a.append(torch.empty(cfg.num_layers, capacity + 1, *a_shape, dtype=dtype, device=device))
+            self.b.append(torch.empty(cfg.num_layers, capacity + 1, *b_shape, dtype=dtype, device=device))
             self.a[-1][:, capacity].zero_()
             self.b[-1][:, capacity].zero_()
 
     @staticmethod
-    def slot_bytes(cfg: ModelConfig, rank: int, itemsize: int) -> int:
+    def _group_shape(cfg: ModelConfig, group: LoraGroup) -> tuple[int, list[int]]:
         shapes = cfg.lora_shapes()
+        targets = GROUP_TARGETS[group]
+        return shapes[targets[0]][0], [shapes[t][1] for t in targets]
+
+    @staticmethod
+    def slot_bytes(cfg: ModelConfig, rank: int, itemsize: int, packed: bool = False) -> int:
         total = 0
-        for targets in GROUP_TARGETS.values():
-            n = len(targets) * rank
-            total += shapes[targets[0]][0] * n + n * sum(shapes[t][1] for t in targets)
+        for group in LoraGroup:
+            fan_in, fan_outs = LoraPool._group_shape(cfg, group)
+            n = len(fan_outs) * rank
+            total += fan_in * n + (rank if packed else n) * sum(fan_outs)
         return total * cfg.num_layers * itemsize
 
     def write(self, slot: int, w: LoraWeights) -> None:
-        shapes = self.cfg.lora_shapes()
+        n_l, r_max = self.cfg.num_layers, self.rank
         for group in LoraGroup:
-            a, b = self.a[group][:, slot], self.b[group][:, slot]  # a: [L, in, n*R], b: [L, n*R, out]
-            a.zero_()
-            b.zero_()
-            out_off = 0
-            for j, target in enumerate(GROUP_TARGETS[group]):
-                fan_out = shapes[target][1]
-                for layer in range(self.cfg.num_layers):
+            fan_in, fan_outs = self._group_shape(self.cfg, group)
+            targets = GROUP_TARGETS[group]
+            a = torch.zeros(n_l, fan_in, len(targets) * r_max, dtype=self.a[group].dtype)  # [L, K, n*R]
+            bs = [torch.zeros(n_l, r_max, fo, dtype=self.b[group].dtype) for fo in fan_outs]  # [L, R, out_j]
+            for j, target in enumerate(targets):
+                for layer in range(n_l):
                     pair = w.modules.get((layer, target))
-                    if pair is None:
-                        continue
-                    wa, wb = pair
-                    r = wa.shape[0]
-                    a[layer, :, j * self.rank:j * self.rank + r] = wa.t()
-                    b[layer, j * self.rank:j * self.rank + r, out_off:out_off + fan_out] = wb.t()
-                out_off += fan_out
+                    if pair is not None:
+                        wa, wb = pair
+                        r = wa.shape[0]
+                        a[layer, :, j * r_max:j * r_max + r] = wa.t()
+                        bs[j][layer, :r] = wb.t()
+            if self.sgmv is not None:
+                self.a[group][:, slot] = _pack_tiles(a, self.sgmv.tile)
+                self.b[group][:, slot] = torch.cat([_pack_tiles(b, self.sgmv.tile) for b in bs], dim=1)
+                continue
+            self.a[group][:, slot] = a
+            b_slot = self.b[group][:, slot]  # [L, n*R, N]
+            b_slot.zero_()
+            for j, b in enumerate(bs):
+                c0 = int(self.cols[group][j])
+                b_slot[:, j * r_max:(j + 1) * r_max, c0:c0 + fan_outs[j]] = b

@@ -7,6 +7,9 @@ place: no gather, no scatter. The remaining light slots are padded into a
 adapter's weights are read once per step however many rows use it (the SGMV idea). On this CPU a
 batched GEMM over 16 slots costs ~25 us where torch's grouped GEMM costs ~100 us and a loop of 16
 small GEMMs ~100 us; padding rows cost little since the LoRA FLOPs are tiny next to the base model.
+
+A packed pool (the CPU kernel's, see lora.py) takes none of that: all its rows go to `lora_sgmv` in one
+call per layer group, as segments of rows sharing a slot.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from loraserve.engine.lora import LoraGroup, LoraPool
+from loraserve.engine.lora import GROUP_TARGETS, LoraGroup, LoraPool
 
 
 @dataclass
@@ -34,8 +37,9 @@ class LoraBatchPart:
     hi: int
     m: int
 
-    def apply(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
-        """out[row] += (x[row] @ A_slot) @ B_slot for this pool's rows; a: [C, K, R], b: [C, R, N]."""
+    def apply(self, layer: int, group: LoraGroup, x: torch.Tensor, out: torch.Tensor) -> None:
+        """out[row] += (x[row] @ A_slot) @ B_slot for this pool's rows."""
+        a, b = self.pool.a[group][layer], self.pool.b[group][layer]  # a: [C, K, nR], b: [C, nR, N]
         for slot, first, end in self.heavy + self.singles:
             out[first:end].addmm_(torch.mm(x[first:end], a[slot]), b[slot])
         if self.padded is not None and self.gather is not None and self.light_rows is not None:
@@ -44,6 +48,39 @@ class LoraBatchPart:
             h = torch.bmm(xp, a[self.lo:self.hi])  # [G, M, R]
             dp = torch.bmm(h, b[self.lo:self.hi]).view(g * self.m, -1).index_select(0, self.padded)  # [nl, N]
             out.index_add_(0, self.light_rows, dp)
+
+
+@dataclass
+class SgmvPart:
+    """A packed pool's rows, all applied by the CPU kernel."""
+
+    pool: LoraPool
+    plan: torch.Tensor  # int64 [nseg slots | nseg + 1 starts | rows], as csrc/lora_sgmv.c reads it
+    nseg: int
+    max_row: int
+    h: torch.Tensor  # [rows, 3R] scratch for the shrink (q/k/v is the widest group)
+
+    def apply(self, layer: int, group: LoraGroup, x: torch.Tensor, out: torch.Tensor) -> None:
+        pool = self.pool
+        assert pool.sgmv is not None  # `_part` makes an SgmvPart for packed pools only
+        pool.sgmv(x, out, pool.a[group][layer], pool.b[group][layer], pool.rank, pool.cols[group], self.plan,
+                  self.nseg, self.max_row, self.h)
+
+    @classmethod
+    def build(cls, pool: LoraPool, items: list[tuple[int, int]]) -> SgmvPart:
+        """`items` are (slot, batch row) sorted: a segment per slot, its rows in batch order."""
+        slots: list[int] = []
+        starts: list[int] = []
+        for i, (slot, _) in enumerate(items):
+            if not slots or slots[-1] != slot:
+                slots.append(slot)
+                starts.append(i)
+        starts.append(len(items))
+        if not 0 <= min(slots) <= max(slots) < pool.capacity:  # the kernel indexes the pool by them
+            raise ValueError("LoRA slot out of the pool's range")
+        plan = torch.tensor(slots + starts + [row for _, row in items], dtype=torch.long)
+        width = len(GROUP_TARGETS[LoraGroup.QKV]) * pool.rank
+        return cls(pool, plan, len(slots), max(row for _, row in items), torch.empty(len(items), width))
 
 
 _HEAVY_ROWS = 32  # a slot with this many rows runs a GEMM pair efficiently on its own
@@ -60,9 +97,11 @@ def _segments(slot: int, rows: list[int]) -> list[tuple[int, int, int]]:
     return out
 
 
-def _part(pool: LoraPool, items: list[tuple[int, int]], device: torch.device) -> LoraBatchPart:
+def _part(pool: LoraPool, items: list[tuple[int, int]], device: torch.device) -> LoraBatchPart | SgmvPart:
     """Plan one pool's rows; `items` are (slot, batch row) sorted. Heavy slots get their own GEMMs,
     light ones a padded batched GEMM pair over their slot range (or GEMMs of their own when sparse)."""
+    if pool.sgmv is not None:
+        return SgmvPart.build(pool, items)
     by_slot: dict[int, list[int]] = {}
     for slot, row in items:
         by_slot.setdefault(slot, []).append(row)
@@ -100,7 +139,7 @@ def _part(pool: LoraPool, items: list[tuple[int, int]], device: torch.device) ->
 
 @dataclass
 class LoraBatch:
-    parts: list[LoraBatchPart]
+    parts: list[LoraBatchPart | SgmvPart]
 
     @classmethod
     def build(cls, row_slots: list[tuple[LoraPool, int] | None], device: torch.device) -> LoraBatch | None:
@@ -117,4 +156,4 @@ class LoraBatch:
     def apply(self, layer: int, group: LoraGroup, x: torch.Tensor, out: torch.Tensor) -> None:
         """out[rows] += (x[rows] @ A_slot) @ B_slot, each row with its own adapter's slot."""
         for p in self.parts:
-            p.apply(x, p.pool.a[group][layer], p.pool.b[group][layer], out)
+            p.apply(layer, group, x, out)

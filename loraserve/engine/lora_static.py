@@ -23,6 +23,10 @@ class StaticLora:
     pools: list[LoraPool]
     slots: list[torch.Tensor]  # per pool: [B] the slot each row reads, the pool's zero slot if none
 
+    def __post_init__(self) -> None:
+        if any(pool.sgmv is not None for pool in self.pools):
+            raise ValueError("a static batch gathers the torch layout; packed (CPU kernel) pools cannot be used")
+
     def apply(self, layer: int, group: LoraGroup, x: torch.Tensor, out: torch.Tensor) -> None:
         """out += (x @ A_row) @ B_row for every row; x: [B, K], out: [B, N]."""
         for pool, idx in zip(self.pools, self.slots, strict=True):
