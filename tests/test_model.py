@@ -110,13 +110,27 @@ def test_greedy_generation_matches_transformers_generate() -> None:
         assert out == hf_greedy(hf, prompt, 20)
 
 
-@pytest.mark.parametrize("dual_budget", [1 << 30, 0])
-def test_cpu_weight_layouts_within_their_budget(dual_budget: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """q/k/v and o as [in, out] only, down as [out, in], gate/up and lm_head in both layouts while the
-    second copies fit the budget (linear.py); the generated tokens never depend on it."""
-    monkeypatch.setattr("loraserve.engine.model.DUAL_LAYOUT_MAX_BYTES", dual_budget)
+def test_cpu_weights_with_the_gemv_kernel_are_kept_once() -> None:
+    """With the C kernels every weight is [out, in] alone (linear.py); tokens match HF's."""
     hf = hf_model(seed=5, tie_word_embeddings=True)
     engine = build_engine(hf, max_num_batched_tokens=16)
+    model = engine.model
+    for proj in [p for lw in model.layers for p in (lw.qkv, lw.o, lw.gate_up, lw.down)] + [model.lm_head]:
+        assert proj.w is not None and proj.wt is None and proj.gemv is not None
+    assert model.lm_head.w is model.embed
+    prompts = _prompts(hf.config.vocab_size, [11, 3, 25], seed=7)
+    outs = engine.generate(prompts, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+    for prompt, out in zip(prompts, outs, strict=True):
+        assert out == hf_greedy(hf, prompt, 12)
+
+
+@pytest.mark.parametrize("dual_budget", [1 << 30, 0])
+def test_cpu_weight_layouts_within_their_budget(dual_budget: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the C kernels: q/k/v and o as [in, out] only, down as [out, in], gate/up and lm_head in
+    both layouts while the second copies fit the budget (linear.py); the tokens never depend on it."""
+    monkeypatch.setattr("loraserve.engine.model.DUAL_LAYOUT_MAX_BYTES", dual_budget)
+    hf = hf_model(seed=5, tie_word_embeddings=True)
+    engine = build_engine(hf, max_num_batched_tokens=16, native_kernels=False)
     for lw in engine.model.layers:
         assert lw.qkv.w is None and lw.qkv.wt is not None and lw.o.w is None
         assert lw.down.wt is None and lw.down.w is not None
