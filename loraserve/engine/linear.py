@@ -1,7 +1,7 @@
 """A projection's weight, kept in the layout(s) its device multiplies fastest.
 
 torch's CPU matmul (MKL) is not layout-neutral when a step has few rows. Measured on this project's
-2-core AVX2 machine, fp32, 2 threads, each matrix rotating through 30 copies so that none stays in
+2-core CPU machine, fp32, 2 threads, each matrix rotating through 30 copies so that none stays in
 cache (`x @ W.T` with W [out, in], i.e. F.linear, against `x @ Wt` with Wt [in, out]), in us:
 
 | SmolLM2 matrix [out, in] | 1 row     | 2 rows    | 4 rows    | 8 rows    | 32 rows    | 1024 rows     |

@@ -58,7 +58,7 @@ class SgmvPart:
     plan: torch.Tensor  # int64 [nseg slots | nseg + 1 starts | rows], as csrc/lora_sgmv.c reads it
     nseg: int
     max_row: int
-    h: torch.Tensor  # [rows, 3R] scratch for the shrink (q/k/v is the widest group)
+    h: torch.Tensor  # [rows, n*R] scratch for the shrink, n the most targets a group fuses (q/k/v: 3)
 
     def apply(self, layer: int, group: LoraGroup, x: torch.Tensor, out: torch.Tensor) -> None:
         pool = self.pool
@@ -79,7 +79,7 @@ class SgmvPart:
         if not 0 <= min(slots) <= max(slots) < pool.capacity:  # the kernel indexes the pool by them
             raise ValueError("LoRA slot out of the pool's range")
         plan = torch.tensor(slots + starts + [row for _, row in items], dtype=torch.long)
-        width = len(GROUP_TARGETS[LoraGroup.QKV]) * pool.rank
+        width = max(len(targets) for targets in GROUP_TARGETS.values()) * pool.rank
         return cls(pool, plan, len(slots), max(row for _, row in items), torch.empty(len(items), width))
 
 
