@@ -34,6 +34,8 @@ def ratios(figures: dict[str, Any]) -> dict[str, float]:
     top = _ceiling_at(figures, figures.get("ceiling_batch", 0))
     if top is not None:
         out["ours_vs_ceiling"] = tok_s / top["tok_s"]
+        if top.get("engine_ms"):  # absent from --json files written before it was measured
+            out["ours_vs_engine_ceiling"] = tok_s * top["engine_ms"] / (1e3 * top["batch"])
         if ours["decode_step_ms"]:
             out["step_vs_ceiling_step"] = top["step_ms"] / ours["decode_step_ms"]
     one = _ceiling_at(figures, 1)
@@ -81,13 +83,14 @@ def print_report(figures: dict[str, Any], console: Console | None = None) -> Non
         console.print(f"machine: GEMM {m['gemm_flop_s'] / 1e9:,.1f} GFLOP/s, copy {m['copy_bytes_s'] / 1e9:,.1f} GB/s "
                       f"({m['threads']} CPU threads, as the engine)")
         ceil = Table(title="linear-layer ceiling (all q/k/v/o/gate/up/down + lm_head, one decode step)")
-        for col in ("batch", "step ms", "ceiling tok/s", "roofline ideal ms", "weights MB", "ours % of ceiling"):
+        for col in ("batch", "step ms", "ceiling tok/s", "roofline ideal ms", "weights MB", "ours % of ceiling",
+                    "engine's projections ms"):
             ceil.add_column(col, justify="right")
         ours_tok_s = figures["runs"]["ours"]["output_tok_s"]
         for p in figures["ceiling"]:
             mine = 100 * ours_tok_s / p["tok_s"] if p["batch"] == figures["ceiling_batch"] else None
             ceil.add_row(str(p["batch"]), _f(p["step_ms"], 2), _f(p["tok_s"]), _f(p["ideal_ms"], 2),
-                         _f(p["weight_bytes"] / 1e6), _f(mine))
+                         _f(p["weight_bytes"] / 1e6), _f(mine), _f(p.get("engine_ms"), 2))
         console.print(ceil)
     names = {
         "ours_vs_hf_peft_mixed": "ours / HF+PEFT mixed",
@@ -95,6 +98,7 @@ def print_report(figures: dict[str, Any], console: Console | None = None) -> Non
         "hf_peft_mixed_vs_hf_no_adapter": "HF+PEFT mixed / HF no adapter",
         "adapters_vs_no_adapter": "ours with adapters / ours no adapter",
         "ours_vs_ceiling": "ours tok/s / linear ceiling tok/s",
+        "ours_vs_engine_ceiling": "ours tok/s / own-projection ceiling",
         "step_vs_ceiling_step": "ceiling step ms / ours decode step ms",
         "tpot_vs_batch1_ceiling": "batch-1 ceiling ms / ours TPOT p50",
     }

@@ -3,8 +3,11 @@ linear-layer ceiling of the loaded model (one decode step's worth of its own wei
 
 A decode step cannot be faster than its linear layers: every layer's q/k/v/o/gate/up/down and the
 lm_head must be read and multiplied once per step, whatever the batch. Timing exactly those GEMMs on
-random [B, in] inputs (on the CPU each in the faster of its two layouts) gives a ceiling of B tokens per that time, attention, norms, sampling, LoRA
-and scheduling all excluded, against which the engine's throughput is judged.
+random [B, in] inputs (on the CPU each in the faster of its two layouts) gives a ceiling of B tokens per
+that time, attention, norms, sampling, LoRA and scheduling all excluded, against which the engine's
+throughput is judged. That ceiling is torch's (MKL's, cuBLAS's) matmul; the engine's own projections
+(on the CPU its C kernel, engine/csrc/linear.c) are timed on the same inputs beside it, so that a
+ratio against torch's ceiling is never mistaken for one against what the engine's own layers allow.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from loraserve.engine.linear import Linear
 from loraserve.engine.model import Llama
 
 
@@ -41,6 +45,7 @@ class MachineRoofline:
 class CeilingPoint:
     batch: int
     step_ms: float  # measured: all linear layers of one decode step at this batch (CPU: best layouts)
+    engine_ms: float  # measured: the same products through the engine's own projections (Linear objects)
     tok_s: float  # batch / step time
     weight_bytes: int
     flops: float  # 2 * params * batch
@@ -86,17 +91,16 @@ def _copy_seconds(nbytes: int, device: torch.device, repeats: int) -> float:
     return best_time(lambda: dst.copy_(src), device, repeats)  # reads and writes nbytes each
 
 
-def linear_weights(model: Llama) -> list[torch.Tensor]:
-    """The model's own matrices as [out, in] (q/k/v and gate/up fused, as the engine runs them), lm_head
-    last; views where the engine keeps only [in, out]."""
-    mats = [p.out_in() for lw in model.layers for p in (lw.qkv, lw.o, lw.gate_up, lw.down)]
-    return [*mats, model.lm_head.out_in()]
+def _projections(model: Llama) -> list[Linear]:
+    """The model's own projections (q/k/v and gate/up fused, as the engine runs them), lm_head last."""
+    return [*(p for lw in model.layers for p in (lw.qkv, lw.o, lw.gate_up, lw.down)), model.lm_head]
 
 
 @torch.inference_mode()
 def linear_ceiling(model: Llama, batches: list[int], machine: MachineRoofline | None,
                    repeats: int) -> list[CeilingPoint]:
-    weights = linear_weights(model)
+    projections = _projections(model)
+    weights = [p.out_in() for p in projections]  # [out, in]; views where the engine keeps only [in, out]
     device, dtype = weights[0].device, weights[0].dtype
     params = sum(w.numel() for w in weights)
     nbytes = sum(w.numel() * w.element_size() for w in weights)
@@ -115,9 +119,15 @@ def linear_ceiling(model: Llama, batches: list[int], machine: MachineRoofline | 
                     F.linear(inputs[w.shape[1]], w)
 
             seconds = best_time(step, device, repeats)
+
+        def engine_step(inputs: dict[int, torch.Tensor] = inputs) -> None:
+            for p in projections:
+                p(inputs[p.out_in().shape[1]])
+
+        engine_s = best_time(engine_step, device, repeats)
         flops = 2.0 * params * batch
         ideal = (max(nbytes / machine.copy_bytes_s, flops / machine.gemm_flop_s) if machine else float("nan"))
-        points.append(CeilingPoint(batch, seconds * 1e3, batch / seconds, nbytes, flops, ideal * 1e3))
+        points.append(CeilingPoint(batch, seconds * 1e3, engine_s * 1e3, batch / seconds, nbytes, flops, ideal * 1e3))
     return points
 
 

@@ -1,5 +1,5 @@
 """The paged decode attention C kernel against torch's attention over gathered K/V; the kernels' build cache
-and fallback (the LoRA kernel has its own tests in test_lora_sgmv.py)."""
+and fallback (the LoRA kernel has its tests in test_lora_sgmv.py, the projection kernel in test_linear.py)."""
 
 from __future__ import annotations
 
@@ -13,14 +13,12 @@ import torch.nn.functional as F
 
 from loraserve.engine import cpu_kernels
 from loraserve.engine.cpu_kernels import (
-    Gemv,
     PagedAttention,
     build,
-    load_gemv,
+    load_linear,
     load_lora_sgmv,
     load_paged_attention,
 )
-from loraserve.engine.linear import Layout, Linear
 
 from engine_helpers import build_engine, hf_model
 
@@ -111,58 +109,6 @@ def test_refuses_tensors_it_cannot_read(kernel: PagedAttention) -> None:
         kernel(c["q"], c["k"], c["v"], c["tables"], c["lens"][:1], 4, out)
 
 
-@pytest.fixture(scope="module")
-def gemv() -> Gemv:
-    k = load_gemv()
-    assert k is not None
-    return k
-
-
-@pytest.mark.parametrize("rows", [1, 2, 3, 4])
-@pytest.mark.parametrize("k", [576, 37, 5])  # K a multiple of the 16 partial sums, with a tail, shorter
-def test_gemv_matches_a_float64_product(gemv: Gemv, rows: int, k: int) -> None:
-    g = torch.Generator().manual_seed(rows * k)
-    w, x = torch.randn(300, k, generator=g), torch.randn(rows, k, generator=g)
-    torch.testing.assert_close(gemv(x, w).double(), x.double() @ w.double().t(), atol=1e-4, rtol=1e-5)
-    wide = torch.randn(rows, k + 9, generator=g)  # rows further apart than K: a view of a wider buffer
-    torch.testing.assert_close(gemv(wide[:, 3:3 + k], w), gemv(wide[:, 3:3 + k].contiguous(), w), atol=0, rtol=0)
-
-
-def test_gemv_rows_are_independent_of_each_other_and_of_threads(gemv: Gemv) -> None:
-    g = torch.Generator().manual_seed(1)
-    w, x = torch.randn(1000, 576, generator=g), torch.randn(4, 576, generator=g)
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        alone = [gemv(x[i:i + 1], w)[0] for i in range(4)]
-        torch.set_num_threads(2)
-        together = gemv(x, w)
-    finally:
-        torch.set_num_threads(before)
-    for i in range(4):
-        assert torch.equal(alone[i], together[i])
-
-
-def test_gemv_refuses_what_it_cannot_read(gemv: Gemv) -> None:
-    w = torch.randn(8, 6)
-    for bad in (torch.randn(2, 6).double(), torch.randn(6, 2).t(), torch.randn(5, 6), torch.randn(0, 6)):
-        with pytest.raises(ValueError, match="rows"):
-            gemv(bad, w)
-    with pytest.raises(ValueError, match="shapes"):
-        gemv(torch.randn(2, 5), w)
-    with pytest.raises(ValueError, match="gemv"):
-        Linear(None, torch.randn(6, 8), gemv)  # the kernel reads [out, in]
-
-
-@pytest.mark.parametrize("rows", [0, 1, 4, 5, 40])
-def test_a_linear_with_gemv_gives_f_linear_for_any_rows(gemv: Gemv, rows: int) -> None:
-    """Up to 4 rows the kernel, beyond it MKL, and an empty step stays empty."""
-    w, x = torch.randn(64, 48), torch.randn(rows, 48)
-    torch.testing.assert_close(Linear.of(w, Layout.OUT_IN, gemv)(x), F.linear(x, w))
-    strided = torch.randn(48, rows).t()  # columns not contiguous: MKL handles it
-    torch.testing.assert_close(Linear.of(w, Layout.OUT_IN, gemv)(strided), F.linear(strided, w))
-
-
 def test_build_is_cached_and_atomic(tmp_path: Path) -> None:
     cc = cpu_kernels._compiler()
     assert cc is not None
@@ -181,17 +127,17 @@ def test_without_a_working_compiler_the_engine_keeps_torch_paths(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setenv("LORASERVE_KERNEL_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("CC", "false")  # a compiler that always fails
-    loaders = (load_paged_attention, load_lora_sgmv, load_gemv)
+    loaders = (load_paged_attention, load_lora_sgmv, load_linear)
     for load in loaders:
         load.cache_clear()
     try:
         with caplog.at_level(logging.WARNING, logger="loraserve.engine.cpu_kernels"):
             assert all(load() is None for load in loaders)
             engine = build_engine(hf_model(seed=1))
-        for name in ("paged_attention.c", "lora_sgmv.c", "gemv.c"):
+        for name in ("paged_attention.c", "lora_sgmv.c", "linear.c"):
             assert f"could not build {name}" in caplog.text
         assert engine.model.paged_attention is None and engine.adapters.sgmv is None
-        assert engine.model.lm_head.gemv is None
+        assert engine.model.lm_head.kernel is None
     finally:
         for load in loaders:
             load.cache_clear()
@@ -200,7 +146,7 @@ def test_without_a_working_compiler_the_engine_keeps_torch_paths(
 def test_the_cpu_engine_uses_the_kernels_by_default() -> None:
     engine = build_engine(hf_model(seed=1))
     assert engine.model.paged_attention is not None and engine.adapters.sgmv is not None
-    assert engine.model.lm_head.gemv is not None
+    assert engine.model.lm_head.kernel is not None
     engine = build_engine(hf_model(seed=1), native_kernels=False)
     assert engine.model.paged_attention is None and engine.adapters.sgmv is None
-    assert engine.model.lm_head.gemv is None
+    assert engine.model.lm_head.kernel is None

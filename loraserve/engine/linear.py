@@ -14,9 +14,10 @@ cache (`x @ W.T` with W [out, in], i.e. F.linear, against `x @ Wt` with Wt [in, 
 
 So a CPU engine without the C kernels keeps q/k/v and o as [in, out] only (never slower), down as
 [out, in], and gate/up and lm_head in both layouts while the second copies are small, using [in, out]
-for steps of up to `SMALL_ROWS` rows. With them (cpu_kernels.Gemv), steps of up to 4 rows skip MKL and
-read [out, in] at about twice its rate, and MKL's larger steps are never slower over [out, in]: every
-weight is kept once, [out, in]. On CUDA every weight stays [out, in] (cuBLAS is not this sensitive to it).
+for steps of up to `SMALL_ROWS` rows. With them (cpu_kernels.LinearKernel, csrc/linear.c) MKL is not
+used for projections at all (on AVX-512; past 64 rows on AVX2 it is, over [out, in], which it never
+runs much slower): every weight is kept once, [out, in]. On CUDA every weight stays [out, in] (cuBLAS is
+not this sensitive to it).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from loraserve.engine.cpu_kernels import Gemv
+from loraserve.engine.cpu_kernels import LinearKernel
 
 SMALL_ROWS = 4  # steps of at most this many rows use [in, out] when a projection has both layouts
 # Second copies (gate/up and lm_head in both layouts) are kept on the CPU while they add at most this
@@ -45,26 +46,31 @@ class Layout(enum.Enum):
 class Linear:
     w: torch.Tensor | None  # [out, in]
     wt: torch.Tensor | None  # [in, out]
-    gemv: Gemv | None = None  # the CPU kernel for steps of few rows, over `w`
+    kernel: LinearKernel | None = None  # the CPU kernel, over `w`
 
     def __post_init__(self) -> None:
         if self.w is None and self.wt is None:
             raise ValueError("a Linear needs at least one layout of its weight")
-        if self.gemv is not None and (self.w is None or self.w.dtype != torch.float32 or not self.w.is_cpu
-                                      or not self.w.is_contiguous()):
-            raise ValueError("the gemv kernel needs a contiguous float32 CPU [out, in] weight")
+        if self.kernel is not None and (self.w is None or self.w.dtype != torch.float32 or not self.w.is_cpu
+                                        or not self.w.is_contiguous()):
+            raise ValueError("the linear kernel needs a contiguous float32 CPU [out, in] weight")
 
     @classmethod
-    def of(cls, w: torch.Tensor, layout: Layout, gemv: Gemv | None = None) -> Linear:
-        """`w` is [out, in]; an [in, out] copy is made when the layout asks for one."""
+    def of(cls, w: torch.Tensor, layout: Layout, kernel: LinearKernel | None = None) -> Linear:
+        """`w` is [out, in]; an [in, out] copy is made when the layout asks for one. For the kernel, `w` is
+        copied into torch's own (64-byte aligned) memory: loaders hand out numpy-backed or memory-mapped
+        tensors, and the kernel ran SmolLM2's down_proj and lm_head ~30% slower over 16-byte aligned rows
+        (vector loads split across cache lines)."""
+        if kernel is not None:
+            return cls(w.clone(memory_format=torch.contiguous_format), None, kernel)
         wt = w.t().contiguous() if layout is not Layout.OUT_IN else None
-        return cls(w if layout is not Layout.IN_OUT else None, wt, gemv)
+        return cls(w if layout is not Layout.IN_OUT else None, wt, kernel)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, in] -> [T, out]."""
-        if self.gemv is not None and 0 < x.shape[0] <= self.gemv.max_rows and x.stride(1) == 1:
+        if self.kernel is not None and 0 < x.shape[0] <= self.kernel.max_rows and x.stride(1) == 1:
             assert self.w is not None  # __post_init__
-            return self.gemv(x, self.w)
+            return self.kernel(x, self.w)
         if self.wt is not None and (self.w is None or x.shape[0] <= SMALL_ROWS):
             return x @ self.wt
         assert self.w is not None  # __post_init__: one of the two exists

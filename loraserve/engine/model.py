@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from loraserve.engine.config import ModelConfig
-from loraserve.engine.cpu_kernels import Gemv, PagedAttention
+from loraserve.engine.cpu_kernels import LinearKernel, PagedAttention
 from loraserve.engine.linear import DUAL_LAYOUT_MAX_BYTES, Layout, Linear
 from loraserve.engine.lora import LoraGroup
 from loraserve.engine.lora_batch import LoraBatch
@@ -126,22 +126,22 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
 class Llama:
     def __init__(self, cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype,
                  device: torch.device, paged_attention: PagedAttention | None = None,
-                 gemv: Gemv | None = None) -> None:
+                 linear_kernel: LinearKernel | None = None) -> None:
         self.cfg = cfg
         self.device = device
         # CPU float32 only (cpu_kernels.py): decode attention straight from the paged cache (None: gather +
-        # SDPA), and projections of few rows (None: MKL, with the layouts below).
-        if (paged_attention is not None or gemv is not None) and (device.type != "cpu" or dtype != torch.float32):
+        # SDPA), and the projections (None: MKL, with the layouts below).
+        if (paged_attention is not None or linear_kernel is not None) and (device.type != "cpu" or dtype != torch.float32):
             raise ValueError("the CPU kernels run on the CPU in float32 only")
         self.paged_attention = paged_attention
 
         def take(name: str) -> torch.Tensor:
             return state.pop(name).to(device=device, dtype=dtype)
 
-        # Layouts by device (see linear.py): CPU without the gemv kernel keeps q/k/v and o as [in, out],
+        # Layouts by device (see linear.py): CPU without the linear kernel keeps q/k/v and o as [in, out],
         # gate/up and lm_head in both layouts while the copies fit DUAL_LAYOUT_MAX_BYTES; with it, and on
         # CUDA, every weight is [out, in] alone.
-        mkl = device.type == "cpu" and gemv is None
+        mkl = device.type == "cpu" and linear_kernel is None
         h, inter = cfg.hidden_size, cfg.intermediate_size
         dual_bytes = (cfg.num_layers * 2 * inter * h + cfg.vocab_size * h) * dtype.itemsize
         dual = Layout.BOTH if mkl and dual_bytes <= DUAL_LAYOUT_MAX_BYTES else Layout.OUT_IN
@@ -152,17 +152,20 @@ class Llama:
             p = f"model.layers.{i}."
             self.layers.append(LayerWeights(
                 attn_norm=take(p + "input_layernorm.weight"),
-                qkv=Linear.of(torch.cat([take(p + f"self_attn.{n}_proj.weight") for n in "qkv"]), in_out, gemv),
-                o=Linear.of(take(p + "self_attn.o_proj.weight"), in_out, gemv),
+                qkv=Linear.of(torch.cat([take(p + f"self_attn.{n}_proj.weight") for n in "qkv"]), in_out, linear_kernel),
+                o=Linear.of(take(p + "self_attn.o_proj.weight"), in_out, linear_kernel),
                 mlp_norm=take(p + "post_attention_layernorm.weight"),
                 gate_up=Linear.of(torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]),
-                                  dual, gemv),
-                down=Linear.of(take(p + "mlp.down_proj.weight"), Layout.OUT_IN, gemv),
+                                  dual, linear_kernel),
+                down=Linear.of(take(p + "mlp.down_proj.weight"), Layout.OUT_IN, linear_kernel),
             ))
         self.norm = take("model.norm.weight")
         head = state.pop("lm_head.weight", None)
-        self.lm_head = Linear.of(self.embed if head is None or cfg.tie_word_embeddings else head.to(device, dtype),
-                                 dual, gemv)
+        tied = head is None or cfg.tie_word_embeddings
+        self.lm_head = Linear.of(self.embed if head is None or tied else head.to(device, dtype), dual,
+                                 linear_kernel)
+        if tied and self.lm_head.w is not None:
+            self.embed = self.lm_head.w  # one copy of a tied matrix, whichever Linear.of made
         self.cos, self.sin = rope_tables(cfg, device)
         self.cos, self.sin = self.cos.to(dtype), self.sin.to(dtype)
 
