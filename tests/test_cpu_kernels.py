@@ -70,6 +70,8 @@ def _run(kernel: PagedAttention, c: dict[str, torch.Tensor], bs: int) -> torch.T
     (4, 4, 32, 4, [3, 8, 9]),  # no GQA
     (8, 1, 128, 16, [40]),  # one KV head, Llama-sized head dim, a single sequence
     (6, 2, 16, 1, [7, 1, 12, 2, 2, 30, 9, 4]),  # blocks of one token
+    (4, 4, 128, 16, [33, 2]),  # Llama-2-7B's shape (no GQA, D 128): a specialised path in the kernel
+    (8, 2, 128, 16, [20, 47]),  # Mistral-7B's groups of 4 (D 128): another
 ])
 def test_matches_attention_over_gathered_kv(kernel: PagedAttention, hq: int, hkv: int, d: int, bs: int,
                                             lens: list[int]) -> None:

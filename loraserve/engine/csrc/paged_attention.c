@@ -10,7 +10,7 @@
  * Each sequence is one task (split by KV head only when there are fewer sequences than threads and the
  * context is long), computed start to finish by one thread in a fixed order, so a sequence's result does
  * not depend on what else is in the batch or on the thread count. The G = Hq / Hkv query heads of a KV
- * head share each K/V row while it is in L1 (GQA reads K/V once, not G times).
+ * head share each K/V row part while it is in L1 (GQA reads K/V once, not G times).
  */
 #include <math.h>
 #include <stdint.h>
@@ -28,27 +28,35 @@
 #define FTZ_OFF(saved) (void)0
 #endif
 
-/* Attention of sequence b's query heads [h0, h1) (a multiple of G apart) over its first L positions:
- * scores [Hq', L] and accumulators [Hq', D] in `scratch` (sized by the caller). Positions outermost, so
- * each K/V row (all of the task's heads, one or a few cache lines) is read once per task. */
-static void attend(const float *q, const float *kc, const float *vc, const int64_t *tb, int64_t L,
-                   int64_t h0, int64_t h1, int64_t Hkv, int64_t G, int64_t D, int64_t bs, float scale,
-                   float *out, float *scratch) {
-    const int64_t n = h1 - h0; /* query heads of this task */
-    float *s = scratch, *acc = scratch + n * L;
-    for (int64_t i = 0; i < n * D; i++) acc[i] = 0.f;
-    for (int64_t j = 0; j < L; j++) {
-        const int64_t slot = tb[j / bs] * bs + j % bs;
-        for (int64_t hq = h0; hq < h1; hq++) {
-            const float *kr = kc + (slot * Hkv + hq / G) * D, *qh = q + hq * D;
-            float d = 0.f;
+/* Attention of the G query heads of KV head kvh over the sequence's first L positions: q, out [G, D];
+ * scores [G, L] in s. Positions outermost, so each K/V row part (one or a few cache lines) is read once
+ * for the G heads. Called with constant G and D for the common shapes, so that the accumulators (G * D
+ * floats: 12 zmm for SmolLM2) stay in registers while V streams by: ~20% faster than one pass over all
+ * heads with the accumulators in memory (400 -> 325 us at batch 32, 128-256 positions, same bits).
+ * Blocks lie anywhere in the cache, so the hardware prefetcher starts cold at each one: the next block's
+ * rows are prefetched one block ahead (cold caches, as in the engine where the weights stream through
+ * between layers: 840 -> 500 us; two blocks ahead measured the same). */
+static inline __attribute__((always_inline)) void attend_kv(const float *q, const float *kc, const float *vc,
+        const int64_t *tb, int64_t L, int64_t kvh, int64_t Hkv, const int64_t G, const int64_t D, int64_t bs,
+        float scale, float *out, float *s) {
+    for (int64_t j0 = 0, blk = 0; j0 < L; j0 += bs, blk++) {
+        const int64_t n = L - j0 < bs ? L - j0 : bs;
+        const float *kb = kc + (tb[blk] * bs * Hkv + kvh) * D;
+        const float *kn = j0 + bs < L ? kc + (tb[blk + 1] * bs * Hkv + kvh) * D : kb; /* the next block */
+        for (int64_t j = 0; j < n; j++) {
+            const float *kr = kb + j * Hkv * D;
+            for (int64_t c = 0; c < D; c += 16) __builtin_prefetch(kn + j * Hkv * D + c);
+            for (int64_t g = 0; g < G; g++) {
+                const float *qh = q + g * D;
+                float d = 0.f;
 #pragma omp simd reduction(+ : d)
-            for (int64_t i = 0; i < D; i++) d += qh[i] * kr[i];
-            s[(hq - h0) * L + j] = d * scale;
+                for (int64_t i = 0; i < D; i++) d += qh[i] * kr[i];
+                s[g * L + j0 + j] = d * scale;
+            }
         }
     }
-    for (int64_t r = 0; r < n; r++) {
-        float *sr = s + r * L, m = -INFINITY, sum = 0.f;
+    for (int64_t g = 0; g < G; g++) {
+        float *sr = s + g * L, m = -INFINITY, sum = 0.f;
         for (int64_t j = 0; j < L; j++) m = sr[j] > m ? sr[j] : m;
         for (int64_t j = 0; j < L; j++) {
             sr[j] = expf(sr[j] - m);
@@ -57,17 +65,43 @@ static void attend(const float *q, const float *kc, const float *vc, const int64
         const float inv = 1.f / sum;
         for (int64_t j = 0; j < L; j++) sr[j] *= inv;
     }
-    for (int64_t j = 0; j < L; j++) {
-        const int64_t slot = tb[j / bs] * bs + j % bs;
-        for (int64_t hq = h0; hq < h1; hq++) {
-            const float p = s[(hq - h0) * L + j], *vr = vc + (slot * Hkv + hq / G) * D;
-            float *a = acc + (hq - h0) * D;
+    float acc[G][D];
+    for (int64_t g = 0; g < G; g++)
+        for (int64_t i = 0; i < D; i++) acc[g][i] = 0.f;
+    for (int64_t j0 = 0, blk = 0; j0 < L; j0 += bs, blk++) {
+        const int64_t n = L - j0 < bs ? L - j0 : bs;
+        const float *vb = vc + (tb[blk] * bs * Hkv + kvh) * D;
+        const float *vn = j0 + bs < L ? vc + (tb[blk + 1] * bs * Hkv + kvh) * D : vb;
+        for (int64_t j = 0; j < n; j++) {
+            const float *vr = vb + j * Hkv * D;
+            for (int64_t c = 0; c < D; c += 16) __builtin_prefetch(vn + j * Hkv * D + c);
+            for (int64_t g = 0; g < G; g++) {
+                const float p = s[g * L + j0 + j];
 #pragma omp simd
-            for (int64_t i = 0; i < D; i++) a[i] += p * vr[i];
+                for (int64_t i = 0; i < D; i++) acc[g][i] += p * vr[i];
+            }
         }
     }
-    for (int64_t r = 0; r < n; r++)
-        for (int64_t i = 0; i < D; i++) out[(h0 + r) * D + i] = acc[r * D + i];
+    for (int64_t g = 0; g < G; g++)
+        for (int64_t i = 0; i < D; i++) out[g * D + i] = acc[g][i];
+}
+
+/* Sequence b's query heads [h0, h1) (a multiple of G apart): q, out [Hq, D]; scratch holds G * L floats. */
+static void attend(const float *q, const float *kc, const float *vc, const int64_t *tb, int64_t L,
+                   int64_t h0, int64_t h1, int64_t Hkv, int64_t G, int64_t D, int64_t bs, float scale,
+                   float *out, float *scratch) {
+    for (int64_t kvh = h0 / G; kvh < h1 / G; kvh++) {
+        const float *qk = q + kvh * G * D;
+        float *ok = out + kvh * G * D;
+        if (G == 3 && D == 64) /* SmolLM2-135M */
+            attend_kv(qk, kc, vc, tb, L, kvh, Hkv, 3, 64, bs, scale, ok, scratch);
+        else if (G == 1 && D == 128) /* Llama-2-7B */
+            attend_kv(qk, kc, vc, tb, L, kvh, Hkv, 1, 128, bs, scale, ok, scratch);
+        else if (G == 4 && D == 128) /* Mistral-7B, Llama-3-8B */
+            attend_kv(qk, kc, vc, tb, L, kvh, Hkv, 4, 128, bs, scale, ok, scratch);
+        else
+            attend_kv(qk, kc, vc, tb, L, kvh, Hkv, G, D, bs, scale, ok, scratch);
+    }
 }
 
 int paged_decode_attention(const float *q, const float *kc, const float *vc, const int64_t *tables,
@@ -86,7 +120,7 @@ int paged_decode_attention(const float *q, const float *kc, const float *vc, con
     {
         FTZ_ON(csr);
         const int64_t heads = Hq / split;
-        float *scratch = malloc(sizeof(float) * (size_t)(heads * (lmax + D)));
+        float *scratch = malloc(sizeof(float) * (size_t)(G * lmax));
         if (!scratch) {
 #pragma omp atomic write
             failed = 1;
