@@ -1,5 +1,6 @@
-"""The paged decode attention C kernel against torch's attention over gathered K/V; the kernels' build cache
-and fallback (the LoRA kernel has its tests in test_lora_sgmv.py, the projection kernel in test_linear.py)."""
+"""The paged decode attention C kernel against torch's attention over gathered K/V, the fused layer kernels
+against torch's operators; the kernels' build cache and fallback (the LoRA kernel has its tests in
+test_lora_sgmv.py, the projection kernel in test_linear.py)."""
 
 from __future__ import annotations
 
@@ -13,12 +14,15 @@ import torch.nn.functional as F
 
 from loraserve.engine import cpu_kernels
 from loraserve.engine.cpu_kernels import (
+    LayerGlue,
     PagedAttention,
     build,
+    load_layer_glue,
     load_linear,
     load_lora_sgmv,
     load_paged_attention,
 )
+from loraserve.engine.model import apply_rope
 
 from engine_helpers import build_engine, hf_model
 
@@ -111,6 +115,59 @@ def test_refuses_tensors_it_cannot_read(kernel: PagedAttention) -> None:
         kernel(c["q"], c["k"], c["v"], c["tables"], c["lens"][:1], 4, out)
 
 
+@pytest.fixture(scope="module")
+def glue() -> LayerGlue:
+    k = load_layer_glue()
+    assert k is not None
+    return k
+
+
+@pytest.mark.parametrize("rows", [1, 5, 70])  # 70: past the kernel's one-thread limit of 64 rows
+def test_add_rms_norm_matches_torch(glue: LayerGlue, rows: int) -> None:
+    g = torch.Generator().manual_seed(rows)
+    h, delta, w = torch.randn(rows, 72, generator=g), torch.randn(rows, 72, generator=g), torch.randn(72, generator=g)
+    want_h = h + delta
+    want = F.rms_norm(want_h, (72,), w, 1e-5)
+    torch.testing.assert_close(glue.add_rms_norm(h, delta, w, 1e-5), want)
+    torch.testing.assert_close(h, want_h)  # the residual was added in place
+    torch.testing.assert_close(glue.add_rms_norm(h, None, w, 1e-5), want)
+    assert torch.equal(glue.add_rms_norm(h[-1:], None, w, 1e-5)[0], glue.add_rms_norm(h, None, w, 1e-5)[-1])
+
+
+@pytest.mark.parametrize(("rows", "hq", "hkv", "d"), [(1, 9, 3, 64), (3, 4, 2, 16), (70, 4, 4, 8)])
+def test_rope_store_matches_torch_rope_and_index_copy(glue: LayerGlue, rows: int, hq: int, hkv: int, d: int) -> None:
+    g = torch.Generator().manual_seed(rows)
+    cos, sin = torch.randn(100, d, generator=g), torch.randn(100, d, generator=g)
+    qkv = torch.randn(rows, (hq + 2 * hkv) * d + 5, generator=g)[:, 5:]  # rows further apart than their width
+    pos = torch.randint(0, 100, (rows,), generator=g)
+    slots = torch.randperm(rows + 7, generator=g)[:rows]
+    kc, vc = torch.zeros(rows + 7, hkv, d), torch.zeros(rows + 7, hkv, d)
+    q = glue.rope_store(qkv, hq, hkv, cos, sin, pos, slots, kc, vc)
+    c, s = cos[pos].unsqueeze(1), sin[pos].unsqueeze(1)
+    torch.testing.assert_close(q, apply_rope(qkv[:, :hq * d].reshape(rows, hq, d), c, s))
+    torch.testing.assert_close(kc[slots], apply_rope(qkv[:, hq * d:(hq + hkv) * d].reshape(rows, hkv, d), c, s))
+    assert torch.equal(vc[slots], qkv[:, (hq + hkv) * d:].reshape(rows, hkv, d))
+    untouched = torch.ones(rows + 7, dtype=torch.bool)
+    untouched[slots] = False
+    assert not kc[untouched].any() and not vc[untouched].any()
+
+
+def test_layer_glue_refuses_what_it_cannot_read(glue: LayerGlue) -> None:
+    h, w = torch.randn(2, 8), torch.randn(8)
+    with pytest.raises(ValueError, match="float32"):
+        glue.add_rms_norm(h.double(), None, w, 1e-5)
+    with pytest.raises(ValueError, match="shapes"):
+        glue.add_rms_norm(h, torch.randn(3, 8), w, 1e-5)
+    cos = torch.randn(10, 4)
+    kc = torch.zeros(4, 1, 4)
+    with pytest.raises(ValueError, match="qkv"):
+        glue.rope_store(torch.randn(2, 11), 1, 1, cos, cos, torch.zeros(2, dtype=torch.long),
+                        torch.zeros(2, dtype=torch.long), kc, kc)
+    with pytest.raises(ValueError, match="slots"):
+        glue.rope_store(torch.randn(2, 12), 1, 1, cos, cos, torch.zeros(2, dtype=torch.long),
+                        torch.zeros(2, dtype=torch.int32), kc, kc)
+
+
 def test_build_is_cached_and_atomic(tmp_path: Path) -> None:
     cc = cpu_kernels._compiler()
     assert cc is not None
@@ -129,17 +186,17 @@ def test_without_a_working_compiler_the_engine_keeps_torch_paths(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setenv("LORASERVE_KERNEL_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("CC", "false")  # a compiler that always fails
-    loaders = (load_paged_attention, load_lora_sgmv, load_linear)
+    loaders = (load_paged_attention, load_lora_sgmv, load_linear, load_layer_glue)
     for load in loaders:
         load.cache_clear()
     try:
         with caplog.at_level(logging.WARNING, logger="loraserve.engine.cpu_kernels"):
             assert all(load() is None for load in loaders)
             engine = build_engine(hf_model(seed=1))
-        for name in ("paged_attention.c", "lora_sgmv.c", "linear.c"):
+        for name in ("paged_attention.c", "lora_sgmv.c", "linear.c", "layer_glue.c"):
             assert f"could not build {name}" in caplog.text
         assert engine.model.paged_attention is None and engine.adapters.sgmv is None
-        assert engine.model.lm_head.kernel is None
+        assert engine.model.lm_head.kernel is None and engine.model.layer_glue is None
     finally:
         for load in loaders:
             load.cache_clear()
@@ -148,7 +205,7 @@ def test_without_a_working_compiler_the_engine_keeps_torch_paths(
 def test_the_cpu_engine_uses_the_kernels_by_default() -> None:
     engine = build_engine(hf_model(seed=1))
     assert engine.model.paged_attention is not None and engine.adapters.sgmv is not None
-    assert engine.model.lm_head.kernel is not None
+    assert engine.model.lm_head.kernel is not None and engine.model.layer_glue is not None
     engine = build_engine(hf_model(seed=1), native_kernels=False)
     assert engine.model.paged_attention is None and engine.adapters.sgmv is None
-    assert engine.model.lm_head.kernel is None
+    assert engine.model.lm_head.kernel is None and engine.model.layer_glue is None

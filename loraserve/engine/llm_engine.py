@@ -10,7 +10,7 @@ import torch
 from loraserve.engine.adapter_cache import AdapterCache
 from loraserve.engine.block_manager import BlockManager
 from loraserve.engine.config import EngineConfig, ModelConfig
-from loraserve.engine.cpu_kernels import load_linear, load_lora_sgmv, load_paged_attention
+from loraserve.engine.cpu_kernels import load_layer_glue, load_linear, load_lora_sgmv, load_paged_attention
 from loraserve.engine.decode_graphs import DecodeGraphs
 from loraserve.engine.model import KVCache, Llama
 from loraserve.engine.model_runner import ModelRunner
@@ -49,7 +49,7 @@ class LLMEngine:
         self.dtype = resolve_dtype(ecfg, self.device)
         native = ecfg.native_kernels and self.device.type == "cpu" and self.dtype == torch.float32
         self.model = Llama(cfg, state, self.dtype, self.device, load_paged_attention() if native else None,
-                           load_linear() if native else None)
+                           load_linear() if native else None, load_layer_glue() if native else None)
         self.context_window = min(context_window or cfg.max_position_embeddings, cfg.max_position_embeddings)
         bs = ecfg.block_size
         num_blocks = self._num_kv_blocks()

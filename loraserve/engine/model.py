@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from loraserve.engine.config import ModelConfig
-from loraserve.engine.cpu_kernels import LinearKernel, PagedAttention
+from loraserve.engine.cpu_kernels import LayerGlue, LinearKernel, PagedAttention
 from loraserve.engine.linear import DUAL_LAYOUT_MAX_BYTES, Layout, Linear
 from loraserve.engine.lora import LoraGroup
 from loraserve.engine.lora_batch import LoraBatch
@@ -126,14 +126,17 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
 class Llama:
     def __init__(self, cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype,
                  device: torch.device, paged_attention: PagedAttention | None = None,
-                 linear_kernel: LinearKernel | None = None) -> None:
+                 linear_kernel: LinearKernel | None = None, layer_glue: LayerGlue | None = None) -> None:
         self.cfg = cfg
         self.device = device
         # CPU float32 only (cpu_kernels.py): decode attention straight from the paged cache (None: gather +
-        # SDPA), and the projections (None: MKL, with the layouts below).
-        if (paged_attention is not None or linear_kernel is not None) and (device.type != "cpu" or dtype != torch.float32):
+        # SDPA), the projections (None: MKL, with the layouts below), residual + RMSNorm and RoPE + KV
+        # write fused (None: torch's operators).
+        if ((paged_attention is not None or linear_kernel is not None or layer_glue is not None)
+                and (device.type != "cpu" or dtype != torch.float32)):
             raise ValueError("the CPU kernels run on the CPU in float32 only")
         self.paged_attention = paged_attention
+        self.layer_glue = layer_glue
 
         def take(name: str) -> torch.Tensor:
             return state.pop(name).to(device=device, dtype=dtype)
@@ -173,38 +176,53 @@ class Llama:
     def forward(self, batch: BatchMeta, kv: KVCache) -> torch.Tensor:
         """Logits [S, V] (float32) for the rows in `batch.logits_indices`."""
         cfg = self.cfg
-        h = self.embed[batch.input_ids]  # [T, H]
-        cos = self.cos[batch.positions].unsqueeze(1)  # [T, 1, D]
-        sin = self.sin[batch.positions].unsqueeze(1)
+        glue = self.layer_glue
+        h = self.embed[batch.input_ids]  # [T, H], this pass's own: the fused norm adds into it in place
+        cos, sin = self.cos, self.sin  # [max_pos, D] tables, read in place by the fused kernel
+        if glue is None:
+            cos, sin = self.cos[batch.positions].unsqueeze(1), self.sin[batch.positions].unsqueeze(1)  # [T, 1, D]
+        delta: torch.Tensor | None = None  # the previous layer's MLP output, added into h by the next norm
         for i, lw in enumerate(self.layers):
-            x = F.rms_norm(h, (cfg.hidden_size,), lw.attn_norm, cfg.rms_norm_eps)
+            h, x = self._add_norm(h, delta, lw.attn_norm)
             qkv = lw.qkv(x)  # [T, Q + 2KV]
             if batch.lora is not None:
                 batch.lora.apply(i, LoraGroup.QKV, x, qkv)
-            q, k, v = torch.split(qkv, [cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
-            q = apply_rope(q.view(-1, cfg.num_heads, cfg.head_dim), cos, sin)  # [T, Hq, D]
-            k = apply_rope(k.view(-1, cfg.num_kv_heads, cfg.head_dim), cos, sin)  # [T, Hkv, D]
-            v = v.view(-1, cfg.num_kv_heads, cfg.head_dim)
-            kv.k[i].index_copy_(0, batch.slot_mapping, k)
-            kv.v[i].index_copy_(0, batch.slot_mapping, v)
+            if glue is not None:
+                q = glue.rope_store(qkv, cfg.num_heads, cfg.num_kv_heads, cos, sin, batch.positions,
+                                    batch.slot_mapping, kv.k[i], kv.v[i])  # [T, Hq, D]
+            else:
+                q, k, v = torch.split(qkv, [cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+                q = apply_rope(q.view(-1, cfg.num_heads, cfg.head_dim), cos, sin)  # [T, Hq, D]
+                k = apply_rope(k.view(-1, cfg.num_kv_heads, cfg.head_dim), cos, sin)  # [T, Hkv, D]
+                kv.k[i].index_copy_(0, batch.slot_mapping, k)
+                kv.v[i].index_copy_(0, batch.slot_mapping, v.view(-1, cfg.num_kv_heads, cfg.head_dim))
             attn = self._attention(q, kv.k[i], kv.v[i], batch)  # [T, Q]
             o = lw.o(attn)
             if batch.lora is not None:
                 batch.lora.apply(i, LoraGroup.OUT, attn, o)
-            h = h + o
-            x = F.rms_norm(h, (cfg.hidden_size,), lw.mlp_norm, cfg.rms_norm_eps)
+            h, x = self._add_norm(h, o, lw.mlp_norm)
             gu = lw.gate_up(x)  # [T, 2I]
             if batch.lora is not None:
                 batch.lora.apply(i, LoraGroup.GATE_UP, x, gu)
             gate, up = gu.chunk(2, dim=-1)
             act = F.silu(gate) * up  # [T, I]
-            down = lw.down(act)
+            delta = lw.down(act)
             if batch.lora is not None:
-                batch.lora.apply(i, LoraGroup.DOWN, act, down)
-            h = h + down
+                batch.lora.apply(i, LoraGroup.DOWN, act, delta)
+        if delta is not None:
+            h = h + delta
         h = h.index_select(0, batch.logits_indices)
         h = F.rms_norm(h, (cfg.hidden_size,), self.norm, cfg.rms_norm_eps)
         return self.lm_head(h).float()  # [S, V]
+
+    def _add_norm(self, h: torch.Tensor, delta: torch.Tensor | None,
+                  w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h + delta, rmsnorm(h + delta) * w); the fused kernel adds into h in place."""
+        if self.layer_glue is not None:
+            return h, self.layer_glue.add_rms_norm(h, delta, w, self.cfg.rms_norm_eps)
+        if delta is not None:
+            h = h + delta
+        return h, F.rms_norm(h, (self.cfg.hidden_size,), w, self.cfg.rms_norm_eps)
 
     def _attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                    batch: BatchMeta) -> torch.Tensor:
