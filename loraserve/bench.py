@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--threads", type=int, help="CPU threads (default: all cores)")
     for flag, what in (("prefix-caching", "the engine reuses cached prompt prefixes within a phase"),
                        ("cuda-graphs", "the engine replays decode steps as CUDA graphs (CUDA only)"),
-                       ("native-kernels", "CPU decode attention, multi-LoRA and few-row projections in C kernels, not torch ops"),
+                       ("native-kernels", "CPU projections, decode attention, multi-LoRA and layer glue in C kernels, not torch ops"),
                        ("baseline", "HF transformers + PEFT on the same workload"),
                        ("baseline-no-adapter", "HF without adapters too"),
                        ("compare-no-adapter", "our engine with every request adapter-free too"),

@@ -141,9 +141,9 @@ class EngineConfig:
     prefix_caching: bool = True
     # CUDA only: replay pure decode steps as captured CUDA graphs (decode_graphs.py); off to compare.
     cuda_graphs: bool = True
-    # CPU float32 only: decode attention (K/V read in place through block tables), multi-LoRA (packed
-    # adapter slots) and projections of 1-4 rows in C kernels built at first start (cpu_kernels.py); off
-    # (or no C compiler) for torch's gather + SDPA, padded-GEMM and MKL paths.
+    # CPU float32 only: projections, decode attention (K/V read in place through block tables), multi-LoRA
+    # (packed adapter slots) and residual/RMSNorm/RoPE in C kernels built at first start (cpu_kernels.py);
+    # off (or no C compiler) for torch's MKL, gather + SDPA, padded-GEMM and operator paths.
     native_kernels: bool = True
     threads: int = field(default_factory=_default_threads)
     seed: int = 0
