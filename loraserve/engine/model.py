@@ -164,11 +164,12 @@ class Llama:
             ))
         self.norm = take("model.norm.weight")
         head = state.pop("lm_head.weight", None)
-        tied = head is None or cfg.tie_word_embeddings
-        self.lm_head = Linear.of(self.embed if head is None or tied else head.to(device, dtype), dual,
-                                 linear_kernel)
-        if tied and self.lm_head.w is not None:
-            self.embed = self.lm_head.w  # one copy of a tied matrix, whichever Linear.of made
+        if head is None or cfg.tie_word_embeddings:
+            self.lm_head = Linear.of(self.embed, dual, linear_kernel)
+            if self.lm_head.w is not None:
+                self.embed = self.lm_head.w  # one copy of a tied matrix, whichever Linear.of made
+        else:
+            self.lm_head = Linear.of(head.to(device, dtype), dual, linear_kernel)
         self.cos, self.sin = rope_tables(cfg, device)
         self.cos, self.sin = self.cos.to(dtype), self.sin.to(dtype)
 
