@@ -113,6 +113,14 @@ def test_refuses_tensors_it_cannot_read(kernel: PagedAttention) -> None:
         kernel(c["q"], c["k"], c["v"], c["tables"].int(), c["lens"], 4, out)
     with pytest.raises(ValueError, match="shapes"):
         kernel(c["q"], c["k"], c["v"], c["tables"], c["lens"][:1], 4, out)
+    num_blocks = c["k"].shape[0] // 4
+    width = c["tables"].shape[1]
+    for tables, lens in ((c["tables"], torch.tensor([5, width * 4 + 1])),  # longer than its table
+                         (c["tables"], torch.tensor([5, 0])),
+                         (torch.full_like(c["tables"], num_blocks), c["lens"]),  # a block past the cache
+                         (torch.full_like(c["tables"], -1), c["lens"])):
+        with pytest.raises(IndexError, match="outside"):
+            kernel(c["q"], c["k"], c["v"], tables, lens, 4, out)
 
 
 @pytest.fixture(scope="module")
@@ -166,6 +174,14 @@ def test_layer_glue_refuses_what_it_cannot_read(glue: LayerGlue) -> None:
     with pytest.raises(ValueError, match="slots"):
         glue.rope_store(torch.randn(2, 12), 1, 1, cos, cos, torch.zeros(2, dtype=torch.long),
                         torch.zeros(2, dtype=torch.int32), kc, kc)
+    with pytest.raises(ValueError, match="caches"):
+        glue.rope_store(torch.randn(2, 12), 1, 1, cos, cos, torch.zeros(2, dtype=torch.long),
+                        torch.zeros(2, dtype=torch.long), kc, torch.zeros(4, 1, 8)[:, :, ::2])
+    qkv = torch.randn(2, 12)
+    for pos, slot in (([0, 10], [0, 1]), ([0, -1], [0, 1]), ([0, 1], [4, 0]), ([0, 1], [0, -1])):
+        with pytest.raises(IndexError, match="outside"):
+            glue.rope_store(qkv, 1, 1, cos, cos, torch.tensor(pos), torch.tensor(slot), kc, kc)
+    assert not kc.any()  # nothing was written, not even the valid rows
 
 
 def test_build_is_cached_and_atomic(tmp_path: Path) -> None:

@@ -98,26 +98,31 @@ class PagedAttention:
     def __init__(self, lib: ctypes.CDLL) -> None:
         fn = lib.paged_decode_attention
         p, i = ctypes.c_void_p, ctypes.c_int64
-        fn.argtypes = [p, p, p, p, i, p, i, i, i, i, i, ctypes.c_float, p, ctypes.c_int]
+        fn.argtypes = [p, p, p, i, p, i, p, i, i, i, i, i, ctypes.c_float, p, ctypes.c_int]
         fn.restype = ctypes.c_int
         self._fn = fn
 
     def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
                  lens: torch.Tensor, block_size: int, out: torch.Tensor) -> None:
         """out[b] = softmax(q[b] K_b^T / sqrt(D)) V_b over sequence b's first lens[b] positions.
-        q, out: [B, Hq, D]; k_cache, v_cache: [slots, Hkv, D]; tables: [B, W] int64; lens: [B] int64."""
+        q, out: [B, Hq, D]; k_cache, v_cache: [slots, Hkv, D]; tables: [B, W] int64; lens: [B] int64.
+        Lengths beyond a table, or block ids beyond the cache, raise IndexError before anything is read."""
         b, hq, d = q.shape
         hkv = k_cache.shape[1]
         for t in (q, k_cache, v_cache, out):
             if not _cpu_float32(t) or not t.is_contiguous():
                 raise ValueError("paged_decode_attention takes contiguous float32 CPU tensors")
-        if tables.dtype != torch.int64 or lens.dtype != torch.int64 or not tables.is_contiguous():
+        if tables.dtype != torch.int64 or lens.dtype != torch.int64 or not tables.is_contiguous() \
+                or not lens.is_contiguous():
             raise ValueError("block tables and lengths must be contiguous int64")
-        if hq % hkv or out.shape != q.shape or tables.shape[0] != b or lens.shape != (b,):
+        if hq % hkv or out.shape != q.shape or tables.shape[0] != b or lens.shape != (b,) \
+                or k_cache.shape[2] != d or v_cache.shape != k_cache.shape:
             raise ValueError("paged_decode_attention: inconsistent shapes")
-        failed = self._fn(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(),
-                          tables.shape[1], lens.data_ptr(), b, hq, hkv, d, block_size, d ** -0.5,
-                          out.data_ptr(), torch.get_num_threads())
+        failed = self._fn(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[0],
+                          tables.data_ptr(), tables.shape[1], lens.data_ptr(), b, hq, hkv, d, block_size,
+                          d ** -0.5, out.data_ptr(), torch.get_num_threads())
+        if failed == 2:
+            raise IndexError("paged_decode_attention: a length or block id is outside the tables or the cache")
         if failed:
             raise MemoryError("paged_decode_attention could not allocate its scratch buffers")
 
@@ -186,8 +191,8 @@ class LayerGlue:
         self._norm.argtypes = [p, i, p, i, i, i, p, f, p, i, ctypes.c_int]
         self._norm.restype = None
         self._rope = lib.rope_store
-        self._rope.argtypes = [p, i, i, i, i, i, p, p, p, p, p, p, p, ctypes.c_int]
-        self._rope.restype = None
+        self._rope.argtypes = [p, i, i, i, i, i, p, p, i, p, p, i, p, p, p, ctypes.c_int]
+        self._rope.restype = ctypes.c_int
 
     def add_rms_norm(self, h: torch.Tensor, delta: torch.Tensor | None, w: torch.Tensor, eps: float) -> torch.Tensor:
         """h += delta (in place, when given), then rmsnorm(h) * w as a new [T, H] tensor."""
@@ -207,20 +212,25 @@ class LayerGlue:
                    positions: torch.Tensor, slots: torch.Tensor, k_cache: torch.Tensor,
                    v_cache: torch.Tensor) -> torch.Tensor:
         """RoPE on qkv's q and k heads; k and v written into their cache slots; q returned as [T, Hq, D].
-        qkv: [T, (Hq + 2 Hkv) D]; cos, sin: [max_pos, D]; positions, slots: [T] int64 (the runner's,
-        within the tables and the cache); k_cache, v_cache: [slots, Hkv, D]."""
+        qkv: [T, (Hq + 2 Hkv) D]; cos, sin: [max_pos, D]; positions, slots: [T] int64; k_cache, v_cache:
+        [slots, Hkv, D]. Positions and slots outside the tables raise IndexError before anything is written."""
         t = qkv.shape[0]
         d = cos.shape[1]
         if not _cpu_float32(qkv) or qkv.stride(1) != 1 or qkv.shape[1] != (heads + 2 * kv_heads) * d:
             raise ValueError("rope_store takes a float32 CPU [T, (Hq + 2 Hkv) D] qkv with contiguous rows")
+        for x in (cos, sin, k_cache, v_cache):
+            if not _cpu_float32(x) or not x.is_contiguous():
+                raise ValueError("rope_store takes contiguous float32 CPU tables and caches")
         if positions.shape != (t,) or slots.shape != (t,) or positions.dtype != torch.int64 \
                 or slots.dtype != torch.int64 or not positions.is_contiguous() or not slots.is_contiguous() \
-                or k_cache.shape[1:] != (kv_heads, d):
+                or k_cache.shape[1:] != (kv_heads, d) or v_cache.shape != k_cache.shape \
+                or sin.shape != cos.shape:
             raise ValueError("rope_store: inconsistent positions, slots or cache")
         q = torch.empty(t, heads, d)
-        self._rope(qkv.data_ptr(), qkv.stride(0), t, heads, kv_heads, d, cos.data_ptr(), sin.data_ptr(),
-                   positions.data_ptr(), slots.data_ptr(), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
-                   torch.get_num_threads())
+        if self._rope(qkv.data_ptr(), qkv.stride(0), t, heads, kv_heads, d, cos.data_ptr(), sin.data_ptr(),
+                      cos.shape[0], positions.data_ptr(), slots.data_ptr(), k_cache.shape[0], q.data_ptr(),
+                      k_cache.data_ptr(), v_cache.data_ptr(), torch.get_num_threads()):
+            raise IndexError("rope_store: a position or KV slot is outside its table")
         return q
 
 

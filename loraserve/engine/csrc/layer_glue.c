@@ -41,10 +41,14 @@ static inline void rotate(const float *x, const float *c, const float *s, int64_
     }
 }
 
-/* qkv: [T, (Hq + 2 Hkv) D] rows ldqkv apart; q: [T, Hq, D]; kc, vc: [slots, Hkv, D]; pos, slots: [T]. */
-void rope_store(const float *qkv, int64_t ldqkv, int64_t T, int64_t Hq, int64_t Hkv, int64_t D,
-                const float *cos_t, const float *sin_t, const int64_t *pos, const int64_t *slots, float *q,
-                float *kc, float *vc, int nthreads) {
+/* qkv: [T, (Hq + 2 Hkv) D] rows ldqkv apart; q: [T, Hq, D]; kc, vc: [nslots, Hkv, D]; pos, slots: [T].
+ * Returns -1 (and writes nothing) when a position or slot is out of its table: a wrong index from the
+ * runner must not become a write outside the cache. */
+int rope_store(const float *qkv, int64_t ldqkv, int64_t T, int64_t Hq, int64_t Hkv, int64_t D,
+               const float *cos_t, const float *sin_t, int64_t max_pos, const int64_t *pos,
+               const int64_t *slots, int64_t nslots, float *q, float *kc, float *vc, int nthreads) {
+    for (int64_t t = 0; t < T; t++)
+        if (pos[t] < 0 || pos[t] >= max_pos || slots[t] < 0 || slots[t] >= nslots) return -1;
 #pragma omp parallel for num_threads(nthreads) if (T >= PAR_ROWS) schedule(static)
     for (int64_t t = 0; t < T; t++) {
         const float *row = qkv + t * ldqkv, *c = cos_t + pos[t] * D, *s = sin_t + pos[t] * D;
@@ -54,4 +58,5 @@ void rope_store(const float *qkv, int64_t ldqkv, int64_t T, int64_t Hq, int64_t 
         for (int64_t h = 0; h < Hkv; h++) rotate(k + h * D, c, s, D, kr + h * D);
         for (int64_t i = 0; i < Hkv * D; i++) vr[i] = v[i];
     }
+    return 0;
 }

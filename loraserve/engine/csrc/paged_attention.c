@@ -104,10 +104,17 @@ static void attend(const float *q, const float *kc, const float *vc, const int64
     }
 }
 
-int paged_decode_attention(const float *q, const float *kc, const float *vc, const int64_t *tables,
-                           int64_t width, const int64_t *lens, int64_t B, int64_t Hq, int64_t Hkv,
-                           int64_t D, int64_t bs, float scale, float *out, int nthreads) {
+/* Returns 0; 1 when scratch memory could not be had; 2 (nothing computed) when a length or a block id
+ * is outside the tables or the cache (nslots slots): a wrong index must not become a read anywhere. */
+int paged_decode_attention(const float *q, const float *kc, const float *vc, int64_t nslots,
+                           const int64_t *tables, int64_t width, const int64_t *lens, int64_t B, int64_t Hq,
+                           int64_t Hkv, int64_t D, int64_t bs, float scale, float *out, int nthreads) {
     const int64_t G = Hq / Hkv;
+    for (int64_t b = 0; b < B; b++) {
+        if (lens[b] < 1 || lens[b] > width * bs) return 2;
+        for (int64_t i = 0; i < (lens[b] + bs - 1) / bs; i++)
+            if (tables[b * width + i] < 0 || (tables[b * width + i] + 1) * bs > nslots) return 2;
+    }
     /* A task is one sequence with all its heads: each K/V row is then touched by one task only. Split by
      * KV head, tasks touched each row Hkv times, and in the engine (weights streaming through the caches
      * between layers) TLB and cache misses made a layer 3x slower (1.1 ms vs 0.36 at batch 32). Only
