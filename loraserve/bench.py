@@ -289,7 +289,7 @@ def _measure_roofline(model: Llama, cfg: BenchConfig, figures: dict[str, Any]) -
     cuda = model.device.type == "cuda"
     rcfg = QUICK_ROOFLINE if cfg.quick else RooflineConfig(
         gemm_size=8192 if cuda else 2048, copy_bytes=(2 << 30) if cuda else (256 << 20))
-    machine = measure_machine(model.device, model.embed.dtype, rcfg)
+    machine = measure_machine(model.device, model.dtype, rcfg)
     # Open loop: the batch the run really had, not the concurrency (which then only sizes HF's batches).
     at = w.concurrency if w.rate is None else max(1, round(figures["runs"]["ours"]["mean_batch"] or 1))
     points: list[CeilingPoint] = linear_ceiling(model, [1, at], machine, rcfg.repeats)

@@ -111,13 +111,13 @@ def test_greedy_generation_matches_transformers_generate() -> None:
 
 
 def test_cpu_weights_with_the_linear_kernel_are_kept_once() -> None:
-    """With the C kernels every weight is [out, in] alone (linear.py); tokens match HF's."""
+    """With the C kernels every weight is kept once, packed (linear.py); tokens match HF's."""
     hf = hf_model(seed=5, tie_word_embeddings=True)
     engine = build_engine(hf, max_num_batched_tokens=16)
     model = engine.model
     for proj in [p for lw in model.layers for p in (lw.qkv, lw.o, lw.gate_up, lw.down)] + [model.lm_head]:
-        assert proj.w is not None and proj.wt is None and proj.kernel is not None
-    assert model.lm_head.w is model.embed
+        assert proj.w is None and proj.wt is None and proj.packed is not None and proj.kernel is not None
+    assert model.embed is None  # tied: the embedding rows are read from the head's panels
     prompts = _prompts(hf.config.vocab_size, [11, 3, 25], seed=7)
     outs = engine.generate(prompts, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
     for prompt, out in zip(prompts, outs, strict=True):

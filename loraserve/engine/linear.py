@@ -15,9 +15,8 @@ cache (`x @ W.T` with W [out, in], i.e. F.linear, against `x @ Wt` with Wt [in, 
 So a CPU engine without the C kernels keeps q/k/v and o as [in, out] only (never slower), down as
 [out, in], and gate/up and lm_head in both layouts while the second copies are small, using [in, out]
 for steps of up to `SMALL_ROWS` rows. With them (cpu_kernels.LinearKernel, csrc/linear.c) MKL is not
-used for projections at all (on AVX-512; past 64 rows on AVX2 it is, over [out, in], which it never
-runs much slower): every weight is kept once, [out, in]. On CUDA every weight stays [out, in] (cuBLAS is
-not this sensitive to it).
+used for projections at all: every weight is kept once, packed in the kernel's column panels. On CUDA
+every weight stays [out, in] (cuBLAS is not this sensitive to it).
 """
 
 from __future__ import annotations
@@ -44,41 +43,66 @@ class Layout(enum.Enum):
 
 @dataclass
 class Linear:
+    """A projection's weight in the layout(s) its device multiplies fastest: [out, in] and/or [in, out] for
+    torch's matmul, or the C kernel's column panels (then alone)."""
+
     w: torch.Tensor | None  # [out, in]
     wt: torch.Tensor | None  # [in, out]
-    kernel: LinearKernel | None = None  # the CPU kernel, over `w`
+    kernel: LinearKernel | None = None  # the CPU kernel, over `packed`
+    packed: torch.Tensor | None = None  # [ceil(out / panel), in, panel]: LinearKernel.pack's layout
+    out_features: int = 0  # with `packed` (its last panel is zero-padded)
 
     def __post_init__(self) -> None:
-        if self.w is None and self.wt is None:
-            raise ValueError("a Linear needs at least one layout of its weight")
-        if self.kernel is not None and (self.w is None or self.w.dtype != torch.float32 or not self.w.is_cpu
-                                        or not self.w.is_contiguous()):
-            raise ValueError("the linear kernel needs a contiguous float32 CPU [out, in] weight")
+        if self.packed is None:
+            if self.w is None and self.wt is None:
+                raise ValueError("a Linear needs at least one layout of its weight")
+            if self.kernel is not None:
+                raise ValueError("the linear kernel reads packed weights (Linear.of packs them)")
+            return
+        k = self.kernel
+        if (k is None or self.packed.dtype != torch.float32 or not self.packed.is_cpu
+                or not self.packed.is_contiguous() or self.packed.dim() != 3 or self.packed.shape[2] != k.panel
+                or not 0 < self.out_features <= self.packed.shape[0] * k.panel):
+            raise ValueError("packed weights need the linear kernel: contiguous float32 CPU [panels, in, panel]")
 
     @classmethod
     def of(cls, w: torch.Tensor, layout: Layout, kernel: LinearKernel | None = None) -> Linear:
-        """`w` is [out, in]; an [in, out] copy is made when the layout asks for one. For the kernel, `w` is
-        copied into torch's own (64-byte aligned) memory: loaders hand out numpy-backed or memory-mapped
-        tensors, and the kernel ran SmolLM2's down_proj and lm_head ~30% slower over 16-byte aligned rows
-        (vector loads split across cache lines)."""
+        """`w` is [out, in]. With the kernel it is packed (a copy, in torch's 64-byte aligned memory) and
+        kept only so; otherwise an [in, out] copy is made when the layout asks for one."""
         if kernel is not None:
-            return cls(w.clone(memory_format=torch.contiguous_format), None, kernel)
+            return cls(None, None, kernel, kernel.pack(w), w.shape[0])
         wt = w.t().contiguous() if layout is not Layout.OUT_IN else None
-        return cls(w if layout is not Layout.IN_OUT else None, wt, kernel)
+        return cls(w if layout is not Layout.IN_OUT else None, wt)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, in] -> [T, out]."""
-        if self.kernel is not None and 0 < x.shape[0] <= self.kernel.max_rows and x.stride(1) == 1:
-            assert self.w is not None  # __post_init__
-            return self.kernel(x, self.w)
+        if self.packed is not None:
+            assert self.kernel is not None  # __post_init__
+            if x.shape[0] == 0:
+                return x.new_empty(0, self.out_features)
+            return self.kernel(x if x.stride(1) == 1 else x.contiguous(), self.packed, self.out_features)
         if self.wt is not None and (self.w is None or x.shape[0] <= SMALL_ROWS):
             return x @ self.wt
         assert self.w is not None  # __post_init__: one of the two exists
         return F.linear(x, self.w)
 
     def out_in(self) -> torch.Tensor:
-        """The weight as [out, in] (a view when only [in, out] is kept)."""
+        """The weight as [out, in] (a view when only [in, out] is kept, a copy when packed)."""
+        if self.packed is not None:
+            assert self.kernel is not None
+            return self.kernel.unpack(self.packed, self.out_features)
         if self.w is not None:
             return self.w
         assert self.wt is not None
         return self.wt.t()
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """W[ids] as a new [len(ids), in] tensor: an embedding lookup when the input embedding is tied to
+        this (lm_head) weight."""
+        if self.packed is not None:
+            assert self.kernel is not None
+            return self.packed[ids // self.kernel.panel, :, ids % self.kernel.panel]  # [T, in]
+        if self.w is not None:
+            return self.w[ids]
+        assert self.wt is not None
+        return self.wt[:, ids].t().contiguous()

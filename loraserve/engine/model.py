@@ -149,7 +149,8 @@ class Llama:
         dual_bytes = (cfg.num_layers * 2 * inter * h + cfg.vocab_size * h) * dtype.itemsize
         dual = Layout.BOTH if mkl and dual_bytes <= DUAL_LAYOUT_MAX_BYTES else Layout.OUT_IN
         in_out = Layout.IN_OUT if mkl else Layout.OUT_IN
-        self.embed = take("model.embed_tokens.weight")  # [V, H]
+        self.dtype = dtype
+        self.embed: torch.Tensor | None = take("model.embed_tokens.weight")  # [V, H]
         self.layers: list[LayerWeights] = []
         for i in range(cfg.num_layers):
             p = f"model.layers.{i}."
@@ -166,8 +167,9 @@ class Llama:
         head = state.pop("lm_head.weight", None)
         if head is None or cfg.tie_word_embeddings:
             self.lm_head = Linear.of(self.embed, dual, linear_kernel)
-            if self.lm_head.w is not None:
-                self.embed = self.lm_head.w  # one copy of a tied matrix, whichever Linear.of made
+            # One copy of a tied matrix: the head's [out, in], or none when the kernel packed it (the
+            # embedding rows are then read from the panels).
+            self.embed = self.lm_head.w
         else:
             self.lm_head = Linear.of(head.to(device, dtype), dual, linear_kernel)
         self.cos, self.sin = rope_tables(cfg, device)
@@ -178,7 +180,9 @@ class Llama:
         """Logits [S, V] (float32) for the rows in `batch.logits_indices`."""
         cfg = self.cfg
         glue = self.layer_glue
-        h = self.embed[batch.input_ids]  # [T, H], this pass's own: the fused norm adds into it in place
+        ids = batch.input_ids
+        # [T, H], this pass's own (a gather copies): the fused norm adds into it in place
+        h = self.embed[ids] if self.embed is not None else self.lm_head.rows(ids)
         cos, sin = self.cos, self.sin  # [max_pos, D] tables, read in place by the fused kernel
         if glue is None:
             cos, sin = self.cos[batch.positions].unsqueeze(1), self.sin[batch.positions].unsqueeze(1)  # [T, 1, D]
