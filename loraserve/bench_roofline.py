@@ -100,7 +100,8 @@ def _projections(model: Llama) -> list[Linear]:
 def linear_ceiling(model: Llama, batches: list[int], machine: MachineRoofline | None,
                    repeats: int) -> list[CeilingPoint]:
     projections = _projections(model)
-    weights = [p.out_in() for p in projections]  # [out, in]; views where the engine keeps only [in, out]
+    # [out, in]: views where the engine keeps only [in, out], copies where it keeps packed panels
+    weights = [p.out_in() for p in projections]
     device, dtype = weights[0].device, weights[0].dtype
     params = sum(w.numel() for w in weights)
     nbytes = sum(w.numel() * w.element_size() for w in weights)
@@ -120,9 +121,11 @@ def linear_ceiling(model: Llama, batches: list[int], machine: MachineRoofline | 
 
             seconds = best_time(step, device, repeats)
 
-        def engine_step(inputs: dict[int, torch.Tensor] = inputs) -> None:
-            for p in projections:
-                p(inputs[p.out_in().shape[1]])
+        steps = [(p, inputs[w.shape[1]]) for p, w in zip(projections, weights, strict=True)]
+
+        def engine_step(steps: list[tuple[Linear, torch.Tensor]] = steps) -> None:
+            for p, x in steps:
+                p(x)
 
         engine_s = best_time(engine_step, device, repeats)
         flops = 2.0 * params * batch

@@ -176,6 +176,7 @@ class StepCounts:
     decode_steps: int = 0  # steps of single-token decodes only, the ones the linear ceiling describes
     decode_tokens: int = 0
     decode_s: float = 0.0
+    peak: dict[str, float] = field(default_factory=dict)  # max of each engine gauge after any step
 
 
 @contextmanager
@@ -195,6 +196,10 @@ def count_steps(engine: LLMEngine) -> Iterator[StepCounts]:
         dt = time.perf_counter() - t
         counts.steps += 1
         counts.busy_s += dt
+        # Sampled here, on the step thread, after every step: a consumer reading gauges per token event
+        # can lag the engine by whole requests (they finish before their events are read).
+        for key, value in engine.stats().items():
+            counts.peak[key] = max(counts.peak.get(key, value), value)
         if decode_only and out:
             counts.decode_steps += 1
             counts.decode_tokens += sum(1 for o in out if o.token is not None)
@@ -254,7 +259,6 @@ async def drive(backend: AsyncEngine, requests: list[BenchRequest], spec: Worklo
                 max_tokens: int | None = None) -> RunResult:
     """Run `requests` through the engine: closed loop of `spec.concurrency`, or open loop at `spec.rate`."""
     params = SamplingParams(max_tokens=max_tokens or spec.output_len, temperature=0.0, ignore_eos=True)
-    peak: dict[str, float] = {}
 
     async def one(i: int, req: BenchRequest) -> RequestResult:
         submitted = time.perf_counter()
@@ -268,8 +272,6 @@ async def drive(backend: AsyncEngine, requests: list[BenchRequest], spec: Worklo
                 last, n = now, ev.completion_tokens
             if ev.finish_reason not in (None, FinishReason.LENGTH):
                 error = ev.error or f"finished with {ev.finish_reason}"
-            for key, value in backend.stats().items():  # a copy of a small dict: cheap per token
-                peak[key] = max(peak.get(key, value), value)
         return RequestResult(submitted, first, last, n, error)
 
     results: list[RequestResult] = []
@@ -293,7 +295,7 @@ async def drive(backend: AsyncEngine, requests: list[BenchRequest], spec: Worklo
             results = list(await asyncio.gather(*tasks))
         wall = time.perf_counter() - start
         final = await _settled(backend)
-    return RunResult(label, wall, results, counts, peak, final)
+    return RunResult(label, wall, results, counts, dict(counts.peak), final)
 
 
 async def _settled(backend: AsyncEngine, timeout_s: float = 2.0) -> dict[str, float]:
