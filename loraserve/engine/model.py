@@ -142,8 +142,8 @@ class Llama:
             return state.pop(name).to(device=device, dtype=dtype)
 
         # Layouts by device (see linear.py): CPU without the linear kernel keeps q/k/v and o as [in, out],
-        # gate/up and lm_head in both layouts while the copies fit DUAL_LAYOUT_MAX_BYTES; with it, and on
-        # CUDA, every weight is [out, in] alone.
+        # gate/up and lm_head in both layouts while the copies fit DUAL_LAYOUT_MAX_BYTES; with it every
+        # weight is kept packed for it alone (Linear.of); on CUDA every weight is [out, in] alone.
         mkl = device.type == "cpu" and linear_kernel is None
         h, inter = cfg.hidden_size, cfg.intermediate_size
         dual_bytes = (cfg.num_layers * 2 * inter * h + cfg.vocab_size * h) * dtype.itemsize
