@@ -130,16 +130,20 @@ void lora_sgmv(const float *x, int64_t ldx, float *out, int64_t ldo, const float
     const int64_t tiles = (nR + TILE - 1) / TILE;
     int64_t chunks = 0; /* expand tasks per segment: column chunks of the n targets' ranges */
     for (int64_t j = 0; j < n; j++) chunks += chunks_of(cols[j + 1] - cols[j]);
+    /* Static schedules: each thread takes a contiguous run of tasks, so it streams neighbouring tiles of
+     * one slot's weights. Dynamic (one task at a time from a shared counter) measured 7.8 ms of LoRA a
+     * batch-32 decode step over 8 adapters against 5.9-6.2 static; a 4096-token prefill, whose segments
+     * are larger and uneven, took the same either way (286-295 vs 294-301 ms). */
 #pragma omp parallel num_threads(nthreads)
     {
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(static)
         for (int64_t t = 0; t < nseg * tiles; t++) {
             const int64_t s = t / tiles;
             shrink(x, ldx, rows + starts[s], starts[s + 1] - starts[s], a + slots[s] * K * nR, K, nR,
                    (t % tiles) * TILE, h + starts[s] * nR);
         }
         /* the implicit barrier: every h row is complete before an expand reads it */
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(static)
         for (int64_t t = 0; t < nseg * chunks; t++) {
             const int64_t s = t / chunks;
             int64_t c = t % chunks, j = 0;
