@@ -8,9 +8,9 @@ through torch gathers rows into padded blocks and scatters them back, and reads 
 matrices; `lora_sgmv` (csrc/lora_sgmv.c) streams each adapter's packed weights once per step. MKL runs
 this CPU's projections well under its FMA peak (a one-row step reads the weights at half the memory
 bandwidth, a 32-row step computes at about half the peak); `linear_forward` (csrc/linear.c), over
-weights packed in column panels, runs them 2.7-4.4x faster, from one row to a prefill. Between the projections, residual adds, RMSNorm, RoPE and the
-KV cache writes are ~20 torch operators a layer, a few microseconds of dispatch each whatever the
-batch; csrc/layer_glue.c does them in two calls.
+weights packed in column panels, runs them 2.7-4.4x faster, from one row to a prefill. Between the
+projections, residual adds, RMSNorm, RoPE and the KV cache writes are ~20 torch operators a layer, a
+few microseconds of dispatch each whatever the batch; csrc/layer_glue.c does them in two calls.
 
 Built with -march=native, so the library is cached per source, flags, compiler and CPU
 (`$LORASERVE_KERNEL_CACHE`, else `$XDG_CACHE_HOME/loraserve/kernels`, else ~/.cache/loraserve/kernels)
@@ -30,11 +30,14 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
 log = logging.getLogger(__name__)
+K = TypeVar("K")  # a kernel wrapper class
 
 _CSRC = Path(__file__).with_name("csrc")
 # -ffp-contract=fast: ISO C mode would not fuse a * b + c into one FMA (projections ~10% faster with it).
@@ -245,15 +248,15 @@ class LayerGlue:
         return q
 
 
-def _load(name: str) -> ctypes.CDLL | None:
-    """csrc/`name`.c built and loaded; None (logged) where that cannot be done."""
+def _load(name: str, wrap: Callable[[ctypes.CDLL], K]) -> K | None:
+    """csrc/`name`.c built, loaded and wrapped; None (logged) where that cannot be done."""
     source = _CSRC / f"{name}.c"
     cc = _compiler()
     if cc is None:
         log.warning("no C compiler found: %s falls back to torch", name)
         return None
     try:
-        return ctypes.CDLL(str(build(source, cc, kernel_cache_dir())))
+        return wrap(ctypes.CDLL(str(build(source, cc, kernel_cache_dir()))))
     except (OSError, subprocess.SubprocessError) as e:
         detail = getattr(e, "stderr", b"") or b""
         log.warning("could not build %s (%s%s): it falls back to torch", source.name, e,
@@ -261,29 +264,22 @@ def _load(name: str) -> ctypes.CDLL | None:
         return None
 
 
+# Each kernel is built on its loader's first call; None where it cannot be built or loaded.
 @functools.cache
 def load_paged_attention() -> PagedAttention | None:
-    """The decode attention kernel, built on first call; None where it cannot be built or loaded."""
-    lib = _load("paged_attention")
-    return None if lib is None else PagedAttention(lib)
+    return _load("paged_attention", PagedAttention)
 
 
 @functools.cache
 def load_lora_sgmv() -> LoraSgmv | None:
-    """The multi-LoRA kernel, built on first call; None where it cannot be built or loaded."""
-    lib = _load("lora_sgmv")
-    return None if lib is None else LoraSgmv(lib)
+    return _load("lora_sgmv", LoraSgmv)
 
 
 @functools.cache
 def load_linear() -> LinearKernel | None:
-    """The projection kernel, built on first call; None where it cannot be built or loaded."""
-    lib = _load("linear")
-    return None if lib is None else LinearKernel(lib)
+    return _load("linear", LinearKernel)
 
 
 @functools.cache
 def load_layer_glue() -> LayerGlue | None:
-    """The fused element-wise layer kernels, built on first call; None where they cannot be built or loaded."""
-    lib = _load("layer_glue")
-    return None if lib is None else LayerGlue(lib)
+    return _load("layer_glue", LayerGlue)
