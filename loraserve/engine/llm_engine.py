@@ -12,6 +12,7 @@ from loraserve.engine.block_manager import BlockManager
 from loraserve.engine.config import EngineConfig, ModelConfig
 from loraserve.engine.cpu_kernels import load_layer_glue, load_linear, load_lora_sgmv, load_paged_attention
 from loraserve.engine.decode_graphs import DecodeGraphs
+from loraserve.engine.host_malloc import keep_heap
 from loraserve.engine.model import KVCache, Llama
 from loraserve.engine.model_runner import ModelRunner
 from loraserve.engine.scheduler import Scheduler
@@ -46,6 +47,7 @@ class LLMEngine:
         self.device = torch.device(ecfg.device)
         if self.device.type == "cpu":
             torch.set_num_threads(ecfg.threads)
+            keep_heap()
         self.dtype = resolve_dtype(ecfg, self.device)
         native = ecfg.native_kernels and self.device.type == "cpu" and self.dtype == torch.float32
         self.model = Llama(cfg, state, self.dtype, self.device, load_paged_attention() if native else None,
