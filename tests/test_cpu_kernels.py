@@ -76,11 +76,19 @@ def _run(kernel: PagedAttention, c: dict[str, torch.Tensor], bs: int) -> torch.T
     (6, 2, 16, 1, [7, 1, 12, 2, 2, 30, 9, 4]),  # blocks of one token
     (4, 4, 128, 16, [33, 2]),  # Llama-2-7B's shape (no GQA, D 128): a specialised path in the kernel
     (8, 2, 128, 16, [20, 47]),  # Mistral-7B's groups of 4 (D 128): another
+    (9, 3, 64, 32, [31, 32, 33, 70]),  # blocks of 32: two 16-row score tiles each
 ])
 def test_matches_attention_over_gathered_kv(kernel: PagedAttention, hq: int, hkv: int, d: int, bs: int,
                                             lens: list[int]) -> None:
     c = _case(len(lens), hq, hkv, d, bs, lens)
     torch.testing.assert_close(_run(kernel, c, bs), _reference(c, bs), atol=2e-5, rtol=1e-4)
+
+
+def test_peaked_softmax(kernel: PagedAttention) -> None:
+    """Scores ~100s apart: the kernel's own exp meets arguments far below -87 (clamped, then ~0)."""
+    c = _case(3, 9, 3, 64, 16, [40, 17, 90], seed=5)
+    c["q"] *= 30
+    torch.testing.assert_close(_run(kernel, c, 16), _reference(c, 16), atol=2e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
