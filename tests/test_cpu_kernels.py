@@ -168,12 +168,24 @@ def test_rope_store_matches_torch_rope_and_index_copy(glue: LayerGlue, rows: int
     assert not kc[untouched].any() and not vc[untouched].any()
 
 
+@pytest.mark.parametrize("rows", [1, 3, 70])
+def test_silu_mul_matches_torch(glue: LayerGlue, rows: int) -> None:
+    g = torch.Generator().manual_seed(rows)
+    gu = torch.randn(rows, 2 * 40 + 3, generator=g)[:, 3:] * 6  # rows further apart than their width
+    gu[0, :4] = torch.tensor([-100.0, 100.0, 0.0, -1e-30])  # far tails: silu -> 0 and -> g, no overflow
+    gate, up = gu.chunk(2, dim=-1)
+    torch.testing.assert_close(glue.silu_mul(gu), F.silu(gate) * up)
+    assert torch.equal(glue.silu_mul(gu[-1:])[0], glue.silu_mul(gu)[-1])
+
+
 def test_layer_glue_refuses_what_it_cannot_read(glue: LayerGlue) -> None:
     h, w = torch.randn(2, 8), torch.randn(8)
     with pytest.raises(ValueError, match="float32"):
         glue.add_rms_norm(h.double(), None, w, 1e-5)
     with pytest.raises(ValueError, match="shapes"):
         glue.add_rms_norm(h, torch.randn(3, 8), w, 1e-5)
+    with pytest.raises(ValueError, match="silu_mul"):
+        glue.silu_mul(torch.randn(2, 7))
     cos = torch.randn(10, 4)
     kc = torch.zeros(4, 1, 4)
     with pytest.raises(ValueError, match="qkv"):

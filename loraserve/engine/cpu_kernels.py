@@ -207,6 +207,9 @@ class LayerGlue:
         self._rope = lib.rope_store
         self._rope.argtypes = [p, i, i, i, i, i, p, p, i, p, p, i, p, p, p, ctypes.c_int]
         self._rope.restype = ctypes.c_int
+        self._silu_mul = lib.silu_mul
+        self._silu_mul.argtypes = [p, i, i, i, p, i, ctypes.c_int]
+        self._silu_mul.restype = None
 
     def add_rms_norm(self, h: torch.Tensor, delta: torch.Tensor | None, w: torch.Tensor, eps: float) -> torch.Tensor:
         """h += delta (in place, when given), then rmsnorm(h) * w as a new [T, H] tensor."""
@@ -221,6 +224,15 @@ class LayerGlue:
                    0 if delta is None else delta.stride(0), t, hid, w.data_ptr(), eps, out.data_ptr(), hid,
                    torch.get_num_threads())
         return out
+
+    def silu_mul(self, gu: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up from gu = [gate | up]: [T, 2I] -> a new [T, I]."""
+        t, two_i = gu.shape
+        if not _cpu_float32(gu) or gu.stride(1) != 1 or two_i % 2:
+            raise ValueError("silu_mul takes a float32 CPU [T, 2I] tensor with contiguous rows")
+        act = torch.empty(t, two_i // 2)
+        self._silu_mul(gu.data_ptr(), gu.stride(0), t, two_i // 2, act.data_ptr(), two_i // 2, torch.get_num_threads())
+        return act
 
     def rope_store(self, qkv: torch.Tensor, heads: int, kv_heads: int, cos: torch.Tensor, sin: torch.Tensor,
                    positions: torch.Tensor, slots: torch.Tensor, k_cache: torch.Tensor,

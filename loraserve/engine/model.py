@@ -209,8 +209,11 @@ class Llama:
             gu = lw.gate_up(x)  # [T, 2I]
             if batch.lora is not None:
                 batch.lora.apply(i, LoraGroup.GATE_UP, x, gu)
-            gate, up = gu.chunk(2, dim=-1)
-            act = F.silu(gate) * up  # [T, I]
+            if glue is not None:
+                act = glue.silu_mul(gu)  # [T, I]
+            else:
+                gate, up = gu.chunk(2, dim=-1)
+                act = F.silu(gate) * up
             delta = lw.down(act)
             if batch.lora is not None:
                 batch.lora.apply(i, LoraGroup.DOWN, act, delta)

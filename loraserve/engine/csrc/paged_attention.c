@@ -35,8 +35,9 @@
  * e^-87 ~ 1.6e-38, which a softmax sum of at least 1 cannot tell from 0. The libm expf, one call per
  * score, was 16% of the kernel's time. */
 static inline float exp_nonpos(float x) {
-    x = x < -87.f ? -87.f : x;
-    const float n = floorf(x * 1.44269504088896341f + 0.5f);
+    x = x * (x >= -87.f) + -87.f * (x < -87.f); /* max(x, -87): GCC vectorizes no ?: here */
+    const int32_t ni = (int32_t)(x * 1.44269504088896341f - 0.5f); /* round(x / ln 2): truncation, x <= 0 */
+    const float n = (float)ni;
     const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
     float p = 1.9875691500e-4f;
     p = p * r + 1.3981999507e-3f;
@@ -45,7 +46,7 @@ static inline float exp_nonpos(float x) {
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     p = p * r * r + r + 1.f;
-    const int32_t bits = ((int32_t)n + 127) << 23;
+    const int32_t bits = (ni + 127) << 23; /* 2^n */
     float scale;
     memcpy(&scale, &bits, sizeof scale);
     return p * scale;
