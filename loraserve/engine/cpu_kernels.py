@@ -9,8 +9,9 @@ matrices; `lora_sgmv` (csrc/lora_sgmv.c) streams each adapter's packed weights o
 this CPU's projections well under its FMA peak (a one-row step reads the weights at half the memory
 bandwidth, a 32-row step computes at about half the peak); `linear_forward` (csrc/linear.c), over
 weights packed in column panels, runs them 2.7-4.4x faster, from one row to a prefill. Between the
-projections, residual adds, RMSNorm, RoPE and the KV cache writes are ~20 torch operators a layer, a
-few microseconds of dispatch each whatever the batch; csrc/layer_glue.c does them in two calls.
+projections, residual adds, RMSNorm, RoPE, the KV cache writes and the MLP's silu * up are ~25 torch
+operators a layer, a few microseconds of dispatch each whatever the batch; csrc/layer_glue.c does them
+in four calls.
 
 Built with -march=native, so the library is cached per source, flags, compiler and CPU
 (`$LORASERVE_KERNEL_CACHE`, else `$XDG_CACHE_HOME/loraserve/kernels`, else ~/.cache/loraserve/kernels)
