@@ -4,6 +4,7 @@ test_lora_sgmv.py, the projection kernel in test_linear.py)."""
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import subprocess
 from pathlib import Path
@@ -216,6 +217,21 @@ def test_build_is_cached_and_atomic(tmp_path: Path) -> None:
     with pytest.raises(subprocess.CalledProcessError):
         build(broken, cc, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([lib.name, "broken.c"])  # no partial file
+
+
+def test_a_changed_header_means_a_new_build(tmp_path: Path) -> None:
+    """Sources include csrc/*.h: the cache key covers them, or an edited header would keep a stale build."""
+    cc = cpu_kernels._compiler()
+    assert cc is not None
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "k.c").write_text('#include "v.h"\nint k(void) { return V; }\n')
+    libs = []
+    for value in (1, 2):
+        (src / "v.h").write_text(f"#define V {value}\n")
+        libs.append(build(src / "k.c", cc, tmp_path / "cache"))
+        assert ctypes.CDLL(str(libs[-1])).k() == value
+    assert libs[0] != libs[1]
 
 
 def test_without_a_working_compiler_the_engine_keeps_torch_paths(

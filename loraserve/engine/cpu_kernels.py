@@ -72,7 +72,8 @@ def build(source: Path, cc: str, cache_dir: Path) -> Path:
     """The shared library for `source`, compiled unless a build with the same inputs is cached.
     Raises OSError or subprocess.CalledProcessError when the compiler fails."""
     key = hashlib.sha256()
-    for part in (source.read_bytes(), " ".join(_FLAGS).encode(), cc.encode(), _cpu_signature().encode()):
+    headers = [h.read_bytes() for h in sorted(source.parent.glob("*.h"))]  # what the source may #include
+    for part in (source.read_bytes(), *headers, " ".join(_FLAGS).encode(), cc.encode(), _cpu_signature().encode()):
         key.update(part)
     lib = cache_dir / f"{source.stem}-{key.hexdigest()[:16]}.so"
     if lib.exists():

@@ -11,7 +11,7 @@
  */
 #include <math.h>
 #include <stdint.h>
-#include <string.h>
+#include "vmath.h"
 
 #define PAR_ROWS 64 /* fewer rows than this: one thread (an OpenMP fork costs more than the work) */
 #define PAR_ELEMENTS 12288 /* the same for silu_mul, in elements */
@@ -62,26 +62,6 @@ int rope_store(const float *qkv, int64_t ldqkv, int64_t T, int64_t Hq, int64_t H
         for (int64_t i = 0; i < Hkv * D; i++) vr[i] = v[i];
     }
     return 0;
-}
-
-/* e^x for x <= 0, vectorizable (the attention kernel's exp_nonpos: Cephes' polynomial, ~1 ulp, arguments
- * below -87 clamped, where the result stops mattering next to 1). */
-static inline float exp_nonpos(float x) {
-    x = x * (x >= -87.f) + -87.f * (x < -87.f); /* max(x, -87): GCC vectorizes no ?: here */
-    const int32_t ni = (int32_t)(x * 1.44269504088896341f - 0.5f); /* round(x / ln 2): truncation, x <= 0 */
-    const float n = (float)ni;
-    const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.f;
-    const int32_t bits = (ni + 127) << 23; /* 2^n */
-    float scale;
-    memcpy(&scale, &bits, sizeof scale);
-    return p * scale;
 }
 
 /* act[t, i] = silu(gu[t, i]) * gu[t, I + i]: gu [T, 2I] rows ldg apart (gate, then up), act [T, I]. silu(g)

@@ -15,7 +15,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
+#include "vmath.h"
 #if defined(__x86_64__) || defined(__i386__)
 #include <xmmintrin.h>
 /* Flush-to-zero and denormals-are-zero: a peaked softmax can make probabilities (and their products
@@ -28,29 +28,6 @@
 #define FTZ_ON(saved) (void)0
 #define FTZ_OFF(saved) (void)0
 #endif
-
-/* e^x for x <= 0 (a score minus its row's maximum), in a form the compiler vectorizes: 2^n * p(r), with
- * n = round(x / ln 2), r = x - n ln 2 (ln 2 in two parts, so r is exact) and p Cephes' degree-6
- * polynomial for expf (error ~1 ulp). Arguments below -87 (where e^x turns subnormal) are clamped there:
- * e^-87 ~ 1.6e-38, which a softmax sum of at least 1 cannot tell from 0. The libm expf, one call per
- * score, was 16% of the kernel's time. */
-static inline float exp_nonpos(float x) {
-    x = x * (x >= -87.f) + -87.f * (x < -87.f); /* max(x, -87): GCC vectorizes no ?: here */
-    const int32_t ni = (int32_t)(x * 1.44269504088896341f - 0.5f); /* round(x / ln 2): truncation, x <= 0 */
-    const float n = (float)ni;
-    const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.f;
-    const int32_t bits = (ni + 127) << 23; /* 2^n */
-    float scale;
-    memcpy(&scale, &bits, sizeof scale);
-    return p * scale;
-}
 
 #ifdef __AVX512F__
 #include <immintrin.h>
