@@ -55,6 +55,11 @@ class DType(enum.Enum):
     FLOAT16 = "float16"
 
 
+class LoraDType(enum.Enum):
+    AUTO = "auto"  # the model's dtype
+    FLOAT16 = "float16"  # half-precision adapter slots (CPU kernel only; EngineConfig.lora_dtype)
+
+
 # The target workload, and what `--quick` shrinks it to; explicit options win over both.
 DEFAULTS: dict[str, Any] = dict(adapters=16, rank=16, requests=32, concurrency=32, prompt_len=128, output_len=128)
 QUICK: dict[str, Any] = dict(adapters=4, rank=8, requests=8, concurrency=4, prompt_len=32, output_len=16)
@@ -66,6 +71,7 @@ class BenchConfig:
     model: str = EMBEDDED
     device: Device = Device.CPU
     dtype: DType = DType.AUTO
+    lora_dtype: LoraDType = LoraDType.AUTO
     workload: WorkloadSpec = field(default_factory=WorkloadSpec)
     max_num_seqs: int | None = None  # None: the engine's default, raised to the concurrency
     max_num_batched_tokens: int | None = None
@@ -101,13 +107,14 @@ class BenchConfig:
             max_queue=max(base.max_queue, w.requests),  # an open-loop burst must queue, not be refused
             threads=self.threads or base.threads,
             prefix_caching=self.prefix_caching, cuda_graphs=self.cuda_graphs,
-            native_kernels=self.native_kernels,
+            native_kernels=self.native_kernels, lora_dtype=self.lora_dtype.value,
         )
 
     def argv(self) -> list[str]:
         """Every option spelled out, so the command reproduces this run whatever the defaults become."""
         w = self.workload
         args = ["--model", self.model, "--device", self.device.value, "--dtype", self.dtype.value,
+                "--lora-dtype", self.lora_dtype.value,
                 "--adapters", str(w.adapters), "--registered", str(w.registered), "--rank", str(w.rank),
                 "--targets", ",".join(w.targets), "--popularity", w.popularity.value, "--alpha", str(w.alpha),
                 "--no-adapter-fraction", str(w.no_adapter_fraction), "--requests", str(w.requests),
@@ -134,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--device", choices=[d.value for d in Device], default=Device.CPU.value, help="(default: cpu)")
     a("--dtype", choices=[d.value for d in DType], default=DType.AUTO.value,
       help="(default: auto = float32 on CPU, bfloat16 on CUDA)")
+    a("--lora-dtype", choices=[d.value for d in LoraDType], default=LoraDType.AUTO.value,
+      help="our engine's adapter slots: float16 halves what the CPU LoRA kernel reads (default: auto = the model's)")
 
     def sized(flag: str, what: str) -> None:
         key = flag.removeprefix("--").replace("-", "_")
@@ -188,7 +197,8 @@ def config_from_args(ns: argparse.Namespace) -> BenchConfig:
         requests=pick("requests"), concurrency=pick("concurrency"), rate=ns.rate, prompt_len=pick("prompt_len"),
         shared_prefix=ns.shared_prefix, output_len=pick("output_len"), seed=ns.seed)
     return BenchConfig(
-        model=ns.model, device=Device(ns.device), dtype=DType(ns.dtype), workload=workload,
+        model=ns.model, device=Device(ns.device), dtype=DType(ns.dtype), lora_dtype=LoraDType(ns.lora_dtype),
+        workload=workload,
         max_num_seqs=ns.max_num_seqs, max_num_batched_tokens=ns.max_num_batched_tokens, max_loras=ns.max_loras,
         threads=ns.threads, prefix_caching=ns.prefix_caching, cuda_graphs=ns.cuda_graphs,
         native_kernels=ns.native_kernels, baseline=ns.baseline, baseline_no_adapter=ns.baseline_no_adapter,

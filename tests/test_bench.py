@@ -71,8 +71,10 @@ def test_closed_loop_with_baseline_and_roofline(tmp_path: Path, capsys: pytest.C
 
 def test_open_loop_many_registered(tmp_path: Path) -> None:
     figures = _run(tmp_path, "--no-baseline", "--no-roofline", "--no-compare-no-adapter", "--registered", "6",
-                   "--popularity", "uniform", "--no-adapter-fraction", "0.25", "--rate", "200")
+                   "--popularity", "uniform", "--no-adapter-fraction", "0.25", "--rate", "200",
+                   "--lora-dtype", "float16")
     ours = figures["runs"]["ours"]
+    assert figures["config"]["engine"]["lora_dtype"] == "float16" and "--lora-dtype float16" in figures["command"]
     assert set(figures["runs"]) == {"ours"} and ours["failed"] == 0 and ours["output_tokens"] == 20
     assert "ceiling" not in figures and "ours_vs_hf_peft_mixed" not in figures["ratios"]
     assert figures["config"]["rate"] == 200 and figures["config"]["registered"] == 6

@@ -39,8 +39,9 @@ def _weights(key: str, rank: int, targets: list[str], seed: int) -> LoraWeights:
                              for layer in range(CFG.num_layers) for t in targets})
 
 
-def _pool(sgmv: LoraSgmv | None, bucket: int, ranks: list[int]) -> tuple[LoraPool, list[LoraWeights]]:
-    pool = LoraPool(CFG, bucket, len(ranks) + 1, torch.float32, CPU, sgmv)
+def _pool(sgmv: LoraSgmv | None, bucket: int, ranks: list[int],
+          dtype: torch.dtype = torch.float32) -> tuple[LoraPool, list[LoraWeights]]:
+    pool = LoraPool(CFG, bucket, len(ranks) + 1, dtype, CPU, sgmv)
     rng = random.Random(bucket)
     all_targets = list(CFG.lora_shapes())
     ws = []
@@ -93,6 +94,35 @@ def test_matches_a_per_row_loop(sgmv: LoraSgmv, bucket: int, ranks: list[int]) -
             torch.testing.assert_close(got.double(), _reference(ws, SLOTS, layer, group, x, out), atol=1e-4, rtol=1e-5)
             untouched = [i for i, s in enumerate(SLOTS) if s is None]
             assert torch.equal(got[untouched], out[untouched])
+
+
+@pytest.mark.parametrize("bucket", [8, 16])
+def test_float16_slots_match_a_per_row_loop_over_the_rounded_weights(sgmv: LoraSgmv, bucket: int) -> None:
+    """Half-precision slots: the kernel widens each weight exactly, so against the fp16-rounded weights it
+    is as close as the float32 path (full 16-column tiles through the vector conversion, the partial ones
+    of this config through the scalar one, subnormal halves included); against the float32 weights the
+    difference is fp16's rounding."""
+    pool, ws = _pool(sgmv, bucket, [bucket, 3, 5], dtype=torch.float16)
+    for w in ws:  # some weights in fp16's subnormal range (below 6.1e-5)
+        for a, _ in w.modules.values():
+            a[0, :5] = torch.tensor([3e-5, -1e-6, 6e-8, 0.0, -2e-5])
+    for slot, w in enumerate(ws):
+        pool.write(slot, w)
+    rounded = [LoraWeights(w.key, {m: (a.half().float(), b.half().float()) for m, (a, b) in w.modules.items()})
+               for w in ws]
+    slots: list[int | None] = [0, 1, None, 0, 2, 2, 0, 0, 1, 2]
+    batch = LoraBatch.build([None if s is None else (pool, s) for s in slots], CPU)
+    assert batch is not None and [type(p) for p in batch.parts] == [SgmvPart]
+    g = torch.Generator().manual_seed(bucket)
+    for group in LoraGroup:
+        fan_in, fan_outs = LoraPool._group_shape(CFG, group)
+        x = torch.randn(len(slots), fan_in, generator=g)
+        out = torch.randn(len(slots), sum(fan_outs), generator=g)
+        got = _apply(batch, 1, group, x, out).double()
+        torch.testing.assert_close(got, _reference(rounded, slots, 1, group, x, out), atol=1e-4, rtol=1e-5)
+        exact = _reference(ws, slots, 1, group, x, out)
+        # fp16 rounding shows, at a small fraction of the deltas (randn weights: deltas up to ~200)
+        assert 0 < (got - exact).abs().max() < 2e-3 * (exact - out.double()).abs().max()
 
 
 def test_inputs_with_strided_rows(sgmv: LoraSgmv) -> None:
@@ -171,6 +201,6 @@ def test_packing_keeps_every_value_and_drops_the_zero_blocks(sgmv: LoraSgmv) -> 
     assert packed_pool.b[LoraGroup.GATE_UP][:, 0].numel() * 2 == plain_pool.b[LoraGroup.GATE_UP][:, 0].numel()
 
 
-def test_packed_pools_are_cpu_float32_only(sgmv: LoraSgmv) -> None:
+def test_packed_pools_are_cpu_float32_or_float16_only(sgmv: LoraSgmv) -> None:
     with pytest.raises(ValueError, match="float32"):
         LoraPool(CFG, 8, 1, torch.bfloat16, CPU, sgmv)

@@ -137,6 +137,12 @@ class EngineConfig:
     # Device memory for adapter slots, per rank bucket; a bucket holds min(max_loras, this / slot size) adapters.
     lora_slot_bytes: int = 2 << 30
     adapter_host_cache_bytes: int = 2 << 30  # parsed adapters kept in RAM (LRU); the disk holds the rest
+    # Adapter weights in host memory and device slots: "auto" is the model's dtype; "float16" halves what
+    # the CPU LoRA kernel streams each step (decode LoRA is bound by reading it: ~600 MB a step with 31
+    # distinct SmolLM2 adapters), at fp16's rounding of each weight (relative 2^-11 at most) and its range
+    # (an adapter whose weights times lora_alpha/r pass 65504 fails to load). CPU float32 with the native
+    # kernels only.
+    lora_dtype: str = "auto"
     # Reuse the K/V of cached prompt prefixes (same tokens, adapter and salt); off only to compare.
     prefix_caching: bool = True
     # CUDA only: replay pure decode steps as captured CUDA graphs (decode_graphs.py); off to compare.
@@ -160,5 +166,7 @@ class EngineConfig:
             raise ValueError("cache budgets must be >= 0")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError("dtype must be auto, float32, bfloat16 or float16")
+        if self.lora_dtype not in ("auto", "float16"):
+            raise ValueError("lora_dtype must be auto or float16")
         if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"device must be cpu, cuda or cuda:N, not {self.device!r}")

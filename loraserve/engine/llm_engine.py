@@ -57,7 +57,12 @@ class LLMEngine:
         num_blocks = self._num_kv_blocks()
         self.kv = KVCache(cfg, num_blocks * bs, self.dtype, self.device)
         self.blocks = BlockManager(num_blocks, bs, ecfg.prefix_caching)
-        self.adapters = AdapterCache(cfg, ecfg, self.dtype, self.device, load_lora_sgmv() if native else None)
+        sgmv = load_lora_sgmv() if native else None
+        if ecfg.lora_dtype == "float16" and sgmv is None:
+            raise ValueError("lora_dtype float16 needs the CPU LoRA kernel: device cpu, dtype float32, "
+                             "native_kernels on and a C compiler")
+        lora_dtype = torch.float16 if ecfg.lora_dtype == "float16" else self.dtype
+        self.adapters = AdapterCache(cfg, ecfg, lora_dtype, self.device, sgmv)
         self.scheduler = Scheduler(self.blocks, ecfg.max_num_seqs, ecfg.max_num_batched_tokens,
                                    gate=self.adapters, max_waiting=ecfg.max_queue)
         gen = torch.Generator(device=self.device)

@@ -5,7 +5,7 @@ Per group and rank bucket, every slot holds A as [in, n*R] (the targets side by 
 block-diagonal [n*R, out], with `lora_alpha / r` folded into B. `lora_batch.py` applies them to a
 mixed batch. With the CPU kernel (cpu_kernels.LoraSgmv) a pool is packed instead: A and B cut into
 column tiles stored one after another, B without its zero blocks (see csrc/lora_sgmv.c), so the
-kernel streams each adapter's true size once.
+kernel streams each adapter's true size once, in float32 or (EngineConfig.lora_dtype) float16.
 """
 
 from __future__ import annotations
@@ -121,8 +121,8 @@ class LoraPool:
 
     def __init__(self, cfg: ModelConfig, rank: int, capacity: int, dtype: torch.dtype, device: torch.device,
                  sgmv: LoraSgmv | None = None):
-        if sgmv is not None and (device.type != "cpu" or dtype != torch.float32):
-            raise ValueError("packed LoRA slots are for the CPU kernel, float32 only")
+        if sgmv is not None and (device.type != "cpu" or dtype not in (torch.float32, torch.float16)):
+            raise ValueError("packed LoRA slots are for the CPU kernel, float32 or float16 only")
         self.cfg, self.rank, self.capacity, self.sgmv = cfg, rank, capacity, sgmv
         # One slot past the capacity stays zero: rows of a static (CUDA-graph) batch that use no adapter
         # of this pool read it, so every row can gather "its" weights without a branch.

@@ -19,8 +19,13 @@
  * ~250 MB, against 27 ms for torch's gather + padded bmm + scatter (/tmp microbenchmark, see BENCHMARKS).
  * Every output element is summed by one thread in a fixed order, whatever the blocking: a row's result
  * does not depend on the other rows or on the thread count.
+ * lora_sgmv_f16 is the same over half-precision (IEEE fp16) A and B, widened to float32 as they are
+ * read (x, out, h and every sum stay float32): half the bytes, and decode LoRA is bound by reading them.
  */
 #include <stdint.h>
+#if defined(__AVX512F__) || defined(__F16C__)
+#include <immintrin.h>
+#endif
 
 #define TILE 16 /* columns per packed tile: the layout's unit, exported to lora.py by lora_sgmv_tile() */
 #if defined(__AVX512F__)
@@ -33,17 +38,55 @@
 
 int lora_sgmv_tile(void) { return TILE; }
 
+/* IEEE half -> float, without F16C (normal, subnormal, zero, inf and NaN). */
+static inline float half_to_float(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff;
+    union { uint32_t u; float f; } v;
+    if (exp == 0x1f) {
+        v.u = sign | 0x7f800000u | (man << 13);
+    } else if (exp) {
+        v.u = sign | ((exp + 112) << 23) | (man << 13);
+    } else { /* zero or subnormal: man * 2^-24 */
+        v.f = (float)man * 5.9604644775390625e-8f;
+        v.u |= sign;
+    }
+    return v.f;
+}
+
+/* Row `off` (in elements) of w floats from a packed weight: in place for float32, else the fp16 row
+ * widened into buf (one vector conversion for a full tile). */
+static inline __attribute__((always_inline)) const float *wrow(const void *base, int64_t off, const int half,
+                                                                const int w, float *buf) {
+    if (!half) return (const float *)base + off;
+    const uint16_t *p = (const uint16_t *)base + off;
+#if defined(__AVX512F__)
+    if (w == TILE) {
+        _mm512_storeu_ps(buf, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)));
+        return buf;
+    }
+#elif defined(__F16C__)
+    if (w == TILE) {
+        _mm256_storeu_ps(buf, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)));
+        _mm256_storeu_ps(buf + 8, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 8))));
+        return buf;
+    }
+#endif
+    for (int t = 0; t < w; t++) buf[t] = half_to_float(p[t]);
+    return buf;
+}
+
 /* h[r, c0:c0+w] = x[rows[r]] @ A[:, c0:c0+w] for mb rows; acc[r][p] sums the k = p (mod KS) terms. */
 static inline __attribute__((always_inline)) void shrink_block(const float *x, int64_t ldx, const int64_t *rows,
-                                                                const int mb, const float *at, int64_t K,
-                                                                int64_t nR, int64_t c0, const int w, float *h) {
-    float acc[MB][KS][TILE] = {{{0.f}}};
+                                                                const int mb, const void *a, int64_t at,
+                                                                const int half, int64_t K, int64_t nR,
+                                                                int64_t c0, const int w, float *h) {
+    float acc[MB][KS][TILE] = {{{0.f}}}, buf[TILE];
     const float *xr[MB];
     for (int r = 0; r < mb; r++) xr[r] = x + rows[r] * ldx;
     int64_t k = 0;
     for (; k + KS <= K; k += KS)
         for (int p = 0; p < KS; p++) {
-            const float *ar = at + (k + p) * w;
+            const float *ar = wrow(a, at + (k + p) * w, half, w, buf);
             for (int r = 0; r < mb; r++) {
                 const float xv = xr[r][k + p];
 #pragma omp simd
@@ -51,7 +94,7 @@ static inline __attribute__((always_inline)) void shrink_block(const float *x, i
             }
         }
     for (; k < K; k++) {
-        const float *ar = at + k * w;
+        const float *ar = wrow(a, at + k * w, half, w, buf);
         for (int r = 0; r < mb; r++) {
             const float xv = xr[r][k];
 #pragma omp simd
@@ -63,17 +106,19 @@ static inline __attribute__((always_inline)) void shrink_block(const float *x, i
             h[r * nR + c0 + t] = (acc[r][0][t] + acc[r][1][t]) + (acc[r][2][t] + acc[r][3][t]);
 }
 
-/* The shrink of A's tile at column c0 for the m rows of one segment (a is the slot's packed A). */
-static void shrink(const float *x, int64_t ldx, const int64_t *rows, int64_t m, const float *a, int64_t K,
-                   int64_t nR, int64_t c0, float *h) {
+/* The shrink of A's tile at column c0 for the m rows of one segment (A the slot's packed A, starting
+ * `a0` elements into a). */
+static inline __attribute__((always_inline)) void shrink(const float *x, int64_t ldx, const int64_t *rows, int64_t m,
+                                                          const void *a, int64_t a0, const int half, int64_t K,
+                                                          int64_t nR, int64_t c0, float *h) {
     const int w = nR - c0 < TILE ? (int)(nR - c0) : TILE;
-    const float *at = a + K * c0;
+    const int64_t at = a0 + K * c0;
     int64_t i = 0;
     if (w == TILE) { /* constant widths: the compiler unrolls the tile into registers */
-        for (; i + MB <= m; i += MB) shrink_block(x, ldx, rows + i, MB, at, K, nR, c0, TILE, h + i * nR);
-        for (; i < m; i++) shrink_block(x, ldx, rows + i, 1, at, K, nR, c0, TILE, h + i * nR);
+        for (; i + MB <= m; i += MB) shrink_block(x, ldx, rows + i, MB, a, at, half, K, nR, c0, TILE, h + i * nR);
+        for (; i < m; i++) shrink_block(x, ldx, rows + i, 1, a, at, half, K, nR, c0, TILE, h + i * nR);
     } else {
-        for (; i < m; i++) shrink_block(x, ldx, rows + i, 1, at, K, nR, c0, w, h + i * nR);
+        for (; i < m; i++) shrink_block(x, ldx, rows + i, 1, a, at, half, K, nR, c0, w, h + i * nR);
     }
 }
 
@@ -81,15 +126,16 @@ static void shrink(const float *x, int64_t ldx, const int64_t *rows, int64_t m, 
  * (mb * nt <= MB accumulator tiles, each a chain of R adds in the same order whatever the blocking). */
 static inline __attribute__((always_inline)) void expand_block(float *out, int64_t ldo, const int64_t *rows,
                                                                 const int mb, const int nt, const float *hj,
-                                                                int64_t nR, const float *b, int64_t R,
-                                                                int64_t c, const int w) {
-    float acc[MB][MB][TILE];
+                                                                int64_t nR, const void *b, int64_t b0,
+                                                                const int half, int64_t R, int64_t c,
+                                                                const int w) {
+    float acc[MB][MB][TILE], buf[TILE];
     for (int r = 0; r < mb; r++)
         for (int q = 0; q < nt; q++)
             for (int t = 0; t < w; t++) acc[r][q][t] = out[rows[r] * ldo + c + q * TILE + t];
     for (int64_t k = 0; k < R; k++)
         for (int q = 0; q < nt; q++) {
-            const float *br = b + R * (c + q * TILE) + k * w;
+            const float *br = wrow(b, b0 + R * (c + q * TILE) + k * w, half, w, buf);
             for (int r = 0; r < mb; r++) {
                 const float hv = hj[r * nR + k];
 #pragma omp simd
@@ -101,31 +147,38 @@ static inline __attribute__((always_inline)) void expand_block(float *out, int64
             for (int t = 0; t < w; t++) out[rows[r] * ldo + c + q * TILE + t] = acc[r][q][t];
 }
 
-/* out[rows[i], c0:c1] += h[i, jR:jR+R] @ B_j[:, c0:c1] for the m rows of one segment (hj = h + jR, b the
- * slot's packed B). Rows in blocks of MB over one tile; the rest one row at a time over MB tiles. */
-static void expand(float *out, int64_t ldo, const int64_t *rows, int64_t m, const float *hj, int64_t nR,
-                   const float *b, int64_t R, int64_t c0, int64_t c1) {
+/* out[rows[i], c0:c1] += h[i, jR:jR+R] @ B_j[:, c0:c1] for the m rows of one segment (hj = h + jR; B the
+ * slot's packed B, `b0` elements into b). Rows in blocks of MB over one tile; the rest one row at a time
+ * over MB tiles. */
+static inline __attribute__((always_inline)) void expand(float *out, int64_t ldo, const int64_t *rows, int64_t m,
+                                                          const float *hj, int64_t nR, const void *b, int64_t b0,
+                                                          const int half, int64_t R, int64_t c0, int64_t c1) {
     const int64_t blocked = m - m % MB;
     for (int64_t c = c0; c < c1; c += TILE) {
         const int w = c1 - c < TILE ? (int)(c1 - c) : TILE;
         if (w == TILE)
-            for (int64_t i = 0; i < blocked; i += MB) expand_block(out, ldo, rows + i, MB, 1, hj + i * nR, nR, b, R, c, TILE);
+            for (int64_t i = 0; i < blocked; i += MB)
+                expand_block(out, ldo, rows + i, MB, 1, hj + i * nR, nR, b, b0, half, R, c, TILE);
         else
-            for (int64_t i = 0; i < blocked; i++) expand_block(out, ldo, rows + i, 1, 1, hj + i * nR, nR, b, R, c, w);
+            for (int64_t i = 0; i < blocked; i++)
+                expand_block(out, ldo, rows + i, 1, 1, hj + i * nR, nR, b, b0, half, R, c, w);
     }
     for (int64_t i = blocked; i < m; i++) {
         int64_t c = c0;
-        for (; c + MB * TILE <= c1; c += MB * TILE) expand_block(out, ldo, rows + i, 1, MB, hj + i * nR, nR, b, R, c, TILE);
-        for (; c + TILE <= c1; c += TILE) expand_block(out, ldo, rows + i, 1, 1, hj + i * nR, nR, b, R, c, TILE);
-        if (c < c1) expand_block(out, ldo, rows + i, 1, 1, hj + i * nR, nR, b, R, c, (int)(c1 - c));
+        for (; c + MB * TILE <= c1; c += MB * TILE)
+            expand_block(out, ldo, rows + i, 1, MB, hj + i * nR, nR, b, b0, half, R, c, TILE);
+        for (; c + TILE <= c1; c += TILE)
+            expand_block(out, ldo, rows + i, 1, 1, hj + i * nR, nR, b, b0, half, R, c, TILE);
+        if (c < c1) expand_block(out, ldo, rows + i, 1, 1, hj + i * nR, nR, b, b0, half, R, c, (int)(c1 - c));
     }
 }
 
 static int64_t chunks_of(int64_t width) { return (width + CHUNK - 1) / CHUNK; }
 
-void lora_sgmv(const float *x, int64_t ldx, float *out, int64_t ldo, const float *a, const float *b,
-               int64_t K, int64_t N, int64_t R, int64_t n, const int64_t *cols, int64_t nseg,
-               const int64_t *plan, float *h, int nthreads) {
+static inline __attribute__((always_inline)) void sgmv(const float *x, int64_t ldx, float *out, int64_t ldo,
+                                                        const void *a, const void *b, const int half, int64_t K,
+                                                        int64_t N, int64_t R, int64_t n, const int64_t *cols,
+                                                        int64_t nseg, const int64_t *plan, float *h, int nthreads) {
     const int64_t nR = n * R, *slots = plan, *starts = plan + nseg, *rows = plan + 2 * nseg + 1;
     const int64_t tiles = (nR + TILE - 1) / TILE;
     int64_t chunks = 0; /* expand tasks per segment: column chunks of the n targets' ranges */
@@ -139,7 +192,7 @@ void lora_sgmv(const float *x, int64_t ldx, float *out, int64_t ldo, const float
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < nseg * tiles; t++) {
             const int64_t s = t / tiles;
-            shrink(x, ldx, rows + starts[s], starts[s + 1] - starts[s], a + slots[s] * K * nR, K, nR,
+            shrink(x, ldx, rows + starts[s], starts[s + 1] - starts[s], a, slots[s] * K * nR, half, K, nR,
                    (t % tiles) * TILE, h + starts[s] * nR);
         }
         /* the implicit barrier: every h row is complete before an expand reads it */
@@ -149,8 +202,20 @@ void lora_sgmv(const float *x, int64_t ldx, float *out, int64_t ldo, const float
             int64_t c = t % chunks, j = 0;
             for (; c >= chunks_of(cols[j + 1] - cols[j]); j++) c -= chunks_of(cols[j + 1] - cols[j]);
             const int64_t c0 = cols[j] + c * CHUNK, c1 = c0 + CHUNK < cols[j + 1] ? c0 + CHUNK : cols[j + 1];
-            expand(out, ldo, rows + starts[s], starts[s + 1] - starts[s], h + starts[s] * nR + j * R, nR,
-                   b + slots[s] * R * N, R, c0, c1);
+            expand(out, ldo, rows + starts[s], starts[s + 1] - starts[s], h + starts[s] * nR + j * R, nR, b,
+                   slots[s] * R * N, half, R, c0, c1);
         }
     }
+}
+
+void lora_sgmv(const float *x, int64_t ldx, float *out, int64_t ldo, const float *a, const float *b, int64_t K,
+               int64_t N, int64_t R, int64_t n, const int64_t *cols, int64_t nseg, const int64_t *plan, float *h,
+               int nthreads) {
+    sgmv(x, ldx, out, ldo, a, b, 0, K, N, R, n, cols, nseg, plan, h, nthreads);
+}
+
+void lora_sgmv_f16(const float *x, int64_t ldx, float *out, int64_t ldo, const uint16_t *a, const uint16_t *b,
+                   int64_t K, int64_t N, int64_t R, int64_t n, const int64_t *cols, int64_t nseg,
+                   const int64_t *plan, float *h, int nthreads) {
+    sgmv(x, ldx, out, ldo, a, b, 1, K, N, R, n, cols, nseg, plan, h, nthreads);
 }
