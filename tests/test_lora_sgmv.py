@@ -100,8 +100,9 @@ def test_matches_a_per_row_loop(sgmv: LoraSgmv, bucket: int, ranks: list[int]) -
 def test_float16_slots_match_a_per_row_loop_over_the_rounded_weights(sgmv: LoraSgmv, bucket: int) -> None:
     """Half-precision slots: the kernel widens each weight exactly, so against the fp16-rounded weights it
     is as close as the float32 path (full 16-column tiles through the vector conversion, the partial ones
-    of this config through the scalar one, subnormal halves included); against the float32 weights the
-    difference is fp16's rounding."""
+    of this config through the scalar one, subnormal halves included; small segments widening as they
+    read, a large one widening its tiles first); against the float32 weights the difference is fp16's
+    rounding."""
     pool, ws = _pool(sgmv, bucket, [bucket, 3, 5], dtype=torch.float16)
     for w in ws:  # some weights in fp16's subnormal range (below 6.1e-5)
         for a, _ in w.modules.values():
@@ -110,7 +111,8 @@ def test_float16_slots_match_a_per_row_loop_over_the_rounded_weights(sgmv: LoraS
         pool.write(slot, w)
     rounded = [LoraWeights(w.key, {m: (a.half().float(), b.half().float()) for m, (a, b) in w.modules.items()})
                for w in ws]
-    slots: list[int | None] = [0, 1, None, 0, 2, 2, 0, 0, 1, 2]
+    # slot 0's 10 rows: a segment large enough to have its fp16 tiles widened once (WIDEN_ROWS)
+    slots: list[int | None] = [0, 1, None, 0, 2, 2, 0, 0, 1, 2, 0, 0, 0, 0, 0, 0]
     batch = LoraBatch.build([None if s is None else (pool, s) for s in slots], CPU)
     assert batch is not None and [type(p) for p in batch.parts] == [SgmvPart]
     g = torch.Generator().manual_seed(bucket)

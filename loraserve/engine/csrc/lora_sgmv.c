@@ -23,6 +23,7 @@
  * read (x, out, h and every sum stay float32): half the bytes, and decode LoRA is bound by reading them.
  */
 #include <stdint.h>
+#include <stdlib.h>
 #if defined(__AVX512F__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
@@ -35,6 +36,10 @@
 #endif
 #define KS 4 /* the shrink's partial sums per output: one chain of K adds would run at the add's latency */
 #define CHUNK 256 /* output columns per expand task: a rank-16 B chunk is 16 KiB, in L1 */
+/* fp16 weights: a segment of at least this many rows has its A tile or B chunk widened to float32 once,
+ * into per-thread scratch, instead of each row block widening it again (a prefill chunk's segments are
+ * 100+ rows, where that made the half-precision path slower than float32) */
+#define WIDEN_ROWS 8
 
 int lora_sgmv_tile(void) { return TILE; }
 
@@ -75,6 +80,17 @@ static inline __attribute__((always_inline)) const float *wrow(const void *base,
     return buf;
 }
 
+/* dst[0:n] = the fp16 src[0:n] as float32. */
+static void widen(const uint16_t *src, int64_t n, float *dst) {
+    float buf[TILE];
+    int64_t i = 0;
+    for (; i + TILE <= n; i += TILE) {
+        const float *row = wrow(src, i, 1, TILE, buf);
+        for (int t = 0; t < TILE; t++) dst[i + t] = row[t];
+    }
+    for (; i < n; i++) dst[i] = half_to_float(src[i]);
+}
+
 /* h[r, c0:c0+w] = x[rows[r]] @ A[:, c0:c0+w] for mb rows; acc[r][p] sums the k = p (mod KS) terms. */
 static inline __attribute__((always_inline)) void shrink_block(const float *x, int64_t ldx, const int64_t *rows,
                                                                 const int mb, const void *a, int64_t at,
@@ -106,19 +122,32 @@ static inline __attribute__((always_inline)) void shrink_block(const float *x, i
             h[r * nR + c0 + t] = (acc[r][0][t] + acc[r][1][t]) + (acc[r][2][t] + acc[r][3][t]);
 }
 
-/* The shrink of A's tile at column c0 for the m rows of one segment (A the slot's packed A, starting
- * `a0` elements into a). */
-static inline __attribute__((always_inline)) void shrink(const float *x, int64_t ldx, const int64_t *rows, int64_t m,
-                                                          const void *a, int64_t a0, const int half, int64_t K,
-                                                          int64_t nR, int64_t c0, float *h) {
+/* The shrink of A's tile at column c0 for the m rows of one segment, the tile's weights starting `at`
+ * elements into a. */
+static inline __attribute__((always_inline)) void shrink_rows(const float *x, int64_t ldx, const int64_t *rows,
+                                                               int64_t m, const void *a, int64_t at, const int half,
+                                                               int64_t K, int64_t nR, int64_t c0, float *h) {
     const int w = nR - c0 < TILE ? (int)(nR - c0) : TILE;
-    const int64_t at = a0 + K * c0;
     int64_t i = 0;
     if (w == TILE) { /* constant widths: the compiler unrolls the tile into registers */
         for (; i + MB <= m; i += MB) shrink_block(x, ldx, rows + i, MB, a, at, half, K, nR, c0, TILE, h + i * nR);
         for (; i < m; i++) shrink_block(x, ldx, rows + i, 1, a, at, half, K, nR, c0, TILE, h + i * nR);
     } else {
         for (; i < m; i++) shrink_block(x, ldx, rows + i, 1, a, at, half, K, nR, c0, w, h + i * nR);
+    }
+}
+
+/* shrink_rows for a slot whose packed A starts `a0` elements into a; a large segment's fp16 tile is
+ * widened into scratch first. */
+static inline __attribute__((always_inline)) void shrink(const float *x, int64_t ldx, const int64_t *rows, int64_t m,
+                                                          const void *a, int64_t a0, const int half, int64_t K,
+                                                          int64_t nR, int64_t c0, float *h, float *scratch) {
+    const int64_t at = a0 + K * c0;
+    if (half && scratch && m >= WIDEN_ROWS) {
+        widen((const uint16_t *)a + at, K * (nR - c0 < TILE ? nR - c0 : TILE), scratch);
+        shrink_rows(x, ldx, rows, m, scratch, 0, 0, K, nR, c0, h);
+    } else {
+        shrink_rows(x, ldx, rows, m, a, at, half, K, nR, c0, h);
     }
 }
 
@@ -147,12 +176,13 @@ static inline __attribute__((always_inline)) void expand_block(float *out, int64
             for (int t = 0; t < w; t++) out[rows[r] * ldo + c + q * TILE + t] = acc[r][q][t];
 }
 
-/* out[rows[i], c0:c1] += h[i, jR:jR+R] @ B_j[:, c0:c1] for the m rows of one segment (hj = h + jR; B the
- * slot's packed B, `b0` elements into b). Rows in blocks of MB over one tile; the rest one row at a time
- * over MB tiles. */
-static inline __attribute__((always_inline)) void expand(float *out, int64_t ldo, const int64_t *rows, int64_t m,
-                                                          const float *hj, int64_t nR, const void *b, int64_t b0,
-                                                          const int half, int64_t R, int64_t c0, int64_t c1) {
+/* out[rows[i], c0:c1] += h[i, jR:jR+R] @ B_j[:, c0:c1] for the m rows of one segment (hj = h + jR; the
+ * tile at output column c at b + b0 + R * c). Rows in blocks of MB over one tile; the rest one row at a
+ * time over MB tiles. */
+static inline __attribute__((always_inline)) void expand_rows(float *out, int64_t ldo, const int64_t *rows,
+                                                               int64_t m, const float *hj, int64_t nR, const void *b,
+                                                               int64_t b0, const int half, int64_t R, int64_t c0,
+                                                               int64_t c1) {
     const int64_t blocked = m - m % MB;
     for (int64_t c = c0; c < c1; c += TILE) {
         const int w = c1 - c < TILE ? (int)(c1 - c) : TILE;
@@ -173,6 +203,20 @@ static inline __attribute__((always_inline)) void expand(float *out, int64_t ldo
     }
 }
 
+/* expand_rows for a slot whose packed B starts `b0` elements into b; a large segment's fp16 chunk (its
+ * tiles lie together: R * (c1 - c0) weights from column c0's tile on) is widened into scratch first. */
+static inline __attribute__((always_inline)) void expand(float *out, int64_t ldo, const int64_t *rows, int64_t m,
+                                                          const float *hj, int64_t nR, const void *b, int64_t b0,
+                                                          const int half, int64_t R, int64_t c0, int64_t c1,
+                                                          float *scratch) {
+    if (half && scratch && m >= WIDEN_ROWS) {
+        widen((const uint16_t *)b + b0 + R * c0, R * (c1 - c0), scratch);
+        expand_rows(out, ldo, rows, m, hj, nR, scratch, -R * c0, 0, R, c0, c1);
+    } else {
+        expand_rows(out, ldo, rows, m, hj, nR, b, b0, half, R, c0, c1);
+    }
+}
+
 static int64_t chunks_of(int64_t width) { return (width + CHUNK - 1) / CHUNK; }
 
 static inline __attribute__((always_inline)) void sgmv(const float *x, int64_t ldx, float *out, int64_t ldo,
@@ -189,11 +233,14 @@ static inline __attribute__((always_inline)) void sgmv(const float *x, int64_t l
      * are larger and uneven, took the same either way (286-295 vs 294-301 ms). */
 #pragma omp parallel num_threads(nthreads)
     {
+        /* fp16 only: an A tile or a B chunk widened (NULL when malloc fails: every segment then widens as
+         * it reads, which is only slower) */
+        float *scratch = half ? malloc(sizeof(float) * (size_t)(K * TILE > R * CHUNK ? K * TILE : R * CHUNK)) : 0;
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < nseg * tiles; t++) {
             const int64_t s = t / tiles;
             shrink(x, ldx, rows + starts[s], starts[s + 1] - starts[s], a, slots[s] * K * nR, half, K, nR,
-                   (t % tiles) * TILE, h + starts[s] * nR);
+                   (t % tiles) * TILE, h + starts[s] * nR, scratch);
         }
         /* the implicit barrier: every h row is complete before an expand reads it */
 #pragma omp for schedule(static)
@@ -203,8 +250,9 @@ static inline __attribute__((always_inline)) void sgmv(const float *x, int64_t l
             for (; c >= chunks_of(cols[j + 1] - cols[j]); j++) c -= chunks_of(cols[j + 1] - cols[j]);
             const int64_t c0 = cols[j] + c * CHUNK, c1 = c0 + CHUNK < cols[j + 1] ? c0 + CHUNK : cols[j + 1];
             expand(out, ldo, rows + starts[s], starts[s + 1] - starts[s], h + starts[s] * nR + j * R, nR, b,
-                   slots[s] * R * N, half, R, c0, c1);
+                   slots[s] * R * N, half, R, c0, c1, scratch);
         }
+        free(scratch);
     }
 }
 
