@@ -181,18 +181,6 @@ def test_float16_slots_need_the_cpu_kernel(base: Any) -> None:
     assert engine.adapters.dtype is torch.float16
 
 
-def test_the_loader_packs_adapters_for_the_cpu_kernel(base: Any, adapters: dict[str, Path]) -> None:
-    """Packing happens on the loader thread: what the host cache holds is already the slot layout."""
-    ref = _refs(adapters)["r8-all"]
-    for native in (True, False):
-        engine = build_engine(base, native_kernels=native)
-        engine.adapters.register(ref)
-        wait_adapters_in_host(engine, {ref.key})
-        w = engine.adapters._host[ref.key]
-        assert (w.packed is not None) is native and bool(w.modules) is not native
-        engine.adapters.close()
-
-
 def test_more_adapters_than_slots(base: Any, adapters: dict[str, Path], reference: Any) -> None:
     """Two slots per rank bucket for four rank-8-bucket adapters: requests wait for a slot, evicted
     adapters are written back later (into slots that held other adapters), and every output is right."""

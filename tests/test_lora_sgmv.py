@@ -10,7 +10,7 @@ import torch
 from loraserve.engine import cpu_kernels
 from loraserve.engine.config import ModelConfig
 from loraserve.engine.cpu_kernels import LoraSgmv, load_lora_sgmv
-from loraserve.engine.lora import GROUP_TARGETS, LoraGroup, LoraPool, LoraWeights, _pack_tiles, pack_adapter
+from loraserve.engine.lora import GROUP_TARGETS, LoraGroup, LoraPool, LoraWeights, _pack_tiles
 from loraserve.engine.lora_batch import LoraBatch, SgmvPart
 
 if cpu_kernels._compiler() is None:
@@ -201,25 +201,6 @@ def test_packing_keeps_every_value_and_drops_the_zero_blocks(sgmv: LoraSgmv) -> 
     # B of q/k/v and gate/up without their zero blocks: 1/3 and 1/2 of the block-diagonal size.
     assert packed_pool.b[LoraGroup.QKV][:, 0].numel() * 3 == plain_pool.b[LoraGroup.QKV][:, 0].numel()
     assert packed_pool.b[LoraGroup.GATE_UP][:, 0].numel() * 2 == plain_pool.b[LoraGroup.GATE_UP][:, 0].numel()
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_an_adapter_packed_ahead_fills_a_slot_with_the_same_bits(sgmv: LoraSgmv, dtype: torch.dtype) -> None:
-    """The loader thread packs (pack_adapter); the step thread's write is then a copy of the same layout."""
-    w = _weights("a", 5, ["q_proj", "v_proj", "up_proj", "down_proj"], seed=3)
-    w.modules = {m: (a.to(dtype), b.to(dtype)) for m, (a, b) in w.modules.items()}
-    direct, ahead = LoraPool(CFG, 8, 2, dtype, CPU, sgmv), LoraPool(CFG, 8, 2, dtype, CPU, sgmv)
-    direct.write(1, w)
-    packed = LoraWeights(w.key, dict(w.modules))
-    pack_adapter(packed, CFG, 8, sgmv.tile)
-    assert packed.packed is not None and packed.modules == {} and packed.rank == 5
-    assert packed.nbytes == sum(t.nbytes for t in packed.packed.a + packed.packed.b)
-    ahead.write(1, packed)
-    for group in LoraGroup:
-        assert torch.equal(direct.a[group][:, 1], ahead.a[group][:, 1])
-        assert torch.equal(direct.b[group][:, 1], ahead.b[group][:, 1])
-    with pytest.raises(ValueError, match="packed for another pool"):
-        LoraPool(CFG, 16, 1, dtype, CPU, sgmv).write(0, packed)
 
 
 def test_packed_pools_are_cpu_float32_or_float16_only(sgmv: LoraSgmv) -> None:

@@ -17,7 +17,7 @@ import torch
 from loraserve.engine.adapter_slots import SlotTable
 from loraserve.engine.config import EngineConfig, ModelConfig
 from loraserve.engine.cpu_kernels import LoraSgmv
-from loraserve.engine.lora import LoraPool, LoraWeights, load_adapter, pack_adapter, rank_bucket
+from loraserve.engine.lora import LoraPool, LoraWeights, load_adapter, rank_bucket
 from loraserve.engine.scheduler import AdapterState
 from loraserve.types import AdapterRef
 
@@ -62,7 +62,7 @@ class AdapterCache:
             if ref is None:
                 self._failed[key] = "adapter is not registered"
                 return AdapterState.FAILED
-            fut = self._loading[key] = self._loader.submit(self._load, ref)
+            fut = self._loading[key] = self._loader.submit(load_adapter, ref, self.cfg, self.dtype)
             fut.add_done_callback(self._loaded)
             return AdapterState.LOADING
         if not fut.done():
@@ -127,13 +127,6 @@ class AdapterCache:
 
     def close(self) -> None:
         self._loader.shutdown(wait=False, cancel_futures=True)
-
-    def _load(self, ref: AdapterRef) -> LoraWeights:
-        """On the loader thread: parse, and for the CPU kernel's pools pack it too (off the step path)."""
-        w = load_adapter(ref, self.cfg, self.dtype)
-        if self.sgmv is not None and w.rank <= self.ecfg.max_lora_rank:
-            pack_adapter(w, self.cfg, rank_bucket(w.rank), self.sgmv.tile)
-        return w
 
     def _loaded(self, _: Future[LoraWeights]) -> None:
         if self.on_loaded is not None:

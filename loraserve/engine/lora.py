@@ -42,27 +42,13 @@ _NAME = re.compile(r"(?:base_model\.model\.)?model\.layers\.(\d+)\.(?:self_attn|
 
 
 @dataclass
-class PackedAdapter:
-    """An adapter already in a packed pool's slot layout (rank bucket, column tile, dtype): filling a slot is
-    then one copy a group. `pack_adapter` makes it on the loader thread, so the step thread never packs
-    (~15 ms a float32 SmolLM2 adapter, once for each adapter a step brings into a slot)."""
-
-    rank: int
-    tile: int
-    a: list[torch.Tensor]  # per LoraGroup: [L, K * n * rank]
-    b: list[torch.Tensor]  # per LoraGroup: [L, rank * N]
-
-
-@dataclass
 class LoraWeights:
-    """One adapter in host memory: per (layer, target) the pair A [r, in], B [out, r] with the scale folded in;
-    or, once `pack_adapter` ran, only its packed slot layout (`packed`; `modules` then empty)."""
+    """One adapter in host memory: per (layer, target) the pair A [r, in], B [out, r] with the scale folded in."""
 
     key: str
     modules: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
     rank: int = field(init=False)
     nbytes: int = field(init=False)
-    packed: PackedAdapter | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.rank = max((a.shape[0] for a, _ in self.modules.values()), default=1)
@@ -125,40 +111,6 @@ def _pack_tiles(m: torch.Tensor, tile: int) -> torch.Tensor:
     return torch.cat(parts, dim=1)
 
 
-def _padded(cfg: ModelConfig, w: LoraWeights, group: LoraGroup, r_max: int,
-            dtype: torch.dtype) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """w's A for `group` as [L, K, n*R] (targets side by side) and its B blocks as [L, R, out_j], zero where a
-    target is absent or its rank is below R."""
-    fan_in, fan_outs = LoraPool._group_shape(cfg, group)
-    targets = GROUP_TARGETS[group]
-    a = torch.zeros(cfg.num_layers, fan_in, len(targets) * r_max, dtype=dtype)
-    bs = [torch.zeros(cfg.num_layers, r_max, fo, dtype=dtype) for fo in fan_outs]
-    for j, target in enumerate(targets):
-        for layer in range(cfg.num_layers):
-            pair = w.modules.get((layer, target))
-            if pair is not None:
-                wa, wb = pair
-                r = wa.shape[0]
-                a[layer, :, j * r_max:j * r_max + r] = wa.t()
-                bs[j][layer, :r] = wb.t()
-    return a, bs
-
-
-def _packed_group(cfg: ModelConfig, w: LoraWeights, group: LoraGroup, r_max: int, tile: int,
-                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    a, bs = _padded(cfg, w, group, r_max, dtype)
-    return _pack_tiles(a, tile), torch.cat([_pack_tiles(b, tile) for b in bs], dim=1)
-
-
-def pack_adapter(w: LoraWeights, cfg: ModelConfig, rank: int, tile: int) -> None:
-    """Replace w's modules by its slot layout for packed pools of rank bucket `rank` (in w's own dtype)."""
-    dtype = next(iter(w.modules.values()))[0].dtype if w.modules else torch.float32
-    groups = [_packed_group(cfg, w, group, rank, tile, dtype) for group in LoraGroup]
-    w.packed = PackedAdapter(rank, tile, [a for a, _ in groups], [b for _, b in groups])
-    w.modules = {}
-    w.nbytes = sum(a.nbytes + b.nbytes for a, b in groups)
-
-
 class LoraPool:
     """Device slots for adapters of one rank bucket R; slot memory is touched only when written.
 
@@ -206,24 +158,27 @@ class LoraPool:
         return total * cfg.num_layers * itemsize
 
     def write(self, slot: int, w: LoraWeights) -> None:
-        p = w.packed
-        if p is not None:  # packed on the loader thread: copies only
-            if self.sgmv is None or (p.rank, p.tile, p.a[0].dtype) != (self.rank, self.sgmv.tile, self.a[0].dtype):
-                raise ValueError(f"adapter {w.key} was packed for another pool")
-            for group in LoraGroup:
-                self.a[group][:, slot] = p.a[group]
-                self.b[group][:, slot] = p.b[group]
-            return
+        n_l, r_max = self.cfg.num_layers, self.rank
         for group in LoraGroup:
+            fan_in, fan_outs = self._group_shape(self.cfg, group)
+            targets = GROUP_TARGETS[group]
+            a = torch.zeros(n_l, fan_in, len(targets) * r_max, dtype=self.a[group].dtype)  # [L, K, n*R]
+            bs = [torch.zeros(n_l, r_max, fo, dtype=self.b[group].dtype) for fo in fan_outs]  # [L, R, out_j]
+            for j, target in enumerate(targets):
+                for layer in range(n_l):
+                    pair = w.modules.get((layer, target))
+                    if pair is not None:
+                        wa, wb = pair
+                        r = wa.shape[0]
+                        a[layer, :, j * r_max:j * r_max + r] = wa.t()
+                        bs[j][layer, :r] = wb.t()
             if self.sgmv is not None:
-                self.a[group][:, slot], self.b[group][:, slot] = _packed_group(
-                    self.cfg, w, group, self.rank, self.sgmv.tile, self.a[group].dtype)
+                self.a[group][:, slot] = _pack_tiles(a, self.sgmv.tile)
+                self.b[group][:, slot] = torch.cat([_pack_tiles(b, self.sgmv.tile) for b in bs], dim=1)
                 continue
-            a, bs = _padded(self.cfg, w, group, self.rank, self.a[group].dtype)  # a: [L, K, n*R]
             self.a[group][:, slot] = a
             b_slot = self.b[group][:, slot]  # [L, n*R, N]
             b_slot.zero_()
-            _, fan_outs = self._group_shape(self.cfg, group)
             for j, b in enumerate(bs):
                 c0 = int(self.cols[group][j])
-                b_slot[:, j * self.rank:(j + 1) * self.rank, c0:c0 + fan_outs[j]] = b
+                b_slot[:, j * r_max:(j + 1) * r_max, c0:c0 + fan_outs[j]] = b
