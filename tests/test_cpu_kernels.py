@@ -85,6 +85,26 @@ def test_matches_attention_over_gathered_kv(kernel: PagedAttention, hq: int, hkv
     torch.testing.assert_close(_run(kernel, c, bs), _reference(c, bs), atol=2e-5, rtol=1e-4)
 
 
+def test_prefill_rows_by_length_are_causal_attention(kernel: PagedAttention) -> None:
+    """The engine hands a prefill chunk's tokens over as rows of one sequence with growing lengths: that
+    is causal attention over the sequence's cached prefix and the chunk."""
+    c = _case(1, 9, 3, 64, 16, [40], seed=9)
+    ctx, first = 40, 25  # 25 cached positions, then a 15-token chunk
+    n = ctx - first
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(n, 9, 64, generator=g)
+    tables = c["tables"].expand(n, -1).contiguous()
+    lens = torch.arange(first + 1, ctx + 1)
+    out = torch.empty_like(q)
+    kernel(q, c["k"], c["v"], tables, lens, 16, out)
+    pos = torch.arange(ctx)
+    slots = c["tables"][0][pos // 16] * 16 + pos % 16
+    k, v = c["k"][slots].double().transpose(0, 1), c["v"][slots].double().transpose(0, 1)  # [Hkv, ctx, D]
+    mask = pos.unsqueeze(0) <= torch.arange(first, ctx).unsqueeze(1)  # [n, ctx]
+    want = F.scaled_dot_product_attention(q.double().transpose(0, 1), k, v, attn_mask=mask, enable_gqa=True)
+    torch.testing.assert_close(out, want.transpose(0, 1).float(), atol=2e-5, rtol=1e-4)
+
+
 def test_peaked_softmax(kernel: PagedAttention) -> None:
     """Scores ~100s apart: the kernel's own exp meets arguments far below -87 (clamped, then ~0)."""
     c = _case(3, 9, 3, 64, 16, [40, 17, 90], seed=5)

@@ -147,8 +147,9 @@ class EngineConfig:
     prefix_caching: bool = True
     # CUDA only: replay pure decode steps as captured CUDA graphs (decode_graphs.py); off to compare.
     cuda_graphs: bool = True
-    # CPU float32 only: projections, decode attention (K/V read in place through block tables), multi-LoRA
-    # (packed adapter slots) and residual/RMSNorm/RoPE in C kernels built at first start (cpu_kernels.py);
+    # CPU float32 only: projections, attention (decode and prefill; K/V read in place through block
+    # tables), multi-LoRA (packed adapter slots) and residual/RMSNorm/RoPE/silu in C kernels built at first
+    # start (cpu_kernels.py);
     # off (or no C compiler) for torch's MKL, gather + SDPA, padded-GEMM and operator paths.
     native_kernels: bool = True
     threads: int = field(default_factory=_default_threads)

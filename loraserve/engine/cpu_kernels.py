@@ -98,7 +98,8 @@ def _cpu_float32(t: torch.Tensor) -> bool:
 
 
 class PagedAttention:
-    """Decode attention on the CPU, reading K/V in place through block tables (float32 only)."""
+    """Attention on the CPU, one query row at a time (a decode, or a prefill token: causal by length), reading
+    K/V in place through block tables (float32 only)."""
 
     def __init__(self, lib: ctypes.CDLL) -> None:
         fn = lib.paged_decode_attention

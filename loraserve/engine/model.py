@@ -31,11 +31,13 @@ class PrefillMeta:
 
 
 @dataclass
-class PagedDecode:
-    """Decode rows' K/V addressed through block tables, for a paged attention kernel (no gather)."""
+class PagedRows:
+    """Every row's K/V addressed through its sequence's block table, for the paged attention kernel (no
+    gather): a decode row, or one token of a prefill chunk, which attends to its first `lens` positions
+    (causal attention by length; the chunk's own K/V are in the cache before attention runs)."""
 
-    tables: torch.Tensor  # [Bd, W] int64 block ids of each sequence, zero-padded
-    lens: torch.Tensor  # [Bd] int64 context length, the new token included
+    tables: torch.Tensor  # [T, W] int64 block ids of each row's sequence, zero-padded
+    lens: torch.Tensor  # [T] int64 context length, the row's own token included
     block_size: int
 
 
@@ -47,13 +49,14 @@ class BatchMeta:
     positions: torch.Tensor  # [T]
     slot_mapping: torch.Tensor  # [T] flat KV slot each new token writes
     num_decode: int  # rows [0, num_decode) are single-token decodes, one per sequence
-    # Decode attention's K/V: either gathered (flat slots, padded, with a mask) or `paged` (block tables).
+    # Attention's K/V: `paged` (block tables, every row, the CPU kernel), else decode rows gathered (flat
+    # slots, padded, with a mask) and each prefill chunk gathered for SDPA (`prefills`).
     decode_gather: torch.Tensor | None  # [Bd, Lmax] flat KV slots, padded
     decode_mask: torch.Tensor | None  # [Bd, 1, 1, Lmax] bool
-    prefills: list[PrefillMeta]
+    prefills: list[PrefillMeta]  # empty when `paged` covers every row
     logits_indices: torch.Tensor  # [S] rows whose next token is sampled
     lora: LoraBatch | StaticLora | None = None
-    paged: PagedDecode | None = None
+    paged: PagedRows | None = None
 
 
 class KVCache:
@@ -237,11 +240,11 @@ class Llama:
         cfg = self.cfg
         out = torch.empty(q.shape[0], cfg.q_size, dtype=q.dtype, device=q.device)
         nd = batch.num_decode
-        if nd and batch.paged is not None:
+        if batch.paged is not None:  # every row, decodes and prefill tokens alike
             assert self.paged_attention is not None  # the runner builds `paged` only when the model has it
             pd = batch.paged
-            self.paged_attention(q[:nd], k_cache, v_cache, pd.tables, pd.lens, pd.block_size,
-                                 out[:nd].view(nd, cfg.num_heads, cfg.head_dim))
+            self.paged_attention(q, k_cache, v_cache, pd.tables, pd.lens, pd.block_size,
+                                 out.view(-1, cfg.num_heads, cfg.head_dim))
         elif nd:
             assert batch.decode_gather is not None and batch.decode_mask is not None
             bd, lmax = batch.decode_gather.shape

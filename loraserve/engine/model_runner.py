@@ -8,7 +8,7 @@ from loraserve.engine.adapter_cache import AdapterCache
 from loraserve.engine.decode_graphs import DecodeGraphs, DecodeInputs
 from loraserve.engine.lora import LoraPool
 from loraserve.engine.lora_batch import LoraBatch
-from loraserve.engine.model import BatchMeta, KVCache, Llama, PagedDecode, PrefillMeta
+from loraserve.engine.model import BatchMeta, KVCache, Llama, PagedRows, PrefillMeta
 from loraserve.engine.sampling import apply_penalties, sample
 from loraserve.engine.scheduler import ScheduledSeq
 from loraserve.engine.sequence import Sequence
@@ -46,6 +46,7 @@ class ModelRunner:
                          if s.seq.seq_id in lora else (1 << 30, 0))
         order = decodes + [s for s in scheduled if s.num_new != 1]
         nd = sum(1 for s in order if s.num_new == 1)
+        paged_rows = self.model.paged_attention is not None  # the kernel takes every row, prefills too
         ids: list[int] = []
         positions: list[torch.Tensor] = []
         slots: list[torch.Tensor] = []
@@ -59,7 +60,7 @@ class ModelRunner:
             ids.extend(seq.token_ids[start:end])
             positions.append(torch.arange(start, end))
             slots.append(self._slots(seq, start, end))
-            if s.num_new != 1:
+            if s.num_new != 1 and not paged_rows:
                 q_pos = torch.arange(start, end).unsqueeze(1)  # [n, 1]
                 mask = torch.arange(end).unsqueeze(0) <= q_pos  # [n, ctx]
                 prefills.append(PrefillMeta(row, s.num_new, self._slots(seq, 0, end).to(self.device),
@@ -68,20 +69,21 @@ class ModelRunner:
                 logits_rows.append(row + s.num_new - 1)
             row_slots.extend([lora.get(seq.seq_id)] * s.num_new)
         decode_gather = decode_mask = paged = None
-        if nd:
+        row_positions = torch.cat(positions)
+        if paged_rows:  # rows attend by length: position + 1 (causal within a prefill chunk)
+            lens_t = row_positions + 1
+            tables = self._block_tables([s.seq for s in order], int(lens_t.max()))  # [S, W], a row a sequence
+            per_row = torch.repeat_interleave(torch.arange(len(order)), torch.tensor([s.num_new for s in order]))
+            paged = PagedRows(tables[per_row].to(self.device), lens_t.to(self.device), self.block_size)
+        elif nd:
             seqs = [s.seq for s in order[:nd]]
-            lens = [seq.num_computed + 1 for seq in seqs]  # context lengths, the new token included
-            lmax = max(lens)
-            if self.model.paged_attention is not None:  # the kernel reads K/V through the block tables
-                paged = PagedDecode(self._block_tables(seqs, lmax).to(self.device),
-                                    torch.tensor(lens, device=self.device), self.block_size)
-            else:
-                gather, valid = self._decode_gather(seqs, lmax)  # [Bd, Lmax]
-                decode_gather = gather.to(self.device)
-                decode_mask = valid.view(nd, 1, 1, lmax).to(self.device)
+            lmax = max(seq.num_computed + 1 for seq in seqs)  # context lengths, the new token included
+            gather, valid = self._decode_gather(seqs, lmax)  # [Bd, Lmax]
+            decode_gather = gather.to(self.device)
+            decode_mask = valid.view(nd, 1, 1, lmax).to(self.device)
         meta = BatchMeta(
             input_ids=torch.tensor(ids, dtype=torch.long, device=self.device),
-            positions=torch.cat(positions).to(self.device),
+            positions=row_positions.to(self.device),
             slot_mapping=torch.cat(slots).to(self.device),
             num_decode=nd,
             decode_gather=decode_gather,

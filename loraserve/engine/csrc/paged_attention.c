@@ -1,5 +1,8 @@
-/* Decode attention over a paged KV cache, on the CPU: one query token per sequence, K/V read in place
- * through the sequence's block table (never gathered into a padded copy first).
+/* Attention over a paged KV cache, on the CPU: one query token per row, K/V read in place through the
+ * row's block table (never gathered into a padded copy first). A row is a decode, or one token of a
+ * prefill chunk: the engine passes a chunk as rows of one sequence with lengths growing by one, which is
+ * causal attention (a 4096-token prefill: 366 -> 191 ms of attention against torch's SDPA over
+ * gathered K/V; a 2000-token prompt 2273 -> 1919 ms in all).
  *
  * Built by loraserve/engine/cpu_kernels.py with the machine's C compiler (-O3 -march=native -fopenmp)
  * and called through ctypes. Layouts (float32, contiguous):
