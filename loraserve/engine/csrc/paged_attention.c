@@ -32,8 +32,38 @@
 #define FTZ_OFF(saved) (void)0
 #endif
 
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
+#elif defined(__AVX2__) && defined(__FMA__)
+#define SW 8 /* AVX2: one ymm of 8 positions */
+/* The 8 sums of a[0..7] in one vector (lane j: the sum of a[j]'s lanes): 6 horizontal adds, 2 lane
+ * permutes and an add, where 8 horizontal sums take ~50 operations. */
+static inline __attribute__((always_inline)) __m256 sum8(const __m256 a[8]) {
+    const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
+    const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
+    const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3); /* 128-bit half h: a[0..3] / a[4..7] */
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+/* s[g * ls + j] = scale * q_g . k_j for j < n <= SW and the G heads; rows k_j ld floats apart (all SW
+ * readable: they lie in one cache block). */
+static inline __attribute__((always_inline)) void qk_tile(const float *q, const float *k, int64_t ld, const int64_t G,
+                                                           const int64_t D, float scale, float *s, int64_t ls, int64_t n) {
+    for (int64_t g = 0; g < G; g++) {
+        __m256 acc[8];
+        for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
+        for (int64_t c = 0; c < D; c += 8) { /* 8 accumulators, one q chunk: 10 of the 16 ymm */
+            const __m256 qv = _mm256_loadu_ps(q + g * D + c);
+            for (int j = 0; j < 8; j++) acc[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + j * ld + c), acc[j]);
+        }
+        float r[8];
+        _mm256_storeu_ps(r, _mm256_mul_ps(sum8(acc), _mm256_set1_ps(scale)));
+        for (int64_t j = 0; j < n; j++) s[g * ls + j] = r[j];
+    }
+}
+#endif
+#if defined(__AVX512F__)
+#define SW 16 /* scores a tile: one zmm of 16 positions */
 /* The 16 sums of a[0..15] in one vector (lane j: the sum of a[j]'s lanes): a transpose-and-add tree, 15
  * adds and 30 shuffles where 16 horizontal sums take ~130 operations. */
 static inline __attribute__((always_inline)) __m512 sum16(const __m512 a[16]) {
@@ -50,9 +80,9 @@ static inline __attribute__((always_inline)) __m512 sum16(const __m512 a[16]) {
     return _mm512_add_ps(_mm512_shuffle_f32x4(d[0], d[1], 0x88), _mm512_shuffle_f32x4(d[0], d[1], 0xDD));
 }
 
-/* s[g * ls + j] = scale * q_g . k_j for j < n <= 16 and the G heads; rows k_j ld floats apart (all 16
+/* s[g * ls + j] = scale * q_g . k_j for j < n <= SW and the G heads; rows k_j ld floats apart (all SW
  * readable: they lie in one cache block). */
-static inline __attribute__((always_inline)) void qk16(const float *q, const float *k, int64_t ld, const int64_t G,
+static inline __attribute__((always_inline)) void qk_tile(const float *q, const float *k, int64_t ld, const int64_t G,
                                                         const int64_t D, float scale, float *s, int64_t ls, int64_t n) {
     for (int64_t g = 0; g < G; g++) {
         __m512 acc[16];
@@ -65,6 +95,33 @@ static inline __attribute__((always_inline)) void qk16(const float *q, const flo
         _mm512_mask_storeu_ps(s + g * ls, (__mmask16)((1u << n) - 1), r);
     }
 }
+#elif defined(__AVX2__) && defined(__FMA__)
+#define SW 8 /* AVX2: one ymm of 8 positions */
+/* The 8 sums of a[0..7] in one vector (lane j: the sum of a[j]'s lanes): 6 horizontal adds, 2 lane
+ * permutes and an add, where 8 horizontal sums take ~50 operations. */
+static inline __attribute__((always_inline)) __m256 sum8(const __m256 a[8]) {
+    const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
+    const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
+    const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3); /* 128-bit half h: a[0..3] / a[4..7] */
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+/* s[g * ls + j] = scale * q_g . k_j for j < n <= SW and the G heads; rows k_j ld floats apart (all SW
+ * readable: they lie in one cache block). */
+static inline __attribute__((always_inline)) void qk_tile(const float *q, const float *k, int64_t ld, const int64_t G,
+                                                           const int64_t D, float scale, float *s, int64_t ls, int64_t n) {
+    for (int64_t g = 0; g < G; g++) {
+        __m256 acc[8];
+        for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
+        for (int64_t c = 0; c < D; c += 8) { /* 8 accumulators, one q chunk: 10 of the 16 ymm */
+            const __m256 qv = _mm256_loadu_ps(q + g * D + c);
+            for (int j = 0; j < 8; j++) acc[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + j * ld + c), acc[j]);
+        }
+        float r[8];
+        _mm256_storeu_ps(r, _mm256_mul_ps(sum8(acc), _mm256_set1_ps(scale)));
+        for (int64_t j = 0; j < n; j++) s[g * ls + j] = r[j];
+    }
+}
 #endif
 
 /* Attention of the G query heads of KV head kvh over the sequence's first L positions: q, out [G, D];
@@ -72,13 +129,15 @@ static inline __attribute__((always_inline)) void qk16(const float *q, const flo
  * for the G heads. Called with constant G and D for the common shapes, so that the accumulators (G * D
  * floats: 12 zmm for SmolLM2) stay in registers while V streams by: ~20% faster than one pass over all
  * heads with the accumulators in memory (400 -> 325 us at batch 32, 128-256 positions, same bits).
- * With AVX-512, scores come 16 positions at a time (qk16): one horizontal sum per score had made the
- * QK phase 40% of the kernel with K in cache. That and exp_nonpos: a layer at batch 32, 128-256
- * positions, K/V in L3, 262 -> 155 us; from memory (the engine's case) ~5-10% (profile-step: 9.4-9.7 ->
- * 8.6-9.2 ms of attention a batch-32 step), which is then what bounds it.
+ * Scores come a tile of positions at a time (qk_tile: 16 with AVX-512, 8 with AVX2): one horizontal
+ * sum per score had made the QK phase 40% of the kernel with K in cache. With AVX-512, that and
+ * exp_nonpos: a layer at batch 32, 128-256 positions, K/V in L3, 262 -> 155 us; from memory (the
+ * engine's case) ~5-10% (profile-step: 9.4-9.7 -> 8.6-9.2 ms of attention a batch-32 step), which is
+ * then what bounds it. The AVX2 build's 8-position tiles: 263-271 -> 243-246 us in L3, 429 -> 411 from
+ * memory.
  * Blocks lie anywhere in the cache, so the hardware prefetcher starts cold at each one: the next block's
  * rows are prefetched one block ahead (cold caches, as in the engine where the weights stream through
- * between layers: 840 -> 500 us; two or four blocks ahead measured the same, before and after qk16). */
+ * between layers: 840 -> 500 us; two or four blocks ahead measured the same, before and after the score tiles). */
 static inline __attribute__((always_inline)) void attend_kv(const float *q, const float *kc, const float *vc,
         const int64_t *tb, int64_t L, int64_t kvh, int64_t Hkv, const int64_t G, const int64_t D, int64_t bs,
         float scale, float *out, float *s) {
@@ -86,12 +145,12 @@ static inline __attribute__((always_inline)) void attend_kv(const float *q, cons
         const int64_t n = L - j0 < bs ? L - j0 : bs;
         const float *kb = kc + (tb[blk] * bs * Hkv + kvh) * D;
         const float *kn = j0 + bs < L ? kc + (tb[blk + 1] * bs * Hkv + kvh) * D : kb; /* the next block */
-#ifdef __AVX512F__
-        if (bs % 16 == 0 && D % 16 == 0) {
-            for (int64_t j = 0; j < n; j += 16) {
-                for (int64_t r = j; r < j + 16; r++)
+#ifdef SW
+        if (bs % SW == 0 && D % SW == 0) {
+            for (int64_t j = 0; j < n; j += SW) {
+                for (int64_t r = j; r < j + SW; r++)
                     for (int64_t c = 0; c < D; c += 16) __builtin_prefetch(kn + r * Hkv * D + c);
-                qk16(q, kb + j * Hkv * D, Hkv * D, G, D, scale, s + j0 + j, L, n - j < 16 ? n - j : 16);
+                qk_tile(q, kb + j * Hkv * D, Hkv * D, G, D, scale, s + j0 + j, L, n - j < SW ? n - j : SW);
             }
             continue;
         }
