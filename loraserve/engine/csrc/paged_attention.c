@@ -34,33 +34,6 @@
 
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
-#elif defined(__AVX2__) && defined(__FMA__)
-#define SW 8 /* AVX2: one ymm of 8 positions */
-/* The 8 sums of a[0..7] in one vector (lane j: the sum of a[j]'s lanes): 6 horizontal adds, 2 lane
- * permutes and an add, where 8 horizontal sums take ~50 operations. */
-static inline __attribute__((always_inline)) __m256 sum8(const __m256 a[8]) {
-    const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
-    const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
-    const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3); /* 128-bit half h: a[0..3] / a[4..7] */
-    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
-}
-
-/* s[g * ls + j] = scale * q_g . k_j for j < n <= SW and the G heads; rows k_j ld floats apart (all SW
- * readable: they lie in one cache block). */
-static inline __attribute__((always_inline)) void qk_tile(const float *q, const float *k, int64_t ld, const int64_t G,
-                                                           const int64_t D, float scale, float *s, int64_t ls, int64_t n) {
-    for (int64_t g = 0; g < G; g++) {
-        __m256 acc[8];
-        for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
-        for (int64_t c = 0; c < D; c += 8) { /* 8 accumulators, one q chunk: 10 of the 16 ymm */
-            const __m256 qv = _mm256_loadu_ps(q + g * D + c);
-            for (int j = 0; j < 8; j++) acc[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + j * ld + c), acc[j]);
-        }
-        float r[8];
-        _mm256_storeu_ps(r, _mm256_mul_ps(sum8(acc), _mm256_set1_ps(scale)));
-        for (int64_t j = 0; j < n; j++) s[g * ls + j] = r[j];
-    }
-}
 #endif
 #if defined(__AVX512F__)
 #define SW 16 /* scores a tile: one zmm of 16 positions */
