@@ -149,8 +149,8 @@ class EngineConfig:
     cuda_graphs: bool = True
     # CPU float32 only: projections, attention (decode and prefill; K/V read in place through block
     # tables), multi-LoRA (packed adapter slots) and residual/RMSNorm/RoPE/silu in C kernels built at first
-    # start (cpu_kernels.py);
-    # off (or no C compiler) for torch's MKL, gather + SDPA, padded-GEMM and operator paths.
+    # start (cpu_kernels.py); off (or no C compiler) for torch's MKL, gather + SDPA, padded-GEMM and
+    # operator paths.
     native_kernels: bool = True
     threads: int = field(default_factory=_default_threads)
     seed: int = 0

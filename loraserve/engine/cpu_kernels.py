@@ -202,7 +202,8 @@ class LinearKernel:
 
 
 class LayerGlue:
-    """A decoder layer's element-wise work in few calls: residual add + RMSNorm, RoPE + KV cache write."""
+    """A decoder layer's element-wise work in few calls: residual add + RMSNorm, RoPE + KV cache write,
+    silu(gate) * up."""
 
     def __init__(self, lib: ctypes.CDLL) -> None:
         p, i, f = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float

@@ -31,7 +31,8 @@ _PAD_BYTES = 64 << 20
 
 
 def keep_heap() -> bool:
-    """Raise glibc's mmap threshold to its maximum and its trim threshold to `_TRIM_BYTES`, process-wide.
+    """Raise glibc's mmap threshold to its maximum, its trim threshold to `_TRIM_BYTES` and its top pad to
+    `_PAD_BYTES` (which is what keeps a thread arena's emptied heap from being unmapped), process-wide.
     False (nothing changed) without glibc, or when the operator set malloc tunables in GLIBC_TUNABLES."""
     if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
         return False

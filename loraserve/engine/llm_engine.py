@@ -61,7 +61,7 @@ class LLMEngine:
         if ecfg.lora_dtype == "float16" and sgmv is None:
             raise ValueError("lora_dtype float16 needs the CPU LoRA kernel: device cpu, dtype float32, "
                              "native_kernels on and a C compiler")
-        lora_dtype = torch.float16 if ecfg.lora_dtype == "float16" else self.dtype
+        lora_dtype = self.dtype if ecfg.lora_dtype == "auto" else _DTYPES[ecfg.lora_dtype]
         self.adapters = AdapterCache(cfg, ecfg, lora_dtype, self.device, sgmv)
         self.scheduler = Scheduler(self.blocks, ecfg.max_num_seqs, ecfg.max_num_batched_tokens,
                                    gate=self.adapters, max_waiting=ecfg.max_queue)

@@ -132,9 +132,9 @@ class Llama:
                  linear_kernel: LinearKernel | None = None, layer_glue: LayerGlue | None = None) -> None:
         self.cfg = cfg
         self.device = device
-        # CPU float32 only (cpu_kernels.py): decode attention straight from the paged cache (None: gather +
-        # SDPA), the projections (None: MKL, with the layouts below), residual + RMSNorm and RoPE + KV
-        # write fused (None: torch's operators).
+        # CPU float32 only (cpu_kernels.py): attention, decode and prefill, straight from the paged cache
+        # (None: gather + SDPA), the projections (None: MKL, with the layouts below), residual + RMSNorm,
+        # RoPE + KV write and silu * up fused (None: torch's operators).
         if ((paged_attention is not None or linear_kernel is not None or layer_glue is not None)
                 and (device.type != "cpu" or dtype != torch.float32)):
             raise ValueError("the CPU kernels run on the CPU in float32 only")

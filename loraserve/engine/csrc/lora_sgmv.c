@@ -82,12 +82,8 @@ static inline __attribute__((always_inline)) const float *wrow(const void *base,
 
 /* dst[0:n] = the fp16 src[0:n] as float32. */
 static void widen(const uint16_t *src, int64_t n, float *dst) {
-    float buf[TILE];
     int64_t i = 0;
-    for (; i + TILE <= n; i += TILE) {
-        const float *row = wrow(src, i, 1, TILE, buf);
-        for (int t = 0; t < TILE; t++) dst[i + t] = row[t];
-    }
+    for (; i + TILE <= n; i += TILE) wrow(src, i, 1, TILE, dst + i); /* converts straight into dst */
     for (; i < n; i++) dst[i] = half_to_float(src[i]);
 }
 
