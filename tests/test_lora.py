@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from loraserve.engine import lora
+from loraserve.engine.adapter_file import load_adapter
 from loraserve.engine.llm_engine import LLMEngine
-from loraserve.engine.lora import LoraGroup, LoraPool, load_adapter, rank_bucket
+from loraserve.engine.lora import LoraGroup, LoraPool, rank_bucket
 from loraserve.engine.lora_batch import LoraBatch
 from loraserve.engine.sequence import Sequence
 from loraserve.types import AdapterRef, FinishReason, SamplingParams
@@ -99,13 +100,14 @@ def test_load_adapter_folds_the_peft_scale(base: Any, adapters: dict[str, Path])
         b = raw["base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight"]
         got_a, got_b = w.modules[(1, "q_proj")]
         torch.testing.assert_close(got_a, a)
-        torch.testing.assert_close(got_b, b * expected_scale)
+        torch.testing.assert_close(got_b * w.scales[(1, "q_proj")], b * expected_scale)
         assert w.rank == SPECS[name]["r"]
     w = load_adapter(AdapterRef("p", str(adapters["r4-patterns"])), cfg, torch.float32)
     assert w.modules[(0, "v_proj")][0].shape == (2, 64)  # rank_pattern
     raw = load_file(str(adapters["r4-patterns"] / "adapter_model.safetensors"))
     b = raw["base_model.model.model.layers.0.mlp.down_proj.lora_B.weight"]
-    torch.testing.assert_close(w.modules[(0, "down_proj")][1], b * 24 / 4)  # alpha_pattern
+    torch.testing.assert_close(w.modules[(0, "down_proj")][1], b)
+    assert w.scales[(0, "down_proj")] == 24 / 4  # alpha_pattern
     assert set(w.modules) == {(layer, t) for layer in range(2) for t in ALL_TARGETS}
 
 
@@ -274,7 +276,7 @@ def test_layer_specific_alpha_pattern_matches_peft(base: Any, tmp_path: Path) ->
         layer, target = key
         module = layers[layer].self_attn if target == "q_proj" else layers[layer].mlp
         peft_b = getattr(module, target).lora_B["lp"].weight
-        scales[key] = float((w.modules[key][1] / peft_b).mean())
+        scales[key] = float((w.modules[key][1] * w.scales[key] / peft_b).mean())
     assert scales == pytest.approx({(1, "q_proj"): 16.0, (0, "q_proj"): 1.0, (0, "down_proj"): 3.0})
 
     engine = build_engine(base)
@@ -305,7 +307,7 @@ def _naive_delta(w: Any, layer: int, group: LoraGroup, x: torch.Tensor, cfg: Any
             parts.append(torch.zeros(shapes[target][1]))
         else:
             a, b = pair
-            parts.append(b @ (a @ x))
+            parts.append(b @ (a @ x) * w.scales[(layer, target)])
     return torch.cat(parts)
 
 

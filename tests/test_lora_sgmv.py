@@ -10,8 +10,9 @@ import torch
 from loraserve.engine import cpu_kernels
 from loraserve.engine.config import ModelConfig
 from loraserve.engine.cpu_kernels import LoraSgmv, load_lora_sgmv
-from loraserve.engine.lora import GROUP_TARGETS, LoraGroup, LoraPool, LoraWeights, _pack_tiles
+from loraserve.engine.lora import GROUP_TARGETS, LoraGroup, LoraPool, LoraWeights
 from loraserve.engine.lora_batch import LoraBatch, SgmvPart
+from loraserve.engine.lora_pack import pack_tiles
 
 if cpu_kernels._compiler() is None:
     pytest.skip("no C compiler on this machine: LoRA runs on torch's GEMMs", allow_module_level=True)
@@ -189,7 +190,7 @@ def test_a_plan_never_points_outside_the_pool(sgmv: LoraSgmv) -> None:
 
 def test_packing_keeps_every_value_and_drops_the_zero_blocks(sgmv: LoraSgmv) -> None:
     m = torch.arange(2 * 3 * 37, dtype=torch.float32).view(2, 3, 37)  # 2 full tiles of 16 and one of 5
-    packed = _pack_tiles(m, 16)
+    packed = pack_tiles(m, 16)
     assert packed.shape == (2, 3 * 37)
     assert torch.equal(packed[:, :48].view(2, 3, 16), m[:, :, :16])
     assert torch.equal(packed[:, 48:96].view(2, 3, 16), m[:, :, 16:32])

@@ -11,18 +11,13 @@ kernel streams each adapter's true size once, in float32 or (EngineConfig.lora_d
 from __future__ import annotations
 
 import enum
-import json
-import math
-import re
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
-from loraserve.engine.config import ModelConfig, module_name
+from loraserve.engine.config import ModelConfig
 from loraserve.engine.cpu_kernels import LoraSgmv
-from loraserve.types import AdapterRef
+from loraserve.engine.lora_pack import ScaledPair, pack_group
 
 
 class LoraGroup(enum.IntEnum):
@@ -38,15 +33,17 @@ GROUP_TARGETS: dict[LoraGroup, tuple[str, ...]] = {
     LoraGroup.GATE_UP: ("gate_proj", "up_proj"),
     LoraGroup.DOWN: ("down_proj",),
 }
-_NAME = re.compile(r"(?:base_model\.model\.)?model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.\w+)?\.weight$")
 
 
 @dataclass
 class LoraWeights:
-    """One adapter in host memory: per (layer, target) the pair A [r, in], B [out, r] with the scale folded in."""
+    """One adapter in host memory: per (layer, target) A [r, in] and B [out, r] as stored (any float dtype;
+    adapter_file.py maps them from the file) and the factor B is applied with (`scales`: lora_alpha / r,
+    or / sqrt(r) with rsLoRA; 1 where absent). Writing a slot folds the scale in and casts, in float32."""
 
     key: str
     modules: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+    scales: dict[tuple[int, str], float] = field(default_factory=dict)
     rank: int = field(init=False)
     nbytes: int = field(init=False)
 
@@ -55,60 +52,14 @@ class LoraWeights:
         self.nbytes = sum(a.nbytes + b.nbytes for a, b in self.modules.values())
 
 
-def _pattern_value(patterns: dict[str, float], module: str, default: float) -> float:
-    # PEFT matches rank/alpha patterns as a suffix of the module's dotted name.
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?{key}$", module):
-            return float(value)
-    return default
-
-
-def load_adapter(ref: AdapterRef, cfg: ModelConfig, dtype: torch.dtype) -> LoraWeights:
-    """Parse a PEFT adapter folder. The registry validated it at upload; this re-checks shapes cheaply."""
-    folder = Path(ref.path)
-    conf = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
-    alpha = float(conf.get("lora_alpha", conf.get("r", 8)))
-    rslora = bool(conf.get("use_rslora", False))
-    alpha_pattern = conf.get("alpha_pattern") or {}
-    tensors = load_file(str(folder / "adapter_model.safetensors"))
-    shapes = cfg.lora_shapes()
-    pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
-    for name, t in tensors.items():
-        m = _NAME.search(name)
-        if m is None or m.group(2) not in shapes or int(m.group(1)) >= cfg.num_layers:
-            raise ValueError(f"adapter tensor {name} does not belong to this model")
-        pairs.setdefault((int(m.group(1)), m.group(2)), {})[m.group(3)] = t
-    modules: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
-    for (layer, target), ab in pairs.items():
-        a, b = ab["A"].float(), ab["B"].float()  # a: [r, in], b: [out, r]
-        r = a.shape[0]
-        fan_in, fan_out = shapes[target]
-        if a.shape != (r, fan_in) or b.shape != (fan_out, r):
-            raise ValueError(f"adapter tensors for layer {layer} {target} have shapes {a.shape}, {b.shape}")
-        mod_alpha = _pattern_value(alpha_pattern, f"base_model.model.{module_name(layer, target)}", alpha)
-        scale = mod_alpha / math.sqrt(r) if rslora else mod_alpha / r
-        a_cast, b_cast = a.to(dtype), (b * scale).to(dtype)
-        # Finite at upload can still overflow here: B times a large alpha/r, cast to fp16 or bf16.
-        if not (torch.isfinite(a_cast).all() and torch.isfinite(b_cast).all()):
-            raise ValueError(f"layer {layer} {target}: weights times lora_alpha/r ({scale:g}) overflow {dtype}")
-        modules[(layer, target)] = (a_cast, b_cast)
-    return LoraWeights(ref.key, modules)
+def _scaled(w: LoraWeights, module: tuple[int, str]) -> ScaledPair | None:
+    pair = w.modules.get(module)
+    return None if pair is None else (pair[0], pair[1], w.scales.get(module, 1.0))
 
 
 def rank_bucket(rank: int) -> int:
     """Slots are sized by powers of two (min 8) so mixed ranks waste at most half their slot."""
     return max(8, 1 << (rank - 1).bit_length())
-
-
-def _pack_tiles(m: torch.Tensor, tile: int) -> torch.Tensor:
-    """[L, rows, cols] -> [L, rows * cols]: column tiles of `tile` (the last may be narrower) one after
-    another, each [rows, w] row-major, so the tile at column c starts at rows * c."""
-    n_l, rows, cols = m.shape
-    full = cols - cols % tile
-    parts = [m[:, :, :full].reshape(n_l, rows, full // tile, tile).transpose(1, 2).reshape(n_l, rows * full)]
-    if full < cols:
-        parts.append(m[:, :, full:].reshape(n_l, rows * (cols - full)))
-    return torch.cat(parts, dim=1)
 
 
 class LoraPool:
@@ -161,24 +112,20 @@ class LoraPool:
         n_l, r_max = self.cfg.num_layers, self.rank
         for group in LoraGroup:
             fan_in, fan_outs = self._group_shape(self.cfg, group)
-            targets = GROUP_TARGETS[group]
-            a = torch.zeros(n_l, fan_in, len(targets) * r_max, dtype=self.a[group].dtype)  # [L, K, n*R]
-            bs = [torch.zeros(n_l, r_max, fo, dtype=self.b[group].dtype) for fo in fan_outs]  # [L, R, out_j]
-            for j, target in enumerate(targets):
-                for layer in range(n_l):
-                    pair = w.modules.get((layer, target))
-                    if pair is not None:
-                        wa, wb = pair
-                        r = wa.shape[0]
-                        a[layer, :, j * r_max:j * r_max + r] = wa.t()
-                        bs[j][layer, :r] = wb.t()
+            targets = [[_scaled(w, (layer, t)) for layer in range(n_l)] for t in GROUP_TARGETS[group]]
             if self.sgmv is not None:
-                self.a[group][:, slot] = _pack_tiles(a, self.sgmv.tile)
-                self.b[group][:, slot] = torch.cat([_pack_tiles(b, self.sgmv.tile) for b in bs], dim=1)
+                self.a[group][:, slot], self.b[group][:, slot] = pack_group(
+                    targets, fan_in, fan_outs, r_max, self.sgmv.tile, self.a[group].dtype)
                 continue
-            self.a[group][:, slot] = a
+            a = torch.zeros(n_l, fan_in, len(targets) * r_max, dtype=self.a[group].dtype)  # [L, K, n*R]
             b_slot = self.b[group][:, slot]  # [L, n*R, N]
             b_slot.zero_()
-            for j, b in enumerate(bs):
+            for j, pairs in enumerate(targets):
                 c0 = int(self.cols[group][j])
-                b_slot[:, j * r_max:(j + 1) * r_max, c0:c0 + fan_outs[j]] = b
+                for layer, pair in enumerate(pairs):
+                    if pair is not None:
+                        wa, wb, scale = pair
+                        r = wa.shape[0]
+                        a[layer, :, j * r_max:j * r_max + r] = wa.t()
+                        b_slot[layer, j * r_max:j * r_max + r, c0:c0 + fan_outs[j]] = wb.t().float() * scale
+            self.a[group][:, slot] = a
