@@ -173,14 +173,21 @@ static inline __attribute__((always_inline)) void expand_block(float *out, int64
 }
 
 /* out[rows[i], c0:c1] += h[i, jR:jR+R] @ B_j[:, c0:c1] for the m rows of one segment (hj = h + jR; the
- * tile at output column c at b + b0 + R * c). Rows in blocks of MB over one tile; the rest one row at a
- * time over MB tiles. */
+ * tile at output column c at b + b0 + R * c). Rows in blocks of MB over MB tiles (then one tile); the rest
+ * one row at a time over MB tiles. */
 static inline __attribute__((always_inline)) void expand_rows(float *out, int64_t ldo, const int64_t *rows,
                                                                int64_t m, const float *hj, int64_t nR, const void *b,
                                                                int64_t b0, const int half, int64_t R, int64_t c0,
                                                                int64_t c1) {
     const int64_t blocked = m - m % MB;
-    for (int64_t c = c0; c < c1; c += TILE) {
+    int64_t c = c0;
+    /* MB rows x MB tiles: MB * MB independent FMA chains. With MB rows over one tile (4 chains of R adds)
+     * the expand ran at the FMA's latency: 64 of the 96 ms of LoRA for a 1024-row chunk over 8 adapters
+     * (all 30 layers), against 36 ms now. */
+    for (; c + MB * TILE <= c1; c += MB * TILE)
+        for (int64_t i = 0; i < blocked; i += MB)
+            expand_block(out, ldo, rows + i, MB, MB, hj + i * nR, nR, b, b0, half, R, c, TILE);
+    for (; c < c1; c += TILE) {
         const int w = c1 - c < TILE ? (int)(c1 - c) : TILE;
         if (w == TILE)
             for (int64_t i = 0; i < blocked; i += MB)
