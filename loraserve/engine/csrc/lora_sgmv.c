@@ -148,7 +148,7 @@ static inline __attribute__((always_inline)) void shrink(const float *x, int64_t
 }
 
 /* out[rows[r], c + q*TILE + t] += h[r, :R] @ B's tile at c + q*TILE, for mb rows and nt tiles of width w
- * (mb * nt <= MB accumulator tiles, each a chain of R adds in the same order whatever the blocking). */
+ * (mb * nt <= MB * MB accumulator tiles, each a chain of R adds in the same order whatever the blocking). */
 static inline __attribute__((always_inline)) void expand_block(float *out, int64_t ldo, const int64_t *rows,
                                                                 const int mb, const int nt, const float *hj,
                                                                 int64_t nR, const void *b, int64_t b0,
