@@ -27,7 +27,7 @@ from loraserve.types import AdapterRef
 class AdapterCache:
     def __init__(self, cfg: ModelConfig, ecfg: EngineConfig, dtype: torch.dtype, device: torch.device,
                  sgmv: LoraSgmv | None = None) -> None:
-        # dtype: the adapters' own (EngineConfig.lora_dtype, else the model's), in host memory and slots
+        # dtype: the slots' (EngineConfig.lora_dtype, else the model's); loads check adapters' range against it
         self.cfg, self.ecfg, self.dtype, self.device = cfg, ecfg, dtype, device
         self.sgmv = sgmv  # the CPU kernel: pools are then packed for it (lora.py)
         self._refs: dict[str, AdapterRef] = {}

@@ -136,9 +136,9 @@ class EngineConfig:
     max_lora_rank: int = 256
     # Device memory for adapter slots, per rank bucket; a bucket holds min(max_loras, this / slot size) adapters.
     lora_slot_bytes: int = 2 << 30
-    adapter_host_cache_bytes: int = 2 << 30  # parsed adapters kept in RAM (LRU); the disk holds the rest
-    # Adapter weights in host memory and device slots: "auto" is the model's dtype; "float16" halves what
-    # the CPU LoRA kernel streams each step (decode LoRA is bound by reading it: ~600 MB a step with 31
+    adapter_host_cache_bytes: int = 2 << 30  # adapters kept mapped and checked (LRU, page cache); the disk holds the rest
+    # Adapter weights in device slots (the host tier maps the files as stored): "auto" is the model's
+    # dtype; "float16" halves what the CPU LoRA kernel streams each step (decode LoRA is bound by reading it: ~600 MB a step with 31
     # distinct SmolLM2 adapters), at fp16's rounding of each weight (relative 2^-11 at most) and its range
     # (an adapter whose weights times lora_alpha/r pass 65504 fails to load). CPU float32 with the native
     # kernels only.
