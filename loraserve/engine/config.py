@@ -138,10 +138,10 @@ class EngineConfig:
     lora_slot_bytes: int = 2 << 30
     adapter_host_cache_bytes: int = 2 << 30  # adapters kept mapped and checked (LRU, page cache); the disk holds the rest
     # Adapter weights in device slots (the host tier maps the files as stored): "auto" is the model's
-    # dtype; "float16" halves what the CPU LoRA kernel streams each step (decode LoRA is bound by reading it: ~600 MB a step with 31
-    # distinct SmolLM2 adapters), at fp16's rounding of each weight (relative 2^-11 at most) and its range
-    # (an adapter whose weights times lora_alpha/r pass 65504 fails to load). CPU float32 with the native
-    # kernels only.
+    # dtype; "float16" halves what the CPU LoRA kernel streams each step (decode LoRA is bound by reading
+    # it: ~600 MB a step with 31 distinct SmolLM2 adapters), at fp16's rounding of each weight (relative
+    # 2^-11 at most) and its range (an adapter whose weights times lora_alpha/r pass 65504 fails to
+    # load). CPU float32 with the native kernels only.
     lora_dtype: str = "auto"
     # Reuse the K/V of cached prompt prefixes (same tokens, adapter and salt); off only to compare.
     prefix_caching: bool = True
