@@ -117,15 +117,19 @@ class LoraPool:
                 self.a[group][:, slot], self.b[group][:, slot] = pack_group(
                     targets, fan_in, fan_outs, r_max, self.sgmv.tile, self.a[group].dtype)
                 continue
-            a = torch.zeros(n_l, fan_in, len(targets) * r_max, dtype=self.a[group].dtype)  # [L, K, n*R]
+            # Built on the host, then one copy a target (a handful of copies to a GPU, not one a layer).
+            dtype = self.a[group].dtype
+            a = torch.zeros(n_l, fan_in, len(targets) * r_max, dtype=dtype)  # [L, K, n*R]
             b_slot = self.b[group][:, slot]  # [L, n*R, N]
             b_slot.zero_()
             for j, pairs in enumerate(targets):
-                c0 = int(self.cols[group][j])
+                b = torch.zeros(n_l, r_max, fan_outs[j], dtype=dtype)  # [L, R, out_j]
                 for layer, pair in enumerate(pairs):
                     if pair is not None:
                         wa, wb, scale = pair
                         r = wa.shape[0]
                         a[layer, :, j * r_max:j * r_max + r] = wa.t()
-                        b_slot[layer, j * r_max:j * r_max + r, c0:c0 + fan_outs[j]] = wb.t().float() * scale
+                        b[layer, :r] = wb.t().float() * scale
+                c0 = int(self.cols[group][j])
+                b_slot[:, j * r_max:(j + 1) * r_max, c0:c0 + fan_outs[j]] = b
             self.a[group][:, slot] = a
