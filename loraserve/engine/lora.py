@@ -114,8 +114,8 @@ class LoraPool:
             fan_in, fan_outs = self._group_shape(self.cfg, group)
             targets = [[_scaled(w, (layer, t)) for layer in range(n_l)] for t in GROUP_TARGETS[group]]
             if self.sgmv is not None:
-                self.a[group][:, slot], self.b[group][:, slot] = pack_group(
-                    targets, fan_in, fan_outs, r_max, self.sgmv.tile, self.a[group].dtype)
+                pack_group(targets, fan_in, fan_outs, r_max, self.sgmv.tile, self.a[group][:, slot],
+                           self.b[group][:, slot])
                 continue
             # Built on the host, then one copy a target (a handful of copies to a GPU, not one a layer).
             dtype = self.a[group].dtype

@@ -52,13 +52,15 @@ def _scaled_b(pairs: TargetPairs, out: int, rank: int, dtype: torch.dtype) -> to
 
 
 def pack_group(targets: list[TargetPairs], fan_in: int, fan_outs: list[int], rank: int, tile: int,
-               dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """One group's packed (a [L, K * n*R], b [L, R * N]) for rank bucket `rank`."""
-    n_l, n = len(targets[0]), len(targets)
+               a: torch.Tensor, b: torch.Tensor) -> None:
+    """One group's packed layout for rank bucket `rank`, written into a [L, K * n*R] and b [L, R * N] (a
+    slot's views: rows may lie apart, each row contiguous), in their dtype."""
+    n_l, dtype = len(targets[0]), a.dtype
     if rank % tile:  # a tile spans two targets' columns: go through the dense [L, K, n*R] layout
-        return _pack_dense(targets, fan_in, fan_outs, rank, tile, dtype)
-    a = torch.empty(n_l, fan_in * n * rank, dtype=dtype)
-    b = torch.empty(n_l, rank * sum(fan_outs), dtype=dtype)
+        dense_a, dense_b = _pack_dense(targets, fan_in, fan_outs, rank, tile, dtype)
+        a.copy_(dense_a)
+        b.copy_(dense_b)
+        return
     col = 0
     for j, (pairs, out) in enumerate(zip(targets, fan_outs, strict=True)):
         a_j = _stacked([p[0] if p else None for p in pairs], (rank, fan_in), 0, rank, dtype)  # [L, R, K]
@@ -75,7 +77,6 @@ def pack_group(targets: list[TargetPairs], fan_in: int, fan_outs: list[int], ran
         if full < out:
             dst[:, rank * full:].view(n_l, rank, out - full).copy_(b_j[:, full:].transpose(1, 2))
         col += out
-    return a, b
 
 
 def _pack_dense(targets: list[TargetPairs], fan_in: int, fan_outs: list[int], rank: int, tile: int,
