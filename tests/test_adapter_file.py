@@ -158,3 +158,14 @@ def test_tensors_that_do_not_pair_up_are_refused(tmp_path: Path) -> None:
     del tensors["base_model.model.model.layers.0.mlp.down_proj.lora_B.weight"]
     with pytest.raises(ValueError, match="layer 0 down_proj: lora_A and lora_B must come together"):
         load_adapter(_folder(tmp_path / "half", tensors), CFG, torch.float32)
+
+
+def test_rank_zero_and_misshapen_modules_are_refused(tmp_path: Path) -> None:
+    tensors = _tensors()
+    key = "base_model.model.model.layers.1.self_attn.o_proj"
+    zero = {**tensors, f"{key}.lora_A.weight": torch.zeros(0, 32), f"{key}.lora_B.weight": torch.zeros(32, 0)}
+    with pytest.raises(ValueError, match="layer 1 o_proj have shapes"):
+        load_adapter(_folder(tmp_path / "rank0", zero), CFG, torch.float32)
+    wide = {**tensors, f"{key}.lora_A.weight": torch.zeros(4, 33)}
+    with pytest.raises(ValueError, match="layer 1 o_proj have shapes"):
+        load_adapter(_folder(tmp_path / "wide", wide), CFG, torch.float32)

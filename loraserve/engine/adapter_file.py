@@ -102,7 +102,7 @@ def load_adapter(ref: AdapterRef, cfg: ModelConfig, dtype: torch.dtype) -> LoraW
         a, b = ab["A"], ab["B"]  # a: [r, in], b: [out, r]
         r = a.shape[0] if a.dim() == 2 else -1
         fan_in, fan_out = shapes[target]
-        if a.shape != (r, fan_in) or b.shape != (fan_out, r):
+        if r < 1 or a.shape != (r, fan_in) or b.shape != (fan_out, r):
             raise ValueError(f"adapter tensors for layer {layer} {target} have shapes {a.shape}, {b.shape}")
         mod_alpha = _pattern_value(alpha_pattern, f"base_model.model.{module_name(layer, target)}", alpha)
         modules[(layer, target)] = (a, b)
