@@ -17,7 +17,7 @@ import torch
 
 from loraserve.engine.config import ModelConfig
 from loraserve.engine.cpu_kernels import LoraSgmv
-from loraserve.engine.lora_pack import ScaledPair, pack_group
+from loraserve.engine.lora_pack import ScaledPair, dense_group, pack_group
 
 
 class LoraGroup(enum.IntEnum):
@@ -118,18 +118,10 @@ class LoraPool:
                            self.b[group][:, slot])
                 continue
             # Built on the host, then one copy a target (a handful of copies to a GPU, not one a layer).
-            dtype = self.a[group].dtype
-            a = torch.zeros(n_l, fan_in, len(targets) * r_max, dtype=dtype)  # [L, K, n*R]
+            a, bs = dense_group(targets, fan_in, fan_outs, r_max, self.a[group].dtype)
             b_slot = self.b[group][:, slot]  # [L, n*R, N]
             b_slot.zero_()
-            for j, pairs in enumerate(targets):
-                b = torch.zeros(n_l, r_max, fan_outs[j], dtype=dtype)  # [L, R, out_j]
-                for layer, pair in enumerate(pairs):
-                    if pair is not None:
-                        wa, wb, scale = pair
-                        r = wa.shape[0]
-                        a[layer, :, j * r_max:j * r_max + r] = wa.t()
-                        b[layer, :r] = wb.t().float() * scale
+            for j, b in enumerate(bs):
                 c0 = int(self.cols[group][j])
                 b_slot[:, j * r_max:(j + 1) * r_max, c0:c0 + fan_outs[j]] = b
             self.a[group][:, slot] = a

@@ -79,8 +79,10 @@ def pack_group(targets: list[TargetPairs], fan_in: int, fan_outs: list[int], ran
         col += out
 
 
-def _pack_dense(targets: list[TargetPairs], fan_in: int, fan_outs: list[int], rank: int, tile: int,
-                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def dense_group(targets: list[TargetPairs], fan_in: int, fan_outs: list[int], rank: int,
+                dtype: torch.dtype) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The group unpacked: A^T side by side [L, K, n*R], and each target's scaled B^T [L, R, out_j] (zero
+    rows past its rank, zeros where a layer lacks it), built layer by layer on the host."""
     n_l = len(targets[0])
     a = torch.zeros(n_l, fan_in, len(targets) * rank, dtype=dtype)  # [L, K, n*R]
     bs = [torch.zeros(n_l, rank, fo, dtype=dtype) for fo in fan_outs]  # [L, R, out_j]
@@ -91,4 +93,10 @@ def _pack_dense(targets: list[TargetPairs], fan_in: int, fan_outs: list[int], ra
                 r = wa.shape[0]
                 a[layer, :, j * rank:j * rank + r] = wa.t()
                 bs[j][layer, :r] = wb.t().float() * scale
+    return a, bs
+
+
+def _pack_dense(targets: list[TargetPairs], fan_in: int, fan_outs: list[int], rank: int, tile: int,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    a, bs = dense_group(targets, fan_in, fan_outs, rank, dtype)
     return pack_tiles(a, tile), torch.cat([pack_tiles(b, tile) for b in bs], dim=1)

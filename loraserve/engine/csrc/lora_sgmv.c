@@ -197,8 +197,7 @@ static inline __attribute__((always_inline)) void expand_rows(float *out, int64_
                 expand_block(out, ldo, rows + i, 1, 1, hj + i * nR, nR, b, b0, half, R, c, w);
     }
     for (int64_t i = blocked; i < m; i++) {
-        int64_t c = c0;
-        for (; c + MB * TILE <= c1; c += MB * TILE)
+        for (c = c0; c + MB * TILE <= c1; c += MB * TILE)
             expand_block(out, ldo, rows + i, 1, MB, hj + i * nR, nR, b, b0, half, R, c, TILE);
         for (; c + TILE <= c1; c += TILE)
             expand_block(out, ldo, rows + i, 1, 1, hj + i * nR, nR, b, b0, half, R, c, TILE);
