@@ -115,7 +115,8 @@ def serve(
         raise _fail(str(exc), 2) from None
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     registry = _open_registry(data_dir, database_url, limits)  # before the slow model loading: fail fast
-    from loraserve.engine import EngineConfig, load_backend  # torch: only now
+    from loraserve.engine.config import EngineConfig
+    from loraserve.engine.loader import load_backend  # torch: only now
 
     try:
         engine_config = EngineConfig(**_given(max_num_seqs=max_batch, max_queue=max_queue,
@@ -342,8 +343,8 @@ def run(
     add_help_option=False,
 )
 def bench(ctx: typer.Context) -> None:
-    """Benchmarks (all arguments go to loraserve.bench; try `loraserve bench --help`)."""
-    bench_module = importlib.import_module("loraserve.bench")  # written elsewhere; may load torch
+    """Benchmarks (all arguments go to loraserve.tools.bench.run; try `loraserve bench --help`)."""
+    bench_module = importlib.import_module("loraserve.tools.bench.run")  # written elsewhere; may load torch
     raise typer.Exit(int(bench_module.main(list(ctx.args))))
 
 
@@ -356,7 +357,7 @@ def bench(ctx: typer.Context) -> None:
 )
 def loadtest(ctx: typer.Context) -> None:
     """Overload run against a server: streaming clients, disconnects, health, leaks (`loraserve loadtest --help`)."""
-    from loraserve import loadtest as loadtest_module  # torch-free
+    from loraserve.tools.loadtest import run as loadtest_module  # torch-free
 
     raise typer.Exit(loadtest_module.main(list(ctx.args)))
 

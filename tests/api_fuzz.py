@@ -1,4 +1,4 @@
-"""schemathesis against a live loraserve: the checks and hooks that tests/test_api_schemathesis.py and
+"""schemathesis against a live loraserve: the checks and hooks that tests/api/test_api_schemathesis.py and
 scripts/fuzz-api share (the script loads this module as schemathesis hooks: SCHEMATHESIS_HOOKS=api_fuzz).
 
 Importing it registers, for every schemathesis run in the process:

@@ -56,7 +56,8 @@ class LiveServer:
 
 def _load(source: str, **engine_options: Any) -> Any:
     from loraserve import catalog
-    from loraserve.engine import EngineConfig, load_backend
+    from loraserve.engine.config import EngineConfig
+    from loraserve.engine.loader import load_backend
 
     template = catalog.chat_template(catalog.template_kind(LORA_MODEL)) if source.startswith("random:") else None
     return load_backend(source, EngineConfig(**engine_options), chat_template=template)

@@ -21,7 +21,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from loraserve.engine.config import EngineConfig, ModelConfig
 from loraserve.engine.llm_engine import LLMEngine
-from loraserve.engine.lora_batch import SgmvPart
+from loraserve.engine.lora.batch import SgmvPart
 from loraserve.types import LORA_TARGETS
 
 ALL_TARGETS: tuple[str, ...] = LORA_TARGETS
@@ -183,7 +183,7 @@ class Trace:
 def wait_adapters_in_host(engine: LLMEngine, keys: set[str], timeout_s: float = 30.0) -> None:
     """Block until every adapter in `keys` is parsed into host memory, so the next `schedule()` admits
     all their requests in one step (without this the first step's batch depends on loader timing)."""
-    from loraserve.engine.scheduler import AdapterState
+    from loraserve.engine.core.scheduler import AdapterState
 
     deadline = time.monotonic() + timeout_s
     while (pending := {k for k in keys if engine.adapters.state(k) is not AdapterState.READY}):

@@ -13,7 +13,7 @@ from types import TracebackType
 
 import httpx
 
-from loraserve.loadtest_server import free_port
+from loraserve.tools.loadtest.server import free_port
 
 
 def create_token(data_dir: Path, account: str, timeout: float = 60) -> str:

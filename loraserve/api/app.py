@@ -11,7 +11,6 @@ from loraserve.api import (
     playground,
     routes_finetunes,
     routes_models,
-    routes_openai,
     routes_run,
     routes_tokens,
 )
@@ -20,7 +19,8 @@ from loraserve.api.context import AppContext, attach, get_context
 from loraserve.api.handlers import CatchAllMiddleware, install_error_handlers
 from loraserve.api.metrics import Metrics
 from loraserve.api.metrics_http import MetricsMiddleware, metrics_endpoint
-from loraserve.api.openai_errors import OpenAIErrorMiddleware
+from loraserve.api.openai import routes as openai_routes
+from loraserve.api.openai.errors import OpenAIErrorMiddleware
 from loraserve.api.openapi import DocumentedApp
 from loraserve.api.openapi_models import Health
 from loraserve.api.ratelimit import RateLimiter
@@ -52,7 +52,7 @@ def create_app(
     app.include_router(routes_run.router, prefix=ACCOUNT_PREFIX)
     app.include_router(routes_finetunes.router, prefix=ACCOUNT_PREFIX)
     app.include_router(routes_models.router, prefix=ACCOUNT_PREFIX)
-    app.include_router(routes_openai.router, prefix=ACCOUNT_PREFIX)
+    app.include_router(openai_routes.router, prefix=ACCOUNT_PREFIX)
     app.include_router(routes_tokens.router, prefix=API_PREFIX)
     app.include_router(playground.router)
     app.add_api_route("/healthz", healthz, methods=["GET"], responses={200: {"model": Health}})

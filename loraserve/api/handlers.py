@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from loraserve.api.envelope import InternalError, error_response
-from loraserve.api.openai_errors import is_openai_path, openai_error
+from loraserve.api.openai.errors import is_openai_path, openai_error
 from loraserve.api.validation import describe_validation_error
 from loraserve.errors import BadInput, MissingBody, RequestTooLarge, RouteNotFound, WorkersAIError
 

@@ -1,7 +1,7 @@
 """GET /openapi.json: the API as it really is, for schemathesis and for client generators.
 
 FastAPI writes the paths, parameters and the success bodies the routes declare (`openapi_models.py`,
-`openai_schemas.py`); this adds what it cannot know: the bearer scheme, and the errors every account
+`openai/schemas.py`); this adds what it cannot know: the bearer scheme, and the errors every account
 route may answer, in the Workers AI envelope or (on /v1) in OpenAI's shape. FastAPI's own 422 is
 dropped: this server answers a bad request with 400 and the envelope (handlers.py).
 """
@@ -18,7 +18,7 @@ from pydantic import BaseModel
 
 from loraserve import catalog
 from loraserve.api.context import AppContext
-from loraserve.api.openai_schemas import OpenAIError
+from loraserve.api.openai.schemas import OpenAIError
 from loraserve.api.openapi_models import ErrorEnvelope
 from loraserve.errors import WorkersAIError
 

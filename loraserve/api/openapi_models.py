@@ -1,8 +1,8 @@
 """The shapes the server answers with, as pydantic models, and the JSON Schemas it publishes.
 
-Routes build their answers as plain dicts (`envelope.success`, `Finetune.to_api`, `openai_shapes.ResponseShape`);
+Routes build their answers as plain dicts (`envelope.success`, `Finetune.to_api`, `openai/shapes.ResponseShape`);
 these models only describe them, for /openapi.json (`openapi.py`) and /models/schema. The request
-bodies are described by the very models the routes validate with (`schemas.py`, `routes_openai_schemas.py`).
+bodies are described by the very models the routes validate with (`schemas.py`, `openai/schemas.py`).
 """
 
 from __future__ import annotations

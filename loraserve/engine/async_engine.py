@@ -13,9 +13,9 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 from loraserve.chat_template import ChatTemplate
-from loraserve.engine.detokenizer import IncrementalDetokenizer
 from loraserve.engine.llm_engine import LLMEngine
-from loraserve.engine.tokenizer import Tokenizer
+from loraserve.engine.weights.detokenizer import IncrementalDetokenizer
+from loraserve.engine.weights.tokenizer import Tokenizer
 from loraserve.errors import CapacityExceeded
 from loraserve.types import AdapterRef, ChatMessage, FinishReason, ModelInfo, SamplingParams, StreamEvent
 

@@ -7,16 +7,16 @@ from dataclasses import dataclass
 
 import torch
 
-from loraserve.engine.adapter_cache import AdapterCache
-from loraserve.engine.block_manager import BlockManager
 from loraserve.engine.config import EngineConfig, ModelConfig
-from loraserve.engine.cpu_kernels import load_layer_glue, load_linear, load_lora_sgmv, load_paged_attention
-from loraserve.engine.decode_graphs import DecodeGraphs
-from loraserve.engine.host_malloc import keep_heap
-from loraserve.engine.model import KVCache, Llama
-from loraserve.engine.model_runner import ModelRunner
-from loraserve.engine.scheduler import Scheduler
-from loraserve.engine.sequence import Sequence
+from loraserve.engine.core.block_manager import BlockManager
+from loraserve.engine.core.scheduler import Scheduler
+from loraserve.engine.core.sequence import Sequence
+from loraserve.engine.kernels.cpu import load_layer_glue, load_linear, load_lora_sgmv, load_paged_attention
+from loraserve.engine.kernels.host_malloc import keep_heap
+from loraserve.engine.lora.cache import AdapterCache
+from loraserve.engine.models.llama import KVCache, Llama
+from loraserve.engine.runner.decode_graphs import DecodeGraphs
+from loraserve.engine.runner.model_runner import ModelRunner
 from loraserve.errors import CapacityExceeded
 from loraserve.types import AdapterRef, FinishReason, SamplingParams
 

@@ -1,0 +1,83 @@
+/* The element-wise work between a decoder layer's projections, fused, on the CPU (float32):
+ *  - add_rms_norm: h += delta (the residual), then x = rmsnorm(h) * w;
+ *  - rope_store: RoPE on a fused qkv row's q and k heads (HF's rotate_half layout: cos/sin tables
+ *    [max_pos, D] whose two halves repeat the frequencies), q written out, k and v written into their KV
+ *    cache slots;
+ *  - silu_mul: the MLP's act = silu(gate) * up from the fused gate/up projection's output.
+ * Through torch these are ~20 small operators a layer (rms_norm alone is five on the CPU), each a few
+ * microseconds of dispatch whatever the batch: ~2.4 ms of a single stream's ~19 ms decode step
+ * (BENCHMARKS.md). Rows are independent and each is computed by one thread in a fixed order.
+ * Built by loraserve/engine/kernels/cpu.py, called through ctypes.
+ */
+#include <math.h>
+#include <stdint.h>
+#include "vmath.h"
+
+#define PAR_ROWS 64 /* fewer rows than this: one thread (an OpenMP fork costs more than the work) */
+#define PAR_ELEMENTS 12288 /* the same for silu_mul, in elements */
+
+void add_rms_norm(float *h, int64_t ldh, const float *delta, int64_t ldd, int64_t T, int64_t H, const float *w,
+                  float eps, float *x, int64_t ldx, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) if (T >= PAR_ROWS) schedule(static)
+    for (int64_t t = 0; t < T; t++) {
+        float *hr = h + t * ldh, *xr = x + t * ldx;
+        if (delta) {
+            const float *dr = delta + t * ldd;
+#pragma omp simd
+            for (int64_t i = 0; i < H; i++) hr[i] += dr[i];
+        }
+        float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+        for (int64_t i = 0; i < H; i++) ss += hr[i] * hr[i];
+        const float r = 1.f / sqrtf(ss / (float)H + eps);
+#pragma omp simd
+        for (int64_t i = 0; i < H; i++) xr[i] = hr[i] * r * w[i];
+    }
+}
+
+static inline void rotate(const float *x, const float *c, const float *s, int64_t D, float *out) {
+    const int64_t half = D / 2;
+#pragma omp simd
+    for (int64_t i = 0; i < half; i++) {
+        out[i] = x[i] * c[i] - x[i + half] * s[i];
+        out[i + half] = x[i + half] * c[i + half] + x[i] * s[i + half];
+    }
+}
+
+/* qkv: [T, (Hq + 2 Hkv) D] rows ldqkv apart; q: [T, Hq, D]; kc, vc: [nslots, Hkv, D]; pos, slots: [T].
+ * Returns -1 (and writes nothing) when a position or slot is out of its table: a wrong index from the
+ * runner must not become a write outside the cache. */
+int rope_store(const float *qkv, int64_t ldqkv, int64_t T, int64_t Hq, int64_t Hkv, int64_t D,
+               const float *cos_t, const float *sin_t, int64_t max_pos, const int64_t *pos,
+               const int64_t *slots, int64_t nslots, float *q, float *kc, float *vc, int nthreads) {
+    for (int64_t t = 0; t < T; t++)
+        if (pos[t] < 0 || pos[t] >= max_pos || slots[t] < 0 || slots[t] >= nslots) return -1;
+#pragma omp parallel for num_threads(nthreads) if (T >= PAR_ROWS) schedule(static)
+    for (int64_t t = 0; t < T; t++) {
+        const float *row = qkv + t * ldqkv, *c = cos_t + pos[t] * D, *s = sin_t + pos[t] * D;
+        for (int64_t h = 0; h < Hq; h++) rotate(row + h * D, c, s, D, q + (t * Hq + h) * D);
+        float *kr = kc + slots[t] * Hkv * D, *vr = vc + slots[t] * Hkv * D;
+        const float *k = row + Hq * D, *v = k + Hkv * D;
+        for (int64_t h = 0; h < Hkv; h++) rotate(k + h * D, c, s, D, kr + h * D);
+        for (int64_t i = 0; i < Hkv * D; i++) vr[i] = v[i];
+    }
+    return 0;
+}
+
+/* act[t, i] = silu(gu[t, i]) * gu[t, I + i]: gu [T, 2I] rows ldg apart (gate, then up), act [T, I]. silu(g)
+ * = g / (1 + e^-g), with e^-|g| so the exp never overflows: for g < 0 it is g e^g / (1 + e^g). */
+void silu_mul(const float *gu, int64_t ldg, int64_t T, int64_t I, float *act, int64_t lda, int nthreads) {
+    /* rows are wider than a norm's (SmolLM2: 1536): two threads pay off from 8 rows (32 rows: 17 -> 11.5
+     * us; torch's silu and mul 14-18) */
+#pragma omp parallel for num_threads(nthreads) if (T * I >= PAR_ELEMENTS) schedule(static)
+    for (int64_t t = 0; t < T; t++) {
+        const float *g = gu + t * ldg, *u = g + I;
+        float *a = act + t * lda;
+#pragma omp simd
+        for (int64_t i = 0; i < I; i++) {
+            const float e = exp_nonpos(-fabsf(g[i])), d = 1.f / (1.f + e);
+            const float sig = g[i] >= 0.f ? d : e * d; /* a select, not a branch: the loop vectorizes */
+            a[i] = g[i] * sig * u[i];
+        }
+    }
+}

@@ -1,0 +1,271 @@
+/* Multi-LoRA on the CPU for one (layer, projection group) of one rank pool: every listed batch row gets
+ * its own adapter's delta, out[row] += (x[row] @ A_slot) @ B_slot, each adapter's A and B read once per
+ * call however many rows use it (the SGMV idea: rows grouped into segments by adapter).
+ *
+ * Built by loraserve/engine/kernels/cpu.py with the machine's C compiler (-O3 -march=native -fopenmp)
+ * and called through ctypes. Float32; the adapter weights are packed by lora.py (LoraPool, packed):
+ *   x:     [T, K], rows ldx apart       the group's input
+ *   out:   [T, N], rows ldo apart       the base projection's output, updated in place
+ *   a:     [C, K * nR]                  each slot's A [K, nR] (the group's n targets side by side, nR = n * R)
+ *                                       cut into column tiles of TILE: tile c0 is [K, w] at a + K * c0
+ *   b:     [C, R * N]                   each slot's B: target j's [R, cols[j + 1] - cols[j]] block cut the
+ *                                       same way, the tile at output column c is [R, w] at b + R * c
+ *   plan:  int64 [nseg slots | nseg + 1 starts | rows]   segment s: slot plan[s], batch rows
+ *                                       rows[starts[s] .. starts[s + 1])
+ *   h:     [rows, nR] scratch           the shrink's result, in plan order
+ * Why packed: every task then streams one contiguous block. With B as [nR, N] rows (R rows N apart per
+ * column tile) the hardware prefetcher lost track and the expand ran at ~16 GB/s; packed, the whole
+ * kernel took 8.5 ms where 10-13 adapters' weights at batch 32 (SmolLM2, rank 16, all projections) read
+ * ~250 MB, against 27 ms for torch's gather + padded bmm + scatter (/tmp microbenchmark, see BENCHMARKS).
+ * Every output element is summed by one thread in a fixed order, whatever the blocking: a row's result
+ * does not depend on the other rows or on the thread count.
+ * lora_sgmv_f16 is the same over half-precision (IEEE fp16) A and B, widened to float32 as they are
+ * read (x, out, h and every sum stay float32): half the bytes, and decode LoRA is bound by reading them.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#if defined(__AVX512F__) || defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+#define TILE 16 /* columns per packed tile: the layout's unit, exported to lora.py by lora_sgmv_tile() */
+#if defined(__AVX512F__)
+#define MB 4 /* accumulator tiles per register block: a tile is one zmm register */
+#else
+#define MB 2 /* a tile is two ymm registers, and there are 16 */
+#endif
+#define KS 4 /* the shrink's partial sums per output: one chain of K adds would run at the add's latency */
+#define CHUNK 256 /* output columns per expand task: a rank-16 B chunk is 16 KiB, in L1 */
+/* fp16 weights: a segment of at least this many rows has its A tile or B chunk widened to float32 once,
+ * into per-thread scratch, instead of each row block widening it again (a prefill chunk's segments are
+ * 100+ rows, where that made the half-precision path slower than float32) */
+#define WIDEN_ROWS 8
+
+int lora_sgmv_tile(void) { return TILE; }
+
+/* IEEE half -> float, without F16C (normal, subnormal, zero, inf and NaN). */
+static inline float half_to_float(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff;
+    union { uint32_t u; float f; } v;
+    if (exp == 0x1f) {
+        v.u = sign | 0x7f800000u | (man << 13);
+    } else if (exp) {
+        v.u = sign | ((exp + 112) << 23) | (man << 13);
+    } else { /* zero or subnormal: man * 2^-24 */
+        v.f = (float)man * 5.9604644775390625e-8f;
+        v.u |= sign;
+    }
+    return v.f;
+}
+
+/* Row `off` (in elements) of w floats from a packed weight: in place for float32, else the fp16 row
+ * widened into buf (one vector conversion for a full tile). */
+static inline __attribute__((always_inline)) const float *wrow(const void *base, int64_t off, const int half,
+                                                                const int w, float *buf) {
+    if (!half) return (const float *)base + off;
+    const uint16_t *p = (const uint16_t *)base + off;
+#if defined(__AVX512F__)
+    if (w == TILE) {
+        _mm512_storeu_ps(buf, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)));
+        return buf;
+    }
+#elif defined(__F16C__)
+    if (w == TILE) {
+        _mm256_storeu_ps(buf, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)));
+        _mm256_storeu_ps(buf + 8, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 8))));
+        return buf;
+    }
+#endif
+    for (int t = 0; t < w; t++) buf[t] = half_to_float(p[t]);
+    return buf;
+}
+
+/* dst[0:n] = the fp16 src[0:n] as float32. */
+static void widen(const uint16_t *src, int64_t n, float *dst) {
+    int64_t i = 0;
+    for (; i + TILE <= n; i += TILE) wrow(src, i, 1, TILE, dst + i); /* converts straight into dst */
+    for (; i < n; i++) dst[i] = half_to_float(src[i]);
+}
+
+/* h[r, c0:c0+w] = x[rows[r]] @ A[:, c0:c0+w] for mb rows; acc[r][p] sums the k = p (mod KS) terms. */
+static inline __attribute__((always_inline)) void shrink_block(const float *x, int64_t ldx, const int64_t *rows,
+                                                                const int mb, const void *a, int64_t at,
+                                                                const int half, int64_t K, int64_t nR,
+                                                                int64_t c0, const int w, float *h) {
+    float acc[MB][KS][TILE] = {{{0.f}}}, buf[TILE];
+    const float *xr[MB];
+    for (int r = 0; r < mb; r++) xr[r] = x + rows[r] * ldx;
+    int64_t k = 0;
+    for (; k + KS <= K; k += KS)
+        for (int p = 0; p < KS; p++) {
+            const float *ar = wrow(a, at + (k + p) * w, half, w, buf);
+            for (int r = 0; r < mb; r++) {
+                const float xv = xr[r][k + p];
+#pragma omp simd
+                for (int t = 0; t < w; t++) acc[r][p][t] += xv * ar[t];
+            }
+        }
+    for (; k < K; k++) {
+        const float *ar = wrow(a, at + k * w, half, w, buf);
+        for (int r = 0; r < mb; r++) {
+            const float xv = xr[r][k];
+#pragma omp simd
+            for (int t = 0; t < w; t++) acc[r][0][t] += xv * ar[t];
+        }
+    }
+    for (int r = 0; r < mb; r++)
+        for (int t = 0; t < w; t++)
+            h[r * nR + c0 + t] = (acc[r][0][t] + acc[r][1][t]) + (acc[r][2][t] + acc[r][3][t]);
+}
+
+/* The shrink of A's tile at column c0 for the m rows of one segment, the tile's weights starting `at`
+ * elements into a. */
+static inline __attribute__((always_inline)) void shrink_rows(const float *x, int64_t ldx, const int64_t *rows,
+                                                               int64_t m, const void *a, int64_t at, const int half,
+                                                               int64_t K, int64_t nR, int64_t c0, float *h) {
+    const int w = nR - c0 < TILE ? (int)(nR - c0) : TILE;
+    int64_t i = 0;
+    if (w == TILE) { /* constant widths: the compiler unrolls the tile into registers */
+        for (; i + MB <= m; i += MB) shrink_block(x, ldx, rows + i, MB, a, at, half, K, nR, c0, TILE, h + i * nR);
+        for (; i < m; i++) shrink_block(x, ldx, rows + i, 1, a, at, half, K, nR, c0, TILE, h + i * nR);
+    } else {
+        for (; i < m; i++) shrink_block(x, ldx, rows + i, 1, a, at, half, K, nR, c0, w, h + i * nR);
+    }
+}
+
+/* shrink_rows for a slot whose packed A starts `a0` elements into a; a large segment's fp16 tile is
+ * widened into scratch first. */
+static inline __attribute__((always_inline)) void shrink(const float *x, int64_t ldx, const int64_t *rows, int64_t m,
+                                                          const void *a, int64_t a0, const int half, int64_t K,
+                                                          int64_t nR, int64_t c0, float *h, float *scratch) {
+    const int64_t at = a0 + K * c0;
+    if (half && scratch && m >= WIDEN_ROWS) {
+        widen((const uint16_t *)a + at, K * (nR - c0 < TILE ? nR - c0 : TILE), scratch);
+        shrink_rows(x, ldx, rows, m, scratch, 0, 0, K, nR, c0, h);
+    } else {
+        shrink_rows(x, ldx, rows, m, a, at, half, K, nR, c0, h);
+    }
+}
+
+/* out[rows[r], c + q*TILE + t] += h[r, :R] @ B's tile at c + q*TILE, for mb rows and nt tiles of width w
+ * (mb * nt <= MB * MB accumulator tiles, each a chain of R adds in the same order whatever the blocking). */
+static inline __attribute__((always_inline)) void expand_block(float *out, int64_t ldo, const int64_t *rows,
+                                                                const int mb, const int nt, const float *hj,
+                                                                int64_t nR, const void *b, int64_t b0,
+                                                                const int half, int64_t R, int64_t c,
+                                                                const int w) {
+    float acc[MB][MB][TILE], buf[TILE];
+    for (int r = 0; r < mb; r++)
+        for (int q = 0; q < nt; q++)
+            for (int t = 0; t < w; t++) acc[r][q][t] = out[rows[r] * ldo + c + q * TILE + t];
+    for (int64_t k = 0; k < R; k++)
+        for (int q = 0; q < nt; q++) {
+            const float *br = wrow(b, b0 + R * (c + q * TILE) + k * w, half, w, buf);
+            for (int r = 0; r < mb; r++) {
+                const float hv = hj[r * nR + k];
+#pragma omp simd
+                for (int t = 0; t < w; t++) acc[r][q][t] += hv * br[t];
+            }
+        }
+    for (int r = 0; r < mb; r++)
+        for (int q = 0; q < nt; q++)
+            for (int t = 0; t < w; t++) out[rows[r] * ldo + c + q * TILE + t] = acc[r][q][t];
+}
+
+/* out[rows[i], c0:c1] += h[i, jR:jR+R] @ B_j[:, c0:c1] for the m rows of one segment (hj = h + jR; the
+ * tile at output column c at b + b0 + R * c). Rows in blocks of MB over MB tiles (then one tile); the rest
+ * one row at a time over MB tiles. */
+static inline __attribute__((always_inline)) void expand_rows(float *out, int64_t ldo, const int64_t *rows,
+                                                               int64_t m, const float *hj, int64_t nR, const void *b,
+                                                               int64_t b0, const int half, int64_t R, int64_t c0,
+                                                               int64_t c1) {
+    const int64_t blocked = m - m % MB;
+    int64_t c = c0;
+    /* MB rows x MB tiles: MB * MB independent FMA chains. With MB rows over one tile (4 chains of R adds)
+     * the expand ran at the FMA's latency: 64 of the 96 ms of LoRA for a 1024-row chunk over 8 adapters
+     * (all 30 layers), against 36 ms now. */
+    for (; c + MB * TILE <= c1; c += MB * TILE)
+        for (int64_t i = 0; i < blocked; i += MB)
+            expand_block(out, ldo, rows + i, MB, MB, hj + i * nR, nR, b, b0, half, R, c, TILE);
+    for (; c < c1; c += TILE) {
+        const int w = c1 - c < TILE ? (int)(c1 - c) : TILE;
+        if (w == TILE)
+            for (int64_t i = 0; i < blocked; i += MB)
+                expand_block(out, ldo, rows + i, MB, 1, hj + i * nR, nR, b, b0, half, R, c, TILE);
+        else
+            for (int64_t i = 0; i < blocked; i++)
+                expand_block(out, ldo, rows + i, 1, 1, hj + i * nR, nR, b, b0, half, R, c, w);
+    }
+    for (int64_t i = blocked; i < m; i++) {
+        for (c = c0; c + MB * TILE <= c1; c += MB * TILE)
+            expand_block(out, ldo, rows + i, 1, MB, hj + i * nR, nR, b, b0, half, R, c, TILE);
+        for (; c + TILE <= c1; c += TILE)
+            expand_block(out, ldo, rows + i, 1, 1, hj + i * nR, nR, b, b0, half, R, c, TILE);
+        if (c < c1) expand_block(out, ldo, rows + i, 1, 1, hj + i * nR, nR, b, b0, half, R, c, (int)(c1 - c));
+    }
+}
+
+/* expand_rows for a slot whose packed B starts `b0` elements into b; a large segment's fp16 chunk (its
+ * tiles lie together: R * (c1 - c0) weights from column c0's tile on) is widened into scratch first. */
+static inline __attribute__((always_inline)) void expand(float *out, int64_t ldo, const int64_t *rows, int64_t m,
+                                                          const float *hj, int64_t nR, const void *b, int64_t b0,
+                                                          const int half, int64_t R, int64_t c0, int64_t c1,
+                                                          float *scratch) {
+    if (half && scratch && m >= WIDEN_ROWS) {
+        widen((const uint16_t *)b + b0 + R * c0, R * (c1 - c0), scratch);
+        expand_rows(out, ldo, rows, m, hj, nR, scratch, -R * c0, 0, R, c0, c1);
+    } else {
+        expand_rows(out, ldo, rows, m, hj, nR, b, b0, half, R, c0, c1);
+    }
+}
+
+static int64_t chunks_of(int64_t width) { return (width + CHUNK - 1) / CHUNK; }
+
+static inline __attribute__((always_inline)) void sgmv(const float *x, int64_t ldx, float *out, int64_t ldo,
+                                                        const void *a, const void *b, const int half, int64_t K,
+                                                        int64_t N, int64_t R, int64_t n, const int64_t *cols,
+                                                        int64_t nseg, const int64_t *plan, float *h, int nthreads) {
+    const int64_t nR = n * R, *slots = plan, *starts = plan + nseg, *rows = plan + 2 * nseg + 1;
+    const int64_t tiles = (nR + TILE - 1) / TILE;
+    int64_t chunks = 0; /* expand tasks per segment: column chunks of the n targets' ranges */
+    for (int64_t j = 0; j < n; j++) chunks += chunks_of(cols[j + 1] - cols[j]);
+    /* Static schedules: each thread takes a contiguous run of tasks, so it streams neighbouring tiles of
+     * one slot's weights. Dynamic (one task at a time from a shared counter) measured 7.8 ms of LoRA a
+     * batch-32 decode step over 8 adapters against 5.9-6.2 static; a 4096-token prefill, whose segments
+     * are larger and uneven, took the same either way (286-295 vs 294-301 ms). */
+#pragma omp parallel num_threads(nthreads)
+    {
+        /* fp16 only: an A tile or a B chunk widened (NULL when malloc fails: every segment then widens as
+         * it reads, which is only slower) */
+        float *scratch = half ? malloc(sizeof(float) * (size_t)(K * TILE > R * CHUNK ? K * TILE : R * CHUNK)) : 0;
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < nseg * tiles; t++) {
+            const int64_t s = t / tiles;
+            shrink(x, ldx, rows + starts[s], starts[s + 1] - starts[s], a, slots[s] * K * nR, half, K, nR,
+                   (t % tiles) * TILE, h + starts[s] * nR, scratch);
+        }
+        /* the implicit barrier: every h row is complete before an expand reads it */
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < nseg * chunks; t++) {
+            const int64_t s = t / chunks;
+            int64_t c = t % chunks, j = 0;
+            for (; c >= chunks_of(cols[j + 1] - cols[j]); j++) c -= chunks_of(cols[j + 1] - cols[j]);
+            const int64_t c0 = cols[j] + c * CHUNK, c1 = c0 + CHUNK < cols[j + 1] ? c0 + CHUNK : cols[j + 1];
+            expand(out, ldo, rows + starts[s], starts[s + 1] - starts[s], h + starts[s] * nR + j * R, nR, b,
+                   slots[s] * R * N, half, R, c0, c1, scratch);
+        }
+        free(scratch);
+    }
+}
+
+void lora_sgmv(const float *x, int64_t ldx, float *out, int64_t ldo, const float *a, const float *b, int64_t K,
+               int64_t N, int64_t R, int64_t n, const int64_t *cols, int64_t nseg, const int64_t *plan, float *h,
+               int nthreads) {
+    sgmv(x, ldx, out, ldo, a, b, 0, K, N, R, n, cols, nseg, plan, h, nthreads);
+}
+
+void lora_sgmv_f16(const float *x, int64_t ldx, float *out, int64_t ldo, const uint16_t *a, const uint16_t *b,
+                   int64_t K, int64_t N, int64_t R, int64_t n, const int64_t *cols, int64_t nseg,
+                   const int64_t *plan, float *h, int nthreads) {
+    sgmv(x, ldx, out, ldo, a, b, 1, K, N, R, n, cols, nseg, plan, h, nthreads);
+}

@@ -1,0 +1,233 @@
+/* Attention over a paged KV cache, on the CPU: one query token per row, K/V read in place through the
+ * row's block table (never gathered into a padded copy first). A row is a decode, or one token of a
+ * prefill chunk: the engine passes a chunk as rows of one sequence with lengths growing by one, which is
+ * causal attention (a 4096-token prefill: 366 -> 191 ms of attention against torch's SDPA over
+ * gathered K/V; a 2000-token prompt 2273 -> 1919 ms in all).
+ *
+ * Built by loraserve/engine/kernels/cpu.py with the machine's C compiler (-O3 -march=native -fopenmp)
+ * and called through ctypes. Layouts (float32, contiguous):
+ *   q, out:  [B, Hq, D]          one new token per sequence
+ *   kc, vc:  [slots, Hkv, D]     one layer's cache; slot = block * bs + offset
+ *   tables:  [B, width] int64    each sequence's block ids
+ *   lens:    [B] int64           context length, the new token included (>= 1)
+ * Each sequence is one task (split by KV head only when there are fewer sequences than threads and the
+ * context is long), computed start to finish by one thread in a fixed order, so a sequence's result does
+ * not depend on what else is in the batch or on the thread count. The G = Hq / Hkv query heads of a KV
+ * head share each K/V row part while it is in L1 (GQA reads K/V once, not G times).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include "vmath.h"
+#if defined(__x86_64__) || defined(__i386__)
+#include <xmmintrin.h>
+/* Flush-to-zero and denormals-are-zero: a peaked softmax can make probabilities (and their products
+ * with V) subnormal, which x86 computes on many times slower. A guard: on the benchmark workload it
+ * changed nothing measurable (the 3x slowdown once seen in the engine was the task split, see below).
+ * Values that small change no output bit a float32 sum keeps. */
+#define FTZ_ON(saved) unsigned int saved = _mm_getcsr(); _mm_setcsr(saved | 0x8040)
+#define FTZ_OFF(saved) _mm_setcsr(saved)
+#else
+#define FTZ_ON(saved) (void)0
+#define FTZ_OFF(saved) (void)0
+#endif
+
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#include <immintrin.h>
+#endif
+#if defined(__AVX512F__)
+#define SW 16 /* scores a tile: one zmm of 16 positions */
+/* The 16 sums of a[0..15] in one vector (lane j: the sum of a[j]'s lanes): a transpose-and-add tree, 15
+ * adds and 30 shuffles where 16 horizontal sums take ~130 operations. */
+static inline __attribute__((always_inline)) __m512 sum16(const __m512 a[16]) {
+    __m512 b[8], c[4], d[2];
+    for (int m = 0; m < 8; m++) /* 128-bit lane k: a[2m]'s, a[2m+1]'s, a[2m]'s, a[2m+1]'s partial sums */
+        b[m] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * m], a[2 * m + 1]), _mm512_unpackhi_ps(a[2 * m], a[2 * m + 1]));
+    for (int m = 0; m < 4; m++) { /* lane k: a[4m .. 4m+3]'s partial sums */
+        const __m512d x = _mm512_castps_pd(b[2 * m]), y = _mm512_castps_pd(b[2 * m + 1]);
+        c[m] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+    }
+    for (int m = 0; m < 2; m++) /* lanes 0-1: a[8m .. 8m+3] (two halves), lanes 2-3: a[8m+4 .. 8m+7] */
+        d[m] = _mm512_add_ps(_mm512_shuffle_f32x4(c[2 * m], c[2 * m + 1], 0x88),
+                             _mm512_shuffle_f32x4(c[2 * m], c[2 * m + 1], 0xDD));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(d[0], d[1], 0x88), _mm512_shuffle_f32x4(d[0], d[1], 0xDD));
+}
+
+/* s[g * ls + j] = scale * q_g . k_j for j < n <= SW and the G heads; rows k_j ld floats apart (all SW
+ * readable: they lie in one cache block). */
+static inline __attribute__((always_inline)) void qk_tile(const float *q, const float *k, int64_t ld, const int64_t G,
+                                                        const int64_t D, float scale, float *s, int64_t ls, int64_t n) {
+    for (int64_t g = 0; g < G; g++) {
+        __m512 acc[16];
+        for (int j = 0; j < 16; j++) {
+            acc[j] = _mm512_mul_ps(_mm512_loadu_ps(q + g * D), _mm512_loadu_ps(k + j * ld));
+            for (int64_t c = 16; c < D; c += 16)
+                acc[j] = _mm512_fmadd_ps(_mm512_loadu_ps(q + g * D + c), _mm512_loadu_ps(k + j * ld + c), acc[j]);
+        }
+        const __m512 r = _mm512_mul_ps(sum16(acc), _mm512_set1_ps(scale));
+        _mm512_mask_storeu_ps(s + g * ls, (__mmask16)((1u << n) - 1), r);
+    }
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+#define SW 8 /* AVX2: one ymm of 8 positions */
+/* The 8 sums of a[0..7] in one vector (lane j: the sum of a[j]'s lanes): 6 horizontal adds, 2 lane
+ * permutes and an add, where 8 horizontal sums take ~50 operations. */
+static inline __attribute__((always_inline)) __m256 sum8(const __m256 a[8]) {
+    const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
+    const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
+    const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3); /* 128-bit half h: a[0..3] / a[4..7] */
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+/* s[g * ls + j] = scale * q_g . k_j for j < n <= SW and the G heads; rows k_j ld floats apart (all SW
+ * readable: they lie in one cache block). */
+static inline __attribute__((always_inline)) void qk_tile(const float *q, const float *k, int64_t ld, const int64_t G,
+                                                           const int64_t D, float scale, float *s, int64_t ls, int64_t n) {
+    for (int64_t g = 0; g < G; g++) {
+        __m256 acc[8];
+        for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
+        for (int64_t c = 0; c < D; c += 8) { /* 8 accumulators, one q chunk: 10 of the 16 ymm */
+            const __m256 qv = _mm256_loadu_ps(q + g * D + c);
+            for (int j = 0; j < 8; j++) acc[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + j * ld + c), acc[j]);
+        }
+        float r[8];
+        _mm256_storeu_ps(r, _mm256_mul_ps(sum8(acc), _mm256_set1_ps(scale)));
+        for (int64_t j = 0; j < n; j++) s[g * ls + j] = r[j];
+    }
+}
+#endif
+
+/* Attention of the G query heads of KV head kvh over the sequence's first L positions: q, out [G, D];
+ * scores [G, L] in s. Positions outermost, so each K/V row part (one or a few cache lines) is read once
+ * for the G heads. Called with constant G and D for the common shapes, so that the accumulators (G * D
+ * floats: 12 zmm for SmolLM2) stay in registers while V streams by: ~20% faster than one pass over all
+ * heads with the accumulators in memory (400 -> 325 us at batch 32, 128-256 positions, same bits).
+ * Scores come a tile of positions at a time (qk_tile: 16 with AVX-512, 8 with AVX2): one horizontal
+ * sum per score had made the QK phase 40% of the kernel with K in cache. With AVX-512, that and
+ * exp_nonpos: a layer at batch 32, 128-256 positions, K/V in L3, 262 -> 155 us; from memory (the
+ * engine's case) ~5-10% (profile-step: 9.4-9.7 -> 8.6-9.2 ms of attention a batch-32 step), which is
+ * then what bounds it. The AVX2 build's 8-position tiles: 263-271 -> 243-246 us in L3, 429 -> 411 from
+ * memory.
+ * Blocks lie anywhere in the cache, so the hardware prefetcher starts cold at each one: the next block's
+ * rows are prefetched one block ahead (cold caches, as in the engine where the weights stream through
+ * between layers: 840 -> 500 us; two or four blocks ahead measured the same, before and after the score tiles). */
+static inline __attribute__((always_inline)) void attend_kv(const float *q, const float *kc, const float *vc,
+        const int64_t *tb, int64_t L, int64_t kvh, int64_t Hkv, const int64_t G, const int64_t D, int64_t bs,
+        float scale, float *out, float *s) {
+    for (int64_t j0 = 0, blk = 0; j0 < L; j0 += bs, blk++) {
+        const int64_t n = L - j0 < bs ? L - j0 : bs;
+        const float *kb = kc + (tb[blk] * bs * Hkv + kvh) * D;
+        const float *kn = j0 + bs < L ? kc + (tb[blk + 1] * bs * Hkv + kvh) * D : kb; /* the next block */
+#ifdef SW
+        if (bs % SW == 0 && D % SW == 0) {
+            for (int64_t j = 0; j < n; j += SW) {
+                for (int64_t r = j; r < j + SW; r++)
+                    for (int64_t c = 0; c < D; c += 16) __builtin_prefetch(kn + r * Hkv * D + c);
+                qk_tile(q, kb + j * Hkv * D, Hkv * D, G, D, scale, s + j0 + j, L, n - j < SW ? n - j : SW);
+            }
+            continue;
+        }
+#endif
+        for (int64_t j = 0; j < n; j++) {
+            const float *kr = kb + j * Hkv * D;
+            for (int64_t c = 0; c < D; c += 16) __builtin_prefetch(kn + j * Hkv * D + c);
+            for (int64_t g = 0; g < G; g++) {
+                const float *qh = q + g * D;
+                float d = 0.f;
+#pragma omp simd reduction(+ : d)
+                for (int64_t i = 0; i < D; i++) d += qh[i] * kr[i];
+                s[g * L + j0 + j] = d * scale;
+            }
+        }
+    }
+    for (int64_t g = 0; g < G; g++) {
+        float *sr = s + g * L, m = -INFINITY, sum = 0.f;
+#pragma omp simd reduction(max : m)
+        for (int64_t j = 0; j < L; j++) m = sr[j] > m ? sr[j] : m;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t j = 0; j < L; j++) {
+            sr[j] = exp_nonpos(sr[j] - m);
+            sum += sr[j];
+        }
+        const float inv = 1.f / sum;
+        for (int64_t j = 0; j < L; j++) sr[j] *= inv;
+    }
+    float acc[G][D];
+    for (int64_t g = 0; g < G; g++)
+        for (int64_t i = 0; i < D; i++) acc[g][i] = 0.f;
+    for (int64_t j0 = 0, blk = 0; j0 < L; j0 += bs, blk++) {
+        const int64_t n = L - j0 < bs ? L - j0 : bs;
+        const float *vb = vc + (tb[blk] * bs * Hkv + kvh) * D;
+        const float *vn = j0 + bs < L ? vc + (tb[blk + 1] * bs * Hkv + kvh) * D : vb;
+        for (int64_t j = 0; j < n; j++) {
+            const float *vr = vb + j * Hkv * D;
+            for (int64_t c = 0; c < D; c += 16) __builtin_prefetch(vn + j * Hkv * D + c);
+            for (int64_t g = 0; g < G; g++) {
+                const float p = s[g * L + j0 + j];
+#pragma omp simd
+                for (int64_t i = 0; i < D; i++) acc[g][i] += p * vr[i];
+            }
+        }
+    }
+    for (int64_t g = 0; g < G; g++)
+        for (int64_t i = 0; i < D; i++) out[g * D + i] = acc[g][i];
+}
+
+/* Sequence b's query heads [h0, h1) (a multiple of G apart): q, out [Hq, D]; scratch holds G * L floats. */
+static void attend(const float *q, const float *kc, const float *vc, const int64_t *tb, int64_t L,
+                   int64_t h0, int64_t h1, int64_t Hkv, int64_t G, int64_t D, int64_t bs, float scale,
+                   float *out, float *scratch) {
+    for (int64_t kvh = h0 / G; kvh < h1 / G; kvh++) {
+        const float *qk = q + kvh * G * D;
+        float *ok = out + kvh * G * D;
+        if (G == 3 && D == 64) /* SmolLM2-135M */
+            attend_kv(qk, kc, vc, tb, L, kvh, Hkv, 3, 64, bs, scale, ok, scratch);
+        else if (G == 1 && D == 128) /* Llama-2-7B */
+            attend_kv(qk, kc, vc, tb, L, kvh, Hkv, 1, 128, bs, scale, ok, scratch);
+        else if (G == 4 && D == 128) /* Mistral-7B, Llama-3-8B */
+            attend_kv(qk, kc, vc, tb, L, kvh, Hkv, 4, 128, bs, scale, ok, scratch);
+        else
+            attend_kv(qk, kc, vc, tb, L, kvh, Hkv, G, D, bs, scale, ok, scratch);
+    }
+}
+
+/* Returns 0; 1 when scratch memory could not be had; 2 (nothing computed) when a length or a block id
+ * is outside the tables or the cache (nslots slots): a wrong index must not become a read anywhere. */
+int paged_decode_attention(const float *q, const float *kc, const float *vc, int64_t nslots,
+                           const int64_t *tables, int64_t width, const int64_t *lens, int64_t B, int64_t Hq,
+                           int64_t Hkv, int64_t D, int64_t bs, float scale, float *out, int nthreads) {
+    const int64_t G = Hq / Hkv;
+    for (int64_t b = 0; b < B; b++) {
+        if (lens[b] < 1 || lens[b] > width * bs) return 2;
+        for (int64_t i = 0; i < (lens[b] + bs - 1) / bs; i++)
+            if (tables[b * width + i] < 0 || (tables[b * width + i] + 1) * bs > nslots) return 2;
+    }
+    /* A task is one sequence with all its heads: each K/V row is then touched by one task only. Split by
+     * KV head, tasks touched each row Hkv times, and in the engine (weights streaming through the caches
+     * between layers) TLB and cache misses made a layer 3x slower (1.1 ms vs 0.36 at batch 32). Only
+     * fewer sequences than threads over long contexts are split, so that every thread has work. */
+    int64_t lmax = 0;
+    for (int64_t b = 0; b < B; b++) lmax = lens[b] > lmax ? lens[b] : lmax;
+    const int64_t split = B < (int64_t)nthreads && lmax >= 1024 ? Hkv : 1;
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads)
+    {
+        FTZ_ON(csr);
+        const int64_t heads = Hq / split;
+        float *scratch = malloc(sizeof(float) * (size_t)(G * lmax));
+        if (!scratch) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t t = 0; t < B * split; t++) {
+            if (!scratch) continue;
+            const int64_t b = t / split, h0 = (t % split) * heads;
+            attend(q + b * Hq * D, kc, vc, tables + b * width, lens[b], h0, h0 + heads, Hkv, G, D, bs,
+                   scale, out + b * Hq * D, scratch);
+        }
+        free(scratch);
+        FTZ_OFF(csr);
+    }
+    return failed;
+}

