@@ -22,8 +22,10 @@ RANDOM_SOURCE_PREFIX = "random:"
 # SmolLM2's tokenizer and chat template. Here, not in the engine, so that torch-free tools (loraserve
 # loadtest) know their LoRA shapes too.
 RANDOM_SHAPES: dict[str, dict[str, Any]] = {
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16),
-    "small": dict(hidden_size=256, intermediate_size=512, num_layers=4, num_heads=8, num_kv_heads=4, head_dim=32),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+                 head_dim=16),
+    "small": dict(hidden_size=256, intermediate_size=512, num_layers=4, num_heads=8, num_kv_heads=4,
+                  head_dim=32),
     # SmolLM2-135M's shape (the embedded model's): benchmarks without loading the GGUF.
     "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9, num_kv_heads=3,
                          head_dim=64),

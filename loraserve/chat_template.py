@@ -29,7 +29,10 @@ DEFAULT_SYSTEM_PROMPT = (
 
 def unscoped_messages(prompt: str) -> list[ChatMessage]:
     """An "unscoped" prompt (`{prompt}` without `raw`) as the public service sees it."""
-    return [ChatMessage(role="system", content=DEFAULT_SYSTEM_PROMPT), ChatMessage(role="user", content=prompt)]
+    return [
+        ChatMessage(role="system", content=DEFAULT_SYSTEM_PROMPT),
+        ChatMessage(role="user", content=prompt),
+    ]
 
 
 class TemplateKind(enum.Enum):
@@ -95,7 +98,9 @@ def _tojson(
     separators: tuple[str, str] | None = None, sort_keys: bool = False,
 ) -> str:
     # Jinja's own tojson HTML-escapes `<` and `&`, which would change the prompt; HF overrides it likewise.
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    return json.dumps(
+        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
 
 
 def _strftime_now(fmt: str) -> str:
@@ -104,7 +109,9 @@ def _strftime_now(fmt: str) -> str:
 
 def _jinja_env() -> ImmutableSandboxedEnvironment:
     # Templates come from model files, i.e. from strangers: sandboxed, and set up as transformers does.
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
+    )
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
@@ -114,7 +121,9 @@ def _jinja_env() -> ImmutableSandboxedEnvironment:
 class ChatTemplate:
     """Renders messages into a prompt that ends with the assistant's turn open."""
 
-    def __init__(self, kind: TemplateKind, source: str | None = None, bos_token: str = "", eos_token: str = "") -> None:
+    def __init__(
+        self, kind: TemplateKind, source: str | None = None, bos_token: str = "", eos_token: str = ""
+    ) -> None:
         if (kind is TemplateKind.JINJA) != (source is not None):
             raise ValueError("a Jinja chat template needs its source, and only a Jinja one takes it")
         self.kind = kind

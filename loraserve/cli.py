@@ -43,7 +43,9 @@ DataDir = Annotated[
 DatabaseUrl = Annotated[
     str | None, typer.Option("--database-url", help="SQLAlchemy URL; default: SQLite in the data dir.")
 ]
-BaseUrl = Annotated[str, typer.Option("--base-url", envvar="LORASERVE_BASE_URL", help="The server's root URL.")]
+BaseUrl = Annotated[
+    str, typer.Option("--base-url", envvar="LORASERVE_BASE_URL", help="The server's root URL.")
+]
 AccountId = Annotated[str, typer.Option("--account", envvar="LORASERVE_ACCOUNT_ID", help="Account id.")]
 Token = Annotated[str, typer.Option("--token", envvar="LORASERVE_TOKEN", help="API token of the account.")]
 
@@ -67,16 +69,22 @@ def serve(
     data_dir: DataDir = DEFAULT_DATA_DIR,
     model: Annotated[
         list[str] | None,
-        typer.Option("--model", help="ID=SOURCE (a local HF dir, a .gguf, 'embedded', 'random:tiny' or a HF repo "
-                                     "id), or a catalog ID alone. Repeatable. Default: the embedded SmolLM2."),
+        typer.Option(
+            "--model",
+            help="ID=SOURCE (a local HF dir, a .gguf, 'embedded', 'random:tiny' or a HF repo "
+                 "id), or a catalog ID alone. Repeatable. Default: the embedded SmolLM2.",
+        ),
     ] = None,
     database_url: DatabaseUrl = None,
     rate_limit: Annotated[int | None, typer.Option(help="Runs per account per minute; 0 disables.")] = None,
     max_rank: Annotated[int | None, typer.Option(help="Largest LoRA rank accepted at upload.")] = None,
     timeout: Annotated[float | None, typer.Option(help="Seconds a /run may take, queueing included.")] = None,
-    max_batch: Annotated[int | None, typer.Option(min=1, help="Requests generated together (default 64).")] = None,
+    max_batch: Annotated[
+        int | None, typer.Option(min=1, help="Requests generated together (default 64).")
+    ] = None,
     max_queue: Annotated[
-        int | None, typer.Option(min=1, help="Requests waiting beyond the batch; more get 429/3040 (default 256).")
+        int | None,
+        typer.Option(min=1, help="Requests waiting beyond the batch; more get 429/3040 (default 256)."),
     ] = None,
     device: Annotated[
         str | None, typer.Option(help="cpu, cuda or cuda:N (default: cpu).")
@@ -86,8 +94,9 @@ def serve(
                                       "bfloat16 on CUDA).")
     ] = None,
     lora_dtype: Annotated[
-        str | None, typer.Option(help="auto or float16: adapter weights in half precision halve what the CPU LoRA "
-                                      "kernel reads each step, at fp16's rounding (default: auto = the model's).")
+        str | None,
+        typer.Option(help="auto or float16: adapter weights in half precision halve what the CPU LoRA "
+                          "kernel reads each step, at fp16's rounding (default: auto = the model's)."),
     ] = None,
     prefix_caching: Annotated[
         bool | None,
@@ -128,7 +137,9 @@ def serve(
         import torch
 
         if not torch.cuda.is_available():
-            raise _fail(f"--device {engine_config.device}: torch sees no CUDA device (torch {torch.__version__})", 2)
+            raise _fail(
+                f"--device {engine_config.device}: torch sees no CUDA device (torch {torch.__version__})", 2
+            )
 
     backends: dict[str, Backend] = {}
     loaded: dict[tuple[str, TemplateKind], Backend] = {}
@@ -144,7 +155,8 @@ def serve(
         backends[spec.id] = loaded[key]
     if metrics_token is None and host not in ("127.0.0.1", "localhost", "::1"):
         err.print(f"warning: GET /metrics is open to anyone who reaches {host}:{port}; "
-                  "set --metrics-token (or LORASERVE_METRICS_TOKEN) to require a bearer token", highlight=False)
+                  "set --metrics-token (or LORASERVE_METRICS_TOKEN) to require a bearer token",
+                  highlight=False)
     err.print(f"serving {', '.join(backends)} on http://{host}:{port}", highlight=False)
     run_server(create_app(registry, backends, settings), host, port, log_level=log_level)
 
@@ -220,7 +232,9 @@ def token_revoke(
 def finetune_create(
     model: Annotated[str, typer.Argument(help="The catalog model name.")],
     name: Annotated[str, typer.Argument(help="The finetune name.")],
-    folder: Annotated[Path, typer.Argument(help="Folder holding adapter_config.json and adapter_model.safetensors.")],
+    folder: Annotated[
+        Path, typer.Argument(help="Folder holding adapter_config.json and adapter_model.safetensors.")
+    ],
     account: AccountId,
     token: Token,
     base_url: BaseUrl = DEFAULT_BASE_URL,
@@ -354,9 +368,10 @@ def bench(ctx: typer.Context) -> None:
 @app.command(
     context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
     add_help_option=False,
+    help="Overload run against a server: streaming clients, disconnects, health, leaks "
+         "(`loraserve loadtest --help`).",
 )
 def loadtest(ctx: typer.Context) -> None:
-    """Overload run against a server: streaming clients, disconnects, health, leaks (`loraserve loadtest --help`)."""
     from loraserve.tools.loadtest import run as loadtest_module  # torch-free
 
     raise typer.Exit(loadtest_module.main(list(ctx.args)))

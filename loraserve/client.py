@@ -22,7 +22,9 @@ _API_ROOT = "/client/v4"
 class APIError(Exception):
     """An error envelope from the server: the first error's code and message, and the HTTP status."""
 
-    def __init__(self, status: int, code: int, message: str, errors: list[dict[str, Any]] | None = None) -> None:
+    def __init__(
+        self, status: int, code: int, message: str, errors: list[dict[str, Any]] | None = None
+    ) -> None:
         super().__init__(f"{code}: {message} (HTTP {status})")
         self.status = status
         self.code = code
@@ -67,7 +69,9 @@ def _asset_paths(folder: Path) -> list[Path]:
     paths = [folder / name for name in ASSET_FILES]
     missing = [p.name for p in paths if not p.is_file()]
     if missing:
-        raise FileNotFoundError(f"{folder}: missing {', '.join(missing)} (required: {', '.join(ASSET_FILES)})")
+        raise FileNotFoundError(
+            f"{folder}: missing {', '.join(missing)} (required: {', '.join(ASSET_FILES)})"
+        )
     return paths
 
 
@@ -194,7 +198,9 @@ class Client:
 
     # finetunes (wrangler's `ai finetune create/list` and the extra get/delete)
 
-    def new_finetune(self, model: str, name: str, description: str = "", public: bool = False) -> dict[str, Any]:
+    def new_finetune(
+        self, model: str, name: str, description: str = "", public: bool = False
+    ) -> dict[str, Any]:
         body = {"model": model, "name": name, "description": description, "public": public}
         result: dict[str, Any] = _result(self._http.post("/finetunes", json=body))
         return result

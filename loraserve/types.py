@@ -11,8 +11,28 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-# The seven projections a Llama-family decoder layer has, in PEFT's names. Adapters may target any subset.
-LORA_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from loraserve.peft import LORA_TARGETS as LORA_TARGETS  # PEFT's names of the seven projections
+
+
+class QueueFull(Exception):
+    """The engine's queue is at its limit: the request was not taken; it may be tried again later."""
+
+
+class PromptTooLong(ValueError):
+    """The prompt plus max_tokens exceed the context window: the request can never run as it is (a
+    ValueError, as any other request the engine cannot take)."""
+
+    def __init__(self, prompt_tokens: int, max_tokens: int, window: int) -> None:
+        super().__init__(f"prompt ({prompt_tokens}) + max_tokens ({max_tokens}) exceeds the context "
+                         f"window ({window})")
+        self.needed = prompt_tokens + max_tokens
+        self.window = window
+
+
+def check_context_window(prompt_tokens: int, max_tokens: int, window: int) -> None:
+    """The context-window rule, for every layer that admits requests: raises PromptTooLong."""
+    if prompt_tokens + max_tokens > window:
+        raise PromptTooLong(prompt_tokens, max_tokens, window)
 
 
 class FinishReason(enum.Enum):
@@ -20,6 +40,39 @@ class FinishReason(enum.Enum):
     LENGTH = "length"  # max_tokens or the context window reached
     ABORT = "abort"  # the caller went away (abort(request_id))
     ERROR = "error"  # the engine could not run the request (adapter failed to load, ...)
+
+
+@dataclass(frozen=True)
+class Limit:
+    """The inclusive range a sampling value must lie in; None leaves that side open."""
+
+    ge: int | float | None = None
+    le: int | float | None = None
+
+    def check(self, name: str, value: float) -> None:
+        if (self.ge is not None and value < self.ge) or (self.le is not None and value > self.le):
+            raise ValueError(f"{name} must be {self}")
+
+    def __str__(self) -> str:
+        if self.le is None:
+            return f">= {self.ge}"
+        if self.ge is None:
+            return f"<= {self.le}"
+        return f"in [{self.ge}, {self.le}]"
+
+
+# Each sampling range, declared once. The engine's own (SamplingParams checks them) are the widest; the
+# two API faces publish and enforce theirs, narrower where their contract is (their schemas read these).
+MAX_TOKENS = Limit(ge=1)
+TEMPERATURE = Limit(0, 5)
+TOP_P = Limit(0, 2)
+TOP_K = Limit(ge=0)  # 0 means no cut
+REPETITION_PENALTY = Limit(0, 2)
+PENALTY = Limit(-2, 2)  # frequency and presence penalties: OpenAI's range, the engine takes all of it
+WORKERS_AI_TOP_K = Limit(1, 50)  # the OpenAI face takes top_k too, as vLLM does, with these bounds
+WORKERS_AI_SEED = Limit(1, 9_999_999_999)
+WORKERS_AI_PENALTY = Limit(0, 2)  # /run's frequency and presence penalties
+OPENAI_SEED = Limit(-(2**63), 2**63 - 1)
 
 
 @dataclass(frozen=True)
@@ -38,19 +91,13 @@ class SamplingParams:
     ignore_eos: bool = False  # benchmarks: generate exactly max_tokens
 
     def __post_init__(self) -> None:
-        if self.max_tokens < 1:
-            raise ValueError("max_tokens must be >= 1")
-        if not 0.0 <= self.temperature <= 5.0:
-            raise ValueError("temperature must be in [0, 5]")
-        if not 0.0 <= self.top_p <= 2.0:
-            raise ValueError("top_p must be in [0, 2]")
-        if self.top_k < 0:
-            raise ValueError("top_k must be >= 0")
-        if not 0.0 <= self.repetition_penalty <= 2.0:
-            raise ValueError("repetition_penalty must be in [0, 2]")
-        for name in ("frequency_penalty", "presence_penalty"):
-            if not -2.0 <= getattr(self, name) <= 2.0:
-                raise ValueError(f"{name} must be in [-2, 2]")
+        MAX_TOKENS.check("max_tokens", self.max_tokens)
+        TEMPERATURE.check("temperature", self.temperature)
+        TOP_P.check("top_p", self.top_p)
+        TOP_K.check("top_k", self.top_k)
+        REPETITION_PENALTY.check("repetition_penalty", self.repetition_penalty)
+        PENALTY.check("frequency_penalty", self.frequency_penalty)
+        PENALTY.check("presence_penalty", self.presence_penalty)
 
     @property
     def greedy(self) -> bool:
@@ -123,15 +170,20 @@ class Backend(Protocol):
         adapter: AdapterRef | None = None,
         cache_salt: str | None = None,
     ) -> AsyncIterator[StreamEvent]:
-        """Queue a request; iterate its events. Raises ValueError when it can never fit the context.
+        """Queue a request; iterate its events. Refuses it at once as `admit` does.
 
         Requests share cached prompt prefixes only with requests of the same `cache_salt` (the server
         passes the account, so no tenant can time another's prompts)."""
         ...
 
+    def admit(self, prompt_tokens: int, max_tokens: int) -> None:
+        """Raises what `generate` would raise for such a request now: PromptTooLong (never fits the
+        context window), QueueFull (try again later). Callers may ask before spending anything more."""
+        ...
+
     def is_full(self) -> bool:
-        """True while `generate` would refuse a new request (queue full): callers may refuse early,
-        before spending anything on it."""
+        """True while `generate` would refuse any new request (QueueFull): callers may refuse early,
+        before even tokenizing it."""
         ...
 
     def abort(self, request_id: str) -> None:

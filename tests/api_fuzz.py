@@ -114,17 +114,23 @@ def before_call(context: schemathesis.HookContext, case: schemathesis.Case, kwar
 
 
 @schemathesis.hook
-def after_call(context: schemathesis.HookContext, case: schemathesis.Case, response: schemathesis.Response) -> None:
+def after_call(
+    context: schemathesis.HookContext, case: schemathesis.Case, response: schemathesis.Response
+) -> None:
     with _lock:
         STATUSES[response.status_code] += 1
 
 
 @schemathesis.check
-def error_shape(ctx: schemathesis.CheckContext, response: schemathesis.Response, case: schemathesis.Case) -> bool:
+def error_shape(
+    ctx: schemathesis.CheckContext, response: schemathesis.Response, case: schemathesis.Case
+) -> bool:
     """Errors in the Workers AI envelope with its code (OpenAI's shape on /v1); a wrong token is 401."""
     status = response.status_code
     if case.id in _BAD_AUTH and status not in (401, 404):  # 404: no such account, or no route (7003)
-        raise AssertionError(f"{status} for a wrong token, none, or a wrong account: {response.content[:200]!r}")
+        raise AssertionError(
+            f"{status} for a wrong token, none, or a wrong account: {response.content[:200]!r}"
+        )
     if status < 400:
         return True
     try:

@@ -59,7 +59,9 @@ def _load(source: str, **engine_options: Any) -> Any:
     from loraserve.engine.config import EngineConfig
     from loraserve.engine.loader import load_backend
 
-    template = catalog.chat_template(catalog.template_kind(LORA_MODEL)) if source.startswith("random:") else None
+    template = (
+        catalog.chat_template(catalog.template_kind(LORA_MODEL)) if source.startswith("random:") else None
+    )
     return load_backend(source, EngineConfig(**engine_options), chat_template=template)
 
 
@@ -90,7 +92,9 @@ def strict_server(tmp_path_factory: pytest.TempPathFactory, tiny_backend: Any) -
         limits=RegistryLimits(max_file_bytes=4096, max_finetunes_per_account=2),
     )
     backends = {LORA_MODEL: tiny_backend}
-    settings = ServerSettings(rate_limit_per_minute=3, max_run_body_bytes=2048, request_timeout_s=RUN_TIMEOUT_S)
+    settings = ServerSettings(
+        rate_limit_per_minute=3, max_run_body_bytes=2048, request_timeout_s=RUN_TIMEOUT_S
+    )
     with BackgroundServer(create_app(registry, backends, settings)) as live:
         yield LiveServer(live.base_url, registry, backends)
     registry.close()
@@ -136,10 +140,14 @@ def peft_adapter(tmp_path_factory: pytest.TempPathFactory, tiny_backend: Any) ->
     """
     made: dict[tuple[Any, ...], Path] = {}
 
-    def build(r: int = 8, targets: tuple[str, ...] = ("q_proj", "v_proj", "down_proj"), hidden_delta: int = 0) -> Path:
+    def build(
+        r: int = 8, targets: tuple[str, ...] = ("q_proj", "v_proj", "down_proj"), hidden_delta: int = 0
+    ) -> Path:
         key = (r, targets, hidden_delta)
         if key not in made:
-            made[key] = _peft_adapter(tmp_path_factory.mktemp("adapter"), tiny_backend.info, r, targets, hidden_delta)
+            made[key] = _peft_adapter(
+                tmp_path_factory.mktemp("adapter"), tiny_backend.info, r, targets, hidden_delta
+            )
         return made[key]
 
     return build

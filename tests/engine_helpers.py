@@ -21,7 +21,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from loraserve.engine.config import EngineConfig, ModelConfig
 from loraserve.engine.llm_engine import LLMEngine
-from loraserve.engine.lora.batch import SgmvPart
+from loraserve.engine.lora.sgmv import SgmvPart
+from loraserve.engine.process import configure_process
 from loraserve.types import LORA_TARGETS
 
 ALL_TARGETS: tuple[str, ...] = LORA_TARGETS
@@ -94,7 +95,9 @@ def build_engine(model: LlamaForCausalLM, context_window: int | None = None, cfg
     options.update(engine_options)
     # Small token budgets force chunked prefill; the batch must not outnumber the budget.
     options.setdefault("max_num_seqs", min(64, options.get("max_num_batched_tokens", 1024)))
-    return LLMEngine(cfg or model_config(model), state, EngineConfig(**options), context_window=context_window)
+    ecfg = EngineConfig(**options)
+    configure_process(ecfg)
+    return LLMEngine(cfg or model_config(model), state, ecfg, context_window=context_window)
 
 
 def make_adapter(base: LlamaForCausalLM, folder: Path, *, seed: int, r: int, targets: tuple[str, ...],
@@ -102,8 +105,9 @@ def make_adapter(base: LlamaForCausalLM, folder: Path, *, seed: int, r: int, tar
                  **extra: Any) -> Path:
     """Save a PEFT adapter for `base` with random A and B (both N(0, std)), so it changes the outputs."""
     torch.manual_seed(seed)
-    config = LoraConfig(r=r, lora_alpha=lora_alpha if lora_alpha is not None else r, target_modules=list(targets),
-                        use_rslora=use_rslora, init_lora_weights=False, task_type="CAUSAL_LM", **extra)
+    config = LoraConfig(r=r, lora_alpha=lora_alpha if lora_alpha is not None else r,
+                        target_modules=list(targets), use_rslora=use_rslora, init_lora_weights=False,
+                        task_type="CAUSAL_LM", **extra)
     peft_model = get_peft_model(copy.deepcopy(base), config)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
@@ -136,7 +140,8 @@ def peft_reference(base: LlamaForCausalLM, adapters: dict[str, Path]) -> PeftMod
 
 @torch.no_grad()
 def hf_greedy(model: Any, prompt: list[int], max_new_tokens: int) -> list[int]:
-    out = model.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+    out = model.generate(input_ids=torch.tensor([prompt]),
+                         attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                          max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
                          eos_token_id=None, pad_token_id=0)
     ids: list[int] = out[0, len(prompt):].tolist()
@@ -218,7 +223,9 @@ def run_traced(engine: LLMEngine, timeout_s: float = 60.0) -> Trace:
                 trace.lora_paths |= {name for name, used in (("padded", part.padded is not None),
                                                              ("heavy", bool(part.heavy)),
                                                              ("singles", bool(part.singles))) if used}
-        logits = engine.model.forward(replace(meta, logits_indices=torch.arange(num_rows, device=engine.device)), engine.kv)
+        logits = engine.model.forward(
+            replace(meta, logits_indices=torch.arange(num_rows, device=engine.device)), engine.kv
+        )
         trace.num_steps += 1
         trace.max_step_tokens = max(trace.max_step_tokens, num_rows)
         if 0 < meta.num_decode < len(order):

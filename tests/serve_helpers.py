@@ -19,7 +19,8 @@ from loraserve.tools.loadtest.server import free_port
 def create_token(data_dir: Path, account: str, timeout: float = 60) -> str:
     """`loraserve token create`: the token is alone on the last line of stdout."""
     done = subprocess.run(
-        [sys.executable, "-m", "loraserve", "token", "create", "--account", account, "--data-dir", str(data_dir)],
+        [sys.executable, "-m", "loraserve", "token", "create", "--account", account,
+         "--data-dir", str(data_dir)],
         capture_output=True, text=True, timeout=timeout,
     )
     assert done.returncode == 0, done.stderr

@@ -26,7 +26,9 @@ def test_the_catalog() -> None:
     assert catalog.template_kind(SMOL) is TemplateKind.JINJA
     assert catalog.template_kind("@cf/someone/custom") is TemplateKind.JINJA
     assert all(catalog.supports_lora(e.id) for e in catalog.CATALOG)
-    assert catalog.supports_lora("@cf/someone/custom-lora") and not catalog.supports_lora("@cf/someone/custom")
+    assert catalog.supports_lora("@cf/someone/custom-lora") and not catalog.supports_lora(
+        "@cf/someone/custom"
+    )
 
 
 def test_chat_templates_for_serve() -> None:
@@ -41,7 +43,9 @@ def test_entries_need_exactly_one_weights_origin() -> None:
     with pytest.raises(ValueError, match="exactly one"):
         catalog.CatalogEntry("@cf/x/y", "", TemplateKind.JINJA, True)
     with pytest.raises(ValueError, match="exactly one"):
-        catalog.CatalogEntry("@cf/x/y", "", TemplateKind.JINJA, True, weights_env="X", default_source="embedded")
+        catalog.CatalogEntry(
+            "@cf/x/y", "", TemplateKind.JINJA, True, weights_env="X", default_source="embedded"
+        )
 
 
 def test_resolve() -> None:
@@ -62,7 +66,9 @@ def test_resolve() -> None:
 
 def test_parse_model_arg() -> None:
     env = {"LORASERVE_LLAMA2_PATH": "/models/llama2"}
-    assert catalog.parse_model_arg(f"{LLAMA}=/w", env) == catalog.ModelSource(LLAMA, "/w", TemplateKind.LLAMA2)
+    assert catalog.parse_model_arg(f"{LLAMA}=/w", env) == catalog.ModelSource(
+        LLAMA, "/w", TemplateKind.LLAMA2
+    )
     assert catalog.parse_model_arg(LLAMA, env).source == "/models/llama2"
     assert catalog.parse_model_arg(SMOL, {}).source == "embedded"
     assert catalog.parse_model_arg("@cf/me/x-lora=random:tiny", {}) == catalog.ModelSource(

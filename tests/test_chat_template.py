@@ -29,7 +29,8 @@ def msgs(*pairs: tuple[str, str]) -> list[ChatMessage]:
 def test_unscoped_prompt_renders_exactly_as_the_public_llama2_service() -> None:
     assert ChatTemplate.llama2().render(unscoped_messages("P")) == (
         "[INST] <<SYS>>\nA chat between a curious human and an artificial intelligence assistant. "
-        "The assistant gives helpful, detailed, and polite answers to the human's questions.\n<</SYS>>\n\nP [/INST]"
+        "The assistant gives helpful, detailed, and polite answers to the human's questions.\n"
+        "<</SYS>>\n\nP [/INST]"
     )
     assert unscoped_messages("P")[0] == ChatMessage("system", DEFAULT_SYSTEM_PROMPT)
 
@@ -37,7 +38,9 @@ def test_unscoped_prompt_renders_exactly_as_the_public_llama2_service() -> None:
 def test_llama2_multi_turn() -> None:
     llama2 = ChatTemplate.llama2()
     conversation = msgs(("system", "S"), ("user", "U1"), ("assistant", "A1"), ("user", "U2"))
-    assert llama2.render(conversation) == "[INST] <<SYS>>\nS\n<</SYS>>\n\nU1 [/INST] A1</s><s>[INST] U2 [/INST]"
+    assert llama2.render(conversation) == (
+        "[INST] <<SYS>>\nS\n<</SYS>>\n\nU1 [/INST] A1</s><s>[INST] U2 [/INST]"
+    )
     # Without a system message every user turn opens its own <s>[INST].
     assert llama2.render(msgs(("user", "U1"), ("assistant", "A1"), ("user", "U2"))) == (
         "<s>[INST] U1 [/INST] A1</s><s>[INST] U2 [/INST]"
@@ -82,7 +85,9 @@ def test_smollm2_gguf_template_matches_transformers(
     smollm2_template: str, reference: Any, conversation: list[ChatMessage]
 ) -> None:
     expected = reference.apply_chat_template(
-        [{"role": m.role, "content": m.content} for m in conversation], tokenize=False, add_generation_prompt=True
+        [{"role": m.role, "content": m.content} for m in conversation],
+        tokenize=False,
+        add_generation_prompt=True,
     )
     ours = ChatTemplate.from_jinja(smollm2_template, reference.bos_token, reference.eos_token)
     assert ours.kind is TemplateKind.JINJA

@@ -33,7 +33,9 @@ def cli(*args: str, server: LiveServer | None = None, account: Account | None = 
     return runner.invoke(app, list(args), env=env)
 
 
-def loraserve(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def loraserve(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "loraserve", *args], capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})})
 
@@ -45,7 +47,9 @@ def test_token_create_prints_the_token_alone_on_the_last_line(server: LiveServer
     token = done.stdout.splitlines()[-1]
     assert token.strip() == token and " " not in token and len(token) >= 20
     server.registry.authenticate("cli-new", token)
-    response = httpx.get(f"{server.ai_url('cli-new')}/finetunes", headers={"Authorization": f"Bearer {token}"})
+    response = httpx.get(
+        f"{server.ai_url('cli-new')}/finetunes", headers={"Authorization": f"Bearer {token}"}
+    )
     assert response.status_code == 200
 
 
@@ -67,7 +71,9 @@ def test_token_create_refuses_a_bad_account_id(tmp_path: Path) -> None:
 def test_token_then_finetune_create_list_delete(server: LiveServer, peft_adapter: Any) -> None:
     made = cli("token", "create", "--account", "cli-ft-owner", "--data-dir", str(server.registry.data_dir))
     account = Account("cli-ft-owner", made.stdout.splitlines()[-1])
-    created = cli("finetune", "create", LORA_MODEL, "cli-ft", str(peft_adapter()), server=server, account=account)
+    created = cli(
+        "finetune", "create", LORA_MODEL, "cli-ft", str(peft_adapter()), server=server, account=account
+    )
     assert created.exit_code == 0, created.output
     finetune_id = created.stdout.splitlines()[-1]
     assert "ready to use" in created.stderr
@@ -82,11 +88,15 @@ def test_token_then_finetune_create_list_delete(server: LiveServer, peft_adapter
     assert json.loads(cli("finetune", "list", "--json", server=server, account=account).stdout) == []
 
 
-def test_finetune_create_errors(server: LiveServer, account: Account, tmp_path: Path, peft_adapter: Any) -> None:
+def test_finetune_create_errors(
+    server: LiveServer, account: Account, tmp_path: Path, peft_adapter: Any
+) -> None:
     (tmp_path / "adapter_config.json").write_text("{}")
     half = cli("finetune", "create", LORA_MODEL, "half", str(tmp_path), server=server, account=account)
     assert half.exit_code == 1 and "adapter_model.safetensors" in half.stderr
-    unknown = cli("finetune", "create", "@cf/nope/x", "x", str(peft_adapter()), server=server, account=account)
+    unknown = cli(
+        "finetune", "create", "@cf/nope/x", "x", str(peft_adapter()), server=server, account=account
+    )
     assert unknown.exit_code == 1 and "5007" in unknown.stderr
     assert json.loads(cli("finetune", "list", "--json", server=server, account=account).stdout) == []
 
@@ -95,8 +105,8 @@ def test_run(server: LiveServer, account: Account) -> None:
     whole = cli("run", LORA_MODEL, "--prompt", "tell me a story", "--max-tokens", "6", "--temperature", "0",
                 server=server, account=account)
     assert whole.exit_code == 0, whole.output
-    streamed = cli("run", LORA_MODEL, "--prompt", "tell me a story", "--max-tokens", "6", "--temperature", "0",
-                   "--stream", server=server, account=account)
+    streamed = cli("run", LORA_MODEL, "--prompt", "tell me a story", "--max-tokens", "6",
+                   "--temperature", "0", "--stream", server=server, account=account)
     assert streamed.exit_code == 0, streamed.output
     assert whole.stdout == streamed.stdout and whole.stdout.strip()
     assert "'completion_tokens': 6" in whole.stderr
@@ -123,7 +133,8 @@ def test_bench_passes_its_arguments_through() -> None:
 
 def test_serve_runs_until_interrupted(tmp_path: Path) -> None:
     metrics_token = "scrape-me-please-0123"
-    with ServeProcess(tmp_path, tmp_path / "serve.log", ["@cf/test/tiny-lora=random:tiny", "@cf/test/tiny=random:tiny"],
+    with ServeProcess(tmp_path, tmp_path / "serve.log",
+                      ["@cf/test/tiny-lora=random:tiny", "@cf/test/tiny=random:tiny"],
                       extra_args=("--rate-limit", "0", "--max-rank", "16", "--no-prefix-caching"),
                       env={"LORASERVE_METRICS_TOKEN": metrics_token}) as server:
         server.start()
@@ -131,7 +142,9 @@ def test_serve_runs_until_interrupted(tmp_path: Path) -> None:
         assert health.json() == {"status": "ok", "models": ["@cf/test/tiny", "@cf/test/tiny-lora"]}
         assert (tmp_path / "finetunes").exists() or any(tmp_path.iterdir())
         assert httpx.get(f"{server.base_url}/metrics").status_code == 401
-        scraped = httpx.get(f"{server.base_url}/metrics", headers={"Authorization": f"Bearer {metrics_token}"})
+        scraped = httpx.get(
+            f"{server.base_url}/metrics", headers={"Authorization": f"Bearer {metrics_token}"}
+        )
         assert scraped.status_code == 200 and "loraserve_kv_blocks_used" in scraped.text
         assert server.stop() == 0, server.log()
 
@@ -141,7 +154,9 @@ def test_serve_refuses_a_bad_device_or_dtype_before_loading(tmp_path: Path) -> N
     bad_device = loraserve(*base, "--device", "tpu")
     assert bad_device.returncode == 2 and "device must be cpu, cuda or cuda:N" in bad_device.stderr
     bad_dtype = loraserve(*base, "--dtype", "float64")
-    assert bad_dtype.returncode == 2 and "dtype must be auto, float32, bfloat16 or float16" in bad_dtype.stderr
+    assert bad_dtype.returncode == 2 and (
+        "dtype must be auto, float32, bfloat16 or float16" in bad_dtype.stderr
+    )
     bad_lora_dtype = loraserve(*base, "--lora-dtype", "bfloat16")
     assert bad_lora_dtype.returncode == 2 and "lora_dtype must be auto or float16" in bad_lora_dtype.stderr
     if not torch.cuda.is_available():  # CI: the CPU torch wheel
@@ -158,9 +173,12 @@ def test_serve_explains_missing_weights(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert "missing weights for @cf/meta-llama/llama-2-7b-chat-hf-lora" in done.stderr
     assert "LORASERVE_LLAMA2_PATH" in done.stderr
-    offline = loraserve("serve", "--data-dir", str(tmp_path), "--model", "@cf/x/y-lora=no-such-org/no-such-model",
+    offline = loraserve("serve", "--data-dir", str(tmp_path),
+                        "--model", "@cf/x/y-lora=no-such-org/no-such-model",
                         env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
     assert offline.returncode == 2
     assert "could not fetch it from the Hugging Face hub" in offline.stderr
-    missing = loraserve("serve", "--data-dir", str(tmp_path), "--model", f"@cf/x/y={tmp_path / 'nothing.gguf'}")
+    missing = loraserve(
+        "serve", "--data-dir", str(tmp_path), "--model", f"@cf/x/y={tmp_path / 'nothing.gguf'}"
+    )
     assert missing.returncode == 2 and "no such file or directory" in missing.stderr

@@ -51,7 +51,9 @@ def test_errors_raise_api_error(client: Client, server: LiveServer, account: Acc
     assert (missing.value.status, missing.value.code) == (404, 3037)
     with Client(account.id, "wrong", server.base_url) as stranger, pytest.raises(APIError) as denied:
         stranger.list_finetunes()
-    assert (denied.value.status, denied.value.code, denied.value.message) == (401, 10000, "Authentication error")
+    assert (denied.value.status, denied.value.code, denied.value.message) == (
+        401, 10000, "Authentication error"
+    )
 
 
 def test_finetune_management(client: Client, peft_adapter: Any, tmp_path: Path) -> None:
@@ -82,7 +84,9 @@ async def test_async_client(server: LiveServer, account: Account, peft_adapter: 
     async with AsyncClient(account.id, account.token, server.base_url) as client:
         out = await client.run(LORA_MODEL, {"prompt": "hi", "max_tokens": 3, "temperature": 0})
         assert isinstance(out, dict) and out["usage"]["completion_tokens"] == 3
-        deltas = await client.run(LORA_MODEL, {"prompt": "hi", "max_tokens": 3, "temperature": 0, "stream": True})
+        deltas = await client.run(
+            LORA_MODEL, {"prompt": "hi", "max_tokens": 3, "temperature": 0, "stream": True}
+        )
         assert isinstance(deltas, AsyncRunStream)
         assert "".join([d async for d in deltas]) == out["response"]
         assert deltas.usage == out["usage"]
@@ -117,7 +121,10 @@ class _CutStreamServer:
             with conn:
                 conn.recv(65536)
                 body = b'data: {"response":"Once","p":"ab"}\n\ndata: {"response":" upon","p":"abc"}\n\n'
-                conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n" + body)
+                conn.sendall(
+                    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n"
+                    + body
+                )
 
     def close(self) -> None:
         self.thread.join(timeout=10)

@@ -63,10 +63,14 @@ class Api:
         return f"{self.base_url}/client/v4/accounts/{self.account.id}/ai"
 
     def call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        return httpx.request(method, f"{self.ai}{path}", headers=self.headers, timeout=CLIENT_TIMEOUT, **kwargs)
+        return httpx.request(
+            method, f"{self.ai}{path}", headers=self.headers, timeout=CLIENT_TIMEOUT, **kwargs
+        )
 
     def create(self, name: str) -> str:
-        response = self.call("POST", "/finetunes", json={"model": LORA_MODEL, "name": name, "description": ""})
+        response = self.call(
+            "POST", "/finetunes", json={"model": LORA_MODEL, "name": name, "description": ""}
+        )
         assert response.status_code == 200, response.text
         finetune_id: str = response.json()["result"]["id"]
         return finetune_id
@@ -220,7 +224,9 @@ def test_kill_during_uploads(workdir: tuple[Path, Path]) -> None:
         trickle_thread.join(10)
         latencies = {
             "trickled upload (mid-body)": assert_failed_promptly("trickled", trickled, killed_at),
-            "receiving upload (body sent, server writing)": assert_failed_promptly("receiving", receiving, killed_at),
+            "receiving upload (body sent, server writing)": assert_failed_promptly(
+                "receiving", receiving, killed_at
+            ),
         }
         assert caught, "the kill left no temp file: the scenario did not happen"
         assert not any(spool.iterdir()), "multipart spool files survived the process"
@@ -348,8 +354,8 @@ def test_kill_during_generation_and_finetune_writes(workdir: tuple[Path, Path]) 
         assert server.stop() == 0
     integrity_ok(data_dir)
     print(f"\ngeneration crash: {len(streams)} streams and a create loop failed after "
-          f"{json.dumps([round(v * 1000) for v in latencies])} ms (events received by then: {events}); {len(created)} creates answered 200 "
-          f"and survived; restart {restart:.2f} s")
+          f"{json.dumps([round(v * 1000) for v in latencies])} ms (events received by then: {events}); "
+          f"{len(created)} creates answered 200 and survived; restart {restart:.2f} s")
 
 
 def test_serve_refuses_a_corrupt_registry_before_loading_models(tmp_path: Path) -> None:

@@ -23,13 +23,16 @@ def cf(server: LiveServer, account: Account) -> Iterator[Cloudflare]:
 
 
 def test_run_prompt_and_messages(cf: Cloudflare, account: Account) -> None:
-    out: Any = cf.ai.run(LORA_MODEL, account_id=account.id, prompt="tell me a story", max_tokens=5, temperature=0)
+    out: Any = cf.ai.run(
+        LORA_MODEL, account_id=account.id, prompt="tell me a story", max_tokens=5, temperature=0
+    )
     assert isinstance(out["response"], str) and out["usage"]["completion_tokens"] == 5
-    raw: Any = cf.ai.run(LORA_MODEL, account_id=account.id, prompt="[INST] hi [/INST]", raw=True, max_tokens=2,
-                         seed=7, top_k=5, top_p=0.9)
+    raw: Any = cf.ai.run(LORA_MODEL, account_id=account.id, prompt="[INST] hi [/INST]", raw=True,
+                         max_tokens=2, seed=7, top_k=5, top_p=0.9)
     assert raw["usage"]["completion_tokens"] == 2
     chat: Any = cf.ai.run(LORA_MODEL, account_id=account.id, max_tokens=3,
-                          messages=[{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}])
+                          messages=[{"role": "system", "content": "be brief"},
+                                    {"role": "user", "content": "hi"}])
     assert chat["usage"]["completion_tokens"] == 3
 
 
@@ -45,7 +48,9 @@ def test_run_streaming(cf: Cloudflare, account: Account) -> None:
     events = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
     assert events[-1]["usage"]["completion_tokens"] == 6
     text = "".join(e["response"] for e in events)
-    whole: Any = cf.ai.run(LORA_MODEL, account_id=account.id, prompt="tell me a story", max_tokens=6, temperature=0)
+    whole: Any = cf.ai.run(
+        LORA_MODEL, account_id=account.id, prompt="tell me a story", max_tokens=6, temperature=0
+    )
     assert text == whole["response"]
 
 
@@ -67,11 +72,14 @@ def test_errors_surface_as_sdk_exceptions(cf: Cloudflare, server: LiveServer, ac
 
 def test_finetunes_create_upload_list_and_run(cf: Cloudflare, account: Account, peft_adapter: Any) -> None:
     folder: Path = peft_adapter()
-    created = cf.ai.finetunes.create(account_id=account.id, model=LORA_MODEL, name="sdk-ft", description="from the SDK")
+    created = cf.ai.finetunes.create(
+        account_id=account.id, model=LORA_MODEL, name="sdk-ft", description="from the SDK"
+    )
     assert created.name == "sdk-ft" and created.model == LORA_MODEL and created.public is False
     for name in ("adapter_config.json", "adapter_model.safetensors"):
-        asset = cf.ai.finetunes.assets.create(created.id, account_id=account.id, file=(folder / name).read_bytes(),
-                                              file_name=name)
+        asset = cf.ai.finetunes.assets.create(
+            created.id, account_id=account.id, file=(folder / name).read_bytes(), file_name=name
+        )
         assert asset.success is True
     listed: Any = cf.ai.finetunes.list(account_id=account.id)
     assert [f.id for f in listed] == [created.id]

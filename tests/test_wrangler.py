@@ -18,11 +18,17 @@ from conftest import LORA_MODEL, Account, LiveServer
 
 WRANGLER = Path(__file__).parent / "wrangler" / "node_modules" / ".bin" / "wrangler"
 
-pytestmark = pytest.mark.skipif(shutil.which("node") is None, reason="Node.js is not installed on this machine")
+pytestmark = pytest.mark.skipif(
+    shutil.which("node") is None, reason="Node.js is not installed on this machine"
+)
 
 
-def wrangler(server: LiveServer, account: Account, *args: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
-    assert WRANGLER.exists(), "wrangler is not installed: run scripts/install (it runs npm ci in tests/wrangler)"
+def wrangler(
+    server: LiveServer, account: Account, *args: str, tmp_path: Path
+) -> subprocess.CompletedProcess[str]:
+    assert WRANGLER.exists(), (
+        "wrangler is not installed: run scripts/install (it runs npm ci in tests/wrangler)"
+    )
     env = {
         **os.environ,
         "CLOUDFLARE_API_BASE_URL": f"{server.base_url}/client/v4",
@@ -30,7 +36,8 @@ def wrangler(server: LiveServer, account: Account, *args: str, tmp_path: Path) -
         "CLOUDFLARE_API_TOKEN": account.token,
         "WRANGLER_SEND_METRICS": "false",
         "CI": "true",  # no prompts
-        "WRANGLER_HIDE_BANNER": "true",  # and with the banner goes its update check (a call to the npm registry)
+        # hiding the banner also skips wrangler's update check (a call to the npm registry)
+        "WRANGLER_HIDE_BANNER": "true",
         "NO_COLOR": "1",
         "XDG_CONFIG_HOME": str(tmp_path / "config"),  # wrangler's logs and state, not the user's
         "HOME": str(tmp_path),

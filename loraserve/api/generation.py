@@ -1,27 +1,18 @@
-"""From a validated /run input to engine calls: templating, tokens, context check, adapter, events."""
+"""From a validated /run input to engine calls: templating, tokens, admission, adapter, events."""
 
 from __future__ import annotations
 
-import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from loraserve import catalog
 from loraserve.api.context import AppContext
-from loraserve.api.envelope import InternalError
 from loraserve.api.schemas import PromptInput, RunInput
 from loraserve.chat_template import unscoped_messages
-from loraserve.errors import (
-    BadInput,
-    CapacityExceeded,
-    ContextWindowExceeded,
-    InvalidFinetune,
-    WorkersAIError,
-)
-from loraserve.types import AdapterRef, Backend, FinishReason, SamplingParams, StreamEvent
-
-logger = logging.getLogger("loraserve.api")
+from loraserve.errors import BadInput, CapacityExceeded, ContextWindowExceeded
+from loraserve.types import AdapterRef, Backend, PromptTooLong, QueueFull, SamplingParams, StreamEvent
 
 
 @dataclass(frozen=True)
@@ -35,10 +26,23 @@ class PreparedRun:
     account_id: str  # the prefix-cache scope: one account's cached prompts never serve another's
 
     def events(self) -> AsyncIterator[StreamEvent]:
-        return self.backend.generate(self.request_id, self.prompt_ids, self.params, self.adapter, self.account_id)
+        with engine_refusals():  # the queue may have filled since `prepare`
+            return self.backend.generate(self.request_id, self.prompt_ids, self.params, self.adapter,
+                                         self.account_id)
 
     def abort(self) -> None:
         self.backend.abort(self.request_id)
+
+
+@contextmanager
+def engine_refusals() -> Iterator[None]:
+    """The engine's refusals as the API's errors: the one place they are translated."""
+    try:
+        yield
+    except QueueFull:
+        raise CapacityExceeded() from None
+    except PromptTooLong as exc:
+        raise ContextWindowExceeded(exc.needed, exc.window) from None
 
 
 def prompt_text(backend: Backend, inputs: RunInput) -> str:
@@ -61,27 +65,10 @@ def prepare(context: AppContext, account_id: str, model: str, inputs: RunInput) 
         raise CapacityExceeded()
     params = inputs.sampling_params()
     prompt_ids = backend.encode(prompt_text(backend, inputs))
-    window = backend.info.context_window
-    if len(prompt_ids) + params.max_tokens > window:
-        raise ContextWindowExceeded(len(prompt_ids) + params.max_tokens, window)
+    with engine_refusals():  # refused before the finetune lookup, as before anything is queued
+        backend.admit(len(prompt_ids), params.max_tokens)
     adapter = None
     if inputs.lora is not None:
         _, adapter = context.registry.adapter_for(account_id, model_id, inputs.lora)
     return PreparedRun(uuid.uuid4().hex, model_id, backend, prompt_ids, params, adapter, account_id)
 
-
-def event_error(run: PreparedRun, event: StreamEvent) -> WorkersAIError | None:
-    """The API error for an event that reports a failure, if it does."""
-    if event.finish_reason is not FinishReason.ERROR and event.error is None:
-        return None
-    if run.adapter is not None:
-        # The one failure a caller can cause: an adapter that validated but would not load.
-        return InvalidFinetune(f"Finetune {run.adapter.key} could not be loaded: {event.error}")
-    logger.error("engine error on request %s (%s): %s", run.request_id, run.model_id, event.error)
-    return InternalError()
-
-
-def usage(run: PreparedRun, last: StreamEvent | None) -> dict[str, int]:
-    prompt = last.prompt_tokens if last is not None else len(run.prompt_ids)
-    completion = last.completion_tokens if last is not None else 0
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}

@@ -51,8 +51,9 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 async def _client_disconnect(request: Request, exc: Exception) -> Response:
-    # The client hung up before its body was read (overload makes this common): not a bug, nobody is
-    # there to answer; 499 (nginx's "client closed request") is what the access log and metrics record.
+    # The client hung up before its body was read (overload makes this common) or before its answer was
+    # ready (stream_driver): not a bug, nobody is there to answer; 499 (nginx's "client closed request")
+    # is what the access log and metrics record.
     return Response(status_code=499)
 
 

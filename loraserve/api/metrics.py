@@ -266,6 +266,9 @@ class InstrumentedBackend:
             if aclose is not None:
                 await aclose()
 
+    def admit(self, prompt_tokens: int, max_tokens: int) -> None:
+        self.inner.admit(prompt_tokens, max_tokens)
+
     def is_full(self) -> bool:
         return self.inner.is_full()
 

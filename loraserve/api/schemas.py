@@ -11,7 +11,18 @@ from pydantic.config import JsonDict
 from loraserve.api.validation import validate
 from loraserve.errors import BadInput
 from loraserve.registry.names import MAX_DESCRIPTION_CHARS, MAX_NAME_CHARS
-from loraserve.types import ChatMessage, SamplingParams
+from loraserve.types import (
+    MAX_TOKENS,
+    REPETITION_PENALTY,
+    TEMPERATURE,
+    TOP_P,
+    WORKERS_AI_PENALTY,
+    WORKERS_AI_SEED,
+    WORKERS_AI_TOP_K,
+    ChatMessage,
+    Limit,
+    SamplingParams,
+)
 
 MAX_TEXT_CHARS = 131072
 
@@ -34,6 +45,11 @@ Flag = Annotated[bool, BeforeValidator(_json_bool), Strict(),
 # given with Field(ge=...) reach the integer's JSON Schema as "minimum" (not pydantic's raw "ge").
 OptionalWhole = Annotated[Annotated[int, Strict()] | None, BeforeValidator(_json_int)]
 OptionalNumber = Annotated[float, Strict()] | None  # an integer is a number too
+
+
+def within(limit: Limit) -> Any:
+    """An optional sampling field bounded by `limit`, declared once in loraserve.types."""
+    return Field(default=None, ge=limit.ge, le=limit.le)
 
 
 class Role(enum.StrEnum):
@@ -59,14 +75,14 @@ class _RunFields(BaseModel):
 
     stream: Flag = False
     lora: str | None = Field(default=None, min_length=1)
-    max_tokens: OptionalWhole = Field(default=None, ge=1)
-    temperature: OptionalNumber = Field(default=None, ge=0, le=5)
-    top_p: OptionalNumber = Field(default=None, ge=0, le=2)
-    top_k: OptionalWhole = Field(default=None, ge=1, le=50)
-    seed: OptionalWhole = Field(default=None, ge=1, le=9_999_999_999)
-    repetition_penalty: OptionalNumber = Field(default=None, ge=0, le=2)
-    frequency_penalty: OptionalNumber = Field(default=None, ge=0, le=2)
-    presence_penalty: OptionalNumber = Field(default=None, ge=0, le=2)
+    max_tokens: OptionalWhole = within(MAX_TOKENS)
+    temperature: OptionalNumber = within(TEMPERATURE)
+    top_p: OptionalNumber = within(TOP_P)
+    top_k: OptionalWhole = within(WORKERS_AI_TOP_K)
+    seed: OptionalWhole = within(WORKERS_AI_SEED)
+    repetition_penalty: OptionalNumber = within(REPETITION_PENALTY)
+    frequency_penalty: OptionalNumber = within(WORKERS_AI_PENALTY)
+    presence_penalty: OptionalNumber = within(WORKERS_AI_PENALTY)
 
     def sampling_params(self) -> SamplingParams:
         given = {

@@ -16,8 +16,16 @@ from loraserve.chat_template import ChatTemplate
 from loraserve.engine.llm_engine import LLMEngine
 from loraserve.engine.weights.detokenizer import IncrementalDetokenizer
 from loraserve.engine.weights.tokenizer import Tokenizer
-from loraserve.errors import CapacityExceeded
-from loraserve.types import AdapterRef, ChatMessage, FinishReason, ModelInfo, SamplingParams, StreamEvent
+from loraserve.types import (
+    AdapterRef,
+    ChatMessage,
+    FinishReason,
+    ModelInfo,
+    QueueFull,
+    SamplingParams,
+    StreamEvent,
+    check_context_window,
+)
 
 
 @dataclass(frozen=True)
@@ -125,14 +133,13 @@ class AsyncEngine:
         return self.tokenizer.encode(text)
 
     def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                 adapter: AdapterRef | None = None, cache_salt: str | None = None) -> AsyncIterator[StreamEvent]:
-        self.engine.check_fits(len(prompt_token_ids), params)
+                 adapter: AdapterRef | None = None, cache_salt: str | None = None,
+                 ) -> AsyncIterator[StreamEvent]:
         loop = asyncio.get_running_loop()
         with self._lock:
             if self._stopped:
                 raise RuntimeError("engine is shut down")
-            if self._full():
-                raise CapacityExceeded()
+            self._admit(len(prompt_token_ids), params.max_tokens)
             if request_id in self._streams:
                 raise ValueError(f"duplicate request id {request_id}")
             stream = _Stream(loop, asyncio.Queue(), IncrementalDetokenizer(self.tokenizer, prompt_token_ids),
@@ -143,11 +150,22 @@ class AsyncEngine:
             self._wake.notify()
         return _Events(self, request_id, stream)
 
+    def admit(self, prompt_tokens: int, max_tokens: int) -> None:
+        with self._lock:
+            self._admit(prompt_tokens, max_tokens)
+
+    def _admit(self, prompt_tokens: int, max_tokens: int) -> None:
+        """What `generate` refuses, in the order the server reports it; called under the lock."""
+        check_context_window(prompt_tokens, max_tokens, self._info.context_window)
+        if self._full():
+            raise QueueFull()
+
     def is_full(self) -> bool:
         with self._lock:
             return self._full()
 
     def _full(self) -> bool:
+        # Requests still in the inbox count: the step thread has not handed them to the scheduler yet.
         return len(self.engine.scheduler.waiting) + self._pending_adds >= self.engine.ecfg.max_queue
 
     def abort(self, request_id: str) -> None:
@@ -221,7 +239,8 @@ class AsyncEngine:
             if item.request_id not in self._streams:
                 return
             try:
-                self.engine.add_request(item.request_id, item.prompt, item.params, item.adapter, item.cache_salt)
+                self.engine.add_request(item.request_id, item.prompt, item.params, item.adapter,
+                                        item.cache_salt)
             except Exception as exc:
                 self._emit(item.request_id, None, FinishReason.ERROR, 0, str(exc))
         elif isinstance(item, _Forget):

@@ -7,6 +7,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from loraserve.peft import module_name as module_name  # re-exported: the loader and tests name it from here
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -111,12 +113,6 @@ class ModelConfig:
         }
 
 
-def module_name(layer: int, target: str) -> str:
-    """HF's dotted name of a layer's projection, e.g. `model.layers.3.self_attn.q_proj`."""
-    kind = "self_attn" if target in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
-    return f"model.layers.{layer}.{kind}.{target}"
-
-
 def _default_threads() -> int:
     return int(os.environ.get("LORASERVE_THREADS", "0")) or (os.cpu_count() or 1)
 
@@ -127,16 +123,19 @@ class EngineConfig:
     # fp32 on CPU: bf16 matmul on an AVX2 CPU is ~300x slower; CUDA runs bf16.
     dtype: str = "auto"
     block_size: int = 16  # tokens per KV block: small enough that the last block wastes little
-    # KV cache budget; 0 means "enough for max_num_seqs full context windows, capped at 25% of RAM".
+    # KV cache budget; 0 means enough for max_num_seqs full context windows, capped at 1 GiB on the CPU
+    # and half the free memory on a GPU (LLMEngine._num_kv_blocks), never under one full window.
     kv_cache_bytes: int = 0
     max_num_seqs: int = 64  # the running batch; more requests wait
     max_num_batched_tokens: int = 1024  # per step: prefill chunks are cut to fit, decodes go first
     max_queue: int = 256  # waiting requests beyond this are refused (the server answers 3040)
     max_loras: int = 32  # adapters resident in device slots at once (per rank bucket)
     max_lora_rank: int = 256
-    # Device memory for adapter slots, per rank bucket; a bucket holds min(max_loras, this / slot size) adapters.
+    # Device memory for adapter slots, per rank bucket; a bucket holds min(max_loras, this / slot size)
+    # adapters.
     lora_slot_bytes: int = 2 << 30
-    adapter_host_cache_bytes: int = 2 << 30  # adapters kept mapped and checked (LRU, page cache); the disk holds the rest
+    # Adapters kept mapped and checked (LRU, page cache); the disk holds the rest.
+    adapter_host_cache_bytes: int = 2 << 30
     # Adapter weights in device slots (the host tier maps the files as stored): "auto" is the model's
     # dtype; "float16" halves what the CPU LoRA kernel streams each step (decode LoRA is bound by reading
     # it: ~600 MB a step with 31 distinct SmolLM2 adapters), at fp16's rounding of each weight (relative

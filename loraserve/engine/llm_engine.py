@@ -11,14 +11,14 @@ from loraserve.engine.config import EngineConfig, ModelConfig
 from loraserve.engine.core.block_manager import BlockManager
 from loraserve.engine.core.scheduler import Scheduler
 from loraserve.engine.core.sequence import Sequence
-from loraserve.engine.kernels.cpu import load_layer_glue, load_linear, load_lora_sgmv, load_paged_attention
-from loraserve.engine.kernels.host_malloc import keep_heap
 from loraserve.engine.lora.cache import AdapterCache
-from loraserve.engine.models.llama import KVCache, Llama
+from loraserve.engine.lora.sgmv import SgmvLora
+from loraserve.engine.models.decoder import Decoder
+from loraserve.engine.models.step import KVCache
+from loraserve.engine.ops.select import select_ops
 from loraserve.engine.runner.decode_graphs import DecodeGraphs
 from loraserve.engine.runner.model_runner import ModelRunner
-from loraserve.errors import CapacityExceeded
-from loraserve.types import AdapterRef, FinishReason, SamplingParams
+from loraserve.types import AdapterRef, FinishReason, QueueFull, SamplingParams, check_context_window
 
 _CPU_KV_CAP = 1 << 30  # default KV budget on CPU: 1 GiB holds ~22k tokens of SmolLM2 in fp32
 
@@ -45,36 +45,26 @@ class LLMEngine:
         self.cfg = cfg
         self.ecfg = ecfg = ecfg or EngineConfig()
         self.device = torch.device(ecfg.device)
-        if self.device.type == "cpu":
-            torch.set_num_threads(ecfg.threads)
-            keep_heap()
         self.dtype = resolve_dtype(ecfg, self.device)
-        native = ecfg.native_kernels and self.device.type == "cpu" and self.dtype == torch.float32
-        self.model = Llama(cfg, state, self.dtype, self.device, load_paged_attention() if native else None,
-                           load_linear() if native else None, load_layer_glue() if native else None)
+        self.ops = select_ops(cfg, self.dtype, self.device, ecfg.native_kernels)
+        self.model = Decoder(cfg, state, self.dtype, self.device, self.ops)
         self.context_window = min(context_window or cfg.max_position_embeddings, cfg.max_position_embeddings)
         bs = ecfg.block_size
         num_blocks = self._num_kv_blocks()
         self.kv = KVCache(cfg, num_blocks * bs, self.dtype, self.device)
         self.blocks = BlockManager(num_blocks, bs, ecfg.prefix_caching)
-        sgmv = load_lora_sgmv() if native else None
-        if ecfg.lora_dtype == "float16" and sgmv is None:
+        lora_dtype = self.dtype if ecfg.lora_dtype == "auto" else _DTYPES[ecfg.lora_dtype]
+        if lora_dtype != self.dtype and not isinstance(self.ops.lora, SgmvLora):
             raise ValueError("lora_dtype float16 needs the CPU LoRA kernel: device cpu, dtype float32, "
                              "native_kernels on and a C compiler")
-        lora_dtype = self.dtype if ecfg.lora_dtype == "auto" else _DTYPES[ecfg.lora_dtype]
-        self.adapters = AdapterCache(cfg, ecfg, lora_dtype, self.device, sgmv)
+        self.adapters = AdapterCache(cfg, ecfg, lora_dtype, self.device, self.ops.lora)
         self.scheduler = Scheduler(self.blocks, ecfg.max_num_seqs, ecfg.max_num_batched_tokens,
                                    gate=self.adapters, max_waiting=ecfg.max_queue)
         gen = torch.Generator(device=self.device)
         gen.manual_seed(ecfg.seed)
-        graphs = None
-        if self.device.type == "cuda":
-            if self.device.index is not None:  # cuda:N: graphs capture on this (step) thread's current device
-                torch.cuda.set_device(self.device)
-            # cuDNN's attention plans anew for each context length (~2 ms of CPU per call on an H100);
-            # prefill then uses the memory-efficient kernel, decode the graph-friendly `decode_attention`.
-            torch.backends.cuda.enable_cudnn_sdp(False)
-            graphs = DecodeGraphs(self.model, self.kv, ecfg.max_num_seqs) if ecfg.cuda_graphs else None
+        # CUDA graphs replay pure decode steps (runner/decode_graphs.py); they need a GPU.
+        graphs = (DecodeGraphs(self.model, self.kv, ecfg.max_num_seqs)
+                  if ecfg.cuda_graphs and self.device.type == "cuda" else None)
         self.runner = ModelRunner(self.model, self.kv, bs, self.adapters, gen, graphs)
         self.eos_ids = frozenset(cfg.eos_token_ids)
         self._by_request: dict[str, Sequence] = {}
@@ -99,19 +89,14 @@ class LLMEngine:
         return max(floor, budget // (per_token * ecfg.block_size))
 
     # -- requests ---------------------------------------------------------------------------------
-    def check_fits(self, num_prompt: int, params: SamplingParams) -> None:
-        if num_prompt + params.max_tokens > self.context_window:
-            raise ValueError(f"prompt ({num_prompt}) + max_tokens ({params.max_tokens}) exceeds the context "
-                             f"window ({self.context_window})")
-
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                     adapter: AdapterRef | None = None, cache_salt: str | None = None) -> Sequence:
         """`cache_salt` scopes prefix caching: only requests with the same salt share cached K/V."""
-        self.check_fits(len(prompt_ids), params)
+        check_context_window(len(prompt_ids), params.max_tokens, self.context_window)
         if request_id in self._by_request:
             raise ValueError(f"duplicate request id {request_id}")
         if self.scheduler.is_full():
-            raise CapacityExceeded()
+            raise QueueFull()
         if adapter is not None:
             self.adapters.register(adapter)
         seq = Sequence(request_id, list(prompt_ids), params, adapter.key if adapter else None, cache_salt)

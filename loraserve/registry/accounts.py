@@ -38,7 +38,9 @@ def live_token(s: Session, token: str) -> TokenInfo | None:
     r = s.scalars(select(TokenRow).where(TokenRow.token_hash == digest)).first()
     if r is None or r.revoked_at is not None or not digests_equal(r.token_hash, digest):
         return None
-    return TokenInfo(id=r.id, account_id=r.account_id, label=r.label, created_at=r.created_at, revoked_at=None)
+    return TokenInfo(
+        id=r.id, account_id=r.account_id, label=r.label, created_at=r.created_at, revoked_at=None
+    )
 
 
 def revoke_token(s: Session, token: str) -> bool:

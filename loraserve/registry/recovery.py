@@ -132,7 +132,9 @@ def recover(engine: Engine, sessions: sessionmaker[Session], storage: FinetuneSt
     for path in report.unvouched_files_removed:
         log.warning("removed %s: its upload was never committed", path)
     for finetune_id, file, why in report.files_invalidated:
-        log.warning("finetune %s: %s invalidated (%s); it must be uploaded again", finetune_id, file.value, why)
+        log.warning(
+            "finetune %s: %s invalidated (%s); it must be uploaded again", finetune_id, file.value, why
+        )
     return report
 
 
@@ -223,5 +225,9 @@ def _sha256(path: Path) -> str:
 
 def _invalidate(sessions: sessionmaker[Session], finetune_id: str, file: AssetFile) -> None:
     with sessions.begin() as s:
-        s.execute(update(FinetuneRow).where(FinetuneRow.id == finetune_id).values({FLAG_COLUMNS[file]: False}))
-        s.execute(delete(AssetRow).where(AssetRow.finetune_id == finetune_id, AssetRow.file_name == file.value))
+        s.execute(
+            update(FinetuneRow).where(FinetuneRow.id == finetune_id).values({FLAG_COLUMNS[file]: False})
+        )
+        s.execute(
+            delete(AssetRow).where(AssetRow.finetune_id == finetune_id, AssetRow.file_name == file.value)
+        )

@@ -185,7 +185,8 @@ class Registry:
                 count = s.scalar(select(func.count()).where(FinetuneRow.account_id == account_id)) or 0
                 if count > self.limits.max_finetunes_per_account:
                     raise AccountLimitExceeded(
-                        f"Account limited: at most {self.limits.max_finetunes_per_account} finetunes per account"
+                        f"Account limited: at most {self.limits.max_finetunes_per_account} "
+                        "finetunes per account"
                     )
                 return to_finetune(row, self.storage)
         except IntegrityError:
@@ -286,7 +287,9 @@ class Registry:
                 if rows_matched(s.execute(mark)) == 0:
                     raise FinetuneNotFound(ref)
                 asset = s.scalars(
-                    select(AssetRow).where(AssetRow.finetune_id == finetune_id, AssetRow.file_name == file.value)
+                    select(AssetRow).where(
+                        AssetRow.finetune_id == finetune_id, AssetRow.file_name == file.value
+                    )
                 ).first()
                 if asset is None:
                     asset = AssetRow(

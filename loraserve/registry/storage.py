@@ -80,7 +80,8 @@ class FinetuneStorage:
         return self.path(finetune_id, file).is_file()
 
     def receive(self, finetune_id: str, file: AssetFile, source: BinaryIO, max_bytes: int) -> Upload:
-        """Stream `source` to a temp file, refusing it past `max_bytes`; the caller validates, then installs."""
+        """Stream `source` to a temp file, refusing it past `max_bytes`; the caller validates, then
+        installs."""
         directory = self.directory(finetune_id)
         directory.mkdir(parents=True, exist_ok=True)
         path, fd = _locked_temp_file(directory)

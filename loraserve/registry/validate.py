@@ -2,24 +2,17 @@
 
 `parse_adapter_config` checks `adapter_config.json`; `validate_safetensors` checks
 `adapter_model.safetensors` alone, or against a config when one is given. Both raise
-InvalidFinetune (3039) with a message naming the field or tensor, expected vs found.
+InvalidFinetune (3039) with a message naming the field or tensor, expected vs found. What PEFT's names
+and fields mean is loraserve.peft's, shared with the engine's loader.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from loraserve.peft import ALL_LINEAR, PROJ_SECTION, AdapterConfig
 from loraserve.registry.limits import RegistryLimits
-from loraserve.registry.validate_config import (
-    ALL_LINEAR,
-    MAX_ALPHA,
-    MAX_CONFIG_BYTES,
-    MAX_ENTRIES,
-    PROJ_SECTION,
-    AdapterConfig,
-    module_key,
-    parse_adapter_config,
-)
+from loraserve.registry.validate_config import MAX_ALPHA, MAX_CONFIG_BYTES, MAX_ENTRIES, parse_adapter_config
 from loraserve.registry.validate_tensors import (
     DTYPE_SIZES,
     MAX_HEADER_BYTES,
@@ -46,7 +39,6 @@ __all__ = [
     "TensorInfo",
     "check_against_config",
     "check_finite",
-    "module_key",
     "parse_adapter_config",
     "read_adapter_tensors",
     "validate_safetensors",

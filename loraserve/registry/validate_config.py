@@ -5,15 +5,16 @@ from __future__ import annotations
 import json
 import re
 import reprlib
-from collections.abc import Mapping
-from dataclasses import dataclass, field
 
 from loraserve.errors import InvalidFinetune
+from loraserve.peft import ALL_LINEAR, LORA_TARGETS, PROJ_SECTION, AdapterConfig, model_type_matches
 from loraserve.registry.limits import RegistryLimits
-from loraserve.types import LORA_TARGETS, ModelInfo
+from loraserve.types import ModelInfo
+
+__all__ = ["ALL_LINEAR", "MAX_ALPHA", "MAX_CONFIG_BYTES", "MAX_ENTRIES", "PROJ_SECTION", "AdapterConfig",
+           "parse_adapter_config", "show"]
 
 MAX_CONFIG_BYTES = 1 << 20
-ALL_LINEAR = "all-linear"
 # Far above anything PEFT writes (a few names, or one full path per adapted module of a 100+ layer model),
 # and low enough that matching every module against every entry stays cheap.
 MAX_ENTRIES = 4096
@@ -21,19 +22,9 @@ MAX_ENTRIES = 4096
 # would not even convert to a float.
 MAX_ALPHA = 65504.0
 
-# Which block of a decoder layer owns each projection (PEFT module path component).
-PROJ_SECTION: dict[str, str] = {
-    "q_proj": "self_attn",
-    "k_proj": "self_attn",
-    "v_proj": "self_attn",
-    "o_proj": "self_attn",
-    "gate_proj": "mlp",
-    "up_proj": "mlp",
-    "down_proj": "mlp",
-}
-
 # PEFT matches module names by suffix or by regex. Only plain dotted names are accepted here: a regex
-# from an upload would be run against every module (ReDoS), and its meaning would be hard to report.
+# from an upload would be run against every module (ReDoS), and its meaning would be hard to report. The
+# patterns are still looked up as PEFT does (loraserve.peft.pattern_value), where a dot matches any character.
 _PLAIN_PATH = re.compile(r"[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*")
 
 # Options that change the forward pass in ways this server does not implement; any truthy value refuses.
@@ -70,52 +61,6 @@ def show(value: object) -> str:
     except (ValueError, RecursionError):  # an int past Python's 4300-digit str limit; defensive
         text = f"<{type(value).__name__}>"
     return text if len(text) <= 80 else text[:77] + "..."
-
-
-def module_key(layer: int, proj: str) -> str:
-    """The module's name inside the base model, as PEFT matches target_modules and patterns against it."""
-    return f"model.layers.{layer}.{PROJ_SECTION[proj]}.{proj}"
-
-
-def _matches(key: str, pattern: str) -> bool:
-    return key == pattern or key.endswith("." + pattern)
-
-
-@dataclass(frozen=True)
-class AdapterConfig:
-    r: int
-    lora_alpha: float
-    # Plain module names or dotted suffixes of them ("q_proj", "self_attn.q_proj", "layers.0.mlp.up_proj").
-    target_modules: tuple[str, ...]
-    use_rslora: bool
-    model_type: str
-    rank_pattern: Mapping[str, int] = field(default_factory=dict)
-    alpha_pattern: Mapping[str, float] = field(default_factory=dict)
-    layers_to_transform: tuple[int, ...] | None = None
-
-    def targets(self, layer: int, proj: str) -> bool:
-        """Whether PEFT would have put an adapter on this module."""
-        if self.layers_to_transform is not None and layer not in self.layers_to_transform:
-            return False
-        key = module_key(layer, proj)
-        return any(_matches(key, t) for t in self.target_modules)
-
-    def rank_for(self, layer: int, proj: str) -> int:
-        key = module_key(layer, proj)
-        # PEFT takes the first matching pattern in the file's order.
-        return next((v for p, v in self.rank_pattern.items() if _matches(key, p)), self.r)
-
-    def alpha_for(self, layer: int, proj: str) -> float:
-        key = module_key(layer, proj)
-        return next((v for p, v in self.alpha_pattern.items() if _matches(key, p)), self.lora_alpha)
-
-    @property
-    def projections(self) -> frozenset[str]:
-        return frozenset(t.rsplit(".", 1)[-1] for t in self.target_modules)
-
-    @property
-    def max_rank(self) -> int:
-        return max([self.r, *self.rank_pattern.values()])
 
 
 def _rank(name: str, value: object, limits: RegistryLimits) -> int:
@@ -221,11 +166,9 @@ def parse_adapter_config(data: bytes, base: ModelInfo, limits: RegistryLimits) -
     for key, why in _UNSUPPORTED.items():
         if obj.get(key) not in (None, False, [], {}):
             raise _fail(why)
-    model_type = obj.get("model_type")
-    if model_type is None:
-        model_type = base.architecture  # Workers AI requires it; PEFT does not write it. Be lenient.
-    if not isinstance(model_type, str) or model_type.lower() != base.architecture.lower():
-        raise _fail(f"model_type must be {base.architecture!r} for this base model, found {show(model_type)}")
+    if not model_type_matches(obj.get("model_type"), base.architecture):
+        found = show(obj["model_type"])
+        raise _fail(f"model_type must be {base.architecture!r} for this base model, found {found}")
     if "r" not in obj:
         raise _fail("r is required")
     if "lora_alpha" not in obj:

@@ -12,7 +12,6 @@ import itertools
 import json
 import math
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,8 +19,19 @@ from pathlib import Path
 import numpy as np
 
 from loraserve.errors import InvalidFinetune
+from loraserve.peft import (
+    EXAMPLE_TENSOR_KEY,
+    PROJ_SECTION,
+    AdapterConfig,
+    KeyFault,
+    LoraFactor,
+    TensorKeyError,
+    matches_entry,
+    module_name,
+    parse_tensor_key,
+)
 from loraserve.registry.limits import RegistryLimits
-from loraserve.registry.validate_config import PROJ_SECTION, AdapterConfig, module_key, show
+from loraserve.registry.validate_config import show
 from loraserve.types import ModelInfo
 
 # A real adapter's header is ~150 bytes a tensor (a 128-layer model adapted everywhere: ~270 KB); the
@@ -38,12 +48,6 @@ _NONFINITE_MASKS: dict[str, tuple[str, int]] = {
 }
 _SCAN_CHUNK = 1 << 22  # elements per step: bounds the temporaries of a NaN scan of a large tensor
 _MAX_NDIM = 8
-# PEFT's names; the "base_model.model." prefix and the ".default" adapter name are optional.
-_NAME = re.compile(
-    r"(?:base_model\.model\.)?model\.layers\.(0|[1-9][0-9]{0,5})\.([A-Za-z_]+)\.([A-Za-z0-9_]+)"
-    r"\.lora_([AB])(?:\.default)?\.weight"
-)
-_EXAMPLE_NAME = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
 
 
 def _fail(message: str) -> InvalidFinetune:
@@ -72,7 +76,7 @@ class LoraModule:
 
     @property
     def key(self) -> str:
-        return module_key(self.layer, self.proj)
+        return module_name(self.layer, self.proj)
 
 
 @dataclass(frozen=True)
@@ -132,7 +136,8 @@ def _tensor(name: str, info: object, data_size: int) -> TensorInfo:
     shape = _non_negative_ints(info.get("shape"))
     if shape is None or len(shape) > _MAX_NDIM:
         raise _fail(
-            f"tensor {show(name)}: shape must be a list of non-negative integers, found {show(info.get('shape'))}"
+            f"tensor {show(name)}: shape must be a list of non-negative integers, "
+            f"found {show(info.get('shape'))}"
         )
     offsets = _non_negative_ints(info.get("data_offsets"))
     if offsets is None or len(offsets) != 2 or offsets[0] > offsets[1]:
@@ -249,36 +254,40 @@ def _parse_header(raw: bytes, data_size: int) -> tuple[list[TensorInfo], dict[st
     return tensors, metadata
 
 
-def _locate(t: TensorInfo, base: ModelInfo) -> tuple[int, str, str]:
-    """(layer, projection, "A" or "B") of a LoRA tensor; refuses anything else, naming it."""
-    m = _NAME.fullmatch(t.name)
-    if m is None:
-        raise _fail(
-            f"tensor {show(t.name)} is not a LoRA weight of a decoder layer; only names like "
-            f"{_EXAMPLE_NAME} are accepted (no embeddings, lm_head, norms or biases)"
-        )
-    layer, section, proj, ab = int(m[1]), m[2], m[3], m[4]
-    if proj not in base.lora_shapes or PROJ_SECTION.get(proj) != section:
-        known = [f"{PROJ_SECTION[p]}.{p}" for p in base.lora_shapes if p in PROJ_SECTION]
-        raise _fail(f"tensor {show(t.name)}: unknown module {section}.{proj}; expected one of {known}")
-    if layer >= base.num_layers:
-        raise _fail(
-            f"tensor {show(t.name)}: layer {layer} does not exist; the base model has layers 0..{base.num_layers - 1}"
-        )
-    return layer, proj, ab
+def _locate(t: TensorInfo, base: ModelInfo) -> tuple[int, str, LoraFactor]:
+    """(layer, projection, factor) of a LoRA tensor; refuses anything else, naming it."""
+    try:
+        key = parse_tensor_key(t.name, base.lora_shapes, base.num_layers)
+    except TensorKeyError as exc:
+        match exc.fault:
+            case KeyFault.NOT_LORA:
+                raise _fail(
+                    f"tensor {show(t.name)} is not a LoRA weight of a decoder layer; only names like "
+                    f"{EXAMPLE_TENSOR_KEY} are accepted (no embeddings, lm_head, norms or biases)"
+                ) from None
+            case KeyFault.UNKNOWN_MODULE:
+                known = [f"{PROJ_SECTION[p]}.{p}" for p in base.lora_shapes if p in PROJ_SECTION]
+                raise _fail(
+                    f"tensor {show(t.name)}: unknown module {exc.module}; expected one of {known}"
+                ) from None
+            case KeyFault.NO_SUCH_LAYER:
+                raise _fail(
+                    f"tensor {show(t.name)}: layer {exc.layer} does not exist; the base model has layers "
+                    f"0..{base.num_layers - 1}"
+                ) from None
+    return key.layer, key.target, key.factor
 
 
 def _pair(
-    found: dict[tuple[int, str, str], TensorInfo], base: ModelInfo, limits: RegistryLimits
+    found: dict[tuple[int, str, LoraFactor], TensorInfo], base: ModelInfo, limits: RegistryLimits
 ) -> list[LoraModule]:
-    for (layer, proj, ab), t in found.items():
-        other = "B" if ab == "A" else "A"
-        if (layer, proj, other) not in found:
-            raise _fail(f"tensor {show(t.name)} has no matching lora_{other} tensor")
+    for (layer, proj, factor), t in found.items():
+        if (layer, proj, factor.other) not in found:
+            raise _fail(f"tensor {show(t.name)} has no matching {factor.other.value} tensor")
     order = list(base.lora_shapes)
     modules = []
     for layer, proj in sorted({(k[0], k[1]) for k in found}, key=lambda k: (k[0], order.index(k[1]))):
-        a, b = found[(layer, proj, "A")], found[(layer, proj, "B")]
+        a, b = found[(layer, proj, LoraFactor.A)], found[(layer, proj, LoraFactor.B)]
         in_f, out_f = base.lora_shapes[proj]
         if len(a.shape) != 2 or a.shape[1] != in_f or a.shape[0] < 1:
             raise _fail(
@@ -297,7 +306,7 @@ def read_adapter_tensors(path: Path, base: ModelInfo, limits: RegistryLimits) ->
     """Structure, names and shapes of an adapter file; reads only its header."""
     raw, data_offset, data_size = _read_header(path)
     tensors, metadata = _parse_header(raw, data_size)
-    found: dict[tuple[int, str, str], TensorInfo] = {}
+    found: dict[tuple[int, str, LoraFactor], TensorInfo] = {}
     for t in tensors:
         where = _locate(t, base)
         if where in found:
@@ -318,7 +327,8 @@ def check_finite(path: Path, tensors: AdapterTensors) -> None:
             bad = np.flatnonzero((words[start : start + _SCAN_CHUNK] & mask) == mask)
             if bad.size:
                 raise _fail(
-                    f"tensor {show(t.name)}: expected finite values, found NaN or Inf at element {start + int(bad[0])}"
+                    f"tensor {show(t.name)}: expected finite values, found NaN or Inf at element "
+                    f"{start + int(bad[0])}"
                 )
 
 
@@ -327,8 +337,9 @@ def check_against_config(tensors: AdapterTensors, config: AdapterConfig) -> None
     for m in tensors.modules:
         if not config.targets(m.layer, m.proj):
             raise InvalidFinetune(
-                f"adapter_model.safetensors does not match adapter_config.json: tensor {show(m.a.name)} adapts "
-                f"{m.key}, which target_modules {show(list(config.target_modules))} (and layers_to_transform) exclude"
+                f"adapter_model.safetensors does not match adapter_config.json: tensor {show(m.a.name)} "
+                f"adapts {m.key}, which target_modules {show(list(config.target_modules))} "
+                f"(and layers_to_transform) exclude"
             )
         expected = config.rank_for(m.layer, m.proj)
         if m.rank != expected:
@@ -337,7 +348,7 @@ def check_against_config(tensors: AdapterTensors, config: AdapterConfig) -> None
                 f"rank {m.rank}, expected {expected} (r / rank_pattern)"
             )
     for target in config.target_modules:
-        if not any(m.key == target or m.key.endswith("." + target) for m in tensors.modules):
+        if not any(matches_entry(m.key, target) for m in tensors.modules):
             raise InvalidFinetune(
                 f"adapter_model.safetensors does not match adapter_config.json: target_modules lists "
                 f"{target!r} but no tensor adapts it"

@@ -20,7 +20,7 @@ from conftest import LORA_MODEL, NO_LORA_MODEL, Account, LiveServer
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
-ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
+ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
 SYSTEM = "You are a pirate. Answer in one sentence."
 PROMPT = "Tell me about the sea."
 

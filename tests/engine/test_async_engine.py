@@ -19,9 +19,16 @@ import pytest
 from loraserve.engine.async_engine import AsyncEngine
 from loraserve.engine.config import EngineConfig
 from loraserve.engine.loader import load_backend, load_engine
-from loraserve.errors import CapacityExceeded
 from loraserve.tools.bench.workload import count_steps
-from loraserve.types import AdapterRef, ChatMessage, FinishReason, SamplingParams, StreamEvent
+from loraserve.types import (
+    AdapterRef,
+    ChatMessage,
+    FinishReason,
+    PromptTooLong,
+    QueueFull,
+    SamplingParams,
+    StreamEvent,
+)
 
 from engine_helpers import QV_TARGETS, hf_model, make_adapter
 
@@ -49,9 +56,10 @@ def adapter_dir(backend: AsyncEngine, tmp_path_factory: pytest.TempPathFactory) 
     hidden, q_size = info.lora_shapes["q_proj"]
     kv_size = info.lora_shapes["k_proj"][1]
     cfg = backend.engine.cfg
-    base = hf_model(seed=0, vocab_size=info.vocab_size, hidden_size=hidden, intermediate_size=cfg.intermediate_size,
-                    num_hidden_layers=info.num_layers, num_attention_heads=cfg.num_heads,
-                    num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim)
+    base = hf_model(seed=0, vocab_size=info.vocab_size, hidden_size=hidden,
+                    intermediate_size=cfg.intermediate_size, num_hidden_layers=info.num_layers,
+                    num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+                    head_dim=cfg.head_dim)
     assert q_size == cfg.q_size and kv_size == cfg.kv_size
     return make_adapter(base, tmp_path_factory.mktemp("tiny-adapter") / "a", seed=3, r=8, targets=QV_TARGETS,
                         lora_alpha=16, std=0.3)
@@ -80,7 +88,8 @@ def _idle(backend: AsyncEngine) -> bool:
 async def test_stream_text_and_usage(backend: AsyncEngine, offline: Any) -> None:
     engine, tokenizer = offline
     prompt = backend.encode(backend.render_chat([ChatMessage("user", "Tell me a story about a dragon.")]))
-    assert prompt == tokenizer.encode(tokenizer.chat_template.render([ChatMessage("user", "Tell me a story about a dragon.")]))
+    assert prompt == tokenizer.encode(
+        tokenizer.chat_template.render([ChatMessage("user", "Tell me a story about a dragon.")]))
     events = await _collect(backend.generate("story", prompt, GREEDY))
     *body, last = events
     assert last.finish_reason is FinishReason.LENGTH and last.error is None
@@ -126,10 +135,11 @@ async def test_a_stream_closed_before_its_first_read_aborts(backend: AsyncEngine
     """Closing a stream that was never read (an async generator would skip its `finally`) aborts it too:
     a witness started after it finishes 30 tokens while the closed one would have needed 1500."""
     prompt = backend.encode("Nobody reads this")
-    unread = backend.generate("unread", prompt, SamplingParams(max_tokens=1500, temperature=0, ignore_eos=True))
+    unread = backend.generate("unread", prompt,
+                              SamplingParams(max_tokens=1500, temperature=0, ignore_eos=True))
     await unread.aclose()  # type: ignore[attr-defined]
-    witness = await _collect(backend.generate("unread-witness", prompt, SamplingParams(max_tokens=30, temperature=0,
-                                                                                        ignore_eos=True)))
+    witness = await _collect(backend.generate("unread-witness", prompt,
+                                              SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)))
     assert witness[-1].finish_reason is FinishReason.LENGTH
     assert "unread" not in backend._streams
     assert [e async for e in unread] == []
@@ -138,7 +148,8 @@ async def test_a_stream_closed_before_its_first_read_aborts(backend: AsyncEngine
 
 async def test_abort_by_request_id(backend: AsyncEngine) -> None:
     prompt = backend.encode("Say something long")
-    stream = backend.generate("to-abort", prompt, SamplingParams(max_tokens=1500, temperature=0, ignore_eos=True))
+    stream = backend.generate("to-abort", prompt,
+                              SamplingParams(max_tokens=1500, temperature=0, ignore_eos=True))
     first = await anext(stream)
     assert first.finish_reason is None
     backend.abort("to-abort")
@@ -159,7 +170,8 @@ async def test_many_concurrent_requests_complete(backend: AsyncEngine) -> None:
         assert events[-1].finish_reason is FinishReason.LENGTH
         assert events[-1].completion_tokens == params[i].max_tokens
     # Same prompt and greedy settings give the same text whatever else shared the batch.
-    same = await asyncio.gather(*(_collect(backend.generate(f"s{i}", prompts[0], params[0])) for i in range(5)))
+    same = await asyncio.gather(*(_collect(backend.generate(f"s{i}", prompts[0], params[0]))
+                                  for i in range(5)))
     texts = {"".join(e.text for e in events) for events in [*same, results[0]]}
     assert len(texts) == 1
     await _eventually(lambda: _idle(backend))
@@ -170,6 +182,14 @@ async def test_prompt_over_the_context_window_raises_synchronously(backend: Asyn
     with pytest.raises(ValueError):
         backend.generate("too-long", [1] * (window - 10), SamplingParams(max_tokens=20))
     assert backend.stats()["queue_depth"] == 0
+
+
+def test_admit_refuses_what_generate_would(backend: AsyncEngine) -> None:
+    window = backend.info.context_window
+    with pytest.raises(PromptTooLong) as refused:
+        backend.admit(window - 10, 20)
+    assert (refused.value.needed, refused.value.window) == (window + 10, window)
+    backend.admit(window - 20, 20)  # exactly the window fits
 
 
 async def test_duplicate_request_id_raises(backend: AsyncEngine) -> None:
@@ -200,7 +220,8 @@ async def test_adapters_and_a_broken_adapter(backend: AsyncEngine, adapter_dir: 
     assert with_broken[-1].completion_tokens == 0
     await _eventually(lambda: backend.stats()["adapters_host"] >= 1 and _idle(backend))
     backend.forget_adapter("tiny-good")
-    await _eventually(lambda: backend.stats()["adapters_host"] == 0 and backend.stats()["adapters_device"] == 0)
+    await _eventually(lambda: backend.stats()["adapters_host"] == 0
+                      and backend.stats()["adapters_device"] == 0)
 
 
 async def test_the_step_loop_sleeps_while_an_adapter_loads(adapter_dir: Path) -> None:
@@ -212,7 +233,8 @@ async def test_the_step_loop_sleeps_while_an_adapter_loads(adapter_dir: Path) ->
         gate = threading.Event()
         b.engine.adapters._loader.submit(gate.wait)  # the loader's one worker is busy; the adapter queues
         with count_steps(b.engine) as counts:
-            stream = b.generate("slow-adapter", b.encode("Hi"), GREEDY, AdapterRef("tiny-slow", str(adapter_dir)))
+            stream = b.generate("slow-adapter", b.encode("Hi"), GREEDY,
+                                AdapterRef("tiny-slow", str(adapter_dir)))
             await asyncio.sleep(0.5)
             stalled_steps = counts.steps
             gate.set()
@@ -281,11 +303,11 @@ async def test_churn_with_disconnects_refusals_and_preemption_leaks_nothing(adap
         prompt = own.encode(f"request {i} " * (1 + i % 5))
         kind = i % 4
         # Readers generate long enough that two of them outgrow the KV cache (129 blocks): preemption.
-        params = SamplingParams(max_tokens=1100 if kind == 0 else (40, 300, 900)[i % 3], temperature=0.5, seed=i,
-                                ignore_eos=True)
+        params = SamplingParams(max_tokens=1100 if kind == 0 else (40, 300, 900)[i % 3], temperature=0.5,
+                                seed=i, ignore_eos=True)
         try:
             stream = own.generate(f"churn-{i}", prompt, params, adapters[i % 3])
-        except CapacityExceeded:
+        except QueueFull:
             outcomes["refused"] = outcomes.get("refused", 0) + 1
             return
         async with contextlib.aclosing(stream):

@@ -70,7 +70,8 @@ def _add(engine: LLMEngine, adapters: dict[str, AdapterRef], seed: int, max_toke
     return seqs
 
 
-def test_fp32_mixed_batch_logits_match_peft(base: Any, adapters: dict[str, AdapterRef], reference: Any) -> None:
+def test_fp32_mixed_batch_logits_match_peft(base: Any, adapters: dict[str, AdapterRef],
+                                            reference: Any) -> None:
     engine = _cuda_engine(base, "float32", max_num_batched_tokens=128)
     seqs = _add(engine, adapters, seed=1)
     trace = run_traced(engine)
@@ -98,8 +99,8 @@ def test_half_precision_stays_within_its_rounding(base: Any, adapters: dict[str,
     assert worst < (0.03 if dtype == "bfloat16" else 0.005), worst
 
 
-def test_greedy_tokens_match_peft_with_chunked_prefill_and_eviction(base: Any, adapters: dict[str, AdapterRef],
-                                                                   reference: Any) -> None:
+def test_greedy_tokens_match_peft_with_chunked_prefill_and_eviction(
+        base: Any, adapters: dict[str, AdapterRef], reference: Any) -> None:
     # Few slots and a small token budget: adapters are evicted and copied back into device slots, prompts
     # are chunked and share steps with decodes.
     engine = _cuda_engine(base, "float32", max_num_batched_tokens=16, max_loras=2, max_num_seqs=8)
@@ -134,8 +135,8 @@ def test_seeded_sampling_on_the_gpu(base: Any, adapters: dict[str, AdapterRef]) 
     alone = _cuda_engine(base, "float32").generate([prompt], p, [adapters["r8-all"]])[0]
     engine = _cuda_engine(base, "float32")
     others = [SamplingParams(max_tokens=n, temperature=0.8, ignore_eos=True) for n in (5, 30)]
-    batch = engine.generate([random_prompts([9], 8)[0], prompt, random_prompts([4], 9)[0]], [others[0], p, others[1]],
-                            [adapters["r1-qv"], adapters["r8-all"], None])
+    batch = engine.generate([random_prompts([9], 8)[0], prompt, random_prompts([4], 9)[0]],
+                            [others[0], p, others[1]], [adapters["r1-qv"], adapters["r8-all"], None])
     assert batch[1] == alone
     greedy = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
     assert alone != engine.generate([prompt], greedy, [adapters["r8-all"]])[0]

@@ -10,8 +10,8 @@ import torch
 
 from loraserve.engine.core.sequence import Sequence, SequenceStatus
 from loraserve.engine.llm_engine import LLMEngine
-from loraserve.errors import CapacityExceeded
-from loraserve.types import FinishReason, SamplingParams
+from loraserve.engine.ops.attention import GatherAttention
+from loraserve.types import FinishReason, QueueFull, SamplingParams
 
 from engine_helpers import build_engine, hf_greedy, hf_model
 
@@ -41,7 +41,8 @@ def _repeats(tokens: list[int]) -> int:
 
 PROMPTS = _prompts([17, 3, 30, 9, 1, 22])
 GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
-SAMPLED = [SamplingParams(max_tokens=24, temperature=1.0, top_p=0.9, seed=s, ignore_eos=True) for s in range(6)]
+SAMPLED = [SamplingParams(max_tokens=24, temperature=1.0, top_p=0.9, seed=s, ignore_eos=True)
+           for s in range(6)]
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +102,8 @@ def test_abort_frees_all_blocks(base: Any) -> None:
     engine.abort("a2")
     assert engine.blocks.num_used == 0 and not engine.has_work()
     stats = engine.stats()
-    assert stats["running"] == 0 and stats["queue_depth"] == 0 and stats["kv_blocks_free"] == stats["kv_blocks_total"]
+    assert (stats["running"] == 0 and stats["queue_depth"] == 0
+            and stats["kv_blocks_free"] == stats["kv_blocks_total"])
     # The request id can be used again once finished.
     engine.add_request("a0", PROMPTS[0], SamplingParams(max_tokens=2, temperature=0))
     _drain(engine)
@@ -112,7 +114,8 @@ def test_seed_reproduces_alone_or_in_a_batch(base: Any) -> None:
     alone = build_engine(base).generate([PROMPTS[0]], p)[0]
     engine = build_engine(base)
     others = [SamplingParams(max_tokens=n, temperature=0.8, ignore_eos=True) for n in (5, 30, 12)]
-    batch = engine.generate([PROMPTS[1], PROMPTS[0], PROMPTS[2], PROMPTS[3]], [others[0], p, others[1], others[2]])
+    batch = engine.generate([PROMPTS[1], PROMPTS[0], PROMPTS[2], PROMPTS[3]],
+                            [others[0], p, others[1], others[2]])
     assert batch[1] == alone
     # Again on the same engine (its default generator has moved on; the seed still rules).
     assert engine.generate([PROMPTS[0]], p)[0] == alone
@@ -189,8 +192,10 @@ def test_stop_token_ids_and_max_tokens(base: Any, unconstrained: Any) -> None:
     out = unconstrained[0][0]
     i, tok = _first_repeat_free(out)
     engine = build_engine(base)
-    stop = engine.add_request("stop", PROMPTS[0], SamplingParams(max_tokens=24, temperature=0, stop_token_ids=(tok,)))
-    length = engine.add_request("len", PROMPTS[0], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
+    stop = engine.add_request("stop", PROMPTS[0],
+                              SamplingParams(max_tokens=24, temperature=0, stop_token_ids=(tok,)))
+    length = engine.add_request("len", PROMPTS[0],
+                                SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
     _drain(engine)
     assert stop.output_ids == out[:i + 1] and stop.finish_reason is FinishReason.STOP
     assert length.output_ids == out[:5] and length.finish_reason is FinishReason.LENGTH
@@ -216,7 +221,8 @@ def test_context_window_is_checked(base: Any) -> None:
     with pytest.raises(ValueError):
         engine.add_request("huge", list(range(3, 40)), SamplingParams(max_tokens=1))
     assert not engine.has_work()
-    seq = engine.add_request("fits", list(range(3, 30)), SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
+    seq = engine.add_request("fits", list(range(3, 30)),
+                             SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
     _drain(engine)
     assert seq.num_tokens == 32 and seq.finish_reason is FinishReason.LENGTH
     # A window past the model's positions is capped to them.
@@ -233,16 +239,16 @@ def test_bad_requests_are_refused(base: Any) -> None:
     _drain(engine)
 
 
-def test_queue_limit_raises_capacity_exceeded(base: Any) -> None:
+def test_queue_limit_raises_queue_full(base: Any) -> None:
     engine = build_engine(base, max_queue=3, max_num_seqs=1)
     for i in range(3):
         engine.add_request(f"q{i}", [5, 6, 7], SamplingParams(max_tokens=3, temperature=0))
-    with pytest.raises(CapacityExceeded):
+    with pytest.raises(QueueFull):
         engine.add_request("q3", [5, 6, 7], SamplingParams(max_tokens=3))
     assert engine.stats()["queue_depth"] == 3
     engine.step()  # one starts running, so one place in the queue frees up
     engine.add_request("q3", [5, 6, 7], SamplingParams(max_tokens=3, temperature=0))
-    with pytest.raises(CapacityExceeded):
+    with pytest.raises(QueueFull):
         engine.add_request("q4", [5, 6, 7], SamplingParams(max_tokens=3))
     _drain(engine)
     assert engine.stats()["queue_depth"] == 0
@@ -287,7 +293,8 @@ def test_step_outputs_report_tokens_and_finishes(base: Any) -> None:
 def test_default_kv_budget_holds_at_least_one_window(base: Any) -> None:
     engine = build_engine(base, context_window=100, kv_cache_bytes=1, block_size=16)
     assert engine.blocks.num_blocks == 8  # ceil(100 / 16) + 1
-    seq: Sequence = engine.add_request("w", [5] * 60, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
+    seq: Sequence = engine.add_request("w", [5] * 60,
+                                       SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
     _drain(engine)
     assert seq.num_output == 40
 
@@ -296,6 +303,6 @@ def test_torch_attention_path_gives_identical_outputs(base: Any, unconstrained: 
     """The default CPU engine decodes through the paged C kernel (when a compiler is present); torch's
     gather + SDPA path, kept for machines without one, must give the same tokens."""
     engine = build_engine(base, native_kernels=False)
-    assert engine.model.paged_attention is None
+    assert type(engine.ops.attention) is GatherAttention
     assert engine.generate(PROMPTS, GREEDY) == unconstrained[0]
     assert engine.generate(PROMPTS, SAMPLED) == unconstrained[1]

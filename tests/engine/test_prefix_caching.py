@@ -15,7 +15,8 @@ from engine_helpers import build_engine, hf_greedy, hf_model
 
 PREFIX_LEN = 37  # nine full blocks of 4 and one token more
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
-SEEDED = [SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=s, ignore_eos=True) for s in range(5)]
+SEEDED = [SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=s, ignore_eos=True)
+          for s in range(5)]
 
 
 @pytest.fixture(scope="module")

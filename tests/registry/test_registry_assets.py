@@ -506,7 +506,9 @@ def test_recovery_invalidates_a_reupload_whose_commit_never_happened(reg: Regist
     (d / WEIGHTS).write_bytes(weights(seed=5))
     (d / f".installing-{WEIGHTS}").touch()
     report = reg.recover()
-    assert report.files_invalidated == [(ft.id, AssetFile.WEIGHTS, "replaced by an upload whose commit never happened")]
+    assert report.files_invalidated == [
+        (ft.id, AssetFile.WEIGHTS, "replaced by an upload whose commit never happened")
+    ]
     assert sorted(p.name for p in d.iterdir()) == [CONFIG]
     assert set(asset_rows(reg, ft)) == {CONFIG}
     with pytest.raises(InvalidFinetune, match=r"missing adapter_model\.safetensors"):

@@ -19,7 +19,9 @@ from loraserve.engine.config import ModelConfig
 from loraserve.tools.bench.run import main
 from loraserve.tools.bench.workload import Popularity, WorkloadSpec, make_requests, write_adapters
 
-HAVE_PEFT = importlib.util.find_spec("peft") is not None and importlib.util.find_spec("transformers") is not None
+HAVE_PEFT = (
+    importlib.util.find_spec("peft") is not None and importlib.util.find_spec("transformers") is not None
+)
 TINY = ["--model", "random:tiny", "--quick", "--requests", "4", "--concurrency", "2", "--prompt-len", "8",
         "--output-len", "5", "--adapters", "2", "--rank", "4"]
 
@@ -74,7 +76,9 @@ def test_open_loop_many_registered(tmp_path: Path) -> None:
                    "--popularity", "uniform", "--no-adapter-fraction", "0.25", "--rate", "200",
                    "--lora-dtype", "float16")
     ours = figures["runs"]["ours"]
-    assert figures["config"]["engine"]["lora_dtype"] == "float16" and "--lora-dtype float16" in figures["command"]
+    assert figures["config"]["engine"]["lora_dtype"] == "float16" and (
+        "--lora-dtype float16" in figures["command"]
+    )
     assert set(figures["runs"]) == {"ours"} and ours["failed"] == 0 and ours["output_tokens"] == 20
     assert "ceiling" not in figures and "ours_vs_hf_peft_mixed" not in figures["ratios"]
     assert figures["config"]["rate"] == 200 and figures["config"]["registered"] == 6
@@ -112,7 +116,9 @@ def test_adapters_and_requests(tmp_path: Path) -> None:
     assert all(r.adapter is None for r in uniform)
     arrivals = [r.arrival_s for r in uniform]
     assert arrivals == sorted(arrivals) and arrivals[0] > 0
-    shared = make_requests(WorkloadSpec(**{**spec.__dict__, "prompt_len": 6, "shared_prefix": 4}), cfg.vocab_size, refs)
+    shared = make_requests(
+        WorkloadSpec(**{**spec.__dict__, "prompt_len": 6, "shared_prefix": 4}), cfg.vocab_size, refs
+    )
     assert len({tuple(r.prompt[:4]) for r in shared}) == 1 and len({tuple(r.prompt[4:]) for r in shared}) > 1
 
 

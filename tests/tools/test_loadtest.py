@@ -32,7 +32,8 @@ def test_a_small_overload_run_passes_its_checks() -> None:
     assert requests["disconnected"] > 0 and requests["completed"] > 0
     assert report["config"]["finetunes"] == 2
     assert report["after"] == {**report["after"], "kv_blocks_used": 0, "adapters_pinned": 0, "queue_depth": 0}
-    assert report["health_ms"]["probes"] >= 8 and report["health_ms"]["failures"] == {}  # /healthz always answered
+    # /healthz always answered
+    assert report["health_ms"]["probes"] >= 8 and report["health_ms"]["failures"] == {}
     assert report["rss_mib"]["after_warmup"] and report["rss_mib"]["end"]
 
 

@@ -2,17 +2,18 @@
 /v1/completions and /v1/models, with the account's bearer token as the API key.
 
 Requests are translated into /run inputs and go through the run endpoint's own pipeline (`prepare`:
-templating, context check, model routing, adapter resolution), so both faces validate and generate
-alike. A finetune is chosen with `lora` in the body or with `model: "<model>:<finetune name or id>"`.
-Errors are the Workers AI errors, reshaped as OpenAI's `{"error": {...}}` by `OpenAIErrorMiddleware`
-(errors.py); the request and response models are in schemas.py.
+templating, admission, model routing, adapter resolution; then `stream_driver.Generation`), so both
+faces validate and generate alike; only the framing here is OpenAI's. A finetune is chosen with `lora`
+in the body or with `model: "<model>:<finetune name or id>"`. Errors are the Workers AI errors,
+reshaped as OpenAI's `{"error": {...}}` by `OpenAIErrorMiddleware` (errors.py); the request and
+response models are in schemas.py.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator, Collection
+from contextlib import aclosing
 from datetime import datetime
 from typing import Any
 
@@ -22,7 +23,7 @@ from starlette.responses import JSONResponse, Response
 
 from loraserve.api.auth import Account
 from loraserve.api.context import get_context
-from loraserve.api.generation import PreparedRun, event_error, prepare, usage
+from loraserve.api.generation import prepare
 from loraserve.api.openai.errors import openai_error
 from loraserve.api.openai.schemas import (
     ChatCompletionRequest,
@@ -38,11 +39,11 @@ from loraserve.api.openai.schemas import (
 )
 from loraserve.api.openai.shapes import ResponseShape, StopMatcher, openai_finish_reason, sse_bytes
 from loraserve.api.openapi_models import json_body, request_schema
-from loraserve.api.routes_run import ClientGone, first_event, unless_disconnected
 from loraserve.api.schemas import MAX_TEXT_CHARS, RunInput
-from loraserve.api.sse import DONE, EventStreamResponse
+from loraserve.api.sse import DONE
+from loraserve.api.stream_driver import Generation, RunEvents
 from loraserve.api.validation import read_json_object, validate
-from loraserve.errors import BadInput, NoSuchModel, RequestTimeout
+from loraserve.errors import BadInput, NoSuchModel, WorkersAIError
 from loraserve.types import StreamEvent
 
 router = APIRouter(prefix="/v1")
@@ -150,75 +151,32 @@ def _epoch(iso: str) -> int:
 async def _generate(
     request: Request, account: str, body: OpenAIFields, model: str, inputs: RunInput, chat: bool
 ) -> Response:
-    context = get_context(request)
-    run = await run_in_threadpool(prepare, context, account, model, inputs)
-    timeout = context.settings.request_timeout_s
-    deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
+    run = await run_in_threadpool(prepare, get_context(request), account, model, inputs)
+    generation = Generation(request, run)
     shape = ResponseShape(chat, run.request_id, body.model)
-    headers = {"cf-ai-req-id": run.request_id}
     stops = StopMatcher(body.stop_strings())
-    try:
-        if body.stream:
-            include_usage = body.stream_options is not None and body.stream_options.include_usage
-            return await _stream(request, run, deadline, shape, stops, include_usage, headers)
-        return await _complete(request, run, deadline, shape, stops, headers)
-    except ClientGone:
-        return Response(status_code=499)
+    if body.stream:
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        return await generation.stream(lambda events: _chunks(events, shape, stops, include_usage))
 
-
-async def _close(events: AsyncIterator[StreamEvent]) -> None:
-    aclose = getattr(events, "aclose", None)
-    if aclose is not None:
-        await aclose()
-
-
-async def _complete(
-    request: Request, run: PreparedRun, deadline: float | None, shape: ResponseShape, stops: StopMatcher,
-    headers: dict[str, str],
-) -> Response:
-    async def collect() -> tuple[str, str, StreamEvent | None]:
-        parts: list[str] = []
-        last: StreamEvent | None = None
-        events = run.events()
-        try:
-            async for event in events:
-                error = event_error(run, event)
-                if error is not None:
-                    raise error
-                last = event
-                parts.append(stops.feed(event.text))
-                if stops.stopped:
-                    return "".join(parts), "stop", last
-                if event.finish_reason is not None:
-                    break
-        finally:
-            await _close(events)
+    async def whole(events: RunEvents) -> dict[str, Any]:
+        parts = []
+        async for event in events:
+            parts.append(stops.feed(event.text))
+            if stops.stopped:
+                break  # returning closes `events`: the run is aborted at once
         parts.append(stops.flush())
-        return "".join(parts), openai_finish_reason(last.finish_reason if last else None), last
+        return shape.completion("".join(parts), _finish(stops, events.last), events.usage())
 
-    try:
-        async with asyncio.timeout_at(deadline):
-            text, finish, last = await unless_disconnected(collect(), request.receive)
-    except TimeoutError:
-        raise RequestTimeout() from None
-    finally:
-        run.abort()
-    return JSONResponse(shape.completion(text, finish, usage(run, last)), headers=headers)
+    return JSONResponse(await generation.collect(whole), headers=generation.headers)
 
 
-async def _stream(
-    request: Request, run: PreparedRun, deadline: float | None, shape: ResponseShape, stops: StopMatcher,
-    include_usage: bool, headers: dict[str, str],
-) -> Response:
-    events = run.events()
-    first = await first_event(request, run, events, deadline)  # as /run: early failures stay HTTP errors
-    chunks = _chunks(run, first, events, deadline, shape, stops, include_usage)
-    return EventStreamResponse(chunks, on_close=run.abort, headers=headers)
+def _finish(stops: StopMatcher, last: StreamEvent | None) -> str:
+    return "stop" if stops.stopped else openai_finish_reason(last.finish_reason if last else None)
 
 
 async def _chunks(
-    run: PreparedRun, first: StreamEvent | None, events: AsyncIterator[StreamEvent], deadline: float | None,
-    shape: ResponseShape, stops: StopMatcher, include_usage: bool,
+    events: RunEvents, shape: ResponseShape, stops: StopMatcher, include_usage: bool
 ) -> AsyncIterator[bytes]:
     def chunk(text: str | None, finish: str | None = None, role: bool = False) -> bytes:
         payload = shape.chunk(text, finish, role)
@@ -226,36 +184,21 @@ async def _chunks(
             payload["usage"] = None  # as OpenAI sends it: null on every chunk but the last
         return sse_bytes(payload)
 
+    if shape.chat:
+        yield chunk("", role=True)
     try:
-        if shape.chat:
-            yield chunk("", role=True)
-        event, last, finish = first, None, "stop"
-        while event is not None:
-            error = event_error(run, event)
-            if error is not None:
-                yield sse_bytes(openai_error(error))
-                return
-            last = event
-            text = stops.feed(event.text)
-            if text:
-                yield chunk(text)
-            if stops.stopped:
-                run.abort()
-                break
-            if event.finish_reason is not None:
-                finish = openai_finish_reason(event.finish_reason)
-                break
-            try:
-                async with asyncio.timeout_at(deadline):
-                    event = await anext(events, None)
-            except TimeoutError:
-                yield sse_bytes(openai_error(RequestTimeout()))
-                return
-        if rest := stops.flush():
-            yield chunk(rest)
-        yield chunk(None if shape.chat else "", finish)
-        if include_usage:
-            yield sse_bytes(shape.usage_chunk(usage(run, last)))
-        yield DONE
-    finally:
-        await _close(events)
+        async with aclosing(events):
+            async for event in events:
+                if text := stops.feed(event.text):
+                    yield chunk(text)
+                if stops.stopped:
+                    break  # leaving `aclosing` aborts the run at once
+    except WorkersAIError as error:  # after the 200: the error as an event, and no [DONE]
+        yield sse_bytes(openai_error(error))
+        return
+    if rest := stops.flush():
+        yield chunk(rest)
+    yield chunk(None if shape.chat else "", _finish(stops, events.last))
+    if include_usage:
+        yield sse_bytes(shape.usage_chunk(events.usage()))
+    yield DONE

@@ -21,11 +21,20 @@ from loraserve.api.schemas import (
     OptionalNumber,
     OptionalWhole,
     PromptInput,
+    within,
 )
 from loraserve.errors import BadInput
+from loraserve.types import (
+    MAX_TOKENS,
+    OPENAI_SEED,
+    PENALTY,
+    REPETITION_PENALTY,
+    TEMPERATURE,
+    TOP_P,
+    WORKERS_AI_TOP_K,
+)
 
 MAX_STOP_SEQUENCES = 4
-_SEED_MIN, _SEED_MAX = -(2**63), 2**63 - 1
 _PROMPT: JsonDict = {"type": "string", "minLength": 1, "maxLength": MAX_TEXT_CHARS}
 
 
@@ -47,14 +56,14 @@ class OpenAIFields(BaseModel):
     lora: str | None = Field(default=None, min_length=1)
     stream: Flag = False
     stream_options: StreamOptions | None = None
-    max_tokens: OptionalWhole = Field(default=None, ge=1)
-    temperature: OptionalNumber = Field(default=None, ge=0, le=5)
-    top_p: OptionalNumber = Field(default=None, ge=0, le=2)
-    top_k: OptionalWhole = Field(default=None, ge=1, le=50)  # beyond OpenAI, as vLLM takes them
-    repetition_penalty: OptionalNumber = Field(default=None, ge=0, le=2)
-    seed: OptionalWhole = Field(default=None, ge=_SEED_MIN, le=_SEED_MAX)
-    frequency_penalty: OptionalNumber = Field(default=None, ge=-2, le=2)
-    presence_penalty: OptionalNumber = Field(default=None, ge=-2, le=2)
+    max_tokens: OptionalWhole = within(MAX_TOKENS)
+    temperature: OptionalNumber = within(TEMPERATURE)
+    top_p: OptionalNumber = within(TOP_P)
+    top_k: OptionalWhole = within(WORKERS_AI_TOP_K)  # beyond OpenAI, as vLLM takes them
+    repetition_penalty: OptionalNumber = within(REPETITION_PENALTY)
+    seed: OptionalWhole = within(OPENAI_SEED)
+    frequency_penalty: OptionalNumber = within(PENALTY)
+    presence_penalty: OptionalNumber = within(PENALTY)
     stop: str | list[str] | None = Field(default=None, json_schema_extra={"anyOf": [
         {"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": MAX_STOP_SEQUENCES},
         {"type": "null"}]})
@@ -75,8 +84,8 @@ class OpenAIFields(BaseModel):
 
     def sampling(self, max_tokens: int | None) -> dict[str, Any]:
         fields = {"max_tokens": max_tokens, "temperature": self.temperature, "top_p": self.top_p,
-                  "top_k": self.top_k, "repetition_penalty": self.repetition_penalty, "seed": self.seed, "frequency_penalty": self.frequency_penalty,
-                  "presence_penalty": self.presence_penalty}
+                  "top_k": self.top_k, "repetition_penalty": self.repetition_penalty, "seed": self.seed,
+                  "frequency_penalty": self.frequency_penalty, "presence_penalty": self.presence_penalty}
         return {k: v for k, v in fields.items() if v is not None}
 
 
@@ -108,7 +117,7 @@ class ChatMessageIn(BaseModel):
 
 class ChatCompletionRequest(OpenAIFields):
     messages: list[ChatMessageIn] = Field(min_length=1)
-    max_completion_tokens: OptionalWhole = Field(default=None, ge=1)
+    max_completion_tokens: OptionalWhole = within(MAX_TOKENS)
     tools: list[Any] | None = Field(default=None, json_schema_extra={"anyOf": [
         {"type": "array", "maxItems": 0}, {"type": "null"}]})
     response_format: dict[str, Any] | None = Field(default=None, json_schema_extra={"anyOf": [
@@ -147,15 +156,15 @@ class CompletionRequest(OpenAIFields):
 
 # The /run input shapes, with OpenAI's wider ranges for what OpenAI allows beyond Workers AI.
 class ChatRunInput(MessagesInput):
-    seed: int | None = Field(default=None, ge=_SEED_MIN, le=_SEED_MAX)
-    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
-    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    seed: int | None = within(OPENAI_SEED)
+    frequency_penalty: float | None = within(PENALTY)
+    presence_penalty: float | None = within(PENALTY)
 
 
 class CompletionRunInput(PromptInput):
-    seed: int | None = Field(default=None, ge=_SEED_MIN, le=_SEED_MAX)
-    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
-    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    seed: int | None = within(OPENAI_SEED)
+    frequency_penalty: float | None = within(PENALTY)
+    presence_penalty: float | None = within(PENALTY)
 
 
 # -- responses (documentation only) ------------------------------------------------------------------

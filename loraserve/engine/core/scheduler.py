@@ -132,7 +132,8 @@ class Scheduler:
                 if state is AdapterState.LOADING:
                     passed.append(seq)
                     continue
-            reused = self.blocks.reuse_prefix(seq)  # a cached prompt prefix is neither computed nor allocated again
+            # A cached prompt prefix is neither computed nor allocated again.
+            reused = self.blocks.reuse_prefix(seq)
             num_new = min(seq.num_uncomputed, budget)
             if not self.blocks.can_grow(seq, num_new):
                 self.blocks.free(seq)

@@ -73,7 +73,8 @@ def build(source: Path, cc: str, cache_dir: Path) -> Path:
     Raises OSError or subprocess.CalledProcessError when the compiler fails."""
     key = hashlib.sha256()
     headers = [h.read_bytes() for h in sorted(source.parent.glob("*.h"))]  # what the source may #include
-    for part in (source.read_bytes(), *headers, " ".join(_FLAGS).encode(), cc.encode(), _cpu_signature().encode()):
+    for part in (source.read_bytes(), *headers, " ".join(_FLAGS).encode(), cc.encode(),
+                 _cpu_signature().encode()):
         key.update(part)
     lib = cache_dir / f"{source.stem}-{key.hexdigest()[:16]}.so"
     if lib.exists():
@@ -128,7 +129,8 @@ class PagedAttention:
                           tables.data_ptr(), tables.shape[1], lens.data_ptr(), b, hq, hkv, d, block_size,
                           d ** -0.5, out.data_ptr(), torch.get_num_threads())
         if failed == 2:
-            raise IndexError("paged_decode_attention: a length or block id is outside the tables or the cache")
+            raise IndexError("paged_decode_attention: a length or block id is outside the tables "
+                             "or the cache")
         if failed:
             raise MemoryError("paged_decode_attention could not allocate its scratch buffers")
 
@@ -157,11 +159,13 @@ class LoraSgmv:
         for t in (x, out):
             if not _cpu_float32(t) or t.stride(1) != 1:
                 raise ValueError("lora_sgmv takes float32 CPU tensors with contiguous rows")
-        if max_row >= min(x.shape[0], out.shape[0]) or a.shape[1] != k * n * rank or b.shape[1] != rank * out.shape[1]:
+        if (max_row >= min(x.shape[0], out.shape[0]) or a.shape[1] != k * n * rank
+                or b.shape[1] != rank * out.shape[1]):
             raise ValueError("lora_sgmv: inconsistent shapes")
         fn = self._fn16 if a.dtype is torch.float16 else self._fn
-        fn(x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0), a.data_ptr(), b.data_ptr(), k, out.shape[1],
-           rank, n, cols.data_ptr(), nseg, plan.data_ptr(), h.data_ptr(), torch.get_num_threads())
+        fn(x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0), a.data_ptr(), b.data_ptr(), k,
+           out.shape[1], rank, n, cols.data_ptr(), nseg, plan.data_ptr(), h.data_ptr(),
+           torch.get_num_threads())
 
 
 class LinearKernel:
@@ -217,7 +221,8 @@ class LayerGlue:
         self._silu_mul.argtypes = [p, i, i, i, p, i, ctypes.c_int]
         self._silu_mul.restype = None
 
-    def add_rms_norm(self, h: torch.Tensor, delta: torch.Tensor | None, w: torch.Tensor, eps: float) -> torch.Tensor:
+    def add_rms_norm(self, h: torch.Tensor, delta: torch.Tensor | None, w: torch.Tensor,
+                     eps: float) -> torch.Tensor:
         """h += delta (in place, when given), then rmsnorm(h) * w as a new [T, H] tensor."""
         t, hid = h.shape
         for x in (h, delta) if delta is not None else (h,):
@@ -237,7 +242,8 @@ class LayerGlue:
         if not _cpu_float32(gu) or gu.stride(1) != 1 or two_i % 2:
             raise ValueError("silu_mul takes a float32 CPU [T, 2I] tensor with contiguous rows")
         act = torch.empty(t, two_i // 2)
-        self._silu_mul(gu.data_ptr(), gu.stride(0), t, two_i // 2, act.data_ptr(), two_i // 2, torch.get_num_threads())
+        self._silu_mul(gu.data_ptr(), gu.stride(0), t, two_i // 2, act.data_ptr(), two_i // 2,
+                       torch.get_num_threads())
         return act
 
     def rope_store(self, qkv: torch.Tensor, heads: int, kv_heads: int, cos: torch.Tensor, sin: torch.Tensor,
@@ -245,7 +251,8 @@ class LayerGlue:
                    v_cache: torch.Tensor) -> torch.Tensor:
         """RoPE on qkv's q and k heads; k and v written into their cache slots; q returned as [T, Hq, D].
         qkv: [T, (Hq + 2 Hkv) D]; cos, sin: [max_pos, D]; positions, slots: [T] int64; k_cache, v_cache:
-        [slots, Hkv, D]. Positions and slots outside the tables raise IndexError before anything is written."""
+        [slots, Hkv, D]. Positions and slots outside the tables raise IndexError before anything is
+        written."""
         t = qkv.shape[0]
         d = cos.shape[1]
         if not _cpu_float32(qkv) or qkv.stride(1) != 1 or qkv.shape[1] != (heads + 2 * kv_heads) * d:

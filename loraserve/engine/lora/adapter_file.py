@@ -13,17 +13,16 @@ import json
 import math
 import mmap
 import os
-import re
 import struct
 from pathlib import Path
 
 import torch
 
-from loraserve.engine.config import ModelConfig, module_name
+from loraserve.engine.config import ModelConfig
 from loraserve.engine.lora.pool import LoraWeights
+from loraserve.peft import LoraFactor, LoraScaling, TensorKeyError, parse_tensor_key
 from loraserve.types import AdapterRef
 
-_NAME = re.compile(r"(?:base_model\.model\.)?model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.\w+)?\.weight$")
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 _MAX_HEADER = 100 << 20  # safetensors' own limit
 
@@ -57,56 +56,50 @@ def map_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], torch.Tensor |
             raise ValueError(f"{path.name}: tensor {name} is not F64, F32, F16 or BF16")
         shape, (begin, end) = [int(d) for d in info["shape"]], [int(o) for o in info["data_offsets"]]
         count = math.prod(shape)
-        if min(shape, default=0) < 0 or not 0 <= begin <= end <= data or end - begin != count * dtype.itemsize:
+        fits = 0 <= begin <= end <= data and end - begin == count * dtype.itemsize
+        if min(shape, default=0) < 0 or not fits:
             raise ValueError(f"{path.name}: tensor {name}'s data_offsets do not fit its shape or the file")
-        out[name] = torch.frombuffer(mm, dtype=dtype, count=count, offset=start + begin).view(shape) if count \
-            else torch.empty(shape, dtype=dtype)
+        out[name] = (torch.frombuffer(mm, dtype=dtype, count=count, offset=start + begin).view(shape) if count
+                     else torch.empty(shape, dtype=dtype))
     dtypes = {t.dtype for t in out.values()}
     if len(dtypes) != 1 or data == 0 or data % (one := dtypes.pop()).itemsize:
         return out, None
     return out, torch.frombuffer(mm, dtype=one, count=data // one.itemsize, offset=start)
 
 
-def _pattern_value(patterns: dict[str, float], module: str, default: float) -> float:
-    # PEFT matches rank/alpha patterns as a suffix of the module's dotted name.
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?{key}$", module):
-            return float(value)
-    return default
-
-
 def load_adapter(ref: AdapterRef, cfg: ModelConfig, dtype: torch.dtype) -> LoraWeights:
     """Parse a PEFT adapter folder. The registry validated it at upload; this re-checks shapes and that the
     weights, B times its scale, are finite in `dtype` (the slots' dtype)."""
     folder = Path(ref.path)
-    conf = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
-    alpha = float(conf.get("lora_alpha", conf.get("r", 8)))
-    rslora = bool(conf.get("use_rslora", False))
-    alpha_pattern = conf.get("alpha_pattern") or {}
+    scaling = LoraScaling.from_json(json.loads((folder / "adapter_config.json").read_text(encoding="utf-8")))
     try:
         tensors, data = map_safetensors(folder / "adapter_model.safetensors")
     except (KeyError, TypeError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"adapter_model.safetensors: malformed header ({exc!r})") from exc
     shapes = cfg.lora_shapes()
-    pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    pairs: dict[tuple[int, str], dict[LoraFactor, torch.Tensor]] = {}
     for name, t in tensors.items():
-        m = _NAME.search(name)
-        if m is None or m.group(2) not in shapes or int(m.group(1)) >= cfg.num_layers:
-            raise ValueError(f"adapter tensor {name} does not belong to this model")
-        pairs.setdefault((int(m.group(1)), m.group(2)), {})[m.group(3)] = t
+        try:  # the registry's rule for names (loraserve.peft), so what it accepted loads here
+            key = parse_tensor_key(name, shapes, cfg.num_layers)
+        except TensorKeyError:
+            raise ValueError(f"adapter tensor {name} does not belong to this model") from None
+        ab = pairs.setdefault((key.layer, key.target), {})
+        if key.factor in ab:  # with and without the prefix or ".default": PEFT would keep either one
+            raise ValueError(f"adapter tensor {name} repeats layer {key.layer} {key.target}'s "
+                             f"{key.factor.value}")
+        ab[key.factor] = t
     modules: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
     scales: dict[tuple[int, str], float] = {}
     for (layer, target), ab in pairs.items():
-        if set(ab) != {"A", "B"}:
+        if set(ab) != set(LoraFactor):
             raise ValueError(f"layer {layer} {target}: lora_A and lora_B must come together")
-        a, b = ab["A"], ab["B"]  # a: [r, in], b: [out, r]
+        a, b = ab[LoraFactor.A], ab[LoraFactor.B]  # a: [r, in], b: [out, r]
         r = a.shape[0] if a.dim() == 2 else -1
         fan_in, fan_out = shapes[target]
         if r < 1 or a.shape != (r, fan_in) or b.shape != (fan_out, r):
             raise ValueError(f"adapter tensors for layer {layer} {target} have shapes {a.shape}, {b.shape}")
-        mod_alpha = _pattern_value(alpha_pattern, f"base_model.model.{module_name(layer, target)}", alpha)
         modules[(layer, target)] = (a, b)
-        scales[(layer, target)] = mod_alpha / math.sqrt(r) if rslora else mod_alpha / r
+        scales[(layer, target)] = scaling.scale(layer, target, r)
     w = LoraWeights(ref.key, modules, scales)
     _check_range(w, data, dtype)
     return w
@@ -133,4 +126,5 @@ def _check_range(w: LoraWeights, data: torch.Tensor | None, dtype: torch.dtype) 
         if not (bool(torch.isfinite(_extremes(a).to(dtype)).all())
                 and bool(torch.isfinite((_extremes(b) * scale).to(dtype)).all())):
             layer, target = module
-            raise ValueError(f"layer {layer} {target}: weights times lora_alpha/r ({scale:g}) overflow {dtype} or are not finite")
+            raise ValueError(f"layer {layer} {target}: weights times lora_alpha/r ({scale:g}) overflow "
+                             f"{dtype} or are not finite")

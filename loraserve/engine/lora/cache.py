@@ -18,18 +18,18 @@ import torch
 from loraserve.engine.config import EngineConfig, ModelConfig
 from loraserve.engine.core.adapter_slots import SlotTable
 from loraserve.engine.core.scheduler import AdapterState
-from loraserve.engine.kernels.cpu import LoraSgmv
 from loraserve.engine.lora.adapter_file import load_adapter
-from loraserve.engine.lora.pool import LoraPool, LoraWeights, rank_bucket
+from loraserve.engine.lora.pool import LoraBackend, LoraPool, LoraWeights, rank_bucket
 from loraserve.types import AdapterRef
 
 
 class AdapterCache:
     def __init__(self, cfg: ModelConfig, ecfg: EngineConfig, dtype: torch.dtype, device: torch.device,
-                 sgmv: LoraSgmv | None = None) -> None:
-        # dtype: the slots' (EngineConfig.lora_dtype, else the model's); loads check adapters' range against it
+                 backend: LoraBackend) -> None:
+        # dtype: the slots' (EngineConfig.lora_dtype, else the model's); loads check adapters' range
+        # against it
         self.cfg, self.ecfg, self.dtype, self.device = cfg, ecfg, dtype, device
-        self.sgmv = sgmv  # the CPU kernel: pools are then packed for it (lora.py)
+        self.backend = backend  # the pools' layout and how a step applies them
         self._refs: dict[str, AdapterRef] = {}
         self._host: OrderedDict[str, LoraWeights] = OrderedDict()
         self._host_bytes = 0
@@ -76,7 +76,8 @@ class AdapterCache:
             self._failed[key] = f"adapter could not be loaded: {exc}"
             return AdapterState.FAILED
         if w.rank > self.ecfg.max_lora_rank:
-            self._failed[key] = f"adapter rank {w.rank} exceeds this engine's max_lora_rank {self.ecfg.max_lora_rank}"
+            self._failed[key] = (f"adapter rank {w.rank} exceeds this engine's max_lora_rank "
+                                 f"{self.ecfg.max_lora_rank}")
             return AdapterState.FAILED
         self._put_host(w)
         return AdapterState.READY
@@ -144,13 +145,13 @@ class AdapterCache:
 
     def pool_capacity(self, bucket: int) -> int:
         """Slots of the rank-`bucket` pool: as many as `lora_slot_bytes` holds, at most `max_loras`."""
-        per_slot = LoraPool.slot_bytes(self.cfg, bucket, self.dtype.itemsize, packed=self.sgmv is not None)
+        per_slot = LoraPool.slot_bytes(self.cfg, bucket, self.dtype.itemsize, self.backend)
         return max(1, min(self.ecfg.max_loras, self.ecfg.lora_slot_bytes // per_slot))
 
     def _pool_for(self, bucket: int) -> tuple[LoraPool, SlotTable]:
         if bucket not in self._pools:
             capacity = self.pool_capacity(bucket)
-            pool = LoraPool(self.cfg, bucket, capacity, self.dtype, self.device, self.sgmv)
+            pool = LoraPool(self.cfg, bucket, capacity, self.dtype, self.device, self.backend)
             self._pools[bucket] = (pool, SlotTable(capacity))
         return self._pools[bucket]
 

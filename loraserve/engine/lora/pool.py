@@ -3,21 +3,26 @@
 The projections that share an input are fused (q/k/v, gate/up), so a layer applies four LoRA groups.
 Per group and rank bucket, every slot holds A as [in, n*R] (the targets side by side) and B as a
 block-diagonal [n*R, out], with `lora_alpha / r` folded into B. `lora_batch.py` applies them to a
-mixed batch. With the CPU kernel (cpu_kernels.LoraSgmv) a pool is packed instead: A and B cut into
-column tiles stored one after another, B without its zero blocks (see csrc/lora_sgmv.c), so the
-kernel streams each adapter's true size once, in float32 or (EngineConfig.lora_dtype) float16.
+mixed batch. A pool's layout and how a step applies it belong to its LoRA backend (`lora/gemm.py`,
+`lora/sgmv.py`), chosen once per engine: with the CPU kernel a pool is packed (A and B cut into column
+tiles stored one after another, B without its zero blocks), so the kernel streams each adapter's true
+size once, in float32 or (EngineConfig.lora_dtype) float16.
 """
 
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from loraserve.engine.config import ModelConfig
-from loraserve.engine.kernels.cpu import LoraSgmv
-from loraserve.engine.lora.pack import ScaledPair, dense_group, pack_group
+from loraserve.engine.lora.pack import ScaledPair, TargetPairs
+
+if TYPE_CHECKING:
+    from loraserve.engine.lora.batch import LoraPart
 
 
 class LoraGroup(enum.IntEnum):
@@ -62,19 +67,41 @@ def rank_bucket(rank: int) -> int:
     return max(8, 1 << (rank - 1).bit_length())
 
 
-class LoraPool:
-    """Device slots for adapters of one rank bucket R; slot memory is touched only when written.
+class LoraBackend(Protocol):
+    """How a pool lays out its slots and how a step applies them: one per engine (`ops/select.py`)."""
 
-    Layouts per group (n targets, fan-in K, fan-outs summing to N): with `sgmv` None, a [L, C + 1, K, n*R]
-    and b [L, C + 1, n*R, N] block-diagonal (torch's GEMMs, CUDA graphs); with `sgmv`, packed for it:
-    a [L, C + 1, K * n*R] and b [L, C + 1, R * N] (no zero blocks: 1/n of B's size).
-    """
+    def check(self, dtype: torch.dtype, device: torch.device) -> None:
+        """Raises ValueError when slots of this dtype on this device cannot be used."""
+        ...
+
+    def slot_shapes(self, fan_in: int, fan_outs: list[int],
+                    rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Per layer and slot, the shapes of a group's A and B."""
+        ...
+
+    def write(self, pool: LoraPool, group: LoraGroup, slot: int, targets: list[TargetPairs]) -> None:
+        """One group of an adapter (per target, per layer: A, B, scale) into `slot`, scale folded in."""
+        ...
+
+    def part(self, pool: LoraPool, items: list[tuple[int, int]], device: torch.device) -> LoraPart:
+        """A step's plan for this pool's rows; `items` are (slot, batch row), sorted."""
+        ...
+
+
+def group_shape(cfg: ModelConfig, group: LoraGroup) -> tuple[int, list[int]]:
+    """(fan-in, per-target fan-outs) of a group."""
+    shapes = cfg.lora_shapes()
+    targets = GROUP_TARGETS[group]
+    return shapes[targets[0]][0], [shapes[t][1] for t in targets]
+
+
+class LoraPool:
+    """Device slots for adapters of one rank bucket R; slot memory is touched only when written."""
 
     def __init__(self, cfg: ModelConfig, rank: int, capacity: int, dtype: torch.dtype, device: torch.device,
-                 sgmv: LoraSgmv | None = None):
-        if sgmv is not None and (device.type != "cpu" or dtype not in (torch.float32, torch.float16)):
-            raise ValueError("packed LoRA slots are for the CPU kernel, float32 or float16 only")
-        self.cfg, self.rank, self.capacity, self.sgmv = cfg, rank, capacity, sgmv
+                 backend: LoraBackend):
+        backend.check(dtype, device)
+        self.cfg, self.rank, self.capacity, self.backend = cfg, rank, capacity, backend
         # One slot past the capacity stays zero: rows of a static (CUDA-graph) batch that use no adapter
         # of this pool read it, so every row can gather "its" weights without a branch.
         self.zero_slot = capacity
@@ -82,11 +109,9 @@ class LoraPool:
         self.b: list[torch.Tensor] = []
         self.cols: list[torch.Tensor] = []  # per group: [n + 1] int64 first output column of each target
         for group in LoraGroup:
-            fan_in, fan_outs = self._group_shape(cfg, group)
-            n = len(fan_outs) * rank
+            fan_in, fan_outs = group_shape(cfg, group)
             self.cols.append(torch.tensor([sum(fan_outs[:j]) for j in range(len(fan_outs) + 1)]))
-            a_shape = (fan_in, n) if sgmv is None else (fan_in * n,)
-            b_shape = (n, sum(fan_outs)) if sgmv is None else (rank * sum(fan_outs),)
+            a_shape, b_shape = backend.slot_shapes(fan_in, fan_outs, rank)
             # empty, not zeros: pages of never-used slots stay uncommitted; `write` zeroes a slot first.
             self.a.append(torch.empty(cfg.num_layers, capacity + 1, *a_shape, dtype=dtype, device=device))
             self.b.append(torch.empty(cfg.num_layers, capacity + 1, *b_shape, dtype=dtype, device=device))
@@ -94,34 +119,16 @@ class LoraPool:
             self.b[-1][:, capacity].zero_()
 
     @staticmethod
-    def _group_shape(cfg: ModelConfig, group: LoraGroup) -> tuple[int, list[int]]:
-        shapes = cfg.lora_shapes()
-        targets = GROUP_TARGETS[group]
-        return shapes[targets[0]][0], [shapes[t][1] for t in targets]
-
-    @staticmethod
-    def slot_bytes(cfg: ModelConfig, rank: int, itemsize: int, packed: bool = False) -> int:
+    def slot_bytes(cfg: ModelConfig, rank: int, itemsize: int, backend: LoraBackend) -> int:
         total = 0
         for group in LoraGroup:
-            fan_in, fan_outs = LoraPool._group_shape(cfg, group)
-            n = len(fan_outs) * rank
-            total += fan_in * n + (rank if packed else n) * sum(fan_outs)
+            fan_in, fan_outs = group_shape(cfg, group)
+            a_shape, b_shape = backend.slot_shapes(fan_in, fan_outs, rank)
+            total += math.prod(a_shape) + math.prod(b_shape)
         return total * cfg.num_layers * itemsize
 
     def write(self, slot: int, w: LoraWeights) -> None:
-        n_l, r_max = self.cfg.num_layers, self.rank
+        n_l = self.cfg.num_layers
         for group in LoraGroup:
-            fan_in, fan_outs = self._group_shape(self.cfg, group)
             targets = [[_scaled(w, (layer, t)) for layer in range(n_l)] for t in GROUP_TARGETS[group]]
-            if self.sgmv is not None:
-                pack_group(targets, fan_in, fan_outs, r_max, self.sgmv.tile, self.a[group][:, slot],
-                           self.b[group][:, slot])
-                continue
-            # Built on the host, then one copy a target (a handful of copies to a GPU, not one a layer).
-            a, bs = dense_group(targets, fan_in, fan_outs, r_max, self.a[group].dtype)
-            b_slot = self.b[group][:, slot]  # [L, n*R, N]
-            b_slot.zero_()
-            for j, b in enumerate(bs):
-                c0 = int(self.cols[group][j])
-                b_slot[:, j * r_max:(j + 1) * r_max, c0:c0 + fan_outs[j]] = b
-            self.a[group][:, slot] = a
+            self.backend.write(self, group, slot, targets)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from loraserve.engine.lora.gemm import GemmLora
 from loraserve.engine.lora.pool import LoraGroup, LoraPool
 
 
@@ -24,8 +25,9 @@ class StaticLora:
     slots: list[torch.Tensor]  # per pool: [B] the slot each row reads, the pool's zero slot if none
 
     def __post_init__(self) -> None:
-        if any(pool.sgmv is not None for pool in self.pools):
-            raise ValueError("a static batch gathers the torch layout; packed (CPU kernel) pools cannot be used")
+        if any(not isinstance(pool.backend, GemmLora) for pool in self.pools):
+            raise ValueError("a static batch gathers the torch layout; "
+                             "packed (CPU kernel) pools cannot be used")
 
     def apply(self, layer: int, group: LoraGroup, x: torch.Tensor, out: torch.Tensor) -> None:
         """out += (x @ A_row) @ B_row for every row; x: [B, K], out: [B, N]."""

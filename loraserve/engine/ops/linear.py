@@ -1,28 +1,21 @@
-"""A projection's weight, kept in the layout(s) its device multiplies fastest.
+"""Projections: a weight kept in the layout(s) its backend multiplies fastest, and the backends that pick it.
 
-torch's CPU matmul (MKL) is not layout-neutral when a step has few rows. Measured on this project's
-2-core CPU machine, fp32, 2 threads, each matrix rotating through 30 copies so that none stays in
-cache (`x @ W.T` with W [out, in], i.e. F.linear, against `x @ Wt` with Wt [in, out]), in us:
+A backend is chosen once per engine (`ops/select.py`) and makes every projection of the model:
 
-| SmolLM2 matrix [out, in] | 1 row     | 2 rows    | 4 rows    | 8 rows    | 32 rows    | 1024 rows     |
-|--------------------------|-----------|-----------|-----------|-----------|------------|---------------|
-| q/k/v  960 x 576         | 130 / 100 | 193 / 144 | 190 / 180 | 169 / 173 | 276 / 280  | 4949 / 4909   |
-| o      576 x 576         |  70 / 59  | 110 / 88  | 103 / 92  |  95 / 96  | 164 / 163  | 2845 / 3007   |
-| gate/up 3072 x 576       | 426 / 272 | 705 / 460 | 617 / 554 | 469 / 645 | 826 / 1024 | 16507 / 17181 |
-| down   576 x 1536        | 165 / 166 | 252 / 248 | 283 / 262 | 235 / 249 | 430 / 457  | 7764 / 7758   |
-| lm_head 49152 x 576      | 6802 / 3874 | 13452 / 7852 | 10901 / 10848 | 10789 / 10646 | 14486 / 17030 | |
-
-So a CPU engine without the C kernels keeps q/k/v and o as [in, out] only (never slower), down as
-[out, in], and gate/up and lm_head in both layouts while the second copies are small, using [in, out]
-for steps of up to `SMALL_ROWS` rows. With them (cpu_kernels.LinearKernel, csrc/linear.c) MKL is not
-used for projections at all: every weight is kept once, packed in the kernel's column panels. On CUDA
-every weight stays [out, in] (cuBLAS is not this sensitive to it).
+- `PackedProjections` (CPU float32 with the C kernel, kernels/csrc/linear.c): each weight packed once in
+  column panels, no other copy.
+- `MklProjections` (CPU without the kernel): torch's CPU matmul (MKL) is not layout-neutral when a step
+  has few rows, so q/k/v and o are kept as [in, out] (never slower), down as [out, in], and gate/up and
+  lm_head in both layouts while the second copies are small, [in, out] serving steps of up to
+  `SMALL_ROWS` rows. BENCHMARKS.md has the per-matrix timings behind this.
+- `DeviceProjections` (CUDA): every weight stays [out, in]; cuBLAS is not this sensitive to it.
 """
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +24,7 @@ from loraserve.engine.kernels.cpu import LinearKernel
 
 SMALL_ROWS = 4  # steps of at most this many rows use [in, out] when a projection has both layouts
 # Second copies (gate/up and lm_head in both layouts) are kept on the CPU while they add at most this
-# much: for SmolLM2-135M 325 MB (a single stream ~20% faster); a 7B model's would be ~12 GB in fp32.
+# much: SmolLM2-135M's are 325 MB; a 7B model's would be ~12 GB in fp32.
 DUAL_LAYOUT_MAX_BYTES = 1 << 30
 
 
@@ -41,68 +34,129 @@ class Layout(enum.Enum):
     BOTH = enum.auto()
 
 
+class Role(enum.Enum):
+    """What a projection is, which is all a backend needs to pick its layout."""
+
+    ATTENTION = enum.auto()  # fused q/k/v, o
+    WIDE = enum.auto()  # fused gate/up, lm_head: the large ones
+    DOWN = enum.auto()
+
+
+class Projection(Protocol):
+    out_features: int
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [T, in] -> [T, out]."""
+        ...
+
+    def out_in(self) -> torch.Tensor:
+        """The weight as [out, in] (a view or a copy)."""
+        ...
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """W[ids] as a new [len(ids), in] tensor: the embedding lookup of a tied input embedding."""
+        ...
+
+
 @dataclass
-class Linear:
-    """A projection's weight in the layout(s) its device multiplies fastest: [out, in] and/or [in, out] for
-    torch's matmul, or the C kernel's column panels (then alone)."""
+class TorchLinear:
+    """A weight for torch's matmul: [out, in] and/or [in, out]."""
 
     w: torch.Tensor | None  # [out, in]
     wt: torch.Tensor | None  # [in, out]
-    kernel: LinearKernel | None = None  # the CPU kernel, over `packed`
-    packed: torch.Tensor | None = None  # [ceil(out / panel), in, panel]: LinearKernel.pack's layout
-    out_features: int = 0  # with `packed` (its last panel is zero-padded)
 
     def __post_init__(self) -> None:
-        if self.packed is None:
-            if self.w is None and self.wt is None:
-                raise ValueError("a Linear needs at least one layout of its weight")
-            if self.kernel is not None:
-                raise ValueError("the linear kernel reads packed weights (Linear.of packs them)")
-            return
-        k = self.kernel
-        if (k is None or self.packed.dtype != torch.float32 or not self.packed.is_cpu
-                or not self.packed.is_contiguous() or self.packed.dim() != 3 or self.packed.shape[2] != k.panel
-                or not 0 < self.out_features <= self.packed.shape[0] * k.panel):
-            raise ValueError("packed weights need the linear kernel: contiguous float32 CPU [panels, in, panel]")
+        if self.w is None and self.wt is None:
+            raise ValueError("a TorchLinear needs at least one layout of its weight")
+        self.out_features = self.w.shape[0] if self.w is not None else self.wt.shape[1]  # type: ignore[union-attr]
 
     @classmethod
-    def of(cls, w: torch.Tensor, layout: Layout, kernel: LinearKernel | None = None) -> Linear:
-        """`w` is [out, in]. With the kernel it is packed (a copy, in torch's 64-byte aligned memory) and
-        kept only so; otherwise an [in, out] copy is made when the layout asks for one."""
-        if kernel is not None:
-            return cls(None, None, kernel, kernel.pack(w), w.shape[0])
+    def of(cls, w: torch.Tensor, layout: Layout) -> TorchLinear:
+        """`w` is [out, in]; an [in, out] copy is made when the layout asks for one."""
         wt = w.t().contiguous() if layout is not Layout.OUT_IN else None
         return cls(w if layout is not Layout.IN_OUT else None, wt)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [T, in] -> [T, out]."""
-        if self.packed is not None:
-            assert self.kernel is not None  # __post_init__
-            if x.shape[0] == 0:
-                return x.new_empty(0, self.out_features)
-            return self.kernel(x if x.stride(1) == 1 else x.contiguous(), self.packed, self.out_features)
         if self.wt is not None and (self.w is None or x.shape[0] <= SMALL_ROWS):
             return x @ self.wt
         assert self.w is not None  # __post_init__: one of the two exists
         return F.linear(x, self.w)
 
     def out_in(self) -> torch.Tensor:
-        """The weight as [out, in] (a view when only [in, out] is kept, a copy when packed)."""
-        if self.packed is not None:
-            assert self.kernel is not None
-            return self.kernel.unpack(self.packed, self.out_features)
         if self.w is not None:
             return self.w
         assert self.wt is not None
         return self.wt.t()
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        """W[ids] as a new [len(ids), in] tensor: an embedding lookup when the input embedding is tied to
-        this (lm_head) weight."""
-        if self.packed is not None:
-            assert self.kernel is not None
-            return self.packed[ids // self.kernel.panel, :, ids % self.kernel.panel]  # [T, in]
         if self.w is not None:
             return self.w[ids]
         assert self.wt is not None
         return self.wt[:, ids].t().contiguous()
+
+
+@dataclass
+class PackedLinear:
+    """A weight packed for the C kernel: [ceil(out / panel), in, panel], the last panel zero-padded."""
+
+    kernel: LinearKernel
+    packed: torch.Tensor
+    out_features: int
+
+    def __post_init__(self) -> None:
+        k, p = self.kernel, self.packed
+        if (p.dtype != torch.float32 or not p.is_cpu or not p.is_contiguous() or p.dim() != 3
+                or p.shape[2] != k.panel or not 0 < self.out_features <= p.shape[0] * k.panel):
+            raise ValueError("packed weights need the linear kernel: "
+                             "contiguous float32 CPU [panels, in, panel]")
+
+    @classmethod
+    def of(cls, w: torch.Tensor, kernel: LinearKernel) -> PackedLinear:
+        """`w` is [out, in]; packed into fresh (64-byte aligned) memory, and kept only so."""
+        return cls(kernel, kernel.pack(w), w.shape[0])
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 0:
+            return x.new_empty(0, self.out_features)
+        return self.kernel(x if x.stride(1) == 1 else x.contiguous(), self.packed, self.out_features)
+
+    def out_in(self) -> torch.Tensor:
+        return self.kernel.unpack(self.packed, self.out_features)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.packed[ids // self.kernel.panel, :, ids % self.kernel.panel]  # [T, in]
+
+
+class Projections(Protocol):
+    """Makes the model's projections, each from its [out, in] weight."""
+
+    def make(self, w: torch.Tensor, role: Role) -> Projection: ...
+
+
+@dataclass(frozen=True)
+class PackedProjections:
+    kernel: LinearKernel
+
+    def make(self, w: torch.Tensor, role: Role) -> Projection:
+        return PackedLinear.of(w, self.kernel)
+
+
+@dataclass(frozen=True)
+class MklProjections:
+    dual: bool  # gate/up and lm_head kept in both layouts (their second copies fit DUAL_LAYOUT_MAX_BYTES)
+
+    @classmethod
+    def for_model(cls, wide_bytes: int) -> MklProjections:
+        """`wide_bytes`: what the second copies of every WIDE weight would take."""
+        return cls(dual=wide_bytes <= DUAL_LAYOUT_MAX_BYTES)
+
+    def make(self, w: torch.Tensor, role: Role) -> Projection:
+        layout = {Role.ATTENTION: Layout.IN_OUT, Role.DOWN: Layout.OUT_IN,
+                  Role.WIDE: Layout.BOTH if self.dual else Layout.OUT_IN}[role]
+        return TorchLinear.of(w, layout)
+
+
+@dataclass(frozen=True)
+class DeviceProjections:
+    def make(self, w: torch.Tensor, role: Role) -> Projection:
+        return TorchLinear(w, None)

@@ -17,7 +17,9 @@ import torch
 
 from loraserve.engine.lora.pool import LoraPool
 from loraserve.engine.lora.static import StaticLora
-from loraserve.engine.models.llama import BatchMeta, KVCache, Llama
+from loraserve.engine.models.decoder import Decoder
+from loraserve.engine.models.step import BatchMeta, KVCache
+from loraserve.engine.ops.attention import GatheredRows
 
 CTX_QUANTUM = 256  # few graphs (one per doubling), at most 2x padding in decode attention
 _MAX_GRAPHS = 64  # past this, unseen shapes run eagerly: each graph costs a capture and some memory
@@ -62,10 +64,10 @@ class DecodeInputs:
     def to_meta(self, device: torch.device) -> BatchMeta:
         b, length = self.gather.shape
         lora = StaticLora(self.pools, [s.to(device) for s in self.lora_slots]) if self.pools else None
+        attention = GatheredRows(b, self.gather.to(device), self.mask.view(b, 1, 1, length).to(device), [])
         return BatchMeta(
             input_ids=self.input_ids.to(device), positions=self.positions.to(device),
-            slot_mapping=self.slot_mapping.to(device), num_decode=b, decode_gather=self.gather.to(device),
-            decode_mask=self.mask.view(b, 1, 1, length).to(device), prefills=[],
+            slot_mapping=self.slot_mapping.to(device), num_decode=b, attention=attention,
             logits_indices=torch.arange(b, device=device), lora=lora)
 
 
@@ -73,13 +75,13 @@ class DecodeInputs:
 class _Graph:
     graph: torch.cuda.CUDAGraph
     meta: BatchMeta  # the static inputs, refilled in place before each replay
-    gather: torch.Tensor  # meta.decode_gather
-    mask: torch.Tensor  # meta.decode_mask
+    gather: torch.Tensor  # meta.attention.decode_gather
+    mask: torch.Tensor  # meta.attention.decode_mask
     logits: torch.Tensor  # [B, V] the static output
 
 
 class DecodeGraphs:
-    def __init__(self, model: Llama, kv: KVCache, max_batch: int) -> None:
+    def __init__(self, model: Decoder, kv: KVCache, max_batch: int) -> None:
         self.model, self.kv = model, kv
         self.sizes = batch_sizes(max_batch)
         self._graphs: dict[tuple[int, ...], _Graph] = {}
@@ -131,5 +133,7 @@ class DecodeGraphs:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
             logits = self.model.forward(meta, self.kv)
-        assert meta.decode_gather is not None and meta.decode_mask is not None  # to_meta sets both
-        return _Graph(graph, meta, meta.decode_gather, meta.decode_mask, logits)
+        plan = meta.attention
+        assert (isinstance(plan, GatheredRows) and plan.decode_gather is not None
+                and plan.decode_mask is not None)
+        return _Graph(graph, meta, plan.decode_gather, plan.decode_mask, logits)

@@ -9,13 +9,15 @@ from loraserve.engine.core.sequence import Sequence
 from loraserve.engine.lora.batch import LoraBatch
 from loraserve.engine.lora.cache import AdapterCache
 from loraserve.engine.lora.pool import LoraPool
-from loraserve.engine.models.llama import BatchMeta, KVCache, Llama, PagedRows, PrefillMeta
+from loraserve.engine.models.decoder import Decoder
+from loraserve.engine.models.step import BatchMeta, KVCache
+from loraserve.engine.ops.attention import StepLayout, decode_gather, flat_slots
 from loraserve.engine.runner.decode_graphs import DecodeGraphs, DecodeInputs
 from loraserve.engine.runner.sampling import apply_penalties, sample
 
 
 class ModelRunner:
-    def __init__(self, model: Llama, kv: KVCache, block_size: int, adapters: AdapterCache,
+    def __init__(self, model: Decoder, kv: KVCache, block_size: int, adapters: AdapterCache,
                  default_generator: torch.Generator, graphs: DecodeGraphs | None = None) -> None:
         self.model, self.kv, self.block_size, self.adapters = model, kv, block_size, adapters
         self.graphs = graphs
@@ -26,89 +28,47 @@ class ModelRunner:
     def forget(self, seq: Sequence) -> None:
         self._generators.pop(seq.seq_id, None)
 
-    def _slots(self, seq: Sequence, start: int, end: int) -> torch.Tensor:
-        """Flat KV slots of token positions [start, end) of `seq`."""
-        pos = torch.arange(start, end)
-        table = torch.tensor(seq.block_table, dtype=torch.long)
-        return table[pos // self.block_size] * self.block_size + pos % self.block_size
-
     def adapter_slots(self, scheduled: list[ScheduledSeq]) -> dict[int, tuple[LoraPool, int]]:
         """seq_id -> (pool, slot) of each scheduled sequence that uses an adapter."""
         return {s.seq.seq_id: self.adapters.slot(s.seq.adapter_key) for s in scheduled
                 if s.seq.adapter_key is not None}
 
     def prepare(self, scheduled: list[ScheduledSeq]) -> tuple[BatchMeta, list[ScheduledSeq]]:
-        # Single-token rows first: they share one batched attention call. Among them, rows of one adapter
-        # slot side by side: LoraBatch then runs a popular adapter's rows as one in-place GEMM pair.
+        # Single-token rows first (a gathering attention backend batches them into one call). Among
+        # them, rows of one adapter slot side by side: a GEMM LoRA backend then runs a popular adapter's
+        # rows as one in-place GEMM pair, the SGMV kernel as one segment.
         lora = self.adapter_slots(scheduled)
         decodes = sorted((s for s in scheduled if s.num_new == 1),
                          key=lambda s: (lora[s.seq.seq_id][0].rank, lora[s.seq.seq_id][1])
                          if s.seq.seq_id in lora else (1 << 30, 0))
         order = decodes + [s for s in scheduled if s.num_new != 1]
-        nd = sum(1 for s in order if s.num_new == 1)
-        paged_rows = self.model.paged_attention is not None  # the kernel takes every row, prefills too
+        bs = self.block_size
         ids: list[int] = []
         positions: list[torch.Tensor] = []
         slots: list[torch.Tensor] = []
-        prefills: list[PrefillMeta] = []
         logits_rows: list[int] = []
         row_slots: list[tuple[LoraPool, int] | None] = []
         for s in order:
             seq, start = s.seq, s.seq.num_computed
             end = start + s.num_new
-            row = len(ids)
+            if s.samples:
+                logits_rows.append(len(ids) + s.num_new - 1)
             ids.extend(seq.token_ids[start:end])
             positions.append(torch.arange(start, end))
-            slots.append(self._slots(seq, start, end))
-            if s.num_new != 1 and not paged_rows:
-                q_pos = torch.arange(start, end).unsqueeze(1)  # [n, 1]
-                mask = torch.arange(end).unsqueeze(0) <= q_pos  # [n, ctx]
-                prefills.append(PrefillMeta(row, s.num_new, self._slots(seq, 0, end).to(self.device),
-                                            mask.to(self.device)))
-            if s.samples:
-                logits_rows.append(row + s.num_new - 1)
+            slots.append(flat_slots(seq, start, end, bs))
             row_slots.extend([lora.get(seq.seq_id)] * s.num_new)
-        decode_gather = decode_mask = paged = None
         row_positions = torch.cat(positions)
-        if paged_rows:  # rows attend by length: position + 1 (causal within a prefill chunk)
-            lens_t = row_positions + 1
-            tables = self._block_tables([s.seq for s in order], int(lens_t.max()))  # [S, W], a row a sequence
-            per_row = torch.repeat_interleave(torch.arange(len(order)), torch.tensor([s.num_new for s in order]))
-            paged = PagedRows(tables[per_row].to(self.device), lens_t.to(self.device), self.block_size)
-        elif nd:
-            seqs = [s.seq for s in order[:nd]]
-            lmax = max(seq.num_computed + 1 for seq in seqs)  # context lengths, the new token included
-            gather, valid = self._decode_gather(seqs, lmax)  # [Bd, Lmax]
-            decode_gather = gather.to(self.device)
-            decode_mask = valid.view(nd, 1, 1, lmax).to(self.device)
+        layout = StepLayout(order, len(decodes), row_positions, bs, self.kv.scratch_slot, self.device)
         meta = BatchMeta(
             input_ids=torch.tensor(ids, dtype=torch.long, device=self.device),
             positions=row_positions.to(self.device),
             slot_mapping=torch.cat(slots).to(self.device),
-            num_decode=nd,
-            decode_gather=decode_gather,
-            decode_mask=decode_mask,
-            prefills=prefills,
+            num_decode=len(decodes),
+            attention=self.model.ops.attention.plan(layout),
             logits_indices=torch.tensor(logits_rows, dtype=torch.long, device=self.device),
             lora=LoraBatch.build(row_slots, self.device),
-            paged=paged,
         )
         return meta, order
-
-    def _block_tables(self, seqs: list[Sequence], length: int) -> torch.Tensor:
-        """[n, blocks] int64: each sequence's first ceil(length / block_size) block ids, zero-padded."""
-        width = -(-length // self.block_size)
-        rows = [seq.block_table[:width] for seq in seqs]
-        return torch.tensor([row + [0] * (width - len(row)) for row in rows], dtype=torch.long)
-
-    def _decode_gather(self, seqs: list[Sequence], length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Flat KV slots of each sequence's context, [n, length], and which of them are real."""
-        bs = self.block_size
-        tables = self._block_tables(seqs, length)
-        pos = torch.arange(length)
-        gather = tables[:, pos // bs] * bs + pos % bs
-        valid = pos.unsqueeze(0) < torch.tensor([seq.num_computed + 1 for seq in seqs]).unsqueeze(1)
-        return torch.where(valid, gather, self.kv.scratch_slot), valid
 
     def decode_inputs(self, scheduled: list[ScheduledSeq], batch: int, length: int,
                       lora: dict[int, tuple[LoraPool, int]]) -> DecodeInputs:
@@ -122,7 +82,7 @@ class ModelRunner:
         positions[:n] = torch.tensor([seq.num_computed for seq in seqs])
         gather = torch.full((batch, length), scratch, dtype=torch.long)
         mask = torch.zeros(batch, length, dtype=torch.bool)
-        gather[:n], mask[:n] = self._decode_gather(seqs, length)
+        gather[:n], mask[:n] = decode_gather(seqs, length, self.block_size, scratch)
         mask[n:, 0] = True  # padding rows attend to the scratch slot alone (an all-masked row would be NaN)
         slot_mapping = torch.full((batch,), scratch, dtype=torch.long)
         slot_mapping[:n] = gather[:n].gather(1, positions[:n].unsqueeze(1)).squeeze(1)  # the new token's slot

@@ -15,7 +15,8 @@ def apply_penalties(logits: torch.Tensor, params: list[SamplingParams], prompts:
     for i, p in enumerate(params):
         row = logits[i]
         if p.repetition_penalty != 1.0:
-            seen = torch.tensor(sorted(set(prompts[i]) | set(outputs[i])), dtype=torch.long, device=row.device)
+            seen = torch.tensor(sorted(set(prompts[i]) | set(outputs[i])), dtype=torch.long,
+                                device=row.device)
             vals = row[seen]
             row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
         if (p.frequency_penalty or p.presence_penalty) and outputs[i]:
@@ -25,7 +26,8 @@ def apply_penalties(logits: torch.Tensor, params: list[SamplingParams], prompts:
     return logits
 
 
-_CANDIDATES = 256  # nucleus search starts in the top few hundred tokens; a full sort only when they lack the mass
+# Nucleus search starts in the top few hundred tokens; a full sort only when they lack the mass.
+_CANDIDATES = 256
 
 
 def top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,8 @@ _IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor the engine needs, in HF names, with its torch shape ([out_features, in_features])."""
     h, i = config.hidden_size, config.intermediate_size
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (config.vocab_size, h), "model.norm.weight": (h,)}
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (config.vocab_size, h),
+                                          "model.norm.weight": (h,)}
     for n in range(config.num_layers):
         p = f"model.layers.{n}."
         shapes |= {
@@ -45,14 +46,16 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 def check_complete(state: StateDict, config: ModelConfig, source: object) -> None:
-    """Raise ValueError naming the first problem: a missing tensor or one whose shape the config contradicts."""
+    """Raise ValueError naming the first problem: a missing tensor or one whose shape the config
+    contradicts."""
     expected = expected_shapes(config)
     missing = sorted(set(expected) - set(state))
     if missing:
         raise ValueError(f"{source}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     for name, shape in expected.items():
         if tuple(state[name].shape) != shape:
-            raise ValueError(f"{source}: {name} has shape {tuple(state[name].shape)}, the config says {shape}")
+            raise ValueError(f"{source}: {name} has shape {tuple(state[name].shape)}, "
+                             f"the config says {shape}")
 
 
 def load_hf_dir(path: str | Path, dtype: torch.dtype) -> tuple[ModelConfig, StateDict]:

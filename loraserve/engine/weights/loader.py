@@ -1,9 +1,10 @@
 """Loading a base model: `ModelConfig`, a state dict in Hugging Face names, and the tokenizer.
 
-The state dict holds `model.embed_tokens.weight`, per layer `model.layers.{i}.self_attn.{q,k,v,o}_proj.weight`,
-`model.layers.{i}.mlp.{gate,up,down}_proj.weight`, `model.layers.{i}.input_layernorm.weight` and
-`.post_attention_layernorm.weight`, then `model.norm.weight`, and `lm_head.weight` only when the
-head is not tied to the embedding. Every tensor is in the requested dtype.
+The state dict holds `model.embed_tokens.weight`, per layer
+`model.layers.{i}.self_attn.{q,k,v,o}_proj.weight`, `model.layers.{i}.mlp.{gate,up,down}_proj.weight`,
+`model.layers.{i}.input_layernorm.weight` and `.post_attention_layernorm.weight`, then
+`model.norm.weight`, and `lm_head.weight` only when the head is not tied to the embedding. Every tensor
+is in the requested dtype.
 """
 
 from __future__ import annotations

@@ -65,7 +65,8 @@ def _byte_level(split: str | None) -> pre_tokenizers.PreTokenizer:
 
 
 def _gpt2_pre_tokenizer(pre: str) -> tuple[pre_tokenizers.PreTokenizer, bool]:
-    """(pre-tokenizer, ignore_merges) for llama.cpp's `tokenizer.ggml.pre` name, as llama-vocab.cpp maps it."""
+    """(pre-tokenizer, ignore_merges) for llama.cpp's `tokenizer.ggml.pre` name, as llama-vocab.cpp
+    maps it."""
     if pre in ("default", "gpt-2", "gpt2", "starcoder", "refact", "olmo"):
         return _byte_level(None), False
     if pre == "smollm":
@@ -99,7 +100,8 @@ def gguf_field(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
     return value.item() if hasattr(value, "item") else value
 
 
-def _sentencepiece_merges(tokens: Sequence[str], scores: Sequence[float], types: Sequence[int]) -> list[tuple[str, str]]:
+def _sentencepiece_merges(tokens: Sequence[str], scores: Sequence[float],
+                          types: Sequence[int]) -> list[tuple[str, str]]:
     """Merges equivalent to sentencepiece's BPE, which joins the adjacent pair whose result scores best.
 
     Only normal and user-defined pieces are merge results: control and byte tokens must never be
@@ -148,10 +150,12 @@ class Tokenizer:
 
     @classmethod
     def from_hf_dir(cls, path: str | Path) -> Tokenizer:
-        """From `tokenizer.json` + `tokenizer_config.json` (and `generation_config.json` for extra EOS ids)."""
+        """From `tokenizer.json` + `tokenizer_config.json` (and `generation_config.json` for extra EOS
+        ids)."""
         root = Path(path)
         if not (root / "tokenizer.json").is_file():
-            raise ValueError(f"{root} has no tokenizer.json (a sentencepiece-only tokenizer.model is not supported)")
+            raise ValueError(f"{root} has no tokenizer.json "
+                             "(a sentencepiece-only tokenizer.model is not supported)")
         backend = HFTokenizer.from_file(str(root / "tokenizer.json"))
         config = _read_json(root / "tokenizer_config.json")
         bos = _token_content(config.get("bos_token"))
@@ -180,7 +184,8 @@ class Tokenizer:
         except ValueError:
             raise ValueError(f"unsupported GGUF tokenizer model {model_name!r}") from None
         tokens: list[str] = gguf_field(reader, "tokenizer.ggml.tokens")
-        types = [int(t) for t in gguf_field(reader, "tokenizer.ggml.token_type", [GGUFTokenType.NORMAL] * len(tokens))]
+        types = [int(t) for t in gguf_field(reader, "tokenizer.ggml.token_type",
+                                            [GGUFTokenType.NORMAL] * len(tokens))]
         if model is GGUFTokenizerModel.GPT2:
             backend = _gpt2_backend(reader, tokens)
         else:
@@ -206,7 +211,8 @@ class Tokenizer:
         specials = {t.content: i for i, t in backend.get_added_tokens_decoder().items() if t.special}
         eos_ids += [specials[name] for name in _END_OF_TURN_TOKENS if name in specials]
         # Models without a template of their own are Llama-2 style: the public service's default.
-        template = ChatTemplate.from_jinja(template_source, bos, eos) if template_source else ChatTemplate.llama2()
+        template = (ChatTemplate.from_jinja(template_source, bos, eos) if template_source
+                    else ChatTemplate.llama2())
         return cls(backend, bos_id, eos_ids, add_bos, template)
 
     # --- use -----------------------------------------------------------------------------------------

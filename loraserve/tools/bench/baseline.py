@@ -110,7 +110,9 @@ def load_hf_model(source: str, cfg: ModelConfig, tokenizer: Tokenizer, device: t
     return model.to(device).eval()
 
 
-def _left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _left_pad(
+    prompts: list[list[int]], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros(len(prompts), width, dtype=torch.long)
@@ -126,8 +128,8 @@ def _generate(model: Any, batch: list[BenchRequest], new_tokens: int, pad_id: in
     device = next(model.parameters()).device
     ids, mask = _left_pad([r.prompt for r in batch], pad_id, device)
     extra: dict[str, Any] = {} if adapter_names is None else {"adapter_names": adapter_names}
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                         do_sample=False, pad_token_id=pad_id, **extra)
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
+                         min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad_id, **extra)
     made = int(out.shape[1] - ids.shape[1])
     if made != new_tokens:
         raise RuntimeError(f"HF generated {made} tokens, expected {new_tokens}")

@@ -30,7 +30,9 @@ def ratios(figures: dict[str, Any]) -> dict[str, float]:
         if key in runs and runs[key]["output_tok_s"]:
             out[name] = tok_s / runs[key]["output_tok_s"]
     if "hf_peft_mixed" in runs and "hf_no_adapter" in runs:
-        out["hf_peft_mixed_vs_hf_no_adapter"] = runs["hf_peft_mixed"]["output_tok_s"] / runs["hf_no_adapter"]["output_tok_s"]
+        out["hf_peft_mixed_vs_hf_no_adapter"] = (
+            runs["hf_peft_mixed"]["output_tok_s"] / runs["hf_no_adapter"]["output_tok_s"]
+        )
     top = _ceiling_at(figures, figures.get("ceiling_batch", 0))
     if top is not None:
         out["ours_vs_ceiling"] = tok_s / top["tok_s"]
@@ -54,9 +56,10 @@ def print_report(figures: dict[str, Any], console: Console | None = None) -> Non
     if not console.is_terminal:
         console.width = max(console.width, 180)  # piped output: don't wrap the tables at 80 columns
     c = figures["config"]
-    console.print(f"[bold]loraserve bench[/]: {c['model']} on {c['device']} ({c['dtype']}); {c['requests']} requests, "
-                  f"{c['prompt_len']}-token prompts, {c['output_len']} new tokens; {c['adapters']} adapters of rank "
-                  f"{c['rank']} ({c['registered']} registered, {c['distinct_adapters_requested']} requested, {c['popularity']}"
+    console.print(f"[bold]loraserve bench[/]: {c['model']} on {c['device']} ({c['dtype']}); "
+                  f"{c['requests']} requests, {c['prompt_len']}-token prompts, {c['output_len']} new tokens; "
+                  f"{c['adapters']} adapters of rank {c['rank']} ({c['registered']} registered, "
+                  f"{c['distinct_adapters_requested']} requested, {c['popularity']}"
                   f"{' alpha ' + str(c['alpha']) if c['popularity'] == 'powerlaw' else ''}); "
                   + (f"Poisson {c['rate']}/s" if c["rate"] else f"concurrency {c['concurrency']}"))
     table = Table(title="throughput and latency")
@@ -67,24 +70,29 @@ def print_report(figures: dict[str, Any], console: Console | None = None) -> Non
         r = figures["runs"].get(key)
         if r is None:
             continue
-        table.add_row(r.get("label", name), _f(r["output_tok_s"]), _f(r["request_s"], 2), _f(r.get("ttft_p50_ms")),
-                      _f(r.get("ttft_p99_ms")), _f(r.get("tpot_p50_ms")), _f(r.get("tpot_p99_ms")),
+        table.add_row(r.get("label", name), _f(r["output_tok_s"]), _f(r["request_s"], 2),
+                      _f(r.get("ttft_p50_ms")), _f(r.get("ttft_p99_ms")), _f(r.get("tpot_p50_ms")),
+                      _f(r.get("tpot_p99_ms")),
                       _f(r.get("mean_batch")), _f(r.get("decode_step_ms")),
                       _f(100 * r["engine_busy"] if "engine_busy" in r else None, 0), _f(r["wall_s"], 2),
                       str(r.get("failed", 0)))
     console.print(table)
     peak = figures["runs"]["ours"]["peak"]
     console.print(f"engine (ours, peak during the run): running {_f(peak.get('running'), 0)}, KV blocks "
-                  f"{_f(peak.get('kv_blocks_used'), 0)} / {_f(peak.get('kv_blocks_total'), 0)}, adapters on device "
-                  f"{_f(peak.get('adapters_device'), 0)} (pinned {_f(peak.get('adapters_pinned'), 0)}), "
-                  f"in host memory {_f(peak.get('adapters_host'), 0)}, queue {_f(peak.get('queue_depth'), 0)}")
+                  f"{_f(peak.get('kv_blocks_used'), 0)} / {_f(peak.get('kv_blocks_total'), 0)}, "
+                  f"adapters on device {_f(peak.get('adapters_device'), 0)} "
+                  f"(pinned {_f(peak.get('adapters_pinned'), 0)}), "
+                  f"in host memory {_f(peak.get('adapters_host'), 0)}, "
+                  f"queue {_f(peak.get('queue_depth'), 0)}")
     if "machine" in figures:
         m = figures["machine"]
-        console.print(f"machine: GEMM {m['gemm_flop_s'] / 1e9:,.1f} GFLOP/s, copy {m['copy_bytes_s'] / 1e9:,.1f} GB/s "
-                      f"({m['threads']} CPU threads, as the engine)")
-        ceil = Table(title="linear-layer ceiling (all q/k/v/o/gate/up/down + lm_head, one decode step)")
-        for col in ("batch", "step ms", "ceiling tok/s", "roofline ideal ms", "weights MB", "ours % of ceiling",
-                    "engine's projections ms"):
+        console.print(f"machine: GEMM {m['gemm_flop_s'] / 1e9:,.1f} GFLOP/s, "
+                      f"copy {m['copy_bytes_s'] / 1e9:,.1f} GB/s ({m['threads']} CPU threads, as the engine)")
+        ceil = Table(
+            title="linear-layer ceiling (all q/k/v/o/gate/up/down + lm_head, one decode step)"
+        )
+        for col in ("batch", "step ms", "ceiling tok/s", "roofline ideal ms", "weights MB",
+                    "ours % of ceiling", "engine's projections ms"):
             ceil.add_column(col, justify="right")
         ours_tok_s = figures["runs"]["ours"]["output_tok_s"]
         for p in figures["ceiling"]:

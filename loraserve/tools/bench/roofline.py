@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from loraserve.engine.models.llama import Llama
-from loraserve.engine.ops.linear import Linear
+from loraserve.engine.models.decoder import Decoder
+from loraserve.engine.ops.linear import Projection
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ class MachineRoofline:
 class CeilingPoint:
     batch: int
     step_ms: float  # measured: all linear layers of one decode step at this batch (CPU: best layouts)
-    engine_ms: float  # measured: the same products through the engine's own projections (Linear objects)
+    engine_ms: float  # measured: the same products through the engine's own projections (ops/linear.py)
     tok_s: float  # batch / step time
     weight_bytes: int
     flops: float  # 2 * params * batch
@@ -73,9 +73,11 @@ def best_time(fn: Callable[[], object], device: torch.device, repeats: int) -> f
 @torch.inference_mode()
 def measure_machine(device: torch.device, dtype: torch.dtype, cfg: RooflineConfig) -> MachineRoofline:
     n = cfg.gemm_size
-    return MachineRoofline(gemm_flop_s=2.0 * n ** 3 / _gemm_seconds(n, device, dtype, cfg.repeats),
-                           copy_bytes_s=2.0 * cfg.copy_bytes / _copy_seconds(cfg.copy_bytes, device, cfg.repeats),
-                           threads=torch.get_num_threads())
+    return MachineRoofline(
+        gemm_flop_s=2.0 * n ** 3 / _gemm_seconds(n, device, dtype, cfg.repeats),
+        copy_bytes_s=2.0 * cfg.copy_bytes / _copy_seconds(cfg.copy_bytes, device, cfg.repeats),
+        threads=torch.get_num_threads(),
+    )
 
 
 def _gemm_seconds(n: int, device: torch.device, dtype: torch.dtype, repeats: int) -> float:
@@ -91,13 +93,13 @@ def _copy_seconds(nbytes: int, device: torch.device, repeats: int) -> float:
     return best_time(lambda: dst.copy_(src), device, repeats)  # reads and writes nbytes each
 
 
-def _projections(model: Llama) -> list[Linear]:
+def _projections(model: Decoder) -> list[Projection]:
     """The model's own projections (q/k/v and gate/up fused, as the engine runs them), lm_head last."""
     return [*(p for lw in model.layers for p in (lw.qkv, lw.o, lw.gate_up, lw.down)), model.lm_head]
 
 
 @torch.inference_mode()
-def linear_ceiling(model: Llama, batches: list[int], machine: MachineRoofline | None,
+def linear_ceiling(model: Decoder, batches: list[int], machine: MachineRoofline | None,
                    repeats: int) -> list[CeilingPoint]:
     projections = _projections(model)
     # [out, in]: views where the engine keeps only [in, out], copies where it keeps packed panels
@@ -106,7 +108,7 @@ def linear_ceiling(model: Llama, batches: list[int], machine: MachineRoofline | 
     params = sum(w.numel() for w in weights)
     nbytes = sum(w.numel() * w.element_size() for w in weights)
     # On the CPU a matrix counts at the faster of its two layouts, whichever the engine keeps: MKL's
-    # speed depends on the layout for few rows (engine/linear.py). Copies of the missing layouts live
+    # speed depends on the layout for few rows (engine/ops/linear.py). Copies of the missing layouts live
     # for the measurement only.
     pairs = [(w.contiguous(), w.t().contiguous()) for w in weights] if device.type == "cpu" else []
     points = []
@@ -123,14 +125,15 @@ def linear_ceiling(model: Llama, batches: list[int], machine: MachineRoofline | 
 
         steps = [(p, inputs[w.shape[1]]) for p, w in zip(projections, weights, strict=True)]
 
-        def engine_step(steps: list[tuple[Linear, torch.Tensor]] = steps) -> None:
+        def engine_step(steps: list[tuple[Projection, torch.Tensor]] = steps) -> None:
             for p, x in steps:
                 p(x)
 
         engine_s = best_time(engine_step, device, repeats)
         flops = 2.0 * params * batch
         ideal = (max(nbytes / machine.copy_bytes_s, flops / machine.gemm_flop_s) if machine else float("nan"))
-        points.append(CeilingPoint(batch, seconds * 1e3, engine_s * 1e3, batch / seconds, nbytes, flops, ideal * 1e3))
+        points.append(CeilingPoint(batch, seconds * 1e3, engine_s * 1e3, batch / seconds, nbytes, flops,
+                                   ideal * 1e3))
     return points
 
 

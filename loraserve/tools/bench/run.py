@@ -30,7 +30,7 @@ from loraserve.engine.async_engine import AsyncEngine
 from loraserve.engine.config import EngineConfig
 from loraserve.engine.loader import EMBEDDED, load_backend
 from loraserve.engine.lora.pool import rank_bucket
-from loraserve.engine.models.llama import Llama
+from loraserve.engine.models.decoder import Decoder
 from loraserve.tools.bench.report import print_report, ratios
 from loraserve.tools.bench.roofline import CeilingPoint, RooflineConfig, linear_ceiling, measure_machine
 from loraserve.tools.bench.workload import (
@@ -63,7 +63,9 @@ class LoraDType(enum.Enum):
 
 
 # The target workload, and what `--quick` shrinks it to; explicit options win over both.
-DEFAULTS: dict[str, Any] = dict(adapters=16, rank=16, requests=32, concurrency=32, prompt_len=128, output_len=128)
+DEFAULTS: dict[str, Any] = dict(
+    adapters=16, rank=16, requests=32, concurrency=32, prompt_len=128, output_len=128
+)
 QUICK: dict[str, Any] = dict(adapters=4, rank=8, requests=8, concurrency=4, prompt_len=32, output_len=16)
 QUICK_ROOFLINE = RooflineConfig(gemm_size=512, copy_bytes=32 << 20, repeats=2)
 
@@ -121,13 +123,15 @@ class BenchConfig:
                 "--targets", ",".join(w.targets), "--popularity", w.popularity.value, "--alpha", str(w.alpha),
                 "--no-adapter-fraction", str(w.no_adapter_fraction), "--requests", str(w.requests),
                 "--concurrency", str(w.concurrency), "--prompt-len", str(w.prompt_len),
-                "--shared-prefix", str(w.shared_prefix), "--output-len", str(w.output_len), "--seed", str(w.seed)]
+                "--shared-prefix", str(w.shared_prefix), "--output-len", str(w.output_len),
+                "--seed", str(w.seed)]
         if w.rate is not None:
             args += ["--rate", str(w.rate)]
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_loras", "threads"):
             if getattr(self, name) is not None:
                 args += ["--" + name.replace("_", "-"), str(getattr(self, name))]
-        for name in ("prefix_caching", "cuda_graphs", "native_kernels", "baseline", "baseline_no_adapter", "compare_no_adapter", "roofline", "warmup"):
+        for name in ("prefix_caching", "cuda_graphs", "native_kernels", "baseline", "baseline_no_adapter",
+                     "compare_no_adapter", "roofline", "warmup"):
             if not getattr(self, name):
                 args.append("--no-" + name.replace("_", "-"))
         if self.quick:
@@ -139,12 +143,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="loraserve bench", description=__doc__.split("\n\n")[0],
                                 epilog="--quick shrinks every workload default; explicit options still win.")
     a = p.add_argument
-    a("--model", default=EMBEDDED, help="embedded, random:NAME, a .gguf file or an HF directory (default: embedded)")
+    a("--model", default=EMBEDDED,
+      help="embedded, random:NAME, a .gguf file or an HF directory (default: embedded)")
     a("--device", choices=[d.value for d in Device], default=Device.CPU.value, help="(default: cpu)")
     a("--dtype", choices=[d.value for d in DType], default=DType.AUTO.value,
       help="(default: auto = float32 on CPU, bfloat16 on CUDA)")
     a("--lora-dtype", choices=[d.value for d in LoraDType], default=LoraDType.AUTO.value,
-      help="our engine's adapter slots: float16 halves what the CPU LoRA kernel reads (default: auto = the model's)")
+      help="our engine's adapter slots: float16 halves what the CPU LoRA kernel reads "
+           "(default: auto = the model's)")
 
     def sized(flag: str, what: str) -> None:
         key = flag.removeprefix("--").replace("-", "_")
@@ -172,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--threads", type=int, help="CPU threads (default: all cores)")
     for flag, what in (("prefix-caching", "the engine reuses cached prompt prefixes within a phase"),
                        ("cuda-graphs", "the engine replays decode steps as CUDA graphs (CUDA only)"),
-                       ("native-kernels", "CPU projections, decode attention, multi-LoRA and layer glue in C kernels, not torch ops"),
+                       ("native-kernels", "CPU projections, decode attention, multi-LoRA and layer glue "
+                                          "in C kernels, not torch ops"),
                        ("baseline", "HF transformers + PEFT on the same workload"),
                        ("baseline-no-adapter", "HF without adapters too"),
                        ("compare-no-adapter", "our engine with every request adapter-free too"),
@@ -196,13 +203,15 @@ def config_from_args(ns: argparse.Namespace) -> BenchConfig:
         adapters=adapters, registered=adapters if ns.registered is None else ns.registered, rank=pick("rank"),
         targets=tuple(t.strip() for t in ns.targets.split(",") if t.strip()),
         popularity=Popularity(ns.popularity), alpha=ns.alpha, no_adapter_fraction=ns.no_adapter_fraction,
-        requests=pick("requests"), concurrency=pick("concurrency"), rate=ns.rate, prompt_len=pick("prompt_len"),
-        shared_prefix=ns.shared_prefix, output_len=pick("output_len"), seed=ns.seed)
+        requests=pick("requests"), concurrency=pick("concurrency"), rate=ns.rate,
+        prompt_len=pick("prompt_len"), shared_prefix=ns.shared_prefix, output_len=pick("output_len"),
+        seed=ns.seed)
     return BenchConfig(
         model=ns.model, device=Device(ns.device), dtype=DType(ns.dtype), lora_dtype=LoraDType(ns.lora_dtype),
         workload=workload,
-        max_num_seqs=ns.max_num_seqs, max_num_batched_tokens=ns.max_num_batched_tokens, max_loras=ns.max_loras,
-        threads=ns.threads, prefix_caching=ns.prefix_caching, cuda_graphs=ns.cuda_graphs,
+        max_num_seqs=ns.max_num_seqs, max_num_batched_tokens=ns.max_num_batched_tokens,
+        max_loras=ns.max_loras, threads=ns.threads, prefix_caching=ns.prefix_caching,
+        cuda_graphs=ns.cuda_graphs,
         native_kernels=ns.native_kernels, baseline=ns.baseline, baseline_no_adapter=ns.baseline_no_adapter,
         compare_no_adapter=ns.compare_no_adapter, roofline=ns.roofline, warmup=ns.warmup, quick=ns.quick,
         json_path=ns.json)
@@ -218,7 +227,8 @@ def _warmup(backend: AsyncEngine, cfg: BenchConfig, requests: list[BenchRequest]
     # one-off costs are not the workload's.
     engine = backend.engine
     slots = engine.adapters.pool_capacity(rank_bucket(cfg.workload.rank))
-    warm = [BenchRequest(requests[i % len(requests)].prompt, ref) for i, ref in enumerate([*refs[:slots], None])]
+    warm = [BenchRequest(requests[i % len(requests)].prompt, ref)
+            for i, ref in enumerate([*refs[:slots], None])]
     spec = dataclasses.replace(cfg.workload, requests=len(warm), concurrency=len(warm), rate=None)
     asyncio.run(drive(backend, warm, spec, "warmup", max_tokens=2))
 
@@ -253,7 +263,9 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
             _log(f"writing {w.adapters} random rank-{w.rank} adapters ({w.registered} registered) to {tmp}")
             refs = write_adapters(tmp, model_cfg, w, dtype)
             requests = make_requests(w, model_cfg.vocab_size, refs)
-            figures["config"]["distinct_adapters_requested"] = len({r.adapter.key for r in requests if r.adapter})
+            figures["config"]["distinct_adapters_requested"] = len(
+                {r.adapter.key for r in requests if r.adapter}
+            )
             _measure_ours(backend, cfg, requests, refs, figures)
         finally:
             model = backend.engine.model
@@ -293,7 +305,7 @@ def _measure_ours(backend: AsyncEngine, cfg: BenchConfig, requests: list[BenchRe
             drive(backend, without_adapters(requests), w, "bare")).summary()
 
 
-def _measure_roofline(model: Llama, cfg: BenchConfig, figures: dict[str, Any]) -> None:
+def _measure_roofline(model: Decoder, cfg: BenchConfig, figures: dict[str, Any]) -> None:
     """Runs after the engine's step thread is gone: while its OpenMP team lives, another thread's
     parallel ops would be throttled (see async_engine.py) and the ceiling would come out too low."""
     w = cfg.workload

@@ -99,7 +99,8 @@ def _random_lora(cfg: ModelConfig, spec: WorkloadSpec, gen: torch.Generator,
             # B is not zero (a fresh PEFT init would be): the delta must really change the output.
             tensors[f"{name}.lora_A.weight"] = (torch.randn(spec.rank, fan_in, generator=gen)
                                                 / math.sqrt(fan_in)).to(dtype)
-            tensors[f"{name}.lora_B.weight"] = (torch.randn(fan_out, spec.rank, generator=gen) * 0.02).to(dtype)
+            tensors[f"{name}.lora_B.weight"] = (torch.randn(fan_out, spec.rank, generator=gen)
+                                                * 0.02).to(dtype)
     return tensors
 
 
@@ -151,7 +152,8 @@ def make_requests(spec: WorkloadSpec, vocab_size: int, refs: list[AdapterRef]) -
     bare = rng.random(spec.requests) < spec.no_adapter_fraction
     arrivals = (np.cumsum(rng.exponential(1.0 / spec.rate, size=spec.requests)) if spec.rate
                 else np.zeros(spec.requests))
-    return [BenchRequest([int(t) for t in prompts[i]], None if bare[i] else refs[int(picks[i])], float(arrivals[i]))
+    return [BenchRequest([int(t) for t in prompts[i]], None if bare[i] else refs[int(picks[i])],
+                         float(arrivals[i]))
             for i in range(spec.requests)]
 
 

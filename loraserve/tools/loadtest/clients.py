@@ -117,7 +117,9 @@ class LoadClients:
         if state in ("refused", "error"):  # back off, as a client should (and never spin on errors)
             await asyncio.sleep(self.opts.backoff_s * rng.uniform(0.5, 1.5))
 
-    async def _stream(self, http: httpx.AsyncClient, body: dict[str, Any], cut: int | None, started: float) -> str:
+    async def _stream(
+        self, http: httpx.AsyncClient, body: dict[str, Any], cut: int | None, started: float
+    ) -> str:
         t, loop = self.tally, asyncio.get_running_loop()
         async with http.stream("POST", self.run_url, json=body) as response:
             if response.status_code != 200:

@@ -104,7 +104,9 @@ def summarize(opts: Options, tally: Tally, prober: HealthProber, before: ServerS
     t = tally
     refused_3040 = t.responses.get("429 3040", 0)
     fivexx = sum(n for key, n in t.responses.items() if key.startswith("5"))
-    unexpected = {k: n for k, n in t.responses.items() if k not in ("200", "429 3040") and not k.startswith("5")}
+    unexpected = {
+        k: n for k, n in t.responses.items() if k not in ("200", "429 3040") and not k.startswith("5")
+    }
     growth = None
     if rss.get("after_warmup") and rss.get("end") is not None:
         growth = (rss["end"] or 0) / (rss["after_warmup"] or 1) - 1
@@ -128,8 +130,8 @@ def summarize(opts: Options, tally: Tally, prober: HealthProber, before: ServerS
         "checks": checks,
         "config": {"clients": opts.clients, "duration_s": opts.duration_s, "warmup_s": opts.warmup,
                    "disconnect_p": opts.disconnect_p, "lora_p": opts.lora_p, "model": opts.model,
-                   "max_tokens": list(opts.max_tokens), "max_batch": opts.max_batch, "max_queue": opts.max_queue,
-                   **server},
+                   "max_tokens": list(opts.max_tokens), "max_batch": opts.max_batch,
+                   "max_queue": opts.max_queue, **server},
         "requests": {"started": t.started, "completed": t.completed, "disconnected": t.disconnected,
                      "cut_at_end": t.cut_at_end, "refused_3040": refused_3040, "hangs": t.hangs,
                      "truncated": t.truncated},
@@ -145,8 +147,8 @@ def summarize(opts: Options, tally: Tally, prober: HealthProber, before: ServerS
         "refusal_ms": {"p50": _ms(percentile(t.refusal_s, 50)), "p99": _ms(percentile(t.refusal_s, 99)),
                        "max": _ms(max(t.refusal_s, default=None))},
         "health_ms": {"probes": len(prober.latencies), "failures": dict(prober.failures),
-                      "p50": _ms(percentile(prober.latencies, 50)), "p99": _ms(percentile(prober.latencies, 99)),
-                      "max": _ms(health_max)},
+                      "p50": _ms(percentile(prober.latencies, 50)),
+                      "p99": _ms(percentile(prober.latencies, 99)), "max": _ms(health_max)},
         "after": {"settle_s": round(settle_s, 2), "kv_blocks_used": after.kv_blocks_used,
                   "adapters_pinned": after.adapters_pinned, "queue_depth": after.queue_depth,
                   "running": after.running},
@@ -228,22 +230,26 @@ def print_report(report: dict[str, Any], out: Any = None) -> None:
     r, t, h, a = report["requests"], report["ttft_ms"], report["health_ms"], report["after"]
     tok, rss, ref = report["tokens"], report["rss_mib"], report["refusal_ms"]
     lines = [
-        f"loadtest: {report['config']['clients']} clients, {report['elapsed_s']} s, model {report['config']['model']}",
+        f"loadtest: {report['config']['clients']} clients, {report['elapsed_s']} s, "
+        f"model {report['config']['model']}",
         f"requests     started {r['started']}, completed {r['completed']}, disconnected {r['disconnected']}, "
         f"cut at end {r['cut_at_end']}, hangs {r['hangs']}, truncated {r['truncated']}",
         "responses    " + ", ".join(f"{k}: {n}" for k, n in report["responses"].items())
         + (f"; stream errors {report['stream_errors']}" if report["stream_errors"] else "")
         + (f"; transport errors {report['transport_errors']}" if report["transport_errors"] else "")
         + (f"; server-side 5xx {report['server_5xx']}" if report["server_5xx"] else ""),
-        f"refusals     3040 x{r['refused_3040']}, answered in p50 {_fmt(ref['p50'])} ms, p99 {_fmt(ref['p99'])} ms",
+        f"refusals     3040 x{r['refused_3040']}, answered in p50 {_fmt(ref['p50'])} ms, "
+        f"p99 {_fmt(ref['p99'])} ms",
         f"tokens       {tok['received']} received ({tok['received_per_s']}/s); server generated "
         f"{_fmt(tok['server_generated'])} ({_fmt(tok['server_per_s'])}/s)",
         f"ttft         p50 {_fmt(t['p50'])} ms, p99 {_fmt(t['p99'])} ms, max {_fmt(t['max'])} ms",
-        f"health       {h['probes']} probes, p50 {_fmt(h['p50'])} ms, p99 {_fmt(h['p99'])} ms, max {_fmt(h['max'])} ms"
+        f"health       {h['probes']} probes, p50 {_fmt(h['p50'])} ms, p99 {_fmt(h['p99'])} ms, "
+        f"max {_fmt(h['max'])} ms"
         + (f", failures {h['failures']}" if h["failures"] else ""),
         f"after        kv blocks used {a['kv_blocks_used']:g}, adapters pinned {a['adapters_pinned']:g}, "
         f"queue {a['queue_depth']:g}, running {a['running']:g} (idle after {a['settle_s']} s)",
-        f"rss          start {_fmt(rss.get('start'))} MiB, after warm-up {_fmt(rss.get('after_warmup'))} MiB, "
+        f"rss          start {_fmt(rss.get('start'))} MiB, "
+        f"after warm-up {_fmt(rss.get('after_warmup'))} MiB, "
         f"end {_fmt(rss.get('end'))} MiB, peak {_fmt(rss.get('peak'))} MiB; "
         f"growth {_fmt(report['rss_growth_pct'])}%",
         "checks       " + ", ".join(f"{k} {'ok' if ok else 'FAILED'}" for k, ok in report["checks"].items()),
@@ -270,15 +276,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", type=float, default=d.lora_p, help="share of requests that use a finetune")
     p.add_argument("--adapters", type=int, default=d.adapters, help="synthetic finetunes to register")
     p.add_argument("--model", default=d.model,
-                   help="ID=SOURCE as for `loraserve serve` (default: the embedded SmolLM2); with --url, the id "
-                        "to run (and SOURCE, if known, for the finetunes' shapes)")
+                   help="ID=SOURCE as for `loraserve serve` (default: the embedded SmolLM2); "
+                        "with --url, the id to run (and SOURCE, if known, for the finetunes' shapes)")
     p.add_argument("--max-tokens", default=",".join(map(str, d.max_tokens)),
                    help="comma-separated max_tokens values to pick from")
-    p.add_argument("--max-batch", type=int, default=d.max_batch, help="serve --max-batch (started server only)")
+    p.add_argument("--max-batch", type=int, default=d.max_batch,
+                   help="serve --max-batch (started server only)")
     p.add_argument("--max-queue", type=int, default=d.max_queue,
-                   help="serve --max-queue (started server only); below clients - batch, so that surplus exists")
-    p.add_argument("--backoff", type=float, default=d.backoff_s, help="mean seconds a refused client waits")
-    p.add_argument("--settle", type=float, default=d.settle_s, help="seconds to wait for the server to go idle")
+                   help="serve --max-queue (started server only); below clients - batch, "
+                        "so that surplus exists")
+    p.add_argument("--backoff", type=float, default=d.backoff_s,
+                   help="mean seconds a refused client waits")
+    p.add_argument("--settle", type=float, default=d.settle_s,
+                   help="seconds to wait for the server to go idle")
     p.add_argument("--url", default=None, help="a running server instead of starting one")
     p.add_argument("--account", default=d.account, help="account id (with --url)")
     p.add_argument("--token", default=os.environ.get("LORASERVE_TOKEN"), help="API token (with --url)")
@@ -296,7 +306,9 @@ def options_from_args(argv: list[str] | None = None) -> Options:
     except ValueError:
         raise SystemExit("--max-tokens: comma-separated integers") from None
     if ns.clients < 1 or ns.duration <= 0 or not 0 <= ns.disconnect <= 1 or not max_tokens:
-        raise SystemExit("--clients >= 1, --duration > 0, 0 <= --disconnect <= 1 and --max-tokens are required")
+        raise SystemExit(
+            "--clients >= 1, --duration > 0, 0 <= --disconnect <= 1 and --max-tokens are required"
+        )
     return Options(
         clients=ns.clients, duration_s=ns.duration, warmup_s=ns.warmup, disconnect_p=ns.disconnect,
         lora_p=ns.lora, adapters=ns.adapters, model=ns.model, url=ns.url, account=ns.account, token=ns.token,

@@ -39,15 +39,17 @@ class ServerProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = data_dir / "serve.log"
-        args = [sys.executable, "-m", "loraserve", "serve", "--port", str(self.port), "--data-dir", str(data_dir),
-                "--model", model, "--rate-limit", "0", "--log-level", "warning"]
+        args = [sys.executable, "-m", "loraserve", "serve", "--port", str(self.port),
+                "--data-dir", str(data_dir), "--model", model, "--rate-limit", "0", "--log-level", "warning"]
         if max_batch is not None:
             args += ["--max-batch", str(max_batch)]
         if max_queue is not None:
             args += ["--max-queue", str(max_queue)]
         self.args = args
         self._log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            args, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
 
     @property
     def pid(self) -> int:
@@ -59,7 +61,9 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 raise SetupError(f"the server exited with {self.proc.returncode}:\n{self.log_tail()}")
             if time.monotonic() > deadline:
-                raise SetupError(f"the server did not answer /healthz within {timeout_s:.0f} s:\n{self.log_tail()}")
+                raise SetupError(
+                    f"the server did not answer /healthz within {timeout_s:.0f} s:\n{self.log_tail()}"
+                )
             try:
                 if httpx.get(f"{self.url}/healthz", timeout=2.0).status_code == 200:
                     return

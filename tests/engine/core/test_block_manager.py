@@ -13,7 +13,8 @@ def _seq(n: int = 1) -> Sequence:
     return Sequence("r", list(range(1, n + 1)), SamplingParams())
 
 
-@pytest.mark.parametrize(("tokens", "blocks"), [(0, 0), (1, 1), (3, 1), (4, 1), (5, 2), (8, 2), (9, 3), (100, 25)])
+@pytest.mark.parametrize(("tokens", "blocks"),
+                         [(0, 0), (1, 1), (3, 1), (4, 1), (5, 2), (8, 2), (9, 3), (100, 25)])
 def test_blocks_for_rounds_up(tokens: int, blocks: int) -> None:
     assert BlockManager(10, 4).blocks_for(tokens) == blocks
 
@@ -96,7 +97,8 @@ def test_free_of_a_sequence_without_blocks_is_harmless() -> None:
     assert bm.num_free == 3
 
 
-def _computed(bm: BlockManager, tokens: list[int], salt: str | None = None, adapter: str | None = None) -> Sequence:
+def _computed(bm: BlockManager, tokens: list[int], salt: str | None = None,
+              adapter: str | None = None) -> Sequence:
     """A sequence whose prompt has been computed and filed, as after its prefill step."""
     seq = Sequence("r", tokens, SamplingParams(), adapter, cache_salt=salt)
     bm.reuse_prefix(seq)
@@ -127,7 +129,8 @@ def test_the_last_token_is_always_computed() -> None:
 def test_salt_and_adapter_scope_the_cache() -> None:
     bm = BlockManager(num_blocks=32, block_size=4)
     _computed(bm, list(range(9)), salt="alice", adapter="ft-1")
-    for salt, adapter, hit in (("alice", "ft-1", 8), ("bob", "ft-1", 0), ("alice", None, 0), ("alice", "ft-2", 0)):
+    for salt, adapter, hit in (("alice", "ft-1", 8), ("bob", "ft-1", 0), ("alice", None, 0),
+                               ("alice", "ft-2", 0)):
         seq = Sequence("x", list(range(9)), SamplingParams(), adapter, cache_salt=salt)
         assert bm.reuse_prefix(seq) == hit, (salt, adapter)
         bm.free(seq)

@@ -23,12 +23,19 @@ from loraserve.engine.kernels.cpu import (
     load_lora_sgmv,
     load_paged_attention,
 )
-from loraserve.engine.models.llama import apply_rope
+from loraserve.engine.lora.gemm import GemmLora
+from loraserve.engine.lora.sgmv import SgmvLora
+from loraserve.engine.ops.attention import GatherAttention
+from loraserve.engine.ops.attention import PagedAttention as PagedAttentionOp
+from loraserve.engine.ops.glue import KernelGlue, TorchGlue, apply_rope
+from loraserve.engine.ops.linear import MklProjections, PackedProjections
+from loraserve.engine.ops.select import Ops
 
 from engine_helpers import build_engine, hf_model
 
 if cpu_kernels._compiler() is None:
-    pytest.skip("no C compiler on this machine: the engine runs torch's attention path", allow_module_level=True)
+    pytest.skip("no C compiler on this machine: the engine runs torch's attention path",
+                allow_module_level=True)
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +45,8 @@ def kernel() -> PagedAttention:
     return k
 
 
-def _case(b: int, hq: int, hkv: int, d: int, bs: int, lens: list[int], seed: int = 0) -> dict[str, torch.Tensor]:
+def _case(b: int, hq: int, hkv: int, d: int, bs: int, lens: list[int],
+          seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     width = max(-(-n // bs) for n in lens) + 1  # one spare column: tables are wider than some sequences need
     num_blocks = b * width + 3
@@ -162,7 +170,8 @@ def glue() -> LayerGlue:
 @pytest.mark.parametrize("rows", [1, 5, 70])  # 70: past the kernel's one-thread limit of 64 rows
 def test_add_rms_norm_matches_torch(glue: LayerGlue, rows: int) -> None:
     g = torch.Generator().manual_seed(rows)
-    h, delta, w = torch.randn(rows, 72, generator=g), torch.randn(rows, 72, generator=g), torch.randn(72, generator=g)
+    h, delta, w = (torch.randn(rows, 72, generator=g), torch.randn(rows, 72, generator=g),
+                   torch.randn(72, generator=g))
     want_h = h + delta
     want = F.rms_norm(want_h, (72,), w, 1e-5)
     torch.testing.assert_close(glue.add_rms_norm(h, delta, w, 1e-5), want)
@@ -172,7 +181,8 @@ def test_add_rms_norm_matches_torch(glue: LayerGlue, rows: int) -> None:
 
 
 @pytest.mark.parametrize(("rows", "hq", "hkv", "d"), [(1, 9, 3, 64), (3, 4, 2, 16), (70, 4, 4, 8)])
-def test_rope_store_matches_torch_rope_and_index_copy(glue: LayerGlue, rows: int, hq: int, hkv: int, d: int) -> None:
+def test_rope_store_matches_torch_rope_and_index_copy(glue: LayerGlue, rows: int, hq: int, hkv: int,
+                                                      d: int) -> None:
     g = torch.Generator().manual_seed(rows)
     cos, sin = torch.randn(100, d, generator=g), torch.randn(100, d, generator=g)
     qkv = torch.randn(rows, (hq + 2 * hkv) * d + 5, generator=g)[:, 5:]  # rows further apart than their width
@@ -182,7 +192,8 @@ def test_rope_store_matches_torch_rope_and_index_copy(glue: LayerGlue, rows: int
     q = glue.rope_store(qkv, hq, hkv, cos, sin, pos, slots, kc, vc)
     c, s = cos[pos].unsqueeze(1), sin[pos].unsqueeze(1)
     torch.testing.assert_close(q, apply_rope(qkv[:, :hq * d].reshape(rows, hq, d), c, s))
-    torch.testing.assert_close(kc[slots], apply_rope(qkv[:, hq * d:(hq + hkv) * d].reshape(rows, hkv, d), c, s))
+    torch.testing.assert_close(kc[slots],
+                               apply_rope(qkv[:, hq * d:(hq + hkv) * d].reshape(rows, hkv, d), c, s))
     assert torch.equal(vc[slots], qkv[:, (hq + hkv) * d:].reshape(rows, hkv, d))
     untouched = torch.ones(rows + 7, dtype=torch.bool)
     untouched[slots] = False
@@ -267,8 +278,8 @@ def test_without_a_working_compiler_the_engine_keeps_torch_paths(
             engine = build_engine(hf_model(seed=1))
         for name in ("paged_attention.c", "lora_sgmv.c", "linear.c", "layer_glue.c"):
             assert f"could not build {name}" in caplog.text
-        assert engine.model.paged_attention is None and engine.adapters.sgmv is None
-        assert engine.model.lm_head.kernel is None and engine.model.layer_glue is None
+        assert engine.ops == Ops(MklProjections(dual=True), engine.ops.attention, engine.ops.glue, GemmLora())
+        assert type(engine.ops.attention) is GatherAttention and type(engine.ops.glue) is TorchGlue
     finally:
         for load in loaders:
             load.cache_clear()
@@ -276,8 +287,10 @@ def test_without_a_working_compiler_the_engine_keeps_torch_paths(
 
 def test_the_cpu_engine_uses_the_kernels_by_default() -> None:
     engine = build_engine(hf_model(seed=1))
-    assert engine.model.paged_attention is not None and engine.adapters.sgmv is not None
-    assert engine.model.lm_head.kernel is not None and engine.model.layer_glue is not None
-    engine = build_engine(hf_model(seed=1), native_kernels=False)
-    assert engine.model.paged_attention is None and engine.adapters.sgmv is None
-    assert engine.model.lm_head.kernel is None and engine.model.layer_glue is None
+    ops = engine.ops
+    assert isinstance(ops.projections, PackedProjections) and isinstance(ops.attention, PagedAttentionOp)
+    assert isinstance(ops.glue, KernelGlue) and isinstance(ops.lora, SgmvLora)
+    assert engine.adapters.backend is ops.lora
+    ops = build_engine(hf_model(seed=1), native_kernels=False).ops
+    assert isinstance(ops.projections, MklProjections) and type(ops.attention) is GatherAttention
+    assert type(ops.glue) is TorchGlue and isinstance(ops.lora, GemmLora)

@@ -32,7 +32,7 @@ def run():
             engine.step()
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 if sys.argv[1] == "plain":  # the engine without its call to keep_heap
-    import loraserve.engine.llm_engine as m
+    import loraserve.engine.process as m
     m.keep_heap = lambda: False
 t = threading.Thread(target=run)
 t.start()

@@ -10,9 +10,11 @@ import torch
 from loraserve.engine.config import ModelConfig
 from loraserve.engine.kernels import cpu as cpu_kernels
 from loraserve.engine.kernels.cpu import LoraSgmv, load_lora_sgmv
-from loraserve.engine.lora.batch import LoraBatch, SgmvPart
+from loraserve.engine.lora.batch import LoraBatch
+from loraserve.engine.lora.gemm import GemmLora
 from loraserve.engine.lora.pack import pack_tiles
-from loraserve.engine.lora.pool import GROUP_TARGETS, LoraGroup, LoraPool, LoraWeights
+from loraserve.engine.lora.pool import GROUP_TARGETS, LoraGroup, LoraPool, LoraWeights, group_shape
+from loraserve.engine.lora.sgmv import SgmvLora, SgmvPart
 
 if cpu_kernels._compiler() is None:
     pytest.skip("no C compiler on this machine: LoRA runs on torch's GEMMs", allow_module_level=True)
@@ -42,7 +44,8 @@ def _weights(key: str, rank: int, targets: list[str], seed: int) -> LoraWeights:
 
 def _pool(sgmv: LoraSgmv | None, bucket: int, ranks: list[int],
           dtype: torch.dtype = torch.float32) -> tuple[LoraPool, list[LoraWeights]]:
-    pool = LoraPool(CFG, bucket, len(ranks) + 1, dtype, CPU, sgmv)
+    pool = LoraPool(CFG, bucket, len(ranks) + 1, dtype, CPU,
+                    SgmvLora(sgmv) if sgmv is not None else GemmLora())
     rng = random.Random(bucket)
     all_targets = list(CFG.lora_shapes())
     ws = []
@@ -69,7 +72,8 @@ def _reference(ws: list[LoraWeights], slots: list[int | None], layer: int, group
     return expected
 
 
-def _apply(batch: LoraBatch, layer: int, group: LoraGroup, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def _apply(batch: LoraBatch, layer: int, group: LoraGroup, x: torch.Tensor,
+           out: torch.Tensor) -> torch.Tensor:
     out = out.clone()
     batch.apply(layer, group, x, out)
     return out
@@ -80,19 +84,21 @@ def _apply(batch: LoraBatch, layer: int, group: LoraGroup, x: torch.Tensor, out:
 SLOTS: list[int | None] = [0, 1, None, 0, 2, 3, 3, 0, 1, 3, None, 3, 0, 4, 3, 3, 0, 3, 3, 3, 4, 0, 0]
 
 
-@pytest.mark.parametrize(("bucket", "ranks"), [(8, [8, 3, 5, 1, 8]), (16, [16, 9, 16, 12, 2]), (64, [64, 33, 40, 64, 7])])
+@pytest.mark.parametrize(("bucket", "ranks"),
+                         [(8, [8, 3, 5, 1, 8]), (16, [16, 9, 16, 12, 2]), (64, [64, 33, 40, 64, 7])])
 def test_matches_a_per_row_loop(sgmv: LoraSgmv, bucket: int, ranks: list[int]) -> None:
     pool, ws = _pool(sgmv, bucket, ranks)
     batch = LoraBatch.build([None if s is None else (pool, s) for s in SLOTS], CPU)
     assert batch is not None and [type(p) for p in batch.parts] == [SgmvPart]
     g = torch.Generator().manual_seed(bucket)
     for group in LoraGroup:
-        fan_in, fan_outs = LoraPool._group_shape(CFG, group)
+        fan_in, fan_outs = group_shape(CFG, group)
         for layer in range(CFG.num_layers):
             x = torch.randn(len(SLOTS), fan_in, generator=g)
             out = torch.randn(len(SLOTS), sum(fan_outs), generator=g)
             got = _apply(batch, layer, group, x, out)
-            torch.testing.assert_close(got.double(), _reference(ws, SLOTS, layer, group, x, out), atol=1e-4, rtol=1e-5)
+            torch.testing.assert_close(got.double(), _reference(ws, SLOTS, layer, group, x, out),
+                                       atol=1e-4, rtol=1e-5)
             untouched = [i for i, s in enumerate(SLOTS) if s is None]
             assert torch.equal(got[untouched], out[untouched])
 
@@ -110,7 +116,8 @@ def test_float16_slots_match_a_per_row_loop_over_the_rounded_weights(sgmv: LoraS
             a[0, :5] = torch.tensor([3e-5, -1e-6, 6e-8, 0.0, -2e-5])
     for slot, w in enumerate(ws):
         pool.write(slot, w)
-    rounded = [LoraWeights(w.key, {m: (a.half().float(), b.half().float()) for m, (a, b) in w.modules.items()})
+    rounded = [LoraWeights(w.key, {m: (a.half().float(), b.half().float())
+                                   for m, (a, b) in w.modules.items()})
                for w in ws]
     # slot 0's 10 rows: a segment large enough to have its fp16 tiles widened once (WIDEN_ROWS)
     slots: list[int | None] = [0, 1, None, 0, 2, 2, 0, 0, 1, 2, 0, 0, 0, 0, 0, 0]
@@ -118,7 +125,7 @@ def test_float16_slots_match_a_per_row_loop_over_the_rounded_weights(sgmv: LoraS
     assert batch is not None and [type(p) for p in batch.parts] == [SgmvPart]
     g = torch.Generator().manual_seed(bucket)
     for group in LoraGroup:
-        fan_in, fan_outs = LoraPool._group_shape(CFG, group)
+        fan_in, fan_outs = group_shape(CFG, group)
         x = torch.randn(len(slots), fan_in, generator=g)
         out = torch.randn(len(slots), sum(fan_outs), generator=g)
         got = _apply(batch, 1, group, x, out).double()
@@ -151,7 +158,7 @@ def test_a_row_gets_the_same_bits_alone_or_in_a_batch(sgmv: LoraSgmv, threads: i
         full = LoraBatch.build([None if s is None else (pool, s) for s in SLOTS], CPU)
         assert full is not None
         for group in LoraGroup:
-            fan_in, fan_outs = LoraPool._group_shape(CFG, group)
+            fan_in, fan_outs = group_shape(CFG, group)
             x = torch.randn(len(SLOTS), fan_in, generator=g)
             out = torch.randn(len(SLOTS), sum(fan_outs), generator=g)
             batched = _apply(full, 1, group, x, out)
@@ -183,8 +190,8 @@ def test_refuses_tensors_it_cannot_read(sgmv: LoraSgmv) -> None:
 def test_a_plan_never_points_outside_the_pool(sgmv: LoraSgmv) -> None:
     pool, _ = _pool(sgmv, 8, [8, 8])
     with pytest.raises(ValueError, match="range"):
-        SgmvPart.build(pool, [(0, 0), (pool.capacity, 1)])  # the zero slot is no adapter's
-    part = SgmvPart.build(pool, [(0, 3), (0, 5), (2, 0)])
+        SgmvPart.build(pool, sgmv, [(0, 0), (pool.capacity, 1)])  # the zero slot is no adapter's
+    part = SgmvPart.build(pool, sgmv, [(0, 3), (0, 5), (2, 0)])
     assert part.plan.tolist() == [0, 2, 0, 2, 3, 3, 5, 0] and part.nseg == 2 and part.max_row == 5
 
 
@@ -195,10 +202,11 @@ def test_packing_keeps_every_value_and_drops_the_zero_blocks(sgmv: LoraSgmv) -> 
     assert torch.equal(packed[:, :48].view(2, 3, 16), m[:, :, :16])
     assert torch.equal(packed[:, 48:96].view(2, 3, 16), m[:, :, 16:32])
     assert torch.equal(packed[:, 96:].view(2, 3, 5), m[:, :, 32:])
-    packed_pool, plain_pool = LoraPool(CFG, 16, 2, torch.float32, CPU, sgmv), LoraPool(CFG, 16, 2, torch.float32, CPU)
-    for pool, packed_layout in ((packed_pool, True), (plain_pool, False)):
+    packed_pool = LoraPool(CFG, 16, 2, torch.float32, CPU, SgmvLora(sgmv))
+    plain_pool = LoraPool(CFG, 16, 2, torch.float32, CPU, GemmLora())
+    for pool in (packed_pool, plain_pool):
         numel = sum(t[:, 0].numel() for t in pool.a + pool.b)
-        assert numel * 4 == LoraPool.slot_bytes(CFG, 16, 4, packed=packed_layout)
+        assert numel * 4 == LoraPool.slot_bytes(CFG, 16, 4, pool.backend)
     # B of q/k/v and gate/up without their zero blocks: 1/3 and 1/2 of the block-diagonal size.
     assert packed_pool.b[LoraGroup.QKV][:, 0].numel() * 3 == plain_pool.b[LoraGroup.QKV][:, 0].numel()
     assert packed_pool.b[LoraGroup.GATE_UP][:, 0].numel() * 2 == plain_pool.b[LoraGroup.GATE_UP][:, 0].numel()
@@ -206,4 +214,4 @@ def test_packing_keeps_every_value_and_drops_the_zero_blocks(sgmv: LoraSgmv) -> 
 
 def test_packed_pools_are_cpu_float32_or_float16_only(sgmv: LoraSgmv) -> None:
     with pytest.raises(ValueError, match="float32"):
-        LoraPool(CFG, 8, 1, torch.bfloat16, CPU, sgmv)
+        LoraPool(CFG, 8, 1, torch.bfloat16, CPU, SgmvLora(sgmv))

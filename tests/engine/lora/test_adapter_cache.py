@@ -11,6 +11,7 @@ import torch
 from loraserve.catalog import RANDOM_SHAPES
 from loraserve.engine.config import EngineConfig, ModelConfig
 from loraserve.engine.lora.cache import AdapterCache
+from loraserve.engine.lora.gemm import GemmLora
 
 
 @pytest.fixture
@@ -34,7 +35,7 @@ def test_the_loader_runs_on_one_thread_without_changing_other_threads(two_thread
     # threads starting later pick up. The benchmark's roofline and HF baseline, run on a thread that
     # first used torch after the engine, were measured on one thread before the cache restored it.
     cache = AdapterCache(ModelConfig(vocab_size=128, **RANDOM_SHAPES["tiny"]), EngineConfig(), torch.float32,
-                         torch.device("cpu"))
+                         torch.device("cpu"), GemmLora())
     try:
         assert cache._loader.submit(torch.get_num_threads).result() == 1
         assert torch.get_num_threads() == 2

@@ -14,7 +14,9 @@ from safetensors.torch import load_file, save_file
 
 from loraserve.engine.config import ModelConfig, module_name
 from loraserve.engine.lora.adapter_file import load_adapter, map_safetensors
+from loraserve.engine.lora.gemm import GemmLora
 from loraserve.engine.lora.pool import LoraPool, LoraWeights
+from loraserve.engine.lora.sgmv import SgmvLora
 from loraserve.tools.bench.workload import WorkloadSpec, write_adapters
 from loraserve.types import AdapterRef
 
@@ -90,10 +92,12 @@ def test_mixed_and_half_precision_files_fill_slots_like_float32(tmp_path: Path) 
         if name == "mixed":
             assert map_safetensors(Path(ref.path) / "adapter_model.safetensors")[1] is None
         w = load_adapter(ref, CFG, torch.float32)
-        widened = LoraWeights("f", {m: (a.float(), b.float()) for m, (a, b) in w.modules.items()}, dict(w.scales))
+        widened = LoraWeights("f", {m: (a.float(), b.float()) for m, (a, b) in w.modules.items()},
+                              dict(w.scales))
         for sgmv in (None, _kernel()):
-            got, want = LoraPool(CFG, 8, 1, torch.float32, torch.device("cpu"), sgmv), \
-                LoraPool(CFG, 8, 1, torch.float32, torch.device("cpu"), sgmv)
+            backend = SgmvLora(sgmv) if sgmv is not None else GemmLora()
+            got, want = LoraPool(CFG, 8, 1, torch.float32, torch.device("cpu"), backend), \
+                LoraPool(CFG, 8, 1, torch.float32, torch.device("cpu"), backend)
             got.write(0, w)
             want.write(0, widened)
             for g, e in zip(got.a + got.b, want.a + want.b, strict=True):
@@ -137,7 +141,8 @@ def _raw(root: Path, header: bytes, data: bytes = b"") -> AdapterRef:
     (b"{}", b"", "header length"),
     (b"[1, 2]", b"", "not an object"),
     (b"{not json", b"", "malformed header"),
-    (b'{"x": {"dtype": "I32", "shape": [1], "data_offsets": [0, 4]}}', b"\0" * 4, "not F64, F32, F16 or BF16"),
+    (b'{"x": {"dtype": "I32", "shape": [1], "data_offsets": [0, 4]}}', b"\0" * 4,
+     "not F64, F32, F16 or BF16"),
     (b'{"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}', b"\0" * 4, "do not fit"),
     (b'{"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}', b"\0" * 4, "do not fit"),
     (b'{"x": {"dtype": "F32", "shape": [1]}}', b"\0" * 4, "malformed header"),

@@ -19,6 +19,7 @@ from loraserve.engine.llm_engine import LLMEngine
 from loraserve.engine.lora import pool as lora
 from loraserve.engine.lora.adapter_file import load_adapter
 from loraserve.engine.lora.batch import LoraBatch
+from loraserve.engine.lora.gemm import GemmLora
 from loraserve.engine.lora.pool import LoraGroup, LoraPool, rank_bucket
 from loraserve.types import AdapterRef, FinishReason, SamplingParams
 
@@ -123,7 +124,8 @@ def test_load_adapter_refuses_weights_that_overflow_once_scaled(base: Any, adapt
     config = json.loads((folder / "adapter_config.json").read_text())
     (folder / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": 65504}))
     tensors = load_file(str(folder / "adapter_model.safetensors"))
-    save_file({k: v * 100 if "lora_B" in k else v for k, v in tensors.items()}, str(folder / "adapter_model.safetensors"))
+    save_file({k: v * 100 if "lora_B" in k else v for k, v in tensors.items()},
+              str(folder / "adapter_model.safetensors"))
     ref = AdapterRef("loud", str(folder))
     assert load_adapter(ref, model_config(base), torch.float32).rank == 1  # finite in fp32
     with pytest.raises(ValueError, match=r"overflow torch\.float16"):
@@ -148,7 +150,8 @@ def test_mixed_batch_logits_match_peft_on_every_lora_path(base: Any, adapters: d
                                "r8-all", None]
     prompts = random_prompts([90, 5, 9, 3, 6, 14, 7, 1, 4], seed=1)
     seqs = [engine.add_request(f"m{i}", p, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True),
-                               refs[n] if n else None) for i, (p, n) in enumerate(zip(prompts, names, strict=True))]
+                               refs[n] if n else None)
+            for i, (p, n) in enumerate(zip(prompts, names, strict=True))]
     wait_adapters_in_host(engine, {refs[n].key for n in names if n})
     trace = run_traced(engine)
     if native:
@@ -165,8 +168,8 @@ def test_mixed_batch_greedy_tokens_match_peft(base: Any, adapters: dict[str, Pat
     refs = _refs(adapters)
     # A small token budget: prompts are chunked, and chunks of LoRA rows share steps with decodes.
     engine = build_engine(base, max_num_batched_tokens=16)
-    names: list[str | None] = [None, "r64-attn", "r1-qv", "r16-all-rslora", None, "r2-mlp", "r8-all", "r4-patterns",
-                               "r1-qv"]
+    names: list[str | None] = [None, "r64-attn", "r1-qv", "r16-all-rslora", None, "r2-mlp", "r8-all",
+                               "r4-patterns", "r1-qv"]
     prompts = random_prompts([20, 3, 11, 7, 1, 25, 4, 9, 2], seed=2)
     seqs = _run(engine, [(p, refs[n] if n else None) for p, n in zip(prompts, names, strict=True)])
     for seq, name in zip(seqs, names, strict=True):
@@ -188,7 +191,8 @@ def test_more_adapters_than_slots(base: Any, adapters: dict[str, Path], referenc
     adapters are written back later (into slots that held other adapters), and every output is right."""
     refs = _refs(adapters)
     engine = build_engine(base, max_num_batched_tokens=32, max_loras=2, max_num_seqs=8)
-    names = ["r8-all", "r1-qv", "r2-mlp", "r4-patterns", "r1-qv", "r8-all", "r2-mlp", "r4-patterns", "r16-all-rslora"]
+    names = ["r8-all", "r1-qv", "r2-mlp", "r4-patterns", "r1-qv", "r8-all", "r2-mlp", "r4-patterns",
+             "r16-all-rslora"]
     prompts = random_prompts([6, 8, 5, 12, 3, 7, 9, 4, 10], seed=3)
     seqs = _run(engine, [(p, refs[n]) for p, n in zip(prompts, names, strict=True)])
     stats = engine.stats()
@@ -232,7 +236,8 @@ def test_broken_adapters_fail_only_their_own_requests(base: Any, adapters: dict[
     shutil.copytree(adapters["r8-all"], garbage)
     (garbage / "adapter_model.safetensors").write_bytes(b"\x00not a safetensors file" * 10)
     # An adapter for some other model: hidden size 96 instead of 64.
-    other = make_adapter(hf_model(seed=1, hidden_size=96), tmp_path / "other", seed=2, r=4, targets=QV_TARGETS)
+    other = make_adapter(hf_model(seed=1, hidden_size=96), tmp_path / "other", seed=2, r=4,
+                         targets=QV_TARGETS)
     refs = _refs(adapters)
     bad = {
         "garbage": AdapterRef("garbage", str(garbage)),
@@ -241,8 +246,9 @@ def test_broken_adapters_fail_only_their_own_requests(base: Any, adapters: dict[
     }
     engine = build_engine(base, max_num_batched_tokens=32)
     plan: list[tuple[str | None, AdapterRef | None]] = [
-        ("r8-all", refs["r8-all"]), ("garbage", bad["garbage"]), (None, None), ("other-model", bad["other-model"]),
-        ("r1-qv", refs["r1-qv"]), ("missing", bad["missing"]), ("garbage", bad["garbage"]),
+        ("r8-all", refs["r8-all"]), ("garbage", bad["garbage"]), (None, None),
+        ("other-model", bad["other-model"]), ("r1-qv", refs["r1-qv"]), ("missing", bad["missing"]),
+        ("garbage", bad["garbage"]),
     ]
     prompts = random_prompts([5, 6, 7, 8, 9, 4, 3], seed=6)
     seqs = _run(engine, [(p, ref) for p, (_, ref) in zip(prompts, plan, strict=True)])
@@ -267,7 +273,8 @@ def test_layer_specific_alpha_pattern_matches_peft(base: Any, tmp_path: Path) ->
     assert json.loads((path / "adapter_config.json").read_text())["alpha_pattern"]
     reference: Any = peft_reference(base, {"lp": path})
     layers = reference.base_model.model.model.layers
-    assert layers[1].self_attn.q_proj.scaling["lp"] == 16.0 and layers[0].self_attn.q_proj.scaling["lp"] == 1.0
+    assert (layers[1].self_attn.q_proj.scaling["lp"] == 16.0
+            and layers[0].self_attn.q_proj.scaling["lp"] == 1.0)
     assert layers[0].mlp.down_proj.scaling["lp"] == 3.0
 
     w = load_adapter(AdapterRef("lp", str(path)), model_config(base), torch.float32)
@@ -287,9 +294,10 @@ def test_layer_specific_alpha_pattern_matches_peft(base: Any, tmp_path: Path) ->
 
 # -- LoraBatch on its own: both shrink/expand paths against a per-row loop ----------------------------
 
-def _pool_with_adapters(base: Any, adapters: dict[str, Path], names: list[str], bucket: int) -> tuple[LoraPool, list[Any]]:
+def _pool_with_adapters(base: Any, adapters: dict[str, Path], names: list[str],
+                        bucket: int) -> tuple[LoraPool, list[Any]]:
     cfg = model_config(base)
-    pool = LoraPool(cfg, bucket, len(names), torch.float32, torch.device("cpu"))
+    pool = LoraPool(cfg, bucket, len(names), torch.float32, torch.device("cpu"), GemmLora())
     weights = []
     for slot, name in enumerate(names):
         w = load_adapter(AdapterRef(name, str(adapters[name])), cfg, torch.float32)
@@ -348,7 +356,8 @@ def test_adapters_over_the_engines_max_rank_fail_their_requests(base: Any, adapt
     engine = build_engine(base, max_num_batched_tokens=32, max_lora_rank=8)
     prompts = random_prompts([5, 6], seed=3)
     over, within = _run(engine, [(prompts[0], refs["r16-all-rslora"]), (prompts[1], refs["r8-all"])])
-    assert over.finish_reason is FinishReason.ERROR and "max_lora_rank" in (engine.adapters.failure("r16-all-rslora") or "")
+    assert (over.finish_reason is FinishReason.ERROR
+            and "max_lora_rank" in (engine.adapters.failure("r16-all-rslora") or ""))
     assert within.finish_reason is FinishReason.LENGTH
 
 
@@ -364,4 +373,5 @@ def test_prefix_cache_is_per_adapter(base: Any, adapters: dict[str, Path], refer
     later = _run(engine, [([*prefix, 7 + i], refs[n] if n else None) for i, n in enumerate(names)])
     assert engine.stats()["prefix_cache_hit_tokens"] == 2 * 24  # the two r8-all requests, six blocks of 4
     for seq, name in zip([*first, *later], ["r8-all", *names], strict=True):
-        assert seq.output_ids == reference_greedy(base, reference, seq.prompt_ids, name, GREEDY.max_tokens), name
+        assert seq.output_ids == reference_greedy(base, reference, seq.prompt_ids, name,
+                                                  GREEDY.max_tokens), name

@@ -7,6 +7,7 @@ import torch
 
 from loraserve.engine.config import ModelConfig
 from loraserve.engine.lora.batch import LoraBatch
+from loraserve.engine.lora.gemm import GemmLora
 from loraserve.engine.lora.pool import LoraGroup, LoraPool
 
 CFG = ModelConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4,
@@ -16,7 +17,7 @@ CFG = ModelConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_laye
 @pytest.fixture(scope="module")
 def pool() -> LoraPool:
     torch.manual_seed(0)
-    p = LoraPool(CFG, 8, 20, torch.float32, torch.device("cpu"))
+    p = LoraPool(CFG, 8, 20, torch.float32, torch.device("cpu"), GemmLora())
     for g in LoraGroup:
         p.a[g].normal_()
         p.b[g].normal_()

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from loraserve.engine.config import ModelConfig
-from loraserve.engine.models.llama import rope_tables
+from loraserve.engine.models.rope import rope_tables
+from loraserve.engine.ops.linear import PackedLinear
 from loraserve.types import SamplingParams
 
 from engine_helpers import (
@@ -116,7 +117,7 @@ def test_cpu_weights_with_the_linear_kernel_are_kept_once() -> None:
     engine = build_engine(hf, max_num_batched_tokens=16)
     model = engine.model
     for proj in [p for lw in model.layers for p in (lw.qkv, lw.o, lw.gate_up, lw.down)] + [model.lm_head]:
-        assert proj.w is None and proj.wt is None and proj.packed is not None and proj.kernel is not None
+        assert isinstance(proj, PackedLinear)
     assert model.embed is None  # tied: the embedding rows are read from the head's panels
     prompts = _prompts(hf.config.vocab_size, [11, 3, 25], seed=7)
     outs = engine.generate(prompts, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
@@ -128,7 +129,7 @@ def test_cpu_weights_with_the_linear_kernel_are_kept_once() -> None:
 def test_cpu_weight_layouts_within_their_budget(dual_budget: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Without the C kernels: q/k/v and o as [in, out] only, down as [out, in], gate/up and lm_head in
     both layouts while the second copies fit the budget (linear.py); the tokens never depend on it."""
-    monkeypatch.setattr("loraserve.engine.models.llama.DUAL_LAYOUT_MAX_BYTES", dual_budget)
+    monkeypatch.setattr("loraserve.engine.ops.linear.DUAL_LAYOUT_MAX_BYTES", dual_budget)
     hf = hf_model(seed=5, tie_word_embeddings=True)
     engine = build_engine(hf, max_num_batched_tokens=16, native_kernels=False)
     for lw in engine.model.layers:
@@ -136,7 +137,8 @@ def test_cpu_weight_layouts_within_their_budget(dual_budget: int, monkeypatch: p
         assert lw.down.wt is None and lw.down.w is not None
         assert (lw.gate_up.wt is not None) == bool(dual_budget) and lw.gate_up.w is not None
     head = engine.model.lm_head
-    assert head.w is engine.model.embed and (head.wt is not None) == bool(dual_budget)
+    # Tied: one copy, in the head.
+    assert engine.model.embed is None and (head.wt is not None) == bool(dual_budget)
     prompts = _prompts(hf.config.vocab_size, [11, 3, 25], seed=7)
     outs = engine.generate(prompts, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
     for prompt, out in zip(prompts, outs, strict=True):
@@ -167,8 +169,8 @@ def test_model_config_round_trip() -> None:
 
 def test_model_config_rejects_bad_shapes() -> None:
     with pytest.raises(ValueError):
-        ModelConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=3, num_kv_heads=2,
-                    head_dim=4)
+        ModelConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=3,
+                    num_kv_heads=2, head_dim=4)
     with pytest.raises(ValueError):
-        ModelConfig(vocab_size=0, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=2, num_kv_heads=2,
-                    head_dim=4)
+        ModelConfig(vocab_size=0, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=2,
+                    num_kv_heads=2, head_dim=4)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from loraserve.engine.kernels.cpu import LinearKernel, load_linear
-from loraserve.engine.ops.linear import SMALL_ROWS, Layout, Linear
+from loraserve.engine.ops.linear import SMALL_ROWS, Layout, PackedLinear, TorchLinear
 
 
 @pytest.mark.parametrize("layout", list(Layout))
@@ -17,7 +17,7 @@ def test_every_layout_gives_f_linear(layout: Layout, rows: int) -> None:
     g = torch.Generator().manual_seed(rows)
     w = torch.randn(48, 20, generator=g)  # [out, in]
     x = torch.randn(rows, 20, generator=g)
-    proj = Linear.of(w, layout)
+    proj = TorchLinear.of(w, layout)
     torch.testing.assert_close(proj(x), F.linear(x, w))
     assert proj.out_in().shape == (48, 20)
     torch.testing.assert_close(proj.out_in(), w)
@@ -26,21 +26,22 @@ def test_every_layout_gives_f_linear(layout: Layout, rows: int) -> None:
 def test_rows_reads_any_layout() -> None:
     w, ids = torch.randn(6, 4), torch.tensor([5, 0, 5])
     for layout in Layout:
-        assert torch.equal(Linear.of(w, layout).rows(ids), w[ids])
+        assert torch.equal(TorchLinear.of(w, layout).rows(ids), w[ids])
 
 
 def test_layouts_keep_what_they_say() -> None:
     w = torch.randn(6, 4)
-    assert Linear.of(w, Layout.OUT_IN).wt is None and Linear.of(w, Layout.OUT_IN).w is w
-    only_t = Linear.of(w, Layout.IN_OUT)
-    assert only_t.w is None and only_t.wt is not None and only_t.wt.is_contiguous() and only_t.wt.shape == (4, 6)
-    both = Linear.of(w, Layout.BOTH)
+    assert TorchLinear.of(w, Layout.OUT_IN).wt is None and TorchLinear.of(w, Layout.OUT_IN).w is w
+    only_t = TorchLinear.of(w, Layout.IN_OUT)
+    assert (only_t.w is None and only_t.wt is not None and only_t.wt.is_contiguous()
+            and only_t.wt.shape == (4, 6))
+    both = TorchLinear.of(w, Layout.BOTH)
     assert both.w is w and both.wt is not None
 
 
 def test_a_linear_needs_a_weight() -> None:
     with pytest.raises(ValueError):
-        Linear(None, None)
+        TorchLinear(None, None)
 
 
 # The C kernel (csrc/linear.c): every CPU float32 projection of the engine when a compiler is at hand.
@@ -65,9 +66,11 @@ def test_the_kernel_matches_a_float64_product(kernel: LinearKernel, rows: int, k
     packed = kernel.pack(w)
     assert packed.shape == (-(-301 // kernel.panel), k, kernel.panel)
     atol = 2e-4 if k <= 1536 else 1e-3  # one float32 FMA chain per output: rounding grows with K (~sqrt(K))
-    torch.testing.assert_close(kernel(x, packed, 301).double(), x.double() @ w.double().t(), atol=atol, rtol=1e-5)
+    torch.testing.assert_close(kernel(x, packed, 301).double(), x.double() @ w.double().t(), atol=atol,
+                               rtol=1e-5)
     wide = torch.randn(rows, k + 9, generator=g)  # rows further apart than K: a view of a wider buffer
-    assert torch.equal(kernel(wide[:, 3:3 + k], packed, 301), kernel(wide[:, 3:3 + k].contiguous(), packed, 301))
+    assert torch.equal(kernel(wide[:, 3:3 + k], packed, 301),
+                       kernel(wide[:, 3:3 + k].contiguous(), packed, 301))
     assert torch.equal(kernel.unpack(packed, 301), w)
 
 
@@ -101,12 +104,10 @@ def test_the_kernel_refuses_what_it_cannot_read(kernel: LinearKernel) -> None:
         kernel(torch.randn(2, 5), packed, 8)
     with pytest.raises(ValueError, match="shapes"):
         kernel(torch.randn(2, 6), packed, kernel.panel + 1)  # more outputs than the panels hold
-    with pytest.raises(ValueError, match="packed"):
-        Linear(torch.randn(8, 6), None, kernel)  # the kernel reads packed weights
     with pytest.raises(ValueError, match="packed weights"):
-        Linear(None, None, None, packed, 8)  # packed weights without the kernel
+        PackedLinear(kernel, torch.randn(8, 6), 8)  # the kernel reads packed panels
     with pytest.raises(ValueError, match="packed weights"):
-        Linear(None, None, kernel, packed, kernel.panel + 1)
+        PackedLinear(kernel, packed, kernel.panel + 1)
 
 
 @pytest.mark.parametrize("rows", [0, 1, 5, 40])
@@ -114,8 +115,8 @@ def test_a_linear_with_the_kernel_gives_f_linear(kernel: LinearKernel, rows: int
     """Packed once (no other copy kept); strided columns are made contiguous first; an empty step stays
     empty; rows() reads W's rows back from the panels (a tied embedding's lookup)."""
     w, x = torch.randn(70, 48), torch.randn(rows, 48)
-    proj = Linear.of(w, Layout.BOTH, kernel)
-    assert proj.w is None and proj.wt is None and proj.packed is not None and proj.packed.data_ptr() % 64 == 0
+    proj = PackedLinear.of(w, kernel)
+    assert proj.packed.data_ptr() % 64 == 0
     torch.testing.assert_close(proj(x), F.linear(x, w))
     strided = torch.randn(48, rows).t()
     torch.testing.assert_close(proj(strided), F.linear(strided, w))

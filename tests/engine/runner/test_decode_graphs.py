@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from loraserve.engine.llm_engine import LLMEngine
+from loraserve.engine.lora.gemm import GemmLora
 from loraserve.engine.lora.pool import LoraPool
 from loraserve.engine.runner.decode_graphs import (
     CTX_QUANTUM,
@@ -48,7 +49,8 @@ def test_context_bucket() -> None:
 
 def test_large_rank_buckets_run_eagerly(base: Any) -> None:
     cfg = build_engine(base).cfg
-    small, large = (LoraPool(cfg, r, 1, torch.float32, torch.device("cpu")) for r in (MAX_GRAPH_RANK, 2 * MAX_GRAPH_RANK))
+    small, large = (LoraPool(cfg, r, 1, torch.float32, torch.device("cpu"), GemmLora())
+                    for r in (MAX_GRAPH_RANK, 2 * MAX_GRAPH_RANK))
     assert graphable([]) and graphable([small])
     assert not graphable([small, large])
 

@@ -15,7 +15,8 @@ NEG = float("-inf")
 
 def test_repetition_penalty_divides_positive_and_multiplies_negative_seen_logits() -> None:
     logits = torch.tensor([[2.0, -2.0, 4.0, -1.0, 3.0]])
-    out = apply_penalties(logits.clone(), [SamplingParams(repetition_penalty=2.0)], prompts=[[0, 1]], outputs=[[2, 2]])
+    out = apply_penalties(logits.clone(), [SamplingParams(repetition_penalty=2.0)], prompts=[[0, 1]],
+                          outputs=[[2, 2]])
     # Seen (prompt or output): 0, 1, 2. Unseen 3 and 4 are untouched.
     assert out.tolist() == [[1.0, -4.0, 2.0, -1.0, 3.0]]
 
@@ -88,7 +89,8 @@ def test_top_k_then_top_p_renormalises_over_the_top_k() -> None:
 
 def test_greedy_rows_take_the_argmax_in_a_mixed_batch() -> None:
     logits = torch.tensor([[0.0, 3.0, 1.0], [2.0, 0.0, 1.0], [0.0, 0.0, 9.0]])
-    params = [SamplingParams(temperature=0), SamplingParams(temperature=1.0, seed=1), SamplingParams(temperature=0)]
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=1.0, seed=1),
+              SamplingParams(temperature=0)]
     gens = [None, torch.Generator().manual_seed(1), None]
     for _ in range(20):
         toks = sample(logits, params, gens)

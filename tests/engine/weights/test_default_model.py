@@ -33,14 +33,16 @@ QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "
 
 @pytest.fixture(scope="module")
 def ours() -> Any:
-    # One thread (also for transformers: torch's thread count is per process); see engine_helpers.build_engine.
+    # One thread (also for transformers: torch's thread count is per process); see
+    # engine_helpers.build_engine.
     return load_engine("embedded", EngineConfig(max_num_seqs=8, threads=1))
 
 
 @pytest.fixture(scope="module")
 def hf() -> Any:
     path = embedded_gguf_path()
-    model: Any = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    model: Any = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                      dtype=torch.float32)
     model.eval()
     return model
 
@@ -61,9 +63,10 @@ def hf_plain(hf: Any, prompts: list[list[int]]) -> list[int]:
 def adapters(hf: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("smollm2-adapters")
     return {
-        "attn-r8": make_adapter(hf, root / "attn-r8", seed=1, r=8, targets=("q_proj", "k_proj", "v_proj", "o_proj"),
-                                lora_alpha=16, std=0.07),
-        "all-r16": make_adapter(hf, root / "all-r16", seed=2, r=16, targets=ALL_TARGETS, lora_alpha=32, std=0.05),
+        "attn-r8": make_adapter(hf, root / "attn-r8", seed=1, r=8,
+                                targets=("q_proj", "k_proj", "v_proj", "o_proj"), lora_alpha=16, std=0.07),
+        "all-r16": make_adapter(hf, root / "all-r16", seed=2, r=16, targets=ALL_TARGETS, lora_alpha=32,
+                                std=0.05),
     }
 
 
@@ -75,7 +78,8 @@ def test_chat_prompt_is_what_transformers_would_see(ours: Any, prompts: list[lis
     assert QUESTIONS[0] in text
 
 
-def test_greedy_chat_completion_matches_transformers(ours: Any, prompts: list[list[int]], hf_plain: list[int]) -> None:
+def test_greedy_chat_completion_matches_transformers(ours: Any, prompts: list[list[int]],
+                                                     hf_plain: list[int]) -> None:
     engine, tokenizer = ours
     # In a batch with the other prompts (their own correctness is the mixed-adapter test's business).
     outs = engine.generate(prompts, GREEDY)

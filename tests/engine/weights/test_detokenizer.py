@@ -55,7 +55,8 @@ def test_prompt_context_keeps_the_first_tokens_right(smollm2: Tokenizer) -> None
     prompt = smollm2.encode("<|im_start|>user\nSay hi<|im_end|>\n<|im_start|>assistant\n")
     answer = smollm2.encode(" Hi there 👋, 你好!")
     deltas = stream(smollm2, answer, prompt)
-    assert "".join(deltas) == smollm2.decode(prompt + answer)[len(smollm2.decode(prompt)):] == " Hi there 👋, 你好!"
+    assert ("".join(deltas) == smollm2.decode(prompt + answer)[len(smollm2.decode(prompt)):]
+            == " Hi there 👋, 你好!")
 
 
 def test_special_tokens_are_skipped(smollm2: Tokenizer) -> None:
@@ -87,7 +88,8 @@ def test_work_per_token_is_bounded(smollm2: Tokenizer) -> None:
 def test_sentencepiece_leading_space_and_byte_runs(tmp_path: Path) -> None:
     """Llama-2 style: decoding drops the first token's dummy space; emoji come as <0x..> byte tokens."""
     sentencepiece_model: spm.SentencePieceProcessor = train_sentencepiece()
-    llama_style = Tokenizer.from_gguf(gguf.GGUFReader(write_sentencepiece_gguf(sentencepiece_model, tmp_path / "t.gguf")))
+    llama_style = Tokenizer.from_gguf(
+        gguf.GGUFReader(write_sentencepiece_gguf(sentencepiece_model, tmp_path / "t.gguf")))
     for text in ["hello world", " hello", "😀 emoji then 你好 🎉", "é😀é", "café 12 x", "<s>a</s>"]:
         ids = llama_style.encode(text, add_bos=True)
         deltas = stream(llama_style, ids)

@@ -66,7 +66,8 @@ def test_gguf_encode_matches_transformers(smollm2: Tokenizer, reference: Any, te
 
 @pytest.mark.parametrize("text", DIGIT_SPACING + TEXTS)
 def test_gguf_isolates_digits_like_llama_cpp(smollm2: Tokenizer, reference: Any, text: str) -> None:
-    expected = [i for piece in re.split(r"(\d)", text) if piece for i in reference.encode(piece, add_special_tokens=False)]
+    expected = [i for piece in re.split(r"(\d)", text) if piece
+                for i in reference.encode(piece, add_special_tokens=False)]
     assert smollm2.encode(text) == expected
     assert smollm2.decode(smollm2.encode(text), skip_special_tokens=False) == text
 
@@ -85,7 +86,8 @@ def test_gguf_special_tokens(smollm2: Tokenizer, reference: Any) -> None:
 
 # --- sentencepiece (Llama 2 / Mistral style) ---------------------------------------------------------
 
-WORDS = "the quick brown fox jumps over lazy dog hello world token model server lora adapter 你好 世界 café naïve"
+WORDS = ("the quick brown fox jumps over lazy dog hello world token model server lora adapter "
+         "你好 世界 café naïve")
 
 
 def train_sentencepiece() -> spm.SentencePieceProcessor:
@@ -96,10 +98,10 @@ def train_sentencepiece() -> spm.SentencePieceProcessor:
              for _ in range(2000)]
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=model, model_type="bpe", vocab_size=400, byte_fallback=True,
-        split_digits=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
-        add_dummy_prefix=True, allow_whitespace_only_pieces=True, character_coverage=0.99, minloglevel=2,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        sentence_iterator=iter(lines), model_writer=model, model_type="bpe", vocab_size=400,
+        byte_fallback=True, split_digits=True, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, add_dummy_prefix=True, allow_whitespace_only_pieces=True,
+        character_coverage=0.99, minloglevel=2, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
     )
     return spm.SentencePieceProcessor(model_proto=model.getvalue())
 
@@ -133,7 +135,8 @@ def write_sentencepiece_gguf(sp: spm.SentencePieceProcessor, path: Path) -> Path
 
 
 @pytest.fixture(scope="module")
-def llama_style(sentencepiece_model: spm.SentencePieceProcessor, tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
+def llama_style(sentencepiece_model: spm.SentencePieceProcessor,
+                tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
     path = write_sentencepiece_gguf(sentencepiece_model, tmp_path_factory.mktemp("spm") / "spm.gguf")
     return Tokenizer.from_gguf(gguf.GGUFReader(path))
 
@@ -154,7 +157,8 @@ def test_sentencepiece_gguf_matches_sentencepiece(
         assert llama_style.decode(ids) == sentencepiece_model.decode(ids) == text
 
 
-def test_sentencepiece_gguf_special_tokens(llama_style: Tokenizer, sentencepiece_model: spm.SentencePieceProcessor) -> None:
+def test_sentencepiece_gguf_special_tokens(llama_style: Tokenizer,
+                                           sentencepiece_model: spm.SentencePieceProcessor) -> None:
     assert llama_style.add_bos and llama_style.bos_token_id == 1 and llama_style.eos_token_ids == (2,)
     # Special tokens in the text are parsed, and the text after one gets its dummy-prefix space, as
     # llama.cpp and Llama 2's tokenizer.json both do.
@@ -184,11 +188,13 @@ def test_from_hf_dir_matches_transformers(reference: Any, tmp_path: Path) -> Non
 def test_from_hf_dir_takes_bos_from_the_post_processor(reference: Any, tmp_path: Path) -> None:
     # A Llama-style tokenizer.json whose post-processor adds <s>, and a config with no add_bos_token flag.
     backend = HFTokenizer.from_str(reference.backend_tokenizer.to_str())
-    backend.post_processor = processors.TemplateProcessing(single="<|im_start|> $A", special_tokens=[("<|im_start|>", 1)])
+    backend.post_processor = processors.TemplateProcessing(single="<|im_start|> $A",
+                                                           special_tokens=[("<|im_start|>", 1)])
     backend.save(str(tmp_path / "tokenizer.json"))
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(
         {"bos_token": {"content": "<|im_start|>"}, "eos_token": "<|im_end|>", "chat_template": [
-            {"name": "tool_use", "template": "tools"}, {"name": "default", "template": "{{ bos_token }}chat"}]}
+            {"name": "tool_use", "template": "tools"},
+            {"name": "default", "template": "{{ bos_token }}chat"}]}
     ))
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 5]}))
     ours = Tokenizer.from_hf_dir(tmp_path)

@@ -44,10 +44,12 @@ def smollm2() -> tuple[ModelConfig, StateDict, Any]:
 
 @pytest.fixture(scope="module")
 def smollm2_transformers() -> Any:
-    return AutoModelForCausalLM.from_pretrained(SMOLLM2_GGUF.parent, gguf_file=SMOLLM2_GGUF.name, dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(SMOLLM2_GGUF.parent, gguf_file=SMOLLM2_GGUF.name,
+                                                dtype=torch.float32)
 
 
-def test_smollm2_gguf_matches_transformers(smollm2: tuple[ModelConfig, StateDict, Any], smollm2_transformers: Any) -> None:
+def test_smollm2_gguf_matches_transformers(smollm2: tuple[ModelConfig, StateDict, Any],
+                                           smollm2_transformers: Any) -> None:
     config, state, _ = smollm2
     theirs = dict(smollm2_transformers.state_dict())
     assert config.tie_word_embeddings and smollm2_transformers.config.tie_word_embeddings
@@ -56,7 +58,8 @@ def test_smollm2_gguf_matches_transformers(smollm2: tuple[ModelConfig, StateDict
     assert all(t.dtype == torch.float32 for t in state.values())
 
 
-def test_smollm2_config_matches_transformers(smollm2: tuple[ModelConfig, StateDict, Any], smollm2_transformers: Any) -> None:
+def test_smollm2_config_matches_transformers(smollm2: tuple[ModelConfig, StateDict, Any],
+                                             smollm2_transformers: Any) -> None:
     config, _, tokenizer = smollm2
     hf = smollm2_transformers.config
     assert (config.vocab_size, config.hidden_size, config.intermediate_size, config.num_layers) == (
@@ -64,7 +67,8 @@ def test_smollm2_config_matches_transformers(smollm2: tuple[ModelConfig, StateDi
     assert (config.num_heads, config.num_kv_heads, config.head_dim) == (
         hf.num_attention_heads, hf.num_key_value_heads, hf.head_dim)
     assert config.rope_theta == hf.rope_parameters["rope_theta"] and config.rope_scaling is None
-    assert config.rms_norm_eps == hf.rms_norm_eps and config.max_position_embeddings == hf.max_position_embeddings
+    assert (config.rms_norm_eps == hf.rms_norm_eps
+            and config.max_position_embeddings == hf.max_position_embeddings)
     assert config.bos_token_id == tokenizer.bos_token_id == 1 and config.eos_token_ids[0] == 2
 
 
@@ -88,7 +92,8 @@ def tiny_llama(tie: bool, seed: int = 0, **overrides: Any) -> LlamaForCausalLM:
 
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte alphabet, the spelling of every byte-level BPE token."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
     extra = iter(range(256, 512))
     return {b: chr(b) if b in printable else chr(next(extra)) for b in range(256)}
 
@@ -98,13 +103,15 @@ def llama_cpp_permute(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def random_k_blocks(kind: gguf.GGMLQuantizationType, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
+def random_k_blocks(kind: gguf.GGMLQuantizationType, rows: int, cols: int,
+                    rng: np.random.Generator) -> np.ndarray:
     """Random K-quant data (gguf-py cannot quantize these) with sane float16 scales."""
     block_elems, block_bytes = gguf.GGML_QUANT_SIZES[kind]
     blocks = rng.integers(0, 256, size=(rows, cols // block_elems, block_bytes), dtype=np.uint8)
     scale_offsets = {Q.Q4_K: (0, 2), Q.Q6_K: (block_bytes - 2,)}[kind]
     for offset in scale_offsets:
-        blocks[..., offset:offset + 2] = rng.uniform(0.001, 0.01, size=blocks.shape[:2]).astype(np.float16)[..., None].view(np.uint8)
+        blocks[..., offset:offset + 2] = (
+            rng.uniform(0.001, 0.01, size=blocks.shape[:2]).astype(np.float16)[..., None].view(np.uint8))
     return blocks.reshape(rows, -1)
 
 
@@ -114,7 +121,8 @@ GGUF_NAMES = {
     "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
 }
 # Layer 0 and 1 projections get these types in order, so every supported type is read at least once.
-LAYER_TYPES = [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.F32, Q.BF16, Q.F16, Q.Q4_1, Q.Q8_0, Q.Q6_K, Q.Q4_0]
+LAYER_TYPES = [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K,
+               Q.F32, Q.BF16, Q.F16, Q.Q4_1, Q.Q8_0, Q.Q6_K, Q.Q4_0]
 
 
 def gguf_name(hf_name: str) -> str:
@@ -128,7 +136,8 @@ def gguf_name(hf_name: str) -> str:
     return f"blk.{layer}.{GGUF_NAMES[rest.removesuffix('.weight')]}.weight"
 
 
-def write_gguf(model: LlamaForCausalLM, path: Path, extra: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+def write_gguf(model: LlamaForCausalLM, path: Path,
+               extra: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
     """A llama.cpp-style GGUF of `model`; returns {gguf tensor name: type} for the checks."""
     cfg: Any = model.config
     writer = gguf.GGUFWriter(str(path), "llama")
@@ -188,16 +197,19 @@ def written(tmp_path_factory: pytest.TempPathFactory) -> tuple[LlamaForCausalLM,
     return model, path, write_gguf(model, path)
 
 
-def test_every_tensor_type_matches_transformers(written: tuple[LlamaForCausalLM, Path, dict[str, Any]]) -> None:
+def test_every_tensor_type_matches_transformers(
+        written: tuple[LlamaForCausalLM, Path, dict[str, Any]]) -> None:
     _, path, types = written
     assert {Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q6_K} <= set(types.values())
     config, state, _ = load_gguf(path, torch.float32)
-    theirs = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).state_dict()
+    theirs = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                  dtype=torch.float32).state_dict()
     assert not config.tie_word_embeddings and "lm_head.weight" in state
     assert_same(state, dict(theirs))
 
 
-def test_float_tensors_and_rope_order_match_the_original(written: tuple[LlamaForCausalLM, Path, dict[str, Any]]) -> None:
+def test_float_tensors_and_rope_order_match_the_original(
+        written: tuple[LlamaForCausalLM, Path, dict[str, Any]]) -> None:
     """Independent of transformers: float tensors, q/k included, come back as the model had them."""
     model, path, types = written
     _, state, _ = load_gguf(path, torch.float32)
@@ -216,15 +228,18 @@ def test_float_tensors_and_rope_order_match_the_original(written: tuple[LlamaFor
     assert checked == 4  # q and k of both layers went through the unpermute exactly
 
 
-def test_k_quants_match_an_independent_dequantizer(written: tuple[LlamaForCausalLM, Path, dict[str, Any]]) -> None:
+def test_k_quants_match_an_independent_dequantizer(
+        written: tuple[LlamaForCausalLM, Path, dict[str, Any]]) -> None:
     _, path, types = written
     _, state, _ = load_gguf(path, torch.float32)
     reader = gguf.GGUFReader(path)
     for tensor in reader.tensors:
         if types[tensor.name] in (Q.Q4_K, Q.Q6_K):
-            expected = transformers_torch_dequantize(torch.from_numpy(np.array(tensor.data)), int(types[tensor.name]))
+            expected = transformers_torch_dequantize(torch.from_numpy(np.array(tensor.data)),
+                                                     int(types[tensor.name]))
             hf_name = next(n for n in state if gguf_name(n) == tensor.name)
-            assert torch.allclose(state[hf_name], expected.reshape(state[hf_name].shape), atol=1e-6), tensor.name
+            assert torch.allclose(state[hf_name], expected.reshape(state[hf_name].shape),
+                                  atol=1e-6), tensor.name
 
 
 def test_gguf_dtype_and_config(written: tuple[LlamaForCausalLM, Path, dict[str, Any]]) -> None:
@@ -234,8 +249,9 @@ def test_gguf_dtype_and_config(written: tuple[LlamaForCausalLM, Path, dict[str, 
     assert set(state) == set(expected_shapes(config))
     hf = model.config
     assert config.vocab_size == 260  # counted from the token list
-    assert (config.hidden_size, config.num_layers, config.num_heads, config.num_kv_heads, config.head_dim) == (
-        hf.hidden_size, hf.num_hidden_layers, hf.num_attention_heads, hf.num_key_value_heads, hf.head_dim)
+    assert (config.hidden_size, config.num_layers, config.num_heads, config.num_kv_heads,
+            config.head_dim) == (hf.hidden_size, hf.num_hidden_layers, hf.num_attention_heads,
+                                 hf.num_key_value_heads, hf.head_dim)
     assert config.max_position_embeddings == 512 and config.rms_norm_eps == pytest.approx(1e-6)
     assert config.bos_token_id == 256 and config.eos_token_ids == (257,) == tokenizer.eos_token_ids
 
@@ -265,7 +281,8 @@ def test_gguf_with_a_foreign_tensor_is_refused(tmp_path: Path) -> None:
         load_gguf(tmp_path / "x.gguf", torch.float32)
 
 
-def test_load_model_picks_the_loader(written: tuple[LlamaForCausalLM, Path, dict[str, Any]], tmp_path: Path) -> None:
+def test_load_model_picks_the_loader(written: tuple[LlamaForCausalLM, Path, dict[str, Any]],
+                                     tmp_path: Path) -> None:
     _, path, _ = written
     _, state, tokenizer = load_model(path, torch.float32)
     assert "lm_head.weight" in state and tokenizer.eos_token_ids == (257,)
@@ -297,8 +314,9 @@ def test_hf_dir_safetensors(tmp_path: Path, tie: bool, shard: str | None) -> Non
     assert_same(state, expected, atol=0)
     assert config == ModelConfig.from_hf(json.loads((tmp_path / "config.json").read_text()))
     hf = model.config
-    assert (config.vocab_size, config.hidden_size, config.num_layers, config.num_kv_heads, config.head_dim) == (
-        hf.vocab_size, hf.hidden_size, hf.num_hidden_layers, hf.num_key_value_heads, hf.head_dim)
+    assert (config.vocab_size, config.hidden_size, config.num_layers, config.num_kv_heads,
+            config.head_dim) == (hf.vocab_size, hf.hidden_size, hf.num_hidden_layers,
+                                 hf.num_key_value_heads, hf.head_dim)
     assert config.tie_word_embeddings == tie
 
 
@@ -318,7 +336,8 @@ def test_hf_dir_refuses_foreign_and_missing_tensors(tmp_path: Path) -> None:
     model = tiny_llama(tie=False)
     model.config.to_json_file(tmp_path / "config.json")
     weights = dict(model.state_dict())
-    torch.save({**weights, "model.layers.0.self_attn.q_proj.bias": torch.zeros(256)}, tmp_path / "pytorch_model.bin")
+    torch.save({**weights, "model.layers.0.self_attn.q_proj.bias": torch.zeros(256)},
+               tmp_path / "pytorch_model.bin")
     with pytest.raises(ValueError, match=r"q_proj\.bias"):
         load_hf_dir(tmp_path, torch.float32)
     del weights["model.layers.1.mlp.up_proj.weight"]

@@ -5,8 +5,8 @@
  *    cache slots;
  *  - silu_mul: the MLP's act = silu(gate) * up from the fused gate/up projection's output.
  * Through torch these are ~20 small operators a layer (rms_norm alone is five on the CPU), each a few
- * microseconds of dispatch whatever the batch: ~2.4 ms of a single stream's ~19 ms decode step
- * (BENCHMARKS.md). Rows are independent and each is computed by one thread in a fixed order.
+ * microseconds of dispatch whatever the batch, which at small batches is a real share of a decode step
+ * (BENCHMARKS.md, "Layer glue"). Rows are independent and each is computed by one thread in a fixed order.
  * Built by loraserve/engine/kernels/cpu.py, called through ctypes.
  */
 #include <math.h>
@@ -67,8 +67,9 @@ int rope_store(const float *qkv, int64_t ldqkv, int64_t T, int64_t Hq, int64_t H
 /* act[t, i] = silu(gu[t, i]) * gu[t, I + i]: gu [T, 2I] rows ldg apart (gate, then up), act [T, I]. silu(g)
  * = g / (1 + e^-g), with e^-|g| so the exp never overflows: for g < 0 it is g e^g / (1 + e^g). */
 void silu_mul(const float *gu, int64_t ldg, int64_t T, int64_t I, float *act, int64_t lda, int nthreads) {
-    /* rows are wider than a norm's (SmolLM2: 1536): two threads pay off from 8 rows (32 rows: 17 -> 11.5
-     * us; torch's silu and mul 14-18) */
+    /* rows are wider than a norm's (SmolLM2: 1536), so a second thread pays for its fork at fewer rows:
+     * PAR_ELEMENTS is 8 such rows, from where two threads were faster than one (BENCHMARKS.md, "Figures
+     * that used to live in code comments") */
 #pragma omp parallel for num_threads(nthreads) if (T * I >= PAR_ELEMENTS) schedule(static)
     for (int64_t t = 0; t < T; t++) {
         const float *g = gu + t * ldg, *u = g + I;

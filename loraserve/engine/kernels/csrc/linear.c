@@ -8,15 +8,15 @@
  * each panel as two halves of 16 columns, 12 ymm). Rows of x come in blocks of TBLK, and the (block,
  * panel) pairs are split between threads: a panel (K * 128 bytes) is reused from L2 by every row of the
  * block, a one-row step streams the whole matrix once. While a thread works on one panel it prefetches
- * the next: with 32 rows a panel is computed over 4 row groups, but only the first group's pass read it
- * from memory, at the memory's pace, while the other three ran from L2 at the FMA units' (the whole
- * model's projections at 32 rows: 24.5 -> 19.1 ms, 352 -> 451 GFLOP/s; 16 rows 16.9 -> 13.6 ms; one row
- * and 1024 rows unchanged; two panels ahead was slower, prefetching into L1 slightly faster than L2).
+ * the next: when a panel is computed over several row groups (32 rows are 4 with AVX-512), only the
+ * first group's pass would read it from memory, at the memory's pace, while the others run from L2 at
+ * the FMA units'; the prefetch moves that read under the previous panel's compute. One panel ahead, into
+ * L1 (the distances and cache levels tried, and the timings: BENCHMARKS.md, "The next panel prefetched").
  *
- * Measured on this project's CPU machine (BENCHMARKS.md; SmolLM2's 121 matrices): 2.7-4.4x torch's
- * matmul (MKL) from one row to 1024, and 1.2-1.75x the dot-product kernel it replaced (a group of W rows
- * against one row of x at a time, 16 partial sums per output: load-bound, and a 16-lane reduction per
- * output). The AVX2 build (-mno-avx512f, same machine) was 1.4-2.3x MKL at every size.
+ * This outer-product form replaced a dot-product kernel (a group of W rows against one row of x at a
+ * time, 16 partial sums per output), which was load-bound and paid a 16-lane reduction per output. It
+ * beats torch's matmul (MKL) from one row to 1024, in the AVX2 build (-mno-avx512f) too, so MKL is not
+ * kept beside it for projections (BENCHMARKS.md, "Packed panels, an outer-product micro-kernel").
  * Each output is one FMA chain over k = 0 .. K-1, in order, whatever T, the blocking or the thread count:
  * a row's result does not depend on what else is in the step.
  */

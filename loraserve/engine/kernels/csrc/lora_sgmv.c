@@ -14,9 +14,9 @@
  *                                       rows[starts[s] .. starts[s + 1])
  *   h:     [rows, nR] scratch           the shrink's result, in plan order
  * Why packed: every task then streams one contiguous block. With B as [nR, N] rows (R rows N apart per
- * column tile) the hardware prefetcher lost track and the expand ran at ~16 GB/s; packed, the whole
- * kernel took 8.5 ms where 10-13 adapters' weights at batch 32 (SmolLM2, rank 16, all projections) read
- * ~250 MB, against 27 ms for torch's gather + padded bmm + scatter (/tmp microbenchmark, see BENCHMARKS).
+ * column tile) the hardware prefetcher lost track and the expand read its weights well below the
+ * memory's pace (BENCHMARKS.md, "Multi-LoRA", has the timings, and torch's gather + padded bmm + scatter
+ * beside them).
  * Every output element is summed by one thread in a fixed order, whatever the blocking: a row's result
  * does not depend on the other rows or on the thread count.
  * lora_sgmv_f16 is the same over half-precision (IEEE fp16) A and B, widened to float32 as they are
@@ -181,9 +181,9 @@ static inline __attribute__((always_inline)) void expand_rows(float *out, int64_
                                                                int64_t c1) {
     const int64_t blocked = m - m % MB;
     int64_t c = c0;
-    /* MB rows x MB tiles: MB * MB independent FMA chains. With MB rows over one tile (4 chains of R adds)
-     * the expand ran at the FMA's latency: 64 of the 96 ms of LoRA for a 1024-row chunk over 8 adapters
-     * (all 30 layers), against 36 ms now. */
+    /* MB rows x MB tiles: MB * MB independent FMA chains. With MB rows over one tile (MB chains of R adds)
+     * too few FMAs were in flight and a prefill chunk's expand ran at the FMA's latency (BENCHMARKS.md,
+     * "The prefill expand"). */
     for (; c + MB * TILE <= c1; c += MB * TILE)
         for (int64_t i = 0; i < blocked; i += MB)
             expand_block(out, ldo, rows + i, MB, MB, hj + i * nR, nR, b, b0, half, R, c, TILE);
@@ -230,9 +230,9 @@ static inline __attribute__((always_inline)) void sgmv(const float *x, int64_t l
     int64_t chunks = 0; /* expand tasks per segment: column chunks of the n targets' ranges */
     for (int64_t j = 0; j < n; j++) chunks += chunks_of(cols[j + 1] - cols[j]);
     /* Static schedules: each thread takes a contiguous run of tasks, so it streams neighbouring tiles of
-     * one slot's weights. Dynamic (one task at a time from a shared counter) measured 7.8 ms of LoRA a
-     * batch-32 decode step over 8 adapters against 5.9-6.2 static; a 4096-token prefill, whose segments
-     * are larger and uneven, took the same either way (286-295 vs 294-301 ms). */
+     * one slot's weights. Handing out one task at a time from a shared counter scattered each thread's
+     * reads over the slots and made decode steps slower, and did not help even a prefill's larger, uneven
+     * segments (BENCHMARKS.md, "LoRA kernel, static schedules"). */
 #pragma omp parallel num_threads(nthreads)
     {
         /* fp16 only: an A tile or a B chunk widened (NULL when malloc fails: every segment then widens as

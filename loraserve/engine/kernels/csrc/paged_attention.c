@@ -1,8 +1,8 @@
 /* Attention over a paged KV cache, on the CPU: one query token per row, K/V read in place through the
  * row's block table (never gathered into a padded copy first). A row is a decode, or one token of a
  * prefill chunk: the engine passes a chunk as rows of one sequence with lengths growing by one, which is
- * causal attention (a 4096-token prefill: 366 -> 191 ms of attention against torch's SDPA over
- * gathered K/V; a 2000-token prompt 2273 -> 1919 ms in all).
+ * causal attention, each row reading its prefix in place where torch's SDPA needed a gathered copy of
+ * each prompt's K/V (BENCHMARKS.md, "Prefill attention through the same kernel").
  *
  * Built by loraserve/engine/kernels/cpu.py with the machine's C compiler (-O3 -march=native -fopenmp)
  * and called through ctypes. Layouts (float32, contiguous):
@@ -22,9 +22,8 @@
 #if defined(__x86_64__) || defined(__i386__)
 #include <xmmintrin.h>
 /* Flush-to-zero and denormals-are-zero: a peaked softmax can make probabilities (and their products
- * with V) subnormal, which x86 computes on many times slower. A guard: on the benchmark workload it
- * changed nothing measurable (the 3x slowdown once seen in the engine was the task split, see below).
- * Values that small change no output bit a float32 sum keeps. */
+ * with V) subnormal, which x86 computes on many times slower. A guard against that case, not a speed-up
+ * of the usual one. Values that small change no output bit a float32 sum keeps. */
 #define FTZ_ON(saved) unsigned int saved = _mm_getcsr(); _mm_setcsr(saved | 0x8040)
 #define FTZ_OFF(saved) _mm_setcsr(saved)
 #else
@@ -100,17 +99,15 @@ static inline __attribute__((always_inline)) void qk_tile(const float *q, const 
 /* Attention of the G query heads of KV head kvh over the sequence's first L positions: q, out [G, D];
  * scores [G, L] in s. Positions outermost, so each K/V row part (one or a few cache lines) is read once
  * for the G heads. Called with constant G and D for the common shapes, so that the accumulators (G * D
- * floats: 12 zmm for SmolLM2) stay in registers while V streams by: ~20% faster than one pass over all
- * heads with the accumulators in memory (400 -> 325 us at batch 32, 128-256 positions, same bits).
+ * floats: 12 zmm for SmolLM2) stay in registers while V streams by, where one pass over all heads kept
+ * them in memory (same bits either way).
  * Scores come a tile of positions at a time (qk_tile: 16 with AVX-512, 8 with AVX2): one horizontal
- * sum per score had made the QK phase 40% of the kernel with K in cache. With AVX-512, that and
- * exp_nonpos: a layer at batch 32, 128-256 positions, K/V in L3, 262 -> 155 us; from memory (the
- * engine's case) ~5-10% (profile-step: 9.4-9.7 -> 8.6-9.2 ms of attention a batch-32 step), which is
- * then what bounds it. The AVX2 build's 8-position tiles: 263-271 -> 243-246 us in L3, 429 -> 411 from
- * memory.
+ * sum per score had made the QK phase a large part of the kernel with K in cache. From memory (the
+ * engine's case) the tiles gain less: reading K/V is then what bounds the kernel.
  * Blocks lie anywhere in the cache, so the hardware prefetcher starts cold at each one: the next block's
- * rows are prefetched one block ahead (cold caches, as in the engine where the weights stream through
- * between layers: 840 -> 500 us; two or four blocks ahead measured the same, before and after the score tiles). */
+ * rows are prefetched one block ahead, which matters with cold caches, as in the engine where the
+ * weights stream through between layers (further ahead gained nothing). The timings of all three:
+ * BENCHMARKS.md, "Decode attention" and "Attention scores 16 positions at a time". */
 static inline __attribute__((always_inline)) void attend_kv(const float *q, const float *kc, const float *vc,
         const int64_t *tb, int64_t L, int64_t kvh, int64_t Hkv, const int64_t G, const int64_t D, int64_t bs,
         float scale, float *out, float *s) {
@@ -203,9 +200,10 @@ int paged_decode_attention(const float *q, const float *kc, const float *vc, int
             if (tables[b * width + i] < 0 || (tables[b * width + i] + 1) * bs > nslots) return 2;
     }
     /* A task is one sequence with all its heads: each K/V row is then touched by one task only. Split by
-     * KV head, tasks touched each row Hkv times, and in the engine (weights streaming through the caches
-     * between layers) TLB and cache misses made a layer 3x slower (1.1 ms vs 0.36 at batch 32). Only
-     * fewer sequences than threads over long contexts are split, so that every thread has work. */
+     * KV head, tasks touched each row's pages Hkv times, and in the engine (weights streaming through the
+     * caches between layers) the TLB and cache misses made a layer several times slower (BENCHMARKS.md,
+     * "Paged decode attention kernel"). Only fewer sequences than threads over long contexts are split,
+     * so that every thread has work. */
     int64_t lmax = 0;
     for (int64_t b = 0; b < B; b++) lmax = lens[b] > lmax ? lens[b] : lmax;
     const int64_t split = B < (int64_t)nthreads && lmax >= 1024 ? Hkv : 1;

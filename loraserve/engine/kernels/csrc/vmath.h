@@ -8,9 +8,10 @@
 /* e^x for x <= 0 (a score minus its row's maximum, -|g| in silu), in a form the compiler vectorizes:
  * 2^n * p(r), with n = round(x / ln 2), r = x - n ln 2 (ln 2 in two parts, so r is exact) and p
  * Cephes' degree-6 polynomial for expf (error ~1 ulp). Arguments below -87 (where e^x turns subnormal)
- * are clamped there: e^-87 ~ 1.6e-38, which a sum of at least 1 cannot tell from 0. libm's expf, one
- * call per score, was 16% of the attention kernel's time. GCC vectorizes no float ?: here (nor floorf
- * without -fno-trapping-math), hence the arithmetic clamp and the truncation. */
+ * are clamped there: e^-87 ~ 1.6e-38, which a sum of at least 1 cannot tell from 0. libm's expf is a
+ * scalar call per score, which kept the softmax from vectorizing and made it a sizeable part of the
+ * attention kernel (BENCHMARKS.md, "Attention scores 16 positions at a time"). GCC vectorizes no float
+ * ?: here (nor floorf without -fno-trapping-math), hence the arithmetic clamp and the truncation. */
 static inline float exp_nonpos(float x) {
     x = x * (x >= -87.f) + -87.f * (x < -87.f); /* max(x, -87) */
     const int32_t ni = (int32_t)(x * 1.44269504088896341f - 0.5f); /* round(x / ln 2): truncation, x <= 0 */

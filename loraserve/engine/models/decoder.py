@@ -1,0 +1,115 @@
+"""The decoder: Llama-family layers (Llama 2/3, Mistral, SmolLM2) over a paged KV cache, with batched
+multi-LoRA, in the shape its `Family` describes.
+
+Tokens of many sequences are flattened into one row each (`T` rows). Projections run once for the whole
+batch; attention reads each sequence's K/V through the plan its backend made; each LoRA-carrying row gets
+its own adapter's delta through the step's `lora` (grouped shrink/expand, never a loop over requests).
+How each op is computed (C kernels, torch on the CPU, CUDA) was chosen once, in `ops`: nothing here
+branches on a device.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from loraserve.engine.config import ModelConfig
+from loraserve.engine.lora.pool import LoraGroup
+from loraserve.engine.models.family import Family, family_of
+from loraserve.engine.models.rope import rope_tables
+from loraserve.engine.models.step import BatchMeta, KVCache
+from loraserve.engine.ops.linear import Projection, Role
+from loraserve.engine.ops.select import Ops
+
+
+@dataclass
+class LayerWeights:
+    attn_norm: torch.Tensor  # [H]
+    qkv: Projection  # H -> Q + 2KV: q, k, v fused so the batch reads one matrix
+    qkv_bias: torch.Tensor | None  # [Q + 2KV] where the family has biases
+    o: Projection  # Q -> H
+    mlp_norm: torch.Tensor  # [H]
+    gate_up: Projection  # H -> 2I
+    down: Projection  # I -> H
+
+
+class Decoder:
+    def __init__(self, cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype,
+                 device: torch.device, ops: Ops) -> None:
+        self.cfg, self.dtype, self.device, self.ops = cfg, dtype, device, ops
+        self.family: Family = family_of(cfg.architecture)
+        fam, make = self.family, ops.projections.make
+
+        def take(name: str) -> torch.Tensor:
+            return state.pop(name).to(device=device, dtype=dtype)
+
+        def norm(name: str) -> torch.Tensor:
+            return take(name) + fam.norm_offset if fam.norm_offset else take(name)
+
+        self.embed: torch.Tensor | None = take("model.embed_tokens.weight")  # [V, H]
+        self.layers: list[LayerWeights] = []
+        for i in range(cfg.num_layers):
+            p = f"model.layers.{i}."
+            attn = [f"{p}self_attn.{n}_proj" for n in "qkv"]
+            self.layers.append(LayerWeights(
+                attn_norm=norm(p + "input_layernorm.weight"),
+                qkv=make(torch.cat([take(n + ".weight") for n in attn]), Role.ATTENTION),
+                qkv_bias=torch.cat([take(n + ".bias") for n in attn]) if fam.qkv_bias else None,
+                o=make(take(p + "self_attn.o_proj.weight"), Role.ATTENTION),
+                mlp_norm=norm(p + "post_attention_layernorm.weight"),
+                gate_up=make(torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]),
+                             Role.WIDE),
+                down=make(take(p + "mlp.down_proj.weight"), Role.DOWN),
+            ))
+        self.norm = norm("model.norm.weight")
+        head = state.pop("lm_head.weight", None)
+        if head is None or cfg.tie_word_embeddings:
+            self.lm_head = make(self.embed, Role.WIDE)
+            # One copy of a tied matrix: the embedding rows are read through the head (`rows`), from
+            # its [out, in] weight or its packed panels.
+            self.embed = None
+        else:
+            self.lm_head = make(head.to(device, dtype), Role.WIDE)
+        self.embed_scale = math.sqrt(cfg.hidden_size) if fam.embed_scale else None
+        cos, sin = rope_tables(cfg, device)
+        self.cos, self.sin = cos.to(dtype), sin.to(dtype)  # [max_pos, D]
+
+    @torch.inference_mode()
+    def forward(self, batch: BatchMeta, kv: KVCache) -> torch.Tensor:
+        """Logits [S, V] (float32) for the rows in `batch.logits_indices`."""
+        cfg, glue, lora, eps = self.cfg, self.ops.glue, batch.lora, self.cfg.rms_norm_eps
+        ids = batch.input_ids
+        # [T, H], this pass's own (a gather copies): the fused norm adds into it in place
+        h = self.embed[ids] if self.embed is not None else self.lm_head.rows(ids)
+        if self.embed_scale is not None:
+            h *= self.embed_scale
+        rope = glue.rope(self.cos, self.sin, batch.positions)
+        delta: torch.Tensor | None = None  # the previous layer's MLP output, added into h by the next norm
+        for i, lw in enumerate(self.layers):
+            h, x = glue.add_rms_norm(h, delta, lw.attn_norm, eps)
+            qkv = lw.qkv(x)  # [T, Q + 2KV]
+            if lw.qkv_bias is not None:
+                qkv += lw.qkv_bias
+            if lora is not None:
+                lora.apply(i, LoraGroup.QKV, x, qkv)
+            q = glue.rope_store(qkv, cfg.num_heads, cfg.num_kv_heads, rope, batch.slot_mapping,
+                                kv.k[i], kv.v[i])  # [T, Hq, D]
+            attn = self.ops.attention(q, kv.k[i], kv.v[i], batch.attention)  # [T, Q]
+            o = lw.o(attn)
+            if lora is not None:
+                lora.apply(i, LoraGroup.OUT, attn, o)
+            h, x = glue.add_rms_norm(h, o, lw.mlp_norm, eps)
+            gu = lw.gate_up(x)  # [T, 2I]
+            if lora is not None:
+                lora.apply(i, LoraGroup.GATE_UP, x, gu)
+            act = glue.act_mul(gu, self.family.activation)  # [T, I]
+            delta = lw.down(act)
+            if lora is not None:
+                lora.apply(i, LoraGroup.DOWN, act, delta)
+        if delta is not None:
+            h = h + delta
+        h = h.index_select(0, batch.logits_indices)
+        h = torch.nn.functional.rms_norm(h, (cfg.hidden_size,), self.norm, eps)
+        return self.lm_head(h).float()  # [S, V]
