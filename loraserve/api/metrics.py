@@ -49,12 +49,16 @@ _GAUGES = {
     "running": ("loraserve_running_requests", "Requests in the running batch."),
     "kv_blocks_used": ("loraserve_kv_blocks_used", "Paged KV-cache blocks in use."),
     "kv_blocks_free": ("loraserve_kv_blocks_free", "Paged KV-cache blocks free."),
-    "kv_blocks_cached": ("loraserve_kv_blocks_cached", "KV blocks holding a cached prompt prefix (in use or free)."),
+    "kv_blocks_cached": (
+        "loraserve_kv_blocks_cached", "KV blocks holding a cached prompt prefix (in use or free)."
+    ),
 }
 # backend.stats() key -> (counter name, help): totals since the engine started.
 _COUNTERS = {
-    "prefix_cache_hit_tokens": ("loraserve_prefix_cache_hit_tokens",
-                                "Prompt tokens whose K/V came from the prefix cache instead of being computed."),
+    "prefix_cache_hit_tokens": (
+        "loraserve_prefix_cache_hit_tokens",
+        "Prompt tokens whose K/V came from the prefix cache instead of being computed.",
+    ),
 }
 _ADAPTER_TIERS = {"adapters_device": "device", "adapters_host": "host", "adapters_pinned": "pinned"}
 
@@ -225,8 +229,8 @@ class InstrumentedBackend:
         return self.inner.encode(text)
 
     def generate(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, adapter: AdapterRef | None = None,
-        cache_salt: str | None = None,
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+        adapter: AdapterRef | None = None, cache_salt: str | None = None,
     ) -> AsyncIterator[StreamEvent]:
         started = time.perf_counter()
         # Called (not iterated) here, so that the engine's synchronous refusals (queue full) still raise now.
@@ -234,7 +238,9 @@ class InstrumentedBackend:
         self._metrics.adapters.add(adapter.key if adapter is not None else None)
         return self._measured(events, started)
 
-    async def _measured(self, events: AsyncIterator[StreamEvent], started: float) -> AsyncIterator[StreamEvent]:
+    async def _measured(
+        self, events: AsyncIterator[StreamEvent], started: float
+    ) -> AsyncIterator[StreamEvent]:
         m, label = self._metrics, self._label
         first_token_at: float | None = None
         last_token_at = started

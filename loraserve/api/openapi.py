@@ -35,13 +35,14 @@ except on the OpenAI-compatible `/v1` routes, where they take OpenAI's `{"error"
 
 # What each status means here (errors.py has the codes).
 _STATUS_TEXT = {
-    400: "Bad input (5006), a missing or broken body (3003), an unknown model (5007), an invalid finetune file (3039)",
+    400: "Bad input (5006), a missing or broken body (3003), an unknown model (5007), "
+         "an invalid finetune file (3039)",
     401: "Missing or wrong bearer token (10000)",
     404: "No such account or route (7003), no such finetune (3037)",
     405: "The model takes no LoRA adapters (5005)",
     408: "The request took longer than the server's timeout (3007)",
-    413: "The body is too large (3006; an adapter file over the limit is 400/3039), or prompt plus max_tokens "
-         "exceed the context window (5021)",
+    413: "The body is too large (3006; an adapter file over the limit is 400/3039), "
+         "or prompt plus max_tokens exceed the context window (5021)",
     429: "Rate limited or too many finetunes (3036), or the engine's queue is full (3040)",
     500: "A bug on the server's side (3043); the log has the details",
 }
@@ -118,7 +119,10 @@ def _name_served_models(paths: dict[str, Any], served: list[str]) -> None:
     """Where a model must be one this server serves, the document lists them (it describes this server)."""
     # A "-lora" id is also reached by its base name (catalog.resolve).
     names = sorted({*served, *(m.removesuffix(catalog.LORA_SUFFIX) for m in served)})
-    create = paths[ACCOUNT_PREFIX + "/finetunes"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    create = (
+        paths[ACCOUNT_PREFIX + "/finetunes"]["post"]
+        ["requestBody"]["content"]["application/json"]["schema"]
+    )
     create["properties"]["model"]["enum"] = [m for m in names if _takes_lora(m, served)]
     for parameter in paths[ACCOUNT_PREFIX + "/models/schema"]["get"]["parameters"]:
         if parameter["name"] == "model":

@@ -1,8 +1,9 @@
 """The shapes the server answers with, as pydantic models, and the JSON Schemas it publishes.
 
-Routes build their answers as plain dicts (`envelope.success`, `Finetune.to_api`, `openai/shapes.ResponseShape`);
-these models only describe them, for /openapi.json (`openapi.py`) and /models/schema. The request
-bodies are described by the very models the routes validate with (`schemas.py`, `openai/schemas.py`).
+Routes build their answers as plain dicts (`envelope.success`, `Finetune.to_api`,
+`openai/shapes.ResponseShape`); these models only describe them, for /openapi.json (`openapi.py`) and
+/models/schema. The request bodies are described by the very models the routes validate with
+(`schemas.py`, `openai/schemas.py`).
 """
 
 from __future__ import annotations
@@ -213,8 +214,10 @@ def upload_body() -> dict[str, Any]:
         "type": "object",
         "required": ["file"],
         "properties": {
-            "file_name": {"type": "string", "enum": names,
-                          "description": "Which adapter file this is; defaults to the file part's own filename."},
+            "file_name": {
+                "type": "string", "enum": names,
+                "description": "Which adapter file this is; defaults to the file part's own filename.",
+            },
             "file": {"type": "string", "format": "binary"},
         },
     }

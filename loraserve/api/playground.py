@@ -50,7 +50,8 @@ async def index(request: Request) -> HTMLResponse:
 </head>
 <body>
   <header class="topbar"><a class="brand" href="/">loraserve</a>
-    <span class="title">A Workers AI-compatible server for one base model and many LoRA finetunes</span></header>
+    <span class="title">A Workers AI-compatible server for one base model and many LoRA \
+finetunes</span></header>
   <main class="layout index">
     <section class="panel">
       <h2>Pages</h2>

@@ -17,7 +17,9 @@ class RateLimiter:
     across a window edge; memory is bounded by `limit` timestamps per active account.
     """
 
-    def __init__(self, limit: int, window_s: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, limit: int, window_s: float = 60.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         if limit < 0:
             raise ValueError("limit must be >= 0 (0 disables the limit)")
         if window_s <= 0:

@@ -129,7 +129,8 @@ _NAME_SCHEMA: JsonDict = {
         {"pattern": "^[.]+$"},  # only dots: a path segment
         {"pattern": "^[cC][fF]-[pP][uU][bB][lL][iI][cC]-"},  # reserved
         # reads as a UUID, i.e. an id, to Python's uuid.UUID (hyphens anywhere, "0x", "_" between digits)
-        {"pattern": "^(?=(?:-*[0-9a-fA-FxX_]){32}-*$)-*(?:0-*[xX]-*(?:_-*)?)?[0-9a-fA-F](?:-*_?-*[0-9a-fA-F])*-*$"},
+        {"pattern": "^(?=(?:-*[0-9a-fA-FxX_]){32}-*$)"
+                    "-*(?:0-*[xX]-*(?:_-*)?)?[0-9a-fA-F](?:-*_?-*[0-9a-fA-F])*-*$"},
     ]},
 }
 

@@ -20,7 +20,9 @@ def serve(app: FastAPI, host: str, port: int, log_level: str = "info") -> None:
 class BackgroundServer:
     """`with BackgroundServer(app) as server: httpx.get(server.base_url + "/healthz")`."""
 
-    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning") -> None:
+    def __init__(
+        self, app: FastAPI, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"
+    ) -> None:
         self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._socket.bind((host, port))

@@ -34,5 +34,9 @@ class ServerSettings:
         if timeout is not None and not timeout > 0:
             raise ValueError(f"ServerSettings.request_timeout_s must be > 0 or None, got {timeout!r}")
         token = self.metrics_token
-        if token is not None and (not isinstance(token, str) or len(token.strip()) < 16 or token != token.strip()):
-            raise ValueError("ServerSettings.metrics_token must be at least 16 characters, without surrounding spaces")
+        if token is not None and (
+            not isinstance(token, str) or len(token.strip()) < 16 or token != token.strip()
+        ):
+            raise ValueError(
+                "ServerSettings.metrics_token must be at least 16 characters, without surrounding spaces"
+            )

@@ -49,7 +49,8 @@ class EventStreamResponse(StreamingResponse):
     """
 
     def __init__(
-        self, chunks: AsyncIterator[bytes], on_close: Callable[[], None], headers: dict[str, str] | None = None
+        self, chunks: AsyncIterator[bytes], on_close: Callable[[], None],
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(
             chunks,
@@ -61,7 +62,9 @@ class EventStreamResponse(StreamingResponse):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            await send(
+                {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+            )
             async with anyio.create_task_group() as tg:
 
                 async def pump() -> None:

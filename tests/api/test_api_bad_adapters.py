@@ -34,7 +34,9 @@ _names = itertools.count()
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory, tiny_backend: Any) -> Iterator[LiveServer]:
     """A server of its own, so that its data dir holds only what these tests upload."""
-    registry = Registry.open(tmp_path_factory.mktemp("bad-adapters"), limits=RegistryLimits(max_file_bytes=FILE_LIMIT))
+    registry = Registry.open(
+        tmp_path_factory.mktemp("bad-adapters"), limits=RegistryLimits(max_file_bytes=FILE_LIMIT)
+    )
     backends = {LORA_MODEL: tiny_backend}
     with BackgroundServer(create_app(registry, backends, ServerSettings(rate_limit_per_minute=0))) as server:
         yield LiveServer(server.base_url, registry, backends)
@@ -120,14 +122,23 @@ LM_HEAD = "base_model.model.lm_head.weight"
 
 # name -> (how to make it from the good file, what the message must say)
 BAD_WEIGHTS: dict[str, tuple[Callable[[bytes], bytes], str]] = {
-    "truncated": (lambda g: g[: len(g) - 100], r"tensor '.*': data_offsets end \d+ is beyond the data region"),
+    "truncated": (
+        lambda g: g[: len(g) - 100],
+        r"tensor '.*': data_offsets end \d+ is beyond the data region",
+    ),
     "truncated in the header": (lambda g: g[:40], r"header length \d+ exceeds the file \(40 bytes\)"),
     "header length > file": (
         lambda g: struct.pack("<Q", len(g)) + g[8:],
         r"header length \d+ exceeds the file \(\d+ bytes\): truncated or corrupt",
     ),
-    "header length 2**60": (lambda g: struct.pack("<Q", 2**60) + g[8:], r"header length \d+ exceeds the limit"),
-    "overlapping offsets": (lambda g: _with_header(g, _overlap), r"tensor '.*': data_offsets \[.*\] overlap tensor '.*'"),
+    "header length 2**60": (
+        lambda g: struct.pack("<Q", 2**60) + g[8:],
+        r"header length \d+ exceeds the limit",
+    ),
+    "overlapping offsets": (
+        lambda g: _with_header(g, _overlap),
+        r"tensor '.*': data_offsets \[.*\] overlap tensor '.*'",
+    ),
     "out-of-range offsets": (
         lambda g: _with_header(g, _out_of_range),
         r"tensor '.*': data_offsets end \d+ is beyond the data region",
@@ -137,10 +148,22 @@ BAD_WEIGHTS: dict[str, tuple[Callable[[bytes], bytes], str]] = {
         lambda g: _with_header(g, lambda h, n: h[n[0]].update(dtype="F64")),
         r"tensor '.*': dtype 'F64' is not supported; expected one of \['F32', 'F16', 'BF16'\]",
     ),
-    "NaN": (lambda g: _with_arrays(g, _set(V_B, (3, 2), np.nan)), rf"tensor '{V_B}': expected finite values, found NaN or Inf at element 26"),
-    "Inf": (lambda g: _with_arrays(g, _set(Q_A, (0, 5), -np.inf)), rf"tensor '{Q_A}': expected finite values, found NaN or Inf at element 5"),
-    "wrong shape": (lambda g: _with_arrays(g, _resize(Q_A, (8, 63))), rf"tensor '{Q_A}': expected shape \[r, 64\] with r >= 1, found \[8, 63\]"),
-    "wrong rank": (lambda g: _with_arrays(g, _resize(DOWN_B, (64, 4))), rf"tensor '{DOWN_B}': expected shape \[64, 8\], found \[64, 4\]"),
+    "NaN": (
+        lambda g: _with_arrays(g, _set(V_B, (3, 2), np.nan)),
+        rf"tensor '{V_B}': expected finite values, found NaN or Inf at element 26",
+    ),
+    "Inf": (
+        lambda g: _with_arrays(g, _set(Q_A, (0, 5), -np.inf)),
+        rf"tensor '{Q_A}': expected finite values, found NaN or Inf at element 5",
+    ),
+    "wrong shape": (
+        lambda g: _with_arrays(g, _resize(Q_A, (8, 63))),
+        rf"tensor '{Q_A}': expected shape \[r, 64\] with r >= 1, found \[8, 63\]",
+    ),
+    "wrong rank": (
+        lambda g: _with_arrays(g, _resize(DOWN_B, (64, 4))),
+        rf"tensor '{DOWN_B}': expected shape \[64, 8\], found \[64, 4\]",
+    ),
     "extra tensor": (
         lambda g: _with_arrays(g, lambda a: a.update({LM_HEAD: np.zeros((8, 64), np.float32)})),
         rf"tensor '{LM_HEAD}' is not a LoRA weight of a decoder layer",
@@ -152,33 +175,77 @@ BAD_WEIGHTS: dict[str, tuple[Callable[[bytes], bytes], str]] = {
     "duplicate tensor": (_duplicate, rf"header has the key '{Q_A}' twice"),
     "not safetensors at all": (lambda g: b"PK\x03\x04" + bytes(200), r"header length \d+ exceeds"),
     "empty": (lambda g: b"", r"file is 0 bytes, too short for a safetensors header"),
-    "just past the size limit": (lambda g: g + bytes(FILE_LIMIT + 1 - len(g)), rf"file exceeds {FILE_LIMIT} bytes"),
+    "just past the size limit": (
+        lambda g: g + bytes(FILE_LIMIT + 1 - len(g)),
+        rf"file exceeds {FILE_LIMIT} bytes",
+    ),
 }
 
 BAD_CONFIGS: dict[str, tuple[Callable[[bytes], bytes], str]] = {
     "malformed JSON": (lambda c: c[:-2], r"not valid UTF-8 JSON: Expecting .*line \d+ column \d+"),
-    "not UTF-8": (lambda c: c.replace(b'"LORA"', b'"L\xd6RA"'), r"not valid UTF-8 JSON: invalid continuation byte at byte \d+"),
+    "not UTF-8": (
+        lambda c: c.replace(b'"LORA"', b'"L\xd6RA"'),
+        r"not valid UTF-8 JSON: invalid continuation byte at byte \d+",
+    ),
     "byte order mark": (lambda c: b"\xef\xbb\xbf" + c, r"not valid UTF-8 JSON: Unexpected UTF-8 BOM"),
     "not an object": (lambda c: b"[" + c + b"]", r"expected a JSON object, found list"),
     "deeply nested": (lambda c: b"[" * 60_000, r"not valid UTF-8 JSON: nested too deeply"),
     "deeply nested value": (
-        lambda c: _config(c, lora_dropout=json.loads("[" * 500 + "]" * 500), r=json.loads("[" * 500 + "]" * 500)),
+        lambda c: _config(
+            c, lora_dropout=json.loads("[" * 500 + "]" * 500), r=json.loads("[" * 500 + "]" * 500)
+        ),
         r"r must be an integer in 1\.\.64, found \[\[\[\[\.\.\.\]\]\]\]",
     ),
-    "giant number": (lambda c: _config(c, lora_alpha=10**400), r"lora_alpha must be a finite number in \(0, 65504\], found 1000"),
-    "NaN literal": (lambda c: c.replace(b'"lora_alpha": 16', b'"lora_alpha": NaN'), r"lora_alpha must be a finite number .*found nan"),
-    "Infinity literal": (lambda c: c.replace(b'"r": 8', b'"r": Infinity'), r"r must be an integer in 1\.\.64, found inf"),
-    "5000-digit integer": (lambda c: c.replace(b'"r": 8', b'"r": ' + b"9" * 5000), r"not valid UTF-8 JSON: Exceeds the limit \(4300 digits\)"),
+    "giant number": (
+        lambda c: _config(c, lora_alpha=10**400),
+        r"lora_alpha must be a finite number in \(0, 65504\], found 1000",
+    ),
+    "NaN literal": (
+        lambda c: c.replace(b'"lora_alpha": 16', b'"lora_alpha": NaN'),
+        r"lora_alpha must be a finite number .*found nan",
+    ),
+    "Infinity literal": (
+        lambda c: c.replace(b'"r": 8', b'"r": Infinity'),
+        r"r must be an integer in 1\.\.64, found inf",
+    ),
+    "5000-digit integer": (
+        lambda c: c.replace(b'"r": 8', b'"r": ' + b"9" * 5000),
+        r"not valid UTF-8 JSON: Exceeds the limit \(4300 digits\)",
+    ),
     "wrong type: r": (lambda c: _config(c, r="8"), r"r must be an integer in 1\.\.64, found '8'"),
-    "wrong type: target_modules": (lambda c: _config(c, target_modules={"q_proj": True}), r"target_modules must be a non-empty list"),
-    "wrong type: rank_pattern": (lambda c: _config(c, rank_pattern=["q_proj"]), r"rank_pattern must be an object, found \['q_proj'\]"),
-    "wrong type: use_rslora": (lambda c: _config(c, use_rslora="yes"), r"use_rslora must be a boolean, found 'yes'"),
-    "regex target_modules": (lambda c: _config(c, target_modules=".*\\.(q|v)_proj"), r"regular expressions are not supported"),
-    "alpha_pattern junk": (lambda c: _config(c, alpha_pattern={"q_proj": [1]}), r"alpha_pattern\['q_proj'\] must be a finite number"),
-    "giant string": (lambda c: _config(c, model_type="x" * 60_000), r"model_type must be 'llama' for this base model, found 'xxx"),
+    "wrong type: target_modules": (
+        lambda c: _config(c, target_modules={"q_proj": True}),
+        r"target_modules must be a non-empty list",
+    ),
+    "wrong type: rank_pattern": (
+        lambda c: _config(c, rank_pattern=["q_proj"]),
+        r"rank_pattern must be an object, found \['q_proj'\]",
+    ),
+    "wrong type: use_rslora": (
+        lambda c: _config(c, use_rslora="yes"),
+        r"use_rslora must be a boolean, found 'yes'",
+    ),
+    "regex target_modules": (
+        lambda c: _config(c, target_modules=".*\\.(q|v)_proj"),
+        r"regular expressions are not supported",
+    ),
+    "alpha_pattern junk": (
+        lambda c: _config(c, alpha_pattern={"q_proj": [1]}),
+        r"alpha_pattern\['q_proj'\] must be a finite number",
+    ),
+    "giant string": (
+        lambda c: _config(c, model_type="x" * 60_000),
+        r"model_type must be 'llama' for this base model, found 'xxx",
+    ),
     "unsupported option": (lambda c: _config(c, use_dora=True), r"DoRA \(use_dora\) is not supported"),
-    "disagrees with the weights": (lambda c: _config(c, r=4), r"does not match adapter_config\.json: tensor '.*' has rank 8, expected 4"),
-    "just past the size limit": (lambda c: c[:-1] + b" " * (FILE_LIMIT + 1 - len(c)) + b"}", rf"file exceeds {FILE_LIMIT} bytes"),
+    "disagrees with the weights": (
+        lambda c: _config(c, r=4),
+        r"does not match adapter_config\.json: tensor '.*' has rank 8, expected 4",
+    ),
+    "just past the size limit": (
+        lambda c: c[:-1] + b" " * (FILE_LIMIT + 1 - len(c)) + b"}",
+        rf"file exceeds {FILE_LIMIT} bytes",
+    ),
 }
 
 
@@ -203,7 +270,9 @@ def _run(live: LiveServer, account: Account, lora: str) -> httpx.Response:
 
 
 def _get(live: LiveServer, account: Account, name: str) -> dict[str, Any]:
-    finetune: dict[str, Any] = ok(httpx.get(f"{live.ai_url(account)}/finetunes/{name}", headers=account.headers))
+    finetune: dict[str, Any] = ok(
+        httpx.get(f"{live.ai_url(account)}/finetunes/{name}", headers=account.headers)
+    )
     return finetune
 
 
@@ -265,7 +334,8 @@ def _stream_upload(live: LiveServer, account: Account, finetune_id: str) -> tupl
     sent = 0
     with socket.create_connection((target.hostname, target.port), timeout=10) as sock:
         sock.sendall(
-            f"POST {target.path} HTTP/1.1\r\nHost: {target.netloc}\r\nAuthorization: Bearer {account.token}\r\n"
+            f"POST {target.path} HTTP/1.1\r\nHost: {target.netloc}\r\n"
+            f"Authorization: Bearer {account.token}\r\n"
             f"Content-Type: multipart/form-data; boundary=b\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
         )
         sock.sendall(f"{len(head):x}\r\n".encode() + head + b"\r\n")

@@ -69,7 +69,8 @@ def test_unknown_account(server: LiveServer, account: Account) -> None:
 
 @pytest.mark.parametrize(
     ("method", "path"),
-    [("GET", "/client/v4/accounts/{a}/ai/nothing"), ("GET", "/nothing"), ("POST", "/"),  # GET / is the HTML index page
+    [("GET", "/client/v4/accounts/{a}/ai/nothing"), ("GET", "/nothing"),
+     ("POST", "/"),  # GET / is the HTML index page
      ("GET", "/client/v4/accounts/{a}/ai/run/" + LORA_MODEL), ("PUT", "/client/v4/accounts/{a}/ai/finetunes"),
      ("PATCH", "/client/v4/accounts/{a}/ai/finetunes/x"), ("GET", "/client/v4/accounts/{a}/ai/finetunes/")],
 )
@@ -125,16 +126,21 @@ def test_body_over_the_limit_streamed_is_refused_before_it_ends(strict_server: L
 def test_upload_over_the_limit(strict_server: LiveServer) -> None:
     account = strict_server.new_account()
     url = strict_server.ai_url(account) + "/finetunes"
-    finetune = httpx.post(url, headers=account.headers, json={"model": LORA_MODEL, "name": "big"}).json()["result"]
+    finetune = httpx.post(
+        url, headers=account.headers, json={"model": LORA_MODEL, "name": "big"}
+    ).json()["result"]
     response = httpx.post(f"{url}/{finetune['id']}/finetune-assets", headers=account.headers,
-                          data={"file_name": "adapter_model.safetensors"}, files={"file": ("blob", b"\0" * 200_000)})
+                          data={"file_name": "adapter_model.safetensors"},
+                          files={"file": ("blob", b"\0" * 200_000)})
     assert "exceeds 4096 bytes" in envelope(response, 400, 3039)
 
 
 def test_chunked_upload_over_the_limit_is_refused_before_it_ends(strict_server: LiveServer) -> None:
     account = strict_server.new_account()
     url = strict_server.ai_url(account) + "/finetunes"
-    finetune = httpx.post(url, headers=account.headers, json={"model": LORA_MODEL, "name": "big"}).json()["result"]
+    finetune = httpx.post(
+        url, headers=account.headers, json={"model": LORA_MODEL, "name": "big"}
+    ).json()["result"]
     target = urlsplit(f"{url}/{finetune['id']}/finetune-assets")
     head = (
         b'--b\r\nContent-Disposition: form-data; name="file_name"\r\n\r\nadapter_model.safetensors\r\n'
@@ -143,7 +149,8 @@ def test_chunked_upload_over_the_limit_is_refused_before_it_ends(strict_server: 
     )
     with socket.create_connection((target.hostname, target.port), timeout=5) as sock:
         sock.sendall(
-            f"POST {target.path} HTTP/1.1\r\nHost: {target.netloc}\r\nAuthorization: Bearer {account.token}\r\n"
+            f"POST {target.path} HTTP/1.1\r\nHost: {target.netloc}\r\n"
+            f"Authorization: Bearer {account.token}\r\n"
             f"Content-Type: multipart/form-data; boundary=b\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
         )
         sock.sendall(f"{len(head):x}\r\n".encode() + head + b"\r\n")
@@ -157,7 +164,9 @@ def test_rate_limit_per_account(strict_server: LiveServer) -> None:
     account, other = strict_server.new_account(), strict_server.new_account()
     body = {"prompt": "x", "max_tokens": 1}
     for _ in range(3):
-        assert httpx.post(strict_server.run_url(account), headers=account.headers, json=body).status_code == 200
+        assert httpx.post(
+            strict_server.run_url(account), headers=account.headers, json=body
+        ).status_code == 200
     response = httpx.post(strict_server.run_url(account), headers=account.headers, json=body)
     assert "too many requests" in envelope(response, 429, 3036)
     assert httpx.post(strict_server.run_url(other), headers=other.headers, json=body).status_code == 200
@@ -199,7 +208,9 @@ def test_a_bug_is_an_envelope_and_a_log_line_without_the_token(
 
     app.add_api_route("/client/v4/accounts/{account_id}/ai/broken", broken, methods=["GET"])
     with caplog.at_level(logging.ERROR, logger="loraserve.api"), BackgroundServer(app) as live:
-        response = httpx.get(f"{live.base_url}/client/v4/accounts/{account.id}/ai/broken", headers=account.headers)
+        response = httpx.get(
+            f"{live.base_url}/client/v4/accounts/{account.id}/ai/broken", headers=account.headers
+        )
         assert envelope(response, 500, 3043) == "Internal server error"
         # The server is still up.
         assert httpx.get(f"{live.base_url}/healthz").status_code == 200
@@ -226,10 +237,12 @@ def test_a_client_gone_before_its_body_is_read_is_no_server_error(
     url = urlsplit(server.run_url(account))
     with caplog.at_level(logging.ERROR, logger="loraserve.api"):
         sock = socket.create_connection((url.hostname, url.port), timeout=10)
-        sock.sendall(f"POST {url.path} HTTP/1.1\r\nHost: {url.netloc}\r\nAuthorization: Bearer {account.token}\r\n"
+        sock.sendall(f"POST {url.path} HTTP/1.1\r\nHost: {url.netloc}\r\n"
+                     f"Authorization: Bearer {account.token}\r\n"
                      f"Content-Length: 1000\r\n\r\n{{\"prompt\": ".encode())
         sock.close()  # 990 bytes short
         assert wait_until(lambda: run_statuses().get("499", 0) > before.get("499", 0))
     after = run_statuses()
-    assert {k: v for k, v in after.items() if k.startswith("5")} == {k: v for k, v in before.items() if k.startswith("5")}
+    assert {k: v for k, v in after.items() if k.startswith("5")} \
+        == {k: v for k, v in before.items() if k.startswith("5")}
     assert not [r for r in caplog.records if "unhandled error" in r.message]

@@ -35,8 +35,10 @@ def test_create_returns_the_finetune(server: LiveServer, account: Account) -> No
     assert created["name"] == "my-ft" and created["model"] == LORA_MODEL
     assert created["description"] == "" and created["public"] is False
     assert ISO.fullmatch(created["created_at"]) and ISO.fullmatch(created["modified_at"])
-    full = ok(httpx.post(url, headers=account.headers,
-                         json={"model": LORA_MODEL, "name": "second", "description": "about it", "public": True}))
+    full = ok(httpx.post(
+        url, headers=account.headers,
+        json={"model": LORA_MODEL, "name": "second", "description": "about it", "public": True},
+    ))
     assert full["description"] == "about it" and full["public"] is True
 
 
@@ -95,14 +97,18 @@ def test_wrangler_create_upload_and_list(server: LiveServer, account: Account, p
     assert out["usage"]["completion_tokens"] == 2
 
 
-def test_upload_by_name_and_with_the_part_filename_only(server: LiveServer, account: Account, peft_adapter: Any) -> None:
+def test_upload_by_name_and_with_the_part_filename_only(
+    server: LiveServer, account: Account, peft_adapter: Any
+) -> None:
     folder: Path = peft_adapter()
     create_finetune(server, account, "by-name")
-    ok(upload(server, account, "by-name", "adapter_config.json", (folder / "adapter_config.json").read_bytes()))
+    ok(upload(
+        server, account, "by-name", "adapter_config.json", (folder / "adapter_config.json").read_bytes()
+    ))
     # curl -F file=@adapter_model.safetensors, no file_name field: the part's filename says it.
     weights = folder / "adapter_model.safetensors"
-    asset = ok(httpx.post(f"{server.ai_url(account)}/finetunes/by-name/finetune-assets", headers=account.headers,
-                          files={"file": (weights.name, weights.read_bytes())}))
+    asset = ok(httpx.post(f"{server.ai_url(account)}/finetunes/by-name/finetune-assets",
+                          headers=account.headers, files={"file": (weights.name, weights.read_bytes())}))
     assert asset["file_name"] == "adapter_model.safetensors"
 
 
@@ -113,7 +119,9 @@ def test_upload_errors(server: LiveServer, account: Account, peft_adapter: Any) 
     assert "file_name" in fails(upload(server, account, "errs", "model.bin", b"x"), 400, 3039)
     fails(upload(server, account, "errs", "adapter_config.json", b"{not json"), 400, 3039)
     fails(httpx.post(url, headers=account.headers, json={"file_name": "adapter_config.json"}), 400, 3003)
-    assert "file" in fails(httpx.post(url, headers=account.headers, files={"file_name": (None, "x")}), 400, 5006)
+    assert "file" in fails(
+        httpx.post(url, headers=account.headers, files={"file_name": (None, "x")}), 400, 5006
+    )
     fails(upload(server, account, "no-such", "adapter_config.json", b"{}"), 404, 3037)
     # An adapter made for another model: refused at upload, naming the tensor.
     other = peft_adapter(hidden_delta=16)
@@ -138,7 +146,9 @@ def test_list_get_and_delete_by_id_and_name(server: LiveServer, account: Account
         fails(httpx.delete(f"{base}/{ref}", headers=account.headers), 404, 3037)
 
 
-def test_deleted_finetune_can_no_longer_be_run(server: LiveServer, account: Account, peft_adapter: Any) -> None:
+def test_deleted_finetune_can_no_longer_be_run(
+    server: LiveServer, account: Account, peft_adapter: Any
+) -> None:
     create_finetune(server, account, "short-lived", peft_adapter())
     body = {"prompt": "x", "lora": "short-lived", "max_tokens": 1}
     ok(httpx.post(server.run_url(account), headers=account.headers, json=body))
@@ -155,18 +165,25 @@ def test_public_list_paging_and_order(server: LiveServer, peft_adapter: Any) -> 
     url = server.ai_url(reader) + "/finetunes/public"
 
     def listed(query: str = "") -> list[str]:
-        return [f["name"] for f in ok(httpx.get(f"{url}{query}", headers=reader.headers)) if f["name"] in names]
+        return [
+            f["name"] for f in ok(httpx.get(f"{url}{query}", headers=reader.headers)) if f["name"] in names
+        ]
 
     assert listed() == ["pub-c", "pub-a", "pub-b"]  # newest first
     assert listed("?orderBy=name&limit=1000") == ["pub-a", "pub-b", "pub-c"]
     everything = [f["name"] for f in ok(httpx.get(f"{url}?orderBy=name&limit=1000", headers=reader.headers))]
     assert "not-public" not in everything
     at = everything.index("pub-a")
-    assert [f["name"] for f in ok(httpx.get(f"{url}?orderBy=name&limit=2&offset={at}", headers=reader.headers))] \
-        == ["pub-a", "pub-b"]
+    assert [
+        f["name"] for f in ok(httpx.get(f"{url}?orderBy=name&limit=2&offset={at}", headers=reader.headers))
+    ] == ["pub-a", "pub-b"]
     assert len(ok(httpx.get(f"{url}?limit=1.0", headers=reader.headers))) == 1
     # A public finetune is usable and readable by others, but stays its owner's to change.
-    ok(httpx.post(server.run_url(reader), headers=reader.headers, json={"prompt": "x", "lora": "pub-a", "max_tokens": 1}))
-    assert ok(httpx.get(server.ai_url(reader) + "/finetunes/pub-a", headers=reader.headers))["name"] == "pub-a"
+    ok(httpx.post(
+        server.run_url(reader), headers=reader.headers, json={"prompt": "x", "lora": "pub-a", "max_tokens": 1}
+    ))
+    assert ok(
+        httpx.get(server.ai_url(reader) + "/finetunes/pub-a", headers=reader.headers)
+    )["name"] == "pub-a"
     fails(httpx.delete(server.ai_url(reader) + "/finetunes/pub-a", headers=reader.headers), 404, 3037)
     fails(upload(server, reader, "pub-a", "adapter_config.json", b"{}"), 404, 3037)

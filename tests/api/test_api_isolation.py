@@ -69,7 +69,9 @@ def test_the_matrix_covers_every_kind_of_route(server: LiveServer) -> None:
         assert expected in paths
 
 
-def test_every_account_route_refuses_a_missing_foreign_or_revoked_token(server: LiveServer, world: World) -> None:
+def test_every_account_route_refuses_a_missing_foreign_or_revoked_token(
+    server: LiveServer, world: World
+) -> None:
     revoked = server.registry.create_token(world.bob.id)
     server.registry.revoke_token(revoked)
     bad_headers: dict[str, dict[str, str]] = {
@@ -111,7 +113,8 @@ def _foreign_requests(server: LiveServer, alice: Account, ref: str, folder: Any)
     h = alice.headers
     asset = {"file": ("blob", (folder / "adapter_config.json").read_bytes())}
     return {
-        "run": httpx.post(server.run_url(alice), headers=h, json={"prompt": "x", "lora": ref, "max_tokens": 1}),
+        "run": httpx.post(server.run_url(alice), headers=h,
+                          json={"prompt": "x", "lora": ref, "max_tokens": 1}),
         "run via base name": httpx.post(server.run_url(alice, BASE_NAME), headers=h,
                                         json={"prompt": "x", "lora": ref, "max_tokens": 1}),
         "run stream": httpx.post(server.run_url(alice), headers=h,
@@ -119,7 +122,8 @@ def _foreign_requests(server: LiveServer, alice: Account, ref: str, folder: Any)
         "chat model suffix": httpx.post(f"{ai}/v1/chat/completions", headers=h, json={
             "model": f"{LORA_MODEL}:{ref}", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1}),
         "chat lora field": httpx.post(f"{ai}/v1/chat/completions", headers=h, json={
-            "model": LORA_MODEL, "lora": ref, "messages": [{"role": "user", "content": "x"}], "max_tokens": 1}),
+            "model": LORA_MODEL, "lora": ref, "messages": [{"role": "user", "content": "x"}],
+            "max_tokens": 1}),
         "completion": httpx.post(f"{ai}/v1/completions", headers=h,
                                  json={"model": f"{LORA_MODEL}:{ref}", "prompt": "x", "max_tokens": 1}),
         "v1 model": httpx.get(f"{ai}/v1/models/{LORA_MODEL}:{ref}", headers=h),
@@ -133,7 +137,9 @@ def _foreign_requests(server: LiveServer, alice: Account, ref: str, folder: Any)
 def test_a_foreign_private_finetune_answers_exactly_as_one_that_never_existed(
     server: LiveServer, world: World
 ) -> None:
-    for ref, never in ((world.secret["id"], "00000000-0000-4000-8000-000000000000"), ("bobs-secret", "nobody-has-it")):
+    for ref, never in (
+        (world.secret["id"], "00000000-0000-4000-8000-000000000000"), ("bobs-secret", "nobody-has-it")
+    ):
         foreign = _foreign_requests(server, world.alice, ref, world.folder)
         missing = _foreign_requests(server, world.alice, never, world.folder)
         for what, response in foreign.items():
@@ -145,7 +151,9 @@ def test_a_foreign_private_finetune_answers_exactly_as_one_that_never_existed(
                 assert world.secret["id"] not in response.text, what
     # Nothing of Bob's was touched, and it still runs for him.
     bob_url = server.ai_url(world.bob) + "/finetunes"
-    assert world.secret["id"] in {f["id"] for f in httpx.get(bob_url, headers=world.bob.headers).json()["result"]}
+    assert world.secret["id"] in {
+        f["id"] for f in httpx.get(bob_url, headers=world.bob.headers).json()["result"]
+    }
     ok = httpx.post(server.run_url(world.bob), headers=world.bob.headers,
                     json={"prompt": "x", "lora": "bobs-secret", "max_tokens": 1})
     assert ok.status_code == 200, ok.text
@@ -157,7 +165,8 @@ def test_listings_show_a_private_finetune_to_its_owner_only(server: LiveServer, 
     listings = {
         "finetunes": httpx.get(f"{ai}/finetunes", headers=h),
         "public": httpx.get(f"{ai}/finetunes/public", headers=h),
-        "public by name": httpx.get(f"{ai}/finetunes/public", headers=h, params={"orderBy": "name", "limit": 1000}),
+        "public by name": httpx.get(f"{ai}/finetunes/public", headers=h,
+                                    params={"orderBy": "name", "limit": 1000}),
         "v1 models": httpx.get(f"{ai}/v1/models", headers=h),
         "models search": httpx.get(f"{ai}/models/search", headers=h),
     }
@@ -173,7 +182,8 @@ def test_a_public_finetune_is_usable_but_not_writable_by_others(server: LiveServ
     ai = server.ai_url(world.alice)
     h = world.alice.headers
     shared_id = world.shared["id"]
-    run = httpx.post(server.run_url(world.alice), headers=h, json={"prompt": "x", "lora": shared_id, "max_tokens": 1})
+    run = httpx.post(server.run_url(world.alice), headers=h,
+                     json={"prompt": "x", "lora": shared_id, "max_tokens": 1})
     assert run.status_code == 200, run.text
     assert httpx.get(f"{ai}/finetunes/{shared_id}", headers=h).json()["result"]["id"] == shared_id
     before = sorted((p.name, p.read_bytes()) for p in server.registry.storage.directory(shared_id).iterdir())
@@ -195,13 +205,17 @@ def test_same_name_in_two_accounts(server: LiveServer, peft_adapter: Any) -> Non
     for who, mine in ((alice, a), (bob, b)):
         got = httpx.get(server.ai_url(who) + "/finetunes/shared-name", headers=who.headers).json()["result"]
         assert got["id"] == mine["id"]
-    assert httpx.delete(server.ai_url(alice) + "/finetunes/shared-name", headers=alice.headers).status_code == 200
+    assert httpx.delete(
+        server.ai_url(alice) + "/finetunes/shared-name", headers=alice.headers
+    ).status_code == 200
     assert httpx.get(server.ai_url(bob) + "/finetunes/shared-name", headers=bob.headers).status_code == 200
 
 
 def _prefix_hits(server: LiveServer) -> float:
     text = httpx.get(f"{server.base_url}/metrics").text
-    found = re.search(rf'^loraserve_prefix_cache_hit_tokens_total{{model="{re.escape(LORA_MODEL)}"}} (\S+)$', text, re.M)
+    found = re.search(
+        rf'^loraserve_prefix_cache_hit_tokens_total{{model="{re.escape(LORA_MODEL)}"}} (\S+)$', text, re.M
+    )
     assert found, "the prefix cache counter is missing from /metrics"
     return float(found.group(1))
 

@@ -33,7 +33,9 @@ def _traffic(base: str, alice: str, bob: str, revoked: str, folder: Path) -> Non
         up = httpx.post(f"{ai}/finetunes/{ft['id']}/finetune-assets", headers=h, data={"file_name": name},
                         files={"file": ("blob", (folder / name).read_bytes())})
         assert up.status_code == 200, up.text
-    assert httpx.post(run, headers=h, json={"prompt": "hi", "lora": "mine", "max_tokens": 2}).status_code == 200
+    assert httpx.post(
+        run, headers=h, json={"prompt": "hi", "lora": "mine", "max_tokens": 2}
+    ).status_code == 200
     refused = [
         httpx.post(f"{ai}/finetunes/{ft['id']}/finetune-assets", headers=h,
                    data={"file_name": "adapter_model.safetensors"}, files={"file": ("blob", b"\x08junk")}),

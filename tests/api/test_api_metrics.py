@@ -39,33 +39,42 @@ def delta(before: dict[str, dict[Labels, float]], after: dict[str, dict[Labels, 
     return value(after, name, **labels) - value(before, name, **labels)
 
 
-def run(server: LiveServer, account: Account, body: dict[str, Any], model: str = LORA_MODEL) -> httpx.Response:
+def run(
+    server: LiveServer, account: Account, body: dict[str, Any], model: str = LORA_MODEL
+) -> httpx.Response:
     return httpx.post(server.run_url(account, model), headers=account.headers, json=body, timeout=60)
 
 
 def test_requests_tokens_and_latencies_are_counted(server: LiveServer, account: Account) -> None:
     before = scrape(server)
-    whole = run(server, account, {"prompt": "tell me a story", "max_tokens": 5, "temperature": 0}).json()["result"]
+    whole = run(
+        server, account, {"prompt": "tell me a story", "max_tokens": 5, "temperature": 0}
+    ).json()["result"]
     with httpx.stream("POST", server.run_url(account), headers=account.headers, timeout=60,
                       json={"prompt": "hi", "max_tokens": 4, "stream": True}) as response:
         events = [line for line in response.iter_lines() if line.startswith("data: {")]
     streamed = json.loads(events[-1].removeprefix("data: "))["usage"]
     chat = httpx.post(f"{server.ai_url(account)}/v1/chat/completions", headers=account.headers, timeout=60,
-                      json={"model": LORA_MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
+                      json={"model": LORA_MODEL, "messages": [{"role": "user", "content": "hi"}],
+                            "max_tokens": 3})
     openai_usage = chat.json()["usage"]
     assert run(server, account, {"prompt": "x"}, model="@cf/nope/nothing").status_code == 400
     assert httpx.post(server.run_url(account), json={"prompt": "x"}).status_code == 401
     after = scrape(server)
 
     model = {"model": LORA_MODEL}
-    assert delta(before, after, "loraserve_http_requests_total", route=RUN_ROUTE, method="POST", status="200") == 2
+    assert delta(before, after, "loraserve_http_requests_total", route=RUN_ROUTE, method="POST",
+                 status="200") == 2
     assert delta(before, after, "loraserve_http_requests_total", route="/v1/chat/completions", method="POST",
                  status="200") == 1
-    assert delta(before, after, "loraserve_http_errors_total", route=RUN_ROUTE, status="400", code="5007") == 1
-    assert delta(before, after, "loraserve_http_errors_total", route=RUN_ROUTE, status="401", code="10000") == 1
+    assert delta(before, after, "loraserve_http_errors_total", route=RUN_ROUTE, status="400",
+                 code="5007") == 1
+    assert delta(before, after, "loraserve_http_errors_total", route=RUN_ROUTE, status="401",
+                 code="10000") == 1
     assert delta(before, after, "loraserve_http_request_duration_seconds_count", route=RUN_ROUTE) == 4
     usages = [whole["usage"], streamed, openai_usage]
-    assert delta(before, after, "loraserve_prompt_tokens_total", **model) == sum(u["prompt_tokens"] for u in usages)
+    assert delta(before, after, "loraserve_prompt_tokens_total", **model) \
+        == sum(u["prompt_tokens"] for u in usages)
     assert delta(before, after, "loraserve_generation_tokens_total", **model) == 5 + 4 + 3
     assert delta(before, after, "loraserve_generations_total", finish_reason="length", **model) == 3
     assert delta(before, after, "loraserve_time_to_first_token_seconds_count", **model) == 3
@@ -102,7 +111,9 @@ def test_engine_gauges_follow_a_running_request(server: LiveServer, account: Acc
         idle, "loraserve_kv_blocks_free", model=LORA_MODEL)
     assert total > 0
     body = {"prompt": "hi", "raw": True, "max_tokens": 1500, "temperature": 0, "stream": True}
-    with httpx.stream("POST", server.run_url(account), headers=account.headers, json=body, timeout=60) as response:
+    with httpx.stream(
+        "POST", server.run_url(account), headers=account.headers, json=body, timeout=60
+    ) as response:
         lines = response.iter_lines()  # kept: dropping the iterator would close the response
         assert next(lines).startswith("data: {")  # the generation is under way
         # The engine publishes its stats after each step: the scrape sees them within a step or two.
@@ -142,7 +153,9 @@ def test_a_metrics_token_guards_the_scrape(server: LiveServer, tiny_backend: Any
     app = create_app(server.registry, {LORA_MODEL: tiny_backend}, ServerSettings(metrics_token=token))
     with BackgroundServer(app) as live:
         url = f"{live.base_url}/metrics"
-        for headers in ({}, {"Authorization": "Bearer wrong-token-wrong-token"}, {"Authorization": f"Basic {token}"}):
+        for headers in (
+            {}, {"Authorization": "Bearer wrong-token-wrong-token"}, {"Authorization": f"Basic {token}"}
+        ):
             refused = httpx.get(url, headers=headers)
             assert refused.status_code == 401 and refused.json()["errors"][0]["code"] == 10000
             assert "loraserve_" not in refused.text

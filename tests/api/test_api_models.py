@@ -25,7 +25,9 @@ def names(body: dict[str, Any]) -> list[str]:
     return [m["name"] for m in body["result"]]
 
 
-def test_search_lists_served_models_in_workers_ai_shape(server: LiveServer, account: Account, tiny_backend: Any) -> None:
+def test_search_lists_served_models_in_workers_ai_shape(
+    server: LiveServer, account: Account, tiny_backend: Any
+) -> None:
     body = search(server, account)
     assert names(body) == sorted([LORA_MODEL, NO_LORA_MODEL])
     assert body["result_info"] == {"page": 1, "per_page": 50, "count": 2, "total_count": 2}
@@ -61,11 +63,15 @@ def test_search_rejects_bad_paging_and_needs_a_token(server: LiveServer, account
     assert bad.status_code == 400 and bad.json()["errors"][0]["code"] == 5006
     assert "page" in bad.json()["errors"][0]["message"]
     assert httpx.get(url).status_code == 401
-    assert httpx.get(f"{server.ai_url(account)}/models/schema", params={"model": LORA_MODEL}).status_code == 401
+    assert httpx.get(
+        f"{server.ai_url(account)}/models/schema", params={"model": LORA_MODEL}
+    ).status_code == 401
 
 
 def get_schema(server: LiveServer, account: Account, model: str) -> httpx.Response:
-    return httpx.get(f"{server.ai_url(account)}/models/schema", headers=account.headers, params={"model": model})
+    return httpx.get(
+        f"{server.ai_url(account)}/models/schema", headers=account.headers, params={"model": model}
+    )
 
 
 def test_schema_is_what_run_validates(server: LiveServer, account: Account) -> None:

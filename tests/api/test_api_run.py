@@ -17,7 +17,9 @@ from conftest import BASE_NAME, LORA_MODEL, NO_LORA_MODEL, Account, LiveServer, 
 LLAMA2 = ChatTemplate.llama2()
 
 
-def run(server: LiveServer, account: Account, body: dict[str, Any], model: str = LORA_MODEL) -> httpx.Response:
+def run(
+    server: LiveServer, account: Account, body: dict[str, Any], model: str = LORA_MODEL
+) -> httpx.Response:
     return httpx.post(server.run_url(account, model), headers=account.headers, json=body, timeout=60)
 
 
@@ -39,7 +41,9 @@ def error(response: httpx.Response, status: int, code: int) -> str:
     return message
 
 
-def test_prompt_is_wrapped_in_the_default_system_prompt(server: LiveServer, account: Account, tiny_backend: Any) -> None:
+def test_prompt_is_wrapped_in_the_default_system_prompt(
+    server: LiveServer, account: Account, tiny_backend: Any
+) -> None:
     out = result(run(server, account, {"prompt": "tell me a story", "max_tokens": 4, "temperature": 0}))
     expected = len(tiny_backend.encode(LLAMA2.render(unscoped_messages("tell me a story"))))
     assert out["usage"] == {"prompt_tokens": expected, "completion_tokens": 4, "total_tokens": expected + 4}
@@ -47,13 +51,17 @@ def test_prompt_is_wrapped_in_the_default_system_prompt(server: LiveServer, acco
 
 
 @pytest.mark.parametrize("raw", [True, "true"])
-def test_raw_prompt_goes_to_the_tokenizer_as_is(server: LiveServer, account: Account, tiny_backend: Any, raw: Any) -> None:
+def test_raw_prompt_goes_to_the_tokenizer_as_is(
+    server: LiveServer, account: Account, tiny_backend: Any, raw: Any
+) -> None:
     prompt = "<s>[INST]comedian[/INST]</s>\n[INST]tell me a joke about cloudflare[/INST]"
     out = result(run(server, account, {"prompt": prompt, "raw": raw, "max_tokens": 2}))
     assert out["usage"]["prompt_tokens"] == len(tiny_backend.encode(prompt))
 
 
-def test_raw_false_string_applies_the_template(server: LiveServer, account: Account, tiny_backend: Any) -> None:
+def test_raw_false_string_applies_the_template(
+    server: LiveServer, account: Account, tiny_backend: Any
+) -> None:
     out = result(run(server, account, {"prompt": "hi", "raw": "false", "max_tokens": 1}))
     assert out["usage"]["prompt_tokens"] == len(tiny_backend.encode(LLAMA2.render(unscoped_messages("hi"))))
 
@@ -109,7 +117,8 @@ def test_unknown_fields_are_ignored(server: LiveServer, account: Account) -> Non
 def test_the_docs_curl_form_is_accepted(server: LiveServer, account: Account) -> None:
     # The seed's curl: `-d '{...}'` (so form-urlencoded) with "raw" as a string.
     response = httpx.post(
-        server.run_url(account), headers={**account.headers, "Content-Type": "application/x-www-form-urlencoded"},
+        server.run_url(account),
+        headers={**account.headers, "Content-Type": "application/x-www-form-urlencoded"},
         content=b'{"prompt": "tell me a story", "raw": "true", "max_tokens": 2}',
     )
     result(response)
@@ -145,13 +154,17 @@ def test_the_docs_curl_form_is_accepted(server: LiveServer, account: Account) ->
         ({"max_tokens": 3}, "prompt, messages"),
     ],
 )
-def test_schema_errors_name_the_field(server: LiveServer, account: Account, body: dict[str, Any], field: str) -> None:
+def test_schema_errors_name_the_field(
+    server: LiveServer, account: Account, body: dict[str, Any], field: str
+) -> None:
     message = error(run(server, account, body), 400, 5006)
     assert message.startswith("AiError: Bad input: ")
     assert field in message
 
 
-def test_prompt_plus_max_tokens_beyond_the_context_window(server: LiveServer, account: Account, tiny_backend: Any) -> None:
+def test_prompt_plus_max_tokens_beyond_the_context_window(
+    server: LiveServer, account: Account, tiny_backend: Any
+) -> None:
     window = tiny_backend.info.context_window
     prompt = "hello " * (window - 10)
     prompt_tokens = len(tiny_backend.encode(prompt))

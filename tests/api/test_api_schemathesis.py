@@ -69,7 +69,9 @@ def target(server: LiveServer) -> Target:
                          json={"model": LORA_MODEL, "name": FINETUNE})
     assert created.status_code == 200, created.text
     finetune_id = created.json()["result"]["id"]
-    config = api_fuzz.fuzz_config(account.id, account.token, finetune_id, FINETUNE, max_examples=EXAMPLES, seed=1)
+    config = api_fuzz.fuzz_config(
+        account.id, account.token, finetune_id, FINETUNE, max_examples=EXAMPLES, seed=1
+    )
     schema = schemathesis.openapi.from_url(f"{server.base_url}/openapi.json",
                                            config=schemathesis.config.SchemathesisConfig.from_dict(config))
     return Target(schema, account.id, finetune_id)
@@ -82,7 +84,8 @@ def test_the_document_lists_every_route(target: Target) -> None:
 
 
 CASES = [
-    *((method, path, mode) for method, path in OPERATIONS for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)),
+    *((method, path, mode) for method, path in OPERATIONS
+      for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)),
     ("GET", "/healthz", GenerationMode.POSITIVE),  # nothing to get wrong: no parameters, no body
     ("GET", "/metrics", GenerationMode.POSITIVE),
 ]
@@ -158,7 +161,9 @@ def test_public_paging_takes_whole_numbers_only(server: LiveServer, account: Acc
 
 
 @pytest.mark.parametrize("query", ["offset=9007199254740992", "limit=10.0", "offset=0"])
-def test_public_paging_still_takes_what_the_sdk_sends(server: LiveServer, account: Account, query: str) -> None:
+def test_public_paging_still_takes_what_the_sdk_sends(
+    server: LiveServer, account: Account, query: str
+) -> None:
     response = httpx.get(f"{server.ai_url(account)}/finetunes/public?{query}", headers=account.headers)
     assert response.status_code == 200, response.text
 
@@ -207,7 +212,9 @@ async def test_an_unexpected_error_on_v1_takes_openais_shape() -> None:
     async def receive() -> dict[str, Any]:
         return {"type": "http.request", "body": b"", "more_body": False}
 
-    for path, shape in (("/client/v4/accounts/a/ai/v1/models", "openai"), ("/client/v4/accounts/a/ai/run/m", "envelope")):
+    for path, shape in (
+        ("/client/v4/accounts/a/ai/v1/models", "openai"), ("/client/v4/accounts/a/ai/run/m", "envelope")
+    ):
         sent: list[dict[str, Any]] = []
 
         async def send(message: dict[str, Any]) -> None:
@@ -224,8 +231,9 @@ async def test_an_unexpected_error_on_v1_takes_openais_shape() -> None:
 
 
 @pytest.mark.parametrize("name", [
-    "ok", "a.b_c-d", "...", ".a", "cf-public-x", "CF-Public-x", "cf-publicx", "a" * 128, "a" * 129, "a b", "a:b",
-    "9f88f4fe-a705-4042-a7c1-5459152b26ed", "9f88f4fea7054042a7c15459152b26ed", "-9f88f4fe-a705-4042-a7c1-5459152b26ed-",
+    "ok", "a.b_c-d", "...", ".a", "cf-public-x", "CF-Public-x", "cf-publicx", "a" * 128, "a" * 129, "a b",
+    "a:b", "9f88f4fe-a705-4042-a7c1-5459152b26ed", "9f88f4fea7054042a7c15459152b26ed",
+    "-9f88f4fe-a705-4042-a7c1-5459152b26ed-",
     "0x" + "a" * 30, "0X_" + "a" * 29, "0123456789abcdef0123456789abcd_e", "0123456789abcdef0123456789abc__e",
     "9f88f4fea7054042a7c15459152b26e", "9f88f4fea7054042a7c15459152b26edd", "g" * 32,
 ])

@@ -22,5 +22,5 @@ def test_events() -> None:
     )
     assert DONE == b"data: [DONE]\n\n"
     error = json.loads(error_event(RequestTimeout())[len(b"data: "):])
-    assert error == {"result": None, "success": False, "errors": [{"code": 3007, "message": "Request timeout"}],
-                     "messages": []}
+    assert error == {"result": None, "success": False,
+                     "errors": [{"code": 3007, "message": "Request timeout"}], "messages": []}

@@ -50,7 +50,9 @@ def idle(backend: Any) -> bool:
     return stats["running"] == 0 and stats["queue_depth"] == 0 and stats["kv_blocks_used"] == 0
 
 
-def open_raw(server: LiveServer, account: Account, body: dict[str, Any], model: str = LORA_MODEL) -> socket.socket:
+def open_raw(
+    server: LiveServer, account: Account, body: dict[str, Any], model: str = LORA_MODEL
+) -> socket.socket:
     """A request on a bare socket, so a test can hang up mid-answer exactly when it wants."""
     url = urlsplit(server.run_url(account, model))
     payload = json.dumps(body).encode()
@@ -73,7 +75,9 @@ def read_until(sock: socket.socket, marker: bytes) -> bytes:
 
 
 def test_stream_bytes_are_exactly_the_workers_ai_format(server: LiveServer, account: Account) -> None:
-    response, raw = stream_bytes(server, account, {"prompt": "tell me a story", "max_tokens": 24, "temperature": 0})
+    response, raw = stream_bytes(
+        server, account, {"prompt": "tell me a story", "max_tokens": 24, "temperature": 0}
+    )
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/event-stream")
     events = split_events(raw)
@@ -92,13 +96,17 @@ def test_stream_bytes_are_exactly_the_workers_ai_format(server: LiveServer, acco
     assert len(texts) > 1
     assert len({len(parse(e)["p"]) for e in events[:-2]}) > 1  # random lengths, not a constant
 
-    whole = httpx.post(server.run_url(account), headers=account.headers,
-                       json={"prompt": "tell me a story", "max_tokens": 24, "temperature": 0}).json()["result"]
+    whole = httpx.post(
+        server.run_url(account), headers=account.headers,
+        json={"prompt": "tell me a story", "max_tokens": 24, "temperature": 0},
+    ).json()["result"]
     assert "".join(texts) == whole["response"]
     assert usage["usage"] == whole["usage"]
 
 
-def test_errors_before_the_first_event_are_http_errors(server: LiveServer, account: Account, tiny_backend: Any) -> None:
+def test_errors_before_the_first_event_are_http_errors(
+    server: LiveServer, account: Account, tiny_backend: Any
+) -> None:
     window = tiny_backend.info.context_window
     cases = [
         ({"prompt": "x", "max_tokens": window}, 413, 5021),
@@ -112,7 +120,9 @@ def test_errors_before_the_first_event_are_http_errors(server: LiveServer, accou
         assert json.loads(raw)["errors"][0]["code"] == code
 
 
-def test_disconnect_mid_stream_aborts_the_generation(server: LiveServer, account: Account, tiny_backend: Any) -> None:
+def test_disconnect_mid_stream_aborts_the_generation(
+    server: LiveServer, account: Account, tiny_backend: Any
+) -> None:
     assert wait_until(lambda: idle(tiny_backend))
     sock = open_raw(server, account, {**LONG, "stream": True})
     head = read_until(sock, b"data: {")

@@ -18,7 +18,9 @@ def run(server: LiveServer, body: dict[str, Any]) -> tuple[str, list[str]]:
     url = server.run_url(account, EMBEDDED_MODEL)
     whole = httpx.post(url, headers=account.headers, json=body, timeout=60)
     assert whole.status_code == 200, whole.text
-    with httpx.stream("POST", url, headers=account.headers, json={**body, "stream": True}, timeout=60) as response:
+    with httpx.stream(
+        "POST", url, headers=account.headers, json={**body, "stream": True}, timeout=60
+    ) as response:
         raw = response.read()
     texts = []
     for event in raw[:-2].split(b"\n\n")[:-2]:  # text events, before usage and [DONE]

@@ -18,8 +18,8 @@ import pytest
 from conftest import LORA_MODEL, NO_LORA_MODEL, Account, LiveServer
 
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
 SYSTEM = "You are a pirate. Answer in one sentence."
 PROMPT = "Tell me about the sea."
@@ -61,7 +61,10 @@ def page(browser: Any) -> Iterator[Any]:
     page.set_default_timeout(15_000)
     problems: list[str] = []
     page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
-    page.on("console", lambda msg: problems.append(f"console {msg.type}: {msg.text}") if msg.type == "error" else None)
+    page.on(
+        "console",
+        lambda msg: problems.append(f"console {msg.type}: {msg.text}") if msg.type == "error" else None,
+    )
     yield page
     context.close()
     # API errors are shown on the page, never thrown; a CSP violation or a JS bug would show up here.
@@ -123,7 +126,9 @@ def test_playground_streams_a_finetunes_answer(page: Any, server: LiveServer, pe
         "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": PROMPT}],
         "max_tokens": 48, "temperature": 0, "lora": "pg-pirate",
     }
-    expected = httpx.post(server.run_url(account), headers=account.headers, json=body, timeout=60).json()["result"]
+    expected = httpx.post(
+        server.run_url(account), headers=account.headers, json=body, timeout=60
+    ).json()["result"]
     assert response.text_content() == expected["response"] != ""
     assert page.evaluate("window.__pieces") > 1
     assert response.get_attribute("aria-live") == "polite"
@@ -147,7 +152,9 @@ def test_playground_streams_a_finetunes_answer(page: Any, server: LiveServer, pe
         assert run_snippet(code(name), account).startswith(expected["response"] + "\n"), name
     if shutil.which("curl"):
         env = {**os.environ, "CLOUDFLARE_API_TOKEN": account.token}
-        out = subprocess.run(["bash", "-c", curl], env=env, capture_output=True, timeout=60, check=True).stdout
+        out = subprocess.run(
+            ["bash", "-c", curl], env=env, capture_output=True, timeout=60, check=True
+        ).stdout
         assert out.rstrip().endswith(b"data: [DONE]") and b'"completion_tokens":48' in out
 
 

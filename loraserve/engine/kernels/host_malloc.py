@@ -3,11 +3,11 @@
 Why: every CPU step allocates its activations anew (a 1024-token prefill chunk's gate/up output alone
 is 12 MB). glibc serves an allocation above its mmap threshold with a fresh mapping, and hands a freed
 heap top above its trim threshold back to the OS; either way the next step writes to new pages, and
-the kernel faults in and zeroes each 4 KiB page. Measured on SmolLM2 (ru_minflt around `step()`): a
-1024-token prefill chunk faulted 24k pages (94 MB) with no adapter and 90k with 16, ~50 and ~150 ms of
-system time a chunk. With the threshold at glibc's maximum and trimming left to large surpluses, the
-same chunks fault ~0 pages and run 6% (no adapter) and 17% (16 adapters) faster. PyTorch's CPU
-performance guide recommends jemalloc or tcmalloc for the same reason; this needs no preload.
+the kernel faults in and zeroes each 4 KiB page: tens of thousands of faults a prefill chunk, paid in
+system time on every step (BENCHMARKS.md, "Page faults on every step"). With the threshold at glibc's
+maximum and trimming left to large surpluses, the same chunks fault almost no pages after the first.
+PyTorch's CPU performance guide recommends jemalloc or tcmalloc for the same reason; this needs no
+preload.
 
 The cost: freed heap memory stays with the process (up to `_TRIM_BYTES` of it), which a server
 reaches again at its next busy step anyway.

@@ -2,9 +2,9 @@
 
 The weights are not copied: the file is memory-mapped and every A and B is a view of it, so the host
 tier of the adapter cache holds page-cache pages (already resident after the upload wrote them), and
-loading an adapter allocates nothing. Copying it into fresh memory cost ~5,400 page faults an adapter
-(~60 ms of system time on a busy 2-core machine, more than all the rest of its loading) and slowed the
-step threads beside it. Slots are filled from the views (lora.py), scale and dtype applied there.
+loading an adapter allocates nothing. Copying it into fresh memory page-faulted every page of it, in
+system time that outweighed the rest of its loading and slowed the step threads beside it. Slots are
+filled from the views (lora/pool.py), scale and dtype applied there.
 """
 
 from __future__ import annotations

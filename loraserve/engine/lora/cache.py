@@ -162,7 +162,7 @@ def _single_thread_loader() -> ThreadPoolExecutor:
 
     `torch.set_num_threads` also sets the process-wide default that every thread reads the first time
     it runs a parallel op. Left at 1, any thread starting torch work later ran single-threaded: the
-    benchmark's roofline and HF baseline did (a batch-32 ceiling of 113-120 ms instead of ~70). So the
+    benchmark's roofline and HF baseline did, and their ceilings came out far too low. So the
     worker starts now, and the caller's own count is set back as the default once it has.
     """
     restore = torch.get_num_threads()

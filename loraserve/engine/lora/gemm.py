@@ -97,8 +97,8 @@ def _part(pool: LoraPool, items: list[tuple[int, int]], device: torch.device) ->
     for slot, row in items:
         by_slot.setdefault(slot, []).append(row)
     # Heavy: more than twice the mean rows per active slot, or more than _HEAVY_ROWS rows at all. The
-    # second rule is for prefill chunks: 8 prompts of 128 tokens over 5 adapters made a padded block of
-    # 8 x 384 rows for 1024 real ones, and the gate/up LoRA took 15 ms a layer instead of ~4.
+    # second rule is for prefill chunks: 8 prompts of 128 tokens over 5 adapters would make a padded
+    # block of 8 x 384 rows for 1024 real ones, three times the work.
     cap = min(_HEAVY_ROWS, max(2, math.ceil(2 * len(items) / len(by_slot))))
     heavy = [seg for slot, rows in by_slot.items() if len(rows) > cap for seg in _segments(slot, rows)]
     light = {slot: rows for slot, rows in by_slot.items() if len(rows) <= cap}

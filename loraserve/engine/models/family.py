@@ -23,7 +23,11 @@ class Family:
 
 
 LLAMA = Family("llama")
-FAMILIES: dict[str, Family] = {f.model_type: f for f in (LLAMA, Family("mistral"))}
+# Gemma (1) and Qwen2 decoders are computed here (tests/engine/models/test_family.py: logits against
+# transformers); loading their checkpoints, templates and catalog ids are issue 17's.
+GEMMA = Family("gemma", activation=Activation.GELU_TANH, norm_offset=1.0, embed_scale=True)
+QWEN2 = Family("qwen2", qkv_bias=True)
+FAMILIES: dict[str, Family] = {f.model_type: f for f in (LLAMA, Family("mistral"), GEMMA, QWEN2)}
 
 
 def family_of(model_type: str) -> Family:

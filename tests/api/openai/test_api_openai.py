@@ -35,7 +35,9 @@ def tuned(server: LiveServer, peft_adapter: Any) -> tuple[Account, dict[str, Any
     return owner, create_finetune(server, owner, "openai-style", peft_adapter())
 
 
-def run(server: LiveServer, account: Account, body: dict[str, Any], model: str = LORA_MODEL) -> dict[str, Any]:
+def run(
+    server: LiveServer, account: Account, body: dict[str, Any], model: str = LORA_MODEL
+) -> dict[str, Any]:
     response = httpx.post(server.run_url(account, model), headers=account.headers, json=body, timeout=60)
     assert response.status_code == 200, response.text
     result: dict[str, Any] = response.json()["result"]
@@ -72,7 +74,9 @@ def test_chat_streaming_chunks(client: OpenAI) -> None:
 
 
 def test_stream_without_include_usage_has_no_usage_chunk(client: OpenAI) -> None:
-    chunks = list(client.chat.completions.create(model=LORA_MODEL, messages=MESSAGES, max_tokens=3, stream=True))
+    chunks = list(
+        client.chat.completions.create(model=LORA_MODEL, messages=MESSAGES, max_tokens=3, stream=True)
+    )
     assert all(c.usage is None and len(c.choices) == 1 for c in chunks)
     assert chunks[-1].choices[0].finish_reason == "length"
 
@@ -91,13 +95,17 @@ def test_completions_are_raw_prompts(client: OpenAI, server: LiveServer, account
     assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens == same["usage"]["total_tokens"]
 
 
-def test_finetune_by_lora_field_and_model_suffix(server: LiveServer, tuned: tuple[Account, dict[str, Any]]) -> None:
+def test_finetune_by_lora_field_and_model_suffix(
+    server: LiveServer, tuned: tuple[Account, dict[str, Any]]
+) -> None:
     owner, finetune = tuned
     body: dict[str, Any] = {"messages": MESSAGES, "max_tokens": 6, "temperature": 0}
     expected = run(server, owner, {**body, "lora": "openai-style"})["response"]
     assert expected != run(server, owner, body)["response"]
     with OpenAI(api_key=owner.token, base_url=f"{server.ai_url(owner)}/v1", max_retries=0) as client:
-        by_field = client.chat.completions.create(model=LORA_MODEL, extra_body={"lora": finetune["id"]}, **body)
+        by_field = client.chat.completions.create(
+            model=LORA_MODEL, extra_body={"lora": finetune["id"]}, **body
+        )
         by_suffix = client.chat.completions.create(model=f"{LORA_MODEL}:openai-style", **body)
         via_base_name = client.chat.completions.create(model=f"{BASE_NAME}:openai-style", **body)
         streamed = client.chat.completions.create(model=f"{LORA_MODEL}:{finetune['id']}", stream=True, **body)
@@ -131,18 +139,24 @@ def test_sampling_parameters_are_mapped(client: OpenAI, server: LiveServer, acco
 
 
 def test_stop_sequences_cut_the_text(client: OpenAI) -> None:
-    full = client.completions.create(model=LORA_MODEL, prompt="once", max_tokens=24, temperature=0).choices[0].text
+    full = client.completions.create(
+        model=LORA_MODEL, prompt="once", max_tokens=24, temperature=0
+    ).choices[0].text
     assert len(full) > 6
     stop = full[3:6]  # wherever the sequence first occurs, the text ends right before it
     cut = full[: full.index(stop)]
-    out = client.completions.create(model=LORA_MODEL, prompt="once", max_tokens=24, temperature=0, stop=[stop, "\x00"])
+    out = client.completions.create(
+        model=LORA_MODEL, prompt="once", max_tokens=24, temperature=0, stop=[stop, "\x00"]
+    )
     assert out.choices[0].text == cut and out.choices[0].finish_reason == "stop"
     assert out.usage is not None and out.usage.completion_tokens < 24  # generation stopped early
     chunks = list(client.completions.create(model=LORA_MODEL, prompt="once", max_tokens=24, temperature=0,
                                             stop=stop, stream=True))
     assert "".join(c.choices[0].text for c in chunks) == cut
     assert chunks[-1].choices[0].finish_reason == "stop"
-    never = client.completions.create(model=LORA_MODEL, prompt="once", max_tokens=24, temperature=0, stop="\x01")
+    never = client.completions.create(
+        model=LORA_MODEL, prompt="once", max_tokens=24, temperature=0, stop="\x01"
+    )
     assert never.choices[0].text == full and never.choices[0].finish_reason == "length"
 
 
@@ -219,7 +233,9 @@ def idle(backend: Any) -> bool:
     return bool(stats["running"] == 0 and stats["queue_depth"] == 0 and stats["kv_blocks_used"] == 0)
 
 
-def test_hanging_up_a_stream_aborts_the_generation(server: LiveServer, account: Account, tiny_backend: Any) -> None:
+def test_hanging_up_a_stream_aborts_the_generation(
+    server: LiveServer, account: Account, tiny_backend: Any
+) -> None:
     assert wait_until(lambda: idle(tiny_backend), 3.0)
     body = {"model": LORA_MODEL, "prompt": "hi", "max_tokens": 2000, "temperature": 0, "stream": True}
     with httpx.stream("POST", f"{server.ai_url(account)}/v1/completions", headers=account.headers, json=body,
@@ -245,7 +261,9 @@ def test_timeout_and_rate_limit_errors(strict_server: LiveServer) -> None:
     assert "data: [DONE]" not in events
     # The third of the account's 3 calls a minute passes; the fourth is OpenAI's 429.
     with OpenAI(api_key=account.token, base_url=base, max_retries=0) as client:
-        assert client.completions.create(model=LORA_MODEL, prompt="hi", max_tokens=1).choices[0].text is not None
+        assert client.completions.create(
+            model=LORA_MODEL, prompt="hi", max_tokens=1
+        ).choices[0].text is not None
         with pytest.raises(openai.RateLimitError) as limited:
             client.completions.create(model=LORA_MODEL, prompt="hi", max_tokens=1)
     assert error_body(limited.value)["code"] == "rate_limit_exceeded"

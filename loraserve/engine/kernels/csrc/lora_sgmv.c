@@ -15,8 +15,7 @@
  *   h:     [rows, nR] scratch           the shrink's result, in plan order
  * Why packed: every task then streams one contiguous block. With B as [nR, N] rows (R rows N apart per
  * column tile) the hardware prefetcher lost track and the expand read its weights well below the
- * memory's pace (BENCHMARKS.md, "Multi-LoRA", has the timings, and torch's gather + padded bmm + scatter
- * beside them).
+ * memory's pace (the timings, against torch's gather + padded bmm + scatter: BENCHMARKS.md, "Multi-LoRA").
  * Every output element is summed by one thread in a fixed order, whatever the blocking: a row's result
  * does not depend on the other rows or on the thread count.
  * lora_sgmv_f16 is the same over half-precision (IEEE fp16) A and B, widened to float32 as they are
