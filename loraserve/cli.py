@@ -90,8 +90,9 @@ def serve(
         str | None, typer.Option(help="cpu, cuda or cuda:N (default: cpu).")
     ] = None,
     dtype: Annotated[
-        str | None, typer.Option(help="auto, float32, bfloat16 or float16 (default: auto = float32 on CPU, "
-                                      "bfloat16 on CUDA).")
+        str | None, typer.Option(help="auto, float32, bfloat16, float16, or gguf: a GGUF file's own "
+                                      "quantization (Q8_0, Q4_0, Q4_1), multiplied as stored on the CPU "
+                                      "(default: auto = float32 on CPU, bfloat16 on CUDA).")
     ] = None,
     lora_dtype: Annotated[
         str | None,

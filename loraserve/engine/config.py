@@ -164,8 +164,10 @@ class EngineConfig:
             raise ValueError("max_num_batched_tokens must be >= max_num_seqs")
         if min(self.kv_cache_bytes, self.adapter_host_cache_bytes, self.lora_slot_bytes) < 0:
             raise ValueError("cache budgets must be >= 0")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ValueError("dtype must be auto, float32, bfloat16 or float16")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16", "gguf"):
+            raise ValueError("dtype must be auto, float32, bfloat16, float16 or gguf")
+        if self.dtype == "gguf" and self.device != "cpu":
+            raise ValueError("dtype gguf (a GGUF file's own quantization) runs on the CPU only")
         if self.lora_dtype not in ("auto", "float16"):
             raise ValueError("lora_dtype must be auto or float16")
         if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):

@@ -18,6 +18,7 @@ from loraserve.engine.models.step import KVCache
 from loraserve.engine.ops.select import select_ops
 from loraserve.engine.runner.decode_graphs import DecodeGraphs
 from loraserve.engine.runner.model_runner import ModelRunner
+from loraserve.engine.weights.hf import StateDict
 from loraserve.types import AdapterRef, FinishReason, QueueFull, SamplingParams, check_context_window
 
 _CPU_KV_CAP = 1 << 30  # default KV budget on CPU: 1 GiB holds ~22k tokens of SmolLM2 in fp32
@@ -34,13 +35,16 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def resolve_dtype(ecfg: EngineConfig, device: torch.device) -> torch.dtype:
+    """The compute dtype: activations, KV cache, float weights."""
+    if ecfg.dtype == "gguf":  # quantized weights, float32 activations
+        return torch.float32
     if ecfg.dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return _DTYPES[ecfg.dtype]
 
 
 class LLMEngine:
-    def __init__(self, cfg: ModelConfig, state: dict[str, torch.Tensor], ecfg: EngineConfig | None = None,
+    def __init__(self, cfg: ModelConfig, state: StateDict, ecfg: EngineConfig | None = None,
                  context_window: int | None = None) -> None:
         self.cfg = cfg
         self.ecfg = ecfg = ecfg or EngineConfig()

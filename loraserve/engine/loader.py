@@ -16,8 +16,10 @@ from loraserve import catalog
 from loraserve.chat_template import ChatTemplate
 from loraserve.engine.async_engine import AsyncEngine
 from loraserve.engine.config import EngineConfig, ModelConfig, module_name
+from loraserve.engine.kernels.qlinear import load_qlinear
 from loraserve.engine.llm_engine import LLMEngine, resolve_dtype
 from loraserve.engine.process import configure_process
+from loraserve.engine.weights.hf import StateDict
 from loraserve.engine.weights.tokenizer import Tokenizer
 
 EMBEDDED = catalog.EMBEDDED_SOURCE
@@ -39,14 +41,14 @@ def embedded_gguf_path() -> Path:
 
 
 def random_model(name: str, tokenizer: Tokenizer, seed: int = 0,
-                 max_positions: int = 2048) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+                 max_positions: int = 2048) -> tuple[ModelConfig, StateDict]:
     if name not in RANDOM_SHAPES:
         raise ValueError(f"unknown random model {name!r}; known: {', '.join(RANDOM_SHAPES)}")
     cfg = ModelConfig(vocab_size=tokenizer.vocab_size, max_position_embeddings=max_positions,
                       rope_theta=10000.0, tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
                       eos_token_ids=tokenizer.eos_token_ids, **RANDOM_SHAPES[name])
     g = torch.Generator().manual_seed(seed)
-    state: dict[str, torch.Tensor] = {}
+    state: StateDict = {}
     h = cfg.hidden_size
 
     def rand(*shape: int) -> torch.Tensor:
@@ -70,6 +72,9 @@ def load_engine(source: str, config: EngineConfig | None = None) -> tuple[LLMEng
     dtype = resolve_dtype(ecfg, torch.device(ecfg.device))
     if source == EMBEDDED:
         source = str(embedded_gguf_path())
+    keep_quantized = ecfg.dtype == "gguf"
+    if keep_quantized:
+        _check_gguf_dtype(source, ecfg)
     if source.startswith(RANDOM_PREFIX):
         import gguf
 
@@ -78,7 +83,7 @@ def load_engine(source: str, config: EngineConfig | None = None) -> tuple[LLMEng
     elif source.endswith(".gguf") and os.path.isfile(source):
         from loraserve.engine.weights import loader as weights
 
-        cfg, state, tokenizer = weights.load_gguf(source, dtype)
+        cfg, state, tokenizer = weights.load_gguf(source, dtype, keep_quantized)
     elif os.path.isdir(source):
         from loraserve.engine.weights import loader as weights
 
@@ -92,6 +97,16 @@ def load_engine(source: str, config: EngineConfig | None = None) -> tuple[LLMEng
     # Chat models end a turn with their own token (SmolLM2's <|im_end|>), which config.json may not list.
     engine.eos_ids = engine.eos_ids | frozenset(tokenizer.eos_token_ids)
     return engine, tokenizer
+
+
+def _check_gguf_dtype(source: str, ecfg: EngineConfig) -> None:
+    """dtype gguf multiplies a GGUF file's blocks as stored: refused, not silently dequantized (a 7B
+    model's float copy would not fit), where that cannot happen."""
+    if not (source.endswith(".gguf") and os.path.isfile(source)):
+        raise ValueError(f"dtype gguf keeps a GGUF file's own quantization; {source!r} is not a .gguf file")
+    if not ecfg.native_kernels or load_qlinear() is None:
+        raise ValueError("dtype gguf needs the quantized CPU kernel (native_kernels on and a C compiler); "
+                         "--dtype float32 dequantizes the file instead")
 
 
 def load_backend(source: str, config: EngineConfig | None = None,

@@ -22,6 +22,8 @@ from loraserve.engine.models.rope import rope_tables
 from loraserve.engine.models.step import BatchMeta, KVCache
 from loraserve.engine.ops.linear import Projection, Role
 from loraserve.engine.ops.select import Ops
+from loraserve.engine.weights.hf import StateDict
+from loraserve.engine.weights.quant import QuantTensor, Weight, as_float, fuse
 
 
 @dataclass
@@ -36,32 +38,39 @@ class LayerWeights:
 
 
 class Decoder:
-    def __init__(self, cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype,
+    def __init__(self, cfg: ModelConfig, state: StateDict, dtype: torch.dtype,
                  device: torch.device, ops: Ops) -> None:
         self.cfg, self.dtype, self.device, self.ops = cfg, dtype, device, ops
         self.family: Family = family_of(cfg.architecture)
         fam, make = self.family, ops.projections.make
 
+        def weight(name: str) -> Weight:  # GGUF blocks stay as stored, for a QuantProjections backend
+            w = state.pop(name)
+            return w if isinstance(w, QuantTensor) else w.to(device=device, dtype=dtype)
+
         def take(name: str) -> torch.Tensor:
-            return state.pop(name).to(device=device, dtype=dtype)
+            return as_float(state.pop(name), dtype).to(device=device, dtype=dtype)
+
+        def fused(names: list[str]) -> Weight:
+            return fuse([weight(n) for n in names], dtype)
 
         def norm(name: str) -> torch.Tensor:
             return take(name) + fam.norm_offset if fam.norm_offset else take(name)
 
-        self.embed: torch.Tensor | None = take("model.embed_tokens.weight")  # [V, H]
+        # [V, H]; indexing rows of quantized blocks dequantizes just those rows
+        self.embed: Weight | None = weight("model.embed_tokens.weight")
         self.layers: list[LayerWeights] = []
         for i in range(cfg.num_layers):
             p = f"model.layers.{i}."
             attn = [f"{p}self_attn.{n}_proj" for n in "qkv"]
             self.layers.append(LayerWeights(
                 attn_norm=norm(p + "input_layernorm.weight"),
-                qkv=make(torch.cat([take(n + ".weight") for n in attn]), Role.ATTENTION),
+                qkv=make(fused([n + ".weight" for n in attn]), Role.ATTENTION),
                 qkv_bias=torch.cat([take(n + ".bias") for n in attn]) if fam.qkv_bias else None,
-                o=make(take(p + "self_attn.o_proj.weight"), Role.ATTENTION),
+                o=make(weight(p + "self_attn.o_proj.weight"), Role.ATTENTION),
                 mlp_norm=norm(p + "post_attention_layernorm.weight"),
-                gate_up=make(torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]),
-                             Role.WIDE),
-                down=make(take(p + "mlp.down_proj.weight"), Role.DOWN),
+                gate_up=make(fused([p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"]), Role.WIDE),
+                down=make(weight(p + "mlp.down_proj.weight"), Role.DOWN),
             ))
         self.norm = norm("model.norm.weight")
         head = state.pop("lm_head.weight", None)
@@ -71,7 +80,7 @@ class Decoder:
             # its [out, in] weight or its packed panels.
             self.embed = None
         else:
-            self.lm_head = make(head.to(device, dtype), Role.WIDE)
+            self.lm_head = make(head if isinstance(head, QuantTensor) else head.to(device, dtype), Role.WIDE)
         self.embed_scale = math.sqrt(cfg.hidden_size) if fam.embed_scale else None
         cos, sin = rope_tables(cfg, device)
         self.cos, self.sin = cos.to(dtype), sin.to(dtype)  # [max_pos, D]

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from loraserve.engine.kernels.cpu import LinearKernel
+from loraserve.engine.weights.quant import Weight, as_float
 
 SMALL_ROWS = 4  # steps of at most this many rows use [in, out] when a projection has both layouts
 # Second copies (gate/up and lm_head in both layouts) are kept on the CPU while they add at most this
@@ -128,17 +129,18 @@ class PackedLinear:
 
 
 class Projections(Protocol):
-    """Makes the model's projections, each from its [out, in] weight."""
+    """Makes the model's projections, each from its [out, in] weight (float backends dequantize GGUF
+    blocks; `ops/quant_linear.py` multiplies them as stored)."""
 
-    def make(self, w: torch.Tensor, role: Role) -> Projection: ...
+    def make(self, w: Weight, role: Role) -> Projection: ...
 
 
 @dataclass(frozen=True)
 class PackedProjections:
     kernel: LinearKernel
 
-    def make(self, w: torch.Tensor, role: Role) -> Projection:
-        return PackedLinear.of(w, self.kernel)
+    def make(self, w: Weight, role: Role) -> Projection:
+        return PackedLinear.of(as_float(w, torch.float32), self.kernel)
 
 
 @dataclass(frozen=True)
@@ -150,7 +152,8 @@ class MklProjections:
         """`wide_bytes`: what the second copies of every WIDE weight would take."""
         return cls(dual=wide_bytes <= DUAL_LAYOUT_MAX_BYTES)
 
-    def make(self, w: torch.Tensor, role: Role) -> Projection:
+    def make(self, w: Weight, role: Role) -> Projection:
+        w = as_float(w, torch.float32)
         layout = {Role.ATTENTION: Layout.IN_OUT, Role.DOWN: Layout.OUT_IN,
                   Role.WIDE: Layout.BOTH if self.dual else Layout.OUT_IN}[role]
         return TorchLinear.of(w, layout)
@@ -158,5 +161,5 @@ class MklProjections:
 
 @dataclass(frozen=True)
 class DeviceProjections:
-    def make(self, w: torch.Tensor, role: Role) -> Projection:
-        return TorchLinear(w, None)
+    def make(self, w: Weight, role: Role) -> Projection:
+        return TorchLinear(as_float(w, torch.float32), None)

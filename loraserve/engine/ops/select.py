@@ -4,7 +4,7 @@ device or kernel branch of their own.
 
 | concern | CPU float32, C kernels built | CPU otherwise | CUDA |
 |---|---|---|---|
-| projections | packed panels (`linear.c`) | MKL layouts | [out, in] |
+| projections | packed panels (`linear.c`); GGUF blocks (`qlinear.c`) | MKL layouts | [out, in] |
 | attention | paged in place (`paged_attention.c`) | gather + SDPA | gather + `decode_attention` |
 | LoRA | packed SGMV (`lora_sgmv.c`) | grouped GEMMs | grouped GEMMs (per-row gather in graphs) |
 | layer glue | `layer_glue.c` | torch operators | torch operators |
@@ -20,6 +20,7 @@ import torch
 
 from loraserve.engine.config import ModelConfig
 from loraserve.engine.kernels import cpu
+from loraserve.engine.kernels.qlinear import load_qlinear
 from loraserve.engine.lora.gemm import GemmLora
 from loraserve.engine.lora.pool import LoraBackend
 from loraserve.engine.lora.sgmv import SgmvLora
@@ -31,6 +32,7 @@ from loraserve.engine.ops.linear import (
     PackedProjections,
     Projections,
 )
+from loraserve.engine.ops.quant_linear import QuantProjections
 
 
 @dataclass(frozen=True)
@@ -49,11 +51,13 @@ def select_ops(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, nativ
     attention = cpu.load_paged_attention() if kernels else None
     glue = cpu.load_layer_glue() if kernels else None
     sgmv = cpu.load_lora_sgmv() if kernels else None
+    qlinear = load_qlinear() if kernels else None
     # What MKL's dual layouts would add: the [in, out] copies of gate/up and lm_head.
     wide_bytes = ((cfg.num_layers * 2 * cfg.intermediate_size + cfg.vocab_size)
                   * cfg.hidden_size * dtype.itemsize)
+    floats: Projections = PackedProjections(linear) if linear else MklProjections.for_model(wide_bytes)
     return Ops(
-        projections=PackedProjections(linear) if linear else MklProjections.for_model(wide_bytes),
+        projections=QuantProjections(qlinear, floats) if qlinear else floats,
         attention=PagedAttention(cfg, attention) if attention else GatherAttention(cfg),
         glue=KernelGlue(glue) if glue else TorchGlue(),
         lora=SgmvLora(sgmv) if sgmv else GemmLora(),

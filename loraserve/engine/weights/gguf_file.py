@@ -1,8 +1,10 @@
 """Weights, config and tokenizer from a llama.cpp GGUF file.
 
-Quantized tensors are dequantized with gguf-py (the engine computes in float); float tensors of the
-requested dtype stay views of the memory-mapped file. llama.cpp's converter reorders some things for
-its own kernels, and this undoes them so the result is what `transformers` would have loaded.
+With `keep_quantized`, projection and embedding tensors of the block types the engine multiplies as
+stored (`weights/quant.py`) stay blocks, views of the memory-mapped file; every other quantized tensor
+is dequantized with gguf-py. Float tensors of the requested dtype stay views of the mapped file.
+llama.cpp's converter reorders some things for its own kernels, and this undoes them so the result is
+what `transformers` would have loaded.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 
 from loraserve.engine.config import ModelConfig
 from loraserve.engine.weights.hf import StateDict, check_complete
+from loraserve.engine.weights.quant import QuantTensor, QuantType, Weight
 from loraserve.engine.weights.tokenizer import Tokenizer, gguf_field
 
 _LAYER_NAMES = {
@@ -44,7 +47,8 @@ _ARCHITECTURES = ("llama", "mistral")
 _FLOAT_TYPES = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
 
 
-def load_gguf(path: str | Path, dtype: torch.dtype) -> tuple[ModelConfig, StateDict, Tokenizer]:
+def load_gguf(path: str | Path, dtype: torch.dtype,
+              keep_quantized: bool = False) -> tuple[ModelConfig, StateDict, Tokenizer]:
     # Copy-on-write mapping: arrays come out writable (torch warns on read-only memory) while the file
     # is never modified, and a page is only copied if someone writes to it.
     reader = gguf.GGUFReader(path, mode="c")
@@ -57,10 +61,12 @@ def load_gguf(path: str | Path, dtype: torch.dtype) -> tuple[ModelConfig, StateD
         name = _hf_name(tensor.name)
         if name is None:
             raise ValueError(f"{path}: unexpected tensor {tensor.name} (not a Llama-family decoder?)")
-        weight = _dequantize(tensor)
+        stored = _as_stored(tensor) if keep_quantized else None
+        weight: Weight = _dequantize(tensor).to(dtype) if stored is None else stored
         if name.endswith(("q_proj.weight", "k_proj.weight")):
-            weight = _unpermute_rope(weight, config.num_heads if ".q_proj" in name else config.num_kv_heads)
-        state[name] = weight.to(dtype)
+            heads = config.num_heads if ".q_proj" in name else config.num_kv_heads
+            weight = _unpermute_rope(weight, heads)
+        state[name] = weight
     check_complete(state, config, path)
     return config, state, tokenizer
 
@@ -91,12 +97,28 @@ def _dequantize(tensor: gguf.ReaderTensor) -> torch.Tensor:
     return torch.from_numpy(values).reshape(shape)
 
 
-def _unpermute_rope(weight: torch.Tensor, heads: int) -> torch.Tensor:
+def _as_stored(tensor: gguf.ReaderTensor) -> QuantTensor | None:
+    """A 2-D tensor of a block type the engine multiplies as stored, as its blocks; else None."""
+    try:
+        qtype = QuantType(int(tensor.tensor_type))
+    except ValueError:
+        return None
+    if len(tensor.shape) != 2:
+        return None
+    cols, rows = (int(d) for d in tensor.shape)  # ggml's ne: fastest first
+    blocks = torch.from_numpy(tensor.data.view(np.ndarray)).reshape(rows, -1)  # a view of the mapped file
+    return QuantTensor(blocks, qtype, rows, cols)
+
+
+def _unpermute_rope(weight: Weight, heads: int) -> Weight:
     """Undo the converter's reordering of q/k rows: llama.cpp's RoPE rotates dims (2j, 2j+1) of a head,
-    HF's rotate_half rotates (j, j + head_dim/2)."""
-    rows, cols = weight.shape
-    # w: [heads, head_dim/2, 2, cols] (llama.cpp's order) -> [heads, 2, head_dim/2, cols] (HF's)
-    return weight.reshape(heads, rows // heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+    HF's rotate_half rotates (j, j + head_dim/2). Whole rows move, so blocks move as they are."""
+    rows = weight.shape[0]
+    # rows: [heads, head_dim/2, 2] (llama.cpp's order) -> [heads, 2, head_dim/2] (HF's)
+    order = torch.arange(rows).reshape(heads, rows // heads // 2, 2).transpose(1, 2).reshape(rows)
+    if isinstance(weight, QuantTensor):
+        return weight.permute_rows(order)
+    return weight[order]
 
 
 def _config(reader: gguf.GGUFReader, tokenizer: Tokenizer) -> ModelConfig:

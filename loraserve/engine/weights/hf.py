@@ -15,8 +15,9 @@ import torch
 from safetensors import safe_open
 
 from loraserve.engine.config import ModelConfig
+from loraserve.engine.weights.quant import Weight
 
-StateDict = dict[str, torch.Tensor]
+StateDict = dict[str, Weight]  # HF names -> float tensors, or GGUF blocks kept as stored
 
 # Buffers some old checkpoints saved beside the weights; the engine computes them, so they are dropped.
 _IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")

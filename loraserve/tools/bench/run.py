@@ -55,6 +55,7 @@ class DType(enum.Enum):
     FLOAT32 = "float32"
     BFLOAT16 = "bfloat16"
     FLOAT16 = "float16"
+    GGUF = "gguf"  # a GGUF file's own quantization, multiplied as stored (CPU)
 
 
 class LoraDType(enum.Enum):

@@ -1,0 +1,282 @@
+/* A projection over GGUF-quantized weights as stored: y[t][n] = sum_k x[t][k] W[n][k], x float32.
+ *
+ * Built by loraserve/engine/kernels/cpu.py (-O3 -march=native -ffp-contract=fast -fopenmp), called
+ * through ctypes (loraserve/engine/kernels/qlinear.py). W stays in the file's blocks of 32 weights, read
+ * in place from the memory-mapped file: row n is K / 32 consecutive blocks from w + n * (K / 32) * bytes.
+ *   Q8_0 (GGML type 8), 34 bytes: fp16 d, 32 x int8 q;            w = d * q
+ *   Q4_0 (type 2),      18 bytes: fp16 d, 16 bytes of nibbles;     w = d * (q - 8)
+ *   Q4_1 (type 3),      20 bytes: fp16 d, fp16 m, 16 bytes;        w = d * q + m
+ * In both 4-bit types element j < 16 is the low nibble of byte j, element j >= 16 the high nibble of
+ * byte j - 16 (gguf-py's quants.py, ggml's dequantize_row_q4_0).
+ *
+ * As llama.cpp does, x is quantized first, per row and block of 32, to int8 with d_a = amax / 127 (round
+ * to nearest even), so that each block's dot product is integer work: AVX2's maddubs (u8 x s8 -> s16
+ * pairs) and madd (-> eight s32 lanes), then float work once per block: the lanes converted and scaled
+ * by d_w d_a. maddubs needs one unsigned operand: 4-bit nibbles are unsigned as stored, and the block's
+ * offset (-8 d_w for Q4_0, m for Q4_1) times the activations' sum, s_a = d_a * sum(q_a), kept per block,
+ * is spread over the lanes, one FMA; for Q8_0 the sign moves onto the activations, maddubs(|w|, sign(a,
+ * w)), which cannot saturate (|a| <= 127). Each decoded weight block serves MR = 4 rows of x; rows come
+ * in blocks of TB, whose int8 copy stays in L2 while every weight row passes over it, so a prefill does
+ * not stream all of x again per weight row; the (row block, weight row) pairs are split statically
+ * between the threads. Even and odd blocks go to two accumulators: a decode step's single row would
+ * otherwise wait on each block's FMA latency.
+ *
+ * Every output is one fixed sequence of operations over its blocks, in order, whatever T, the blocking or
+ * the thread count: a row's result does not depend on the other rows of the call. The scalar fallback
+ * (a build without AVX2) computes the same integer dots but sums them per block rather than in AVX2's
+ * eight lanes, so its floats may differ from the AVX2 build in the last bits.
+ *
+ * Left for later: an AVX-512 / VNNI path (vpdpbusd; the AVX2 path runs on those machines meanwhile),
+ * weights repacked into row-interleaved panels at load, register tiles over several weight rows.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__AVX2__) || defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+#define QK 32 /* weights per block */
+#define MR 4  /* rows of x per decoded weight block */
+#define TB 64 /* rows of x per block: TB * K bytes of int8 stay in L2 */
+/* loops over the rows unrolled early, so that their accumulators become registers, not stack arrays */
+#define UNROLL _Pragma("GCC unroll 4")
+
+/* The scalar path's multiply-adds, fused or not but the same way everywhere: left to -ffp-contract, the
+ * compiler fuses some and not others depending on R, and a row's bits would depend on its neighbours. */
+#ifdef FP_FAST_FMAF
+#define MADD(a, b, c) fmaf(a, b, c)
+#else
+#define MADD(a, b, c) ((a) * (b) + (c))
+#endif
+
+enum { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8 };
+
+int64_t qlinear_block_bytes(int type) {
+    switch (type) {
+    case Q8_0: return 34;
+    case Q4_0: return 18;
+    case Q4_1: return 20;
+    default: return 0;
+    }
+}
+
+/* Which path this build runs: 256 (AVX2) or 0 (scalar), so that tests can tell the builds apart. */
+int qlinear_vector_bits(void) {
+#ifdef __AVX2__
+    return 256;
+#else
+    return 0;
+#endif
+}
+
+static inline float fp16_at(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2); /* blocks are 18, 20 or 34 bytes: unaligned */
+#ifdef __F16C__
+    return _cvtsh_ss(h);
+#else
+    const uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ff;
+    uint32_t bits;
+    float f;
+    if (e == 0) { /* zero or subnormal: m * 2^-24 */
+        f = (float)m * 5.9604644775390625e-08f;
+        return sign ? -f : f;
+    }
+    bits = sign | (e == 31 ? 0x7f800000u | (m << 13) : ((e + 112) << 23) | (m << 13));
+    memcpy(&f, &bits, 4);
+    return f;
+#endif
+}
+
+/* One row of x as int8 blocks: q[b*32 + i] = round(x * (1 / d)), d[b] = amax / 127, s[b] = d * sum(q). */
+static void quantize_row(const float *x, int64_t nb, int8_t *q, float *d, float *s) {
+    for (int64_t b = 0; b < nb; b++, x += QK, q += QK) {
+#ifdef __AVX2__
+        const __m256 sgn = _mm256_set1_ps(-0.0f);
+        __m256 v[4];
+        for (int j = 0; j < 4; j++) v[j] = _mm256_loadu_ps(x + 8 * j);
+        __m256 mx = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sgn, v[0]), _mm256_andnot_ps(sgn, v[1])),
+                                  _mm256_max_ps(_mm256_andnot_ps(sgn, v[2]), _mm256_andnot_ps(sgn, v[3])));
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        const float dd = _mm_cvtss_f32(m4) / 127.f, id = dd != 0.f ? 1.f / dd : 0.f;
+        __m256i iv[4];
+        for (int j = 0; j < 4; j++)
+            iv[j] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[j], _mm256_set1_ps(id)),
+                                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        __m256i sum = _mm256_add_epi32(_mm256_add_epi32(iv[0], iv[1]), _mm256_add_epi32(iv[2], iv[3]));
+        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
+        /* the packs work per 128-bit lane: the permute puts the 32 bytes back in order */
+        __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(iv[0], iv[1]), _mm256_packs_epi32(iv[2], iv[3]));
+        p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256((__m256i *)q, p);
+        d[b] = dd;
+        s[b] = dd * (float)_mm_cvtsi128_si32(s4);
+#else
+        float amax = 0.f;
+        for (int i = 0; i < QK; i++) amax = fmaxf(amax, fabsf(x[i]));
+        const float dd = amax / 127.f, id = dd != 0.f ? 1.f / dd : 0.f;
+        int sum = 0;
+        for (int i = 0; i < QK; i++) {
+            const float r = nearbyintf(x[i] * id); /* |r| <= 127; NaN (from an inf or NaN in x) -> 0 */
+            const int v = r == r ? (int)r : 0;
+            q[i] = (int8_t)v;
+            sum += v;
+        }
+        d[b] = dd;
+        s[b] = dd * (float)sum;
+#endif
+    }
+}
+
+#ifdef __AVX2__
+typedef struct {
+    __m256 d, m8;   /* d_w, and Q4_1's m / 8, in every lane */
+    __m256i q, u;   /* the quants as maddubs' signed operand's signs (Q8_0), and its unsigned operand */
+} wblock;
+
+static inline __attribute__((always_inline)) wblock decode_avx2(const int type, const uint8_t *w) {
+    wblock k;
+    uint32_t dm; /* d, and Q4_1's m: one load, one conversion */
+    memcpy(&dm, w, 4);
+    const __m128 scales = _mm_cvtph_ps(_mm_cvtsi32_si128((int)dm));
+    k.d = _mm256_broadcastss_ps(scales);
+    k.m8 = type == Q4_1 ? _mm256_mul_ps(_mm256_set1_ps(0.125f), _mm256_broadcastss_ps(_mm_movehdup_ps(scales)))
+                        : _mm256_setzero_ps();
+    if (type == Q8_0) {
+        k.q = _mm256_loadu_si256((const __m256i *)(w + 2));
+        k.u = _mm256_abs_epi8(k.q);
+    } else { /* the 16 bytes in both halves, the upper one shifted: elements 0-15 low nibbles, 16-31 high */
+        const __m256i raw = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(w + (type == Q4_1 ? 4 : 2))));
+        k.q = k.u = _mm256_and_si256(_mm256_srlv_epi32(raw, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4)),
+                                     _mm256_set1_epi8(0x0f));
+    }
+    return k;
+}
+
+/* acc plus one block's products with one row of x (its int8 block a, scale d_a, s_a). The block's sum
+ * stays in the eight lanes of its dot product, the offset term spread over them: Q4_0 adds
+ * d_w (d_a dot_l - s_a) per lane, which sums to d_w d_a dot - 8 d_w s_a; Q4_1 adds d_w d_a dot_l +
+ * (m / 8) s_a. */
+static inline __attribute__((always_inline)) __m256 step_avx2(const int type, wblock k, const int8_t *qa,
+                                                              const float *da, const float *sa, __m256 acc) {
+    __m256i a = _mm256_loadu_si256((const __m256i *)qa);
+    if (type == Q8_0) a = _mm256_sign_epi8(a, k.q); /* |w| <= 128, |a| <= 127: maddubs cannot saturate */
+    const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(k.u, a), _mm256_set1_epi16(1)));
+    const __m256 d = _mm256_broadcast_ss(da);
+    if (type == Q8_0) return _mm256_fmadd_ps(dot, _mm256_mul_ps(k.d, d), acc);
+    if (type == Q4_0) return _mm256_fmadd_ps(k.d, _mm256_fmsub_ps(d, dot, _mm256_broadcast_ss(sa)), acc);
+    return _mm256_fmadd_ps(dot, _mm256_mul_ps(k.d, d), _mm256_fmadd_ps(k.m8, _mm256_broadcast_ss(sa), acc));
+}
+
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#endif
+
+/* Weight row w (nb blocks of type `type`) against R rows of quantized x (qa rows K bytes apart, their
+ * d / s rows nb floats apart): y[r * ldy] for r < R. R and type are constants at each call site. */
+static inline __attribute__((always_inline)) void dot_rows(const int type, const int R, const uint8_t *w,
+                                                           int64_t nb, const int8_t *qa, const float *da,
+                                                           const float *sa, float *y, int64_t ldy) {
+    const int64_t bytes = qlinear_block_bytes(type);
+#ifdef __AVX2__
+    /* even and odd blocks in two accumulators: one row alone would wait on each FMA's latency */
+    __m256 even[MR], odd[MR];
+    UNROLL for (int r = 0; r < R; r++) even[r] = odd[r] = _mm256_setzero_ps();
+    int64_t b = 0;
+    for (; b + 1 < nb; b += 2, w += 2 * bytes) {
+        const wblock k0 = decode_avx2(type, w);
+        UNROLL for (int r = 0; r < R; r++)
+            even[r] = step_avx2(type, k0, qa + (r * nb + b) * QK, da + r * nb + b, sa + r * nb + b, even[r]);
+        const wblock k1 = decode_avx2(type, w + bytes);
+        UNROLL for (int r = 0; r < R; r++)
+            odd[r] = step_avx2(type, k1, qa + (r * nb + b + 1) * QK, da + r * nb + b + 1, sa + r * nb + b + 1,
+                               odd[r]);
+    }
+    if (b < nb) {
+        const wblock k0 = decode_avx2(type, w);
+        UNROLL for (int r = 0; r < R; r++)
+            even[r] = step_avx2(type, k0, qa + (r * nb + b) * QK, da + r * nb + b, sa + r * nb + b, even[r]);
+    }
+    UNROLL for (int r = 0; r < R; r++) y[r * ldy] = hsum8(_mm256_add_ps(even[r], odd[r]));
+#else
+    const int qoff = type == Q4_1 ? 4 : 2; /* where a block's quants start */
+    float acc[MR] = {0.f}, accs[MR] = {0.f}; /* the scaled dots; the offsets c_w * s_a */
+    for (int64_t b = 0; b < nb; b++, w += bytes) {
+        const float dw = fp16_at(w);
+        const uint8_t *wq = w + qoff;
+        const float c = type == Q4_0 ? -8.f * dw : type == Q4_1 ? fp16_at(w + 2) : 0.f;
+        for (int r = 0; r < R; r++) {
+            const int8_t *a = qa + (r * nb + b) * QK;
+            int32_t dot = 0;
+            if (type == Q8_0) {
+                for (int i = 0; i < QK; i++) dot += (int32_t)(int8_t)wq[i] * a[i];
+            } else {
+                for (int i = 0; i < QK / 2; i++) dot += (wq[i] & 15) * a[i] + (wq[i] >> 4) * a[i + QK / 2];
+            }
+            acc[r] = MADD(dw * da[r * nb + b], (float)dot, acc[r]);
+            if (type != Q8_0) accs[r] = MADD(c, sa[r * nb + b], accs[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) y[r * ldy] = acc[r] + accs[r];
+#endif
+}
+
+/* R rows (1 .. MR) of one weight row, with type and R as constants for dot_rows. */
+#define ROWS_OF(TYPE)                                                                                    \
+    switch (R) {                                                                                         \
+    case 1: dot_rows(TYPE, 1, w, nb, qa, da, sa, y, ldy); break;                                         \
+    case 2: dot_rows(TYPE, 2, w, nb, qa, da, sa, y, ldy); break;                                         \
+    case 3: dot_rows(TYPE, 3, w, nb, qa, da, sa, y, ldy); break;                                         \
+    default: dot_rows(TYPE, MR, w, nb, qa, da, sa, y, ldy); break;                                       \
+    }
+
+static void rows(int type, int R, const uint8_t *w, int64_t nb, const int8_t *qa, const float *da,
+                 const float *sa, float *y, int64_t ldy) {
+    switch (type) {
+    case Q8_0: ROWS_OF(Q8_0) break;
+    case Q4_0: ROWS_OF(Q4_0) break;
+    default: ROWS_OF(Q4_1) break;
+    }
+}
+
+int qlinear_forward(const float *x, int64_t T, int64_t ldx, const uint8_t *w, int type, int64_t N, int64_t K,
+                    float *y, int64_t ldy, int nthreads) {
+    const int64_t bytes = qlinear_block_bytes(type);
+    if (!bytes || K <= 0 || K % QK || T < 0 || N < 0) return 1;
+    if (T == 0 || N == 0) return 0;
+    const int64_t nb = K / QK, row_bytes = nb * bytes, tblocks = (T + TB - 1) / TB;
+    int8_t *qa = malloc((size_t)(T * K));
+    float *da = malloc((size_t)(T * nb) * sizeof(float)), *sa = malloc((size_t)(T * nb) * sizeof(float));
+    if (!qa || !da || !sa) {
+        free(qa);
+        free(da);
+        free(sa);
+        return 2;
+    }
+#pragma omp parallel num_threads(nthreads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < T; t++) quantize_row(x + t * ldx, nb, qa + t * K, da + t * nb, sa + t * nb);
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < tblocks * N; i++) {
+            const int64_t t0 = i / N * TB, n = i % N, t1 = t0 + TB < T ? t0 + TB : T;
+            for (int64_t t = t0; t < t1; t += MR)
+                rows(type, t1 - t < MR ? (int)(t1 - t) : MR, w + n * row_bytes, nb, qa + t * K, da + t * nb,
+                     sa + t * nb, y + t * ldy + n, ldy);
+        }
+    }
+    free(qa);
+    free(da);
+    free(sa);
+    return 0;
+}
