@@ -39,8 +39,9 @@ def known_shape(source: str) -> dict[str, Any] | None:
     """The shape of the embedded model or a random:NAME source, without loading it; None for others."""
     if source == EMBEDDED_SOURCE:
         return RANDOM_SHAPES["smollm2-135m"]
-    return RANDOM_SHAPES.get(source.removeprefix(RANDOM_SOURCE_PREFIX)) if source.startswith(
-        RANDOM_SOURCE_PREFIX) else None
+    # random:NAME or random:NAME:TYPE (random blocks of a GGUF type, same shape)
+    name = source.removeprefix(RANDOM_SOURCE_PREFIX).partition(":")[0]
+    return RANDOM_SHAPES.get(name) if source.startswith(RANDOM_SOURCE_PREFIX) else None
 # Workers AI names the LoRA-capable variant of a model "<base>-lora"; models outside the catalog follow it.
 LORA_SUFFIX = "-lora"
 _HUB_REPO_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")

@@ -10,6 +10,7 @@ import importlib.util
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from loraserve import catalog
@@ -20,6 +21,7 @@ from loraserve.engine.kernels.qlinear import load_qlinear
 from loraserve.engine.llm_engine import LLMEngine, resolve_dtype
 from loraserve.engine.process import configure_process
 from loraserve.engine.weights.hf import StateDict
+from loraserve.engine.weights.quant import QuantType, Weight, random_blocks
 from loraserve.engine.weights.tokenizer import Tokenizer
 
 EMBEDDED = catalog.EMBEDDED_SOURCE
@@ -42,8 +44,15 @@ def embedded_gguf_path() -> Path:
 
 def random_model(name: str, tokenizer: Tokenizer, seed: int = 0,
                  max_positions: int = 2048) -> tuple[ModelConfig, StateDict]:
+    """`name` is a shape of RANDOM_SHAPES, optionally with a block type (`llama2-7b:q4_0`): projections and
+    embedding are then random blocks of that type, as a GGUF file of it would hold them."""
+    name, _, quant = name.partition(":")
     if name not in RANDOM_SHAPES:
         raise ValueError(f"unknown random model {name!r}; known: {', '.join(RANDOM_SHAPES)}")
+    qtypes = {q.name.lower(): q for q in QuantType}
+    if quant and quant not in qtypes:
+        raise ValueError(f"unknown block type {quant!r} for random:{name}; known: {', '.join(qtypes)}")
+    rng = np.random.default_rng(seed)
     cfg = ModelConfig(vocab_size=tokenizer.vocab_size, max_position_embeddings=max_positions,
                       rope_theta=10000.0, tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
                       eos_token_ids=tokenizer.eos_token_ids, **RANDOM_SHAPES[name])
@@ -51,8 +60,11 @@ def random_model(name: str, tokenizer: Tokenizer, seed: int = 0,
     state: StateDict = {}
     h = cfg.hidden_size
 
-    def rand(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=g) * 0.02 * 4  # big enough that outputs vary with the input
+    def rand(rows: int, cols: int) -> Weight:
+        # big enough that outputs vary with the input
+        if quant:
+            return random_blocks(rows, cols, qtypes[quant], 0.02 * 4, rng)
+        return torch.randn(rows, cols, generator=g) * 0.02 * 4
 
     state["model.embed_tokens.weight"] = rand(cfg.vocab_size, h)
     state["model.norm.weight"] = torch.ones(h)
@@ -102,8 +114,10 @@ def load_engine(source: str, config: EngineConfig | None = None) -> tuple[LLMEng
 def _check_gguf_dtype(source: str, ecfg: EngineConfig) -> None:
     """dtype gguf multiplies a GGUF file's blocks as stored: refused, not silently dequantized (a 7B
     model's float copy would not fit), where that cannot happen."""
-    if not (source.endswith(".gguf") and os.path.isfile(source)):
-        raise ValueError(f"dtype gguf keeps a GGUF file's own quantization; {source!r} is not a .gguf file")
+    quantized_random = source.startswith(RANDOM_PREFIX) and ":" in source.removeprefix(RANDOM_PREFIX)
+    if not quantized_random and not (source.endswith(".gguf") and os.path.isfile(source)):
+        raise ValueError(f"dtype gguf keeps a GGUF file's own quantization; {source!r} is neither a .gguf "
+                         f"file nor {RANDOM_PREFIX}NAME:TYPE")
     if not ecfg.native_kernels or load_qlinear() is None:
         raise ValueError("dtype gguf needs the quantized CPU kernel (native_kernels on and a C compiler); "
                          "--dtype float32 dequantizes the file instead")

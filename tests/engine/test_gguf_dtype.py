@@ -124,11 +124,29 @@ def test_lora_on_top_matches_peft_in_a_mixed_batch(quantized: tuple[Path, Any], 
 def test_refused_where_it_cannot_run(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="CPU only"):
         EngineConfig(dtype="gguf", device="cuda")
-    with pytest.raises(ValueError, match=r"not a \.gguf file"):
+    with pytest.raises(ValueError, match=r"neither a \.gguf file nor random:NAME:TYPE"):
         load_engine("random:tiny", EngineConfig(dtype="gguf"))
+    with pytest.raises(ValueError, match="unknown block type 'q5_k'"):
+        load_engine("random:tiny:q5_k", EngineConfig(dtype="gguf"))
     path = _tiny_file(tmp_path, Q.Q8_0)
     with pytest.raises(ValueError, match="--dtype float32 dequantizes"):
         load_engine(str(path), EngineConfig(dtype="gguf", native_kernels=False))
+
+
+@pytest.mark.parametrize("qtype", list(QuantType), ids=lambda q: q.name)
+def test_random_quantized_models_for_benchmarks(qtype: QuantType) -> None:
+    """random:NAME:TYPE: random blocks at a model's shape (the 7B measured without its weights), the same
+    model whether multiplied as stored or dequantized."""
+    source = f"random:tiny:{qtype.name.lower()}"
+    engine, _ = load_engine(source, EngineConfig(dtype="gguf", threads=1, block_size=4))
+    proj = engine.model.layers[0].gate_up
+    assert isinstance(proj, QuantLinear) and proj.weight.qtype is qtype
+    dequantized, _ = load_engine(source, EngineConfig(dtype="float32", threads=1, block_size=4))
+    torch.testing.assert_close(dequantized.model.layers[0].gate_up.out_in(), proj.out_in())
+    w = proj.out_in()
+    assert 0.05 < w.std().item() < 0.11 and abs(w.mean().item()) < 0.01  # spread as asked (0.08)
+    prompt = list(range(3, 40))
+    _assert_close(_prompt_logits(engine, prompt), _prompt_logits(dequantized, prompt))
 
 
 def test_quant_tensor_rows_fuse_and_permute() -> None:

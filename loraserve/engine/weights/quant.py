@@ -86,6 +86,20 @@ class QuantTensor:
 Weight = torch.Tensor | QuantTensor
 
 
+def random_blocks(rows: int, cols: int, qtype: QuantType, std: float,
+                  rng: np.random.Generator) -> QuantTensor:
+    """Random weights straight as blocks (no float matrix is made: a 7B model's would be 27 GB), their
+    values spread with about `std`: random quants, every block's scale d (and Q4_1's offset) fixed."""
+    nb = cols // qtype.block_elems
+    blocks = rng.integers(0, 256, size=(rows, nb, qtype.block_bytes), dtype=np.uint8)
+    # std of d * q: uniform nibbles (Q4_0: q - 8 in -8..7) ~4.6 d, uniform int8 ~74 d
+    d = std / (74.0 if qtype is QuantType.Q8_0 else 4.6)
+    blocks[..., 0:2] = np.frombuffer(np.float16(d).tobytes(), dtype=np.uint8)
+    if qtype is QuantType.Q4_1:  # w = d q + m: centred by m = -7.5 d
+        blocks[..., 2:4] = np.frombuffer(np.float16(-7.5 * d).tobytes(), dtype=np.uint8)
+    return QuantTensor(torch.from_numpy(blocks.reshape(rows, -1)), qtype, rows, cols)
+
+
 def fuse(parts: Sequence[Weight], dtype: torch.dtype) -> Weight:
     """Weights stacked along the output rows: as stored when all are quantized alike, else in `dtype`
     (a file may quantize q, k and v differently)."""
