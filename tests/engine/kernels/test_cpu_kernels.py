@@ -23,12 +23,14 @@ from loraserve.engine.kernels.cpu import (
     load_lora_sgmv,
     load_paged_attention,
 )
+from loraserve.engine.kernels.qlinear import load_qlinear
 from loraserve.engine.lora.gemm import GemmLora
 from loraserve.engine.lora.sgmv import SgmvLora
 from loraserve.engine.ops.attention import GatherAttention
 from loraserve.engine.ops.attention import PagedAttention as PagedAttentionOp
 from loraserve.engine.ops.glue import KernelGlue, TorchGlue, apply_rope
 from loraserve.engine.ops.linear import MklProjections, PackedProjections
+from loraserve.engine.ops.quant_linear import QuantProjections
 from loraserve.engine.ops.select import Ops
 
 from engine_helpers import build_engine, hf_model
@@ -269,14 +271,14 @@ def test_without_a_working_compiler_the_engine_keeps_torch_paths(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setenv("LORASERVE_KERNEL_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("CC", "false")  # a compiler that always fails
-    loaders = (load_paged_attention, load_lora_sgmv, load_linear, load_layer_glue)
+    loaders = (load_paged_attention, load_lora_sgmv, load_linear, load_layer_glue, load_qlinear)
     for load in loaders:
         load.cache_clear()
     try:
         with caplog.at_level(logging.WARNING, logger="loraserve.engine.kernels.cpu"):
             assert all(load() is None for load in loaders)
             engine = build_engine(hf_model(seed=1))
-        for name in ("paged_attention.c", "lora_sgmv.c", "linear.c", "layer_glue.c"):
+        for name in ("paged_attention.c", "lora_sgmv.c", "linear.c", "layer_glue.c", "qlinear.c"):
             assert f"could not build {name}" in caplog.text
         assert engine.ops == Ops(MklProjections(dual=True), engine.ops.attention, engine.ops.glue, GemmLora())
         assert type(engine.ops.attention) is GatherAttention and type(engine.ops.glue) is TorchGlue
@@ -288,7 +290,10 @@ def test_without_a_working_compiler_the_engine_keeps_torch_paths(
 def test_the_cpu_engine_uses_the_kernels_by_default() -> None:
     engine = build_engine(hf_model(seed=1))
     ops = engine.ops
-    assert isinstance(ops.projections, PackedProjections) and isinstance(ops.attention, PagedAttentionOp)
+    # GGUF blocks to the quantized kernel, float weights to the packed one
+    assert isinstance(ops.projections, QuantProjections)
+    assert isinstance(ops.projections.floats, PackedProjections)
+    assert isinstance(ops.attention, PagedAttentionOp)
     assert isinstance(ops.glue, KernelGlue) and isinstance(ops.lora, SgmvLora)
     assert engine.adapters.backend is ops.lora
     ops = build_engine(hf_model(seed=1), native_kernels=False).ops
