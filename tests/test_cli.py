@@ -155,7 +155,7 @@ def test_serve_refuses_a_bad_device_or_dtype_before_loading(tmp_path: Path) -> N
     assert bad_device.returncode == 2 and "device must be cpu, cuda or cuda:N" in bad_device.stderr
     bad_dtype = loraserve(*base, "--dtype", "float64")
     assert bad_dtype.returncode == 2 and (
-        "dtype must be auto, float32, bfloat16 or float16" in bad_dtype.stderr
+        "dtype must be auto, float32, bfloat16, float16 or gguf" in bad_dtype.stderr
     )
     bad_lora_dtype = loraserve(*base, "--lora-dtype", "bfloat16")
     assert bad_lora_dtype.returncode == 2 and "lora_dtype must be auto or float16" in bad_lora_dtype.stderr

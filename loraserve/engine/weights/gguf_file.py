@@ -114,11 +114,12 @@ def _unpermute_rope(weight: Weight, heads: int) -> Weight:
     """Undo the converter's reordering of q/k rows: llama.cpp's RoPE rotates dims (2j, 2j+1) of a head,
     HF's rotate_half rotates (j, j + head_dim/2). Whole rows move, so blocks move as they are."""
     rows = weight.shape[0]
-    # rows: [heads, head_dim/2, 2] (llama.cpp's order) -> [heads, 2, head_dim/2] (HF's)
-    order = torch.arange(rows).reshape(heads, rows // heads // 2, 2).transpose(1, 2).reshape(rows)
     if isinstance(weight, QuantTensor):
+        # rows: [heads, head_dim/2, 2] (llama.cpp's order) -> [heads, 2, head_dim/2] (HF's)
+        order = torch.arange(rows).reshape(heads, rows // heads // 2, 2).transpose(1, 2).reshape(rows)
         return weight.permute_rows(order)
-    return weight[order]
+    cols = weight.shape[1]
+    return weight.reshape(heads, rows // heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
 def _config(reader: gguf.GGUFReader, tokenizer: Tokenizer) -> ModelConfig:
