@@ -73,14 +73,14 @@ class Decoder:
                 down=make(weight(p + "mlp.down_proj.weight"), Role.DOWN),
             ))
         self.norm = norm("model.norm.weight")
-        head = state.pop("lm_head.weight", None)
-        if head is None or cfg.tie_word_embeddings:
+        if "lm_head.weight" not in state or cfg.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
             self.lm_head = make(self.embed, Role.WIDE)
             # One copy of a tied matrix: the embedding rows are read through the head (`rows`), from
             # its [out, in] weight or its packed panels.
             self.embed = None
         else:
-            self.lm_head = make(head if isinstance(head, QuantTensor) else head.to(device, dtype), Role.WIDE)
+            self.lm_head = make(weight("lm_head.weight"), Role.WIDE)
         self.embed_scale = math.sqrt(cfg.hidden_size) if fam.embed_scale else None
         cos, sin = rope_tables(cfg, device)
         self.cos, self.sin = cos.to(dtype), sin.to(dtype)  # [max_pos, D]
