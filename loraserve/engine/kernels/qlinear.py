@@ -14,10 +14,10 @@ import ctypes
 import functools
 
 import gguf
-import numpy as np
 import torch
 
 from loraserve.engine.kernels.cpu import _cpu_float32, _load
+from loraserve.engine.weights.quant import QuantTensor, QuantType
 
 BLOCK_ELEMS = 32  # weights per block, in every type the kernel takes
 TYPES = (gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1)
@@ -82,8 +82,7 @@ def dequantize(blocks: torch.Tensor, qtype: int, out_features: int, in_features:
     """W as float32 [out, in] (a new copy), by gguf-py's reference dequantization: for tests and tools."""
     sizes = {int(t): int(gguf.GGML_QUANT_SIZES[t][1]) for t in TYPES}
     _check_blocks(blocks, out_features, _row_bytes(sizes, qtype, in_features))
-    values = gguf.quants.dequantize(blocks.numpy(), gguf.GGMLQuantizationType(qtype))
-    return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(out_features, in_features)
+    return QuantTensor(blocks, QuantType(qtype), out_features, in_features).dequantize()
 
 
 # Built on the first call; None where it cannot be built or loaded.
