@@ -131,7 +131,19 @@ def resolve(model: str, served: Collection[str], lora: bool) -> str:
             raise LoraNotSupported(model)
     elif model in served:
         return model
-    raise NoSuchModel(model)
+    raise NoSuchModel(model, how_to_serve(model))
+
+
+def how_to_serve(model: str) -> str | None:
+    """For a catalog model this server was not started with: the command that serves it."""
+    entry = find(model) or find(model + LORA_SUFFIX)
+    if entry is None:
+        return None
+    if entry.default_source is not None:
+        return f"this server was not started with it; `loraserve serve --model {entry.id}` serves it"
+    return (f"this server was not started with it; serve its weights with `loraserve serve --model "
+            f"{entry.id}=PATH`, PATH a Hugging Face directory (add `--quantize q4_0` to fit a CPU "
+            f"machine's memory) or a GGUF file (served as quantized), or set {entry.weights_env}=DIR")
 
 
 class ModelSourceError(ValueError):

@@ -1,7 +1,9 @@
-"""The `loraserve` command: serve, tokens, finetunes (wrangler's verbs), run, bench, loadtest.
+"""The `loraserve` command: serve, tokens, finetunes (wrangler's verbs), run, quantize, bench, loadtest.
 
-Only `serve` (and `bench`) load the engine, lazily: every other command stays torch-free and quick.
+Only `serve`, `quantize` (and `bench`) load the engine, lazily: every other command stays torch-free and
+quick.
 Human-facing output goes to stderr; stdout carries only what a script would capture.
+The `token` and `finetune` groups are in cli_accounts.py; what the modules share, in cli_common.py.
 """
 
 from __future__ import annotations
@@ -9,18 +11,26 @@ from __future__ import annotations
 import importlib
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.progress import Progress
-from rich.table import Table
 
 from loraserve import catalog
 from loraserve.chat_template import TemplateKind
-from loraserve.client import ASSET_FILES, DEFAULT_BASE_URL, APIError, Client, RunStream
+from loraserve.cli_accounts import finetune_app, token_app
+from loraserve.cli_common import (
+    DEFAULT_DATA_DIR,
+    AccountId,
+    BaseUrl,
+    DatabaseUrl,
+    DataDir,
+    Token,
+    err,
+    fail,
+)
+from loraserve.client import DEFAULT_BASE_URL, APIError, Client, RunStream
+from loraserve.engine.config import Quantization  # torch-free, as the whole config module
 from loraserve.types import Backend
 
 if TYPE_CHECKING:
@@ -30,33 +40,12 @@ app = typer.Typer(
     no_args_is_help=True, add_completion=False,
     help="loraserve: a self-hosted Workers AI server for one base LLM and many LoRA finetunes.",
 )
-token_app = typer.Typer(no_args_is_help=True, help="API tokens (written straight to the registry).")
-finetune_app = typer.Typer(no_args_is_help=True, help="LoRA finetunes on a running server.")
 app.add_typer(token_app, name="token")
 app.add_typer(finetune_app, name="finetune")
-err = Console(stderr=True, soft_wrap=True)
-
-DEFAULT_DATA_DIR = Path("data")
-DataDir = Annotated[
-    Path, typer.Option("--data-dir", envvar="LORASERVE_DATA_DIR", help="Registry database and adapter files.")
-]
-DatabaseUrl = Annotated[
-    str | None, typer.Option("--database-url", help="SQLAlchemy URL; default: SQLite in the data dir.")
-]
-BaseUrl = Annotated[
-    str, typer.Option("--base-url", envvar="LORASERVE_BASE_URL", help="The server's root URL.")
-]
-AccountId = Annotated[str, typer.Option("--account", envvar="LORASERVE_ACCOUNT_ID", help="Account id.")]
-Token = Annotated[str, typer.Option("--token", envvar="LORASERVE_TOKEN", help="API token of the account.")]
 
 
 def main() -> None:
     app()
-
-
-def _fail(message: str, code: int = 1) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
-    return typer.Exit(code)
 
 
 # serve ---------------------------------------------------------------------------------------------
@@ -99,6 +88,11 @@ def serve(
         typer.Option(help="auto or float16: adapter weights in half precision halve what the CPU LoRA "
                           "kernel reads each step, at fp16's rounding (default: auto = the model's)."),
     ] = None,
+    quantize: Annotated[
+        Quantization | None,
+        typer.Option(help="Quantize a Hugging Face directory's weights at load to GGUF blocks, served "
+                          "with --dtype gguf (the default with it); norms stay float. CPU only."),
+    ] = None,
     prefix_caching: Annotated[
         bool | None,
         typer.Option(help="Reuse the K/V of prompt prefixes an account sent before (never across accounts); "
@@ -122,23 +116,25 @@ def serve(
                                            metrics_token=metrics_token))
         limits = RegistryLimits(**_given(max_rank=max_rank))
     except ValueError as exc:  # ModelSourceError, or a setting out of range
-        raise _fail(str(exc), 2) from None
+        raise fail(str(exc), 2) from None
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     registry = _open_registry(data_dir, database_url, limits)  # before the slow model loading: fail fast
     from loraserve.engine.config import EngineConfig
     from loraserve.engine.loader import load_backend  # torch: only now
 
     try:
+        if quantize is not None and dtype is None:
+            dtype = "gguf"  # the only dtype quantized weights are served in
         engine_config = EngineConfig(**_given(max_num_seqs=max_batch, max_queue=max_queue,
                                               prefix_caching=prefix_caching, device=device, dtype=dtype,
-                                              lora_dtype=lora_dtype))
+                                              lora_dtype=lora_dtype, quantize=quantize))
     except ValueError as exc:
-        raise _fail(str(exc), 2) from None
+        raise fail(str(exc), 2) from None
     if engine_config.device.startswith("cuda"):
         import torch
 
         if not torch.cuda.is_available():
-            raise _fail(
+            raise fail(
                 f"--device {engine_config.device}: torch sees no CUDA device (torch {torch.__version__})", 2
             )
 
@@ -152,7 +148,7 @@ def serve(
                 loaded[key] = load_backend(located[spec.id], engine_config,
                                            chat_template=catalog.chat_template(spec.template))
             except (OSError, ValueError) as exc:
-                raise _fail(f"{spec.id}: cannot load {located[spec.id]}: {exc}", 2) from None
+                raise fail(f"{spec.id}: cannot load {located[spec.id]}: {exc}", 2) from None
         backends[spec.id] = loaded[key]
     if metrics_token is None and host not in ("127.0.0.1", "localhost", "::1"):
         err.print(f"warning: GET /metrics is open to anyone who reaches {host}:{port}; "
@@ -174,132 +170,18 @@ def _open_registry(data_dir: Path, database_url: str | None, limits: RegistryLim
     try:
         registry = Registry.open(data_dir, database_url, limits)
     except DatabaseError as exc:  # e.g. a SQLite file too damaged to migrate
-        raise _fail(f"cannot open the registry database: {exc.orig}", 2) from None
+        raise fail(f"cannot open the registry database: {exc.orig}", 2) from None
     try:
         err.print(registry.recover().summary(), highlight=False)
     except RegistryCorrupt as exc:
         registry.close()
-        raise _fail(f"{exc}; restore the database from a backup", 2) from None
+        raise fail(f"{exc}; restore the database from a backup", 2) from None
     return registry
 
 
 def _given(**values: Any) -> dict[str, Any]:
     """Options left out keep the defaults of the config classes (which own them)."""
     return {k: v for k, v in values.items() if v is not None}
-
-
-# tokens --------------------------------------------------------------------------------------------
-
-
-@token_app.command("create")
-def token_create(
-    account: Annotated[str, typer.Option("--account", help="Account id (created if new).")],
-    label: Annotated[str, typer.Option(help="A note to tell tokens apart.")] = "",
-    data_dir: DataDir = DEFAULT_DATA_DIR,
-    database_url: DatabaseUrl = None,
-) -> None:
-    """Create an API token; it is printed once, alone on the last line of stdout."""
-    from loraserve.registry import Registry
-
-    try:
-        with Registry.open(data_dir, database_url) as registry:
-            token = registry.create_token(account, label)
-    except ValueError as exc:
-        raise _fail(str(exc), 2) from None
-    err.print(f"token for account [bold]{account}[/] (shown once, keep it):", highlight=False)
-    print(token)
-
-
-@token_app.command("revoke")
-def token_revoke(
-    token: Annotated[str, typer.Argument(help="The token to revoke.")],
-    data_dir: DataDir = DEFAULT_DATA_DIR,
-    database_url: DatabaseUrl = None,
-) -> None:
-    """Revoke an API token."""
-    from loraserve.registry import Registry
-
-    with Registry.open(data_dir, database_url) as registry:
-        revoked = registry.revoke_token(token)
-    if not revoked:
-        raise _fail("no such live token")
-    err.print("token revoked")
-
-
-# finetunes -----------------------------------------------------------------------------------------
-
-
-@finetune_app.command("create")
-def finetune_create(
-    model: Annotated[str, typer.Argument(help="The catalog model name.")],
-    name: Annotated[str, typer.Argument(help="The finetune name.")],
-    folder: Annotated[
-        Path, typer.Argument(help="Folder holding adapter_config.json and adapter_model.safetensors.")
-    ],
-    account: AccountId,
-    token: Token,
-    base_url: BaseUrl = DEFAULT_BASE_URL,
-    description: Annotated[str, typer.Option(help="Free text.")] = "",
-    public: Annotated[bool, typer.Option(help="Let every account use it.")] = False,
-) -> None:
-    """Create a finetune and upload its adapter files (as `wrangler ai finetune create`)."""
-    paths = [folder / f for f in ASSET_FILES]
-    if missing := [p.name for p in paths if not p.is_file()]:
-        raise _fail(f"asset missing in {folder}: {', '.join(missing)} (required: {', '.join(ASSET_FILES)})")
-    with Client(account, token, base_url) as client, Progress(console=err, transient=True) as progress:
-        try:
-            err.print(f"creating finetune [bold]{name}[/] for model [bold]{model}[/] ...", highlight=False)
-            finetune = client.new_finetune(model, name, description, public)
-            task = progress.add_task("uploading", total=sum(p.stat().st_size for p in paths))
-            for path in paths:
-                progress.update(task, description=f"uploading {path.name}")
-                client.upload_asset(finetune["id"], path)
-                progress.advance(task, path.stat().st_size)
-        except (APIError, OSError) as exc:
-            raise _fail(str(exc)) from None
-    err.print(f"finetune [bold]{name}[/] ({finetune['id']}) is ready to use", highlight=False)
-    print(finetune["id"])
-
-
-@finetune_app.command("list")
-def finetune_list(
-    account: AccountId, token: Token, base_url: BaseUrl = DEFAULT_BASE_URL,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
-) -> None:
-    """List the account's finetunes."""
-    with Client(account, token, base_url) as client:
-        try:
-            finetunes = client.list_finetunes()
-        except APIError as exc:
-            raise _fail(str(exc)) from None
-    if as_json:
-        print(json.dumps(finetunes, indent=2))
-        return
-    if not sys.stdout.isatty():  # piped: one tab-separated line per finetune, never cut to a width
-        for f in finetunes:
-            print("\t".join([f["id"], f["name"], f["model"], f.get("description") or ""]))
-        return
-    table = Table()
-    for column in ("finetune_id", "name", "model"):
-        table.add_column(column, no_wrap=True)  # ids are copied from here: never cut them
-    table.add_column("description", overflow="fold")
-    for f in finetunes:
-        table.add_row(f["id"], f["name"], f["model"], f.get("description") or "")
-    Console().print(table)
-
-
-@finetune_app.command("delete")
-def finetune_delete(
-    ref: Annotated[str, typer.Argument(help="Finetune id or name.")],
-    account: AccountId, token: Token, base_url: BaseUrl = DEFAULT_BASE_URL,
-) -> None:
-    """Delete a finetune and its files."""
-    with Client(account, token, base_url) as client:
-        try:
-            finetune = client.delete_finetune(ref)
-        except APIError as exc:
-            raise _fail(str(exc)) from None
-    err.print(f"deleted finetune [bold]{finetune['name']}[/] ({finetune['id']})", highlight=False)
 
 
 # run -----------------------------------------------------------------------------------------------
@@ -322,7 +204,7 @@ def run(
 ) -> None:
     """Run a model on a running server and print its answer."""
     if (prompt is None) == (messages is None):
-        raise _fail("give exactly one of --prompt and --messages", 2)
+        raise fail("give exactly one of --prompt and --messages", 2)
     inputs: dict[str, Any] = _given(lora=lora, max_tokens=max_tokens, temperature=temperature, seed=seed)
     if prompt is not None:
         inputs.update(prompt=prompt, raw=raw)
@@ -330,7 +212,7 @@ def run(
         try:
             inputs["messages"] = json.loads(messages or "")
         except ValueError:
-            raise _fail("--messages must be JSON", 2) from None
+            raise fail("--messages must be JSON", 2) from None
     with Client(account, token, base_url) as client:
         try:
             if stream:
@@ -345,9 +227,35 @@ def run(
                 print(result["response"])
                 usage = result.get("usage")
         except APIError as exc:
-            raise _fail(str(exc)) from None
+            raise fail(str(exc)) from None
     if usage:
         err.print(f"[dim]{usage}[/]", highlight=False)
+
+
+# quantize ------------------------------------------------------------------------------------------
+
+
+@app.command("quantize")
+def quantize_command(
+    source: Annotated[str, typer.Argument(help="A Hugging Face directory, or random:NAME[:TYPE].")],
+    out: Annotated[Path, typer.Argument(help="The GGUF file to write.")],
+    qtype: Annotated[
+        Quantization | None,
+        typer.Option("--type", help="Block type of the projections and embedding (an untied head: "
+                                    "Q8_0). Required but for random:NAME:TYPE, whose blocks are written as "
+                                    "they are."),
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+) -> None:
+    """Write a quantized GGUF file that llama.cpp (and `serve --dtype gguf`) reads."""
+    from loraserve.engine.weights.convert import convert  # torch: only now
+
+    try:
+        config = convert(source, out, qtype, overwrite=force)
+    except (OSError, ValueError) as exc:
+        raise fail(str(exc), 2) from None
+    err.print(f"wrote {out} ({out.stat().st_size / 2**30:.2f} GiB: {config.num_layers} layers, "
+              f"hidden {config.hidden_size}, vocabulary {config.vocab_size})", highlight=False)
 
 
 # bench ---------------------------------------------------------------------------------------------

@@ -50,8 +50,10 @@ class BadInput(WorkersAIError):
 class NoSuchModel(WorkersAIError):
     code, status = 5007, 400
 
-    def __init__(self, model: str) -> None:
-        super().__init__(f"No such model {model} or task")
+    def __init__(self, model: str, hint: str | None = None) -> None:
+        # Workers AI's own message, then (for a model this server knows but was not started with) how
+        # to serve it: a user trying the seed's model id learns what to do, not just that it failed.
+        super().__init__(f"No such model {model} or task" + (f": {hint}" if hint else ""))
 
 
 class LoraNotSupported(WorkersAIError):

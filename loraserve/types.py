@@ -63,7 +63,14 @@ class Limit:
 
 # Each sampling range, declared once. The engine's own (SamplingParams checks them) are the widest; the
 # two API faces publish and enforce theirs, narrower where their contract is (their schemas read these).
+ENGINE_MAX_TOKENS = Limit(ge=0)  # 0 scores the prompt (prompt_logprobs) and generates nothing
 MAX_TOKENS = Limit(ge=1)
+OPENAI_COMPLETION_MAX_TOKENS = Limit(ge=0)  # OpenAI's legacy completions take 0 (echo: score the prompt)
+# Alternatives reported per position. Each costs a top-k over the vocabulary and a little memory per
+# token, so the engine bounds them; the completions face takes OpenAI's 5, chat OpenAI's 20.
+LOGPROBS = Limit(0, 20)
+OPENAI_COMPLETION_LOGPROBS = Limit(0, 5)
+OPENAI_CHAT_TOP_LOGPROBS = Limit(0, 20)
 TEMPERATURE = Limit(0, 5)
 TOP_P = Limit(0, 2)
 TOP_K = Limit(ge=0)  # 0 means no cut
@@ -89,15 +96,23 @@ class SamplingParams:
     presence_penalty: float = 0.0
     stop_token_ids: tuple[int, ...] = ()  # extra stops beside the model's EOS
     ignore_eos: bool = False  # benchmarks: generate exactly max_tokens
+    # Log-probabilities of the model's raw next-token distribution (before temperature, top-k/p and
+    # penalties): None asks for none; k reports each token's own and the k most likely alternatives.
+    logprobs: int | None = None  # of each generated token
+    prompt_logprobs: int | None = None  # of each prompt token but the first (nothing predicts it)
 
     def __post_init__(self) -> None:
-        MAX_TOKENS.check("max_tokens", self.max_tokens)
+        ENGINE_MAX_TOKENS.check("max_tokens", self.max_tokens)
         TEMPERATURE.check("temperature", self.temperature)
         TOP_P.check("top_p", self.top_p)
         TOP_K.check("top_k", self.top_k)
         REPETITION_PENALTY.check("repetition_penalty", self.repetition_penalty)
         PENALTY.check("frequency_penalty", self.frequency_penalty)
         PENALTY.check("presence_penalty", self.presence_penalty)
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None:
+                LOGPROBS.check(name, value)
 
     @property
     def greedy(self) -> bool:
@@ -117,10 +132,35 @@ class AdapterRef:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A token and its log-probability. `token` is its bytes as the tokenizer spells them: a byte-level
+    token may hold part of a UTF-8 character, so it is not always text on its own."""
+
+    token_id: int
+    token: bytes
+    logprob: float
+
+
+@dataclass(frozen=True)
+class PositionLogprobs:
+    """One position of the text: its token (generated, or the prompt's), that token's logprob (None for
+    the prompt's first token: nothing predicts it), and the k most likely tokens there, most likely
+    first (the token itself may be among them)."""
+
+    token_id: int
+    token: bytes
+    logprob: float | None
+    top: tuple[TokenLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
 class StreamEvent:
     """One step of a generation's output as the server sees it.
 
     `text` is a valid UTF-8 delta (never half a character). The last event has `finish_reason` set.
+    `logprobs` has one entry per token generated in this step when the request asked for them
+    (`SamplingParams.logprobs`); the text of a token may arrive in a later event than its logprobs.
+    `prompt_logprobs`, when asked for, comes whole with the first event: one entry per prompt token.
     """
 
     text: str
@@ -128,6 +168,8 @@ class StreamEvent:
     completion_tokens: int
     finish_reason: FinishReason | None = None
     error: str | None = None
+    logprobs: tuple[PositionLogprobs, ...] = ()
+    prompt_logprobs: tuple[PositionLogprobs, ...] | None = None
 
 
 @dataclass(frozen=True)

@@ -44,14 +44,95 @@ def llama_cpp_permute(w: np.ndarray, heads: int) -> np.ndarray:
 
 def random_k_blocks(kind: gguf.GGMLQuantizationType, rows: int, cols: int,
                     rng: np.random.Generator) -> np.ndarray:
-    """Random K-quant data (gguf-py cannot quantize these) with sane float16 scales."""
+    """Random K-quant data with sane float16 scales: every bit pattern of the quants and the per-piece
+    scales (Q6_K's negative ones too)."""
     block_elems, block_bytes = gguf.GGML_QUANT_SIZES[kind]
     blocks = rng.integers(0, 256, size=(rows, cols // block_elems, block_bytes), dtype=np.uint8)
-    scale_offsets = {Q.Q4_K: (0, 2), Q.Q6_K: (block_bytes - 2,)}[kind]
+    scale_offsets = {Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (block_bytes - 2,)}[kind]
     for offset in scale_offsets:
         blocks[..., offset:offset + 2] = (
             rng.uniform(0.001, 0.01, size=blocks.shape[:2]).astype(np.float16)[..., None].view(np.uint8))
     return blocks.reshape(rows, -1)
+
+
+def quantize_k(w: np.ndarray, kind: gguf.GGMLQuantizationType) -> np.ndarray:
+    """w [rows, cols] as Q4_K, Q5_K or Q6_K blocks [rows, cols / 256 * bytes] (gguf-py cannot quantize
+    these): a plain reference quantizer, min/max per piece (not ggml's search), packed as ggml packs."""
+    rows = w.shape[0]
+    if kind == Q.Q6_K:
+        return _quantize_q6_k(w.reshape(-1, 16, 16).astype(np.float32)).reshape(rows, -1)
+    x = w.reshape(-1, 8, 32).astype(np.float32)  # super-blocks, pieces of 32
+    nmax = 15 if kind == Q.Q4_K else 31
+    low = np.minimum(x.min(-1), 0)
+    scale, mins = (x.max(-1) - low) / nmax, -low  # w = scale q - min per piece
+    d = (scale.max(-1) / 63).astype(np.float16)
+    dmin = (mins.max(-1) / 63).astype(np.float16)
+    sc = _ratio(scale, d[:, None]).clip(0, 63).astype(np.uint8)
+    m = _ratio(mins, dmin[:, None]).clip(0, 63).astype(np.uint8)
+    step = d[:, None].astype(np.float32) * sc
+    q = _ratio(x + (dmin[:, None].astype(np.float32) * m)[..., None], step[..., None]).clip(0, nmax)
+    q = q.astype(np.uint8)  # [S, 8, 32]
+    scales = np.concatenate([sc[:, :4] | (sc[:, 4:] >> 4) << 6, m[:, :4] | (m[:, 4:] >> 4) << 6,
+                             (sc[:, 4:] & 15) | (m[:, 4:] & 15) << 4], axis=1)
+    nibbles = (q[:, 0::2] & 15) | (q[:, 1::2] & 15) << 4  # piece 2c low, 2c + 1 high: [S, 4, 32]
+    parts = [d[:, None].view(np.uint8), dmin[:, None].view(np.uint8), scales]
+    if kind == Q.Q5_K:  # bit j of qh[i]: bit 4 of piece j's element i
+        parts.append(((q >> 4) << np.arange(8, dtype=np.uint8)[:, None]).sum(1, dtype=np.uint8))
+    parts.append(nibbles.reshape(-1, 128))
+    return np.concatenate(parts, axis=1).reshape(rows, -1)
+
+
+def _ratio(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """round(a / b), 0 where b is 0."""
+    safe = np.where(b == 0, 1, b)
+    return np.where(b == 0, 0, np.round(a / safe))
+
+
+def _quantize_q6_k(x: np.ndarray) -> np.ndarray:
+    """x [S, 16, 16] (super-blocks, 16 per scale) -> Q6_K blocks [S, 210]. The value of largest
+    magnitude maps to -32, as in ggml, so scales come in both signs."""
+    big = np.take_along_axis(x, np.abs(x).argmax(-1)[..., None], -1)[..., 0]
+    scale = big / -32
+    d = (np.abs(scale).max(-1) / 127).astype(np.float16)
+    sc = _ratio(scale, d[:, None]).clip(-128, 127).astype(np.int8)
+    step = d[:, None].astype(np.float32) * sc
+    q = (_ratio(x, step[..., None]).clip(-32, 31) + 32).astype(np.uint8).reshape(-1, 2, 4, 32)  # [S, h, u, i]
+    ql = (q[:, :, 0:2] & 15) | (q[:, :, 2:4] & 15) << 4  # ql[64 h + 32 c + i]: pieces u = c (low), c + 2
+    qh = ((q >> 4) << (2 * np.arange(4, dtype=np.uint8))[:, None]).sum(2, dtype=np.uint8)  # [S, h, i]
+    return np.concatenate([ql.reshape(-1, 128), qh.reshape(-1, 64), sc.view(np.uint8),
+                           d[:, None].view(np.uint8)], axis=1)
+
+
+def k_quant_pieces(blocks: np.ndarray, kind: gguf.GGMLQuantizationType,
+                   rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """K-quant blocks read as the kernel reads them (csrc/qlinear_k.h), in pieces of 32: d [rows, P],
+    c [rows, P] and q [rows, P, 32] int64 with w = d * q + c, q holding the integer scales (sc q, or
+    Q6_K's sc (q - 32)) and c the offset (-dmin m; 0 for Q6_K)."""
+    b = blocks.reshape(-1, gguf.GGML_QUANT_SIZES[kind][1])
+    q = np.zeros((b.shape[0], 8, 32), dtype=np.int64)
+    c = np.zeros((b.shape[0], 8), dtype=np.float32)
+    if kind == Q.Q6_K:
+        d = b[:, 208:210].copy().view(np.float16).astype(np.float32)[:, 0]
+        sc = b[:, 192:208].view(np.int8).astype(np.int64)
+        for j in range(8):
+            h, u = divmod(j, 4)
+            ql = b[:, 64 * h + 32 * (u % 2):][:, :32].astype(np.int64) >> 4 * (u // 2) & 15
+            qh = b[:, 128 + 32 * h:][:, :32].astype(np.int64) >> 2 * u & 3
+            q[:, j] = ((ql | qh << 4) - 32) * np.repeat(sc[:, 2 * j:2 * j + 2], 16, axis=1)
+    else:
+        d, dmin = (b[:, o:o + 2].copy().view(np.float16).astype(np.float32)[:, 0] for o in (0, 2))
+        s = b[:, 4:16].astype(np.int64)
+        sc = np.concatenate([s[:, :4] & 63, (s[:, 8:] & 15) | (s[:, :4] >> 6) << 4], axis=1)
+        m = np.concatenate([s[:, 4:8] & 63, (s[:, 8:] >> 4) | (s[:, 4:8] >> 6) << 4], axis=1)
+        start = 48 if kind == Q.Q5_K else 16
+        for j in range(8):
+            qj = b[:, start + 32 * (j // 2):][:, :32].astype(np.int64) >> 4 * (j % 2) & 15
+            if kind == Q.Q5_K:
+                qj |= (b[:, 16:48].astype(np.int64) >> j & 1) << 4
+            q[:, j] = qj * sc[:, j:j + 1]
+        c = (-dmin[:, None] * m).astype(np.float32)
+    pieces = b.shape[0] // rows * 8
+    return (np.repeat(d, 8).reshape(rows, pieces), c.reshape(rows, pieces), q.reshape(rows, pieces, 32))
 
 
 GGUF_NAMES = {
@@ -99,7 +180,6 @@ def write_gguf(model: LlamaForCausalLM, path: Path, extra: dict[str, np.ndarray]
     writer.add_token_merges(["h e", "l l"])
     writer.add_bos_token_id(256)
     writer.add_eos_token_id(257)
-    rng = np.random.default_rng(0)
     types: dict[str, Any] = {}
     projections = itertools.cycle(projection_types or LAYER_TYPES)
     for hf_name, tensor in model.state_dict().items():
@@ -117,8 +197,8 @@ def write_gguf(model: LlamaForCausalLM, path: Path, extra: dict[str, np.ndarray]
             writer.add_tensor(name, w.astype(np.float32))
         elif kind == Q.F16:
             writer.add_tensor(name, w.astype(np.float16))
-        elif kind in (Q.Q4_K, Q.Q6_K):
-            writer.add_tensor(name, random_k_blocks(kind, w.shape[0], w.shape[1], rng), raw_dtype=kind)
+        elif kind in (Q.Q4_K, Q.Q5_K, Q.Q6_K):
+            writer.add_tensor(name, quantize_k(w, kind), raw_dtype=kind)
         else:
             writer.add_tensor(name, gguf.quants.quantize(w.astype(np.float32), kind), raw_dtype=kind)
         types[name] = kind

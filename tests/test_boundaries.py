@@ -65,6 +65,8 @@ def _run_child(code: str) -> subprocess.CompletedProcess[str]:
         "import loraserve.registry",
         "import loraserve.client",
         "import loraserve.cli",
+        "import loraserve.cli_accounts",
+        "import loraserve.cli_common",
         "import loraserve.catalog",
         "import loraserve.peft",
         # `loraserve loadtest` drives a server from a machine that need not have torch.

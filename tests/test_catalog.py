@@ -113,3 +113,16 @@ def test_known_shapes_without_loading_a_model() -> None:
     assert catalog.known_shape("random:tiny") == catalog.RANDOM_SHAPES["tiny"]
     for other in ("random:nope", "/models/llama.gguf", "org/repo"):
         assert catalog.known_shape(other) is None
+
+
+def test_an_unserved_catalog_model_says_how_to_serve_it() -> None:
+    """The seed's model id on a server started without its weights: 5007 with Workers AI's message,
+    then the command that serves it."""
+    with pytest.raises(NoSuchModel) as err:
+        catalog.resolve(LLAMA, {"@cf/huggingfacetb/smollm2-135m-instruct"}, lora=True)
+    message = str(err.value)
+    assert message.startswith(f"No such model {LLAMA} or task: ")
+    assert f"loraserve serve --model {LLAMA}=PATH" in message and "LORASERVE_LLAMA2_PATH" in message
+    assert "--quantize" in message
+    with pytest.raises(NoSuchModel, match=r"^No such model @cf/x/y or task$"):
+        catalog.resolve("@cf/x/y", set(), lora=False)

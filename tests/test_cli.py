@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import gguf
 import httpx
 import pytest
 import torch
@@ -19,6 +20,7 @@ from loraserve.cli import app
 from loraserve.errors import AuthenticationError
 
 from conftest import LORA_MODEL, Account, LiveServer
+from quantize_helpers import tiny_hf_dir, write_byte_level_tokenizer
 from serve_helpers import ServeProcess
 
 runner = CliRunner()
@@ -182,3 +184,37 @@ def test_serve_explains_missing_weights(tmp_path: Path) -> None:
         "serve", "--data-dir", str(tmp_path), "--model", f"@cf/x/y={tmp_path / 'nothing.gguf'}"
     )
     assert missing.returncode == 2 and "no such file or directory" in missing.stderr
+
+
+def test_quantize_writes_a_gguf_llama_cpp_reads(tmp_path: Path) -> None:
+    root = tiny_hf_dir(tmp_path / "hf")
+    write_byte_level_tokenizer(root)
+    out = tmp_path / "tiny.q8_0.gguf"
+    done = runner.invoke(app, ["quantize", str(root), str(out), "--type", "q8_0"])
+    assert done.exit_code == 0, done.output
+    assert f"wrote {out}" in done.stderr and not list(tmp_path.glob("*.partial"))
+    reader = gguf.GGUFReader(out)
+    assert {t.name: t.tensor_type.name for t in reader.tensors}["blk.0.attn_v.weight"] == "Q8_0"
+    again = runner.invoke(app, ["quantize", str(root), str(out), "--type", "q4_0"])
+    assert again.exit_code == 2 and "exists (--force replaces it)" in again.stderr
+    forced = runner.invoke(app, ["quantize", str(root), str(out), "--type", "q4_0", "--force"])
+    assert forced.exit_code == 0, forced.output
+    assert {t.name: t.tensor_type.name for t in gguf.GGUFReader(out).tensors}["blk.0.attn_v.weight"] == "Q4_0"
+
+
+def test_quantize_refusals(tmp_path: Path) -> None:
+    bad_type = runner.invoke(app, ["quantize", "random:tiny", str(tmp_path / "x.gguf"), "--type", "q5_k"])
+    assert bad_type.exit_code == 2 and "'q5_k' is not one of" in bad_type.stderr
+    untyped = runner.invoke(app, ["quantize", "random:tiny", str(tmp_path / "x.gguf")])
+    assert untyped.exit_code == 2 and "--type is required for random:tiny" in untyped.stderr
+    gguf_source = runner.invoke(app, ["quantize", "embedded", str(tmp_path / "x.gguf"), "--type", "q8_0"])
+    assert gguf_source.exit_code == 2 and "is a GGUF file already" in gguf_source.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_serve_refuses_quantize_where_it_cannot_run(tmp_path: Path) -> None:
+    base = ("serve", "--data-dir", str(tmp_path), "--quantize", "q4_0")
+    on_gguf = loraserve(*base, "--model", "@cf/test/tiny=embedded")
+    assert on_gguf.returncode == 2 and "serve it with --dtype gguf" in on_gguf.stderr
+    float_dtype = loraserve(*base, "--model", "@cf/test/tiny=random:tiny", "--dtype", "float32")
+    assert float_dtype.returncode == 2 and "needs dtype gguf, not float32" in float_dtype.stderr

@@ -18,7 +18,7 @@ from pydantic import BaseModel
 
 from loraserve import catalog
 from loraserve.api.context import AppContext
-from loraserve.api.openai.schemas import OpenAIError
+from loraserve.api.openai.responses import OpenAIError
 from loraserve.api.openapi_models import ErrorEnvelope
 from loraserve.errors import WorkersAIError
 

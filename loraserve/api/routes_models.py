@@ -97,5 +97,5 @@ async def search_models(
 async def model_schema(request: Request, account: Account, model: str) -> JSONResponse:
     context = get_context(request)
     if model not in context.backends and model + catalog.LORA_SUFFIX not in context.backends:
-        raise NoSuchModel(model)
+        raise NoSuchModel(model, catalog.how_to_serve(model))
     return success_response({"input": input_schema(), "output": output_schema()})

@@ -13,17 +13,21 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 from loraserve.chat_template import ChatTemplate
-from loraserve.engine.llm_engine import LLMEngine
+from loraserve.engine.core.sequence import TokenScores
+from loraserve.engine.llm_engine import LLMEngine, StepOutput
 from loraserve.engine.weights.detokenizer import IncrementalDetokenizer
+from loraserve.engine.weights.token_bytes import TokenBytes
 from loraserve.engine.weights.tokenizer import Tokenizer
 from loraserve.types import (
     AdapterRef,
     ChatMessage,
     FinishReason,
     ModelInfo,
+    PositionLogprobs,
     QueueFull,
     SamplingParams,
     StreamEvent,
+    TokenLogprob,
     check_context_window,
 )
 
@@ -57,6 +61,8 @@ class _Stream:
 
 
 EngineFactory = Callable[[], tuple[LLMEngine, Tokenizer]]
+# An event's (logprobs, prompt_logprobs), as StreamEvent holds them.
+_Logprobs = tuple[tuple[PositionLogprobs, ...], tuple[PositionLogprobs, ...] | None]
 
 
 class _Events:
@@ -199,6 +205,7 @@ class AsyncEngine:
         finally:
             self._ready.set()
         self.engine.adapters.on_loaded = self._on_adapter_loaded
+        self._token_bytes = TokenBytes(self.tokenizer)
         self._loop()
 
     def _on_adapter_loaded(self) -> None:
@@ -229,7 +236,8 @@ class AsyncEngine:
             self._stats = self.engine.stats()  # before the events: a finished request shows as freed
             for out in outputs:
                 self._emit(out.seq.request_id, out.token, out.seq.finish_reason if out.finished else None,
-                           out.seq.num_output, self.engine.adapters.failure(out.seq.adapter_key or ""))
+                           out.seq.num_output, self.engine.adapters.failure(out.seq.adapter_key or ""),
+                           self._logprobs(out))
         self._fail_all("engine is shut down")
 
     def _apply(self, item: _Add | _Abort | _Forget) -> None:
@@ -249,8 +257,22 @@ class AsyncEngine:
             self.engine.abort(item.request_id)
             self._emit(item.request_id, None, FinishReason.ABORT, 0, None)
 
+    def _logprobs(self, out: StepOutput) -> _Logprobs:
+        """A step's scores as the server reports them: with each token's bytes."""
+        sampled = (self._position(out.logprobs),) if out.logprobs is not None else ()
+        if out.prompt_scores is None:
+            return sampled, None
+        first = out.seq.prompt_ids[0]
+        return sampled, (PositionLogprobs(first, self._token_bytes(first), None),
+                         *(self._position(s) for s in out.prompt_scores))
+
+    def _position(self, scores: TokenScores) -> PositionLogprobs:
+        token, *top = [TokenLogprob(i, self._token_bytes(i), lp)
+                       for i, lp in zip(scores.ids, scores.logprobs, strict=True)]
+        return PositionLogprobs(token.token_id, token.token, token.logprob, tuple(top))
+
     def _emit(self, request_id: str, token: int | None, finish: FinishReason | None, num_output: int,
-              error: str | None) -> None:
+              error: str | None, logprobs: _Logprobs = ((), None)) -> None:
         stream = self._streams.get(request_id)
         if stream is None:
             return
@@ -261,7 +283,7 @@ class AsyncEngine:
             with self._lock:
                 self._streams.pop(request_id, None)
         event = StreamEvent(text, stream.num_prompt, num_output, finish,
-                            error if finish is FinishReason.ERROR else None)
+                            error if finish is FinishReason.ERROR else None, *logprobs)
         try:
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, event)
         except RuntimeError:  # its event loop is closed: nobody can read this stream any more

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import os
 import re
 from dataclasses import dataclass, field
@@ -113,6 +114,14 @@ class ModelConfig:
         }
 
 
+class Quantization(enum.Enum):
+    """A block type a Hugging Face checkpoint's projections are quantized to at load (`--quantize`)."""
+
+    Q8_0 = "q8_0"
+    Q4_0 = "q4_0"
+    Q4_1 = "q4_1"
+
+
 def _default_threads() -> int:
     return int(os.environ.get("LORASERVE_THREADS", "0")) or (os.cpu_count() or 1)
 
@@ -151,6 +160,9 @@ class EngineConfig:
     # start (cpu_kernels.py); off (or no C compiler) for torch's MKL, gather + SDPA, padded-GEMM and
     # operator paths.
     native_kernels: bool = True
+    # Quantize a Hugging Face directory's projections and embedding at load (weights/quantize.py), then
+    # multiply them as stored like a GGUF file's: dtype gguf, CPU only.
+    quantize: Quantization | None = None
     threads: int = field(default_factory=_default_threads)
     seed: int = 0
 
@@ -168,6 +180,13 @@ class EngineConfig:
             raise ValueError("dtype must be auto, float32, bfloat16, float16 or gguf")
         if self.dtype == "gguf" and self.device != "cpu":
             raise ValueError("dtype gguf (a GGUF file's own quantization) runs on the CPU only")
+        if self.quantize is not None and not isinstance(self.quantize, Quantization):
+            raise ValueError(f"quantize must be one of {', '.join(q.value for q in Quantization)}")
+        if self.quantize is not None and self.device != "cpu":
+            raise ValueError("quantize (blocks multiplied as stored) runs on the CPU only")
+        if self.quantize is not None and self.dtype != "gguf":
+            raise ValueError(f"quantize {self.quantize.value} serves GGUF blocks: it needs dtype gguf, "
+                             f"not {self.dtype}")
         if self.lora_dtype not in ("auto", "float16"):
             raise ValueError("lora_dtype must be auto or float16")
         if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):

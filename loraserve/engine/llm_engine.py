@@ -10,7 +10,7 @@ import torch
 from loraserve.engine.config import EngineConfig, ModelConfig
 from loraserve.engine.core.block_manager import BlockManager
 from loraserve.engine.core.scheduler import Scheduler
-from loraserve.engine.core.sequence import Sequence
+from loraserve.engine.core.sequence import Sequence, TokenScores
 from loraserve.engine.lora.cache import AdapterCache
 from loraserve.engine.lora.sgmv import SgmvLora
 from loraserve.engine.models.decoder import Decoder
@@ -27,8 +27,12 @@ _CPU_KV_CAP = 1 << 30  # default KV budget on CPU: 1 GiB holds ~22k tokens of Sm
 @dataclass
 class StepOutput:
     seq: Sequence
-    token: int | None  # None when the sequence finished without a new token (error, abort)
+    token: int | None  # None when the sequence finished without a new token (error, abort, max_tokens 0)
     finished: bool
+    logprobs: TokenScores | None = None  # the token's, when params.logprobs asks
+    # The whole prompt's (tokens 1, 2, ...), once: with the first token, or when max_tokens 0 ends the
+    # request after its prefill. Set when params.prompt_logprobs asks.
+    prompt_scores: list[TokenScores] | None = None
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -132,20 +136,27 @@ class LLMEngine:
             outputs.append(StepOutput(seq, None, True))
         if not sched.scheduled:
             return outputs
-        tokens = self.runner.run(sched.scheduled)
+        result = self.runner.run(sched.scheduled)
         for s in sched.scheduled:
             s.seq.num_computed += s.num_new
             self.blocks.cache_computed(s.seq)
+            if s.seq.prompt_scores is not None:
+                s.seq.prompt_scores.extend(result.prompt_scores.get(s.seq.seq_id, ()))
         for s in sched.scheduled:
             seq = s.seq
-            tok = tokens.get(seq.seq_id)
+            tok = result.tokens.get(seq.seq_id)
             if tok is None:
+                if seq.params.max_tokens == 0 and seq.num_computed == seq.num_tokens:
+                    self._finish(seq, FinishReason.LENGTH)  # the prompt is scored: nothing to generate
+                    outputs.append(StepOutput(seq, None, True, prompt_scores=seq.prompt_scores))
                 continue
             seq.append(tok)
             reason = self._stop_reason(seq, tok)
             if reason is not None:
                 self._finish(seq, reason)
-            outputs.append(StepOutput(seq, tok, reason is not None))
+            first = seq.num_output == 1  # preemption recomputes, but never samples a token twice
+            outputs.append(StepOutput(seq, tok, reason is not None, result.logprobs.get(seq.seq_id),
+                                      seq.prompt_scores if first else None))
         return outputs
 
     def _stop_reason(self, seq: Sequence, tok: int) -> FinishReason | None:

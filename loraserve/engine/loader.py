@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -84,9 +85,13 @@ def load_engine(source: str, config: EngineConfig | None = None) -> tuple[LLMEng
     dtype = resolve_dtype(ecfg, torch.device(ecfg.device))
     if source == EMBEDDED:
         source = str(embedded_gguf_path())
-    keep_quantized = ecfg.dtype == "gguf"
-    if keep_quantized:
+    if ecfg.quantize is not None:
+        _check_quantize(source)
+    if ecfg.dtype == "gguf":
         _check_gguf_dtype(source, ecfg)
+    elif ecfg.dtype == "auto" and _keeps_quantized_by_default(source, ecfg):
+        ecfg = replace(ecfg, dtype="gguf")
+    keep_quantized = ecfg.dtype == "gguf"
     if source.startswith(RANDOM_PREFIX):
         import gguf
 
@@ -96,6 +101,11 @@ def load_engine(source: str, config: EngineConfig | None = None) -> tuple[LLMEng
         from loraserve.engine.weights import loader as weights
 
         cfg, state, tokenizer = weights.load_gguf(source, dtype, keep_quantized)
+    elif os.path.isdir(source) and ecfg.quantize is not None:
+        from loraserve.engine.weights.quantize import load_hf_quantized, quant_type
+
+        cfg, state = load_hf_quantized(Path(source), dtype, quant_type(ecfg.quantize))
+        tokenizer = Tokenizer.from_hf_dir(source)
     elif os.path.isdir(source):
         from loraserve.engine.weights import loader as weights
 
@@ -106,18 +116,41 @@ def load_engine(source: str, config: EngineConfig | None = None) -> tuple[LLMEng
                                 f"{EMBEDDED!r} nor {RANDOM_PREFIX}NAME")
     configure_process(ecfg)
     engine = LLMEngine(cfg, state, ecfg)
+    if keep_quantized and source.endswith(".gguf"):
+        from loraserve.engine.weights.gguf_file import release_pages
+
+        release_pages(source)
     # Chat models end a turn with their own token (SmolLM2's <|im_end|>), which config.json may not list.
     engine.eos_ids = engine.eos_ids | frozenset(tokenizer.eos_token_ids)
     return engine, tokenizer
+
+
+def _keeps_quantized_by_default(source: str, ecfg: EngineConfig) -> bool:
+    """dtype auto on the CPU serves a quantized source (a GGUF file, the embedded model, random:NAME:TYPE)
+    as it is quantized, where the kernel exists: a quarter of float32's memory, and faster."""
+    quantized = (source.endswith(".gguf") and os.path.isfile(source)) or (
+        source.startswith(RANDOM_PREFIX) and ":" in source.removeprefix(RANDOM_PREFIX))
+    return quantized and ecfg.device == "cpu" and ecfg.native_kernels and load_qlinear() is not None
+
+
+def _check_quantize(source: str) -> None:
+    """Quantizing at load is for float checkpoints; a GGUF file has its own block types."""
+    if source.endswith(".gguf") or source.startswith(RANDOM_PREFIX):
+        kind = "a GGUF file" if source.endswith(".gguf") else "a random model"
+        raise ValueError(f"quantize is for a Hugging Face directory; {source!r} is {kind}: serve it "
+                         f"with --dtype gguf (its own blocks; random:NAME:TYPE for random ones) or "
+                         f"--dtype float32, without --quantize")
 
 
 def _check_gguf_dtype(source: str, ecfg: EngineConfig) -> None:
     """dtype gguf multiplies a GGUF file's blocks as stored: refused, not silently dequantized (a 7B
     model's float copy would not fit), where that cannot happen."""
     quantized_random = source.startswith(RANDOM_PREFIX) and ":" in source.removeprefix(RANDOM_PREFIX)
-    if not quantized_random and not (source.endswith(".gguf") and os.path.isfile(source)):
+    if ecfg.quantize is None and not quantized_random and not (source.endswith(".gguf")
+                                                               and os.path.isfile(source)):
         raise ValueError(f"dtype gguf keeps a GGUF file's own quantization; {source!r} is neither a .gguf "
-                         f"file nor {RANDOM_PREFIX}NAME:TYPE")
+                         f"file nor {RANDOM_PREFIX}NAME:TYPE (a Hugging Face directory is quantized at load "
+                         f"with --quantize)")
     if not ecfg.native_kernels or load_qlinear() is None:
         raise ValueError("dtype gguf needs the quantized CPU kernel (native_kernels on and a C compiler); "
                          "--dtype float32 dequantizes the file instead")

@@ -8,11 +8,21 @@ from typing import Any
 import pytest
 
 from loraserve.api.generation import engine_refusals
-from loraserve.api.openai.schemas import ChatCompletionRequest, ChatRunInput, CompletionRunInput
+from loraserve.api.openai.schemas import (
+    ChatCompletionRequest,
+    ChatRunInput,
+    CompletionRequest,
+    CompletionRunInput,
+)
 from loraserve.api.schemas import MessagesInput, PromptInput
 from loraserve.errors import CapacityExceeded, ContextWindowExceeded
 from loraserve.types import (
+    ENGINE_MAX_TOKENS,
+    LOGPROBS,
     MAX_TOKENS,
+    OPENAI_CHAT_TOP_LOGPROBS,
+    OPENAI_COMPLETION_LOGPROBS,
+    OPENAI_COMPLETION_MAX_TOKENS,
     PENALTY,
     REPETITION_PENALTY,
     TEMPERATURE,
@@ -26,7 +36,7 @@ from loraserve.types import (
 )
 
 # What SamplingParams accepts of each field the bodies take (the seed: any integer).
-ENGINE_RANGES = {"max_tokens": MAX_TOKENS, "temperature": TEMPERATURE, "top_p": TOP_P, "top_k": TOP_K,
+ENGINE_RANGES = {"max_tokens": ENGINE_MAX_TOKENS, "temperature": TEMPERATURE, "top_p": TOP_P, "top_k": TOP_K,
                  "seed": Limit(), "repetition_penalty": REPETITION_PENALTY, "frequency_penalty": PENALTY,
                  "presence_penalty": PENALTY}
 
@@ -43,7 +53,7 @@ def test_engine_refusals_become_the_api_errors() -> None:
 def test_sampling_params_check_the_engine_ranges() -> None:
     SamplingParams(top_k=0, frequency_penalty=-2, presence_penalty=2)  # "no cut", and OpenAI's penalties
     refused: list[tuple[dict[str, Any], str]] = [
-        ({"max_tokens": 0}, "max_tokens must be >= 1"),
+        ({"max_tokens": -1}, "max_tokens must be >= 0"),
         ({"temperature": 5.5}, "temperature must be in [0, 5]"),
         ({"top_k": -1}, "top_k must be >= 0"),
         ({"presence_penalty": -2.5}, "presence_penalty must be in [-2, 2]"),
@@ -76,3 +86,10 @@ def test_the_api_ranges_lie_within_the_engines() -> None:
     assert _bounds(PromptInput, "frequency_penalty") == WORKERS_AI_PENALTY
     assert _bounds(ChatRunInput, "frequency_penalty") == PENALTY
     assert _bounds(ChatCompletionRequest, "presence_penalty") == PENALTY
+    # /run generates at least one token; OpenAI's completions take 0 (echo: score the prompt only).
+    assert _bounds(PromptInput, "max_tokens") == _bounds(ChatCompletionRequest, "max_tokens") == MAX_TOKENS
+    assert _bounds(CompletionRunInput, "max_tokens") == OPENAI_COMPLETION_MAX_TOKENS
+    # The alternatives asked for per position: OpenAI's bounds, within the engine's.
+    assert _bounds(CompletionRequest, "logprobs") == OPENAI_COMPLETION_LOGPROBS
+    assert _bounds(ChatCompletionRequest, "top_logprobs") == OPENAI_CHAT_TOP_LOGPROBS
+    assert _within(OPENAI_COMPLETION_LOGPROBS, LOGPROBS) and _within(OPENAI_CHAT_TOP_LOGPROBS, LOGPROBS)

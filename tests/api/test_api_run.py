@@ -187,6 +187,10 @@ def test_unknown_model(server: LiveServer, account: Account) -> None:
     assert message == "No such model @cf/nope/nothing or task"
     # The base name is served only as the LoRA model's alias, i.e. with a `lora`.
     error(run(server, account, {"prompt": "x"}, model=BASE_NAME), 400, 5007)
+    # A catalog model this server was not started with: the same error, and how to serve it.
+    known = "@cf/mistral/mistral-7b-instruct-v0.2-lora"
+    message = error(run(server, account, {"prompt": "x"}, model=known), 400, 5007)
+    assert message.startswith(f"No such model {known} or task: ") and f"--model {known}=PATH" in message
 
 
 def test_lora_on_a_model_without_lora_support(server: LiveServer, account: Account) -> None:

@@ -19,6 +19,7 @@ import pytest
 from loraserve.engine.async_engine import AsyncEngine
 from loraserve.engine.config import EngineConfig
 from loraserve.engine.loader import load_backend, load_engine
+from loraserve.engine.weights.token_bytes import TokenBytes
 from loraserve.tools.bench.workload import count_steps
 from loraserve.types import (
     AdapterRef,
@@ -106,6 +107,37 @@ async def test_sampled_stream_matches_the_offline_engine(backend: AsyncEngine, o
     prompt = backend.encode("The weather today is")
     events = await _collect(backend.generate("seeded", prompt, params))
     assert "".join(e.text for e in events) == tokenizer.decode(engine.generate([prompt], params)[0])
+
+
+async def test_events_carry_the_logprobs_asked_for(backend: AsyncEngine, offline: Any) -> None:
+    """Each token's logprobs with the event of its step, the prompt's whole with the first; every token
+    named by its bytes. The offline engine's step outputs are the oracle (test_logprobs.py checks those
+    against transformers)."""
+    engine, tokenizer = offline
+    names = TokenBytes(tokenizer)
+    prompt = backend.encode("Once upon a time, in a faraway land,")
+    params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True, logprobs=2, prompt_logprobs=1)
+    events = await _collect(backend.generate("scored", prompt, params))
+    assert [len(e.logprobs) for e in events] == [1] * 5
+    assert events[0].prompt_logprobs is not None and all(e.prompt_logprobs is None for e in events[1:])
+    seq = engine.add_request("scored", prompt, params)
+    outs = [out for _ in range(64) if engine.has_work() for out in engine.step() if out.seq is seq]
+    assert outs[0].prompt_scores is not None and len(outs[0].prompt_scores) == len(prompt) - 1
+    first, *rest = events[0].prompt_logprobs
+    assert (first.token_id, first.token, first.logprob, first.top) == (prompt[0], names(prompt[0]), None, ())
+    for got, want in [*zip(rest, outs[0].prompt_scores, strict=True),
+                      *((e.logprobs[0], o.logprobs) for e, o in zip(events, outs, strict=True))]:
+        assert want is not None
+        assert (got.token_id, got.logprob) == (want.ids[0], want.logprobs[0])
+        assert [(t.token_id, t.logprob) for t in got.top] == list(zip(want.ids[1:], want.logprobs[1:],
+                                                                      strict=True))
+        assert got.token == names(got.token_id) and all(t.token == names(t.token_id) for t in got.top)
+    # max_tokens 0: one event, the end, with the prompt's logprobs and no text.
+    [only] = await _collect(backend.generate("zero", prompt, SamplingParams(max_tokens=0, prompt_logprobs=0)))
+    assert only.finish_reason is FinishReason.LENGTH and only.text == "" and only.completion_tokens == 0
+    assert only.prompt_logprobs is not None and len(only.prompt_logprobs) == len(prompt)
+    assert [p.logprob for p in only.prompt_logprobs[1:]] == [p.logprob for p in rest]
+    assert all(p.top == () for p in only.prompt_logprobs)
 
 
 async def test_closing_the_stream_early_aborts(backend: AsyncEngine) -> None:

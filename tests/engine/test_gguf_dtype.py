@@ -1,4 +1,5 @@
-"""`dtype="gguf"`: a GGUF file's Q8_0 / Q4_0 / Q4_1 weights multiplied as stored, LoRA on top in float.
+"""`dtype="gguf"`: a GGUF file's Q8_0 / Q4_0 / Q4_1 and K-quant (Q4_K / Q5_K / Q6_K) weights multiplied as
+stored, LoRA on top in float.
 
 The reference is transformers (+ PEFT) on the same file, dequantized. The one difference is the int8
 quantization of activations (per 32-value block, as llama.cpp does), so logits are compared with a
@@ -10,6 +11,7 @@ projection alone is derived and tested in tests/engine/kernels/test_qlinear.py.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -20,12 +22,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from loraserve.engine.config import EngineConfig
-from loraserve.engine.kernels.qlinear import load_qlinear
+from loraserve.engine.kernels.qlinear import X8_TYPES, Repacked, load_qlinear
 from loraserve.engine.llm_engine import LLMEngine
 from loraserve.engine.loader import load_engine
-from loraserve.engine.ops.linear import PackedLinear
 from loraserve.engine.ops.quant_linear import QuantLinear
-from loraserve.engine.weights.quant import QuantTensor, QuantType
+from loraserve.engine.weights.gguf_file import load_gguf, release_pages
+from loraserve.engine.weights.quant import QuantStack, QuantTensor, QuantType, fuse
 from loraserve.types import AdapterRef, SamplingParams
 
 from engine_helpers import hf_logits, make_adapter, peft_reference, reference_logits
@@ -41,13 +43,18 @@ Q = gguf.GGMLQuantizationType
 REL_MEAN, REL_MAX = 0.06, 0.15  # measured: mean 3%, max 5-11% (with adapters); room for seeds, not bugs
 
 
-def _tiny_file(tmp: Path, kind: Any) -> Path:
+# A Q4_K_M-like mix (hidden size 256: K-quants need fan-ins of multiples of 256): the projections of a
+# layer (q, k, v, o, gate, up, down) in these types, the embedding the first, the head Q6_K (write_gguf).
+K_MIX = (Q.Q4_K, Q.Q4_K, Q.Q6_K, Q.Q4_K, Q.Q4_K, Q.Q5_K, Q.Q6_K)
+
+
+def _tiny_file(tmp: Path, kinds: tuple[Any, ...]) -> Path:
     model = tiny_llama(tie=False, seed=3)
     with torch.no_grad():  # spread logits (no near ties); norms around 1
         for name, p in model.named_parameters():
             p.uniform_(0.5, 1.5) if name.endswith("norm.weight") else p.normal_(0, 0.1)
-    path = tmp / f"tiny-{kind.name}.gguf"
-    write_gguf(model, path, projection_types=[kind], embedding_type=kind)
+    path = tmp / f"tiny-{'-'.join(k.name for k in kinds)}.gguf"
+    write_gguf(model, path, projection_types=list(kinds), embedding_type=kinds[0])
     return path
 
 
@@ -69,7 +76,8 @@ def _assert_close(ours: torch.Tensor, ref: torch.Tensor) -> None:
     assert rel.mean() < REL_MEAN and rel.max() < REL_MAX, (rel.mean().item(), rel.max().item())
 
 
-@pytest.fixture(scope="module", params=[Q.Q8_0, Q.Q4_0, Q.Q4_1], ids=lambda k: k.name)
+@pytest.fixture(scope="module", params=[(Q.Q8_0,), (Q.Q4_0,), (Q.Q4_1,), K_MIX],
+                ids=lambda kinds: kinds[0].name if len(kinds) == 1 else "K-mix")
 def quantized(request: Any, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
     path = _tiny_file(tmp_path_factory.mktemp("gguf"), request.param)
     hf: Any = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
@@ -81,9 +89,13 @@ def test_blocks_are_multiplied_as_stored(quantized: tuple[Path, Any]) -> None:
     engine, _ = load_engine(str(path), EngineConfig(dtype="gguf", threads=1, block_size=4))
     layer = engine.model.layers[0]
     for proj in (layer.qkv, layer.o, layer.gate_up, layer.down):
-        assert isinstance(proj, QuantLinear) and proj.weight.blocks.dtype == torch.uint8
+        assert isinstance(proj, QuantLinear)
+        # repacked where the type has groups of 8 rows; the K-quants as stored
+        assert all(isinstance(p, Repacked if int(p.qtype) in X8_TYPES else QuantTensor) for p in proj.layout)
+    assert len(layer.gate_up.layout) == 2  # gate and up, each from its own tensor
     assert isinstance(engine.model.embed, QuantTensor)  # rows dequantized as looked up
-    assert isinstance(engine.model.lm_head, PackedLinear)  # Q6_K: not (yet) multiplied as stored
+    head = engine.model.lm_head
+    assert isinstance(head, QuantLinear) and head.qtypes == (QuantType.Q6_K,)  # write_gguf's head
     # The whole prompt against transformers on the dequantized file; float32 is exact on it.
     prompt = list(range(3, 60))
     ref = hf_logits(hf, prompt)
@@ -126,21 +138,31 @@ def test_refused_where_it_cannot_run(tmp_path: Path) -> None:
         EngineConfig(dtype="gguf", device="cuda")
     with pytest.raises(ValueError, match=r"neither a \.gguf file nor random:NAME:TYPE"):
         load_engine("random:tiny", EngineConfig(dtype="gguf"))
-    with pytest.raises(ValueError, match="unknown block type 'q5_k'"):
-        load_engine("random:tiny:q5_k", EngineConfig(dtype="gguf"))
-    path = _tiny_file(tmp_path, Q.Q8_0)
+    with pytest.raises(ValueError, match="unknown block type 'q2_k'"):
+        load_engine("random:tiny:q2_k", EngineConfig(dtype="gguf"))
+    with pytest.raises(ValueError, match="Q4_K weight needs in_features divisible by 256"):
+        load_engine("random:tiny:q4_k", EngineConfig(dtype="gguf"))  # hidden size 64
+    path = _tiny_file(tmp_path, (Q.Q8_0,))
     with pytest.raises(ValueError, match="--dtype float32 dequantizes"):
         load_engine(str(path), EngineConfig(dtype="gguf", native_kernels=False))
+    # A block type the kernel lacks is refused before anything is dequantized (a 7B file's float copy
+    # would not fit), naming the tensor, its type, the supported ones and the way out.
+    path = _tiny_file(tmp_path, (Q.Q8_0, Q.Q5_0))
+    with pytest.raises(ValueError, match=r"tensor blk\.0\.attn_k\.weight is Q5_0 .*supported: Q4_0.*"
+                                         r"--dtype float32 dequantizes the file instead: 0\.0 GB of float32, "
+                                         r"which fits"):
+        load_engine(str(path), EngineConfig(dtype="gguf"))
+    load_engine(str(path), EngineConfig(dtype="float32"))  # the way out works
 
 
 @pytest.mark.parametrize("qtype", list(QuantType), ids=lambda q: q.name)
 def test_random_quantized_models_for_benchmarks(qtype: QuantType) -> None:
     """random:NAME:TYPE: random blocks at a model's shape (the 7B measured without its weights), the same
-    model whether multiplied as stored or dequantized."""
-    source = f"random:tiny:{qtype.name.lower()}"
+    model whether multiplied as stored or dequantized. K-quants at a shape of 256-multiples."""
+    source = f"random:{'tiny' if qtype.block_elems == 32 else 'small'}:{qtype.name.lower()}"
     engine, _ = load_engine(source, EngineConfig(dtype="gguf", threads=1, block_size=4))
     proj = engine.model.layers[0].gate_up
-    assert isinstance(proj, QuantLinear) and proj.weight.qtype is qtype
+    assert isinstance(proj, QuantLinear) and proj.qtypes == (qtype, qtype)
     dequantized, _ = load_engine(source, EngineConfig(dtype="float32", threads=1, block_size=4))
     torch.testing.assert_close(dequantized.model.layers[0].gate_up.out_in(), proj.out_in())
     w = proj.out_in()
@@ -149,20 +171,23 @@ def test_random_quantized_models_for_benchmarks(qtype: QuantType) -> None:
     _assert_close(_prompt_logits(engine, prompt), _prompt_logits(dequantized, prompt))
 
 
-def test_quant_tensor_rows_fuse_and_permute() -> None:
+def test_quant_tensor_rows_stack_and_permute() -> None:
     w = torch.randn(6, 64)
-    blocks = [torch.from_numpy(gguf.quants.quantize(w[i:i + 3].numpy(), Q.Q8_0)) for i in (0, 3)]
-    parts = [QuantTensor(b, QuantType.Q8_0, 3, 64) for b in blocks]
-    fused = QuantTensor.cat(parts)
-    assert fused.shape == (6, 64) and fused.nbytes == 6 * 2 * 34
-    torch.testing.assert_close(fused.dequantize(), w, atol=0.05, rtol=0.05)
-    ids = torch.tensor([5, 0, 5])
-    assert torch.equal(fused[ids], fused.dequantize()[ids])
-    order = torch.tensor([1, 0, 2, 3, 5, 4])
-    assert torch.equal(fused.permute_rows(order).dequantize(), fused.dequantize()[order])
-    with pytest.raises(ValueError, match="one block type"):
-        q4 = QuantTensor(torch.zeros(3, 2 * 18, dtype=torch.uint8), QuantType.Q4_0, 3, 64)
-        QuantTensor.cat([parts[0], q4])
+    q8 = QuantTensor(torch.from_numpy(gguf.quants.quantize(w[:3].numpy(), Q.Q8_0)), QuantType.Q8_0, 3, 64)
+    q4 = QuantTensor(torch.from_numpy(gguf.quants.quantize(w[3:].numpy(), Q.Q4_0)), QuantType.Q4_0, 3, 64)
+    assert q8.nbytes == 3 * 2 * 34
+    stacked = fuse([q8, q4], torch.float32)  # types may differ, as in Q4_K_M files: nothing is copied
+    assert isinstance(stacked, QuantStack) and stacked.parts[0] is q8 and stacked.shape == (6, 64)
+    torch.testing.assert_close(stacked.dequantize(), w, atol=0.2, rtol=0.1)
+    assert torch.equal(stacked.dequantize(), torch.cat([q8.dequantize(), q4.dequantize()]))
+    mixed = fuse([q8, w[3:]], torch.float32)  # a float part: the whole group in float
+    assert isinstance(mixed, torch.Tensor) and torch.equal(mixed[:3], q8.dequantize())
+    ids = torch.tensor([2, 0, 2])
+    assert torch.equal(q8[ids], q8.dequantize()[ids])
+    order = torch.tensor([1, 0, 2])
+    assert torch.equal(q8.permute_rows(order).dequantize(), q8.dequantize()[order])
+    with pytest.raises(ValueError, match="one fan-in"):
+        QuantStack((q8, QuantTensor(torch.zeros(3, 34, dtype=torch.uint8), QuantType.Q8_0, 3, 32)))
     with pytest.raises(ValueError, match="divisible by 32"):
         QuantTensor(torch.zeros(3, 34, dtype=torch.uint8), QuantType.Q8_0, 3, 40)
     with pytest.raises(ValueError, match="contiguous uint8"):
@@ -181,3 +206,44 @@ def test_embedded_model_perplexity_within_three_percent_of_float32() -> None:
         nll[dtype] = -logits[:-1].gather(1, torch.tensor(ids[1:]).unsqueeze(1)).mean().item()
     ratio = math.exp(nll["gguf"]) / math.exp(nll["float32"])
     assert abs(ratio - 1) < 0.03, ratio  # measured: +1.2% on these 512 tokens, +0.25% on 1000
+
+
+def test_auto_keeps_a_gguf_files_quantization(tmp_path: Path) -> None:
+    """dtype auto on the CPU: a GGUF file (the embedded model too) as stored, where the kernel exists;
+    the float path otherwise."""
+    path = _tiny_file(tmp_path, (Q.Q4_0,))
+    engine, _ = load_engine(str(path), EngineConfig(threads=1, block_size=4))
+    assert engine.ecfg.dtype == "gguf" and isinstance(engine.model.layers[0].o, QuantLinear)
+    engine, _ = load_engine(str(path), EngineConfig(threads=1, block_size=4, native_kernels=False))
+    assert engine.ecfg.dtype == "auto" and not isinstance(engine.model.layers[0].o, QuantLinear)
+    engine, _ = load_engine("random:tiny", EngineConfig(threads=1, block_size=4))
+    assert engine.ecfg.dtype == "auto" and not isinstance(engine.model.layers[0].o, QuantLinear)
+
+
+def _mapped_rss_kb(path: Path) -> int:
+    """Resident kB of this process's mappings of `path` (/proc/self/smaps)."""
+    total, inside, real = 0, False, os.path.realpath(path)
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if "-" in line.split(" ", 1)[0] and not line.split(" ", 1)[0].endswith(":"):
+            inside = line.rstrip().endswith(real)
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1])
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="Linux /proc only")
+def test_the_files_pages_are_let_go_after_load(tmp_path: Path) -> None:
+    """Loading reads most of the file (blocks repacked, tensors dequantized); those pages must not stay
+    in the server's memory beside the repacked copy."""
+    path = _tiny_file(tmp_path, (Q.Q8_0, Q.Q4_0))
+    _, state, _ = load_gguf(path, torch.float32, keep_quantized=True)
+    embed = state["model.embed_tokens.weight"]
+    assert isinstance(embed, QuantTensor)
+    want = embed.dequantize()  # reads every page of the embedding
+    assert _mapped_rss_kb(path) > 0
+    release_pages(path)
+    assert _mapped_rss_kb(path) == 0
+    assert torch.equal(embed.dequantize(), want)  # read again from the file
+    engine, _ = load_engine(str(path), EngineConfig(dtype="gguf", threads=1, block_size=4))
+    assert _mapped_rss_kb(path) <= 8  # the embedding's rows come back as steps look them up
+    assert engine.model.embed is not None

@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 
-from loraserve.engine.config import ModelConfig
+from loraserve.engine.config import ModelConfig, Quantization
+from loraserve.tools.bench.options import build_parser, config_from_args
 from loraserve.tools.bench.run import main
 from loraserve.tools.bench.workload import Popularity, WorkloadSpec, make_requests, write_adapters
 
@@ -129,3 +130,11 @@ def test_a_shared_prefix_is_served_from_the_cache(tmp_path: Path) -> None:
     assert cached["failed"] == 0 and cached["final"]["prefix_cache_hit_tokens"] > 0
     uncached = _run(tmp_path, *args, "--no-prefix-caching")["runs"]["ours"]
     assert uncached["final"]["prefix_cache_hit_tokens"] == 0
+
+
+def test_quantize_reaches_the_engine_and_the_reproducing_command() -> None:
+    cfg = config_from_args(build_parser().parse_args(["--model", "/models/llama", "--quantize", "q4_0"]))
+    ecfg = cfg.engine_config()
+    assert ecfg.quantize is Quantization.Q4_0 and ecfg.dtype == "gguf"  # auto is gguf with it
+    assert config_from_args(build_parser().parse_args(cfg.argv())) == cfg
+    assert main(["--quantize", "q5_k"]) == 2

@@ -21,21 +21,19 @@ from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, Response
 
+from loraserve import catalog
 from loraserve.api.auth import Account
 from loraserve.api.context import get_context
 from loraserve.api.generation import prepare
 from loraserve.api.openai.errors import openai_error
+from loraserve.api.openai.responses import ModelEntry, ModelList, chat_responses, completion_responses
 from loraserve.api.openai.schemas import (
     ChatCompletionRequest,
     ChatRole,
     ChatRunInput,
     CompletionRequest,
     CompletionRunInput,
-    ModelEntry,
-    ModelList,
     OpenAIFields,
-    chat_responses,
-    completion_responses,
 )
 from loraserve.api.openai.shapes import ResponseShape, StopMatcher, openai_finish_reason, sse_bytes
 from loraserve.api.openapi_models import json_body, request_schema
@@ -44,7 +42,7 @@ from loraserve.api.sse import DONE
 from loraserve.api.stream_driver import Generation, RunEvents
 from loraserve.api.validation import read_json_object, validate
 from loraserve.errors import BadInput, NoSuchModel, WorkersAIError
-from loraserve.types import StreamEvent
+from loraserve.types import PositionLogprobs, StreamEvent
 
 router = APIRouter(prefix="/v1")
 
@@ -74,13 +72,14 @@ def _chat_input(body: ChatCompletionRequest, lora: str | None) -> RunInput:
         role = "system" if m.role is ChatRole.DEVELOPER else m.role.value
         messages.append({"role": role, "content": text})
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    data = {"messages": messages, "lora": lora, **body.sampling(max_tokens)}
+    data = {"messages": messages, "lora": lora, **body.sampling(max_tokens), **body.scoring()}
     return validate(ChatRunInput, data)
 
 
 def _completion_input(body: CompletionRequest, lora: str | None) -> RunInput:
     # OpenAI's completions continue the text as it is: a raw prompt, no chat template.
-    data = {"prompt": body.prompt_text(), "raw": True, "lora": lora, **body.sampling(body.max_tokens)}
+    data = {"prompt": body.prompt_text(), "raw": True, "lora": lora, **body.sampling(body.max_tokens),
+            **body.scoring()}
     return validate(CompletionRunInput, data)
 
 
@@ -106,7 +105,9 @@ async def completions(request: Request, account: Account) -> Response:
     body = validate(CompletionRequest, await read_json_object(request))
     body.check_unsupported()
     model, lora = split_model(body.model, body.lora, context.backends.keys())
-    return await _generate(request, account, body, model, _completion_input(body, lora), chat=False)
+    echo = body.prompt_text() if body.echo else ""
+    return await _generate(request, account, body, model, _completion_input(body, lora), chat=False,
+                           echo=echo)
 
 
 @router.get("/models", responses={200: {"model": ModelList}})
@@ -119,7 +120,7 @@ async def retrieve_model(request: Request, model: str, account: Account) -> JSON
     for entry in await _model_entries(request, account):
         if entry["id"] == model:
             return JSONResponse(entry)
-    raise NoSuchModel(model)
+    raise NoSuchModel(model, catalog.how_to_serve(model))
 
 
 async def _model_entries(request: Request, account: str) -> list[dict[str, Any]]:
@@ -149,26 +150,36 @@ def _epoch(iso: str) -> int:
 
 
 async def _generate(
-    request: Request, account: str, body: OpenAIFields, model: str, inputs: RunInput, chat: bool
+    request: Request, account: str, body: OpenAIFields, model: str, inputs: RunInput, chat: bool,
+    echo: str = "",
 ) -> Response:
+    """`echo`: text the answer starts with (the prompt, for completions' echo)."""
     run = await run_in_threadpool(prepare, get_context(request), account, model, inputs)
     generation = Generation(request, run)
-    shape = ResponseShape(chat, run.request_id, body.model)
+    shape = ResponseShape(chat, run.request_id, body.model, logprobs=bool(body.scoring()))
     stops = StopMatcher(body.stop_strings())
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
-        return await generation.stream(lambda events: _chunks(events, shape, stops, include_usage))
+        return await generation.stream(lambda events: _chunks(events, shape, stops, include_usage, echo))
 
     async def whole(events: RunEvents) -> dict[str, Any]:
-        parts = []
+        parts = [echo]
+        positions: list[PositionLogprobs] = []
         async for event in events:
+            positions += _positions(event)
             parts.append(stops.feed(event.text))
             if stops.stopped:
                 break  # returning closes `events`: the run is aborted at once
         parts.append(stops.flush())
-        return shape.completion("".join(parts), _finish(stops, events.last), events.usage())
+        return shape.completion("".join(parts), _finish(stops, events.last), events.usage(), positions)
 
     return JSONResponse(await generation.collect(whole), headers=generation.headers)
+
+
+def _positions(event: StreamEvent) -> list[PositionLogprobs]:
+    """The logprobs an event brings, in the order of the text: the prompt's (the first event, when
+    asked for), then the generated tokens'."""
+    return [*(event.prompt_logprobs or ()), *event.logprobs]
 
 
 def _finish(stops: StopMatcher, last: StreamEvent | None) -> str:
@@ -176,10 +187,11 @@ def _finish(stops: StopMatcher, last: StreamEvent | None) -> str:
 
 
 async def _chunks(
-    events: RunEvents, shape: ResponseShape, stops: StopMatcher, include_usage: bool
+    events: RunEvents, shape: ResponseShape, stops: StopMatcher, include_usage: bool, echo: str
 ) -> AsyncIterator[bytes]:
-    def chunk(text: str | None, finish: str | None = None, role: bool = False) -> bytes:
-        payload = shape.chunk(text, finish, role)
+    def chunk(text: str | None, finish: str | None = None, role: bool = False,
+              positions: list[PositionLogprobs] | None = None) -> bytes:
+        payload = shape.chunk(text, finish, role, positions)
         if include_usage:
             payload["usage"] = None  # as OpenAI sends it: null on every chunk but the last
         return sse_bytes(payload)
@@ -189,8 +201,11 @@ async def _chunks(
     try:
         async with aclosing(events):
             async for event in events:
-                if text := stops.feed(event.text):
-                    yield chunk(text)
+                text, echo = echo + stops.feed(event.text), ""
+                # A token's logprobs go out with the step that made it, even while its text is held back.
+                positions = _positions(event)
+                if text or positions:
+                    yield chunk(text, positions=positions or None)
                 if stops.stopped:
                     break  # leaving `aclosing` aborts the run at once
     except WorkersAIError as error:  # after the 200: the error as an event, and no [DONE]

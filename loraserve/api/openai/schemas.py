@@ -1,19 +1,16 @@
-"""The OpenAI-compatible routes' bodies: the requests they validate with, the answers they give.
-
-The request models are what `openai/routes.py` validates with; the response models only describe the
-dicts `shapes.ResponseShape` builds, for /openapi.json.
+"""The OpenAI-compatible routes' request bodies: what `openai/routes.py` validates with (the answers are
+described in responses.py).
 """
 
 from __future__ import annotations
 
 import enum
-from functools import cache
+from dataclasses import replace
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.config import JsonDict
 
-from loraserve.api.openapi_models import Out, event_stream
 from loraserve.api.schemas import (
     MAX_TEXT_CHARS,
     Flag,
@@ -26,12 +23,16 @@ from loraserve.api.schemas import (
 from loraserve.errors import BadInput
 from loraserve.types import (
     MAX_TOKENS,
+    OPENAI_CHAT_TOP_LOGPROBS,
+    OPENAI_COMPLETION_LOGPROBS,
+    OPENAI_COMPLETION_MAX_TOKENS,
     OPENAI_SEED,
     PENALTY,
     REPETITION_PENALTY,
     TEMPERATURE,
     TOP_P,
     WORKERS_AI_TOP_K,
+    SamplingParams,
 )
 
 MAX_STOP_SEQUENCES = 4
@@ -68,9 +69,6 @@ class OpenAIFields(BaseModel):
         {"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": MAX_STOP_SEQUENCES},
         {"type": "null"}]})
     n: OptionalWhole = Field(default=None, ge=1, le=1, description="only 1 is supported")
-    # Accepted so that clients which always send them work; anything that asks for logprobs is refused.
-    logprobs: Any = Field(default=None, json_schema_extra={"enum": [False, None]})
-    top_logprobs: OptionalWhole = Field(default=None, json_schema_extra={"enum": [0, None]})
 
     def stop_strings(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -79,8 +77,11 @@ class OpenAIFields(BaseModel):
         return [s for s in stops if s]
 
     def check_unsupported(self) -> None:
-        if not (self.logprobs is None or self.logprobs is False) or self.top_logprobs not in (None, 0):
-            raise BadInput("logprobs: not supported by this server")
+        """Refuses what the schema cannot say (a 400, never silently ignored)."""
+
+    def scoring(self) -> dict[str, int]:
+        """The logprobs fields of the run input (ChatRunInput, CompletionRunInput) the request asks for."""
+        return {}
 
     def sampling(self, max_tokens: int | None) -> dict[str, Any]:
         fields = {"max_tokens": max_tokens, "temperature": self.temperature, "top_p": self.top_p,
@@ -118,6 +119,11 @@ class ChatMessageIn(BaseModel):
 class ChatCompletionRequest(OpenAIFields):
     messages: list[ChatMessageIn] = Field(min_length=1)
     max_completion_tokens: OptionalWhole = within(MAX_TOKENS)
+    logprobs: Flag | None = Field(default=None, description="the generated tokens' log-probabilities")
+    top_logprobs: OptionalWhole = Field(default=None, ge=OPENAI_CHAT_TOP_LOGPROBS.ge,
+                                        le=OPENAI_CHAT_TOP_LOGPROBS.le,
+                                        description="the most likely alternatives at each position; "
+                                                    "needs logprobs")
     tools: list[Any] | None = Field(default=None, json_schema_extra={"anyOf": [
         {"type": "array", "maxItems": 0}, {"type": "null"}]})
     response_format: dict[str, Any] | None = Field(default=None, json_schema_extra={"anyOf": [
@@ -125,26 +131,39 @@ class ChatCompletionRequest(OpenAIFields):
 
     def check_unsupported(self) -> None:
         super().check_unsupported()
+        if self.top_logprobs and not self.logprobs:  # 0 is accepted: some clients always send it
+            raise BadInput("top_logprobs: needs logprobs: true")
         if self.tools:
             raise BadInput("tools: tool calling is not supported by this server")
         if self.response_format is not None and self.response_format.get("type", "text") != "text":
             raise BadInput("response_format: only {\"type\": \"text\"} is supported")
+
+    def scoring(self) -> dict[str, int]:
+        return {"logprobs": self.top_logprobs or 0} if self.logprobs else {}
 
 
 class CompletionRequest(OpenAIFields):
     # One prompt, as /run takes it (CompletionRunInput checks it), or a list of just that one.
     prompt: str | list[str] = Field(json_schema_extra={"anyOf": [
         _PROMPT, {"type": "array", "items": _PROMPT, "minItems": 1, "maxItems": 1}]})
-    echo: Flag = Field(default=False, json_schema_extra={"const": False})
+    # 0 generates nothing: with echo and logprobs, the prompt is scored (a perplexity).
+    max_tokens: OptionalWhole = within(OPENAI_COMPLETION_MAX_TOKENS)
+    logprobs: OptionalWhole = Field(default=None, ge=OPENAI_COMPLETION_LOGPROBS.ge,
+                                    le=OPENAI_COMPLETION_LOGPROBS.le,
+                                    description="each token's log-probability and this many alternatives")
+    echo: Flag = Field(default=False, description="the prompt first in the text (and in the logprobs)")
     suffix: str | None = Field(default=None, json_schema_extra={"anyOf": [{"const": ""}, {"type": "null"}]})
     best_of: OptionalWhole = Field(default=None, ge=1, le=1, description="only 1 is supported")
 
     def check_unsupported(self) -> None:
         super().check_unsupported()
-        if self.echo:
-            raise BadInput("echo: not supported by this server")
         if self.suffix:
             raise BadInput("suffix: not supported by this server")
+
+    def scoring(self) -> dict[str, int]:
+        if self.logprobs is None:
+            return {}
+        return {"logprobs": self.logprobs, **({"prompt_logprobs": self.logprobs} if self.echo else {})}
 
     def prompt_text(self) -> str:
         if isinstance(self.prompt, str):
@@ -154,142 +173,28 @@ class CompletionRequest(OpenAIFields):
         return self.prompt[0]
 
 
-# The /run input shapes, with OpenAI's wider ranges for what OpenAI allows beyond Workers AI.
+# The /run input shapes, with OpenAI's wider ranges for what OpenAI allows beyond Workers AI, and the
+# logprobs /run does not have (the routes fill them from `scoring()`, already bounded).
 class ChatRunInput(MessagesInput):
     seed: int | None = within(OPENAI_SEED)
     frequency_penalty: float | None = within(PENALTY)
     presence_penalty: float | None = within(PENALTY)
+    logprobs: int | None = None
+
+    def sampling_params(self) -> SamplingParams:
+        return replace(super().sampling_params(), logprobs=self.logprobs)
 
 
 class CompletionRunInput(PromptInput):
     seed: int | None = within(OPENAI_SEED)
     frequency_penalty: float | None = within(PENALTY)
     presence_penalty: float | None = within(PENALTY)
+    max_tokens: int | None = within(OPENAI_COMPLETION_MAX_TOKENS)
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+
+    def sampling_params(self) -> SamplingParams:
+        return replace(super().sampling_params(), logprobs=self.logprobs,
+                       prompt_logprobs=self.prompt_logprobs)
 
 
-# -- responses (documentation only) ------------------------------------------------------------------
-
-
-class Usage(Out):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
-class AssistantMessage(Out):
-    role: Literal["assistant"]
-    content: str
-
-
-class ChatChoice(Out):
-    index: int
-    message: AssistantMessage
-    logprobs: None
-    finish_reason: Literal["stop", "length"]
-
-
-class ChatCompletion(Out):
-    id: str
-    object: Literal["chat.completion"]
-    created: int
-    model: str
-    system_fingerprint: None
-    choices: list[ChatChoice]
-    usage: Usage
-
-
-class CompletionChoice(Out):
-    index: int
-    text: str
-    logprobs: None
-    finish_reason: Literal["stop", "length"]
-
-
-class TextCompletion(Out):
-    id: str
-    object: Literal["text_completion"]
-    created: int
-    model: str
-    system_fingerprint: None
-    choices: list[CompletionChoice]
-    usage: Usage
-
-
-class ChunkDelta(Out):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-
-
-class ChatChunkChoice(Out):
-    index: int
-    delta: ChunkDelta
-    logprobs: None
-    finish_reason: Literal["stop", "length"] | None
-
-
-class ChatCompletionChunk(Out):
-    """One event of a streamed chat completion; with `include_usage`, a last one with `choices: []`."""
-
-    id: str
-    object: Literal["chat.completion.chunk"]
-    created: int
-    model: str
-    system_fingerprint: None
-    choices: list[ChatChunkChoice]
-    usage: Usage | None = None
-
-
-class CompletionChunkChoice(Out):
-    index: int
-    text: str
-    logprobs: None
-    finish_reason: Literal["stop", "length"] | None
-
-
-class TextCompletionChunk(Out):
-    id: str
-    object: Literal["text_completion"]
-    created: int
-    model: str
-    system_fingerprint: None
-    choices: list[CompletionChunkChoice]
-    usage: Usage | None = None
-
-
-class ModelEntry(Out):
-    """A served model, or an account's ready finetune as "<model>:<finetune name>" (with its parent)."""
-
-    id: str
-    object: Literal["model"]
-    created: int
-    owned_by: str
-    parent: str | None = None
-    finetune_id: str | None = None
-
-
-class ModelList(Out):
-    object: Literal["list"]
-    data: list[ModelEntry]
-
-
-class OpenAIErrorDetail(Out):
-    message: str
-    type: str
-    param: str | None
-    code: str | None
-
-
-class OpenAIError(Out):
-    """Every error on the /v1 routes (`OpenAIErrorMiddleware` reshapes the Workers AI envelope)."""
-
-    error: OpenAIErrorDetail
-
-
-@cache
-def chat_responses() -> dict[int | str, dict[str, Any]]:
-    return {200: {"model": ChatCompletion, "content": event_stream(ChatCompletionChunk, OpenAIError)}}
-
-
-@cache
-def completion_responses() -> dict[int | str, dict[str, Any]]:
-    return {200: {"model": TextCompletion, "content": event_stream(TextCompletionChunk, OpenAIError)}}

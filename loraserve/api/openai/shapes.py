@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from typing import Any
 
-from loraserve.types import FinishReason
+from loraserve.api.openai.logprobs import CompletionLogprobs, chat_logprobs
+from loraserve.types import FinishReason, PositionLogprobs
 
 # -- stop sequences ---------------------------------------------------------------------------------
 
@@ -58,36 +60,51 @@ def openai_finish_reason(reason: FinishReason | None) -> str:
 
 
 class ResponseShape:
-    """Builds one endpoint's objects: chat.completion(.chunk) or text_completion."""
+    """Builds one endpoint's objects: chat.completion(.chunk) or text_completion. With `logprobs`, each
+    choice carries the logprobs of the positions given with it (`text_offset` counted from `offset`, the
+    characters that precede the first of them); without, `"logprobs": null`."""
 
-    def __init__(self, chat: bool, request_id: str, model: str) -> None:
+    def __init__(self, chat: bool, request_id: str, model: str, logprobs: bool = False,
+                 offset: int = 0) -> None:
         self.chat = chat
         self.id = ("chatcmpl-" if chat else "cmpl-") + request_id
         self.model = model
         self.created = int(time.time())
+        self.logprobs = logprobs
+        self._completion_logprobs = CompletionLogprobs(offset)
 
     def _base(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
                 "system_fingerprint": None}
 
-    def completion(self, text: str, finish: str, used: dict[str, int]) -> dict[str, Any]:
+    def _logprobs(self, positions: Sequence[PositionLogprobs] | None) -> dict[str, Any] | None:
+        if not self.logprobs or positions is None:
+            return None
+        return chat_logprobs(positions) if self.chat else self._completion_logprobs.add(positions)
+
+    def completion(self, text: str, finish: str, used: dict[str, int],
+                   positions: Sequence[PositionLogprobs] = ()) -> dict[str, Any]:
+        logprobs = self._logprobs(positions)
         if self.chat:
             choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text},
-                                      "logprobs": None, "finish_reason": finish}
+                                      "logprobs": logprobs, "finish_reason": finish}
             return {**self._base("chat.completion"), "choices": [choice], "usage": used}
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
         return {**self._base("text_completion"), "choices": [choice], "usage": used}
 
-    def chunk(self, text: str | None, finish: str | None = None, role: bool = False) -> dict[str, Any]:
+    def chunk(self, text: str | None, finish: str | None = None, role: bool = False,
+              positions: Sequence[PositionLogprobs] | None = None) -> dict[str, Any]:
+        logprobs = self._logprobs(positions)
         if self.chat:
             delta: dict[str, Any] = {}
             if role:
                 delta["role"] = "assistant"
             if text is not None:
                 delta["content"] = text
-            choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": logprobs,
+                                      "finish_reason": finish}
             return {**self._base("chat.completion.chunk"), "choices": [choice]}
-        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+        choice = {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
         return {**self._base("text_completion"), "choices": [choice]}
 
     def usage_chunk(self, used: dict[str, int]) -> dict[str, Any]:

@@ -94,11 +94,12 @@ class BlockManager:
 
     def reuse_prefix(self, seq: Sequence) -> int:
         """Give a sequence with nothing computed the cached blocks of its longest cached prefix; returns
-        the tokens they hold, now counted as computed. The last token is always left to compute: its
-        logits are what the step samples from."""
+        the tokens they hold, now counted as computed. Positions whose logits are wanted are always left
+        to compute: the last token's (the step samples from them), and every prompt position still to
+        score for a request that asked for its prompt's logprobs."""
         if not self.prefix_caching or seq.num_computed or seq.block_table:
             return 0
-        usable = (seq.num_tokens - 1) // self.block_size
+        usable = seq.first_logits // self.block_size
         for h in prefix_hashes(seq, usable, self.block_size):
             block = self._block_of.get(h)
             if block is None:

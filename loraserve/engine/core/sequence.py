@@ -12,6 +12,16 @@ from loraserve.types import FinishReason, SamplingParams
 _ids = itertools.count()
 
 
+@dataclass(frozen=True)
+class TokenScores:
+    """One position's log-probabilities as the runner computes them: `ids[0]` is the token at the
+    position (sampled, or the prompt's) and `logprobs[0]` its own; then the k most likely tokens there,
+    most likely first."""
+
+    ids: tuple[int, ...]
+    logprobs: tuple[float, ...]
+
+
 class SequenceStatus(enum.Enum):
     WAITING = enum.auto()
     RUNNING = enum.auto()
@@ -37,11 +47,24 @@ class Sequence:
     finish_reason: FinishReason | None = None
     arrival: float = field(default_factory=time.monotonic)
     num_preemptions: int = 0
+    # Scores of prompt tokens 1, 2, ... as prefill computes them, chunk after chunk (None unless the
+    # request asked: params.prompt_logprobs). Kept across preemption: recomputing never redoes them.
+    prompt_scores: list[TokenScores] | None = field(init=False)
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:
             raise ValueError("a request needs at least one prompt token")
         self.token_ids = list(self.prompt_ids)
+        self.prompt_scores = [] if self.params.prompt_logprobs is not None else None
+
+    @property
+    def first_logits(self) -> int:
+        """The first position whose logits are still wanted: the next prompt position to score (position
+        p scores token p + 1), else the last token's (they pick the next token). The prefix cache may
+        stand in for the K/V of the positions before it, never for this one's."""
+        if self.prompt_scores is not None and len(self.prompt_scores) < self.num_prompt - 1:
+            return len(self.prompt_scores)
+        return self.num_tokens - 1
 
     @property
     def num_tokens(self) -> int:

@@ -2,16 +2,19 @@
 
 Why: dequantizing a quantized file at load multiplies its size by 4 to 7 (a 3.8 GB Q4_0 7B becomes 27 GB
 of float32), and a decode step reads every weight once, so the bytes it streams set its speed. The kernel
-multiplies float32 activations by Q8_0, Q4_0 and Q4_1 blocks in place (a view of the memory-mapped file
-will do), quantizing the activations to int8 per block of 32 on the way, as llama.cpp does; the error
-that adds is at most amax(x block) / 254 per activation (tests/engine/kernels/test_qlinear.py derives
-the bound). Built and cached like the other kernels (cpu.py); None where it cannot be built.
+multiplies float32 activations by Q8_0, Q4_0, Q4_1, Q4_K, Q5_K and Q6_K blocks in place (a view of the
+memory-mapped file will do), quantizing the activations to int8 per block of 32 on the way, as llama.cpp
+does; the error that adds is at most amax(x block) / 254 per activation (tests/engine/kernels/
+test_qlinear.py derives the bound). Built and cached like the other kernels (cpu.py); None where it
+cannot be built.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import gguf
 import torch
@@ -19,24 +22,32 @@ import torch
 from loraserve.engine.kernels.cpu import _cpu_float32, _load
 from loraserve.engine.weights.quant import QuantTensor, QuantType
 
-BLOCK_ELEMS = 32  # weights per block, in every type the kernel takes
-TYPES = (gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1)
+_Q = gguf.GGMLQuantizationType
+TYPES = (_Q.Q8_0, _Q.Q4_0, _Q.Q4_1, _Q.Q4_K, _Q.Q5_K, _Q.Q6_K)
+X8_TYPES = frozenset({int(_Q.Q8_0), int(_Q.Q4_0), int(_Q.Q4_1)})  # with a repacked layout
+_X8 = 256  # added to a type id: the part is repacked (csrc/qlinear.c)
 
 
 class QuantLinearKernel:
-    """y = x @ W.T with W [out, in] as GGUF blocks: uint8 [out, in / 32 * block bytes], each row its blocks
-    in order (a tensor's data in a GGUF file)."""
+    """y = x @ W.T with W [out, in] as GGUF blocks: uint8 [out, in / block weights * block bytes] (blocks
+    of 32 weights, 256 for the K-quants), each row its blocks in order (a tensor's data in a GGUF file)."""
 
     def __init__(self, lib: ctypes.CDLL) -> None:
-        lib.qlinear_block_bytes.argtypes = [ctypes.c_int]
-        lib.qlinear_block_bytes.restype = ctypes.c_int64
+        lib.qlinear_row_bytes.argtypes = [ctypes.c_int, ctypes.c_int64]
+        lib.qlinear_row_bytes.restype = ctypes.c_int64
         lib.qlinear_vector_bits.restype = ctypes.c_int
-        # GGML type id -> bytes per block of 32 weights, as the library counts them
-        self.block_bytes: dict[int, int] = {int(t): int(lib.qlinear_block_bytes(int(t))) for t in TYPES}
+        # GGML type id -> bytes per block, as the library counts them (a row of one block)
+        self.block_bytes: dict[int, int] = {int(t): int(lib.qlinear_row_bytes(int(t), _block_elems(t)))
+                                            for t in TYPES}
         self.vector_bits = int(lib.qlinear_vector_bits())  # 256: the AVX2 path; 0: the scalar fallback
-        fn = lib.qlinear_forward
         p, i = ctypes.c_void_p, ctypes.c_int64
-        fn.argtypes = [p, i, i, p, ctypes.c_int, i, i, p, i, ctypes.c_int]
+        lib.qlinear_x8_bytes.argtypes = [ctypes.c_int, i, i]
+        lib.qlinear_x8_bytes.restype = i
+        lib.qlinear_x8_pack.argtypes = [p, ctypes.c_int, i, i, p, p, ctypes.c_int]
+        lib.qlinear_x8_unpack.argtypes = [p, ctypes.c_int, i, i, p, i, p]
+        self._lib = lib
+        fn = lib.qlinear_forward
+        fn.argtypes = [p, i, i, ctypes.c_int, p, p, p, i, p, i, ctypes.c_int]
         fn.restype = ctypes.c_int
         self._fn = fn
 
@@ -44,31 +55,113 @@ class QuantLinearKernel:
                  in_features: int) -> torch.Tensor:
         """x: float32 [T, in] with contiguous rows (T may be 0) -> a new float32 [T, out]. qtype: a GGML
         type id (gguf.GGMLQuantizationType) among `block_bytes`."""
-        row_bytes = _row_bytes(self.block_bytes, qtype, in_features)
+        return self.stacked(x, self.parts([(blocks, qtype, out_features)], in_features))
+
+    def repack(self, blocks: torch.Tensor, qtype: int, out_features: int, in_features: int,
+               order: torch.Tensor | None = None) -> Repacked:
+        """The weight in the kernel's groups of 8 rows (csrc/qlinear_x8.h; types in X8_TYPES), its row n
+        being `blocks`' row order[n]: a new tensor of the same size as the blocks, give or take a group."""
+        _check_blocks(blocks, out_features, _row_bytes(self.block_bytes, qtype, in_features))
+        if qtype not in X8_TYPES:
+            raise ValueError(f"qlinear repacks GGML types {sorted(X8_TYPES)}, not {qtype}")
+        if order is not None and (order.dtype != torch.int64 or order.shape != (out_features,)
+                                  or not order.is_contiguous()):
+            raise ValueError(f"a row order is contiguous int64 [{out_features}]")
+        size = int(self._lib.qlinear_x8_bytes(qtype, out_features, in_features))
+        data = torch.empty(size, dtype=torch.uint8)
+        if self._lib.qlinear_x8_pack(blocks.data_ptr(), qtype, out_features, in_features,
+                                     None if order is None else order.data_ptr(), data.data_ptr(),
+                                     torch.get_num_threads()):
+            raise ValueError("qlinear_x8_pack: a row order out of range")
+        return Repacked(data, qtype, out_features, in_features)
+
+    def stored_rows(self, w: Repacked, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` of a repacked weight back in the stored layout: uint8 [len(ids), row bytes]."""
+        ids = ids.to(torch.int64).contiguous()
+        row_bytes = _row_bytes(self.block_bytes, w.qtype, w.in_features)
+        out = torch.empty(ids.numel(), row_bytes, dtype=torch.uint8)
+        if self._lib.qlinear_x8_unpack(w.data.data_ptr(), w.qtype, w.out_features, w.in_features,
+                                       ids.data_ptr(), ids.numel(), out.data_ptr()):
+            raise IndexError(f"row ids out of range for a weight of {w.out_features} rows")
+        return out
+
+    def parts(self, weights: Sequence[Repacked | tuple[torch.Tensor, int, int]], in_features: int) -> Parts:
+        """Weights of one fan-in, as stored (blocks, GGML type id, out_features) or repacked, checked
+        once, to be multiplied as one matrix of their rows stacked: `stacked` reads each where it lies."""
+        specs: list[tuple[torch.Tensor, int, int]] = []
+        for w in weights:
+            if isinstance(w, Repacked):
+                if w.in_features != in_features:
+                    raise ValueError(f"a repacked weight of {w.in_features} input features, not "
+                                     f"{in_features}")
+                specs.append((w.data, w.qtype + _X8, w.out_features))
+            else:
+                blocks, qtype, out_features = w
+                _check_blocks(blocks, out_features, _row_bytes(self.block_bytes, qtype, in_features))
+                specs.append(w)
+        n = len(specs)
+        return Parts(in_features, sum(w[2] for w in specs), tuple(w[0] for w in specs),
+                     (ctypes.c_void_p * n)(*(w[0].data_ptr() for w in specs)),
+                     (ctypes.c_int * n)(*(int(w[1]) for w in specs)),
+                     (ctypes.c_int64 * n)(*(w[2] for w in specs)))
+
+    def stacked(self, x: torch.Tensor, parts: Parts) -> torch.Tensor:
+        """x: float32 [T, in] with contiguous rows -> a new float32 [T, out], the parts' outputs side by
+        side."""
         if not _cpu_float32(x) or x.dim() != 2 or x.stride(1) != 1:
             raise ValueError("qlinear takes float32 CPU [T, in] activations with contiguous rows")
-        if x.shape[1] != in_features:
-            raise ValueError(f"qlinear: activations have {x.shape[1]} features, the weight {in_features}")
-        _check_blocks(blocks, out_features, row_bytes)
-        t = x.shape[0]
-        y = torch.empty(t, out_features)
-        if t == 0 or out_features == 0:
+        if x.shape[1] != parts.in_features:
+            raise ValueError(f"qlinear: activations have {x.shape[1]} features, the weight "
+                             f"{parts.in_features}")
+        t, n = x.shape[0], parts.out_features
+        y = torch.empty(t, n)
+        if t == 0 or n == 0:
             return y
-        failed = self._fn(x.data_ptr(), t, x.stride(0), blocks.data_ptr(), qtype, out_features, in_features,
-                          y.data_ptr(), out_features, torch.get_num_threads())
+        failed = self._fn(x.data_ptr(), t, x.stride(0), len(parts.blocks), parts.pointers, parts.types,
+                          parts.rows, parts.in_features, y.data_ptr(), n, torch.get_num_threads())
         if failed == 2:
             raise MemoryError("qlinear could not allocate its quantized copy of the activations")
         if failed:
-            raise ValueError(f"qlinear refused type {qtype} with {in_features} input features")
+            raise ValueError(f"qlinear refused types {list(parts.types)} with {parts.in_features} input "
+                             f"features")
         return y
+
+
+@dataclass(frozen=True)
+class Repacked:
+    """A weight [out_features, in_features] in the kernel's groups of 8 rows (csrc/qlinear_x8.h)."""
+
+    data: torch.Tensor  # uint8, contiguous
+    qtype: int  # GGML type id, in X8_TYPES
+    out_features: int
+    in_features: int
+
+
+@dataclass(frozen=True)
+class Parts:
+    """What `stacked` hands the library: the weights' addresses, types and rows as C arrays (made once
+    per projection, not per call), and the tensors themselves, which keep the addresses valid."""
+
+    in_features: int
+    out_features: int
+    blocks: tuple[torch.Tensor, ...]
+    pointers: ctypes.Array[ctypes.c_void_p]
+    types: ctypes.Array[ctypes.c_int]
+    rows: ctypes.Array[ctypes.c_int64]
+
+
+def _block_elems(qtype: int) -> int:
+    return int(gguf.GGML_QUANT_SIZES[_Q(qtype)][0])
 
 
 def _row_bytes(block_bytes: dict[int, int], qtype: int, in_features: int) -> int:
     if qtype not in block_bytes:
         raise ValueError(f"qlinear takes GGML types {sorted(block_bytes)}, not {qtype}")
-    if in_features <= 0 or in_features % BLOCK_ELEMS:
-        raise ValueError(f"qlinear needs in_features a positive multiple of {BLOCK_ELEMS}, not {in_features}")
-    return in_features // BLOCK_ELEMS * block_bytes[qtype]
+    elems = _block_elems(qtype)
+    if in_features <= 0 or in_features % elems:
+        raise ValueError(f"qlinear needs in_features a positive multiple of {elems} for {_Q(qtype).name}, "
+                         f"not {in_features}")
+    return in_features // elems * block_bytes[qtype]
 
 
 def _check_blocks(blocks: torch.Tensor, out_features: int, row_bytes: int) -> None:

@@ -44,9 +44,9 @@ class Decoder:
         self.family: Family = family_of(cfg.architecture)
         fam, make = self.family, ops.projections.make
 
-        def weight(name: str) -> Weight:  # GGUF blocks stay as stored, for a QuantProjections backend
+        def weight(name: str) -> torch.Tensor | QuantTensor:  # GGUF blocks stay quantized
             w = state.pop(name)
-            return w if isinstance(w, QuantTensor) else w.to(device=device, dtype=dtype)
+            return w if isinstance(w, QuantTensor) else as_float(w, dtype).to(device=device, dtype=dtype)
 
         def take(name: str) -> torch.Tensor:
             return as_float(state.pop(name), dtype).to(device=device, dtype=dtype)
@@ -58,7 +58,7 @@ class Decoder:
             return take(name) + fam.norm_offset if fam.norm_offset else take(name)
 
         # [V, H]; indexing rows of quantized blocks dequantizes just those rows
-        self.embed: Weight | None = weight("model.embed_tokens.weight")
+        self.embed: torch.Tensor | QuantTensor | None = weight("model.embed_tokens.weight")
         self.layers: list[LayerWeights] = []
         for i in range(cfg.num_layers):
             p = f"model.layers.{i}."

@@ -12,29 +12,61 @@ from dataclasses import dataclass
 
 import torch
 
-from loraserve.engine.kernels.qlinear import QuantLinearKernel
+from loraserve.engine.kernels.qlinear import X8_TYPES, QuantLinearKernel, Repacked
 from loraserve.engine.ops.linear import Projection, Projections, Role
-from loraserve.engine.weights.quant import QuantTensor, Weight
+from loraserve.engine.weights.quant import QuantStack, QuantTensor, QuantType, Weight
 
 
 @dataclass
 class QuantLinear:
+    """A projection over quantized weights, its parts (one, or a fused projection's) repacked into the
+    kernel's groups of 8 rows where the type has that layout, else as stored. The repacked part replaces
+    its source: nothing here keeps the file's blocks (or a quantized copy) alive beside it."""
+
     kernel: QuantLinearKernel
-    weight: QuantTensor
+    layout: tuple[Repacked | QuantTensor, ...]
+
+    @classmethod
+    def of(cls, kernel: QuantLinearKernel, weight: QuantTensor | QuantStack) -> QuantLinear:
+        return cls(kernel, tuple(_repacked(kernel, p) for p in
+                                 (weight.parts if isinstance(weight, QuantStack) else (weight,))))
 
     def __post_init__(self) -> None:
-        self.out_features = self.weight.out_features
+        self.in_features = self.layout[0].in_features
+        self.out_features = sum(p.out_features for p in self.layout)
+        self._parts = self.kernel.parts(
+            [p if isinstance(p, Repacked) else (p.blocks, int(p.qtype), p.out_features) for p in self.layout],
+            self.in_features)
+
+    @property
+    def qtypes(self) -> tuple[QuantType, ...]:
+        return tuple(QuantType(p.qtype) for p in self.layout)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
-        return self.kernel(x if x.stride(1) == 1 else x.contiguous(), w.blocks, int(w.qtype), w.out_features,
-                           w.in_features)
+        return self.kernel.stacked(x if x.stride(1) == 1 else x.contiguous(), self._parts)
 
     def out_in(self) -> torch.Tensor:
-        return self.weight.dequantize()
+        return torch.cat([self._rows(p, torch.arange(p.out_features)) for p in self.layout])
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.weight[ids]
+        if len(self.layout) != 1:
+            raise TypeError("rows are read from the embedding, never from a fused projection")
+        return self._rows(self.layout[0], ids)
+
+    def _rows(self, part: Repacked | QuantTensor, ids: torch.Tensor) -> torch.Tensor:
+        """W[ids] as float32: the rows put back in the stored layout, then dequantized."""
+        if isinstance(part, QuantTensor):
+            return part[ids]
+        blocks = self.kernel.stored_rows(part, ids)
+        return QuantTensor(blocks, QuantType(part.qtype), blocks.shape[0], part.in_features).dequantize()
+
+
+def _repacked(kernel: QuantLinearKernel, part: QuantTensor) -> Repacked | QuantTensor:
+    if int(part.qtype) not in X8_TYPES:
+        return part
+    packed = kernel.repack(part.blocks, int(part.qtype), part.out_features, part.in_features)
+    part.drop_pages()  # a file's pages, read once for this copy: not kept resident beside it
+    return packed
 
 
 @dataclass(frozen=True)
@@ -43,6 +75,6 @@ class QuantProjections:
     floats: Projections  # for the weights that are not quantized
 
     def make(self, w: Weight, role: Role) -> Projection:
-        if isinstance(w, QuantTensor):
-            return QuantLinear(self.kernel, w)
+        if isinstance(w, QuantTensor | QuantStack):
+            return QuantLinear.of(self.kernel, w)
         return self.floats.make(w, role)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 from loraserve.engine.core.scheduler import ScheduledSeq
-from loraserve.engine.core.sequence import Sequence
+from loraserve.engine.core.sequence import Sequence, TokenScores
 from loraserve.engine.lora.batch import LoraBatch
 from loraserve.engine.lora.cache import AdapterCache
 from loraserve.engine.lora.pool import LoraPool
@@ -13,7 +15,17 @@ from loraserve.engine.models.decoder import Decoder
 from loraserve.engine.models.step import BatchMeta, KVCache
 from loraserve.engine.ops.attention import StepLayout, decode_gather, flat_slots
 from loraserve.engine.runner.decode_graphs import DecodeGraphs, DecodeInputs
+from loraserve.engine.runner.logprobs import LogitsRows, score, score_prompts
 from loraserve.engine.runner.sampling import apply_penalties, sample
+
+
+@dataclass
+class StepResult:
+    """What one step produced, per seq_id."""
+
+    tokens: dict[int, int] = field(default_factory=dict)  # the sampled tokens
+    logprobs: dict[int, TokenScores] = field(default_factory=dict)  # theirs, where params.logprobs asks
+    prompt_scores: dict[int, list[TokenScores]] = field(default_factory=dict)  # this chunk's prompt tokens
 
 
 class ModelRunner:
@@ -34,6 +46,11 @@ class ModelRunner:
                 if s.seq.adapter_key is not None}
 
     def prepare(self, scheduled: list[ScheduledSeq]) -> tuple[BatchMeta, list[ScheduledSeq]]:
+        """The step's inputs, and the scheduled sequences in the order of its rows."""
+        meta, order, _ = self._prepare(scheduled)
+        return meta, order
+
+    def _prepare(self, scheduled: list[ScheduledSeq]) -> tuple[BatchMeta, list[ScheduledSeq], LogitsRows]:
         # Single-token rows first (a gathering attention backend batches them into one call). Among
         # them, rows of one adapter slot side by side: a GEMM LoRA backend then runs a popular adapter's
         # rows as one in-place GEMM pair, the SGMV kernel as one segment.
@@ -46,18 +63,16 @@ class ModelRunner:
         ids: list[int] = []
         positions: list[torch.Tensor] = []
         slots: list[torch.Tensor] = []
-        logits_rows: list[int] = []
         row_slots: list[tuple[LoraPool, int] | None] = []
         for s in order:
             seq, start = s.seq, s.seq.num_computed
             end = start + s.num_new
-            if s.samples:
-                logits_rows.append(len(ids) + s.num_new - 1)
             ids.extend(seq.token_ids[start:end])
             positions.append(torch.arange(start, end))
             slots.append(flat_slots(seq, start, end, bs))
             row_slots.extend([lora.get(seq.seq_id)] * s.num_new)
         row_positions = torch.cat(positions)
+        rows = LogitsRows.plan(order)
         layout = StepLayout(order, len(decodes), row_positions, bs, self.kv.scratch_slot, self.device)
         meta = BatchMeta(
             input_ids=torch.tensor(ids, dtype=torch.long, device=self.device),
@@ -65,10 +80,10 @@ class ModelRunner:
             slot_mapping=torch.cat(slots).to(self.device),
             num_decode=len(decodes),
             attention=self.model.ops.attention.plan(layout),
-            logits_indices=torch.tensor(logits_rows, dtype=torch.long, device=self.device),
+            logits_indices=torch.tensor(rows.indices, dtype=torch.long, device=self.device),
             lora=LoraBatch.build(row_slots, self.device),
         )
-        return meta, order
+        return meta, order, rows
 
     def decode_inputs(self, scheduled: list[ScheduledSeq], batch: int, length: int,
                       lora: dict[int, tuple[LoraPool, int]]) -> DecodeInputs:
@@ -97,32 +112,49 @@ class ModelRunner:
             lora_slots.append(idx)
         return DecodeInputs(input_ids, positions, slot_mapping, gather, mask, pools, lora_slots)
 
-    def _forward(self, scheduled: list[ScheduledSeq]) -> tuple[torch.Tensor, list[ScheduledSeq]]:
-        """Logits [S, V] of the sampling rows, in the returned order of the sequences."""
+    def _forward(self, scheduled: list[ScheduledSeq]) -> tuple[torch.Tensor, LogitsRows]:
+        """Logits [R, V] of the rows the step needs, and whose each is."""
         if self.graphs is not None and all(s.num_new == 1 and s.samples for s in scheduled):
             lora = self.adapter_slots(scheduled)
             ctx = max(s.seq.num_computed + 1 for s in scheduled)
             shape = self.graphs.shape_for(len(scheduled), ctx, _by_rank(lora))
             if shape is not None:
                 logits = self.graphs.run(self.decode_inputs(scheduled, *shape, lora))
-                return logits[:len(scheduled)], scheduled
-        meta, order = self.prepare(scheduled)
-        return self.model.forward(meta, self.kv), order
+                rows = LogitsRows.plan(scheduled)
+                if len(rows.indices) == len(scheduled):
+                    return logits[:len(scheduled)], rows
+                # Requests with max_tokens 0 sample nothing: their rows are left out.
+                index = torch.tensor(rows.indices, dtype=torch.long, device=self.device)
+                return logits.index_select(0, index), rows
+        meta, _, rows = self._prepare(scheduled)
+        return self.model.forward(meta, self.kv), rows
 
     @torch.inference_mode()
-    def run(self, scheduled: list[ScheduledSeq]) -> dict[int, int]:
-        """Compute one step; returns seq_id -> sampled token for the sequences that sample."""
-        logits, order = self._forward(scheduled)  # [S, V]
-        sampling = [s.seq for s in order if s.samples]
+    def run(self, scheduled: list[ScheduledSeq]) -> StepResult:
+        """Compute one step: the next token of the sequences that sample, and the logprobs asked for."""
+        logits, rows = self._forward(scheduled)  # [R, V]
+        result = StepResult(prompt_scores=score_prompts(logits, rows))
+        sampling = rows.sampling
         if not sampling:
-            return {}
-        params = [seq.params for seq in sampling]
+            return result
+        if len(sampling) < logits.shape[0]:
+            index = torch.tensor([r.sample_row for r in sampling], dtype=torch.long, device=self.device)
+            logits = logits.index_select(0, index)
+        seqs = [r.seq for r in sampling]
+        params = [seq.params for seq in seqs]
+        # Taken before the penalties, which rewrite the logits in place: the raw distribution's.
+        wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
+        raw = torch.log_softmax(logits[wanted], dim=-1) if wanted else None
         if any(p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty for p in params):
-            logits = apply_penalties(logits, params, [s.prompt_ids for s in sampling],
-                                     [s.output_ids for s in sampling])
-        generators = [self._generator(seq) for seq in sampling]
+            logits = apply_penalties(logits, params, [s.prompt_ids for s in seqs],
+                                     [s.output_ids for s in seqs])
+        generators = [self._generator(seq) for seq in seqs]
         tokens = sample(logits, params, generators)
-        return {seq.seq_id: tok for seq, tok in zip(sampling, tokens, strict=True)}
+        result.tokens = {seq.seq_id: tok for seq, tok in zip(seqs, tokens, strict=True)}
+        if raw is not None:
+            scored = score(raw, [tokens[i] for i in wanted], [params[i].logprobs or 0 for i in wanted])
+            result.logprobs = {seqs[i].seq_id: sc for i, sc in zip(wanted, scored, strict=True)}
+        return result
 
     def _generator(self, seq: Sequence) -> torch.Generator:
         if seq.params.seed is None:

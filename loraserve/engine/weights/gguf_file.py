@@ -1,8 +1,9 @@
 """Weights, config and tokenizer from a llama.cpp GGUF file.
 
 With `keep_quantized`, projection and embedding tensors of the block types the engine multiplies as
-stored (`weights/quant.py`) stay blocks, views of the memory-mapped file; every other quantized tensor
-is dequantized with gguf-py. Float tensors of the requested dtype stay views of the mapped file.
+stored (`weights/quant.py`: Q8_0, Q4_0, Q4_1 and the K-quants of Q4_K_M / Q5_K_M files, Q4_K, Q5_K,
+Q6_K) stay blocks, views of the memory-mapped file; every other quantized tensor is dequantized with
+gguf-py. Float tensors of the requested dtype stay views of the mapped file.
 llama.cpp's converter reorders some things for its own kernels, and this undoes them so the result is
 what `transformers` would have loaded.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,7 @@ import torch
 
 from loraserve.engine.config import ModelConfig
 from loraserve.engine.weights.hf import StateDict, check_complete
-from loraserve.engine.weights.quant import QuantTensor, QuantType, Weight
+from loraserve.engine.weights.quant import QuantTensor, QuantType, drop_pages
 from loraserve.engine.weights.tokenizer import Tokenizer, gguf_field
 
 _LAYER_NAMES = {
@@ -52,6 +54,8 @@ def load_gguf(path: str | Path, dtype: torch.dtype,
     # Copy-on-write mapping: arrays come out writable (torch warns on read-only memory) while the file
     # is never modified, and a page is only copied if someone writes to it.
     reader = gguf.GGUFReader(path, mode="c")
+    if keep_quantized:
+        _refuse_unsupported(reader, path)
     tokenizer = Tokenizer.from_gguf(reader)
     config = _config(reader, tokenizer)
     state: StateDict = {}
@@ -62,13 +66,51 @@ def load_gguf(path: str | Path, dtype: torch.dtype,
         if name is None:
             raise ValueError(f"{path}: unexpected tensor {tensor.name} (not a Llama-family decoder?)")
         stored = _as_stored(tensor) if keep_quantized else None
-        weight: Weight = _dequantize(tensor).to(dtype) if stored is None else stored
+        weight = _dequantize(tensor).to(dtype) if stored is None else stored
         if name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = config.num_heads if ".q_proj" in name else config.num_kv_heads
             weight = _unpermute_rope(weight, heads)
         state[name] = weight
     check_complete(state, config, path)
     return config, state, tokenizer
+
+
+def release_pages(path: str | Path) -> None:
+    """Drop this process's resident pages of the mapped file. Loading reads most of it (blocks repacked
+    into the kernel's layout, tensors dequantized or reordered), and those pages would stay in the
+    process's memory as long as anything maps the file (an untied embedding does), doubling a quantized
+    model's footprint. The few still used come back from the page cache when touched; nothing is lost:
+    the mapping is copy-on-write and nothing writes to it."""
+    maps = Path("/proc/self/maps")
+    if not maps.exists():
+        return
+    real = os.path.realpath(path)
+    for line in maps.read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5] == real:
+            start, end = (int(a, 16) for a in fields[0].split("-"))
+            drop_pages(start, end - start)
+
+
+def _refuse_unsupported(reader: gguf.GGUFReader, path: str | Path) -> None:
+    """A tensor kept quantized must be of a type the kernel multiplies: anything else would be dequantized
+    to float, which for a whole 7B file means ~27 GB where the user expected ~4. Refused up front, with
+    the way out (`--dtype float32`) and whether it fits this machine."""
+    floats = (*_FLOAT_TYPES, gguf.GGMLQuantizationType.BF16)
+    kept = {int(q) for q in QuantType}
+    bad = [t for t in reader.tensors if t.tensor_type not in floats and int(t.tensor_type) not in kept]
+    if not bad:
+        return
+    float32_gb = sum(int(t.n_elements) for t in reader.tensors) * 4 / 1e9
+    memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+    fits = (f"which fits this machine's {memory_gb:.0f} GB" if float32_gb < 0.8 * memory_gb
+            else f"more than this machine's {memory_gb:.0f} GB: pick a file of a supported type")
+    types = sorted({t.tensor_type.name for t in bad})
+    raise ValueError(
+        f"{path}: tensor {bad[0].name} is {bad[0].tensor_type.name} ({len(bad)} tensors of type "
+        f"{', '.join(types)}), which --dtype gguf does not multiply as stored; supported: "
+        f"{', '.join(q.name for q in QuantType)} (and F32/F16/BF16). --dtype float32 dequantizes the file "
+        f"instead: {float32_gb:.1f} GB of float32, {fits}")
 
 
 def _hf_name(gguf_name: str) -> str | None:
@@ -107,10 +149,10 @@ def _as_stored(tensor: gguf.ReaderTensor) -> QuantTensor | None:
         return None
     cols, rows = (int(d) for d in tensor.shape)  # ggml's ne: fastest first
     blocks = torch.from_numpy(tensor.data.view(np.ndarray)).reshape(rows, -1)  # a view of the mapped file
-    return QuantTensor(blocks, qtype, rows, cols)
+    return QuantTensor(blocks, qtype, rows, cols, mapped=True)
 
 
-def _unpermute_rope(weight: Weight, heads: int) -> Weight:
+def _unpermute_rope(weight: torch.Tensor | QuantTensor, heads: int) -> torch.Tensor | QuantTensor:
     """Undo the converter's reordering of q/k rows: llama.cpp's RoPE rotates dims (2j, 2j+1) of a head,
     HF's rotate_half rotates (j, j + head_dim/2). Whole rows move, so blocks move as they are."""
     rows = weight.shape[0]

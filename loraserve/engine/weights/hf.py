@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from safetensors import safe_open
@@ -18,6 +21,9 @@ from loraserve.engine.config import ModelConfig
 from loraserve.engine.weights.quant import Weight
 
 StateDict = dict[str, Weight]  # HF names -> float tensors, or GGUF blocks kept as stored
+# What becomes of each checkpoint tensor as it is read: by default `tensor.to(dtype)`; quantize.py passes
+# one that quantizes it.
+Convert = Callable[[str, torch.Tensor], Weight]
 
 # Buffers some old checkpoints saved beside the weights; the engine computes them, so they are dropped.
 _IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
@@ -46,7 +52,12 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def check_complete(state: StateDict, config: ModelConfig, source: object) -> None:
+class _Shaped(Protocol):
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+
+def check_complete(state: Mapping[str, _Shaped], config: ModelConfig, source: object) -> None:
     """Raise ValueError naming the first problem: a missing tensor or one whose shape the config
     contradicts."""
     expected = expected_shapes(config)
@@ -59,21 +70,42 @@ def check_complete(state: StateDict, config: ModelConfig, source: object) -> Non
                              f"the config says {shape}")
 
 
-def load_hf_dir(path: str | Path, dtype: torch.dtype) -> tuple[ModelConfig, StateDict]:
+def hf_config(root: Path) -> ModelConfig:
+    return ModelConfig.from_hf(json.loads((root / "config.json").read_text(encoding="utf-8")))
+
+
+def load_hf_dir(path: str | Path, dtype: torch.dtype,
+                convert: Convert | None = None) -> tuple[ModelConfig, StateDict]:
     root = Path(path)
-    config = ModelConfig.from_hf(json.loads((root / "config.json").read_text(encoding="utf-8")))
+    config = hf_config(root)
     expected = expected_shapes(config)
     state: StateDict = {}
     for name, tensor in _tensors(root):
-        if name == "lm_head.weight" and config.tie_word_embeddings:
-            continue  # a tied head saved anyway is the embedding again
-        if name not in expected:
-            if _IGNORED.fullmatch(name):
-                continue
-            raise ValueError(f"{root}: unexpected tensor {name} (not a Llama-family decoder?)")
-        state[name] = tensor.to(dtype)
+        if _skipped(root, name, config, expected):
+            continue
+        state[name] = tensor.to(dtype) if convert is None else convert(name, tensor)
     check_complete(state, config, root)
     return config, state
+
+
+def hf_tensors(root: Path) -> tuple[ModelConfig, dict[str, LazyTensor]]:
+    """The tensors the engine takes, not read yet, in `expected_shapes` order; checked as load_hf_dir
+    checks them."""
+    config = hf_config(root)
+    expected = expected_shapes(config)
+    found = {name: t for name, t in lazy_tensors(root).items() if not _skipped(root, name, config, expected)}
+    check_complete(found, config, root)
+    return config, {name: found[name] for name in expected}
+
+
+def _skipped(root: Path, name: str, config: ModelConfig, expected: Mapping[str, object]) -> bool:
+    if name == "lm_head.weight" and config.tie_word_embeddings:
+        return True  # a tied head saved anyway is the embedding again
+    if name not in expected:
+        if _IGNORED.fullmatch(name):
+            return True
+        raise ValueError(f"{root}: unexpected tensor {name} (not a Llama-family decoder?)")
+    return False
 
 
 def _shards(root: Path, index_name: str, pattern: str) -> list[Path]:
@@ -84,18 +116,53 @@ def _shards(root: Path, index_name: str, pattern: str) -> list[Path]:
     return sorted(root.glob(pattern))
 
 
+def checkpoint_files(root: Path) -> list[Path]:
+    """The weight files: safetensors shards if there are any, else pytorch_model*.bin."""
+    files = _shards(root, "model.safetensors.index.json", "*.safetensors")
+    files = files or _shards(root, "pytorch_model.bin.index.json", "pytorch_model*.bin")
+    if not files:
+        raise ValueError(f"{root}: no *.safetensors or pytorch_model*.bin")
+    return files
+
+
+@dataclass(frozen=True)
+class LazyTensor:
+    """A checkpoint tensor not read yet: its shape from the file header, `load()` reads it."""
+
+    shape: tuple[int, ...]
+    load: Callable[[], torch.Tensor]
+
+
+def lazy_tensors(root: Path) -> dict[str, LazyTensor]:
+    """Every tensor of the checkpoint by name, each read only when asked (files stay memory-mapped)."""
+    found: dict[str, LazyTensor] = {}
+    for file in checkpoint_files(root):
+        if file.suffix == ".safetensors":
+            with safe_open(str(file), framework="pt") as f:
+                found |= {name: LazyTensor(tuple(f.get_slice(name).get_shape()), partial(_read, file, name))
+                          for name in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+        else:
+            tensors = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            found |= {name: LazyTensor(tuple(t.shape), partial(tensors.__getitem__, name))
+                      for name, t in tensors.items()}
+    return found
+
+
+def _read(file: Path, name: str) -> torch.Tensor:
+    with safe_open(str(file), framework="pt") as f:
+        tensor: torch.Tensor = f.get_tensor(name)
+    return tensor
+
+
 def _tensors(root: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    safetensors = _shards(root, "model.safetensors.index.json", "*.safetensors")
-    if safetensors:
-        for file in safetensors:
+    files = checkpoint_files(root)
+    if files[0].suffix == ".safetensors":
+        for file in files:
             with safe_open(str(file), framework="pt") as f:  # memory-mapped: one tensor read at a time
                 for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                     yield name, f.get_tensor(name)
         return
-    bins = _shards(root, "pytorch_model.bin.index.json", "pytorch_model*.bin")
-    if not bins:
-        raise ValueError(f"{root}: no *.safetensors or pytorch_model*.bin")
-    for file in bins:
+    for file in files:
         tensors = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
         while tensors:  # popped as they go, so a converted tensor never sits beside its original for long
             name = next(iter(tensors))

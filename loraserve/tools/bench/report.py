@@ -13,7 +13,22 @@ _RUN_NAMES = {
     "ours_no_adapter": "ours, no adapter",
     "hf_peft_mixed": "HF+PEFT mixed",
     "hf_no_adapter": "HF, no adapter",
+    "llamacpp_no_adapter": "llama.cpp, no adapter",
+    "llamacpp_one_adapter": "llama.cpp, one adapter",
+    "llamacpp_distinct": "llama.cpp, own adapter each",
 }
+# (ratio key, numerator run, denominator run, figure): llama.cpp's rows are one stream at a time, so
+# TPOT and prompt rate compare only with ours at --concurrency 1 (closed loop); throughput always does.
+_LLAMACPP_RATIOS = (
+    ("ours_vs_llamacpp_distinct", "ours", "llamacpp_distinct", "output_tok_s"),
+    ("ours_no_adapter_vs_llamacpp", "ours_no_adapter", "llamacpp_no_adapter", "output_tok_s"),
+)
+_LLAMACPP_SINGLE_STREAM = (
+    ("llamacpp_tpot_vs_ours", "llamacpp_distinct", "ours", "tpot_p50_ms"),
+    ("llamacpp_tpot_vs_ours_no_adapter", "llamacpp_no_adapter", "ours_no_adapter", "tpot_p50_ms"),
+    ("ours_prompt_vs_llamacpp", "ours", "llamacpp_distinct", "prompt_tok_s"),
+    ("ours_no_adapter_prompt_vs_llamacpp", "ours_no_adapter", "llamacpp_no_adapter", "prompt_tok_s"),
+)
 
 
 def _ceiling_at(figures: dict[str, Any], batch: int) -> dict[str, Any] | None:
@@ -33,6 +48,11 @@ def ratios(figures: dict[str, Any]) -> dict[str, float]:
         out["hf_peft_mixed_vs_hf_no_adapter"] = (
             runs["hf_peft_mixed"]["output_tok_s"] / runs["hf_no_adapter"]["output_tok_s"]
         )
+    config = figures["config"]
+    single = config["concurrency"] == 1 and not config["rate"]
+    for name, num, den, figure in _LLAMACPP_RATIOS + (_LLAMACPP_SINGLE_STREAM if single else ()):
+        if num in runs and den in runs and runs[num].get(figure) and runs[den].get(figure):
+            out[name] = runs[num][figure] / runs[den][figure]
     top = _ceiling_at(figures, figures.get("ceiling_batch", 0))
     if top is not None:
         out["ours_vs_ceiling"] = tok_s / top["tok_s"]
@@ -64,6 +84,7 @@ def print_report(figures: dict[str, Any], console: Console | None = None) -> Non
                   + (f"Poisson {c['rate']}/s" if c["rate"] else f"concurrency {c['concurrency']}"))
     table = Table(title="throughput and latency")
     for col in ("run", "out tok/s", "req/s", "TTFT p50 ms", "TTFT p99 ms", "TPOT p50 ms", "TPOT p99 ms",
+                "prompt tok/s", "gen tok/s", "total tok/s",
                 "decode batch", "decode step ms", "busy %", "wall s", "failed"):
         table.add_column(col, justify="left" if col == "run" else "right", no_wrap=col == "run")
     for key, name in _RUN_NAMES.items():
@@ -73,6 +94,7 @@ def print_report(figures: dict[str, Any], console: Console | None = None) -> Non
         table.add_row(r.get("label", name), _f(r["output_tok_s"]), _f(r["request_s"], 2),
                       _f(r.get("ttft_p50_ms")), _f(r.get("ttft_p99_ms")), _f(r.get("tpot_p50_ms")),
                       _f(r.get("tpot_p99_ms")),
+                      _f(r.get("prompt_tok_s")), _f(r.get("generation_tok_s")), _f(r.get("total_tok_s")),
                       _f(r.get("mean_batch")), _f(r.get("decode_step_ms")),
                       _f(100 * r["engine_busy"] if "engine_busy" in r else None, 0), _f(r["wall_s"], 2),
                       str(r.get("failed", 0)))
@@ -110,10 +132,18 @@ def print_report(figures: dict[str, Any], console: Console | None = None) -> Non
         "step_vs_ceiling_step": "ceiling step ms / ours decode step ms",
         "tpot_vs_batch1_ceiling": "batch-1 ceiling ms / ours TPOT p50",
     }
-    for key, label in names.items():
+    times = {
+        "ours_vs_llamacpp_distinct": "ours / llama.cpp own adapter each",
+        "ours_no_adapter_vs_llamacpp": "ours no adapter / llama.cpp no adapter",
+        "llamacpp_tpot_vs_ours": "llama.cpp TPOT / ours (own adapter each)",
+        "llamacpp_tpot_vs_ours_no_adapter": "llama.cpp TPOT / ours (no adapter)",
+        "ours_prompt_vs_llamacpp": "ours prompt tok/s / llama.cpp (adapters)",
+        "ours_no_adapter_prompt_vs_llamacpp": "ours prompt tok/s / llama.cpp (no adapter)",
+    }
+    for key, label in {**names, **times}.items():
         if key in figures["ratios"]:
             value = figures["ratios"][key]
-            console.print(f"  {label:<40} {value:8.2f}x" if key.startswith("ours_vs_hf") else
+            console.print(f"  {label:<40} {value:8.2f}x" if key.startswith("ours_vs_hf") or key in times else
                           f"  {label:<40} {100 * value:7.1f}%")
     console.print(f"bench wall time {figures['bench_wall_s']:.0f} s; reproduce with:")
     console.print(figures["command"], markup=False, highlight=False, soft_wrap=True)

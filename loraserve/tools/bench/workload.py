@@ -169,6 +169,7 @@ class RequestResult:
     last: float | None  # last token event
     num_output: int
     error: str | None
+    prompt_tokens: int = 0
 
 
 @dataclass
@@ -230,6 +231,10 @@ class RunResult:
         tpot = [(r.last - r.first) * 1e3 / (r.num_output - 1) for r in ok
                 if r.first is not None and r.last is not None and r.num_output > 1]
         out_tokens = sum(r.num_output for r in self.results)
+        # Per stream, as the llama.cpp rows count them: prompt tokens over the time to each first token
+        # (queueing included, so a prompt rate only at concurrency 1), tokens after it over the time after.
+        first_s = sum(r.first - r.submitted for r in ok if r.first is not None)
+        rest_s = sum(r.last - r.first for r in ok if r.first is not None and r.last is not None)
         s = self.steps
         return {
             "wall_s": self.wall_s,
@@ -242,6 +247,9 @@ class RunResult:
             "ttft_p99_ms": percentile(ttft, 99),
             "tpot_p50_ms": percentile(tpot, 50),
             "tpot_p99_ms": percentile(tpot, 99),
+            "prompt_tok_s": sum(r.prompt_tokens for r in ok) / first_s if first_s else None,
+            "generation_tok_s": sum(r.num_output - 1 for r in ok) / rest_s if rest_s else None,
+            "total_tok_s": (sum(r.prompt_tokens for r in self.results) + out_tokens) / self.wall_s,
             "steps": s.steps,
             "engine_busy": s.busy_s / self.wall_s,
             "mean_step_ms": s.busy_s * 1e3 / s.steps if s.steps else None,
@@ -274,7 +282,7 @@ async def drive(backend: AsyncEngine, requests: list[BenchRequest], spec: Worklo
                 last, n = now, ev.completion_tokens
             if ev.finish_reason not in (None, FinishReason.LENGTH):
                 error = ev.error or f"finished with {ev.finish_reason}"
-        return RequestResult(submitted, first, last, n, error)
+        return RequestResult(submitted, first, last, n, error, len(req.prompt))
 
     results: list[RequestResult] = []
     with count_steps(backend.engine) as counts:

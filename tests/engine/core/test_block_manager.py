@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from loraserve.engine.core.block_manager import BlockManager
-from loraserve.engine.core.sequence import Sequence
+from loraserve.engine.core.sequence import Sequence, TokenScores
 from loraserve.types import SamplingParams
 
 
@@ -124,6 +124,21 @@ def test_the_last_token_is_always_computed() -> None:
     same = Sequence("r2", list(range(8)), SamplingParams())
     assert bm.reuse_prefix(same) == 4  # not 8: the step needs the last token's logits
     assert same.num_uncomputed == 4
+
+
+def test_positions_still_to_score_are_never_taken_from_the_cache() -> None:
+    bm = BlockManager(num_blocks=16, block_size=4)
+    _computed(bm, list(range(12)))
+    scored = Sequence("r2", list(range(12)), SamplingParams(prompt_logprobs=1))
+    assert scored.first_logits == 0 and bm.reuse_prefix(scored) == 0  # position 0 scores token 1
+    bm.free(scored)
+    assert scored.prompt_scores is not None
+    # Preempted after its first chunk scored tokens 1..5: positions 0..4 need no logits any more.
+    scored.prompt_scores.extend([TokenScores((1,), (-1.0,))] * 5)
+    assert scored.first_logits == 5 and bm.reuse_prefix(scored) == 4
+    bm.free(scored)
+    scored.prompt_scores.extend([TokenScores((1,), (-1.0,))] * 6)  # the whole prompt is scored
+    assert scored.first_logits == 11 and bm.reuse_prefix(scored) == 8
 
 
 def test_salt_and_adapter_scope_the_cache() -> None:

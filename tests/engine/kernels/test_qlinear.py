@@ -8,13 +8,16 @@ amax / 254; the weights are used exactly as stored. An output therefore differs 
 sum over blocks b of amax_b(x) / 254 * sum_{i in b} |W_i|, plus float rounding (allowed for by 1% of the
 bound and 1e-5). The emulation tests show that this is the only error: quantizing x the same way in
 torch and summing the integer dots in float64 reproduces the kernel to float rounding.
+
+The K-quants (Q4_K, Q5_K, Q6_K: super-blocks of 256, K a multiple of 256) meet the same blocks of 32
+activations and have the same bound. gguf-py cannot quantize them: their blocks here are random bytes
+with sane fp16 scales, which reach every bit pattern of the quants and the packed 6-bit scales.
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
-import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import gguf
@@ -24,53 +27,30 @@ import torch
 import torch.nn.functional as F
 
 from loraserve.engine.kernels import cpu as cpu_kernels
-from loraserve.engine.kernels.qlinear import QuantLinearKernel, dequantize, load_qlinear
+from loraserve.engine.kernels.qlinear import QuantLinearKernel, dequantize
+
+from gguf_helpers import k_quant_pieces, quantize_k, random_k_blocks
 
 if cpu_kernels._compiler() is None:
     pytest.skip("no C compiler on this machine: there is no quantized kernel", allow_module_level=True)
 
 Q = gguf.GGMLQuantizationType
-TYPES = (Q.Q8_0, Q.Q4_0, Q.Q4_1)
-
-
-@pytest.fixture(scope="module", params=["native", "scalar"])
-def kernel(request: pytest.FixtureRequest,
-           tmp_path_factory: pytest.TempPathFactory) -> Iterator[QuantLinearKernel]:
-    """The kernel as the engine builds it, and the scalar fallback: the same source with the vector
-    instruction sets switched off by a compiler wrapper that appends the flags (a cache of its own)."""
-    with pytest.MonkeyPatch.context() as mp:
-        if request.param == "scalar":
-            cc = cpu_kernels._compiler()
-            assert cc is not None
-            tmp = tmp_path_factory.mktemp("scalar-cc")
-            wrapper = tmp / "cc"
-            # -mno-f16c as well: the fallback's own fp16 conversion is tested too
-            wrapper.write_text(f'#!/bin/sh\nexec {cc} "$@" -mno-avx2 -mno-avx512f -mno-f16c\n')
-            wrapper.chmod(0o755)
-            mp.setenv("CC", str(wrapper))
-            mp.setenv("LORASERVE_KERNEL_CACHE", str(tmp / "cache"))
-        load_qlinear.cache_clear()
-        try:
-            k = load_qlinear()
-            assert k is not None  # a compiler is present: the build must work
-            if request.param == "scalar":
-                assert k.vector_bits == 0
-            elif _cpu_has("avx2"):
-                assert k.vector_bits == 256
-            yield k
-        finally:
-            load_qlinear.cache_clear()
-
-
-def _cpu_has(flag: str) -> bool:
-    text = Path("/proc/cpuinfo").read_text() if os.path.exists("/proc/cpuinfo") else ""
-    return any(line.startswith("flags") and flag in line.split() for line in text.splitlines())
+TYPES = (Q.Q8_0, Q.Q4_0, Q.Q4_1)  # blocks of 32
+K_TYPES = (Q.Q4_K, Q.Q5_K, Q.Q6_K)  # super-blocks of 256
+ALL_TYPES = TYPES + K_TYPES
 
 
 @functools.cache
 def _weights(qtype: Q, n: int, k: int) -> torch.Tensor:
-    w = np.random.default_rng(n * 10007 + k).standard_normal((n, k), dtype=np.float32)
-    return torch.from_numpy(gguf.quants.quantize(w, qtype))
+    rng = np.random.default_rng(n * 10007 + k)
+    if qtype in K_TYPES:
+        return torch.from_numpy(random_k_blocks(qtype, n, k, rng))
+    return torch.from_numpy(gguf.quants.quantize(rng.standard_normal((n, k), dtype=np.float32), qtype))
+
+
+def _k(qtype: Q, k: int) -> int:
+    """A fan-in of k's size that the type takes: K-quants need a multiple of 256."""
+    return k if qtype in TYPES else max(256, k // 256 * 256)
 
 
 def _x(t: int, k: int, seed: int = 0) -> torch.Tensor:
@@ -88,7 +68,11 @@ def _bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 def _decode(blocks: torch.Tensor, qtype: Q, n: int,
             k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The blocks read by the layout the kernel assumes: d_w, c_w [N, B] float32 and q_w [N, B, 32] int64
-    with W = d_w * q_w + c_w (c_w = -8 d_w for Q4_0, m for Q4_1, 0 for Q8_0)."""
+    with W = d_w * q_w + c_w (c_w = -8 d_w for Q4_0, m for Q4_1, 0 for Q8_0; for the K-quants B counts
+    pieces of 32, q_w holds their integer scales: gguf_helpers.k_quant_pieces)."""
+    if qtype in K_TYPES:
+        d, c, q = k_quant_pieces(blocks.numpy(), qtype, n)
+        return torch.from_numpy(d), torch.from_numpy(c), torch.from_numpy(q)
     b = blocks.reshape(n, k // 32, -1)
     d = b[..., :2].contiguous().view(torch.float16).float().squeeze(-1)
     if qtype == Q.Q8_0:
@@ -117,21 +101,26 @@ def _emulate(x: torch.Tensor, blocks: torch.Tensor, qtype: Q, n: int) -> tuple[t
     return (scale * dot + offset).sum(-1), (scale.abs() * absdot + offset.abs()).sum(-1)
 
 
-@pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)
+@pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda q: q.name)
 def test_the_layout_read_is_gguf_s(qtype: Q) -> None:
     """The emulation's reading of the blocks (the kernel's) gives gguf-py's dequantized weights."""
-    blocks = _weights(qtype, 33, 96)
-    d, c, q = _decode(blocks, qtype, 33, 96)
-    mine = (d.unsqueeze(-1) * q.float() + c.unsqueeze(-1)).reshape(33, 96)
-    torch.testing.assert_close(mine, dequantize(blocks, qtype, 33, 96), atol=1e-6, rtol=1e-6)
+    k = _k(qtype, 96) * 2
+    blocks = _weights(qtype, 33, k)
+    d, c, q = _decode(blocks, qtype, 33, k)
+    mine = (d.unsqueeze(-1) * q.float() + c.unsqueeze(-1)).reshape(33, k)
+    torch.testing.assert_close(mine, dequantize(blocks, qtype, 33, k), atol=1e-6, rtol=1e-6)
 
 
 def test_block_sizes_are_gguf_s(kernel: QuantLinearKernel) -> None:
-    assert kernel.block_bytes == {int(t): gguf.GGML_QUANT_SIZES[t][1] for t in TYPES}
+    assert kernel.block_bytes == {int(t): gguf.GGML_QUANT_SIZES[t][1] for t in ALL_TYPES}
 
 
-@pytest.mark.parametrize("k", [32, 96, 576, 1536])
-@pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)
+def _ids(value: object) -> str:
+    return value.name if isinstance(value, Q) else str(value)
+
+
+@pytest.mark.parametrize(("qtype", "k"), [(q, k) for q in TYPES for k in (32, 96, 576, 1536)]
+                         + [(q, k) for q in K_TYPES for k in (256, 512, 2816)], ids=_ids)
 def test_within_the_activation_quantization_bound(kernel: QuantLinearKernel, qtype: Q, k: int) -> None:
     worst = 0.0
     for n in (1, 7, 33, 577):
@@ -153,11 +142,13 @@ def test_within_the_activation_quantization_bound(kernel: QuantLinearKernel, qty
 
 
 @pytest.mark.parametrize(("n", "k", "t"), [(33, 96, 17), (577, 576, 5), (7, 1536, 130), (1, 32, 4)])
-@pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)
+@pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda q: q.name)
 def test_matches_an_emulation_of_its_scheme(kernel: QuantLinearKernel, qtype: Q, n: int, k: int,
                                             t: int) -> None:
     """Activation quantization is the whole difference from the reference: the same scheme in torch
-    matches to float rounding (float32 sums over K / 32 blocks: 1e-6 of the terms' magnitude, ~16 ulps)."""
+    matches to float rounding (float32 sums over K / 32 blocks: 1e-6 of the terms' magnitude, ~16 ulps).
+    K-quants at the nearest multiple of 256 (256, 512, 1536, 256)."""
+    k = _k(qtype, k)
     blocks, x = _weights(qtype, n, k), _x(t, k, seed=7) * 3
     want, magnitude = _emulate(x, blocks, qtype, n)
     err = (kernel(x, blocks, qtype, n, k).double() - want).abs()
@@ -166,15 +157,17 @@ def test_matches_an_emulation_of_its_scheme(kernel: QuantLinearKernel, qtype: Q,
     assert (want - ref).abs().max() > 1000 * err.max()  # the emulation is much closer than the reference
 
 
-@pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)
+@pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda q: q.name)
 def test_subnormal_and_zero_scales(kernel: QuantLinearKernel, qtype: Q) -> None:
     """Tiny weights have fp16 scales below fp16's normal range, an all-zero block has d = 0: both read as
-    gguf-py reads them (the emulation's float16 conversion is torch's)."""
-    n, k = 7, 96
-    w = np.random.default_rng(1).standard_normal((n, k), dtype=np.float32) * 1e-5
-    w[0, :32] = 0
-    blocks = torch.from_numpy(gguf.quants.quantize(w, qtype))
-    d = blocks.reshape(n, k // 32, -1)[..., :2].contiguous().view(torch.float16).float()
+    gguf-py reads them (the emulation's float16 conversion is torch's). K-quants: their super-block
+    scales d (and dmin), by the reference quantizer of gguf_helpers."""
+    n, k = 7, _k(qtype, 96)
+    tiny = 1e-5 if qtype in TYPES else 1e-3  # both: scales d below 2^-14
+    w = np.random.default_rng(1).standard_normal((n, k), dtype=np.float32) * tiny
+    w[0, :_k(qtype, 32)] = 0
+    blocks = torch.from_numpy(quantize_k(w, qtype) if qtype in K_TYPES else gguf.quants.quantize(w, qtype))
+    d = _decode(blocks, qtype, n, k)[0]
     assert ((d != 0) & (d.abs() < 2 ** -14)).any() and (d == 0).any()
     x = _x(5, k, seed=2)
     want, magnitude = _emulate(x, blocks, qtype, n)
@@ -186,19 +179,20 @@ def test_subnormal_and_zero_scales(kernel: QuantLinearKernel, qtype: Q) -> None:
 def test_zero_and_constant_activation_blocks(kernel: QuantLinearKernel) -> None:
     """A block of zeros (d_a = 0: no division by zero) and a constant block (every q_a = 127) are exact
     but for float rounding."""
-    k, n = 96, 7
-    x = torch.zeros(3, k)
-    x[1, 32:64] = 0.5
-    x[2] = -1.25
-    for qtype in TYPES:
+    n = 7
+    for qtype in ALL_TYPES:
+        k = _k(qtype, 96)
+        x = torch.zeros(3, k)
+        x[1, 32:64] = 0.5
+        x[2] = -1.25
         blocks = _weights(qtype, n, k)
         want = F.linear(x, dequantize(blocks, qtype, n, k))
         torch.testing.assert_close(kernel(x, blocks, qtype, n, k), want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)
+@pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda q: q.name)
 def test_a_row_gets_the_same_bits_alone_or_in_a_batch(kernel: QuantLinearKernel, qtype: Q) -> None:
-    n, k = 33, 576
+    n, k = 33, _k(qtype, 576)
     blocks, x = _weights(qtype, n, k), _x(70, k, seed=3)
     batched = kernel(x, blocks, qtype, n, k)
     assert torch.equal(kernel(x[5:6], blocks, qtype, n, k)[0], batched[5])
@@ -206,9 +200,9 @@ def test_a_row_gets_the_same_bits_alone_or_in_a_batch(kernel: QuantLinearKernel,
     assert torch.equal(kernel(x[3:9], blocks, qtype, n, k), batched[3:9])  # tiles split differently
 
 
-@pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)
+@pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda q: q.name)
 def test_the_thread_count_does_not_change_the_bits(kernel: QuantLinearKernel, qtype: Q) -> None:
-    n, k = 577, 96
+    n, k = 577, _k(qtype, 96)
     blocks, x = _weights(qtype, n, k), _x(130, k, seed=4)
     before = torch.get_num_threads()
     try:
@@ -221,17 +215,19 @@ def test_the_thread_count_does_not_change_the_bits(kernel: QuantLinearKernel, qt
     assert torch.equal(outs[0], outs[1])
 
 
-def test_rows_with_a_stride_and_a_memory_mapped_weight(kernel: QuantLinearKernel, tmp_path: Path) -> None:
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q6_K], ids=lambda q: q.name)
+def test_rows_with_a_stride_and_a_memory_mapped_weight(kernel: QuantLinearKernel, tmp_path: Path,
+                                                       qtype: Q) -> None:
     """x may be a column slice of a wider tensor (rows contiguous, ldx > K); the weight a view of a
     mapped file (how the loader hands GGUF tensors over)."""
-    n, k = 33, 96
-    blocks = _weights(Q.Q4_0, n, k)
+    n, k = 33, _k(qtype, 96)
+    blocks = _weights(qtype, n, k)
     path = tmp_path / "w.bin"
     path.write_bytes(b"\0" * 7 + blocks.numpy().tobytes())  # at an odd offset, as blocks are in a file
     mapped = torch.from_numpy(np.memmap(path, dtype=np.uint8, mode="c", offset=7, shape=tuple(blocks.shape)))
     wide = _x(9, 2 * k, seed=5)
-    got = kernel(wide[:, k:], mapped, Q.Q4_0, n, k)
-    assert torch.equal(got, kernel(wide[:, k:].contiguous(), blocks, Q.Q4_0, n, k))
+    got = kernel(wide[:, k:], mapped, qtype, n, k)
+    assert torch.equal(got, kernel(wide[:, k:].contiguous(), blocks, qtype, n, k))
 
 
 def test_refuses_what_it_cannot_read(kernel: QuantLinearKernel) -> None:
@@ -246,7 +242,8 @@ def test_refuses_what_it_cannot_read(kernel: QuantLinearKernel) -> None:
         (x, blocks[:, :-34], Q.Q8_0, n, k),  # a strided view, and too short
         (x, blocks[:-1], Q.Q8_0, n, k),  # fewer rows than out_features
         (x, blocks, Q.Q4_0, n, k),  # rows of the wrong size for the type
-        (x, blocks, Q.Q4_K, n, k),  # a type the kernel lacks
+        (x, blocks, Q.Q2_K, n, k),  # a type the kernel lacks
+        (x, torch.zeros(n, 144, dtype=torch.uint8), Q.Q4_K, n, k),  # K-quants: K % 256 != 0
         (x, blocks, Q.F32, n, k),
         (_x(3, 40), torch.zeros(n, 68, dtype=torch.uint8), Q.Q8_0, n, 40),  # K % 32 != 0
         (_x(3, 0), torch.zeros(n, 0, dtype=torch.uint8), Q.Q8_0, n, 0),
@@ -256,12 +253,46 @@ def test_refuses_what_it_cannot_read(kernel: QuantLinearKernel) -> None:
             kernel(*args)
     with pytest.raises(ValueError, match="multiple of 32"):
         dequantize(torch.zeros(n, 68, dtype=torch.uint8), Q.Q8_0, n, 40)
+    with pytest.raises(ValueError, match="multiple of 256 for Q6_K"):
+        kernel(_x(3, 288), torch.zeros(n, 210, dtype=torch.uint8), Q.Q6_K, n, 288)
 
 
 def test_the_library_refuses_what_the_wrapper_would(kernel: QuantLinearKernel) -> None:
     """The C entry point's own checks (the wrapper's come first): 1 for a type or K it cannot take."""
     x, y = torch.zeros(1, 64), torch.zeros(1, 1)
     w = torch.zeros(1, 68, dtype=torch.uint8)
-    assert kernel._fn(x.data_ptr(), 1, 64, w.data_ptr(), int(Q.Q4_K), 1, 64, y.data_ptr(), 1, 1) == 1
-    assert kernel._fn(x.data_ptr(), 1, 64, w.data_ptr(), int(Q.Q8_0), 1, 40, y.data_ptr(), 1, 1) == 1
-    assert kernel._fn(x.data_ptr(), 1, 64, w.data_ptr(), int(Q.Q8_0), 1, 64, y.data_ptr(), 1, 1) == 0
+
+    def call(qtype: int, k: int, rows: int = 1) -> int:
+        ptrs, types = (ctypes.c_void_p * 1)(w.data_ptr()), (ctypes.c_int * 1)(qtype)
+        return int(kernel._fn(x.data_ptr(), 1, 64, 1, ptrs, types, (ctypes.c_int64 * 1)(rows), k,
+                              y.data_ptr(), 1, 1))
+
+    assert call(int(Q.F32), 64) == 1
+    assert call(int(Q.Q8_0), 40) == 1
+    assert call(int(Q.Q8_0), 64, rows=-1) == 1
+    assert call(int(Q.Q4_K), 64) == 1  # the K-quants need K a multiple of 256
+    assert call(int(Q.Q2_K), 256) == 1
+    assert call(int(Q.Q8_0), 64) == 0
+
+
+@pytest.mark.parametrize("t", [1, 5, 70])
+def test_stacked_parts_of_mixed_types_equal_each_alone(kernel: QuantLinearKernel, t: int) -> None:
+    """A fused projection from its tensors where they lie (no concatenated copy), types mixed as in
+    Q4_K_M files: the same bits as each part multiplied alone."""
+    k, sizes = 96, [(Q.Q8_0, 7), (Q.Q4_0, 1), (Q.Q4_1, 12)]
+    ws = [(_weights(qtype, n, k), int(qtype), n) for qtype, n in sizes]
+    x = _x(t, k)
+    got = kernel.stacked(x, kernel.parts(ws, k))
+    assert torch.equal(got, torch.cat([kernel(x, b, qtype, n, k) for b, qtype, n in ws], dim=1))
+    with pytest.raises(ValueError, match="contiguous uint8"):
+        kernel.parts([ws[0], (ws[1][0], int(Q.Q8_0), 1)], k)
+
+
+def test_stacked_k_quant_parts_as_in_q4_k_m_files(kernel: QuantLinearKernel) -> None:
+    """Q4_K_M keeps some tensors of a fused projection in Q6_K (or Q5_K, Q8_0): each part is read in
+    its own type, with the same bits as alone."""
+    k, sizes = 512, [(Q.Q4_K, 9), (Q.Q6_K, 4), (Q.Q5_K, 3), (Q.Q8_0, 5)]
+    ws = [(_weights(qtype, n, k), int(qtype), n) for qtype, n in sizes]
+    x = _x(6, k)
+    got = kernel.stacked(x, kernel.parts(ws, k))
+    assert torch.equal(got, torch.cat([kernel(x, b, qtype, n, k) for b, qtype, n in ws], dim=1))

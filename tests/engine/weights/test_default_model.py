@@ -34,8 +34,9 @@ QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "
 @pytest.fixture(scope="module")
 def ours() -> Any:
     # One thread (also for transformers: torch's thread count is per process); see
-    # engine_helpers.build_engine.
-    return load_engine("embedded", EngineConfig(max_num_seqs=8, threads=1))
+    # engine_helpers.build_engine. float32: the file dequantized, for exact parity with transformers
+    # (dtype auto would multiply its blocks as stored: tests/engine/test_gguf_dtype.py).
+    return load_engine("embedded", EngineConfig(max_num_seqs=8, threads=1, dtype="float32"))
 
 
 @pytest.fixture(scope="module")

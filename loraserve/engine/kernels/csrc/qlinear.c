@@ -7,7 +7,9 @@
  *   Q4_0 (type 2),      18 bytes: fp16 d, 16 bytes of nibbles;     w = d * (q - 8)
  *   Q4_1 (type 3),      20 bytes: fp16 d, fp16 m, 16 bytes;        w = d * q + m
  * In both 4-bit types element j < 16 is the low nibble of byte j, element j >= 16 the high nibble of
- * byte j - 16 (gguf-py's quants.py, ggml's dequantize_row_q4_0).
+ * byte j - 16 (gguf-py's quants.py, ggml's dequantize_row_q4_0). The K-quants Q4_K, Q5_K and Q6_K
+ * (types 12-14) come in super-blocks of 256 weights (K / 256 a row), read as eight pieces of 32 that
+ * take the forms below: qlinear_k.h.
  *
  * As llama.cpp does, x is quantized first, per row and block of 32, to int8 with d_a = amax / 127 (round
  * to nearest even), so that each block's dot product is integer work: AVX2's maddubs (u8 x s8 -> s16
@@ -26,8 +28,10 @@
  * (a build without AVX2) computes the same integer dots but sums them per block rather than in AVX2's
  * eight lanes, so its floats may differ from the AVX2 build in the last bits.
  *
- * Left for later: an AVX-512 / VNNI path (vpdpbusd; the AVX2 path runs on those machines meanwhile),
- * weights repacked into row-interleaved panels at load, register tiles over several weight rows.
+ * The engine repacks Q8_0, Q4_0 and Q4_1 weights at load into groups of 8 rows (qlinear_x8.h), where
+ * one activation broadcast feeds 8 rows at once; the stored layout above serves the K-quants, and any
+ * type for tests. Left for later: an AVX-512 / VNNI path (vpdpbusd; the AVX2 path runs on those machines
+ * meanwhile), and the K-quants repacked too.
  */
 #include <math.h>
 #include <stdint.h>
@@ -51,16 +55,22 @@
 #define MADD(a, b, c) ((a) * (b) + (c))
 #endif
 
-enum { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8 };
+enum { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14 };
 
-int64_t qlinear_block_bytes(int type) {
+/* Bytes per block (of 32 weights, or of 256 for the K-quants: qlinear_k.h), 0 for a type not taken. */
+static int64_t block_bytes(int type) {
     switch (type) {
     case Q8_0: return 34;
     case Q4_0: return 18;
     case Q4_1: return 20;
+    case Q4_K: return 144;
+    case Q5_K: return 176;
+    case Q6_K: return 210;
     default: return 0;
     }
 }
+
+static int is_k_quant(int type) { return type == Q4_K || type == Q5_K || type == Q6_K; }
 
 /* Which path this build runs: 256 (AVX2) or 0 (scalar), so that tests can tell the builds apart. */
 int qlinear_vector_bits(void) {
@@ -138,6 +148,7 @@ static void quantize_row(const float *x, int64_t nb, int8_t *q, float *d, float 
 typedef struct {
     __m256 d, m8;   /* d_w, and Q4_1's m / 8, in every lane */
     __m256i q, u;   /* the quants as maddubs' signed operand's signs (Q8_0), and its unsigned operand */
+    __m256i s;      /* int16 factors for madd: 1, or a K-quant's integer scales (qlinear_k.h) */
 } wblock;
 
 static inline __attribute__((always_inline)) wblock decode_avx2(const int type, const uint8_t *w) {
@@ -146,6 +157,7 @@ static inline __attribute__((always_inline)) wblock decode_avx2(const int type, 
     memcpy(&dm, w, 4);
     const __m128 scales = _mm_cvtph_ps(_mm_cvtsi32_si128((int)dm));
     k.d = _mm256_broadcastss_ps(scales);
+    k.s = _mm256_set1_epi16(1);
     k.m8 = type == Q4_1 ? _mm256_mul_ps(_mm256_set1_ps(0.125f), _mm256_broadcastss_ps(_mm_movehdup_ps(scales)))
                         : _mm256_setzero_ps();
     if (type == Q8_0) {
@@ -162,14 +174,15 @@ static inline __attribute__((always_inline)) wblock decode_avx2(const int type, 
 /* acc plus one block's products with one row of x (its int8 block a, scale d_a, s_a). The block's sum
  * stays in the eight lanes of its dot product, the offset term spread over them: Q4_0 adds
  * d_w (d_a dot_l - s_a) per lane, which sums to d_w d_a dot - 8 d_w s_a; Q4_1 adds d_w d_a dot_l +
- * (m / 8) s_a. */
+ * (m / 8) s_a. Q6_K's pieces take Q8_0's form, Q4_K's and Q5_K's Q4_1's (qlinear_k.h). */
 static inline __attribute__((always_inline)) __m256 step_avx2(const int type, wblock k, const int8_t *qa,
                                                               const float *da, const float *sa, __m256 acc) {
+    const int sign = type == Q8_0 || type == Q6_K; /* signed quants */
     __m256i a = _mm256_loadu_si256((const __m256i *)qa);
-    if (type == Q8_0) a = _mm256_sign_epi8(a, k.q); /* |w| <= 128, |a| <= 127: maddubs cannot saturate */
-    const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(k.u, a), _mm256_set1_epi16(1)));
+    if (sign) a = _mm256_sign_epi8(a, k.q); /* |w| <= 128, |a| <= 127: maddubs cannot saturate */
+    const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(k.u, a), k.s));
     const __m256 d = _mm256_broadcast_ss(da);
-    if (type == Q8_0) return _mm256_fmadd_ps(dot, _mm256_mul_ps(k.d, d), acc);
+    if (sign) return _mm256_fmadd_ps(dot, _mm256_mul_ps(k.d, d), acc);
     if (type == Q4_0) return _mm256_fmadd_ps(k.d, _mm256_fmsub_ps(d, dot, _mm256_broadcast_ss(sa)), acc);
     return _mm256_fmadd_ps(dot, _mm256_mul_ps(k.d, d), _mm256_fmadd_ps(k.m8, _mm256_broadcast_ss(sa), acc));
 }
@@ -187,7 +200,7 @@ static inline float hsum8(__m256 v) {
 static inline __attribute__((always_inline)) void dot_rows(const int type, const int R, const uint8_t *w,
                                                            int64_t nb, const int8_t *qa, const float *da,
                                                            const float *sa, float *y, int64_t ldy) {
-    const int64_t bytes = qlinear_block_bytes(type);
+    const int64_t bytes = block_bytes(type);
 #ifdef __AVX2__
     /* even and odd blocks in two accumulators: one row alone would wait on each FMA's latency */
     __m256 even[MR], odd[MR];
@@ -231,30 +244,59 @@ static inline __attribute__((always_inline)) void dot_rows(const int type, const
 #endif
 }
 
-/* R rows (1 .. MR) of one weight row, with type and R as constants for dot_rows. */
-#define ROWS_OF(TYPE)                                                                                    \
+#include "qlinear_k.h"
+
+/* R rows (1 .. MR) of one weight row, with type and R as constants for DOT (dot_rows or dot_rows_k). */
+#define ROWS_OF(DOT, TYPE)                                                                               \
     switch (R) {                                                                                         \
-    case 1: dot_rows(TYPE, 1, w, nb, qa, da, sa, y, ldy); break;                                         \
-    case 2: dot_rows(TYPE, 2, w, nb, qa, da, sa, y, ldy); break;                                         \
-    case 3: dot_rows(TYPE, 3, w, nb, qa, da, sa, y, ldy); break;                                         \
-    default: dot_rows(TYPE, MR, w, nb, qa, da, sa, y, ldy); break;                                       \
+    case 1: DOT(TYPE, 1, w, nb, qa, da, sa, y, ldy); break;                                              \
+    case 2: DOT(TYPE, 2, w, nb, qa, da, sa, y, ldy); break;                                              \
+    case 3: DOT(TYPE, 3, w, nb, qa, da, sa, y, ldy); break;                                              \
+    default: DOT(TYPE, MR, w, nb, qa, da, sa, y, ldy); break;                                            \
     }
 
 static void rows(int type, int R, const uint8_t *w, int64_t nb, const int8_t *qa, const float *da,
                  const float *sa, float *y, int64_t ldy) {
     switch (type) {
-    case Q8_0: ROWS_OF(Q8_0) break;
-    case Q4_0: ROWS_OF(Q4_0) break;
-    default: ROWS_OF(Q4_1) break;
+    case Q8_0: ROWS_OF(dot_rows, Q8_0) break;
+    case Q4_0: ROWS_OF(dot_rows, Q4_0) break;
+    case Q4_1: ROWS_OF(dot_rows, Q4_1) break;
+    case Q4_K: ROWS_OF(dot_rows_k, Q4_K) break;
+    case Q5_K: ROWS_OF(dot_rows_k, Q5_K) break;
+    default: ROWS_OF(dot_rows_k, Q6_K) break;
     }
 }
 
-int qlinear_forward(const float *x, int64_t T, int64_t ldx, const uint8_t *w, int type, int64_t N, int64_t K,
-                    float *y, int64_t ldy, int nthreads) {
-    const int64_t bytes = qlinear_block_bytes(type);
-    if (!bytes || K <= 0 || K % QK || T < 0 || N < 0) return 1;
+/* Bytes of one weight row of K inputs, 0 for a type or K this build does not take (the K-quants need K a
+ * multiple of 256). */
+int64_t qlinear_row_bytes(int type, int64_t K) {
+    const int64_t bytes = block_bytes(type), elems = is_k_quant(type) ? QK_K : QK;
+    return bytes && K > 0 && K % elems == 0 ? K / elems * bytes : 0;
+}
+
+#include "qlinear_x8.h"
+
+#define X8 256 /* added to a type id: the part is repacked in groups of 8 rows (qlinear_x8.h) */
+
+/* Rows (stored layout) or groups of 8 rows (repacked) of a part: the units the threads share. */
+static int64_t part_units(int type, int64_t n) { return type & X8 ? (n + GR - 1) / GR : n; }
+
+/* y[:, n0 + n] = x @ W_p[n] for the P parts W_p (types[p], ns[p] rows each, n0 the rows of the parts before):
+ * a fused projection (q, k and v; gate and up) computed from its tensors where they lie, none copied into
+ * one matrix, from one int8 copy of x. Parts may differ in type and layout (types[p] + X8: repacked). */
+int qlinear_forward(const float *x, int64_t T, int64_t ldx, int P, const uint8_t *const *ws, const int *types,
+                    const int64_t *ns, int64_t K, float *y, int64_t ldy, int nthreads) {
+    int64_t N = 0, U = 0;
+    if (K <= 0 || K % QK || T < 0 || P < 1) return 1;
+    for (int p = 0; p < P; p++) {
+        const int t = types[p] & ~X8;
+        if (ns[p] < 0 || !(types[p] & X8 ? qlinear_x8_bytes(t, ns[p], K) || !ns[p] : qlinear_row_bytes(t, K)))
+            return 1;
+        N += ns[p];
+        U += part_units(types[p], ns[p]);
+    }
     if (T == 0 || N == 0) return 0;
-    const int64_t nb = K / QK, row_bytes = nb * bytes, tblocks = (T + TB - 1) / TB;
+    const int64_t nb = K / QK, tblocks = (T + TB - 1) / TB;
     int8_t *qa = malloc((size_t)(T * K));
     float *da = malloc((size_t)(T * nb) * sizeof(float)), *sa = malloc((size_t)(T * nb) * sizeof(float));
     if (!qa || !da || !sa) {
@@ -268,11 +310,27 @@ int qlinear_forward(const float *x, int64_t T, int64_t ldx, const uint8_t *w, in
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < T; t++) quantize_row(x + t * ldx, nb, qa + t * K, da + t * nb, sa + t * nb);
 #pragma omp for schedule(static)
-        for (int64_t i = 0; i < tblocks * N; i++) {
-            const int64_t t0 = i / N * TB, n = i % N, t1 = t0 + TB < T ? t0 + TB : T;
-            for (int64_t t = t0; t < t1; t += MR)
-                rows(type, t1 - t < MR ? (int)(t1 - t) : MR, w + n * row_bytes, nb, qa + t * K, da + t * nb,
-                     sa + t * nb, y + t * ldy + n, ldy);
+        for (int64_t i = 0; i < tblocks * U; i++) {
+            const int64_t t0 = i / U * TB, t1 = t0 + TB < T ? t0 + TB : T;
+            int64_t u = i % U, n0 = 0;
+            int p = 0;
+            while (u >= part_units(types[p], ns[p])) {
+                u -= part_units(types[p], ns[p]);
+                n0 += ns[p++];
+            }
+            const int type = types[p] & ~X8;
+            if (types[p] & X8) {
+                const uint8_t *grp = ws[p] + u * nb * x8_block_bytes(type);
+                const int valid = ns[p] - u * GR < GR ? (int)(ns[p] - u * GR) : GR;
+                for (int64_t t = t0; t < t1; t += MR)
+                    x8_rows(type, t1 - t < MR ? (int)(t1 - t) : MR, grp, nb, qa + t * K, da + t * nb, sa + t * nb,
+                            y + t * ldy + n0 + u * GR, ldy, valid);
+            } else {
+                const uint8_t *w = ws[p] + u * qlinear_row_bytes(type, K);
+                for (int64_t t = t0; t < t1; t += MR)
+                    rows(type, t1 - t < MR ? (int)(t1 - t) : MR, w, nb, qa + t * K, da + t * nb, sa + t * nb,
+                         y + t * ldy + n0 + u, ldy);
+            }
         }
     }
     free(qa);

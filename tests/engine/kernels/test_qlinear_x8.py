@@ -1,0 +1,100 @@
+"""Q8_0, Q4_0 and Q4_1 weights repacked in groups of 8 rows (csrc/qlinear_x8.h), both builds.
+
+The repacked kernel quantizes the activations exactly as the stored-layout one does and computes the same
+integer dot per block; only where each block's float product is added differs (its own lane rather than
+eight partial lanes). So it is checked against the stored-layout kernel, itself checked against gguf-py's
+reference in test_qlinear.py, to float rounding: a relative 1e-5 of the output's scale.
+"""
+
+from __future__ import annotations
+
+import gguf
+import pytest
+import torch
+
+from loraserve.engine.kernels.qlinear import QuantLinearKernel, Repacked, dequantize
+
+Q = gguf.GGMLQuantizationType
+TYPES = (Q.Q8_0, Q.Q4_0, Q.Q4_1)
+SHAPES = [(1, 32), (13, 96), (64, 576), (67, 1536)]  # rows not a multiple of 8 leave a partial group
+
+
+def _blocks(qtype: Q, n: int, k: int, seed: int = 0) -> torch.Tensor:
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
+    return torch.from_numpy(gguf.quants.quantize(w.numpy(), qtype))
+
+
+def _x(t: int, k: int, seed: int = 1) -> torch.Tensor:
+    return torch.randn(t, k, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize(("n", "k"), SHAPES)
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)
+def test_rows_come_back_as_stored(kernel: QuantLinearKernel, qtype: Q, n: int, k: int) -> None:
+    blocks = _blocks(qtype, n, k)
+    packed = kernel.repack(blocks, int(qtype), n, k)
+    assert packed.data.numel() == (n + 7) // 8 * 8 * blocks.shape[1]  # the blocks' size, in whole groups
+    assert torch.equal(kernel.stored_rows(packed, torch.arange(n)), blocks)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(2))
+    reordered = kernel.repack(blocks, int(qtype), n, k, order)
+    ids = torch.tensor([n - 1, 0, n // 2, n - 1])
+    assert torch.equal(kernel.stored_rows(reordered, ids), blocks[order][ids])
+
+
+@pytest.mark.parametrize(("n", "k"), SHAPES)
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)
+def test_same_products_as_the_stored_layout(kernel: QuantLinearKernel, qtype: Q, n: int, k: int) -> None:
+    blocks = _blocks(qtype, n, k)
+    parts = kernel.parts([kernel.repack(blocks, int(qtype), n, k)], k)
+    for t in (1, 3, 4, 5, 70):
+        x = _x(t, k)
+        want = kernel(x, blocks, int(qtype), n, k)
+        got = kernel.stacked(x, parts)
+        scale = x.abs() @ dequantize(blocks, int(qtype), n, k).abs().T  # sum |x| |w| per output
+        assert ((got - want).abs() <= 1e-5 * scale + 1e-6).all(), (t, (got - want).abs().max())
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)
+def test_a_row_gets_the_same_bits_alone_in_a_batch_or_threaded(kernel: QuantLinearKernel, qtype: Q) -> None:
+    n, k = 67, 576
+    parts = kernel.parts([kernel.repack(_blocks(qtype, n, k), int(qtype), n, k)], k)
+    x = _x(130, k)
+    batched = kernel.stacked(x, parts)
+    assert torch.equal(kernel.stacked(x[5:6], parts)[0], batched[5])
+    assert torch.equal(kernel.stacked(x[66:70], parts), batched[66:70])
+    assert torch.equal(kernel.stacked(x[3:9], parts), batched[3:9])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(kernel.stacked(x, parts), batched)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_repacked_and_stored_parts_stack(kernel: QuantLinearKernel) -> None:
+    """A fused projection may mix layouts (a K-quant part stays as stored): each part's columns are the
+    bits it gives alone, a partial group's lanes never spill into the next part's."""
+    k = 96
+    q8, q4 = _blocks(Q.Q8_0, 13, k), _blocks(Q.Q4_1, 5, k, seed=3)
+    a, b = kernel.repack(q8, int(Q.Q8_0), 13, k), kernel.repack(q4, int(Q.Q4_1), 5, k)
+    x = _x(6, k)
+    got = kernel.stacked(x, kernel.parts([a, (q8, int(Q.Q8_0), 13), b], k))
+    assert got.shape == (6, 31)
+    assert torch.equal(got[:, :13], kernel.stacked(x, kernel.parts([a], k)))
+    assert torch.equal(got[:, 13:26], kernel(x, q8, int(Q.Q8_0), 13, k))
+    assert torch.equal(got[:, 26:], kernel.stacked(x, kernel.parts([b], k)))
+
+
+def test_refuses_what_it_cannot_repack(kernel: QuantLinearKernel) -> None:
+    blocks = _blocks(Q.Q8_0, 9, 64)
+    with pytest.raises(ValueError, match="repacks"):
+        kernel.repack(torch.zeros(9, 2 * 144, dtype=torch.uint8), int(Q.Q4_K), 9, 512)
+    with pytest.raises(ValueError, match="row order"):
+        kernel.repack(blocks, int(Q.Q8_0), 9, 64, torch.arange(8))
+    with pytest.raises(ValueError, match="out of range"):
+        kernel.repack(blocks, int(Q.Q8_0), 9, 64, torch.arange(9) + 1)
+    packed = kernel.repack(blocks, int(Q.Q8_0), 9, 64)
+    with pytest.raises(IndexError):
+        kernel.stored_rows(packed, torch.tensor([9]))
+    with pytest.raises(ValueError, match="input features"):
+        kernel.parts([Repacked(packed.data, packed.qtype, 9, 32)], 64)

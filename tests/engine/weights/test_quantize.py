@@ -1,0 +1,168 @@
+"""The quantizer (weights/quantize.py): ggml's reference bytes, read chunk by chunk from any float dtype; and
+`--quantize` at load on a Hugging Face directory."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from loraserve.engine.config import EngineConfig, Quantization
+from loraserve.engine.kernels.qlinear import load_qlinear
+from loraserve.engine.loader import embedded_gguf_path, load_engine
+from loraserve.engine.ops.quant_linear import QuantLinear
+from loraserve.engine.weights.hf import hf_tensors
+from loraserve.engine.weights.quant import QuantTensor, QuantType
+from loraserve.engine.weights.quantize import MADE, load_hf_quantized, quant_type, quantize
+
+from quantize_helpers import tiny_hf_dir, write_byte_level_tokenizer
+
+F = np.float32
+
+
+def reference(w: torch.Tensor, qtype: QuantType) -> np.ndarray:
+    """gguf-py's numpy quantizer on the whole matrix at once."""
+    with np.errstate(all="ignore"):
+        return gguf.quants.quantize(w.float().numpy(), gguf.GGMLQuantizationType(qtype.value))
+
+
+def _fp16(value: np.float32) -> list[int]:
+    return list(np.float16(value).tobytes())  # round to nearest even, as F16C's conversion
+
+
+def ggml_block(x: np.ndarray, qtype: QuantType) -> list[int]:
+    """One block as ggml-quants.c's quantize_row_{q8_0,q4_0,q4_1}_ref writes it, statement by statement in
+    float32 (roundf: halves away from zero; (int8_t) casts truncate)."""
+    if qtype is QuantType.Q8_0:
+        amax = F(0)
+        for v in x:
+            amax = max(amax, abs(v))
+        d = F(amax / F(127))
+        inv = F(F(1) / d) if d else F(0)
+        return _fp16(d) + [int(math.copysign(math.floor(abs(float(F(v * inv))) + 0.5), v)) & 0xFF for v in x]
+    if qtype is QuantType.Q4_0:
+        amax, top = F(0), F(0)
+        for v in x:
+            if amax < abs(v):
+                amax, top = abs(v), v
+        d = F(top / F(-8))
+        inv = F(F(1) / d) if d else F(0)
+        q = [min(15, int(F(F(v * inv) + F(8.5)))) for v in x]
+        return _fp16(d) + [q[j] | q[j + 16] << 4 for j in range(16)]
+    low, high = F(np.finfo(F).max), F(-np.finfo(F).max)
+    for v in x:
+        low, high = min(low, v), max(high, v)
+    d = F(F(high - low) / F(15))
+    inv = F(F(1) / d) if d else F(0)
+    q = [min(15, int(F(F(F(v - low) * inv) + F(0.5)))) for v in x]
+    return _fp16(d) + _fp16(low) + [q[j] | q[j + 16] << 4 for j in range(16)]
+
+
+def odd_inputs() -> dict[str, torch.Tensor]:
+    rng = np.random.default_rng(0)
+    cases: dict[str, Any] = {f"normal-{s:g}": rng.normal(0, s, (4, 128)) for s in (1e-4, 0.02, 1.0, 3e4)}
+    cases |= {
+        "zeros": np.zeros((3, 64)),
+        "one-zero-block": np.concatenate([np.zeros((4, 32)), rng.normal(0, 1, (4, 32))], axis=1),
+        "negative": -np.abs(rng.normal(0, 1, (4, 96))),
+        "positive": np.abs(rng.normal(0, 1, (4, 96))),
+        "huge": rng.normal(0, 1, (4, 64)) * 1e30,  # the fp16 scale overflows to inf
+        "past-fp16": np.full((2, 64), 70000.0),
+        "ties": np.tile([1.0, -1.0, 0.5, -0.5], (4, 16)),  # |max| ties: the first wins
+        "eighths": (np.arange(-256, 256) / 8).reshape(8, 64),
+        "halves": [[127.0, *(k + 0.5 for k in range(-16, 15))]],  # Q8_0's d is 1: roundf of k + .5
+        "integers": rng.integers(-20, 20, (8, 64)),
+        "constant": np.full((2, 64), -3.25),
+    }
+    # Blocks whose scale underflows to a subnormal are left out: 1/d overflows to inf there and the C
+    # float-to-int cast of inf is undefined (their fp16 scale is 0 either way).
+    return {name: torch.from_numpy(np.asarray(a, dtype=F)) for name, a in cases.items()}
+
+
+@pytest.mark.parametrize("qtype", MADE, ids=lambda q: q.name)
+def test_blocks_are_ggml_reference_bytes(qtype: QuantType) -> None:
+    for name, w in odd_inputs().items():
+        got = quantize(w, qtype)
+        assert got.qtype is qtype and got.shape == tuple(w.shape)
+        with np.errstate(all="ignore"):
+            expected = [b for block in w.numpy().reshape(-1, 32) for b in ggml_block(block, qtype)]
+        assert got.blocks.reshape(-1).tolist() == expected, name
+
+
+@pytest.mark.parametrize("qtype", MADE, ids=lambda q: q.name)
+def test_half_precision_input_and_rows_over_several_chunks(qtype: QuantType) -> None:
+    """A bf16 / fp16 checkpoint is widened a chunk of rows at a time (4096 columns: 256 rows a chunk)."""
+    rng = np.random.default_rng(1)
+    w = torch.from_numpy(rng.normal(0, 0.02, (600, 4096)).astype(np.float32))
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        half = w.to(dtype)
+        assert np.array_equal(quantize(half, qtype).blocks.numpy(), reference(half, qtype)), dtype
+
+
+def test_refuses_what_it_cannot_make() -> None:
+    with pytest.raises(ValueError, match="Q4_K blocks are not made here"):
+        quantize(torch.zeros(2, 256), QuantType.Q4_K)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        quantize(torch.zeros(2, 48), QuantType.Q8_0)
+    with pytest.raises(ValueError, match="only a float matrix"):
+        quantize(torch.zeros(64), QuantType.Q8_0)
+    with pytest.raises(ValueError, match="only a float matrix"):
+        quantize(torch.zeros(2, 64, dtype=torch.int32), QuantType.Q8_0)
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tiny_hf_dir(tmp_path_factory.mktemp("hf"))
+    write_byte_level_tokenizer(root)
+    return root
+
+
+@pytest.mark.parametrize("quantization", list(Quantization), ids=lambda q: q.name)
+def test_quantized_at_load_as_gguf_py_would(hf_dir: Path, quantization: Quantization) -> None:
+    """Projections and embedding in the chosen type, the untied head Q8_0, norms float32."""
+    qtype = quant_type(quantization)
+    _, state = load_hf_quantized(hf_dir, torch.float32, qtype)
+    _, stored = hf_tensors(hf_dir)
+    assert set(state) == set(stored)
+    for name, lazy in stored.items():
+        weight, original = state[name], lazy.load()
+        if original.dim() == 1:
+            assert isinstance(weight, torch.Tensor) and torch.equal(weight, original.float()), name
+            continue
+        kind = QuantType.Q8_0 if name == "lm_head.weight" else qtype
+        assert isinstance(weight, QuantTensor) and weight.qtype is kind, name
+        assert np.array_equal(weight.blocks.numpy(), reference(original, kind)), name
+
+
+@pytest.mark.skipif(load_qlinear() is None, reason="no C compiler: the quantized kernel cannot be built")
+def test_engine_serves_the_blocks(hf_dir: Path) -> None:
+    engine, tokenizer = load_engine(str(hf_dir), EngineConfig(dtype="gguf", quantize=Quantization.Q4_1,
+                                                              threads=1, block_size=4))
+    layer = engine.model.layers[0]
+    for proj in (layer.qkv, layer.o, layer.gate_up, layer.down):
+        assert isinstance(proj, QuantLinear)
+    assert isinstance(engine.model.embed, QuantTensor) and engine.model.embed.qtype is QuantType.Q4_1
+    assert tokenizer.encode("hello") == [256, 257, ord("o")]  # the directory's own tokenizer
+
+
+def test_refused_where_it_cannot_run(hf_dir: Path) -> None:
+    with pytest.raises(ValueError, match="needs dtype gguf, not float32"):
+        EngineConfig(dtype="float32", quantize=Quantization.Q8_0)
+    with pytest.raises(ValueError, match="needs dtype gguf, not auto"):
+        EngineConfig(quantize=Quantization.Q8_0)
+    with pytest.raises(ValueError, match="CPU only"):
+        EngineConfig(dtype="gguf", device="cuda", quantize=Quantization.Q8_0)
+    with pytest.raises(ValueError, match="quantize must be one of q8_0, q4_0, q4_1"):
+        EngineConfig(dtype="gguf", quantize="q8_0")  # type: ignore[arg-type]
+    gguf_config = EngineConfig(dtype="gguf", quantize=Quantization.Q4_0)
+    with pytest.raises(ValueError, match=r"is a GGUF file: serve it with --dtype gguf .* or --dtype float32"):
+        load_engine(str(embedded_gguf_path()), gguf_config)
+    with pytest.raises(ValueError, match="is a random model"):
+        load_engine("random:tiny", gguf_config)
+    with pytest.raises(ValueError, match="a Hugging Face directory is quantized at load with --quantize"):
+        load_engine(str(hf_dir), EngineConfig(dtype="gguf"))
