@@ -149,6 +149,10 @@ def serve(
                                            chat_template=catalog.chat_template(spec.template))
             except (OSError, ValueError) as exc:
                 raise fail(f"{spec.id}: cannot load {located[spec.id]}: {exc}", 2) from None
+            info = loaded[key].info
+            hint = " as stored (--dtype float32 dequantizes them)" if info.weights == "gguf" else ""
+            err.print(f"loaded {spec.id}: {info.num_layers} layers, {info.weights} weights{hint}",
+                      highlight=False)
         backends[spec.id] = loaded[key]
     if metrics_token is None and host not in ("127.0.0.1", "localhost", "::1"):
         err.print(f"warning: GET /metrics is open to anyone who reaches {host}:{port}; "

@@ -188,6 +188,7 @@ class ModelInfo:
     # PEFT target name -> (in_features, out_features) of that projection; adapters are checked against it.
     lora_shapes: dict[str, tuple[int, int]] = field(default_factory=dict)
     architecture: str = "llama"  # what adapter_config.json's model_type should say (llama / mistral / ...)
+    weights: str = ""  # how the weights are held, for people: "gguf" (blocks as stored), "float32", ...
 
 
 class Backend(Protocol):

@@ -136,7 +136,7 @@ def test_bench_passes_its_arguments_through() -> None:
 def test_serve_runs_until_interrupted(tmp_path: Path) -> None:
     metrics_token = "scrape-me-please-0123"
     with ServeProcess(tmp_path, tmp_path / "serve.log",
-                      ["@cf/test/tiny-lora=random:tiny", "@cf/test/tiny=random:tiny"],
+                      ["@cf/test/tiny-lora=random:tiny", "@cf/test/tiny=random:tiny:q8_0"],
                       extra_args=("--rate-limit", "0", "--max-rank", "16", "--no-prefix-caching"),
                       env={"LORASERVE_METRICS_TOKEN": metrics_token}) as server:
         server.start()
@@ -149,6 +149,9 @@ def test_serve_runs_until_interrupted(tmp_path: Path) -> None:
         )
         assert scraped.status_code == 200 and "loraserve_kv_blocks_used" in scraped.text
         assert server.stop() == 0, server.log()
+        # What each model was loaded as: quantized blocks (dtype auto keeps them) or float.
+        assert "loaded @cf/test/tiny: 2 layers, gguf weights as stored" in server.log()
+        assert "loaded @cf/test/tiny-lora: 2 layers, float32 weights" in server.log()
 
 
 def test_serve_refuses_a_bad_device_or_dtype_before_loading(tmp_path: Path) -> None:

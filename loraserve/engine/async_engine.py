@@ -124,7 +124,9 @@ class AsyncEngine:
         cfg = engine.cfg
         self._info = ModelInfo(context_window=engine.context_window, num_layers=cfg.num_layers,
                                vocab_size=cfg.vocab_size, lora_shapes=cfg.lora_shapes(),
-                               architecture=cfg.architecture)
+                               architecture=cfg.architecture,
+                               weights="gguf" if engine.ecfg.dtype == "gguf"
+                               else str(engine.dtype).removeprefix("torch."))
         self._stats: dict[str, float] = engine.stats()
 
     # -- Backend -----------------------------------------------------------------------------------
