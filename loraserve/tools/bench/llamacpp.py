@@ -27,8 +27,9 @@ import gguf
 import numpy as np
 
 from loraserve.engine.config import ModelConfig
+from loraserve.tools.bench.figures import StreamTiming, stream_figures
 from loraserve.tools.bench.gguf_lora import write_gguf_lora
-from loraserve.tools.bench.workload import BenchRequest, percentile
+from loraserve.tools.bench.workload import BenchRequest
 from loraserve.types import AdapterRef
 
 INSTALL_HINT = ("pip install 'loraserve[bench]' (llama-cpp-python, compiled from source: "
@@ -48,43 +49,18 @@ class Workload(enum.Enum):
 
 
 @dataclass(frozen=True)
-class Timing:
-    """One request: prompt evaluation through the first token, then each further token."""
-
-    prompt_tokens: int
-    first_s: float  # start to first token chosen (prompt processing + one argmax)
-    rest_s: float  # first token to last
-    output_tokens: int
-
-
-@dataclass(frozen=True)
 class LlamaCppResult:
     workload: Workload
     label: str
-    timings: tuple[Timing, ...]
+    timings: tuple[StreamTiming, ...]
     wall_s: float
     threads: int
 
     def summary(self) -> dict[str, Any]:
         t = self.timings
-        prompt_tokens = sum(x.prompt_tokens for x in t)
-        output_tokens = sum(x.output_tokens for x in t)
-        prompt_s = sum(x.first_s for x in t)
-        decode_s = sum(x.rest_s for x in t)
-        decoded = sum(x.output_tokens - 1 for x in t)
-        ttft = [x.first_s * 1e3 for x in t]
-        tpot = [x.rest_s * 1e3 / (x.output_tokens - 1) for x in t if x.output_tokens > 1]
-        return {
-            "wall_s": self.wall_s, "output_tokens": output_tokens,
-            "output_tok_s": output_tokens / self.wall_s,
-            "request_s": len(t) / self.wall_s, "completed": len(t), "failed": 0,
-            "ttft_p50_ms": percentile(ttft, 50), "ttft_p99_ms": percentile(ttft, 99),
-            "tpot_p50_ms": percentile(tpot, 50), "tpot_p99_ms": percentile(tpot, 99),
-            "prompt_tok_s": prompt_tokens / prompt_s if prompt_s else None,
-            "generation_tok_s": decoded / decode_s if decoded and decode_s else None,
-            "total_tok_s": (prompt_tokens + output_tokens) / self.wall_s,
-            "threads": self.threads,
-        }
+        return {**stream_figures(t, self.wall_s, output_tokens=sum(x.output_tokens for x in t),
+                                 prompt_tokens=sum(x.prompt_tokens for x in t), failed=0),
+                "threads": self.threads}
 
 
 def check_model_file(path: Path, cfg: ModelConfig) -> str:
@@ -150,7 +126,7 @@ class LlamaCppRunner:
     def _argmax(self) -> int:
         return int(self.last_logits().argmax())
 
-    def generate(self, prompt: list[int], new_tokens: int) -> Timing:
+    def generate(self, prompt: list[int], new_tokens: int) -> StreamTiming:
         llm = self.llm
         llm.reset()
         start = time.perf_counter()
@@ -160,7 +136,7 @@ class LlamaCppRunner:
         for _ in range(new_tokens - 1):
             llm.eval([token])
             token = self._argmax()
-        return Timing(len(prompt), first - start, time.perf_counter() - first, new_tokens)
+        return StreamTiming(len(prompt), first - start, time.perf_counter() - first, new_tokens)
 
     def close(self) -> None:
         self.llm.close()

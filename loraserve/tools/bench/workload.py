@@ -31,6 +31,7 @@ from safetensors.torch import save_file
 from loraserve.engine.async_engine import AsyncEngine
 from loraserve.engine.config import ModelConfig, module_name
 from loraserve.engine.llm_engine import LLMEngine, StepOutput
+from loraserve.tools.bench.figures import StreamTiming, stream_figures
 from loraserve.types import LORA_TARGETS, AdapterRef, FinishReason, SamplingParams
 
 # Random prompt ids start here: low ids are the specials of most vocabularies (<s>, <|im_start|>, ...).
@@ -227,29 +228,13 @@ class RunResult:
 
     def summary(self) -> dict[str, Any]:
         ok = [r for r in self.results if r.error is None and r.first is not None and r.last is not None]
-        ttft = [(r.first - r.submitted) * 1e3 for r in ok if r.first is not None]
-        tpot = [(r.last - r.first) * 1e3 / (r.num_output - 1) for r in ok
-                if r.first is not None and r.last is not None and r.num_output > 1]
-        out_tokens = sum(r.num_output for r in self.results)
-        # Per stream, as the llama.cpp rows count them: prompt tokens over the time to each first token
-        # (queueing included, so a prompt rate only at concurrency 1), tokens after it over the time after.
-        first_s = sum(r.first - r.submitted for r in ok if r.first is not None)
-        rest_s = sum(r.last - r.first for r in ok if r.first is not None and r.last is not None)
+        done = [StreamTiming(r.prompt_tokens, r.first - r.submitted, r.last - r.first, r.num_output)
+                for r in ok if r.first is not None and r.last is not None]
         s = self.steps
         return {
-            "wall_s": self.wall_s,
-            "output_tokens": out_tokens,
-            "output_tok_s": out_tokens / self.wall_s,
-            "request_s": len(ok) / self.wall_s,
-            "completed": len(ok),
-            "failed": len(self.results) - len(ok),
-            "ttft_p50_ms": percentile(ttft, 50),
-            "ttft_p99_ms": percentile(ttft, 99),
-            "tpot_p50_ms": percentile(tpot, 50),
-            "tpot_p99_ms": percentile(tpot, 99),
-            "prompt_tok_s": sum(r.prompt_tokens for r in ok) / first_s if first_s else None,
-            "generation_tok_s": sum(r.num_output - 1 for r in ok) / rest_s if rest_s else None,
-            "total_tok_s": (sum(r.prompt_tokens for r in self.results) + out_tokens) / self.wall_s,
+            **stream_figures(done, self.wall_s, output_tokens=sum(r.num_output for r in self.results),
+                             prompt_tokens=sum(r.prompt_tokens for r in self.results),
+                             failed=len(self.results) - len(ok)),
             "steps": s.steps,
             "engine_busy": s.busy_s / self.wall_s,
             "mean_step_ms": s.busy_s * 1e3 / s.steps if s.steps else None,
@@ -259,10 +244,6 @@ class RunResult:
             "peak": dict(self.peak),
             "final": dict(self.final),
         }
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    return float(np.percentile(values, q)) if values else None
 
 
 async def drive(backend: AsyncEngine, requests: list[BenchRequest], spec: WorkloadSpec, label: str,
