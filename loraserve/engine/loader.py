@@ -43,6 +43,13 @@ def embedded_gguf_path() -> Path:
     return path
 
 
+def random_tokenizer() -> Tokenizer:
+    """The tokenizer random models use: the embedded SmolLM2's (random models make no text of their own)."""
+    import gguf
+
+    return Tokenizer.from_gguf(gguf.GGUFReader(str(embedded_gguf_path())))
+
+
 def random_model(name: str, tokenizer: Tokenizer, seed: int = 0,
                  max_positions: int = 2048) -> tuple[ModelConfig, StateDict]:
     """`name` is a shape of RANDOM_SHAPES, optionally with a block type (`llama2-7b:q4_0`): projections and
@@ -93,9 +100,7 @@ def load_engine(source: str, config: EngineConfig | None = None) -> tuple[LLMEng
         ecfg = replace(ecfg, dtype="gguf")
     keep_quantized = ecfg.dtype == "gguf"
     if source.startswith(RANDOM_PREFIX):
-        import gguf
-
-        tokenizer = Tokenizer.from_gguf(gguf.GGUFReader(str(embedded_gguf_path())))
+        tokenizer = random_tokenizer()
         cfg, state = random_model(source.removeprefix(RANDOM_PREFIX), tokenizer, seed=ecfg.seed)
     elif source.endswith(".gguf") and os.path.isfile(source):
         from loraserve.engine.weights import loader as weights
@@ -125,12 +130,20 @@ def load_engine(source: str, config: EngineConfig | None = None) -> tuple[LLMEng
     return engine, tokenizer
 
 
-def _keeps_quantized_by_default(source: str, ecfg: EngineConfig) -> bool:
-    """dtype auto on the CPU serves a quantized source (a GGUF file, the embedded model, random:NAME:TYPE)
-    as it is quantized, where the kernel exists: a quarter of float32's memory, and faster."""
-    quantized = (source.endswith(".gguf") and os.path.isfile(source)) or (
+def _quantized_source(source: str) -> bool:
+    """A GGUF file (the embedded model too) or random:NAME:TYPE: weights that come as blocks."""
+    return (source.endswith(".gguf") and os.path.isfile(source)) or (
         source.startswith(RANDOM_PREFIX) and ":" in source.removeprefix(RANDOM_PREFIX))
-    return quantized and ecfg.device == "cpu" and ecfg.native_kernels and load_qlinear() is not None
+
+
+def _has_kernel(ecfg: EngineConfig) -> bool:
+    return ecfg.native_kernels and load_qlinear() is not None
+
+
+def _keeps_quantized_by_default(source: str, ecfg: EngineConfig) -> bool:
+    """dtype auto on the CPU serves a quantized source as it is quantized, where the kernel exists: a
+    quarter of float32's memory, and faster."""
+    return _quantized_source(source) and ecfg.device == "cpu" and _has_kernel(ecfg)
 
 
 def _check_quantize(source: str) -> None:
@@ -145,13 +158,11 @@ def _check_quantize(source: str) -> None:
 def _check_gguf_dtype(source: str, ecfg: EngineConfig) -> None:
     """dtype gguf multiplies a GGUF file's blocks as stored: refused, not silently dequantized (a 7B
     model's float copy would not fit), where that cannot happen."""
-    quantized_random = source.startswith(RANDOM_PREFIX) and ":" in source.removeprefix(RANDOM_PREFIX)
-    if ecfg.quantize is None and not quantized_random and not (source.endswith(".gguf")
-                                                               and os.path.isfile(source)):
+    if ecfg.quantize is None and not _quantized_source(source):
         raise ValueError(f"dtype gguf keeps a GGUF file's own quantization; {source!r} is neither a .gguf "
                          f"file nor {RANDOM_PREFIX}NAME:TYPE (a Hugging Face directory is quantized at load "
                          f"with --quantize)")
-    if not ecfg.native_kernels or load_qlinear() is None:
+    if not _has_kernel(ecfg):
         raise ValueError("dtype gguf needs the quantized CPU kernel (native_kernels on and a C compiler); "
                          "--dtype float32 dequantizes the file instead")
 

@@ -13,16 +13,20 @@ from __future__ import annotations
 from functools import partial
 from pathlib import Path
 
-import gguf
 import torch
 
 from loraserve.engine.config import EngineConfig, ModelConfig, Quantization
-from loraserve.engine.loader import EMBEDDED, RANDOM_PREFIX, embedded_gguf_path, random_model
+from loraserve.engine.loader import (
+    EMBEDDED,
+    RANDOM_PREFIX,
+    embedded_gguf_path,
+    random_model,
+    random_tokenizer,
+)
 from loraserve.engine.weights.gguf_writer import PlannedTensor, write_gguf
 from loraserve.engine.weights.hf import LazyTensor, StateDict, hf_tensors
 from loraserve.engine.weights.quant import QuantTensor, QuantType, Weight
 from loraserve.engine.weights.quantize import quant_type, quantize, target_type
-from loraserve.engine.weights.tokenizer import Tokenizer
 
 
 def convert(source: str, out: Path, quantization: Quantization | None,
@@ -72,8 +76,7 @@ def _random_plan(spec: str, quantization: Quantization | None) -> tuple[ModelCon
                          f"(or ask {RANDOM_PREFIX}{name}:{wanted.name.lower()})")
     if not stored and wanted is None:
         raise ValueError(f"--type is required for {RANDOM_PREFIX}{name} (float random weights)")
-    tokenizer = Tokenizer.from_gguf(gguf.GGUFReader(str(embedded_gguf_path())))
-    config, state = random_model(spec, tokenizer, seed=EngineConfig().seed)
+    config, state = random_model(spec, random_tokenizer(), seed=EngineConfig().seed)
     plan = []
     for key, weight in state.items():
         shape = tuple(weight.shape)
