@@ -1,7 +1,8 @@
 """The models this server knows by Workers AI id, and where their weights come from.
 
 No torch here: `serve` asks the catalog what to load and with which chat template, and the API asks
-it which model a request names and whether that model takes LoRA adapters.
+it which model a request names, whether that model takes LoRA adapters and what the models search lists.
+The table of ids and their properties is catalog_entries.py.
 """
 
 from __future__ import annotations
@@ -13,10 +14,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from loraserve.catalog_entries import (
+    CATALOG,
+    DEFAULT_MODEL,
+    EMBEDDED_SOURCE,
+    LORA_SUFFIX,
+    CatalogEntry,
+)
 from loraserve.chat_template import ChatTemplate, TemplateKind
 from loraserve.errors import LoraNotSupported, NoSuchModel
 
-EMBEDDED_SOURCE = "embedded"
+__all__ = ["CATALOG", "DEFAULT_MODEL", "EMBEDDED_SOURCE", "LORA_SUFFIX", "CatalogEntry"]
+
 RANDOM_SOURCE_PREFIX = "random:"
 # Random-weight Llamas ("random:NAME") for tests and benchmarks, as ModelConfig fields; they borrow
 # SmolLM2's tokenizer and chat template. Here, not in the engine, so that torch-free tools (loraserve
@@ -32,6 +41,22 @@ RANDOM_SHAPES: dict[str, dict[str, Any]] = {
     # Llama-2-7B's shape, for GPU benchmarks with random weights.
     "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32, num_kv_heads=32,
                       head_dim=128),
+    # One shape of each other family Workers AI serves adapters on, as their config.json files say (the
+    # vocabulary is the borrowed tokenizer's, not theirs: Gemma's 256k-entry head is ~5x larger).
+    "gemma-2b": dict(architecture="gemma", hidden_size=2048, intermediate_size=16384, num_layers=18,
+                     num_heads=8, num_kv_heads=1, head_dim=256),
+    "gemma2-2b": dict(architecture="gemma2", hidden_size=2304, intermediate_size=9216, num_layers=26,
+                      num_heads=8, num_kv_heads=4, head_dim=256, query_pre_attn_scalar=256.0,
+                      attn_logit_softcapping=50.0, final_logit_softcapping=30.0, sliding_window=4096,
+                      sliding_layers=[i % 2 == 0 for i in range(26)]),
+    "gemma3-1b": dict(architecture="gemma3_text", hidden_size=1152, intermediate_size=6912, num_layers=26,
+                      num_heads=4, num_kv_heads=1, head_dim=256, query_pre_attn_scalar=256.0,
+                      sliding_window=512, sliding_layers=[(i + 1) % 6 != 0 for i in range(26)],
+                      rope_theta=1e6, rope_local_theta=1e4),
+    "qwen2.5-0.5b": dict(architecture="qwen2", hidden_size=896, intermediate_size=4864, num_layers=24,
+                         num_heads=14, num_kv_heads=2, head_dim=64, rope_theta=1e6),
+    "mistral-7b": dict(architecture="mistral", hidden_size=4096, intermediate_size=14336, num_layers=32,
+                       num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=1e6),
 }
 
 
@@ -42,50 +67,9 @@ def known_shape(source: str) -> dict[str, Any] | None:
     # random:NAME or random:NAME:TYPE (random blocks of a GGUF type, same shape)
     name = source.removeprefix(RANDOM_SOURCE_PREFIX).partition(":")[0]
     return RANDOM_SHAPES.get(name) if source.startswith(RANDOM_SOURCE_PREFIX) else None
-# Workers AI names the LoRA-capable variant of a model "<base>-lora"; models outside the catalog follow it.
-LORA_SUFFIX = "-lora"
+
+
 _HUB_REPO_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
-
-
-@dataclass(frozen=True)
-class CatalogEntry:
-    id: str
-    description: str
-    template: TemplateKind
-    lora: bool
-    # Where the weights are found when `--model ID` names no source: an environment variable
-    # holding a local directory, or a source that ships with the package.
-    weights_env: str | None = None
-    default_source: str | None = None
-
-    def __post_init__(self) -> None:
-        if (self.weights_env is None) == (self.default_source is None):
-            raise ValueError(f"{self.id}: give exactly one of weights_env and default_source")
-
-
-LLAMA2_LORA = CatalogEntry(
-    id="@cf/meta-llama/llama-2-7b-chat-hf-lora",
-    description="Llama 2 7B chat (Hugging Face format), dedicated to inference with LoRA adapters.",
-    template=TemplateKind.LLAMA2,
-    lora=True,
-    weights_env="LORASERVE_LLAMA2_PATH",
-)
-MISTRAL_LORA = CatalogEntry(
-    id="@cf/mistral/mistral-7b-instruct-v0.2-lora",
-    description="Mistral 7B Instruct v0.2, dedicated to inference with LoRA adapters.",
-    template=TemplateKind.MISTRAL,
-    lora=True,
-    weights_env="LORASERVE_MISTRAL_PATH",
-)
-SMOLLM2 = CatalogEntry(
-    id="@cf/huggingfacetb/smollm2-135m-instruct",
-    description="SmolLM2 135M Instruct, shipped with loraserve: the default model, LoRA supported.",
-    template=TemplateKind.JINJA,
-    lora=True,
-    default_source=EMBEDDED_SOURCE,
-)
-CATALOG: tuple[CatalogEntry, ...] = (LLAMA2_LORA, MISTRAL_LORA, SMOLLM2)
-DEFAULT_MODEL = SMOLLM2
 
 
 def find(model_id: str) -> CatalogEntry | None:
@@ -104,6 +88,14 @@ def template_kind(model_id: str) -> TemplateKind:
     """The catalog's template, or the model's own (Jinja) one for ids outside the catalog."""
     entry = find(model_id)
     return entry.template if entry is not None else TemplateKind.JINJA
+
+
+def listed_context_window(model_id: str, engine_window: int) -> int:
+    """The context window the models search reports: Workers AI's for a catalog id, unless the engine
+    serving it holds less. The smaller of the two is never a promise the server breaks: a prompt that
+    fits it runs here as it does on Workers AI."""
+    entry = find(model_id)
+    return engine_window if entry is None else min(entry.context_window, engine_window)
 
 
 def chat_template(kind: TemplateKind) -> ChatTemplate | None:
@@ -141,7 +133,8 @@ def how_to_serve(model: str) -> str | None:
         return None
     if entry.default_source is not None:
         return f"this server was not started with it; `loraserve serve --model {entry.id}` serves it"
-    return (f"this server was not started with it; serve its weights with `loraserve serve --model "
+    weights = f" ({entry.hf_repo} on the Hugging Face hub)" if entry.hf_repo else ""
+    return (f"this server was not started with it; serve its weights{weights} with `loraserve serve --model "
             f"{entry.id}=PATH`, PATH a Hugging Face directory (add `--quantize q4_0` to fit a CPU "
             f"machine's memory) or a GGUF file (served as quantized), or set {entry.weights_env}=DIR")
 
@@ -188,7 +181,8 @@ def _default_source(entry: CatalogEntry, env: Mapping[str, str]) -> str:
         raise ModelSourceError(
             f"missing weights for {entry.id}: pass --model {entry.id}=/path/to/hf-model-dir "
             f"or set {entry.weights_env} to a local Hugging Face directory (config.json, tokenizer, "
-            f"*.safetensors)"
+            f"*.safetensors)" + (f"; --model {entry.id}={entry.hf_repo} fetches the public weights from the "
+                                 f"hub when huggingface_hub is installed" if entry.hf_repo else "")
         )
     return path
 

@@ -3,7 +3,8 @@
 Llama 2 and Mistral are rendered by hand, the way the public Workers AI service renders them (which
 is not what their Hugging Face Jinja templates do for the first turn). Every other model brings its
 own Jinja template, rendered the way `transformers`' `apply_chat_template` does, so a prompt built
-here tokenizes exactly as it would there. No torch here: the server renders prompts itself.
+here tokenizes exactly as it would there; system messages a template refuses are folded into the next
+user turn (SystemRole). No torch here: the server renders prompts itself.
 """
 
 from __future__ import annotations
@@ -39,6 +40,46 @@ class TemplateKind(enum.Enum):
     LLAMA2 = "llama2"
     MISTRAL = "mistral"
     JINJA = "jinja"
+
+
+class SystemRole(enum.Enum):
+    """What a Jinja template does with system messages.
+
+    Workers AI takes system messages for every text model (its examples send one to gemma-7b-it-lora),
+    and an unscoped `{prompt}` always brings one (unscoped_messages). Gemma's templates have no system
+    role: Gemma 1 and 2's raise on one; Gemma 3's prepends a leading one to the first user turn
+    ("S\n\nU") and raises on a later one. So a system message a template refuses is folded the way
+    Gemma 3's own template folds it, into the next user turn, which is also Google's advice for Gemma
+    (system instructions go in the user's prompt): no request fails for carrying a system message, and
+    Gemma 3's own rendering is kept where it has one.
+    """
+
+    NATIVE = "native"  # the template renders every system message (ChatML, Llama 3, ...)
+    LEADING = "leading"  # a leading one only, later ones are folded (Gemma 3)
+    FOLDED = "folded"  # none: all are folded (Gemma 1 and 2)
+
+
+def fold_system(messages: Sequence[ChatMessage], keep_leading: bool = False) -> list[ChatMessage]:
+    """Each system message (but a leading one, with keep_leading) prepended to the next user turn with a
+    blank line between; system text with no user turn after it becomes a user turn of its own."""
+    folded: list[ChatMessage] = []
+    pending: list[str] = []
+    for i, message in enumerate(messages):
+        if message.role == "system" and not (keep_leading and i == 0):
+            pending.append(message.content)
+        elif message.role == "user" and pending:
+            folded.append(ChatMessage("user", "\n\n".join([*pending, message.content])))
+            pending = []
+        else:
+            folded.append(message)
+    if pending:
+        folded.append(ChatMessage("user", "\n\n".join(pending)))
+    return folded
+
+
+_PROBE_LEADING = (ChatMessage("system", "s"), ChatMessage("user", "u"))
+_PROBE_LATER = (ChatMessage("user", "u"), ChatMessage("assistant", "a"), ChatMessage("system", "s"),
+                ChatMessage("user", "u"))
 
 
 @dataclass(frozen=True)
@@ -131,6 +172,7 @@ class ChatTemplate:
         self.bos_token = bos_token
         self.eos_token = eos_token
         self._template = _jinja_env().from_string(source) if source is not None else None
+        self.system_role = self._probe_system_role() if source is not None else SystemRole.NATIVE
 
     @classmethod
     def llama2(cls) -> ChatTemplate:
@@ -157,6 +199,20 @@ class ChatTemplate:
             return _render_inst(_LLAMA2, messages)
         if self.kind is TemplateKind.MISTRAL:
             return _render_inst(_MISTRAL, messages)
+        if self.system_role is not SystemRole.NATIVE:
+            messages = fold_system(messages, keep_leading=self.system_role is SystemRole.LEADING)
+        return self._render_jinja(messages)
+
+    def _probe_system_role(self) -> SystemRole:
+        """Decided once, from whether the template renders a system message first and later on."""
+        for probe, role in ((_PROBE_LEADING, SystemRole.FOLDED), (_PROBE_LATER, SystemRole.LEADING)):
+            try:
+                self._render_jinja(probe)
+            except ValueError:
+                return role
+        return SystemRole.NATIVE
+
+    def _render_jinja(self, messages: Sequence[ChatMessage]) -> str:
         assert self._template is not None  # the constructor ties JINJA to a compiled template
         try:
             return self._template.render(
@@ -172,4 +228,6 @@ class ChatTemplate:
             raise ValueError(str(exc)) from exc
 
     def __repr__(self) -> str:
+        if self.kind is TemplateKind.JINJA:
+            return f"ChatTemplate({self.kind.value}, system={self.system_role.value})"
         return f"ChatTemplate({self.kind.value})"

@@ -1,4 +1,5 @@
-"""PEFT's LoRA conventions for Llama-family models, in one place for the registry and the engine.
+"""PEFT's LoRA conventions for the decoders served (Llama, Mistral, Gemma, Qwen2: the same seven projection
+names), in one place for the registry and the engine.
 
 Module names, the tensor keys of `adapter_model.safetensors`, and what `adapter_config.json` means
 (target matching, rank/alpha patterns, scaling, model_type). Standard library only: the registry, which
@@ -124,10 +125,43 @@ class PatternTable(Generic[_V]):
         return next((value for pattern, value in self._entries if pattern.match(name)), default)
 
 
+# model_types that name the same decoder as another: the multimodal wrapper around a text model (Gemma 3's
+# "gemma3" checkpoints hold a "gemma3_text" decoder, Mistral Small 3.1's "mistral3" a "mistral" one). An
+# adapter trained on either loads on the other. The engine's family_of reads the same table for loading.
+MODEL_TYPE_ALIASES: dict[str, str] = {"gemma3": "gemma3_text", "mistral3": "mistral"}
+# Workers AI asks for one of three model_types whatever the version ("edit your adapter_config.json to
+# include model_type as one of mistral, gemma or llama"), so a Gemma 3 finetune made for it says "gemma".
+# Families it names none for (Qwen2) go by their own model_type only.
+WORKERS_AI_MODEL_TYPES: dict[str, str] = {
+    "llama": "llama",
+    "mistral": "mistral",
+    "gemma": "gemma",
+    "gemma2": "gemma",
+    "gemma3_text": "gemma",
+}
+
+
+def canonical_model_type(model_type: str) -> str:
+    """The decoder a model_type names, lower-cased: "Gemma3" -> "gemma3_text"."""
+    lowered = model_type.lower()
+    return MODEL_TYPE_ALIASES.get(lowered, lowered)
+
+
+def accepted_model_types(architecture: str) -> tuple[str, ...]:
+    """Every adapter_config.json model_type that fits a base model of this architecture, sorted."""
+    own = canonical_model_type(architecture)
+    names = {own, *(alias for alias, target in MODEL_TYPE_ALIASES.items() if target == own)}
+    workers_ai = WORKERS_AI_MODEL_TYPES.get(own)
+    return tuple(sorted(names | ({workers_ai} if workers_ai else set())))
+
+
 def model_type_matches(model_type: object, architecture: str) -> bool:
     """adapter_config.json's model_type against the base model's. Workers AI requires it but PEFT does not
-    write it, so an absent one is taken to be right; the comparison ignores case ("LLAMA")."""
-    return model_type is None or (isinstance(model_type, str) and model_type.lower() == architecture.lower())
+    write it, so an absent one is taken to be right; case is ignored ("LLAMA"), aliases and Workers AI's
+    family names are accepted (accepted_model_types)."""
+    if model_type is None:
+        return True
+    return isinstance(model_type, str) and model_type.lower() in accepted_model_types(architecture)
 
 
 @dataclass(frozen=True)

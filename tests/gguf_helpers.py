@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import io
 import itertools
+import json
+import random
 from pathlib import Path
 from typing import Any
 
 import gguf
 import numpy as np
+import sentencepiece as spm
 import torch
+from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers.models import BPE
 from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.convert_slow_tokenizer import generate_merges  # type: ignore[attr-defined]
 
 Q = gguf.GGMLQuantizationType
 
@@ -209,3 +217,68 @@ def write_gguf(model: LlamaForCausalLM, path: Path, extra: dict[str, np.ndarray]
     writer.write_tensors_to_file()
     writer.close()
     return types
+
+
+# --- tokenizers of the Qwen and Gemma kinds, for the families' GGUF tests ----------------------------
+
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+               r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+GEMMA_SPECIALS = ("<start_of_turn>", "<end_of_turn>")
+
+
+def write_qwen2_tokenizer(root: Path) -> None:
+    """Qwen2's tokenizer.json layout (byte-level BPE behind its own split regex, digits one by one, no BOS)
+    over the 256 bytes and two merges (ids 256, 257), its special tokens 258 to 260."""
+    vocab = {ch: i for i, ch in enumerate(bytes_to_unicode().values())} | {"he": 256, "ll": 257}
+    backend = HFTokenizer(BPE(vocab=vocab, merges=[("h", "e"), ("l", "l")]))
+    backend.normalizer = normalizers.NFC()
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN2_SPECIALS])
+    backend.save(str(root / "tokenizer.json"))
+    (root / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "add_bos_token": False,
+         "chat_template": "{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}"}))
+
+
+def train_gemma_sentencepiece() -> spm.SentencePieceProcessor:
+    """A small BPE model with Gemma's settings: <pad> <eos> <bos> <unk> first, no dummy prefix, byte
+    fallback, split digits, whitespace-only pieces, its turn markers as user-defined pieces."""
+    rng = random.Random(0)
+    words = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "hello", "world", "token",
+             "model", "你好", "世界", "café", "naïve", "\n", "  "]
+    lines = ["".join(rng.choice(words) + rng.choice(" \n ") for _ in range(rng.randint(3, 12)))
+             for _ in range(2000)]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=model, model_type="bpe", vocab_size=400,
+        byte_fallback=True, split_digits=True, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, add_dummy_prefix=False, allow_whitespace_only_pieces=True,
+        user_defined_symbols=list(GEMMA_SPECIALS), character_coverage=0.99, minloglevel=2,
+        pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>",
+        unk_piece="<unk>",
+    )
+    return spm.SentencePieceProcessor(model_proto=model.getvalue())
+
+
+def write_gemma_tokenizer(root: Path, sp: spm.SentencePieceProcessor) -> None:
+    """Gemma's tokenizer.json layout for `sp`, as transformers' GemmaConverter builds it: spaces replaced by
+    "▁" and nothing prepended, merges from the pieces, the turn markers special, BOS added."""
+    vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
+    backend = HFTokenizer(BPE(vocab=vocab, merges=generate_merges(vocab), unk_token="<unk>",
+                              fuse_unk=True, byte_fallback=True))
+    backend.normalizer = normalizers.Replace(" ", "▁")
+    backend.pre_tokenizer = pre_tokenizers.Split(" ", "merged_with_previous")
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                         decoders.Fuse()])
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                for t in ("<pad>", "<eos>", "<bos>", "<unk>", *GEMMA_SPECIALS)])
+    backend.save(str(root / "tokenizer.json"))
+    (root / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>", "pad_token": "<pad>",
+         "add_bos_token": True,
+         "chat_template": "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ m['content'] }}"
+                          "<end_of_turn>\n{% endfor %}"}))

@@ -3,17 +3,27 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import gguf
+import jinja2
 import pytest
-from transformers import AutoTokenizer
+from tokenizers import Tokenizer, models
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from transformers.utils.chat_template_utils import render_jinja_template
 
-from loraserve.chat_template import DEFAULT_SYSTEM_PROMPT, ChatTemplate, TemplateKind, unscoped_messages
+from loraserve.chat_template import (
+    DEFAULT_SYSTEM_PROMPT,
+    ChatTemplate,
+    SystemRole,
+    TemplateKind,
+    fold_system,
+    unscoped_messages,
+)
 from loraserve.engine.weights.tokenizer import gguf_field
 from loraserve.types import ChatMessage
 
@@ -141,3 +151,112 @@ def test_module_does_not_import_torch() -> None:
     # The server renders prompts; it must stay importable without the engine's heavy dependencies.
     code = "import sys, loraserve.chat_template; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# The served families' own templates as their tokenizer_config.json files publish them (in chat_templates/),
+# against transformers' apply_chat_template on a tokenizer that carries the same template and tokens.
+TEMPLATES_DIR = Path(__file__).parent / "chat_templates"
+MODEL_TEMPLATES = {p.stem: json.loads(p.read_text()) for p in TEMPLATES_DIR.glob("*.json")}
+GEMMA, GEMMA3, QWEN, LLAMA3 = "gemma-2b-it", "gemma-3-12b-it", "qwen2.5-instruct", "llama-3.1-8b-instruct"
+
+
+def ours(name: str) -> ChatTemplate:
+    spec = MODEL_TEMPLATES[name]
+    return ChatTemplate.from_jinja(spec["chat_template"], spec["bos_token"] or "", spec["eos_token"])
+
+
+def hf_render(name: str, conversation: list[ChatMessage]) -> str:
+    spec = MODEL_TEMPLATES[name]
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>")),
+        bos_token=spec["bos_token"], eos_token=spec["eos_token"], chat_template=spec["chat_template"],
+    )
+    rendered: str = tokenizer.apply_chat_template(
+        [{"role": m.role, "content": m.content} for m in conversation], tokenize=False,
+        add_generation_prompt=True,
+    )
+    return rendered
+
+
+def test_every_family_template_is_embedded() -> None:
+    assert set(MODEL_TEMPLATES) == {GEMMA, GEMMA3, QWEN, LLAMA3}
+
+
+WITHOUT_SYSTEM = [
+    msgs(("user", "hi")),
+    msgs(("user", "Bonjour 😀"), ("assistant", "Salut ! 你好"), ("user", "  spaces  \n and lines\n")),
+    msgs(("user", "a <start_of_turn> and <|im_start|> in text"), ("assistant", "{{ not jinja }}"),
+         ("user", "é")),
+]
+WITH_SYSTEM = [
+    msgs(("system", "You are terse."), ("user", "What is 2+2?")),
+    unscoped_messages("Tell me a story."),
+    msgs(("system", "S"), ("user", "U1"), ("assistant", "A1"), ("user", "U2")),
+]
+
+
+@pytest.mark.parametrize("name", [GEMMA, GEMMA3, QWEN, LLAMA3])
+@pytest.mark.parametrize("conversation", WITHOUT_SYSTEM)
+def test_family_templates_render_like_transformers(name: str, conversation: list[ChatMessage]) -> None:
+    assert ours(name).render(conversation) == hf_render(name, conversation)
+
+
+@pytest.mark.parametrize("name", [GEMMA3, QWEN, LLAMA3])
+@pytest.mark.parametrize("conversation", WITH_SYSTEM)
+def test_a_leading_system_message_renders_like_transformers(
+    name: str, conversation: list[ChatMessage]
+) -> None:
+    assert ours(name).render(conversation) == hf_render(name, conversation)
+
+
+def test_system_roles_are_read_from_the_templates() -> None:
+    assert ours(GEMMA).system_role is SystemRole.FOLDED
+    assert ours(GEMMA3).system_role is SystemRole.LEADING
+    assert ours(QWEN).system_role is SystemRole.NATIVE and ours(LLAMA3).system_role is SystemRole.NATIVE
+    assert repr(ours(GEMMA)) == "ChatTemplate(jinja, system=folded)"
+
+
+@pytest.mark.parametrize("conversation", WITH_SYSTEM)
+def test_gemma_folds_system_messages_as_gemma_3_does(conversation: list[ChatMessage]) -> None:
+    """Gemma 1's template raises on a system message; Workers AI takes one (and adds one to every unscoped
+    prompt). It goes where Gemma 3's own template puts it: before the first user turn's text."""
+    with pytest.raises(jinja2.exceptions.TemplateError, match="System role not supported"):
+        hf_render(GEMMA, conversation)
+    rendered = ours(GEMMA).render(conversation)
+    assert rendered == hf_render(GEMMA3, conversation)
+    system, user = conversation[0].content, conversation[1].content
+    assert rendered.startswith(f"<bos><start_of_turn>user\n{system}\n\n{user}<end_of_turn>\n")
+    assert rendered == hf_render(GEMMA, fold_system(conversation))
+
+
+def test_a_later_system_message_is_folded_into_the_next_user_turn() -> None:
+    later = msgs(("system", "S1"), ("user", "U1"), ("assistant", "A1"), ("system", "S2"), ("user", "U2"))
+    for name in (GEMMA, GEMMA3):
+        with pytest.raises(jinja2.exceptions.TemplateError, match=r"System role|alternate"):
+            hf_render(name, later)
+        assert ours(name).render(later) == (
+            "<bos><start_of_turn>user\nS1\n\nU1<end_of_turn>\n<start_of_turn>model\nA1<end_of_turn>\n"
+            "<start_of_turn>user\nS2\n\nU2<end_of_turn>\n<start_of_turn>model\n"
+        )
+    # Templates with a system role keep theirs where it is.
+    assert ours(QWEN).render(later) == hf_render(QWEN, later)
+    assert "<|im_start|>system\nS2<|im_end|>" in ours(QWEN).render(later)
+
+
+def test_fold_system() -> None:
+    assert fold_system(msgs(("system", "S"), ("user", "U"))) == msgs(("user", "S\n\nU"))
+    assert fold_system(msgs(("system", "S"), ("user", "U")), keep_leading=True) == msgs(("system", "S"),
+                                                                                        ("user", "U"))
+    assert fold_system(msgs(("system", "A"), ("system", "B"), ("user", "U"), ("assistant", "X"))) == msgs(
+        ("user", "A\n\nB\n\nU"), ("assistant", "X"))
+    # System text with no user turn after it becomes one, so that it is not lost.
+    assert fold_system(msgs(("system", "S"))) == msgs(("user", "S"))
+    assert fold_system(msgs(("user", "U"), ("assistant", "X"), ("system", "S"))) == msgs(
+        ("user", "U"), ("assistant", "X"), ("user", "S"))
+
+
+def test_folding_does_not_hide_other_refusals() -> None:
+    with pytest.raises(ValueError, match="alternate"):
+        ours(GEMMA).render(msgs(("system", "S"), ("assistant", "A")))
+    with pytest.raises(ValueError, match="alternate"):
+        ours(GEMMA3).render(msgs(("user", "U1"), ("user", "U2")))

@@ -17,15 +17,20 @@ from loraserve import types
 from loraserve.engine.config import ModelConfig
 from loraserve.engine.config import module_name as engine_module_name
 from loraserve.engine.lora.adapter_file import load_adapter
+from loraserve.engine.models.family import FAMILIES, family_of
 from loraserve.errors import InvalidFinetune
 from loraserve.peft import (
     LORA_TARGETS,
+    MODEL_TYPE_ALIASES,
+    WORKERS_AI_MODEL_TYPES,
     KeyFault,
     LoraFactor,
     LoraScaling,
     PatternTable,
     TensorKey,
     TensorKeyError,
+    accepted_model_types,
+    canonical_model_type,
     is_targeted,
     model_type_matches,
     module_name,
@@ -150,6 +155,47 @@ def test_model_type() -> None:
     assert model_type_matches("LLaMA", "llama")
     assert not model_type_matches("mistral", "llama")
     assert not model_type_matches(["llama"], "llama")
+
+
+@pytest.mark.parametrize(("model_type", "architecture", "fits"), [
+    # a multimodal wrapper and its text decoder are one model to an adapter
+    ("gemma3", "gemma3_text", True), ("gemma3_text", "gemma3", True), ("Gemma3", "gemma3", True),
+    ("mistral3", "mistral", True), ("mistral", "mistral3", True),
+    # Workers AI's family names: "gemma" for every Gemma, as its LoRA docs ask
+    ("gemma", "gemma3_text", True), ("gemma", "gemma2", True), ("gemma", "gemma", True),
+    ("qwen2", "qwen2", True),
+    # other decoders
+    ("gemma3", "gemma", False), ("gemma2", "gemma3_text", False), ("llama", "qwen2", False),
+    ("qwen2", "llama", False), ("mistral3", "llama", False), ("gemma", "qwen2", False),
+])
+def test_model_type_aliases(model_type: str, architecture: str, fits: bool) -> None:
+    assert model_type_matches(model_type, architecture) is fits
+
+
+def test_accepted_model_types() -> None:
+    assert accepted_model_types("gemma3") == accepted_model_types("gemma3_text") == ("gemma", "gemma3",
+                                                                                      "gemma3_text")
+    assert accepted_model_types("qwen2") == ("qwen2",) and accepted_model_types("llama") == ("llama",)
+    assert canonical_model_type("Mistral3") == "mistral"
+
+
+def test_aliases_agree_with_the_engine_families() -> None:
+    """The registry's table (stdlib) names decoders the engine serves, and the engine reads it too."""
+    for name, family in FAMILIES.items():
+        assert canonical_model_type(name) == family.model_type, name
+    for alias, target in MODEL_TYPE_ALIASES.items():
+        assert family_of(alias) is FAMILIES[target]
+    for model_type in WORKERS_AI_MODEL_TYPES:
+        assert model_type in FAMILIES
+
+
+def test_head_dim_sets_the_shapes_the_registry_checks() -> None:
+    """Gemma's head_dim is its own (256 with hidden 3072 and 16 heads in Gemma 7B): q and o are not square."""
+    gemma = ModelConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2,
+                        num_kv_heads=1, head_dim=12, architecture="gemma")
+    info = synth.llama_model_info(hidden=16, heads=2, kv_heads=1, head_dim=12, architecture="gemma")
+    assert gemma.lora_shapes() == info.lora_shapes
+    assert info.lora_shapes["q_proj"] == (16, 24) and info.lora_shapes["o_proj"] == (24, 16)
 
 
 def test_imports_no_torch() -> None:

@@ -53,7 +53,8 @@ def describe(context: AppContext, model_id: str) -> dict[str, Any]:
         "task": dict(TEXT_GENERATION),
         "tags": [],
         "properties": [
-            {"property_id": "context_window", "value": str(backend.info.context_window)},
+            {"property_id": "context_window",
+             "value": str(catalog.listed_context_window(model_id, backend.info.context_window))},
             {"property_id": "lora", "value": "true" if lora else "false"},
             # Workers AI marks its "-lora" models beta.
             {"property_id": "beta", "value": "true" if model_id.endswith(catalog.LORA_SUFFIX) else "false"},

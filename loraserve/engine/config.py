@@ -13,7 +13,10 @@ from loraserve.peft import module_name as module_name  # re-exported: the loader
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """A Llama-family decoder (Llama 2/3, Mistral, SmolLM2): RMSNorm, RoPE, GQA, SwiGLU."""
+    """A pre-norm decoder's shape (Llama 2/3, Mistral, SmolLM2, Gemma 1/2/3, Qwen2/3): RMSNorm, RoPE, GQA,
+    a gated MLP; `architecture` names its `Family` (models/family.py), whose layers differ in the ways
+    that family's entry describes. The fields after `architecture` are attention options some families
+    use; their defaults are Llama's."""
 
     vocab_size: int
     hidden_size: int
@@ -24,13 +27,26 @@ class ModelConfig:
     head_dim: int
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    # HF's `rope_scaling` dict; only {"rope_type": "llama3", ...} changes the frequencies here.
+    # HF's `rope_scaling` dict: {"rope_type": "llama3", ...} (Llama 3.1+) or "linear" (Gemma 3's global
+    # layers); any other type is refused rather than served with the wrong positions.
     rope_scaling: dict[str, Any] | None = None
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     bos_token_id: int | None = 1
     eos_token_ids: tuple[int, ...] = (2,)
     architecture: str = "llama"  # adapter_config.json's model_type for adapters of this model
+    # q.k is multiplied by query_pre_attn_scalar ** -0.5 (Gemma 2/3) instead of head_dim ** -0.5.
+    query_pre_attn_scalar: float | None = None
+    # Scores become cap * tanh(scores / cap) before the softmax (Gemma 2), logits likewise (Gemma 2).
+    attn_logit_softcapping: float | None = None
+    final_logit_softcapping: float | None = None
+    # Layers marked in `sliding_layers` attend to their last `sliding_window` positions only (own token
+    # included, as transformers masks them); an empty tuple with a window set means every layer (Mistral
+    # v0.1's config), no window means none.
+    sliding_window: int | None = None
+    sliding_layers: tuple[bool, ...] = ()
+    # Sliding layers' own RoPE base (Gemma 3: 10k locally, `rope_theta` and `rope_scaling` globally).
+    rope_local_theta: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -39,6 +55,26 @@ class ModelConfig:
                 raise ValueError(f"ModelConfig.{name} must be >= 1")
         if self.num_heads % self.num_kv_heads:
             raise ValueError("num_heads must be a multiple of num_kv_heads (GQA groups)")
+        for name in ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping",
+                     "sliding_window", "rope_local_theta"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"ModelConfig.{name} must be > 0 (or unset)")
+        if self.sliding_layers and len(self.sliding_layers) != self.num_layers:
+            raise ValueError(f"ModelConfig.sliding_layers has {len(self.sliding_layers)} entries for "
+                             f"{self.num_layers} layers")
+        scaling = self.rope_scaling or {}
+        kind = scaling.get("rope_type", scaling.get("type", "default"))
+        if kind not in ("default", "llama3", "linear"):
+            raise ValueError(f"RoPE scaling {kind!r} is not supported (served: llama3, linear)")
+        if any(self.sliding_layers) and self.sliding_window is None:
+            raise ValueError("ModelConfig.sliding_layers marks sliding layers but sliding_window is unset")
+
+    def is_sliding(self, layer: int) -> bool:
+        """Whether `layer` attends through the sliding window."""
+        if self.sliding_window is None:
+            return False
+        return self.sliding_layers[layer] if self.sliding_layers else True
 
     @property
     def q_size(self) -> int:
@@ -63,55 +99,18 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> ModelConfig:
-        """From a Hugging Face `config.json` (LlamaForCausalLM / MistralForCausalLM)."""
-        heads = int(cfg["num_attention_heads"])
-        # transformers >= 5 saves RoPE settings under `rope_parameters`; older configs keep them top-level.
-        rope = dict(cfg.get("rope_parameters") or {})
-        theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
-        scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
-        eos = cfg.get("eos_token_id", 2)
-        eos_ids = tuple(eos) if isinstance(eos, list) else ((int(eos),) if eos is not None else ())
-        return cls(
-            vocab_size=int(cfg["vocab_size"]),
-            hidden_size=int(cfg["hidden_size"]),
-            intermediate_size=int(cfg["intermediate_size"]),
-            num_layers=int(cfg["num_hidden_layers"]),
-            num_heads=heads,
-            num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
-            head_dim=int(cfg.get("head_dim") or cfg["hidden_size"] // heads),
-            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
-            rope_theta=float(theta),
-            rope_scaling=scaling,
-            max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            bos_token_id=cfg.get("bos_token_id", 1),
-            eos_token_ids=eos_ids,
-            architecture=str(cfg.get("model_type", "llama")),
-        )
+        """From a Hugging Face `config.json` of any served family, as transformers reads it (a multimodal
+        Gemma 3 / Mistral 3 as its text model); ValueError for what the engine would compute otherwise."""
+        # Imported here: the families' description needs torch, and this module must not.
+        from loraserve.engine.weights.hf_config import model_config
+
+        return model_config(cfg)
 
     def to_hf(self) -> dict[str, Any]:
-        """The equivalent HF config dict (tests build a transformers oracle from it)."""
-        return {
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size,
-            "num_hidden_layers": self.num_layers,
-            "num_attention_heads": self.num_heads,
-            "num_key_value_heads": self.num_kv_heads,
-            "head_dim": self.head_dim,
-            "rms_norm_eps": self.rms_norm_eps,
-            "rope_theta": self.rope_theta,
-            "rope_scaling": self.rope_scaling,
-            "max_position_embeddings": self.max_position_embeddings,
-            "tie_word_embeddings": self.tie_word_embeddings,
-            "bos_token_id": self.bos_token_id,
-            "eos_token_id": list(self.eos_token_ids),
-            "hidden_act": "silu",
-            "attention_bias": False,
-            "mlp_bias": False,
-        }
+        """The equivalent HF config dict of this architecture (tests build a transformers oracle from it)."""
+        from loraserve.engine.weights.hf_config import hf_dict
+
+        return hf_dict(self)
 
 
 class Quantization(enum.Enum):

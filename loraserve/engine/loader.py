@@ -17,11 +17,11 @@ import torch
 from loraserve import catalog
 from loraserve.chat_template import ChatTemplate
 from loraserve.engine.async_engine import AsyncEngine
-from loraserve.engine.config import EngineConfig, ModelConfig, module_name
+from loraserve.engine.config import EngineConfig, ModelConfig
 from loraserve.engine.kernels.qlinear import load_qlinear
 from loraserve.engine.llm_engine import LLMEngine, resolve_dtype
 from loraserve.engine.process import configure_process
-from loraserve.engine.weights.hf import StateDict
+from loraserve.engine.weights.hf import StateDict, expected_shapes
 from loraserve.engine.weights.quant import QuantType, Weight, random_blocks
 from loraserve.engine.weights.tokenizer import Tokenizer
 
@@ -61,12 +61,12 @@ def random_model(name: str, tokenizer: Tokenizer, seed: int = 0,
     if quant and quant not in qtypes:
         raise ValueError(f"unknown block type {quant!r} for random:{name}; known: {', '.join(qtypes)}")
     rng = np.random.default_rng(seed)
+    shape = {"rope_theta": 10000.0, "tie_word_embeddings": True, **RANDOM_SHAPES[name]}
+    if "sliding_layers" in shape:  # a tuple of bools in ModelConfig; JSON-friendly in the catalog
+        shape["sliding_layers"] = tuple(shape["sliding_layers"])
     cfg = ModelConfig(vocab_size=tokenizer.vocab_size, max_position_embeddings=max_positions,
-                      rope_theta=10000.0, tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                      eos_token_ids=tokenizer.eos_token_ids, **RANDOM_SHAPES[name])
+                      bos_token_id=tokenizer.bos_token_id, eos_token_ids=tokenizer.eos_token_ids, **shape)
     g = torch.Generator().manual_seed(seed)
-    state: StateDict = {}
-    h = cfg.hidden_size
 
     def rand(rows: int, cols: int) -> Weight:
         # big enough that outputs vary with the input
@@ -74,14 +74,13 @@ def random_model(name: str, tokenizer: Tokenizer, seed: int = 0,
             return random_blocks(rows, cols, qtypes[quant], 0.02 * 4, rng)
         return torch.randn(rows, cols, generator=g) * 0.02 * 4
 
-    state["model.embed_tokens.weight"] = rand(cfg.vocab_size, h)
-    state["model.norm.weight"] = torch.ones(h)
-    for layer in range(cfg.num_layers):
-        p = f"model.layers.{layer}."
-        state[p + "input_layernorm.weight"] = torch.ones(h)
-        state[p + "post_attention_layernorm.weight"] = torch.ones(h)
-        for proj, (fan_in, fan_out) in cfg.lora_shapes().items():
-            state[f"{module_name(layer, proj)}.weight"] = rand(fan_out, fan_in)
+    # Every tensor the family has: matrices random, norms ones (Gemma's 1 + w: twos) and biases zero.
+    state: StateDict = {}
+    for tensor, dims in expected_shapes(cfg).items():
+        if len(dims) == 2:
+            state[tensor] = rand(*dims)
+        else:
+            state[tensor] = torch.zeros(dims) if tensor.endswith(".bias") else torch.ones(dims)
     return cfg, state
 
 

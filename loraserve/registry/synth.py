@@ -124,8 +124,11 @@ def llama_model_info(
     head_dim: int = 4,
     vocab_size: int = 64,
     context_window: int = 128,
+    architecture: str = "llama",
 ) -> ModelInfo:
-    """What a (tiny, by default) Llama base looks like to the registry, without loading one."""
+    """What a (tiny, by default) Llama-shaped base looks like to the registry, without loading one. The
+    other families served (Gemma, Qwen2, Mistral) have the same projections: `architecture` names one,
+    and a head_dim other than hidden / heads gives Gemma's shapes."""
     q, kv = heads * head_dim, kv_heads * head_dim
     shapes = {
         "q_proj": (hidden, q),
@@ -137,5 +140,6 @@ def llama_model_info(
         "down_proj": (intermediate, hidden),
     }
     return ModelInfo(
-        context_window=context_window, num_layers=num_layers, vocab_size=vocab_size, lora_shapes=shapes
+        context_window=context_window, num_layers=num_layers, vocab_size=vocab_size, lora_shapes=shapes,
+        architecture=architecture,
     )

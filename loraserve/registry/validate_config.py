@@ -7,7 +7,14 @@ import re
 import reprlib
 
 from loraserve.errors import InvalidFinetune
-from loraserve.peft import ALL_LINEAR, LORA_TARGETS, PROJ_SECTION, AdapterConfig, model_type_matches
+from loraserve.peft import (
+    ALL_LINEAR,
+    LORA_TARGETS,
+    PROJ_SECTION,
+    AdapterConfig,
+    accepted_model_types,
+    model_type_matches,
+)
 from loraserve.registry.limits import RegistryLimits
 from loraserve.types import ModelInfo
 
@@ -27,10 +34,15 @@ MAX_ALPHA = 65504.0
 # patterns are still looked up as PEFT does (loraserve.peft.pattern_value), where a dot matches any character.
 _PLAIN_PATH = re.compile(r"[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*")
 
+# PEFT's bias options train bias vectors beside A and B. None are served, and Qwen2's q/k/v biases, which
+# its checkpoints carry, are the base model's own and no LoRA target either.
+_NO_BIAS = ("{field}: only lora_A/lora_B matrices are served, no bias terms (a base model's biases, "
+            "such as Qwen2's q/k/v ones, are not LoRA targets); train with bias='none' and lora_bias=false")
+
 # Options that change the forward pass in ways this server does not implement; any truthy value refuses.
 _UNSUPPORTED: dict[str, str] = {
     "use_dora": "DoRA (use_dora) is not supported; train with use_dora=false",
-    "lora_bias": "lora_bias is not supported",
+    "lora_bias": _NO_BIAS.format(field="lora_bias is not supported"),
     "use_qalora": "QALoRA (use_qalora) is not supported",
     "use_bdlora": "BD-LoRA (use_bdlora) is not supported",
     "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens) is not supported",
@@ -160,15 +172,16 @@ def parse_adapter_config(data: bytes, base: ModelInfo, limits: RegistryLimits) -
     if not isinstance(obj, dict):
         raise _fail(f"expected a JSON object, found {type(obj).__name__}")
     _require(obj, "peft_type", obj.get("peft_type") == "LORA", "'LORA'")
-    _require(obj, "bias", obj.get("bias") in ("none", None), "'none'")
+    if obj.get("bias") not in ("none", None):
+        raise _fail(_NO_BIAS.format(field=f"bias must be 'none', found {show(obj['bias'])}"))
     _require(obj, "fan_in_fan_out", obj.get("fan_in_fan_out") in (False, None), "false")
     _require(obj, "use_rslora", isinstance(obj.get("use_rslora"), bool | None), "a boolean")
     for key, why in _UNSUPPORTED.items():
         if obj.get(key) not in (None, False, [], {}):
             raise _fail(why)
     if not model_type_matches(obj.get("model_type"), base.architecture):
-        found = show(obj["model_type"])
-        raise _fail(f"model_type must be {base.architecture!r} for this base model, found {found}")
+        accepted = " or ".join(repr(t) for t in accepted_model_types(base.architecture))
+        raise _fail(f"model_type must be {accepted} for this base model, found {show(obj['model_type'])}")
     if "r" not in obj:
         raise _fail("r is required")
     if "lora_alpha" not in obj:

@@ -260,6 +260,12 @@ def _locate(t: TensorInfo, base: ModelInfo) -> tuple[int, str, LoraFactor]:
         key = parse_tensor_key(t.name, base.lora_shapes, base.num_layers)
     except TensorKeyError as exc:
         match exc.fault:
+            case KeyFault.NOT_LORA if t.name.endswith(".bias"):
+                raise _fail(
+                    f"tensor {show(t.name)} is a bias: only lora_A/lora_B weight matrices are served (a "
+                    f"base model's biases, such as Qwen2's q/k/v ones, are not LoRA targets); train with "
+                    f"bias='none' and lora_bias=false"
+                ) from None
             case KeyFault.NOT_LORA:
                 raise _fail(
                     f"tensor {show(t.name)} is not a LoRA weight of a decoder layer; only names like "

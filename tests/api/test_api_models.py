@@ -3,12 +3,17 @@ The published schema is checked against what the server really accepts and answe
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import jsonschema
 import pytest
 from cloudflare import Cloudflare
+
+from loraserve import catalog
+from loraserve.api import BackgroundServer, ServerSettings, create_app
+from loraserve.registry import Registry
 
 from conftest import BASE_NAME, LORA_MODEL, NO_LORA_MODEL, Account, LiveServer
 
@@ -128,3 +133,42 @@ def test_cloudflare_sdk_lists_models_and_reads_schemas(cf: Cloudflare, account: 
     as_dict = schema.to_dict()
     assert as_dict["input"]["type"] == "object" and len(as_dict["input"]["oneOf"]) == 2
     assert len(as_dict["output"]["oneOf"]) == 2
+
+
+# Workers AI's ids of the other families, served (on the tiny random weights) as `serve --model ID=...` would.
+GEMMA_LORA, GEMMA3 = "@cf/google/gemma-2b-it-lora", "@cf/google/gemma-3-12b-it"
+QWQ, LLAMA32_1B = "@cf/qwen/qwq-32b", "@cf/meta/llama-3.2-1b-instruct"
+
+
+@pytest.fixture(scope="module")
+def families(tmp_path_factory: pytest.TempPathFactory, tiny_backend: Any) -> Iterator[LiveServer]:
+    registry = Registry.open(tmp_path_factory.mktemp("families-registry"))
+    backends = {model: tiny_backend for model in (GEMMA_LORA, GEMMA3, QWQ, LLAMA32_1B)}
+    with BackgroundServer(create_app(registry, backends, ServerSettings(rate_limit_per_minute=0))) as live:
+        yield LiveServer(live.base_url, registry, backends)
+    registry.close()
+
+
+def test_search_lists_the_families_with_their_catalog_properties(
+    families: LiveServer, tiny_backend: Any
+) -> None:
+    account = families.new_account()
+    body = search(families, account)
+    assert names(body) == sorted([GEMMA_LORA, GEMMA3, QWQ, LLAMA32_1B])
+    listed = {m["name"]: m for m in body["result"]}
+    for model_id, model in listed.items():
+        entry = catalog.find(model_id)
+        assert entry is not None
+        assert model["description"] == entry.description and model["task"]["name"] == "Text Generation"
+        props = {p["property_id"]: p["value"] for p in model["properties"]}
+        # Workers AI's window where the engine holds that much, else the engine's (the tiny one holds less).
+        window = min(entry.context_window, tiny_backend.info.context_window)
+        assert props == {
+            "context_window": str(window),
+            "lora": "true" if model_id != LLAMA32_1B else "false",  # Gemma 3 takes adapters without "-lora"
+            "beta": "true" if model_id == GEMMA_LORA else "false",
+        }, model_id
+    assert names(search(families, account, author="google")) == [GEMMA_LORA, GEMMA3]
+    assert names(search(families, account, search="reasoning model")) == [QWQ]
+    # The base name of a "-lora" id has a schema too, as it routes to the -lora model with a `lora`.
+    assert get_schema(families, account, "@cf/google/gemma-2b-it").status_code == 200

@@ -40,9 +40,11 @@ def test_multibyte_characters_are_never_split(embedded_server: LiveServer, promp
     body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": 12, "temperature": 0}
     text, events = run(embedded_server, body)
     assert "".join(events) == text
-    assert "\ufffd" not in text
+    # max_tokens may cut the answer inside its last character, which the end of the generation flushes as
+    # one U+FFFD (detokenizer.py); anywhere else one would be a character split between tokens.
+    assert "\ufffd" not in text.removesuffix("\ufffd")
     if script == "🎉":
         assert "🎉" in text
     else:
         assert any(script in unicodedata.name(ch, "") for ch in text)
-    assert all(e and "\ufffd" not in e for e in events)
+    assert all(e and "\ufffd" not in e for e in events[:-1])

@@ -22,7 +22,7 @@ from loraserve.registry.validate import (
     read_adapter_tensors,
     validate_safetensors,
 )
-from loraserve.types import LORA_TARGETS
+from loraserve.types import LORA_TARGETS, ModelInfo
 
 BASE = synth.llama_model_info()  # q (16, 16), k/v (16, 8), o (16, 16), gate/up (16, 32), down (32, 16)
 LIMITS = RegistryLimits(max_rank=8)
@@ -339,3 +339,66 @@ def test_cross_check_against_config(tmp_path: Path) -> None:
         check_against_config(tensors, cfg(targets=("q_proj",)))
     with pytest.raises(InvalidFinetune, match=r"target_modules lists 'k_proj' but no tensor adapts it"):
         check_against_config(tensors, cfg(targets=("q_proj", "v_proj", "k_proj")))
+
+
+# Per family: model_type, Gemma's head_dim, and biases (Qwen2's q/k/v biases are the base model's own)
+
+# Gemma's head_dim is not hidden / heads: q (16, 24), o (24, 16).
+GEMMA = synth.llama_model_info(hidden=16, heads=2, kv_heads=1, head_dim=12, architecture="gemma")
+GEMMA3 = synth.llama_model_info(architecture="gemma3_text")
+QWEN2 = synth.llama_model_info(architecture="qwen2")
+
+
+def parse_for(base: ModelInfo, **changes: object) -> AdapterConfig:
+    return parse_adapter_config(json.dumps(good_config(**changes)).encode(), base, LIMITS)
+
+
+@pytest.mark.parametrize(
+    ("base", "model_type"),
+    [(GEMMA3, "gemma"), (GEMMA3, "gemma3"), (GEMMA3, "Gemma3_Text"), (GEMMA, "gemma"), (QWEN2, "qwen2"),
+     (synth.llama_model_info(architecture="mistral3"), "mistral")],
+)
+def test_model_type_of_each_family(base: ModelInfo, model_type: str) -> None:
+    assert parse_for(base, model_type=model_type).model_type == base.architecture
+    assert parse_for(base).model_type == base.architecture  # absent: inferred from the base model
+
+
+@pytest.mark.parametrize(
+    ("base", "model_type", "match"),
+    [
+        (QWEN2, "llama", "model_type must be 'qwen2' for this base model, found 'llama'"),
+        (GEMMA3, "llama", "must be 'gemma' or 'gemma3' or 'gemma3_text' for this base model, found 'llama'"),
+        (GEMMA, "gemma3", "must be 'gemma' for this base model, found 'gemma3'"),
+    ],
+)
+def test_model_type_of_another_family_is_refused(base: ModelInfo, model_type: str, match: str) -> None:
+    with pytest.raises(InvalidFinetune, match=match) as info:
+        parse_for(base, model_type=model_type)
+    assert info.value.code == 3039
+
+
+def test_gemma_shapes_follow_head_dim(tmp_path: Path) -> None:
+    config = parse_for(GEMMA, model_type="gemma", target_modules=["q_proj", "o_proj"])
+    good = synth.lora_tensors(GEMMA, 4, targets=("q_proj", "o_proj"))
+    checked = validate_safetensors(tensors_file(tmp_path, good), GEMMA, config, LIMITS)
+    assert {(m.proj, m.b.shape) for m in checked.modules} == {("q_proj", (24, 4)), ("o_proj", (16, 4))}
+    # An adapter made as if head_dim were hidden / heads (q square) belongs to some other model.
+    square = synth.lora_tensors(BASE, 4, targets=("q_proj",))
+    with pytest.raises(InvalidFinetune, match=rf"tensor '{B0}': expected shape \[24, 4\], found \[16, 4\]"):
+        validate_safetensors(tensors_file(tmp_path, square), GEMMA, None, LIMITS)
+
+
+@pytest.mark.parametrize(("field", "value"), [("bias", "all"), ("bias", "lora_only"), ("lora_bias", True)])
+def test_bias_options_are_refused_naming_why(field: str, value: object) -> None:
+    with pytest.raises(InvalidFinetune, match=r"no bias terms .*Qwen2's q/k/v ones.* not LoRA targets"):
+        parse_for(QWEN2, **{field: value})
+
+
+@pytest.mark.parametrize("suffix", ["lora_B.bias", "bias", "base_layer.bias"])
+def test_bias_tensors_are_refused_naming_why(tmp_path: Path, suffix: str) -> None:
+    tensors: dict[str, np.ndarray] = synth.lora_tensors(QWEN2, 4)
+    name = B0.replace("lora_B.weight", suffix)
+    tensors[name] = np.zeros((16,), np.float32)
+    with pytest.raises(InvalidFinetune, match=r"is a bias: only lora_A/lora_B weight matrices") as info:
+        validate_safetensors(tensors_file(tmp_path, tensors), QWEN2, None, LIMITS)
+    assert name in info.value.message

@@ -9,7 +9,7 @@ matrices; `lora_sgmv` (csrc/lora_sgmv.c) streams each adapter's packed weights o
 this CPU's projections well under its FMA peak (a one-row step reads the weights at half the memory
 bandwidth, a 32-row step computes at about half the peak); `linear_forward` (csrc/linear.c), over
 weights packed in column panels, runs them 2.7-4.4x faster, from one row to a prefill. Between the
-projections, residual adds, RMSNorm, RoPE, the KV cache writes and the MLP's silu * up are ~25 torch
+projections, residual adds, RMSNorm, RoPE, the KV cache writes and the MLP's activation * up are ~25 torch
 operators a layer, a few microseconds of dispatch each whatever the batch; csrc/layer_glue.c does them
 in four calls.
 
@@ -103,17 +103,22 @@ class PagedAttention:
     K/V in place through block tables (float32 only)."""
 
     def __init__(self, lib: ctypes.CDLL) -> None:
+        self.tile = int(lib.paged_attention_tile())  # scores a vector tile holds; 0: the scalar build
         fn = lib.paged_decode_attention
-        p, i = ctypes.c_void_p, ctypes.c_int64
-        fn.argtypes = [p, p, p, i, p, i, p, i, i, i, i, i, ctypes.c_float, p, ctypes.c_int]
+        p, i, f = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+        fn.argtypes = [p, p, p, i, p, i, p, i, i, i, i, i, f, f, i, p, ctypes.c_int]
         fn.restype = ctypes.c_int
         self._fn = fn
 
     def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
-                 lens: torch.Tensor, block_size: int, out: torch.Tensor) -> None:
-        """out[b] = softmax(q[b] K_b^T / sqrt(D)) V_b over sequence b's first lens[b] positions.
+                 lens: torch.Tensor, block_size: int, out: torch.Tensor, *, scale: float,
+                 softcap: float | None, window: int | None) -> None:
+        """out[b] = softmax(scores) V_b over sequence b's last min(lens[b], window) of its first lens[b]
+        positions (all lens[b] without a window), scores = scale * q[b] K_b^T, then
+        softcap * tanh(scores / softcap) with a softcap.
         q, out: [B, Hq, D]; k_cache, v_cache: [slots, Hkv, D]; tables: [B, W] int64; lens: [B] int64.
-        Lengths beyond a table, or block ids beyond the cache, raise IndexError before anything is read."""
+        Lengths beyond a table, or block ids beyond the cache among those read, raise IndexError before
+        anything is read."""
         b, hq, d = q.shape
         hkv = k_cache.shape[1]
         for t in (q, k_cache, v_cache, out):
@@ -125,9 +130,12 @@ class PagedAttention:
         if hq % hkv or out.shape != q.shape or tables.shape[0] != b or lens.shape != (b,) \
                 or k_cache.shape[2] != d or v_cache.shape != k_cache.shape:
             raise ValueError("paged_decode_attention: inconsistent shapes")
+        if not scale > 0 or (softcap is not None and not softcap > 0) or (window is not None and window < 1):
+            raise ValueError(f"paged_decode_attention: invalid scale {scale}, softcap {softcap} or "
+                             f"window {window}")
         failed = self._fn(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[0],
                           tables.data_ptr(), tables.shape[1], lens.data_ptr(), b, hq, hkv, d, block_size,
-                          d ** -0.5, out.data_ptr(), torch.get_num_threads())
+                          scale, softcap or 0.0, window or 0, out.data_ptr(), torch.get_num_threads())
         if failed == 2:
             raise IndexError("paged_decode_attention: a length or block id is outside the tables "
                              "or the cache")
@@ -207,7 +215,7 @@ class LinearKernel:
 
 class LayerGlue:
     """A decoder layer's element-wise work in few calls: residual add + RMSNorm, RoPE + KV cache write,
-    silu(gate) * up."""
+    silu(gate) * up and gelu_tanh(gate) * up."""
 
     def __init__(self, lib: ctypes.CDLL) -> None:
         p, i, f = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
@@ -217,9 +225,10 @@ class LayerGlue:
         self._rope = lib.rope_store
         self._rope.argtypes = [p, i, i, i, i, i, p, p, i, p, p, i, p, p, p, ctypes.c_int]
         self._rope.restype = ctypes.c_int
-        self._silu_mul = lib.silu_mul
-        self._silu_mul.argtypes = [p, i, i, i, p, i, ctypes.c_int]
-        self._silu_mul.restype = None
+        for fn in (lib.silu_mul, lib.gelu_tanh_mul):  # the same arguments
+            fn.argtypes = [p, i, i, i, p, i, ctypes.c_int]
+            fn.restype = None
+        self._silu_mul, self._gelu_tanh_mul = lib.silu_mul, lib.gelu_tanh_mul
 
     def add_rms_norm(self, h: torch.Tensor, delta: torch.Tensor | None, w: torch.Tensor,
                      eps: float) -> torch.Tensor:
@@ -238,12 +247,19 @@ class LayerGlue:
 
     def silu_mul(self, gu: torch.Tensor) -> torch.Tensor:
         """silu(gate) * up from gu = [gate | up]: [T, 2I] -> a new [T, I]."""
+        return self._act_mul(self._silu_mul, "silu_mul", gu)
+
+    def gelu_tanh_mul(self, gu: torch.Tensor) -> torch.Tensor:
+        """gelu(gate, approximate="tanh") * up from gu = [gate | up]: [T, 2I] -> a new [T, I]."""
+        return self._act_mul(self._gelu_tanh_mul, "gelu_tanh_mul", gu)
+
+    @staticmethod
+    def _act_mul(fn: Callable[..., None], name: str, gu: torch.Tensor) -> torch.Tensor:
         t, two_i = gu.shape
         if not _cpu_float32(gu) or gu.stride(1) != 1 or two_i % 2:
-            raise ValueError("silu_mul takes a float32 CPU [T, 2I] tensor with contiguous rows")
+            raise ValueError(f"{name} takes a float32 CPU [T, 2I] tensor with contiguous rows")
         act = torch.empty(t, two_i // 2)
-        self._silu_mul(gu.data_ptr(), gu.stride(0), t, two_i // 2, act.data_ptr(), two_i // 2,
-                       torch.get_num_threads())
+        fn(gu.data_ptr(), gu.stride(0), t, two_i // 2, act.data_ptr(), two_i // 2, torch.get_num_threads())
         return act
 
     def rope_store(self, qkv: torch.Tensor, heads: int, kv_heads: int, cos: torch.Tensor, sin: torch.Tensor,

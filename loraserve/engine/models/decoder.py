@@ -1,5 +1,5 @@
-"""The decoder: Llama-family layers (Llama 2/3, Mistral, SmolLM2) over a paged KV cache, with batched
-multi-LoRA, in the shape its `Family` describes.
+"""The decoder: pre-norm layers (Llama 2/3, Mistral, SmolLM2, Gemma 1/2/3, Qwen2/3) over a paged KV cache,
+with batched multi-LoRA, in the shape its `Family` describes.
 
 Tokens of many sequences are flattened into one row each (`T` rows). Projections run once for the whole
 batch; attention reads each sequence's K/V through the plan its backend made; each LoRA-carrying row gets
@@ -14,12 +14,14 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from loraserve.engine.config import ModelConfig
 from loraserve.engine.lora.pool import LoraGroup
 from loraserve.engine.models.family import Family, family_of
 from loraserve.engine.models.rope import rope_tables
 from loraserve.engine.models.step import BatchMeta, KVCache
+from loraserve.engine.ops.attention import LayerAttention
 from loraserve.engine.ops.linear import Projection, Role
 from loraserve.engine.ops.select import Ops
 from loraserve.engine.weights.hf import StateDict
@@ -31,10 +33,15 @@ class LayerWeights:
     attn_norm: torch.Tensor  # [H]
     qkv: Projection  # H -> Q + 2KV: q, k, v fused so the batch reads one matrix
     qkv_bias: torch.Tensor | None  # [Q + 2KV] where the family has biases
+    q_norm: torch.Tensor | None  # [D], per head before RoPE, where the family norms q and k
+    k_norm: torch.Tensor | None  # [D]
+    attention: LayerAttention  # scale, soft-capping, sliding window
     o: Projection  # Q -> H
+    post_attn_norm: torch.Tensor | None  # [H], on the attention output (sandwich-norm families)
     mlp_norm: torch.Tensor  # [H]
     gate_up: Projection  # H -> 2I
     down: Projection  # I -> H
+    post_mlp_norm: torch.Tensor | None  # [H], on the MLP output (sandwich-norm families)
 
 
 class Decoder:
@@ -57,20 +64,32 @@ class Decoder:
         def norm(name: str) -> torch.Tensor:
             return take(name) + fam.norm_offset if fam.norm_offset else take(name)
 
+        def norm_if(present: bool, name: str) -> torch.Tensor | None:
+            return norm(name) if present else None
+
         # [V, H]; indexing rows of quantized blocks dequantizes just those rows
         self.embed: torch.Tensor | QuantTensor | None = weight("model.embed_tokens.weight")
         self.layers: list[LayerWeights] = []
         for i in range(cfg.num_layers):
             p = f"model.layers.{i}."
             attn = [f"{p}self_attn.{n}_proj" for n in "qkv"]
+            sandwich = fam.sandwich_norms
             self.layers.append(LayerWeights(
                 attn_norm=norm(p + "input_layernorm.weight"),
                 qkv=make(fused([n + ".weight" for n in attn]), Role.ATTENTION),
                 qkv_bias=torch.cat([take(n + ".bias") for n in attn]) if fam.qkv_bias else None,
+                q_norm=norm_if(fam.qk_norm, p + "self_attn.q_norm.weight"),
+                k_norm=norm_if(fam.qk_norm, p + "self_attn.k_norm.weight"),
+                attention=LayerAttention.of_layer(cfg, i),
                 o=make(weight(p + "self_attn.o_proj.weight"), Role.ATTENTION),
-                mlp_norm=norm(p + "post_attention_layernorm.weight"),
+                # Sandwich families name the MLP's input norm pre_feedforward_layernorm, and their
+                # post_attention_layernorm norms the attention output.
+                post_attn_norm=norm_if(sandwich, p + "post_attention_layernorm.weight"),
+                mlp_norm=norm(p + ("pre_feedforward_layernorm.weight" if sandwich
+                                   else "post_attention_layernorm.weight")),
                 gate_up=make(fused([p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"]), Role.WIDE),
                 down=make(weight(p + "mlp.down_proj.weight"), Role.DOWN),
+                post_mlp_norm=norm_if(sandwich, p + "post_feedforward_layernorm.weight"),
             ))
         self.norm = norm("model.norm.weight")
         if "lm_head.weight" not in state or cfg.tie_word_embeddings:
@@ -84,6 +103,11 @@ class Decoder:
         self.embed_scale = math.sqrt(cfg.hidden_size) if fam.embed_scale else None
         cos, sin = rope_tables(cfg, device)
         self.cos, self.sin = cos.to(dtype), sin.to(dtype)  # [max_pos, D]
+        # Sliding layers with a RoPE base of their own (Gemma 3) read a second table.
+        self.local_rope: tuple[torch.Tensor, torch.Tensor] | None = None
+        if cfg.rope_local_theta is not None:
+            lcos, lsin = rope_tables(cfg, device, local=True)
+            self.local_rope = lcos.to(dtype), lsin.to(dtype)
 
     @torch.inference_mode()
     def forward(self, batch: BatchMeta, kv: KVCache) -> torch.Tensor:
@@ -95,6 +119,7 @@ class Decoder:
         if self.embed_scale is not None:
             h *= self.embed_scale
         rope = glue.rope(self.cos, self.sin, batch.positions)
+        local_rope = rope if self.local_rope is None else glue.rope(*self.local_rope, batch.positions)
         delta: torch.Tensor | None = None  # the previous layer's MLP output, added into h by the next norm
         for i, lw in enumerate(self.layers):
             h, x = glue.add_rms_norm(h, delta, lw.attn_norm, eps)
@@ -103,12 +128,17 @@ class Decoder:
                 qkv += lw.qkv_bias
             if lora is not None:
                 lora.apply(i, LoraGroup.QKV, x, qkv)
-            q = glue.rope_store(qkv, cfg.num_heads, cfg.num_kv_heads, rope, batch.slot_mapping,
-                                kv.k[i], kv.v[i])  # [T, Hq, D]
-            attn = self.ops.attention(q, kv.k[i], kv.v[i], batch.attention)  # [T, Q]
+            if lw.q_norm is not None and lw.k_norm is not None:
+                self._qk_norm(qkv, lw.q_norm, lw.k_norm)
+            q = glue.rope_store(qkv, cfg.num_heads, cfg.num_kv_heads,
+                                local_rope if lw.attention.window is not None else rope,
+                                batch.slot_mapping, kv.k[i], kv.v[i])  # [T, Hq, D]
+            attn = self.ops.attention(q, kv.k[i], kv.v[i], batch.attention, lw.attention)  # [T, Q]
             o = lw.o(attn)
             if lora is not None:
                 lora.apply(i, LoraGroup.OUT, attn, o)
+            if lw.post_attn_norm is not None:
+                o = F.rms_norm(o, (cfg.hidden_size,), lw.post_attn_norm, eps)
             h, x = glue.add_rms_norm(h, o, lw.mlp_norm, eps)
             gu = lw.gate_up(x)  # [T, 2I]
             if lora is not None:
@@ -117,8 +147,23 @@ class Decoder:
             delta = lw.down(act)
             if lora is not None:
                 lora.apply(i, LoraGroup.DOWN, act, delta)
+            if lw.post_mlp_norm is not None:
+                delta = F.rms_norm(delta, (cfg.hidden_size,), lw.post_mlp_norm, eps)
         if delta is not None:
             h = h + delta
         h = h.index_select(0, batch.logits_indices)
-        h = torch.nn.functional.rms_norm(h, (cfg.hidden_size,), self.norm, eps)
-        return self.lm_head(h).float()  # [S, V]
+        h = F.rms_norm(h, (cfg.hidden_size,), self.norm, eps)
+        logits = self.lm_head(h).float()  # [S, V]
+        if cfg.final_logit_softcapping is not None:
+            cap = cfg.final_logit_softcapping
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def _qk_norm(self, qkv: torch.Tensor, q_norm: torch.Tensor, k_norm: torch.Tensor) -> None:
+        """RMSNorm of each q and k head of qkv, in place, before RoPE (Gemma 3, Qwen3)."""
+        cfg = self.cfg
+        d, t = cfg.head_dim, qkv.shape[0]
+        q = qkv[:, :cfg.q_size].view(t, cfg.num_heads, d)  # [T, Hq, D], a view into qkv
+        k = qkv[:, cfg.q_size:cfg.q_size + cfg.kv_size].view(t, cfg.num_kv_heads, d)
+        q.copy_(F.rms_norm(q, (d,), q_norm, cfg.rms_norm_eps))
+        k.copy_(F.rms_norm(k, (d,), k_norm, cfg.rms_norm_eps))

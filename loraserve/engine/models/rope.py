@@ -10,13 +10,19 @@ import torch
 from loraserve.engine.config import ModelConfig
 
 
-def rope_tables(cfg: ModelConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin: [max_pos, D] in HF's rotate_half layout (the two halves repeat the frequencies)."""
+def rope_tables(cfg: ModelConfig, device: torch.device,
+                local: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin: [max_pos, D] in HF's rotate_half layout (the two halves repeat the frequencies). `local`:
+    the sliding layers' own table (Gemma 3: `rope_local_theta`, unscaled)."""
     d = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
-    scaling = cfg.rope_scaling or {}
-    if scaling.get("rope_type", scaling.get("type")) == "llama3":
+    theta = cfg.rope_local_theta if local and cfg.rope_local_theta is not None else cfg.rope_theta
+    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    scaling = {} if local else (cfg.rope_scaling or {})
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "llama3":
         inv_freq = _llama3_scale(inv_freq, scaling)
+    elif kind == "linear":  # positions divided by `factor` (Gemma 3's global layers)
+        inv_freq = inv_freq / float(scaling["factor"])
     t = torch.arange(cfg.max_position_embeddings, dtype=torch.float64)
     freqs = torch.outer(t, inv_freq)
     emb = torch.cat([freqs, freqs], dim=-1)

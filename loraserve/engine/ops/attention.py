@@ -4,11 +4,14 @@
   sequence's K/V in place through the block table and attends to its first `lens` positions (causal by
   length: a chunk's own K/V are in the cache before attention runs). No gathered copy.
 - `GatherAttention` (CPU without the kernel): decode rows' K/V gathered into a padded block for torch's
-  SDPA (its CPU flash kernel), each prefill chunk gathered for a causal SDPA of its own.
+  SDPA (its CPU flash kernel), each prefill chunk gathered for a causal SDPA of its own; a soft-capped
+  layer's scores are materialised instead (`explicit_attention`: SDPA has no cap).
 - `DeviceAttention` (CUDA): the same gathers, decodes through `decode_attention`, which captures into a
   CUDA graph and avoids cuDNN's attention (it re-plans for every context length, ~2 ms of CPU a call).
 
-The runner asks the backend for a step's plan (`plan`), the decoder hands it back with each layer's q.
+The runner asks the backend for a step's plan (`plan`), the decoder hands it back with each layer's q
+and the layer's `LayerAttention` (scale, logit soft-capping, sliding window), which every backend honours:
+the kernel skips the blocks before a window, the gathering backends narrow the plan's masks (`in_window`).
 """
 
 from __future__ import annotations
@@ -57,6 +60,28 @@ AttentionPlan = PagedRows | GatheredRows
 
 
 @dataclass(frozen=True)
+class LayerAttention:
+    """How one layer attends, beside the step's shared plan: what may differ between a model's layers."""
+
+    scale: float  # multiplies q.k: head_dim ** -0.5, or Gemma's query_pre_attn_scalar ** -0.5
+    softcap: float | None = None  # scores become softcap * tanh(scores / softcap) before the softmax
+    # A row attends to its last `window` positions only, its own included (kv_pos > q_pos - window, as
+    # transformers masks a sliding layer); None: the whole context.
+    window: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.scale <= 0 or (self.softcap is not None and self.softcap <= 0) \
+                or (self.window is not None and self.window < 1):
+            raise ValueError(f"invalid attention options {self}")
+
+    @classmethod
+    def of_layer(cls, cfg: ModelConfig, layer: int) -> LayerAttention:
+        scalar = cfg.query_pre_attn_scalar if cfg.query_pre_attn_scalar is not None else cfg.head_dim
+        return cls(scalar ** -0.5, cfg.attn_logit_softcapping,
+                   cfg.sliding_window if cfg.is_sliding(layer) else None)
+
+
+@dataclass(frozen=True)
 class StepLayout:
     """Where a step's rows come from, as the runner ordered them: decodes first, then prefill chunks."""
 
@@ -93,12 +118,38 @@ def decode_gather(seqs: Seq[Sequence], length: int, block_size: int,
     return torch.where(valid, gather, scratch_slot), valid
 
 
+def in_window(mask: torch.Tensor, window: int | None) -> torch.Tensor:
+    """`mask` [..., L] bool, each row a prefix (its context), narrowed to each row's last `window`
+    positions. Torch operators on the mask alone: no host sync, no shape that depends on the data, so a
+    CUDA graph captures it."""
+    if window is None:
+        return mask
+    pos = torch.arange(mask.shape[-1], device=mask.device)
+    return mask & (pos >= mask.sum(-1, keepdim=True) - window)
+
+
+def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                       layer: LayerAttention) -> torch.Tensor:
+    """Attention with its scores materialised (in float32), as transformers computes a soft-capped
+    layer: scale, cap, mask, softmax. GQA by reshaping q (K/V never repeated).
+    q: [B, Hq, n, D]; k, v: [B, Hkv, L, D]; mask: bool, broadcast to [B, 1, n, L] -> [B, Hq, n, D]."""
+    b, hq, n, d = q.shape
+    hkv, length = k.shape[1], k.shape[2]
+    g = hq // hkv
+    scores = torch.matmul(q.reshape(b, hkv, g * n, d), k.transpose(-1, -2)).float() * layer.scale
+    if layer.softcap is not None:
+        scores = torch.tanh(scores / layer.softcap) * layer.softcap
+    scores = scores.view(b, hkv, g, n, length).masked_fill(~mask.unsqueeze(-3), float("-inf"))
+    probs = scores.softmax(dim=-1).to(q.dtype).view(b, hkv, g * n, length)
+    return torch.matmul(probs, v).reshape(b, hq, n, d)
+
+
 class Attention(Protocol):
     def plan(self, step: StepLayout) -> AttentionPlan: ...
 
-    def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 plan: AttentionPlan) -> torch.Tensor:
-        """q: [T, Hq, D]; k_cache, v_cache: [slots, Hkv, D] -> [T, Hq * D]."""
+    def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: AttentionPlan,
+                 layer: LayerAttention) -> torch.Tensor:
+        """q: [T, Hq, D]; k_cache, v_cache: [slots, Hkv, D] -> [T, Hq * D], attending as `layer` says."""
         ...
 
 
@@ -114,26 +165,24 @@ class PagedAttention:
                                           torch.tensor([s.num_new for s in step.order]))
         return PagedRows(tables[per_row].to(step.device), lens.to(step.device), step.block_size)
 
-    def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 plan: AttentionPlan) -> torch.Tensor:
+    def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: AttentionPlan,
+                 layer: LayerAttention) -> torch.Tensor:
         if not isinstance(plan, PagedRows):
             raise TypeError("the paged kernel runs a PagedRows plan")
         cfg = self.cfg
         out = torch.empty(q.shape[0], cfg.q_size, dtype=q.dtype, device=q.device)
         self.kernel(q, k_cache, v_cache, plan.tables, plan.lens, plan.block_size,
-                    out.view(-1, cfg.num_heads, cfg.head_dim))
+                    out.view(-1, cfg.num_heads, cfg.head_dim), scale=layer.scale, softcap=layer.softcap,
+                    window=layer.window)
         return out
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-                     cfg: ModelConfig) -> torch.Tensor:
-    """One query token per sequence over its gathered K/V, GQA by reshaping q (K/V never repeated).
-    q: [Bd, Hq, D]; k, v: [Bd, L, Hkv, D]; mask: [Bd, 1, 1, L] bool -> [Bd, Q]."""
-    bd = q.shape[0]
-    qg = q.reshape(bd, cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim)  # [Bd, Hkv, G, D]
-    scores = torch.matmul(qg, k.permute(0, 2, 3, 1)) * cfg.head_dim ** -0.5  # [Bd, Hkv, G, L]
-    probs = scores.float().masked_fill(~mask, float("-inf")).softmax(dim=-1).to(q.dtype)
-    return torch.matmul(probs, v.permute(0, 2, 1, 3)).reshape(bd, cfg.q_size)  # [Bd, Hkv, G, D] -> [Bd, Q]
+                     layer: LayerAttention) -> torch.Tensor:
+    """One query token per sequence over its gathered K/V (`explicit_attention`).
+    q: [Bd, Hq, D]; k, v: [Bd, L, Hkv, D]; mask: [Bd, 1, 1, L] bool -> [Bd, Hq * D]."""
+    o = explicit_attention(q.unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2), mask, layer)
+    return o.reshape(q.shape[0], -1)  # [Bd, Hq, 1, D] -> [Bd, Q]
 
 
 class GatherAttention:
@@ -159,15 +208,18 @@ class GatherAttention:
         gather, valid = decode_gather(seqs, lmax, bs, step.scratch_slot)  # [Bd, Lmax]
         return GatheredRows(nd, gather.to(step.device), valid.view(nd, 1, 1, lmax).to(step.device), prefills)
 
-    def _decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                layer: LayerAttention) -> torch.Tensor:
         """q: [Bd, Hq, D]; k, v: [Bd, L, Hkv, D] -> [Bd, Q]. torch's CPU flash kernel: ~1.5x faster here
-        than the explicit form."""
+        than the explicit form, which a soft-capped layer needs (SDPA has no cap)."""
+        if layer.softcap is not None:
+            return decode_attention(q, k, v, mask, layer)
         o = F.scaled_dot_product_attention(q.unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2),
-                                           attn_mask=mask, enable_gqa=True)  # [Bd, Hq, 1, D]
-        return o.reshape(q.shape[0], self.cfg.q_size)
+                                           attn_mask=mask, scale=layer.scale, enable_gqa=True)
+        return o.reshape(q.shape[0], self.cfg.q_size)  # [Bd, Hq, 1, D] -> [Bd, Q]
 
-    def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 plan: AttentionPlan) -> torch.Tensor:
+    def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: AttentionPlan,
+                 layer: LayerAttention) -> torch.Tensor:
         if not isinstance(plan, GatheredRows):
             raise TypeError("gathered attention runs a GatheredRows plan")
         cfg = self.cfg
@@ -179,16 +231,22 @@ class GatherAttention:
             idx = plan.decode_gather.reshape(-1)
             k = k_cache.index_select(0, idx).view(bd, lmax, cfg.num_kv_heads, cfg.head_dim)
             v = v_cache.index_select(0, idx).view(bd, lmax, cfg.num_kv_heads, cfg.head_dim)
-            out[:nd] = self._decode(q[:nd], k, v, plan.decode_mask)
+            out[:nd] = self._decode(q[:nd], k, v, in_window(plan.decode_mask, layer.window), layer)
         for p in plan.prefills:
             k = k_cache.index_select(0, p.gather).transpose(0, 1).unsqueeze(0)  # [1, Hkv, ctx, D]
             v = v_cache.index_select(0, p.gather).transpose(0, 1).unsqueeze(0)
             qp = q[p.start:p.start + p.num_new].transpose(0, 1).unsqueeze(0)  # [1, Hq, n, D]
-            o = F.scaled_dot_product_attention(qp, k, v, attn_mask=p.mask, enable_gqa=True)
+            mask = in_window(p.mask, layer.window)
+            if layer.softcap is not None:
+                o = explicit_attention(qp, k, v, mask, layer)
+            else:
+                o = F.scaled_dot_product_attention(qp, k, v, attn_mask=mask, scale=layer.scale,
+                                                   enable_gqa=True)
             out[p.start:p.start + p.num_new] = o[0].transpose(0, 1).reshape(p.num_new, cfg.q_size)
         return out
 
 
 class DeviceAttention(GatherAttention):
-    def _decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return decode_attention(q, k, v, mask, self.cfg)
+    def _decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                layer: LayerAttention) -> torch.Tensor:
+        return decode_attention(q, k, v, mask, layer)

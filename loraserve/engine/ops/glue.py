@@ -87,7 +87,7 @@ class TorchGlue:
 
 
 class KernelGlue(TorchGlue):
-    """The C kernels where they exist; activations they lack fall back to torch's operators."""
+    """Each step in one C call (kernels/csrc/layer_glue.c)."""
 
     def __init__(self, kernel: LayerGlue) -> None:
         self.kernel = kernel
@@ -105,6 +105,8 @@ class KernelGlue(TorchGlue):
                                       k_cache, v_cache)
 
     def act_mul(self, gu: torch.Tensor, act: Activation) -> torch.Tensor:
-        if act is Activation.SILU:
-            return self.kernel.silu_mul(gu)
-        return super().act_mul(gu, act)
+        match act:
+            case Activation.SILU:
+                return self.kernel.silu_mul(gu)
+            case Activation.GELU_TANH:
+                return self.kernel.gelu_tanh_mul(gu)

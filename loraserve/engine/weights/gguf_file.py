@@ -4,48 +4,27 @@ With `keep_quantized`, projection and embedding tensors of the block types the e
 stored (`weights/quant.py`: Q8_0, Q4_0, Q4_1 and the K-quants of Q4_K_M / Q5_K_M files, Q4_K, Q5_K,
 Q6_K) stay blocks, views of the memory-mapped file; every other quantized tensor is dequantized with
 gguf-py. Float tensors of the requested dtype stay views of the mapped file.
-llama.cpp's converter reorders some things for its own kernels, and this undoes them so the result is
-what `transformers` would have loaded.
+llama.cpp's converter renames tensors and changes some for its own kernels (`gguf_arch.py`: "llama" q/k
+rows reordered, Gemma norms stored as 1 + w), and this undoes it so the result is what `transformers`
+would have loaded; the config is what llama.cpp derives from the metadata (`gguf_hparams.py`).
 """
 
 from __future__ import annotations
 
-import itertools
-import math
 import os
-import re
 from pathlib import Path
-from typing import Any
 
 import gguf
 import numpy as np
 import torch
 
 from loraserve.engine.config import ModelConfig
+from loraserve.engine.weights.gguf_arch import GGUFArch, hf_name, norm_shift
+from loraserve.engine.weights.gguf_hparams import ROPE_FREQS, config_from_gguf
 from loraserve.engine.weights.hf import StateDict, check_complete
 from loraserve.engine.weights.quant import QuantTensor, QuantType, drop_pages
 from loraserve.engine.weights.tokenizer import Tokenizer, gguf_field
 
-_LAYER_NAMES = {
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-}
-_GLOBAL_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-_LAYER = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
-_ROPE_FREQS = "rope_freqs.weight"
-# llama.cpp files Mistral 7B under "llama" too; both are this engine's decoder.
-_ARCHITECTURES = ("llama", "mistral")
 _FLOAT_TYPES = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
 
 
@@ -56,18 +35,25 @@ def load_gguf(path: str | Path, dtype: torch.dtype,
     reader = gguf.GGUFReader(path, mode="c")
     if keep_quantized:
         _refuse_unsupported(reader, path)
+    arch = GGUFArch.parse(gguf_field(reader, "general.architecture"))
     tokenizer = Tokenizer.from_gguf(reader)
-    config = _config(reader, tokenizer)
+    config = config_from_gguf(reader, arch, tokenizer)
     state: StateDict = {}
     for tensor in reader.tensors:
-        if tensor.name == _ROPE_FREQS:
+        if tensor.name == ROPE_FREQS:
             continue  # folded into config.rope_scaling
-        name = _hf_name(tensor.name)
+        name = hf_name(arch, tensor.name)
         if name is None:
-            raise ValueError(f"{path}: unexpected tensor {tensor.name} (not a Llama-family decoder?)")
+            raise ValueError(f"{path}: unexpected tensor {tensor.name} (not a {arch.value} decoder?)")
         stored = _as_stored(tensor) if keep_quantized else None
-        weight = _dequantize(tensor).to(dtype) if stored is None else stored
-        if name.endswith(("q_proj.weight", "k_proj.weight")):
+        if stored is not None:
+            weight: torch.Tensor | QuantTensor = stored
+        else:
+            weight = _dequantize(tensor)
+            if shift := norm_shift(arch, name):
+                weight = weight.float() - shift  # in float32: the stored 1 + w has w's precision, no more
+            weight = weight.to(dtype)
+        if arch.permutes_qk and name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = config.num_heads if ".q_proj" in name else config.num_kv_heads
             weight = _unpermute_rope(weight, heads)
         state[name] = weight
@@ -113,15 +99,6 @@ def _refuse_unsupported(reader: gguf.GGUFReader, path: str | Path) -> None:
         f"instead: {float32_gb:.1f} GB of float32, {fits}")
 
 
-def _hf_name(gguf_name: str) -> str | None:
-    if gguf_name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[gguf_name]
-    m = _LAYER.fullmatch(gguf_name)
-    if m and m.group(2) in _LAYER_NAMES:
-        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.weight"
-    return None
-
-
 def _dequantize(tensor: gguf.ReaderTensor) -> torch.Tensor:
     # GGUF lists dimensions fastest-first (ggml's ne); torch wants them slowest-first.
     shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
@@ -162,68 +139,3 @@ def _unpermute_rope(weight: torch.Tensor | QuantTensor, heads: int) -> torch.Ten
         return weight.permute_rows(order)
     cols = weight.shape[1]
     return weight.reshape(heads, rows // heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
-
-
-def _config(reader: gguf.GGUFReader, tokenizer: Tokenizer) -> ModelConfig:
-    arch = gguf_field(reader, "general.architecture")
-    if arch not in _ARCHITECTURES:
-        raise ValueError(f"GGUF architecture {arch!r} is not supported (expected one of {_ARCHITECTURES})")
-
-    def num(key: str, default: float | None = None) -> float:
-        value = gguf_field(reader, f"{arch}.{key}", default)
-        if value is None:
-            raise ValueError(f"GGUF metadata {arch}.{key} is missing")
-        return float(value)
-
-    hidden, heads = int(num("embedding_length")), int(num("attention.head_count"))
-    head_dim = int(num("attention.key_length", hidden // heads))
-    if int(num("rope.dimension_count", head_dim)) != head_dim:
-        raise ValueError("partial rotary embeddings are not supported")
-    scaling = gguf_field(reader, f"{arch}.rope.scaling.type", "none")
-    if scaling != "none":
-        raise ValueError(f"GGUF rope scaling {scaling!r} is not supported")
-    rope_theta = num("rope.freq_base", 10000.0)
-    freqs = next((t for t in reader.tensors if t.name == _ROPE_FREQS), None)
-    names = {t.name for t in reader.tensors}
-    return ModelConfig(
-        vocab_size=int(num("vocab_size", len(gguf_field(reader, "tokenizer.ggml.tokens")))),
-        hidden_size=hidden,
-        intermediate_size=int(num("feed_forward_length")),
-        num_layers=int(num("block_count")),
-        num_heads=heads,
-        num_kv_heads=int(num("attention.head_count_kv", heads)),
-        head_dim=head_dim,
-        rms_norm_eps=num("attention.layer_norm_rms_epsilon", 1e-5),
-        rope_theta=rope_theta,
-        rope_scaling=None if freqs is None else _llama3_scaling(np.asarray(freqs.data), rope_theta, head_dim),
-        max_position_embeddings=int(num("context_length", 4096)),
-        tie_word_embeddings="output.weight" not in names,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_ids=tokenizer.eos_token_ids,
-        architecture=str(arch),
-    )
-
-
-def _llama3_factors(inv_freq: np.ndarray, scaling: dict[str, Any]) -> np.ndarray:
-    """Per-dimension divisors of the RoPE frequencies, as llama.cpp's converter computes them."""
-    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
-    old = scaling["original_max_position_embeddings"]
-    wavelen = 2 * math.pi / inv_freq
-    smooth = (old / wavelen - low) / (high - low)
-    medium = 1 / ((1 - smooth) / factor + smooth)
-    return np.where(wavelen < old / high, 1.0, np.where(wavelen > old / low, factor, medium))
-
-
-def _llama3_scaling(factors: np.ndarray, theta: float, head_dim: int) -> dict[str, Any] | None:
-    """Llama 3.1+ GGUFs carry their "llama3" RoPE scaling as a `rope_freqs` tensor of per-dimension
-    factors, not as parameters. Recover HF's parameters: the released models all use one of a few
-    settings, and a candidate is only taken if it reproduces every factor."""
-    if np.allclose(factors, 1.0):
-        return None
-    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
-    for low, high, old in itertools.product((1.0, 2.0), (4.0, 8.0), (8192, 4096, 16384, 32768)):
-        scaling = {"rope_type": "llama3", "factor": float(factors.max()), "low_freq_factor": low,
-                   "high_freq_factor": high, "original_max_position_embeddings": old}
-        if np.allclose(_llama3_factors(inv_freq, scaling), factors, rtol=1e-4):
-            return scaling
-    raise ValueError("rope_freqs in this GGUF matches no llama3 RoPE scaling this engine knows")

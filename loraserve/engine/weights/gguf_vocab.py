@@ -1,8 +1,9 @@
 """A model's tokenizer as GGUF `tokenizer.*` metadata, the way llama.cpp's converter stores it.
 
-From a Hugging Face `tokenizer.json`: byte-level BPE (SmolLM2, Llama 3) becomes model "gpt2" with its
-merges and llama.cpp's name for the pre-tokenizer; a sentencepiece BPE with byte fallback (Llama 2,
-Mistral) becomes model "llama" with pieces, scores and token types. From a GGUF file (the embedded
+From a Hugging Face `tokenizer.json`: byte-level BPE (SmolLM2, Llama 3, Qwen2/3) becomes model "gpt2" with
+its merges and llama.cpp's name for the pre-tokenizer; a sentencepiece BPE with byte fallback (Llama 2,
+Mistral, Gemma, whose pieces take no dummy prefix) becomes model "llama" with pieces, scores and token
+types. Other kinds (Unigram, WordPiece) are refused. From a GGUF file (the embedded
 SmolLM2, whose tokenizer random models use) the metadata is copied as it is.
 """
 

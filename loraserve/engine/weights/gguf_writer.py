@@ -1,10 +1,12 @@
-"""GGUF files llama.cpp reads: a Llama-family model's hyperparameters, tokenizer and tensors, streamed.
+"""GGUF files llama.cpp reads: a model's hyperparameters, tokenizer and tensors, streamed.
 
 `write_gguf` takes the tensors in HF names and HF row order, as the engine keeps them, and writes them the
-way llama.cpp's `convert_hf_to_gguf.py` does for "llama": its tensor names, q/k rows permuted for its
-RoPE (`gguf_file.py` undoes exactly that on reading), norms F32. The header is written from the planned
-shapes and types, then each tensor is made, written and dropped in turn, so a 4 GB file never exists
-twice in memory. It goes to OUT.partial and is renamed when complete: a failure leaves no half file.
+way llama.cpp's `convert_hf_to_gguf.py` does for the model's architecture (`gguf_arch.py`): its tensor
+names, q/k rows permuted for the RoPE of "llama", Gemma's norms as 1 + w, norms and biases F32; and the
+hyperparameters its loader reads (`gguf_hparams.py`). `gguf_file.py` undoes exactly that on reading.
+The header is written from the planned shapes and types, then each tensor is made, written and dropped
+in turn, so a 4 GB file never exists twice in memory. It goes to OUT.partial and is renamed when
+complete: a failure leaves no half file.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ import numpy as np
 import torch
 
 from loraserve.engine.config import ModelConfig
+from loraserve.engine.models.family import family_of
+from loraserve.engine.weights.gguf_arch import GGUFArch, gguf_name, norm_shift
+from loraserve.engine.weights.gguf_hparams import add_hyperparameters
 from loraserve.engine.weights.gguf_vocab import add_tokenizer
 from loraserve.engine.weights.quant import QuantTensor, QuantType, Weight
 from loraserve.engine.weights.quantize import progress
@@ -48,28 +53,27 @@ def write_gguf(path: Path, config: ModelConfig, tokenizer_source: Path, tensors:
     Hugging Face directory (tokenizer.json) or a GGUF file whose tokenizer metadata is copied."""
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists (--force replaces it)")
-    if config.rope_scaling is not None:
-        raise ValueError(f"RoPE scaling {config.rope_scaling.get('rope_type')!r} is not written to GGUF yet")
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_layers)
+    arch = GGUFArch.of(family_of(config.architecture))
     partial = path.with_name(path.name + ".partial")
-    writer = gguf.GGUFWriter(partial, "llama")
+    writer = gguf.GGUFWriter(partial, arch.value)
     try:
-        _add_hyperparameters(writer, config, tensors, name or path.stem)
+        _add_general(writer, tensors, name or path.stem)
+        add_hyperparameters(writer, arch, config)
         add_tokenizer(writer, tokenizer_source, config.vocab_size)
         for t in tensors:
             if t.qtype is None:
-                writer.add_tensor_info(_gguf_name(names, t.name), t.shape, np.dtype(np.float32), t.nbytes)
+                writer.add_tensor_info(gguf_name(arch, t.name), t.shape, np.dtype(np.float32), t.nbytes)
             else:
                 rows, cols = t.shape
                 byte_shape = (rows, cols // t.qtype.block_elems * t.qtype.block_bytes)
-                writer.add_tensor_info(_gguf_name(names, t.name), byte_shape, np.dtype(np.uint8), t.nbytes,
+                writer.add_tensor_info(gguf_name(arch, t.name), byte_shape, np.dtype(np.uint8), t.nbytes,
                                        raw_dtype=gguf.GGMLQuantizationType(t.qtype.value))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         with progress(sum(t.nbytes for t in tensors), f"writing {path.name}") as advance:
             for t in tensors:
-                writer.write_tensor_data(_stored(t, config))
+                writer.write_tensor_data(_stored(t, arch, config))
                 advance(t.name, t.nbytes)
         writer.close()
         os.replace(partial, path)
@@ -79,37 +83,16 @@ def write_gguf(path: Path, config: ModelConfig, tokenizer_source: Path, tensors:
         raise
 
 
-def _add_hyperparameters(writer: gguf.GGUFWriter, config: ModelConfig, tensors: Sequence[PlannedTensor],
-                         name: str) -> None:
+def _add_general(writer: gguf.GGUFWriter, tensors: Sequence[PlannedTensor], name: str) -> None:
     writer.add_name(name)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     kinds = {t.qtype for t in tensors if t.qtype is not None and t.name != "lm_head.weight"}
     if len(kinds) == 1:  # llama.cpp names the file's type after its projections' (informational)
         writer.add_file_type(int(gguf.LlamaFileType[f"MOSTLY_{kinds.pop().name}"]))
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(config.num_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_heads)
-    writer.add_head_count_kv(config.num_kv_heads)
-    if config.head_dim != config.hidden_size // config.num_heads:
-        writer.add_key_length(config.head_dim)
-        writer.add_value_length(config.head_dim)
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_rope_freq_base(config.rope_theta)
-    writer.add_rope_dimension_count(config.head_dim)
-    writer.add_vocab_size(config.vocab_size)
 
 
-def _gguf_name(names: gguf.TensorNameMap, hf_name: str) -> str:
-    name = names.get_name(hf_name, try_suffixes=(".weight",))
-    if name is None:
-        raise ValueError(f"no llama.cpp name for {hf_name}")
-    return name
-
-
-def _stored(t: PlannedTensor, config: ModelConfig) -> np.ndarray:
-    """The tensor as the file holds it: blocks or float32, q/k rows in llama.cpp's order."""
+def _stored(t: PlannedTensor, arch: GGUFArch, config: ModelConfig) -> np.ndarray:
+    """The tensor as the file holds it: blocks or float32, q/k rows in llama.cpp's order, norms shifted."""
     weight = t.make()
     if tuple(weight.shape) != t.shape:
         raise ValueError(f"{t.name}: made with shape {tuple(weight.shape)}, planned {t.shape}")
@@ -117,11 +100,13 @@ def _stored(t: PlannedTensor, config: ModelConfig) -> np.ndarray:
         data: np.ndarray = weight.blocks.numpy()
     elif isinstance(weight, torch.Tensor) and t.qtype is None:
         data = weight.detach().to(torch.float32).contiguous().numpy()
+        if shift := norm_shift(arch, t.name):
+            data = data + np.float32(shift)
     else:
         raise ValueError(f"{t.name}: made as {type(weight).__name__}, planned {t.qtype or 'F32'}")
-    if t.name.endswith("self_attn.q_proj.weight"):
+    if arch.permutes_qk and t.name.endswith("self_attn.q_proj.weight"):
         return llama_cpp_permute(data, config.num_heads)
-    if t.name.endswith("self_attn.k_proj.weight"):
+    if arch.permutes_qk and t.name.endswith("self_attn.k_proj.weight"):
         return llama_cpp_permute(data, config.num_kv_heads)
     return data
 

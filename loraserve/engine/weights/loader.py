@@ -3,8 +3,9 @@
 The state dict holds `model.embed_tokens.weight`, per layer
 `model.layers.{i}.self_attn.{q,k,v,o}_proj.weight`, `model.layers.{i}.mlp.{gate,up,down}_proj.weight`,
 `model.layers.{i}.input_layernorm.weight` and `.post_attention_layernorm.weight`, then
-`model.norm.weight`, and `lm_head.weight` only when the head is not tied to the embedding. Every tensor
-is in the requested dtype.
+`model.norm.weight`, and `lm_head.weight` only when the head is not tied to the embedding; and what the
+model's family adds (`expected_shapes`: Qwen2's q/k/v biases, Gemma 2/3's pre/post-feedforward norms,
+q_norm/k_norm). Every tensor is in the requested dtype, or a GGUF file's blocks as stored.
 """
 
 from __future__ import annotations

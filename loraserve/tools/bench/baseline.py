@@ -84,8 +84,8 @@ def _quiet() -> Iterator[None]:
 
 def load_hf_model(source: str, cfg: ModelConfig, tokenizer: Tokenizer, device: torch.device,
                   dtype: torch.dtype, seed: int) -> Any:
-    """The engine's weights in a transformers LlamaForCausalLM, on `device` in `dtype`."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+    """The engine's weights in the transformers model of their family, on `device` in `dtype`."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     model: Any
 
@@ -102,8 +102,8 @@ def load_hf_model(source: str, cfg: ModelConfig, tokenizer: Tokenizer, device: t
         if rcfg != cfg:
             raise ValueError("random model config differs from the engine's")
         with torch.device(device):  # initialised where it runs (fast on a GPU), then overwritten
-            llama: Any = LlamaForCausalLM
-            model = llama._from_config(LlamaConfig(**cfg.to_hf()), dtype=dtype)
+            auto: Any = AutoModelForCausalLM  # transformers' from_config is untyped
+            model = auto.from_config(AutoConfig.for_model(**cfg.to_hf()), dtype=dtype)
         missing, unexpected = model.load_state_dict(state, strict=False)
         if unexpected or set(missing) - {"lm_head.weight"}:
             raise ValueError(f"state dict mismatch: missing {missing}, unexpected {unexpected}")

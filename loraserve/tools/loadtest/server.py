@@ -124,7 +124,8 @@ def write_adapters(model: str, count: int, seed: int, root: Path) -> list[Path]:
         return []
     info = llama_model_info(num_layers=shape["num_layers"], hidden=shape["hidden_size"],
                             intermediate=shape["intermediate_size"], heads=shape["num_heads"],
-                            kv_heads=shape["num_kv_heads"], head_dim=shape["head_dim"])
+                            kv_heads=shape["num_kv_heads"], head_dim=shape["head_dim"],
+                            architecture=shape.get("architecture", "llama"))
     folders = []
     for i in range(count):
         rank = (4, 8, 16)[i % 3]

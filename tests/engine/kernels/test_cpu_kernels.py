@@ -1,6 +1,9 @@
-"""The paged decode attention C kernel against torch's attention over gathered K/V, the fused layer kernels
-against torch's operators; the kernels' build cache and fallback (the LoRA kernel has its tests in
-test_lora_sgmv.py, the projection kernel in test_linear.py)."""
+"""The paged decode attention C kernel against torch's attention over gathered K/V, in each build that differs
+on this CPU (kernel_builds: native, AVX2, scalar); the kernels' build cache and fallback (the fused layer
+kernels have their tests in test_layer_glue.py, the LoRA kernel in test_lora_sgmv.py, the projection
+kernel in test_linear.py). The attention options a layer may set (scale, soft-cap, window) are compared
+with an explicit reference, through every attention backend, in tests/engine/ops/test_attention.py; here,
+what is the kernel's own: which blocks it reads, its thread split and its bits."""
 
 from __future__ import annotations
 
@@ -15,7 +18,6 @@ import torch.nn.functional as F
 
 from loraserve.engine.kernels import cpu as cpu_kernels
 from loraserve.engine.kernels.cpu import (
-    LayerGlue,
     PagedAttention,
     build,
     load_layer_glue,
@@ -28,11 +30,12 @@ from loraserve.engine.lora.gemm import GemmLora
 from loraserve.engine.lora.sgmv import SgmvLora
 from loraserve.engine.ops.attention import GatherAttention
 from loraserve.engine.ops.attention import PagedAttention as PagedAttentionOp
-from loraserve.engine.ops.glue import KernelGlue, TorchGlue, apply_rope
+from loraserve.engine.ops.glue import KernelGlue, TorchGlue
 from loraserve.engine.ops.linear import MklProjections, PackedProjections
 from loraserve.engine.ops.quant_linear import QuantProjections
 from loraserve.engine.ops.select import Ops
 
+import kernel_builds
 from engine_helpers import build_engine, hf_model
 
 if cpu_kernels._compiler() is None:
@@ -40,10 +43,10 @@ if cpu_kernels._compiler() is None:
                 allow_module_level=True)
 
 
-@pytest.fixture(scope="module")
-def kernel() -> PagedAttention:
-    k = load_paged_attention()
-    assert k is not None  # a compiler is present: the build must work
+@pytest.fixture(scope="module", params=kernel_builds.builds())
+def kernel(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> PagedAttention:
+    k = kernel_builds.build(load_paged_attention, request.param, tmp_path_factory)
+    assert k.tile == kernel_builds.tile(request.param)  # the build has the path it is named for
     return k
 
 
@@ -62,21 +65,25 @@ def _case(b: int, hq: int, hkv: int, d: int, bs: int, lens: list[int],
     )
 
 
-def _reference(c: dict[str, torch.Tensor], bs: int) -> torch.Tensor:
-    """Per sequence, in float64: gather its context through the block table, plain softmax attention."""
+def _reference(c: dict[str, torch.Tensor], bs: int, window: int | None = None) -> torch.Tensor:
+    """Per sequence, in float64: gather its context through the block table, plain softmax attention (over
+    the last `window` positions where given)."""
     outs = []
     for i, n in enumerate(c["lens"].tolist()):
         pos = torch.arange(n)
         slots = c["tables"][i, pos // bs] * bs + pos % bs
         k, v = c["k"][slots].double().transpose(0, 1), c["v"][slots].double().transpose(0, 1)  # [Hkv, n, D]
         q = c["q"][i].double().unsqueeze(1)  # [Hq, 1, D]
-        outs.append(F.scaled_dot_product_attention(q, k, v, enable_gqa=True).squeeze(1))
+        mask = pos >= n - window if window is not None else None
+        outs.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True).squeeze(1))
     return torch.stack(outs).float()  # [B, Hq, D]
 
 
-def _run(kernel: PagedAttention, c: dict[str, torch.Tensor], bs: int) -> torch.Tensor:
+def _run(kernel: PagedAttention, c: dict[str, torch.Tensor], bs: int, softcap: float | None = None,
+         window: int | None = None) -> torch.Tensor:
     out = torch.empty_like(c["q"])
-    kernel(c["q"], c["k"], c["v"], c["tables"], c["lens"], bs, out)
+    kernel(c["q"], c["k"], c["v"], c["tables"], c["lens"], bs, out, scale=c["q"].shape[-1] ** -0.5,
+           softcap=softcap, window=window)
     return out
 
 
@@ -106,7 +113,7 @@ def test_prefill_rows_by_length_are_causal_attention(kernel: PagedAttention) -> 
     tables = c["tables"].expand(n, -1).contiguous()
     lens = torch.arange(first + 1, ctx + 1)
     out = torch.empty_like(q)
-    kernel(q, c["k"], c["v"], tables, lens, 16, out)
+    kernel(q, c["k"], c["v"], tables, lens, 16, out, scale=0.125, softcap=None, window=None)
     pos = torch.arange(ctx)
     slots = c["tables"][0][pos // 16] * 16 + pos % 16
     k, v = c["k"][slots].double().transpose(0, 1), c["v"][slots].double().transpose(0, 1)  # [Hkv, ctx, D]
@@ -123,119 +130,55 @@ def test_peaked_softmax(kernel: PagedAttention) -> None:
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_long_context_of_one_sequence_split_across_threads(kernel: PagedAttention, threads: int) -> None:
+@pytest.mark.parametrize("window", [None, 1100, 300])  # 300: the part left is too short to split
+def test_long_context_of_one_sequence_split_across_threads(kernel: PagedAttention, threads: int,
+                                                            window: int | None) -> None:
     c = _case(1, 9, 3, 64, 16, [1500])  # fewer sequences than threads, long: split by KV head
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        torch.testing.assert_close(_run(kernel, c, 16), _reference(c, 16), atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(_run(kernel, c, 16, window=window), _reference(c, 16, window),
+                                   atol=2e-5, rtol=1e-4)
     finally:
         torch.set_num_threads(before)
 
 
-def test_a_sequence_gets_the_same_bits_alone_or_in_a_batch(kernel: PagedAttention) -> None:
+@pytest.mark.parametrize(("softcap", "window"), [(None, None), (5.0, 70)])
+def test_a_sequence_gets_the_same_bits_alone_or_in_a_batch(kernel: PagedAttention, softcap: float | None,
+                                                           window: int | None) -> None:
     c = _case(6, 9, 3, 64, 16, [50, 300, 2, 77, 129, 16], seed=3)
-    batched = _run(kernel, c, 16)
+    batched = _run(kernel, c, 16, softcap, window)
     for i in range(6):
         alone = {k: v[i:i + 1].contiguous() if k in ("q", "tables", "lens") else v for k, v in c.items()}
-        assert torch.equal(_run(kernel, alone, 16)[0], batched[i])
+        assert torch.equal(_run(kernel, alone, 16, softcap, window)[0], batched[i])
 
 
-def test_refuses_tensors_it_cannot_read(kernel: PagedAttention) -> None:
+@pytest.mark.parametrize("bs", [4, 16])
+def test_blocks_before_the_window_are_never_read(kernel: PagedAttention, bs: int) -> None:
+    """A window leaves whole blocks out: their ids are not even checked (a cache that freed them may hold
+    anything there), and the result is the window's alone."""
+    c = _case(3, 9, 3, 64, bs, [100, 37, 9], seed=6)
+    want = _reference(c, bs, window=20)
+    torch.testing.assert_close(_run(kernel, c, bs, window=20), want, atol=2e-5, rtol=1e-4)
+    tables = c["tables"].clone()
+    for row, n in enumerate(c["lens"].tolist()):
+        tables[row, :max(0, n - 20) // bs] = -1  # every block wholly before the row's window
+    assert (tables == -1).any()
+    torch.testing.assert_close(_run(kernel, {**c, "tables": tables}, bs, window=20), want, atol=2e-5,
+                               rtol=1e-4)
+    tables[0, (100 - 20) // bs] = -1  # the block the window starts in is read
+    with pytest.raises(IndexError, match="outside"):
+        _run(kernel, {**c, "tables": tables}, bs, window=20)
+
+
+def test_refuses_options_it_cannot_honour(kernel: PagedAttention) -> None:
     c = _case(2, 4, 2, 32, 4, [5, 6])
     out = torch.empty_like(c["q"])
-    with pytest.raises(ValueError, match="float32"):
-        kernel(c["q"].double(), c["k"], c["v"], c["tables"], c["lens"], 4, out)
-    with pytest.raises(ValueError, match="float32"):
-        kernel(c["q"].transpose(0, 1), c["k"], c["v"], c["tables"], c["lens"], 4, out)
-    with pytest.raises(ValueError, match="int64"):
-        kernel(c["q"], c["k"], c["v"], c["tables"].int(), c["lens"], 4, out)
-    with pytest.raises(ValueError, match="shapes"):
-        kernel(c["q"], c["k"], c["v"], c["tables"], c["lens"][:1], 4, out)
-    num_blocks = c["k"].shape[0] // 4
-    width = c["tables"].shape[1]
-    for tables, lens in ((c["tables"], torch.tensor([5, width * 4 + 1])),  # longer than its table
-                         (c["tables"], torch.tensor([5, 0])),
-                         (torch.full_like(c["tables"], num_blocks), c["lens"]),  # a block past the cache
-                         (torch.full_like(c["tables"], -1), c["lens"])):
-        with pytest.raises(IndexError, match="outside"):
-            kernel(c["q"], c["k"], c["v"], tables, lens, 4, out)
-
-
-@pytest.fixture(scope="module")
-def glue() -> LayerGlue:
-    k = load_layer_glue()
-    assert k is not None
-    return k
-
-
-@pytest.mark.parametrize("rows", [1, 5, 70])  # 70: past the kernel's one-thread limit of 64 rows
-def test_add_rms_norm_matches_torch(glue: LayerGlue, rows: int) -> None:
-    g = torch.Generator().manual_seed(rows)
-    h, delta, w = (torch.randn(rows, 72, generator=g), torch.randn(rows, 72, generator=g),
-                   torch.randn(72, generator=g))
-    want_h = h + delta
-    want = F.rms_norm(want_h, (72,), w, 1e-5)
-    torch.testing.assert_close(glue.add_rms_norm(h, delta, w, 1e-5), want)
-    torch.testing.assert_close(h, want_h)  # the residual was added in place
-    torch.testing.assert_close(glue.add_rms_norm(h, None, w, 1e-5), want)
-    assert torch.equal(glue.add_rms_norm(h[-1:], None, w, 1e-5)[0], glue.add_rms_norm(h, None, w, 1e-5)[-1])
-
-
-@pytest.mark.parametrize(("rows", "hq", "hkv", "d"), [(1, 9, 3, 64), (3, 4, 2, 16), (70, 4, 4, 8)])
-def test_rope_store_matches_torch_rope_and_index_copy(glue: LayerGlue, rows: int, hq: int, hkv: int,
-                                                      d: int) -> None:
-    g = torch.Generator().manual_seed(rows)
-    cos, sin = torch.randn(100, d, generator=g), torch.randn(100, d, generator=g)
-    qkv = torch.randn(rows, (hq + 2 * hkv) * d + 5, generator=g)[:, 5:]  # rows further apart than their width
-    pos = torch.randint(0, 100, (rows,), generator=g)
-    slots = torch.randperm(rows + 7, generator=g)[:rows]
-    kc, vc = torch.zeros(rows + 7, hkv, d), torch.zeros(rows + 7, hkv, d)
-    q = glue.rope_store(qkv, hq, hkv, cos, sin, pos, slots, kc, vc)
-    c, s = cos[pos].unsqueeze(1), sin[pos].unsqueeze(1)
-    torch.testing.assert_close(q, apply_rope(qkv[:, :hq * d].reshape(rows, hq, d), c, s))
-    torch.testing.assert_close(kc[slots],
-                               apply_rope(qkv[:, hq * d:(hq + hkv) * d].reshape(rows, hkv, d), c, s))
-    assert torch.equal(vc[slots], qkv[:, (hq + hkv) * d:].reshape(rows, hkv, d))
-    untouched = torch.ones(rows + 7, dtype=torch.bool)
-    untouched[slots] = False
-    assert not kc[untouched].any() and not vc[untouched].any()
-
-
-@pytest.mark.parametrize("rows", [1, 3, 70])
-def test_silu_mul_matches_torch(glue: LayerGlue, rows: int) -> None:
-    g = torch.Generator().manual_seed(rows)
-    gu = torch.randn(rows, 2 * 40 + 3, generator=g)[:, 3:] * 6  # rows further apart than their width
-    gu[0, :4] = torch.tensor([-100.0, 100.0, 0.0, -1e-30])  # far tails: silu -> 0 and -> g, no overflow
-    gate, up = gu.chunk(2, dim=-1)
-    torch.testing.assert_close(glue.silu_mul(gu), F.silu(gate) * up)
-    assert torch.equal(glue.silu_mul(gu[-1:])[0], glue.silu_mul(gu)[-1])
-
-
-def test_layer_glue_refuses_what_it_cannot_read(glue: LayerGlue) -> None:
-    h, w = torch.randn(2, 8), torch.randn(8)
-    with pytest.raises(ValueError, match="float32"):
-        glue.add_rms_norm(h.double(), None, w, 1e-5)
-    with pytest.raises(ValueError, match="shapes"):
-        glue.add_rms_norm(h, torch.randn(3, 8), w, 1e-5)
-    with pytest.raises(ValueError, match="silu_mul"):
-        glue.silu_mul(torch.randn(2, 7))
-    cos = torch.randn(10, 4)
-    kc = torch.zeros(4, 1, 4)
-    with pytest.raises(ValueError, match="qkv"):
-        glue.rope_store(torch.randn(2, 11), 1, 1, cos, cos, torch.zeros(2, dtype=torch.long),
-                        torch.zeros(2, dtype=torch.long), kc, kc)
-    with pytest.raises(ValueError, match="slots"):
-        glue.rope_store(torch.randn(2, 12), 1, 1, cos, cos, torch.zeros(2, dtype=torch.long),
-                        torch.zeros(2, dtype=torch.int32), kc, kc)
-    with pytest.raises(ValueError, match="caches"):
-        glue.rope_store(torch.randn(2, 12), 1, 1, cos, cos, torch.zeros(2, dtype=torch.long),
-                        torch.zeros(2, dtype=torch.long), kc, torch.zeros(4, 1, 8)[:, :, ::2])
-    qkv = torch.randn(2, 12)
-    for pos, slot in (([0, 10], [0, 1]), ([0, -1], [0, 1]), ([0, 1], [4, 0]), ([0, 1], [0, -1])):
-        with pytest.raises(IndexError, match="outside"):
-            glue.rope_store(qkv, 1, 1, cos, cos, torch.tensor(pos), torch.tensor(slot), kc, kc)
-    assert not kc.any()  # nothing was written, not even the valid rows
+    for scale, softcap, window in ((0.0, None, None), (-1.0, None, None), (0.5, 0.0, None), (0.5, -3.0, None),
+                                   (0.5, None, 0), (0.5, None, -2)):
+        with pytest.raises(ValueError, match="invalid"):
+            kernel(c["q"], c["k"], c["v"], c["tables"], c["lens"], 4, out, scale=scale, softcap=softcap,
+                   window=window)
 
 
 def test_build_is_cached_and_atomic(tmp_path: Path) -> None:

@@ -3,7 +3,8 @@
  *  - rope_store: RoPE on a fused qkv row's q and k heads (HF's rotate_half layout: cos/sin tables
  *    [max_pos, D] whose two halves repeat the frequencies), q written out, k and v written into their KV
  *    cache slots;
- *  - silu_mul: the MLP's act = silu(gate) * up from the fused gate/up projection's output.
+ *  - silu_mul: the MLP's act = silu(gate) * up from the fused gate/up projection's output (SwiGLU);
+ *    gelu_tanh_mul the same with GELU's tanh approximation (GeGLU: Gemma).
  * Through torch these are ~20 small operators a layer (rms_norm alone is five on the CPU), each a few
  * microseconds of dispatch whatever the batch, which at small batches is a real share of a decode step
  * (BENCHMARKS.md, "Layer glue"). Rows are independent and each is computed by one thread in a fixed order.
@@ -65,7 +66,7 @@ int rope_store(const float *qkv, int64_t ldqkv, int64_t T, int64_t Hq, int64_t H
 }
 
 /* act[t, i] = silu(gu[t, i]) * gu[t, I + i]: gu [T, 2I] rows ldg apart (gate, then up), act [T, I]. silu(g)
- * = g / (1 + e^-g), with e^-|g| so the exp never overflows: for g < 0 it is g e^g / (1 + e^g). */
+ * = g * sigmoid(g). */
 void silu_mul(const float *gu, int64_t ldg, int64_t T, int64_t I, float *act, int64_t lda, int nthreads) {
     /* rows are wider than a norm's (SmolLM2: 1536), so a second thread pays for its fork at fewer rows:
      * PAR_ELEMENTS is 8 such rows, from where two threads were faster than one (BENCHMARKS.md, "Figures
@@ -75,10 +76,23 @@ void silu_mul(const float *gu, int64_t ldg, int64_t T, int64_t I, float *act, in
         const float *g = gu + t * ldg, *u = g + I;
         float *a = act + t * lda;
 #pragma omp simd
+        for (int64_t i = 0; i < I; i++) a[i] = g[i] * sigmoid_vec(g[i]) * u[i];
+    }
+}
+
+/* act[t, i] = gelu(gu[t, i]) * gu[t, I + i] with GELU's tanh approximation, as torch's F.gelu(g,
+ * approximate="tanh"): g / 2 * (1 + tanh(y / 2)) with y = 2 sqrt(2 / pi) (g + 0.044715 g^3), which is
+ * g * sigmoid(y): no 1 + tanh cancelling in the negative tail. Inside y, g is clamped to [-10, 10], where
+ * sigmoid(y) is already 1 or below 1e-37 (its exp's clamp), so that g^3 cannot overflow. */
+void gelu_tanh_mul(const float *gu, int64_t ldg, int64_t T, int64_t I, float *act, int64_t lda, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) if (T * I >= PAR_ELEMENTS) schedule(static)
+    for (int64_t t = 0; t < T; t++) {
+        const float *g = gu + t * ldg, *u = g + I;
+        float *a = act + t * lda;
+#pragma omp simd
         for (int64_t i = 0; i < I; i++) {
-            const float e = exp_nonpos(-fabsf(g[i])), d = 1.f / (1.f + e);
-            const float sig = g[i] >= 0.f ? d : e * d; /* a select, not a branch: the loop vectorizes */
-            a[i] = g[i] * sig * u[i];
+            const float c = blend(fabsf(g[i]) <= 10.f, g[i], copysignf(10.f, g[i]));
+            a[i] = g[i] * sigmoid_vec(1.5957691216057308f * c * (1.f + 0.044715f * c * c)) * u[i];
         }
     }
 }

@@ -10,6 +10,9 @@
  *   kc, vc:  [slots, Hkv, D]     one layer's cache; slot = block * bs + offset
  *   tables:  [B, width] int64    each sequence's block ids
  *   lens:    [B] int64           context length, the new token included (>= 1)
+ * Per layer: scale multiplies q.k; softcap > 0 turns a score x into softcap * tanh(x / softcap) before the
+ * softmax (Gemma 2); window > 0 restricts a row to its last `window` positions, its own included (a
+ * sliding layer: positions [max(0, len - window), len)), and the blocks before that are never read.
  * Each sequence is one task (split by KV head only when there are fewer sequences than threads and the
  * context is long), computed start to finish by one thread in a fixed order, so a sequence's result does
  * not depend on what else is in the batch or on the thread count. The G = Hq / Hkv query heads of a KV
@@ -96,8 +99,8 @@ static inline __attribute__((always_inline)) void qk_tile(const float *q, const 
 }
 #endif
 
-/* Attention of the G query heads of KV head kvh over the sequence's first L positions: q, out [G, D];
- * scores [G, L] in s. Positions outermost, so each K/V row part (one or a few cache lines) is read once
+/* Attention of the G query heads of KV head kvh over the sequence's positions [lo, L): q, out [G, D];
+ * scores in s. Positions outermost, so each K/V row part (one or a few cache lines) is read once
  * for the G heads. Called with constant G and D for the common shapes, so that the accumulators (G * D
  * floats: 12 zmm for SmolLM2) stay in registers while V streams by, where one pass over all heads kept
  * them in memory (same bits either way).
@@ -109,18 +112,22 @@ static inline __attribute__((always_inline)) void qk_tile(const float *q, const 
  * weights stream through between layers (further ahead gained nothing). The timings of all three:
  * BENCHMARKS.md, "Decode attention" and "Attention scores 16 positions at a time". */
 static inline __attribute__((always_inline)) void attend_kv(const float *q, const float *kc, const float *vc,
-        const int64_t *tb, int64_t L, int64_t kvh, int64_t Hkv, const int64_t G, const int64_t D, int64_t bs,
-        float scale, float *out, float *s) {
-    for (int64_t j0 = 0, blk = 0; j0 < L; j0 += bs, blk++) {
+        const int64_t *tb, int64_t L, int64_t lo, int64_t kvh, int64_t Hkv, const int64_t G, const int64_t D,
+        int64_t bs, float scale, float softcap, float *out, float *s) {
+    /* Positions [lo, L) are attended to. Scores start at the block holding lo (jb), so that the tiles
+     * stay aligned to blocks; the ones before lo are computed and left out of the softmax. */
+    const int64_t b0 = lo / bs, jb = b0 * bs, ls = L - jb; /* s: [G, ls], position j at s[g * ls + j - jb] */
+    for (int64_t j0 = jb, blk = b0; j0 < L; j0 += bs, blk++) {
         const int64_t n = L - j0 < bs ? L - j0 : bs;
         const float *kb = kc + (tb[blk] * bs * Hkv + kvh) * D;
         const float *kn = j0 + bs < L ? kc + (tb[blk + 1] * bs * Hkv + kvh) * D : kb; /* the next block */
+        float *sb = s + j0 - jb;
 #ifdef SW
         if (bs % SW == 0 && D % SW == 0) {
             for (int64_t j = 0; j < n; j += SW) {
                 for (int64_t r = j; r < j + SW; r++)
                     for (int64_t c = 0; c < D; c += 16) __builtin_prefetch(kn + r * Hkv * D + c);
-                qk_tile(q, kb + j * Hkv * D, Hkv * D, G, D, scale, s + j0 + j, L, n - j < SW ? n - j : SW);
+                qk_tile(q, kb + j * Hkv * D, Hkv * D, G, D, scale, sb + j, ls, n - j < SW ? n - j : SW);
             }
             continue;
         }
@@ -133,34 +140,41 @@ static inline __attribute__((always_inline)) void attend_kv(const float *q, cons
                 float d = 0.f;
 #pragma omp simd reduction(+ : d)
                 for (int64_t i = 0; i < D; i++) d += qh[i] * kr[i];
-                s[g * L + j0 + j] = d * scale;
+                sb[g * ls + j] = d * scale;
             }
         }
     }
+    if (softcap > 0.f) { /* a pass of its own: the loops above stay as they are without a cap */
+        const float inv = 1.f / softcap;
+#pragma omp simd
+        for (int64_t i = 0; i < G * ls; i++) s[i] = softcap * tanh_vec(s[i] * inv);
+    }
     for (int64_t g = 0; g < G; g++) {
-        float *sr = s + g * L, m = -INFINITY, sum = 0.f;
+        float *sr = s + g * ls + (lo - jb), m = -INFINITY, sum = 0.f;
+        const int64_t len = L - lo;
 #pragma omp simd reduction(max : m)
-        for (int64_t j = 0; j < L; j++) m = sr[j] > m ? sr[j] : m;
+        for (int64_t j = 0; j < len; j++) m = sr[j] > m ? sr[j] : m;
 #pragma omp simd reduction(+ : sum)
-        for (int64_t j = 0; j < L; j++) {
+        for (int64_t j = 0; j < len; j++) {
             sr[j] = exp_nonpos(sr[j] - m);
             sum += sr[j];
         }
         const float inv = 1.f / sum;
-        for (int64_t j = 0; j < L; j++) sr[j] *= inv;
+        for (int64_t j = 0; j < len; j++) sr[j] *= inv;
     }
     float acc[G][D];
     for (int64_t g = 0; g < G; g++)
         for (int64_t i = 0; i < D; i++) acc[g][i] = 0.f;
-    for (int64_t j0 = 0, blk = 0; j0 < L; j0 += bs, blk++) {
+    for (int64_t j0 = jb, blk = b0; j0 < L; j0 += bs, blk++) {
         const int64_t n = L - j0 < bs ? L - j0 : bs;
         const float *vb = vc + (tb[blk] * bs * Hkv + kvh) * D;
         const float *vn = j0 + bs < L ? vc + (tb[blk + 1] * bs * Hkv + kvh) * D : vb;
-        for (int64_t j = 0; j < n; j++) {
+        const float *pb = s + j0 - jb;
+        for (int64_t j = j0 < lo ? lo - j0 : 0; j < n; j++) {
             const float *vr = vb + j * Hkv * D;
             for (int64_t c = 0; c < D; c += 16) __builtin_prefetch(vn + j * Hkv * D + c);
             for (int64_t g = 0; g < G; g++) {
-                const float p = s[g * L + j0 + j];
+                const float p = pb[g * ls + j];
 #pragma omp simd
                 for (int64_t i = 0; i < D; i++) acc[g][i] += p * vr[i];
             }
@@ -170,49 +184,67 @@ static inline __attribute__((always_inline)) void attend_kv(const float *q, cons
         for (int64_t i = 0; i < D; i++) out[g * D + i] = acc[g][i];
 }
 
-/* Sequence b's query heads [h0, h1) (a multiple of G apart): q, out [Hq, D]; scratch holds G * L floats. */
-static void attend(const float *q, const float *kc, const float *vc, const int64_t *tb, int64_t L,
+/* Sequence b's query heads [h0, h1) (a multiple of G apart) over positions [lo, L): q, out [Hq, D]; scratch
+ * holds G * (L - lo rounded down to a block start) floats. */
+static void attend(const float *q, const float *kc, const float *vc, const int64_t *tb, int64_t L, int64_t lo,
                    int64_t h0, int64_t h1, int64_t Hkv, int64_t G, int64_t D, int64_t bs, float scale,
-                   float *out, float *scratch) {
+                   float softcap, float *out, float *scratch) {
     for (int64_t kvh = h0 / G; kvh < h1 / G; kvh++) {
         const float *qk = q + kvh * G * D;
         float *ok = out + kvh * G * D;
         if (G == 3 && D == 64) /* SmolLM2-135M */
-            attend_kv(qk, kc, vc, tb, L, kvh, Hkv, 3, 64, bs, scale, ok, scratch);
+            attend_kv(qk, kc, vc, tb, L, lo, kvh, Hkv, 3, 64, bs, scale, softcap, ok, scratch);
         else if (G == 1 && D == 128) /* Llama-2-7B */
-            attend_kv(qk, kc, vc, tb, L, kvh, Hkv, 1, 128, bs, scale, ok, scratch);
+            attend_kv(qk, kc, vc, tb, L, lo, kvh, Hkv, 1, 128, bs, scale, softcap, ok, scratch);
         else if (G == 4 && D == 128) /* Mistral-7B, Llama-3-8B */
-            attend_kv(qk, kc, vc, tb, L, kvh, Hkv, 4, 128, bs, scale, ok, scratch);
+            attend_kv(qk, kc, vc, tb, L, lo, kvh, Hkv, 4, 128, bs, scale, softcap, ok, scratch);
         else
-            attend_kv(qk, kc, vc, tb, L, kvh, Hkv, G, D, bs, scale, ok, scratch);
+            attend_kv(qk, kc, vc, tb, L, lo, kvh, Hkv, G, D, bs, scale, softcap, ok, scratch);
     }
 }
 
+/* Positions a score tile holds: 16 (AVX-512), 8 (AVX2), 0 in the scalar build (tests check which ran). */
+int paged_attention_tile(void) {
+#ifdef SW
+    return SW;
+#else
+    return 0;
+#endif
+}
+
+/* The first position a row of context length L attends to. */
+static inline int64_t window_start(int64_t L, int64_t window) {
+    return window > 0 && L > window ? L - window : 0;
+}
+
 /* Returns 0; 1 when scratch memory could not be had; 2 (nothing computed) when a length or a block id
- * is outside the tables or the cache (nslots slots): a wrong index must not become a read anywhere. */
+ * that would be read is outside the tables or the cache (nslots slots): a wrong index must not become a
+ * read anywhere. Blocks wholly before a row's window are not read, so not checked either. */
 int paged_decode_attention(const float *q, const float *kc, const float *vc, int64_t nslots,
                            const int64_t *tables, int64_t width, const int64_t *lens, int64_t B, int64_t Hq,
-                           int64_t Hkv, int64_t D, int64_t bs, float scale, float *out, int nthreads) {
+                           int64_t Hkv, int64_t D, int64_t bs, float scale, float softcap, int64_t window,
+                           float *out, int nthreads) {
     const int64_t G = Hq / Hkv;
+    int64_t span = 0; /* the most scores a head of one row holds: from its window's first block on */
     for (int64_t b = 0; b < B; b++) {
         if (lens[b] < 1 || lens[b] > width * bs) return 2;
-        for (int64_t i = 0; i < (lens[b] + bs - 1) / bs; i++)
+        const int64_t b0 = window_start(lens[b], window) / bs;
+        for (int64_t i = b0; i < (lens[b] + bs - 1) / bs; i++)
             if (tables[b * width + i] < 0 || (tables[b * width + i] + 1) * bs > nslots) return 2;
+        span = lens[b] - b0 * bs > span ? lens[b] - b0 * bs : span;
     }
     /* A task is one sequence with all its heads: each K/V row is then touched by one task only. Split by
      * KV head, tasks touched each row's pages Hkv times, and in the engine (weights streaming through the
      * caches between layers) the TLB and cache misses made a layer several times slower (BENCHMARKS.md,
-     * "Paged decode attention kernel"). Only fewer sequences than threads over long contexts are split,
-     * so that every thread has work. */
-    int64_t lmax = 0;
-    for (int64_t b = 0; b < B; b++) lmax = lens[b] > lmax ? lens[b] : lmax;
-    const int64_t split = B < (int64_t)nthreads && lmax >= 1024 ? Hkv : 1;
+     * "Paged decode attention kernel"). Only fewer sequences than threads over long contexts (the part a
+     * window leaves) are split, so that every thread has work. */
+    const int64_t split = B < (int64_t)nthreads && span >= 1024 ? Hkv : 1;
     int failed = 0;
 #pragma omp parallel num_threads(nthreads)
     {
         FTZ_ON(csr);
         const int64_t heads = Hq / split;
-        float *scratch = malloc(sizeof(float) * (size_t)(G * lmax));
+        float *scratch = malloc(sizeof(float) * (size_t)(G * span));
         if (!scratch) {
 #pragma omp atomic write
             failed = 1;
@@ -221,8 +253,8 @@ int paged_decode_attention(const float *q, const float *kc, const float *vc, int
         for (int64_t t = 0; t < B * split; t++) {
             if (!scratch) continue;
             const int64_t b = t / split, h0 = (t % split) * heads;
-            attend(q + b * Hq * D, kc, vc, tables + b * width, lens[b], h0, h0 + heads, Hkv, G, D, bs,
-                   scale, out + b * Hq * D, scratch);
+            attend(q + b * Hq * D, kc, vc, tables + b * width, lens[b], window_start(lens[b], window), h0,
+                   h0 + heads, Hkv, G, D, bs, scale, softcap, out + b * Hq * D, scratch);
         }
         free(scratch);
         FTZ_OFF(csr);

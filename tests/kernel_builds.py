@@ -1,0 +1,60 @@
+"""A C kernel as the engine builds it, and built again with the wider vector instruction sets switched off,
+so that each of its paths (AVX-512, AVX2, scalar) runs on a machine that has the wider ones: tests of
+csrc/paged_attention.c and csrc/layer_glue.c parametrize their kernel fixture over `builds()`."""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+
+from loraserve.engine.kernels import cpu as cpu_kernels
+
+K = TypeVar("K")
+
+_FLAGS = {"native": "", "avx2": "-mno-avx512f", "scalar": "-mno-avx2 -mno-avx512f"}
+
+
+def _cpu_has(flag: str) -> bool:
+    text = Path("/proc/cpuinfo").read_text() if os.path.exists("/proc/cpuinfo") else ""
+    return any(line.startswith("flags") and flag in line.split() for line in text.splitlines())
+
+
+def builds() -> list[str]:
+    """The builds that differ on this CPU: the native one, the AVX2 one where it has AVX-512, the scalar
+    one where it has AVX2."""
+    return ["native"] + (["avx2"] if _cpu_has("avx512f") else []) + (["scalar"] if _cpu_has("avx2") else [])
+
+
+def tile(name: str) -> int:
+    """The score tile csrc/paged_attention.c has in the build `name` (0: its scalar path)."""
+    native = 16 if _cpu_has("avx512f") else 8 if _cpu_has("avx2") and _cpu_has("fma") else 0
+    return {"native": native, "avx2": 8, "scalar": 0}[name]
+
+
+def build(load: functools._lru_cache_wrapper[K | None], name: str, tmp: pytest.TempPathFactory) -> K:
+    """`load()` for the build `name`: the others through a compiler wrapper that appends the flags, into
+    a cache of their own. The environment is changed for the build only, and the loader's cache is left
+    empty after it, so the engine's own loads still get the native build."""
+    if name == "native":
+        kernel = load()
+    else:
+        cc = cpu_kernels._compiler()
+        assert cc is not None
+        folder = tmp.mktemp(f"{name}-cc")
+        wrapper = folder / "cc"
+        wrapper.write_text(f'#!/bin/sh\nexec {cc} "$@" {_FLAGS[name]}\n')
+        wrapper.chmod(0o755)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("CC", str(wrapper))
+            mp.setenv("LORASERVE_KERNEL_CACHE", str(folder / "cache"))
+            load.cache_clear()
+            try:
+                kernel = load()
+            finally:
+                load.cache_clear()
+    assert kernel is not None  # a compiler is present: the build must work
+    return kernel
