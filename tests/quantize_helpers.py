@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import random
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.convert_slow_tokenizer import generate_merges  # type: ignore[attr-defined]
 
 from loraserve.engine.llm_engine import LLMEngine
+from loraserve.engine.weights.quant import QuantTensor
 from loraserve.types import SamplingParams
 
 from engine_helpers import run_traced
@@ -94,6 +96,21 @@ def write_sentencepiece_tokenizer(root: Path, sp: spm.SentencePieceProcessor) ->
     backend.save(str(root / "tokenizer.json"))
     (root / "tokenizer_config.json").write_text(json.dumps(
         {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "add_bos_token": True}))
+
+
+def assert_same_weights(read: Mapping[str, Any], expected: Mapping[str, Any],
+                        atol: Callable[[str], float] = lambda name: 0.0) -> None:
+    """A GGUF file's state dict against quantize-at-load's: the same names, blocks byte for byte, float
+    tensors within `atol(name)` (0: equal)."""
+    assert set(read) == set(expected)
+    for name, weight in expected.items():
+        got = read[name]
+        if isinstance(weight, QuantTensor):
+            assert isinstance(got, QuantTensor) and got.qtype is weight.qtype, name
+            assert torch.equal(got.blocks, weight.blocks), name
+        else:
+            assert isinstance(got, torch.Tensor) and isinstance(weight, torch.Tensor), name
+            torch.testing.assert_close(got, weight, rtol=0, atol=atol(name), msg=name)
 
 
 def prompt_logits(engine: LLMEngine, prompt: list[int]) -> torch.Tensor:

@@ -39,7 +39,6 @@ from loraserve.engine.weights.convert import convert
 from loraserve.engine.weights.gguf_file import load_gguf
 from loraserve.engine.weights.gguf_writer import PlannedTensor, write_gguf
 from loraserve.engine.weights.hf import hf_tensors
-from loraserve.engine.weights.quant import QuantTensor
 from loraserve.engine.weights.quantize import load_hf_quantized, quant_type
 from loraserve.engine.weights.tokenizer import Tokenizer
 
@@ -50,7 +49,7 @@ from gguf_helpers import (
     write_gemma_tokenizer,
     write_qwen2_tokenizer,
 )
-from quantize_helpers import prompt_logits
+from quantize_helpers import assert_same_weights, prompt_logits
 
 # Rows of 64 and 128: whole Q8_0 / Q4_0 blocks. head_dim 32 is not hidden / heads (16).
 SHAPE: dict[str, Any] = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4,
@@ -203,15 +202,7 @@ def test_quantized_file_is_the_quantized_checkpoint(checkpoint: tuple[str, Any, 
     _, from_dir = load_hf_quantized(root, torch.float32, quant_type(Quantization.Q8_0))
     config, from_file, _ = load_gguf(out, torch.float32, keep_quantized=True)
     assert config == load_gguf(_float_file(root, tmp_path / "f32.gguf"), torch.float32)[0]
-    assert set(from_file) == set(from_dir)
-    for name, weight in from_dir.items():
-        read = from_file[name]
-        if isinstance(weight, QuantTensor):
-            assert isinstance(read, QuantTensor) and read.qtype is weight.qtype, name
-            assert torch.equal(read.blocks, weight.blocks), name
-        else:
-            assert isinstance(read, torch.Tensor) and isinstance(weight, torch.Tensor), name
-            torch.testing.assert_close(read, weight, rtol=0, atol=_norm_atol(name, family), msg=name)
+    assert_same_weights(from_file, from_dir, partial(_norm_atol, family=family))
 
 
 def test_float_file_served_as_transformers_runs_the_model(checkpoint: tuple[str, Any, Path],

@@ -24,6 +24,7 @@ from loraserve.engine.weights.tokenizer import GGUFTokenType, Tokenizer
 
 from gguf_helpers import llama_cpp_permute
 from quantize_helpers import (
+    assert_same_weights,
     prompt_logits,
     tiny_hf_dir,
     train_sentencepiece,
@@ -55,15 +56,7 @@ def test_file_holds_the_quantized_checkpoint(written: tuple[Path, Path, Quantiza
     root, out, quantization = written
     _, from_dir = load_hf_quantized(root, torch.float32, quant_type(quantization))
     _, from_file, _ = load_gguf(out, torch.float32, keep_quantized=True)
-    assert set(from_file) == set(from_dir)
-    for name, weight in from_dir.items():
-        read = from_file[name]
-        if isinstance(weight, QuantTensor):
-            assert isinstance(read, QuantTensor) and read.qtype is weight.qtype, name
-            assert torch.equal(read.blocks, weight.blocks), name
-        else:
-            assert isinstance(read, torch.Tensor) and isinstance(weight, torch.Tensor), name
-            assert torch.equal(read, weight), name
+    assert_same_weights(from_file, from_dir)
 
 
 def test_metadata_and_tensors_as_llama_cpp_names_them(written: tuple[Path, Path, Quantization]) -> None:
