@@ -12,13 +12,11 @@ from pathlib import Path
 
 from loraserve.peft import ALL_LINEAR, PROJ_SECTION, AdapterConfig
 from loraserve.registry.limits import RegistryLimits
+from loraserve.registry.safetensors_header import DTYPE_SIZES, MAX_HEADER_BYTES, TensorInfo
 from loraserve.registry.validate_config import MAX_ALPHA, MAX_CONFIG_BYTES, MAX_ENTRIES, parse_adapter_config
 from loraserve.registry.validate_tensors import (
-    DTYPE_SIZES,
-    MAX_HEADER_BYTES,
     AdapterTensors,
     LoraModule,
-    TensorInfo,
     check_against_config,
     check_finite,
     read_adapter_tensors,
