@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -102,6 +103,12 @@ def serve(
         str | None, typer.Option(envvar="LORASERVE_METRICS_TOKEN",
                                  help="Bearer token GET /metrics requires (its series name finetune ids).")
     ] = None,
+    engine_process: Annotated[
+        bool,
+        typer.Option("--engine-process",
+                     help="Run each model's engine in a process of its own, restarted if it dies; this one "
+                          "keeps HTTP, templates, tokenizers and streaming."),
+    ] = False,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Serve the Workers AI API for the given models."""
@@ -120,7 +127,12 @@ def serve(
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     registry = _open_registry(data_dir, database_url, limits)  # before the slow model loading: fail fast
     from loraserve.engine.config import EngineConfig
-    from loraserve.engine.loader import load_backend  # torch: only now
+
+    load_backend: Callable[..., Backend]
+    if engine_process:  # torch is imported by the engine processes only
+        from loraserve.engine.core_process.client import EngineClient as load_backend
+    else:
+        from loraserve.engine.loader import load_backend  # torch: only now
 
     try:
         if quantize is not None and dtype is None:

@@ -13,8 +13,8 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 from loraserve.chat_template import ChatTemplate
-from loraserve.engine.core.sequence import TokenScores
 from loraserve.engine.llm_engine import LLMEngine, StepOutput
+from loraserve.engine.streams import NO_LOGPROBS, Logprobs, RequestEvents, Stream, event_logprobs
 from loraserve.engine.weights.detokenizer import IncrementalDetokenizer
 from loraserve.engine.weights.token_bytes import TokenBytes
 from loraserve.engine.weights.tokenizer import Tokenizer
@@ -23,11 +23,9 @@ from loraserve.types import (
     ChatMessage,
     FinishReason,
     ModelInfo,
-    PositionLogprobs,
     QueueFull,
     SamplingParams,
     StreamEvent,
-    TokenLogprob,
     check_context_window,
 )
 
@@ -51,48 +49,16 @@ class _Forget:
     key: str
 
 
-@dataclass
-class _Stream:
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue[StreamEvent]
-    detok: IncrementalDetokenizer
-    num_prompt: int
-    done: bool = False
-
-
 EngineFactory = Callable[[], tuple[LLMEngine, Tokenizer]]
-# An event's (logprobs, prompt_logprobs), as StreamEvent holds them.
-_Logprobs = tuple[tuple[PositionLogprobs, ...], tuple[PositionLogprobs, ...] | None]
 
 
-class _Events:
-    """One request's events. Closing it, or cancelling a read, before the last event aborts the request,
-    which frees its KV blocks and adapter pin at once. Not an async generator: one closed before its first
-    read would never run its `finally`, and its request would generate on for nobody."""
-
-    def __init__(self, engine: AsyncEngine, request_id: str, stream: _Stream) -> None:
-        self._engine, self._request_id, self._stream = engine, request_id, stream
-        self._ended = False
-
-    def __aiter__(self) -> _Events:
-        return self
-
-    async def __anext__(self) -> StreamEvent:
-        if self._ended:
-            raise StopAsyncIteration
-        try:
-            event = await self._stream.queue.get()
-        except BaseException:  # cancelled: the consumer went away (a client disconnect)
-            await self.aclose()
-            raise
-        if event.finish_reason is not None:
-            self._ended = True
-        return event
-
-    async def aclose(self) -> None:
-        self._ended = True
-        if not self._stream.done:
-            self._engine.abort(self._request_id)
+def model_info(engine: LLMEngine) -> ModelInfo:
+    """What the server and the registry learn of a loaded engine."""
+    cfg = engine.cfg
+    return ModelInfo(context_window=engine.context_window, num_layers=cfg.num_layers,
+                     vocab_size=cfg.vocab_size, lora_shapes=cfg.lora_shapes(), architecture=cfg.architecture,
+                     weights="gguf" if engine.ecfg.dtype == "gguf"
+                     else str(engine.dtype).removeprefix("torch."))
 
 
 class AsyncEngine:
@@ -105,7 +71,7 @@ class AsyncEngine:
     """
 
     def __init__(self, factory: EngineFactory, chat_template: ChatTemplate | None = None) -> None:
-        self._streams: dict[str, _Stream] = {}
+        self._streams: dict[str, Stream] = {}
         self._inbox: list[_Add | _Abort | _Forget] = []
         self._pending_adds = 0
         self._lock = threading.Lock()
@@ -119,15 +85,9 @@ class AsyncEngine:
         self._ready.wait()
         if self._build_error is not None:
             raise self._build_error
-        engine = self.engine
         self.chat_template = chat_template or self.tokenizer.chat_template
-        cfg = engine.cfg
-        self._info = ModelInfo(context_window=engine.context_window, num_layers=cfg.num_layers,
-                               vocab_size=cfg.vocab_size, lora_shapes=cfg.lora_shapes(),
-                               architecture=cfg.architecture,
-                               weights="gguf" if engine.ecfg.dtype == "gguf"
-                               else str(engine.dtype).removeprefix("torch."))
-        self._stats: dict[str, float] = engine.stats()
+        self._info = model_info(self.engine)
+        self._stats: dict[str, float] = self.engine.stats()
 
     # -- Backend -----------------------------------------------------------------------------------
     @property
@@ -150,13 +110,13 @@ class AsyncEngine:
             self._admit(len(prompt_token_ids), params.max_tokens)
             if request_id in self._streams:
                 raise ValueError(f"duplicate request id {request_id}")
-            stream = _Stream(loop, asyncio.Queue(), IncrementalDetokenizer(self.tokenizer, prompt_token_ids),
-                             len(prompt_token_ids))
+            stream = Stream(loop, asyncio.Queue(), IncrementalDetokenizer(self.tokenizer, prompt_token_ids),
+                            len(prompt_token_ids))
             self._streams[request_id] = stream
             self._inbox.append(_Add(request_id, list(prompt_token_ids), params, adapter, cache_salt))
             self._pending_adds += 1
             self._wake.notify()
-        return _Events(self, request_id, stream)
+        return RequestEvents(self.abort, request_id, stream)
 
     def admit(self, prompt_tokens: int, max_tokens: int) -> None:
         with self._lock:
@@ -259,33 +219,18 @@ class AsyncEngine:
             self.engine.abort(item.request_id)
             self._emit(item.request_id, None, FinishReason.ABORT, 0, None)
 
-    def _logprobs(self, out: StepOutput) -> _Logprobs:
-        """A step's scores as the server reports them: with each token's bytes."""
-        sampled = (self._position(out.logprobs),) if out.logprobs is not None else ()
-        if out.prompt_scores is None:
-            return sampled, None
-        first = out.seq.prompt_ids[0]
-        return sampled, (PositionLogprobs(first, self._token_bytes(first), None),
-                         *(self._position(s) for s in out.prompt_scores))
-
-    def _position(self, scores: TokenScores) -> PositionLogprobs:
-        token, *top = [TokenLogprob(i, self._token_bytes(i), lp)
-                       for i, lp in zip(scores.ids, scores.logprobs, strict=True)]
-        return PositionLogprobs(token.token_id, token.token, token.logprob, tuple(top))
+    def _logprobs(self, out: StepOutput) -> Logprobs:
+        return event_logprobs(self._token_bytes, out.logprobs, out.prompt_scores, out.seq.prompt_ids)
 
     def _emit(self, request_id: str, token: int | None, finish: FinishReason | None, num_output: int,
-              error: str | None, logprobs: _Logprobs = ((), None)) -> None:
+              error: str | None, logprobs: Logprobs = NO_LOGPROBS) -> None:
         stream = self._streams.get(request_id)
         if stream is None:
             return
-        text = stream.detok.push(token) if token is not None else ""
+        event = stream.event(token, finish, num_output, error, logprobs)
         if finish is not None:
-            text += stream.detok.flush()
-            stream.done = True
             with self._lock:
                 self._streams.pop(request_id, None)
-        event = StreamEvent(text, stream.num_prompt, num_output, finish,
-                            error if finish is FinishReason.ERROR else None, *logprobs)
         try:
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, event)
         except RuntimeError:  # its event loop is closed: nobody can read this stream any more
