@@ -10,9 +10,9 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
 
 from loraserve.chat_template import ChatTemplate
+from loraserve.engine.core_process.messages import AbortRequest, AddRequest, ForgetAdapter
 from loraserve.engine.llm_engine import LLMEngine, StepOutput
 from loraserve.engine.streams import NO_LOGPROBS, Logprobs, RequestEvents, Stream, event_logprobs
 from loraserve.engine.weights.detokenizer import IncrementalDetokenizer
@@ -28,26 +28,6 @@ from loraserve.types import (
     StreamEvent,
     check_context_window,
 )
-
-
-@dataclass(frozen=True)
-class _Add:
-    request_id: str
-    prompt: list[int]
-    params: SamplingParams
-    adapter: AdapterRef | None
-    cache_salt: str | None
-
-
-@dataclass(frozen=True)
-class _Abort:
-    request_id: str
-
-
-@dataclass(frozen=True)
-class _Forget:
-    key: str
-
 
 EngineFactory = Callable[[], tuple[LLMEngine, Tokenizer]]
 
@@ -72,7 +52,7 @@ class AsyncEngine:
 
     def __init__(self, factory: EngineFactory, chat_template: ChatTemplate | None = None) -> None:
         self._streams: dict[str, Stream] = {}
-        self._inbox: list[_Add | _Abort | _Forget] = []
+        self._inbox: list[AddRequest | AbortRequest | ForgetAdapter] = []
         self._pending_adds = 0
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -113,7 +93,7 @@ class AsyncEngine:
             stream = Stream(loop, asyncio.Queue(), IncrementalDetokenizer(self.tokenizer, prompt_token_ids),
                             len(prompt_token_ids))
             self._streams[request_id] = stream
-            self._inbox.append(_Add(request_id, list(prompt_token_ids), params, adapter, cache_salt))
+            self._inbox.append(AddRequest(request_id, list(prompt_token_ids), params, adapter, cache_salt))
             self._pending_adds += 1
             self._wake.notify()
         return RequestEvents(self.abort, request_id, stream)
@@ -139,12 +119,12 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         with self._lock:
             if request_id in self._streams:
-                self._inbox.append(_Abort(request_id))
+                self._inbox.append(AbortRequest(request_id))
                 self._wake.notify()
 
     def forget_adapter(self, key: str) -> None:
         with self._lock:
-            self._inbox.append(_Forget(key))
+            self._inbox.append(ForgetAdapter(key))
             self._wake.notify()
 
     def stats(self) -> dict[str, float]:
@@ -202,8 +182,8 @@ class AsyncEngine:
                            self._logprobs(out))
         self._fail_all("engine is shut down")
 
-    def _apply(self, item: _Add | _Abort | _Forget) -> None:
-        if isinstance(item, _Add):
+    def _apply(self, item: AddRequest | AbortRequest | ForgetAdapter) -> None:
+        if isinstance(item, AddRequest):
             with self._lock:
                 self._pending_adds -= 1
             if item.request_id not in self._streams:
@@ -213,7 +193,7 @@ class AsyncEngine:
                                         item.cache_salt)
             except Exception as exc:
                 self._emit(item.request_id, None, FinishReason.ERROR, 0, str(exc))
-        elif isinstance(item, _Forget):
+        elif isinstance(item, ForgetAdapter):
             self.engine.adapters.forget(item.key)
         else:
             self.engine.abort(item.request_id)

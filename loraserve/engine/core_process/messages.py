@@ -1,4 +1,5 @@
-"""What crosses the pipe between the API process and the engine process. Plain picklable data.
+"""What a request's add, abort and adapter forget look like on their way to an engine: through the pipe to the
+engine process (plain picklable data), or into AsyncEngine's inbox in the same process.
 
 To the engine: `AddRequest`, `AbortRequest`, `ForgetAdapter`, `Shutdown`. From it: `Started` (where the
 tokenizer is), then `Ready` (or `LoadFailed`), then one `StepOut` per step that produced something.
