@@ -71,6 +71,9 @@ def _run_child(code: str) -> subprocess.CompletedProcess[str]:
         "import loraserve.peft",
         # `loraserve loadtest` drives a server from a machine that need not have torch.
         "import loraserve.tools.loadtest.run",
+        # with --engine-process the API process talks to the engine through this client and never loads torch
+        "import loraserve.engine.core_process.client",
+        "import loraserve.engine.core_process.supervisor",
     ],
 )
 def test_the_api_side_does_not_import_torch(statement: str) -> None:
