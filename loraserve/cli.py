@@ -11,14 +11,12 @@ from __future__ import annotations
 import importlib
 import json
 import logging
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from loraserve import catalog
-from loraserve.chat_template import TemplateKind
 from loraserve.cli_accounts import finetune_app, token_app
 from loraserve.cli_common import (
     DEFAULT_DATA_DIR,
@@ -32,10 +30,9 @@ from loraserve.cli_common import (
 )
 from loraserve.client import DEFAULT_BASE_URL, APIError, Client, RunStream
 from loraserve.engine.config import Quantization  # torch-free, as the whole config module
-from loraserve.types import Backend
 
 if TYPE_CHECKING:
-    from loraserve.registry import Registry, RegistryLimits
+    pass
 
 app = typer.Typer(
     no_args_is_help=True, add_completion=False,
@@ -66,7 +63,16 @@ def serve(
         ),
     ] = None,
     database_url: DatabaseUrl = None,
+    adapter_store: Annotated[
+        str | None,
+        typer.Option(help="Keep adapter files in a shared store: s3://BUCKET/PREFIX (endpoint and "
+                          "credentials from the AWS_* environment), file:///PATH or memory://PREFIX; the "
+                          "data dir then caches them. Default: the data dir alone."),
+    ] = None,
     rate_limit: Annotated[int | None, typer.Option(help="Runs per account per minute; 0 disables.")] = None,
+    redis_url: Annotated[str | None, typer.Option(
+        envvar="LORASERVE_REDIS_URL", help="Count the rate limit in this Redis (redis://, rediss://, unix://),"
+        " shared by every server given it; default: in this process.")] = None,
     max_rank: Annotated[int | None, typer.Option(help="Largest LoRA rank accepted at upload.")] = None,
     timeout: Annotated[float | None, typer.Option(help="Seconds a /run may take, queueing included.")] = None,
     max_batch: Annotated[
@@ -109,90 +115,53 @@ def serve(
                      help="Run each model's engine in a process of its own, restarted if it dies; this one "
                           "keeps HTTP, templates, tokenizers and streaming."),
     ] = False,
+    replicas: Annotated[int | None, typer.Option(
+        min=1, help="Run N engine replicas per model on Ray Serve (pip install 'loraserve[cluster]'), "
+                    "behind Serve's HTTP proxy on --host/--port; a Ray is started here unless --address.")
+    ] = None,
+    address: Annotated[str | None, typer.Option(
+        help="With --replicas: join this Ray cluster (HOST:PORT or ray://...).")] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Serve the Workers AI API for the given models."""
-    from loraserve.api import ServerSettings, create_app
-    from loraserve.api import serve as run_server
+    from loraserve.api import ServerSettings
     from loraserve.registry import RegistryLimits
+    from loraserve.registry.store import AdapterStoreConfig
 
     try:
         sources = [catalog.parse_model_arg(arg) for arg in model or [catalog.DEFAULT_MODEL.id]]
         located = {s.id: catalog.locate(s.source) for s in sources}
         settings = ServerSettings(**_given(rate_limit_per_minute=rate_limit, request_timeout_s=timeout,
-                                           metrics_token=metrics_token))
+                                           metrics_token=metrics_token, redis_url=redis_url))
         limits = RegistryLimits(**_given(max_rank=max_rank))
+        store = AdapterStoreConfig(adapter_store) if adapter_store is not None else None
     except ValueError as exc:  # ModelSourceError, or a setting out of range
         raise fail(str(exc), 2) from None
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    registry = _open_registry(data_dir, database_url, limits)  # before the slow model loading: fail fast
-    from loraserve.engine.config import EngineConfig
+    # Before the slow model loading: fail fast.
+    from loraserve.cli_serve import open_registry, serve_models
 
-    load_backend: Callable[..., Backend]
-    if engine_process:  # torch is imported by the engine processes only
-        from loraserve.engine.core_process.client import EngineClient as load_backend
-    else:
-        from loraserve.engine.loader import load_backend  # torch: only now
+    registry = open_registry(data_dir, database_url, limits, store)
+    from loraserve.engine.config import EngineConfig
 
     try:
         if quantize is not None and dtype is None:
             dtype = "gguf"  # the only dtype quantized weights are served in
-        engine_config = EngineConfig(**_given(max_num_seqs=max_batch, max_queue=max_queue,
-                                              prefix_caching=prefix_caching, device=device, dtype=dtype,
-                                              lora_dtype=lora_dtype, quantize=quantize))
+        engine_options = _given(max_num_seqs=max_batch, max_queue=max_queue, prefix_caching=prefix_caching,
+                                device=device, dtype=dtype, lora_dtype=lora_dtype, quantize=quantize)
+        engine_config = EngineConfig(**engine_options)
     except ValueError as exc:
         raise fail(str(exc), 2) from None
-    if engine_config.device.startswith("cuda"):
-        import torch
+    if replicas is not None or address is not None:  # the engines as Ray Serve replicas: loraserve/cluster/
+        from loraserve.cluster.local import serve_from_cli  # torch-free; ray: only there
 
-        if not torch.cuda.is_available():
-            raise fail(
-                f"--device {engine_config.device}: torch sees no CUDA device (torch {torch.__version__})", 2
-            )
-
-    backends: dict[str, Backend] = {}
-    loaded: dict[tuple[str, TemplateKind], Backend] = {}
-    for spec in sources:
-        key = (located[spec.id], spec.template)
-        if key not in loaded:  # two ids over the same weights share one engine
-            err.print(f"loading [bold]{spec.id}[/] from {located[spec.id]} ...", highlight=False)
-            try:
-                loaded[key] = load_backend(located[spec.id], engine_config,
-                                           chat_template=catalog.chat_template(spec.template))
-            except (OSError, ValueError) as exc:
-                raise fail(f"{spec.id}: cannot load {located[spec.id]}: {exc}", 2) from None
-            info = loaded[key].info
-            hint = " as stored (--dtype float32 dequantizes them)" if info.weights == "gguf" else ""
-            err.print(f"loaded {spec.id}: {info.num_layers} layers, {info.weights} weights{hint}",
-                      highlight=False)
-        backends[spec.id] = loaded[key]
-    if metrics_token is None and host not in ("127.0.0.1", "localhost", "::1"):
-        err.print(f"warning: GET /metrics is open to anyone who reaches {host}:{port}; "
-                  "set --metrics-token (or LORASERVE_METRICS_TOKEN) to require a bearer token",
-                  highlight=False)
-    err.print(f"serving {', '.join(backends)} on http://{host}:{port}", highlight=False)
-    run_server(create_app(registry, backends, settings), host, port, log_level=log_level)
-
-
-def _open_registry(data_dir: Path, database_url: str | None, limits: RegistryLimits) -> Registry:
-    """Open (and migrate) the registry, then repair what a crash of the last server left behind
-    (registry/recovery.py): dead temp uploads, directories of deleted finetunes, files the database
-    does not vouch for. A database that fails its integrity check stops the start."""
-    from sqlalchemy.exc import DatabaseError
-
-    from loraserve.registry import Registry
-    from loraserve.registry.recovery import RegistryCorrupt
-
-    try:
-        registry = Registry.open(data_dir, database_url, limits)
-    except DatabaseError as exc:  # e.g. a SQLite file too damaged to migrate
-        raise fail(f"cannot open the registry database: {exc.orig}", 2) from None
-    try:
-        err.print(registry.recover().summary(), highlight=False)
-    except RegistryCorrupt as exc:
         registry.close()
-        raise fail(f"{exc}; restore the database from a backup", 2) from None
-    return registry
+        serve_from_cli(replicas, address, engine_process, host, port, log_level, **_given(
+            models=tuple(model) if model else None, data_dir=data_dir, database_url=database_url,
+            adapter_store=adapter_store, engine=engine_options, server=settings, limits=limits))
+        return
+
+    serve_models(registry, sources, located, engine_config, engine_process, settings, host, port, log_level)
 
 
 def _given(**values: Any) -> dict[str, Any]:

@@ -80,7 +80,7 @@ class _SSEDecoder:
 
     def __init__(self, status: int) -> None:
         self.status = status
-        self.usage: dict[str, int] | None = None
+        self.usage: dict[str, Any] | None = None  # counts, and prompt_tokens_details.cached_tokens
         self.done = False
 
     def feed(self, line: str) -> str | None:
@@ -108,7 +108,7 @@ class RunStream:
         self._decoder = _SSEDecoder(response.status_code)
 
     @property
-    def usage(self) -> dict[str, int] | None:
+    def usage(self) -> dict[str, Any] | None:
         return self._decoder.usage
 
     def __iter__(self) -> Iterator[str]:
@@ -142,7 +142,7 @@ class AsyncRunStream:
         self._decoder = _SSEDecoder(response.status_code)
 
     @property
-    def usage(self) -> dict[str, int] | None:
+    def usage(self) -> dict[str, Any] | None:
         return self._decoder.usage
 
     async def __aiter__(self) -> AsyncIterator[str]:

@@ -113,8 +113,16 @@ class RateLimited(WorkersAIError):
 class CapacityExceeded(WorkersAIError):
     code, status = 3040, 429
 
+    def __init__(self, message: str = "Capacity temporarily exceeded, please try again.") -> None:
+        super().__init__(message)
+
+
+class EngineLost(CapacityExceeded):
+    """The engine stopped under a request (its process died, or a step failed); a retry is served once it
+    is back, so the answer is the capacity one, with its own message."""
+
     def __init__(self) -> None:
-        super().__init__("Capacity temporarily exceeded, please try again.")
+        super().__init__("The model stopped before this request finished, please try again.")
 
 
 class RequestTimeout(WorkersAIError):

@@ -40,6 +40,9 @@ class FinishReason(enum.Enum):
     LENGTH = "length"  # max_tokens or the context window reached
     ABORT = "abort"  # the caller went away (abort(request_id))
     ERROR = "error"  # the engine could not run the request (adapter failed to load, ...)
+    # The engine stopped under the request (its step raised, it shut down, or its process died): not the
+    # request's doing, so the API answers "try again" rather than blaming the request or its adapter.
+    LOST = "lost"
 
 
 @dataclass(frozen=True)
@@ -161,6 +164,8 @@ class StreamEvent:
     `logprobs` has one entry per token generated in this step when the request asked for them
     (`SamplingParams.logprobs`); the text of a token may arrive in a later event than its logprobs.
     `prompt_logprobs`, when asked for, comes whole with the first event: one entry per prompt token.
+    `cached_tokens`: the prompt tokens whose K/V the prefix cache held when the request was first
+    admitted (so 0 in an event that ends a request before it ran).
     """
 
     text: str
@@ -170,6 +175,7 @@ class StreamEvent:
     error: str | None = None
     logprobs: tuple[PositionLogprobs, ...] = ()
     prompt_logprobs: tuple[PositionLogprobs, ...] | None = None
+    cached_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -212,11 +218,14 @@ class Backend(Protocol):
         params: SamplingParams,
         adapter: AdapterRef | None = None,
         cache_salt: str | None = None,
+        session_id: str | None = None,
     ) -> AsyncIterator[StreamEvent]:
         """Queue a request; iterate its events. Refuses it at once as `admit` does.
 
         Requests share cached prompt prefixes only with requests of the same `cache_salt` (the server
-        passes the account, so no tenant can time another's prompts)."""
+        passes the account, so no tenant can time another's prompts). `session_id` is the client's opaque
+        session key (Workers AI's `x-session-affinity`): a backend spread over several engines sends a
+        session's requests to the same one, so that its cached prefix is there; one engine ignores it."""
         ...
 
     def admit(self, prompt_tokens: int, max_tokens: int) -> None:

@@ -17,7 +17,7 @@ from loraserve.api import BackgroundServer, ServerSettings, create_app
 from loraserve.registry import Registry, RegistryLimits
 
 # Fixtures shared by test modules in other folders (a conftest.py there would shadow this one's name).
-pytest_plugins = ["qlinear_helpers"]
+pytest_plugins = ["qlinear_helpers", "redis_helpers"]
 
 # random:tiny served under the catalog's Llama-2 id, with the Llama-2 template as `serve` would pick.
 LORA_MODEL = "@cf/meta-llama/llama-2-7b-chat-hf-lora"

@@ -66,6 +66,7 @@ def _run_child(code: str) -> subprocess.CompletedProcess[str]:
         "import loraserve.client",
         "import loraserve.cli",
         "import loraserve.cli_accounts",
+        "import loraserve.cli_serve",
         "import loraserve.cli_common",
         "import loraserve.catalog",
         "import loraserve.peft",

@@ -23,7 +23,7 @@ from loraserve.api.openai import routes as openai_routes
 from loraserve.api.openai.errors import OpenAIErrorMiddleware
 from loraserve.api.openapi import DocumentedApp
 from loraserve.api.openapi_models import Health
-from loraserve.api.ratelimit import RateLimiter
+from loraserve.api.ratelimit import rate_limiter_for
 from loraserve.api.settings import MULTIPART_OVERHEAD_BYTES, ServerSettings
 from loraserve.errors import InvalidFinetune
 from loraserve.registry import Registry
@@ -47,7 +47,7 @@ def create_app(
     # Every backend is wrapped once so that all generation is measured for /metrics.
     metrics = app.state.metrics = Metrics()
     served = metrics.instrument(backends)
-    attach(app, AppContext(registry, served, settings, RateLimiter(settings.rate_limit_per_minute)))
+    attach(app, AppContext(registry, served, settings, rate_limiter_for(settings)))
     install_error_handlers(app)
     app.include_router(routes_run.router, prefix=ACCOUNT_PREFIX)
     app.include_router(routes_finetunes.router, prefix=ACCOUNT_PREFIX)

@@ -24,11 +24,12 @@ class PreparedRun:
     params: SamplingParams
     adapter: AdapterRef | None
     account_id: str  # the prefix-cache scope: one account's cached prompts never serve another's
+    session_id: str | None  # x-session-affinity (session.py)
 
     def events(self) -> AsyncIterator[StreamEvent]:
         with engine_refusals():  # the queue may have filled since `prepare`
             return self.backend.generate(self.request_id, self.prompt_ids, self.params, self.adapter,
-                                         self.account_id)
+                                         self.account_id, self.session_id)
 
     def abort(self) -> None:
         self.backend.abort(self.request_id)
@@ -57,7 +58,8 @@ def prompt_text(backend: Backend, inputs: RunInput) -> str:
         raise BadInput(f"messages: {exc}") from exc
 
 
-def prepare(context: AppContext, account_id: str, model: str, inputs: RunInput) -> PreparedRun:
+def prepare(context: AppContext, account_id: str, model: str, inputs: RunInput,
+            session_id: str | None) -> PreparedRun:
     """Everything before the engine. Blocking (tokenizer, SQLite): call it from a worker thread."""
     model_id = catalog.resolve(model, context.backends.keys(), lora=inputs.lora is not None)
     backend = context.backends[model_id]
@@ -70,5 +72,6 @@ def prepare(context: AppContext, account_id: str, model: str, inputs: RunInput) 
     adapter = None
     if inputs.lora is not None:
         _, adapter = context.registry.adapter_for(account_id, model_id, inputs.lora)
-    return PreparedRun(uuid.uuid4().hex, model_id, backend, prompt_ids, params, adapter, account_id)
+    return PreparedRun(uuid.uuid4().hex, model_id, backend, prompt_ids, params, adapter, account_id,
+                       session_id)
 

@@ -172,6 +172,12 @@ class Metrics:
             "loraserve_http_request_duration_seconds", "Time to the end of the response, streams included.",
             ["route"], buckets=_DURATION_BUCKETS, registry=r,
         )
+        # A refusal (429: 3040 capacity, 3036 rate limit) should cost microseconds; under overload its
+        # tail is what a load balancer sees, measured here on the server's side of the socket.
+        self.refusal_duration = Histogram(
+            "loraserve_http_refusal_duration_seconds", "Time to answer a refused request (429).",
+            buckets=_DURATION_BUCKETS, registry=r,
+        )
         self.prompt_tokens = Counter(
             "loraserve_prompt_tokens", "Prompt tokens of generation requests.", ["model"], registry=r,
         )
@@ -230,11 +236,11 @@ class InstrumentedBackend:
 
     def generate(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-        adapter: AdapterRef | None = None, cache_salt: str | None = None,
+        adapter: AdapterRef | None = None, cache_salt: str | None = None, session_id: str | None = None,
     ) -> AsyncIterator[StreamEvent]:
         started = time.perf_counter()
         # Called (not iterated) here, so that the engine's synchronous refusals (queue full) still raise now.
-        events = self.inner.generate(request_id, prompt_token_ids, params, adapter, cache_salt)
+        events = self.inner.generate(request_id, prompt_token_ids, params, adapter, cache_salt, session_id)
         self._metrics.adapters.add(adapter.key if adapter is not None else None)
         return self._measured(events, started)
 

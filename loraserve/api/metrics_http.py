@@ -84,7 +84,10 @@ class MetricsMiddleware:
         route = route_label(scope)
         m = self.metrics
         m.requests.labels(route, scope.get("method", ""), str(status)).inc()
-        m.duration.labels(route).observe(time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        m.duration.labels(route).observe(elapsed)
+        if status == 429:
+            m.refusal_duration.observe(elapsed)
         if status >= 400:
             m.errors.labels(route, str(status), _error_code(error_body or b"")).inc()
 

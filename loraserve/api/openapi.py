@@ -20,6 +20,7 @@ from loraserve import catalog
 from loraserve.api.context import AppContext
 from loraserve.api.openai.responses import OpenAIError
 from loraserve.api.openapi_models import ErrorEnvelope
+from loraserve.api.session import MAX_SESSION_CHARS, SESSION_HEADER
 from loraserve.errors import WorkersAIError
 
 ACCOUNT_PREFIX = "/client/v4/accounts/{account_id}/ai"  # as app.py mounts the account routes
@@ -49,6 +50,13 @@ _STATUS_TEXT = {
 _ACCOUNT_ERRORS = (400, 401, 404, 413, 429, 500)
 _GENERATION_ERRORS = (*_ACCOUNT_ERRORS, 405, 408)  # /run and the OpenAI completions
 _GENERATING = ("/run/{model}", "/v1/chat/completions", "/v1/completions")
+# Read by hand (session.py), so FastAPI cannot list it.
+_SESSION_PARAMETER = {
+    "name": SESSION_HEADER, "in": "header", "required": False,
+    "description": "An opaque key for a session whose requests share a prompt prefix (prompt caching): "
+                   "a server of several engines sends them to the same one. Printable ASCII.",
+    "schema": {"type": "string", "maxLength": MAX_SESSION_CHARS, "pattern": "^[ -~]*$"},
+}
 
 
 class DocumentedApp(FastAPI):
@@ -101,6 +109,8 @@ def openapi_document(app: FastAPI) -> dict[str, Any]:
                 route = path.removeprefix(ACCOUNT_PREFIX)
                 operation["security"] = [{SECURITY_SCHEME: []}]
                 statuses = _GENERATION_ERRORS if route in _GENERATING else _ACCOUNT_ERRORS
+                if route in _GENERATING:
+                    operation.setdefault("parameters", []).append(dict(_SESSION_PARAMETER))
                 if route == "/finetunes" and method == "post":
                     statuses = (*statuses, 405)  # a base model without LoRA support
                 ref = openai if route.startswith("/v1/") else envelope

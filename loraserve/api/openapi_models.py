@@ -45,10 +45,18 @@ class _Envelope(Out):
     messages: list[Any]
 
 
+class PromptTokensDetails(Out):
+    cached_tokens: int = Field(description="Prompt tokens served from the prefix cache instead of computed "
+                               "(prompt caching; 0 when none were).")
+
+
 class RunUsage(Out):
+    """The same object as the OpenAI-compatible routes' `usage`."""
+
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
 
 
 class RunOutput(Out):

@@ -16,6 +16,7 @@ from loraserve.api.envelope import success
 from loraserve.api.generation import prepare
 from loraserve.api.openapi_models import input_schema, json_body, run_responses
 from loraserve.api.schemas import parse_run_input
+from loraserve.api.session import session_affinity
 from loraserve.api.sse import DONE, error_event, text_event, usage_event
 from loraserve.api.stream_driver import Generation, RunEvents
 from loraserve.api.validation import read_json_object
@@ -27,9 +28,9 @@ router = APIRouter()
 @router.post("/run/{model:path}", openapi_extra=json_body(input_schema()), responses=run_responses())
 async def run_model(request: Request, model: str, account: Account) -> Response:
     context = get_context(request)
-    context.rate_limiter.check(account)
+    await context.rate_limiter.check(account)
     inputs = parse_run_input(await read_json_object(request))
-    run = await run_in_threadpool(prepare, context, account, model, inputs)
+    run = await run_in_threadpool(prepare, context, account, model, inputs, session_affinity(request))
     generation = Generation(request, run)
     if inputs.stream:
         return await generation.stream(_sse)

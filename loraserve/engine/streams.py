@@ -31,15 +31,17 @@ class Stream:
     done: bool = False
 
     def event(self, token: int | None, finish: FinishReason | None, num_output: int, error: str | None,
-              logprobs: Logprobs = NO_LOGPROBS) -> StreamEvent:
+              logprobs: Logprobs = NO_LOGPROBS, cached_tokens: int = 0) -> StreamEvent:
         """The next event: `token`'s text (and whatever is held back, at the finish). Marks the stream
-        done at its finishing event."""
+        done at its finishing event. `cached_tokens` is the sequence's `num_cached_prompt` (0 for an
+        event that ends a request the engine never ran)."""
         text = self.detok.push(token) if token is not None else ""
         if finish is not None:
             text += self.detok.flush()
             self.done = True
         return StreamEvent(text, self.num_prompt, num_output, finish,
-                           error if finish is FinishReason.ERROR else None, *logprobs)
+                           error if finish in (FinishReason.ERROR, FinishReason.LOST) else None, *logprobs,
+                           cached_tokens)
 
 
 def event_logprobs(names: TokenBytes, sampled: TokenScores | None,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from sqlalchemy import select
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
@@ -9,7 +11,10 @@ from loraserve.errors import FinetuneNotFound
 from loraserve.registry.names import MAX_NAME_CHARS, parse_uuid, same_model
 from loraserve.registry.records import AssetFile, Finetune, FinetuneAsset
 from loraserve.registry.schema import AssetRow, FinetuneRow
-from loraserve.registry.storage import FinetuneStorage
+from loraserve.registry.storage import AssetDigest
+
+if TYPE_CHECKING:
+    from loraserve.registry.store import AdapterStore
 
 # Longer than any id or name: refused without a query.
 _MAX_REF_CHARS = max(MAX_NAME_CHARS, 64)
@@ -20,8 +25,9 @@ FLAG_COLUMNS: dict[AssetFile, InstrumentedAttribute[bool]] = {
 }
 
 
-def to_finetune(row: FinetuneRow, storage: FinetuneStorage) -> Finetune:
-    # A flag counts only with its file on disk: a lost file must make the finetune not ready.
+def to_finetune(row: FinetuneRow, store: AdapterStore) -> Finetune:
+    # A flag counts only with its file in the store (on disk, for the local one): a lost file must make
+    # the finetune not ready.
     return Finetune(
         id=row.id,
         account_id=row.account_id,
@@ -31,8 +37,8 @@ def to_finetune(row: FinetuneRow, storage: FinetuneStorage) -> Finetune:
         public=row.public,
         created_at=row.created_at,
         modified_at=row.modified_at,
-        has_config=row.has_config and storage.has(row.id, AssetFile.CONFIG),
-        has_weights=row.has_weights and storage.has(row.id, AssetFile.WEIGHTS),
+        has_config=row.has_config and store.has(row.id, AssetFile.CONFIG),
+        has_weights=row.has_weights and store.has(row.id, AssetFile.WEIGHTS),
     )
 
 
@@ -45,6 +51,12 @@ def to_asset(row: AssetRow) -> FinetuneAsset:
         created_at=row.created_at,
         modified_at=row.modified_at,
     )
+
+
+def asset_digests(s: Session, finetune_id: str) -> dict[AssetFile, AssetDigest]:
+    """What the database records of the finetune's accepted files."""
+    rows = s.scalars(select(AssetRow).where(AssetRow.finetune_id == finetune_id))
+    return {AssetFile(r.file_name): AssetDigest(r.size_bytes, r.sha256) for r in rows}
 
 
 def _fits(row: FinetuneRow, model: str | None) -> bool:

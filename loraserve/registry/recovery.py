@@ -25,6 +25,9 @@ only files named by an intent marker are hashed.
 Each finetune is checked under its storage lock, the one uploads take, so recovery is safe while
 another server process is serving the same data dir. On SQLite, `PRAGMA quick_check` runs first and a
 corrupt database stops the start-up.
+
+This is the local store's recovery. With `--adapter-store` the local files are only a cache of the
+store, never held against the database: store_cache.recover_cache runs instead.
 """
 
 from __future__ import annotations
@@ -105,6 +108,17 @@ def check_database(engine: Engine) -> None:
 def recover(engine: Engine, sessions: sessionmaker[Session], storage: FinetuneStorage) -> RecoveryReport:
     check_database(engine)
     report = RecoveryReport()
+    rows = sweep(sessions, storage, report)
+    for finetune_id in sorted(rows):
+        report.finetunes_checked += 1
+        _reconcile(sessions, storage, finetune_id, report)
+    log_report(report)
+    return report
+
+
+def sweep(sessions: sessionmaker[Session], storage: FinetuneStorage, report: RecoveryReport) -> set[str]:
+    """Remove dead temp files and the directories of deleted finetunes; returns the finetune ids in the
+    database."""
     on_disk = storage.finetune_ids()
     for finetune_id in on_disk:
         report.temp_files_removed += storage.remove_dead_temp_files(finetune_id)
@@ -122,9 +136,10 @@ def recover(engine: Engine, sessions: sessionmaker[Session], storage: FinetuneSt
         for finetune_id in orphans:
             storage.remove(finetune_id)
             report.orphan_dirs_removed.append(finetune_id)
-    for finetune_id in sorted(rows):
-        report.finetunes_checked += 1
-        _reconcile(sessions, storage, finetune_id, report)
+    return rows
+
+
+def log_report(report: RecoveryReport) -> None:
     for path in report.temp_files_removed:
         log.warning("removed the temp file of an upload that never finished: %s", path)
     for finetune_id in report.orphan_dirs_removed:
@@ -135,7 +150,6 @@ def recover(engine: Engine, sessions: sessionmaker[Session], storage: FinetuneSt
         log.warning(
             "finetune %s: %s invalidated (%s); it must be uploaded again", finetune_id, file.value, why
         )
-    return report
 
 
 def _reconcile(

@@ -1,4 +1,5 @@
-"""The registry: accounts, tokens and finetunes in a SQL database, adapter files on disk.
+"""The registry: accounts, tokens and finetunes in a SQL database, adapter files in an adapter store
+(store.py: the data dir's disk by default, or a shared store behind fsspec).
 
 Every method runs its own short transaction, so one `Registry` serves all threads of the server.
 """
@@ -9,7 +10,7 @@ import uuid
 from pathlib import Path
 from typing import BinaryIO
 
-from sqlalchemy import Engine, delete, func, select, update
+from sqlalchemy import Engine, delete, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import sessionmaker
 
@@ -22,22 +23,17 @@ from loraserve.errors import (
     InvalidFinetune,
 )
 from loraserve.registry import accounts
-from loraserve.registry.database import default_url, make_engine, migrate, rows_matched
-from loraserve.registry.finetunes import FLAG_COLUMNS, resolve, to_asset, to_finetune
+from loraserve.registry.database import default_url, make_engine, migrate
+from loraserve.registry.finetunes import asset_digests, resolve, to_finetune
+from loraserve.registry.install import commit_asset
 from loraserve.registry.limits import RegistryLimits
 from loraserve.registry.names import check_account_id, check_description, check_label, check_model, check_name
-from loraserve.registry.records import (
-    BUCKET_NAME,
-    AssetFile,
-    Finetune,
-    FinetuneAsset,
-    PublicOrder,
-    TokenInfo,
-    now_iso,
-)
-from loraserve.registry.recovery import RecoveryReport, recover
+from loraserve.registry.records import AssetFile, Finetune, FinetuneAsset, PublicOrder, TokenInfo, now_iso
+from loraserve.registry.recovery import RecoveryReport
 from loraserve.registry.schema import AccountRow, AssetRow, FinetuneRow
-from loraserve.registry.storage import FinetuneStorage, Upload
+from loraserve.registry.storage import AssetDigest, FinetuneStorage
+from loraserve.registry.store import AdapterStoreConfig, open_store
+from loraserve.registry.token_cache import TokenCache
 from loraserve.registry.uploads import check_upload, size_cap
 from loraserve.types import AdapterRef, ModelInfo
 
@@ -52,18 +48,26 @@ _ORDERINGS = {
 
 
 class Registry:
-    def __init__(self, data_dir: Path, engine: Engine, limits: RegistryLimits) -> None:
+    def __init__(
+        self, data_dir: Path, engine: Engine, limits: RegistryLimits, store: AdapterStoreConfig | None = None
+    ) -> None:
         """Use `Registry.open`, which also migrates the database."""
         self.data_dir = data_dir
         self.limits = limits
-        self.storage = FinetuneStorage(data_dir / "finetunes")
+        self.storage = FinetuneStorage(data_dir / "finetunes")  # the local tier, whatever the store
+        self.store = open_store(self.storage, store)
         self._engine = engine
+        self.token_cache = TokenCache()  # authenticate() fills it; the API reads it before a query
         # Records are built from rows after commit: no reload on attribute access.
         self._sessions = sessionmaker(engine, expire_on_commit=False)
 
     @classmethod
     def open(
-        cls, data_dir: Path, database_url: str | None = None, limits: RegistryLimits = DEFAULT_LIMITS
+        cls,
+        data_dir: Path,
+        database_url: str | None = None,
+        limits: RegistryLimits = DEFAULT_LIMITS,
+        store: AdapterStoreConfig | None = None,
     ) -> Registry:
         data_dir = Path(data_dir).resolve()  # AdapterRef.path must not depend on the engine's cwd
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -73,7 +77,7 @@ class Registry:
         except BaseException:
             engine.dispose()
             raise
-        return cls(data_dir, engine, limits)
+        return cls(data_dir, engine, limits, store)
 
     def close(self) -> None:
         self._engine.dispose()
@@ -82,7 +86,7 @@ class Registry:
         """Repair what a crash left (dead temp files, orphan directories, files the database does not
         vouch for) before serving; see recovery.py. Safe while another process serves the same data dir.
         Raises RegistryCorrupt if the SQLite database fails its integrity check."""
-        return recover(self._engine, self._sessions, self.storage)
+        return self.store.recover(self._engine, self._sessions)
 
     def __enter__(self) -> Registry:
         return self
@@ -109,11 +113,15 @@ class Registry:
 
     def revoke_token(self, token: str) -> bool:
         with self._sessions.begin() as s:
-            return accounts.revoke_token(s, token)
+            revoked = accounts.revoke_token(s, token)
+        self.token_cache.clear()  # after the commit: a check racing it finds the token revoked
+        return revoked
 
     def revoke_all_tokens(self, account_id: str) -> int:
         with self._sessions.begin() as s:
-            return accounts.revoke_all(s, account_id)
+            revoked = accounts.revoke_all(s, account_id)
+        self.token_cache.clear()
+        return revoked
 
     def list_tokens(self, account_id: str) -> list[TokenInfo]:
         with self._sessions() as s:
@@ -128,6 +136,7 @@ class Registry:
             owner = accounts.token_owner(s, token)
         if not isinstance(account_id, str) or not accounts.owns(owner, account_id):
             raise AuthenticationError()
+        self.token_cache.put(account_id, token)
 
     def token(self, token: str) -> TokenInfo:
         """The live token's metadata (its account included); AuthenticationError otherwise."""
@@ -188,14 +197,14 @@ class Registry:
                         f"Account limited: at most {self.limits.max_finetunes_per_account} "
                         "finetunes per account"
                     )
-                return to_finetune(row, self.storage)
+                return to_finetune(row, self.store)
         except IntegrityError:
             # The unique (account, name) constraint caught a concurrent create of the same name.
             raise conflict from None
 
     def get_finetune(self, account_id: str, ref: str) -> Finetune:
         with self._sessions() as s:
-            return to_finetune(resolve(s, account_id, ref, own_only=False), self.storage)
+            return to_finetune(resolve(s, account_id, ref, own_only=False), self.store)
 
     def list_finetunes(self, account_id: str) -> list[Finetune]:
         stmt = (
@@ -204,7 +213,7 @@ class Registry:
             .order_by(FinetuneRow.created_at, FinetuneRow.id)
         )
         with self._sessions() as s:
-            return [to_finetune(row, self.storage) for row in s.scalars(stmt)]
+            return [to_finetune(row, self.store) for row in s.scalars(stmt)]
 
     def list_public(
         self, limit: int = 50, offset: int = 0, order_by: str | PublicOrder = "created_at"
@@ -226,17 +235,18 @@ class Registry:
             .offset(offset)
         )
         with self._sessions() as s:
-            return [to_finetune(row, self.storage) for row in s.scalars(stmt)]
+            return [to_finetune(row, self.store) for row in s.scalars(stmt)]
 
     def delete_finetune(self, account_id: str, ref: str) -> Finetune:
         """Deletes an own finetune and its files. The caller should also drop it from the engine's caches."""
         with self._sessions.begin() as s:
             row = resolve(s, account_id, ref, own_only=True)
-            finetune = to_finetune(row, self.storage)
+            finetune = to_finetune(row, self.store)
+            self.store.before_delete(row.id)  # a remote store that is down refuses before anything commits
             s.execute(delete(AssetRow).where(AssetRow.finetune_id == row.id))
             s.execute(delete(FinetuneRow).where(FinetuneRow.id == row.id))
-        # Files go after the commit: a crash in between leaves an orphan directory, never a row without files.
-        self.storage.remove(finetune.id)
+        # Files go after the commit: a crash in between leaves orphan files, never a row without files.
+        self.store.remove(finetune.id)
         return finetune
 
     def add_asset(
@@ -254,10 +264,12 @@ class Registry:
         try:
             # Serialises the two files' uploads: each cross-check must see the other's final state.
             with self.storage.locked(finetune_id):
-                check_upload(
-                    self.storage, self.limits, self._accepted(finetune_id, ref), file, upload.path, base
-                )
-                return self._install(account_id, ref, finetune_id, file, upload)
+                current = self._accepted(finetune_id, ref)
+                # The other file, when accepted, is cross-checked from the local tier.
+                others = [f for f in AssetFile if f is not file and f not in current.missing_files]
+                self.store.materialize(finetune_id, others, lambda: self._digests(finetune_id))
+                check_upload(self.storage, self.limits, current, file, upload.path, base)
+                return commit_asset(self._sessions, self.store, account_id, ref, finetune_id, file, upload)
         except BaseException as exc:
             self.storage.discard(upload)
             if isinstance(exc, FinetuneNotFound):  # deleted meanwhile: leave no directory behind
@@ -269,57 +281,19 @@ class Registry:
             row = s.get(FinetuneRow, finetune_id)
             if row is None:
                 raise FinetuneNotFound(ref)
-            return to_finetune(row, self.storage)
-
-    def _install(
-        self, account_id: str, ref: str, finetune_id: str, file: AssetFile, upload: Upload
-    ) -> FinetuneAsset:
-        now = now_iso()
-        renamed = False
-        try:
-            with self._sessions.begin() as s:
-                # The UPDATE comes first: it takes the write lock, and finds the row gone if it was deleted.
-                mark = (
-                    update(FinetuneRow)
-                    .where(FinetuneRow.id == finetune_id, FinetuneRow.account_id == account_id)
-                    .values({FLAG_COLUMNS[file]: True, FinetuneRow.modified_at: now})
-                )
-                if rows_matched(s.execute(mark)) == 0:
-                    raise FinetuneNotFound(ref)
-                asset = s.scalars(
-                    select(AssetRow).where(
-                        AssetRow.finetune_id == finetune_id, AssetRow.file_name == file.value
-                    )
-                ).first()
-                if asset is None:
-                    asset = AssetRow(
-                        id=str(uuid.uuid4()),
-                        finetune_id=finetune_id,
-                        file_name=file.value,
-                        bucket_name=BUCKET_NAME,
-                        created_at=now,
-                    )
-                    s.add(asset)
-                asset.size_bytes, asset.sha256, asset.modified_at = upload.size, upload.sha256, now
-                s.flush()
-                record = to_asset(asset)
-                # Last step before commit. A crash between rename and commit leaves a file the DB does not
-                # vouch for, announced by an intent marker: startup recovery (recovery.py) checks it
-                # against the database by sha256 and, if they differ, removes it and clears the flag.
-                self.storage.install(upload, finetune_id, file)
-                renamed = True
-        except BaseException:
-            if renamed:  # the commit failed after the rename: take the unvouched file away now
-                self.storage.retract(finetune_id, file)
-            raise
-        self.storage.settle(finetune_id, file)
-        return record
+            return to_finetune(row, self.store)
 
     def adapter_for(self, account_id: str, model: str, ref: str) -> tuple[Finetune, AdapterRef]:
         """The adapter a run request names: visible to the account, made for `model`, and complete."""
         with self._sessions() as s:
-            finetune = to_finetune(resolve(s, account_id, ref, own_only=False, model=model), self.storage)
+            finetune = to_finetune(resolve(s, account_id, ref, own_only=False, model=model), self.store)
         if not finetune.ready:
             missing = " and ".join(f.value for f in finetune.missing_files)
             raise InvalidFinetune(f"finetune {finetune.name} ({finetune.id}) is missing {missing}")
+        # A remote store's copies are fetched into the local tier here, before the engine reads them.
+        self.store.materialize(finetune.id, tuple(AssetFile), lambda: self._digests(finetune.id))
         return finetune, AdapterRef(key=finetune.id, path=str(self.storage.directory(finetune.id)))
+
+    def _digests(self, finetune_id: str) -> dict[AssetFile, AssetDigest]:
+        with self._sessions() as s:
+            return asset_digests(s, finetune_id)

@@ -21,6 +21,7 @@ import hashlib
 import os
 import secrets
 import shutil
+import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,6 +36,14 @@ CHUNK_BYTES = 1 << 20
 TEMP_PREFIX = ".upload-"
 TEMP_SUFFIX = ".tmp"
 INTENT_PREFIX = ".installing-"
+
+
+@dataclass(frozen=True)
+class AssetDigest:
+    """What the database records of an accepted file: a copy of it must have this size and sha256."""
+
+    size: int
+    sha256: str
 
 
 @dataclass
@@ -55,7 +64,7 @@ class Upload:
             os.close(fd)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -66,6 +75,7 @@ def _fsync_dir(path: Path) -> None:
 class FinetuneStorage:
     def __init__(self, root: Path) -> None:
         self.root = root
+        self._held = threading.local()  # the finetune ids whose lock this thread holds
 
     def directory(self, finetune_id: str) -> Path:
         # Ids come from our own database, but a path is built from them: insist on the canonical UUID.
@@ -117,7 +127,7 @@ class FinetuneStorage:
         intent = self.intent(finetune_id, file)
         with open(intent, "wb") as marker:
             os.fsync(marker.fileno())
-        _fsync_dir(directory)  # the marker is durable before the rename can be
+        fsync_dir(directory)  # the marker is durable before the rename can be
         try:
             os.replace(upload.path, self.path(finetune_id, file))
         except BaseException:
@@ -126,7 +136,7 @@ class FinetuneStorage:
         finally:
             upload.close()
         try:
-            _fsync_dir(directory)
+            fsync_dir(directory)
         except BaseException:
             self.retract(finetune_id, file)  # the caller will not commit: take the file back
             raise
@@ -140,7 +150,7 @@ class FinetuneStorage:
         """An installed file whose commit failed: remove it, so no file the database does not vouch
         for stays in place (the finetune is then not ready until the file is sent again)."""
         self.path(finetune_id, file).unlink(missing_ok=True)
-        _fsync_dir(self.directory(finetune_id))
+        fsync_dir(self.directory(finetune_id))
         self.settle(finetune_id, file)
 
     @staticmethod
@@ -151,14 +161,23 @@ class FinetuneStorage:
     @contextlib.contextmanager
     def locked(self, finetune_id: str) -> Iterator[None]:
         """Exclusive per-finetune lock across threads and processes: uploads of the two files (and a delete)
-        must not interleave, or each could pass its cross-check against the other's old state."""
+        must not interleave, or each could pass its cross-check against the other's old state.
+
+        Reentrant within a thread: an upload holding it may fetch the other file into the local tier, which
+        takes it too (a second flock on a new fd of the same process would wait for itself)."""
+        held: set[str] = self._held.__dict__.setdefault("ids", set())
+        if finetune_id in held:
+            yield
+            return
         directory = self.directory(finetune_id)
         directory.mkdir(parents=True, exist_ok=True)
         fd = os.open(directory, os.O_RDONLY)  # flock works on a directory fd; no lock file to leave behind
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
+            held.add(finetune_id)
             yield
         finally:
+            held.discard(finetune_id)
             os.close(fd)
 
     def remove(self, finetune_id: str) -> None:

@@ -30,7 +30,8 @@ TIMEOUT_MS = 30_000
 
 def _step(batch: int) -> StepOut:
     """A decode step's message: each request's new token, none finished, no logprobs asked."""
-    outputs: list[TokenOut] = [(uuid.uuid4().hex, 1000 + i, None, 17, None, None, None) for i in range(batch)]
+    outputs: list[TokenOut] = [(uuid.uuid4().hex, 1000 + i, None, 17, None, None, None, 0)
+                               for i in range(batch)]
     return StepOut(outputs, None)
 
 
@@ -65,7 +66,7 @@ def _pipe(batch: int, count: int) -> tuple[float, float]:
     channel = Channel(ours)
     child = ctx.Process(target=_pipe_echo, args=(theirs,))
     child.start()
-    add = AddRequest(uuid.uuid4().hex, list(range(50)), SamplingParams(), None, "account")
+    add = AddRequest(uuid.uuid4().hex, list(range(50)), SamplingParams(), None, "account", None)
 
     def round_trip() -> None:
         channel.send(add)
@@ -120,7 +121,8 @@ def _zmq(batch: int, count: int) -> tuple[float, float]:
         pair.bind(address + "-pair")
         child = ctx.Process(target=_zmq_echo, args=(address + "-pair",))
         child.start()
-        add = [uuid.uuid4().hex, list(range(50)), {"max_tokens": 256, "temperature": 0.6}, None, "account"]
+        add = [uuid.uuid4().hex, list(range(50)), {"max_tokens": 256, "temperature": 0.6}, None, "account",
+               None]
 
         def round_trip() -> None:
             pair.send(msgpack.packb(add))
@@ -135,7 +137,7 @@ def _zmq(batch: int, count: int) -> tuple[float, float]:
 
 def _read_all(outputs: list[Any]) -> None:
     """What the client does with each entry before detokenizing: unpack it."""
-    for _request_id, _token, _finish, _num_output, _error, _scores, _prompt_scores in outputs:
+    for _request_id, _token, _finish, _num_output, _error, _scores, _prompt_scores, _cached in outputs:
         pass
 
 

@@ -167,9 +167,19 @@ def test_rate_limit_per_account(strict_server: LiveServer) -> None:
         assert httpx.post(
             strict_server.run_url(account), headers=account.headers, json=body
         ).status_code == 200
+    refusals = _refusals_timed(strict_server)
     response = httpx.post(strict_server.run_url(account), headers=account.headers, json=body)
     assert "too many requests" in envelope(response, 429, 3036)
     assert httpx.post(strict_server.run_url(other), headers=other.headers, json=body).status_code == 200
+    # The server times its refusals (loadtest reads them): one more, and only the 429 counted.
+    assert _refusals_timed(strict_server) == refusals + 1
+
+
+def _refusals_timed(server: LiveServer) -> float:
+    text = httpx.get(f"{server.base_url}/metrics").text
+    line = next(line for line in text.splitlines()
+                if line.startswith("loraserve_http_refusal_duration_seconds_count"))
+    return float(line.split()[-1])
 
 
 def test_capacity_exceeded_when_the_queue_is_full(one_slot_server: LiveServer) -> None:

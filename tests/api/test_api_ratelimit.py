@@ -1,10 +1,11 @@
-"""The per-account sliding-window limiter (3036), on a clock the test moves."""
+"""The in-memory per-account sliding-window limiter (3036), on a clock the test moves
+(the Redis one: test_api_ratelimit_redis.py)."""
 
 from __future__ import annotations
 
 import pytest
 
-from loraserve.api.ratelimit import RateLimiter
+from loraserve.api.ratelimit import MemoryRateLimiter
 from loraserve.errors import RateLimited
 
 
@@ -16,51 +17,51 @@ class Clock:
         return self.now
 
 
-def test_sliding_window() -> None:
+async def test_sliding_window() -> None:
     clock = Clock()
-    limiter = RateLimiter(3, window_s=60, clock=clock)
+    limiter = MemoryRateLimiter(3, window_s=60, clock=clock)
     for _ in range(3):
-        limiter.check("a")
+        await limiter.check("a")
     with pytest.raises(RateLimited) as limited:
-        limiter.check("a")
+        await limiter.check("a")
     assert (limited.value.code, limited.value.status) == (3036, 429)
-    limiter.check("b")  # per account
+    await limiter.check("b")  # per account
     clock.now += 59.9
     with pytest.raises(RateLimited):
-        limiter.check("a")
+        await limiter.check("a")
     clock.now += 0.2  # the first three calls leave the window together
     for _ in range(3):
-        limiter.check("a")
+        await limiter.check("a")
 
 
-def test_no_burst_across_a_window_edge() -> None:
+async def test_no_burst_across_a_window_edge() -> None:
     clock = Clock()
-    limiter = RateLimiter(2, window_s=60, clock=clock)
-    limiter.check("a")
+    limiter = MemoryRateLimiter(2, window_s=60, clock=clock)
+    await limiter.check("a")
     clock.now += 50
-    limiter.check("a")
+    await limiter.check("a")
     clock.now += 15  # a fixed window would have reset here
-    limiter.check("a")
+    await limiter.check("a")
     with pytest.raises(RateLimited):
-        limiter.check("a")
+        await limiter.check("a")
 
 
-def test_zero_disables_and_negative_is_refused() -> None:
-    limiter = RateLimiter(0)
+async def test_zero_disables_and_negative_is_refused() -> None:
+    limiter = MemoryRateLimiter(0)
     assert not limiter.enabled
     for _ in range(1000):
-        limiter.check("a")
+        await limiter.check("a")
     with pytest.raises(ValueError):
-        RateLimiter(-1)
+        MemoryRateLimiter(-1)
     with pytest.raises(ValueError):
-        RateLimiter(1, window_s=0)
+        MemoryRateLimiter(1, window_s=0)
 
 
-def test_idle_accounts_are_forgotten() -> None:
+async def test_idle_accounts_are_forgotten() -> None:
     clock = Clock()
-    limiter = RateLimiter(1, window_s=1, clock=clock)
+    limiter = MemoryRateLimiter(1, window_s=1, clock=clock)
     for i in range(10_001):
-        limiter.check(f"acct-{i}")
+        await limiter.check(f"acct-{i}")
     clock.now += 2
-    limiter.check("late")
+    await limiter.check("late")
     assert len(limiter._calls) < 100

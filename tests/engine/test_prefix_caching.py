@@ -1,17 +1,21 @@
 """Prefix caching in the engine: prompts that share a prefix reuse its K/V, outputs do not change,
-and the cache is scoped by adapter and salt (the server's account)."""
+the cache is scoped by adapter and salt (the server's account), and each request knows how many of its
+prompt tokens the cache served."""
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
+from loraserve.engine.core.sequence import Sequence
 from loraserve.engine.llm_engine import LLMEngine
-from loraserve.types import SamplingParams
+from loraserve.types import AdapterRef, SamplingParams
 
-from engine_helpers import build_engine, hf_greedy, hf_model
+from engine_helpers import build_engine, hf_greedy, hf_model, make_adapter
 
 PREFIX_LEN = 37  # nine full blocks of 4 and one token more
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
@@ -79,3 +83,40 @@ def test_a_preempted_request_resumes_from_its_cached_blocks(base: Any) -> None:
     reference = build_engine(base, prefix_caching=False).generate(prompts, GREEDY)
     assert [s.output_ids for s in seqs] == reference
     assert engine.blocks.num_used == 0
+
+
+def _serve(engine: LLMEngine, request_id: str, prompt: list[int], adapter: AdapterRef | None = None,
+           params: SamplingParams = GREEDY) -> Sequence:
+    """One request run to its end, alone."""
+    seq = engine.add_request(request_id, prompt, params, adapter)
+    while engine.has_work():
+        engine.step()
+        if engine.stalled:
+            time.sleep(0.001)  # its adapter is loading on the loader's thread
+    return seq
+
+
+def test_each_request_reports_the_prompt_tokens_served_from_the_cache(base: Any) -> None:
+    first, second = _shared_prefix_prompts(2)
+    engine = build_engine(base)
+    assert _serve(engine, "first", first).num_cached_prompt == 0
+    assert _serve(engine, "second", second).num_cached_prompt == 36  # the nine shared full blocks
+    # `second` filed ten full blocks; its first 40 tokens again take nine: the last token's logits are
+    # wanted, so its block is computed.
+    assert _serve(engine, "again", second[:40]).num_cached_prompt == 36
+    uncached = build_engine(base, prefix_caching=False)
+    assert [_serve(uncached, f"u{i}", first).num_cached_prompt for i in range(2)] == [0, 0]
+
+
+# peft asks transformers for `is_gradient_checkpointing`, which transformers 5 deprecates.
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+def test_cached_prompt_tokens_are_counted_per_adapter(base: Any, tmp_path: Path) -> None:
+    prompt = _shared_prefix_prompts(1)[0]
+    one, two = (AdapterRef(name, str(make_adapter(base, tmp_path / name, seed=seed, r=4,
+                                                  targets=("q_proj", "v_proj"))))
+                for seed, name in ((1, "ft-one"), (2, "ft-two")))
+    engine = build_engine(base)
+    served = [_serve(engine, f"r{i}", prompt, adapter).num_cached_prompt
+              for i, adapter in enumerate((one, one, two, None, None))]
+    # A hit only under the same adapter: another's K/V (or the base model's) differ from its own.
+    assert served == [0, 36, 0, 0, 36]

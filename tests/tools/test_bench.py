@@ -72,6 +72,19 @@ def test_closed_loop_with_baseline_and_roofline(tmp_path: Path, capsys: pytest.C
     assert figures["command"].startswith("loraserve bench --model random:tiny ")
 
 
+def test_the_same_workload_through_an_engine_process(tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    figures = _run(tmp_path, "--no-baseline", "--no-roofline", "--no-compare-no-adapter", "--engine-process")
+    assert "--engine-process" in figures["command"]
+    split = figures["runs"]["ours_engine_process"]
+    assert split["completed"] == 4 and split["output_tokens"] == 4 * 5 and split["failed"] == 0
+    assert 0 < split["ttft_p50_ms"] <= split["ttft_p99_ms"] and _positive(split["output_tok_s"])
+    # The engine's steps are not visible from the API process: not reported rather than reported as 0.
+    assert split["engine_busy"] is None and split["mean_batch"] is None
+    assert _positive(figures["ratios"]["in_process_vs_engine_process"])
+    assert "ours, through an engine process" in capsys.readouterr().out
+
+
 def test_open_loop_many_registered(tmp_path: Path) -> None:
     figures = _run(tmp_path, "--no-baseline", "--no-roofline", "--no-compare-no-adapter", "--registered", "6",
                    "--popularity", "uniform", "--no-adapter-fraction", "0.25", "--rate", "200",

@@ -19,11 +19,13 @@ MODEL = "@cf/test/tiny-lora=random:tiny"
 
 def test_a_small_overload_run_passes_its_checks() -> None:
     opts = Options(clients=24, duration_s=4.0, warmup_s=1.5, disconnect_p=0.3, model=MODEL, adapters=2,
-                   max_batch=4, max_queue=4, max_tokens=(4, 16, 48), settle_s=10.0, startup_timeout_s=120.0)
+                   max_batch=4, max_queue=4, max_tokens=(4, 16, 48), settle_s=10.0, startup_timeout_s=120.0,
+                   engine_process=True, client_nice=0, unloaded_s=2.0)
     report = loadtest.run(opts)
-    # The functional checks only: latency and memory-growth limits are judged by the full 60 s run
-    # (a figure printed by a command), never by a timed test on whatever machine runs the suite.
-    timing = {"health_max_under_1s", "refusals_quick", "rss_growth_under_10pct"}
+    # The functional checks only: latency, throughput and memory-growth limits are judged by the full
+    # 60 s run (a figure printed by a command), never by a timed test on whatever machine runs the suite.
+    timing = {"health_max_under_500ms", "refusals_quick", "rss_growth_under_10pct",
+              "throughput_80pct_of_unloaded"}
     assert set(report["checks"]) > timing
     failed = [name for name, ok in report["checks"].items() if name not in timing and not ok]
     assert not failed, json.dumps(report, indent=2)
@@ -35,6 +37,13 @@ def test_a_small_overload_run_passes_its_checks() -> None:
     # /healthz always answered
     assert report["health_ms"]["probes"] >= 8 and report["health_ms"]["failures"] == {}
     assert report["rss_mib"]["after_warmup"] and report["rss_mib"]["end"]
+    # Through the engine process: the batch it ran, the same batch unloaded, and who used the cores.
+    tokens, cpu = report["tokens"], report["cpu"]
+    assert report["config"]["engine_process"] and 0 < tokens["mean_running"] <= 4
+    unloaded = tokens["unloaded"]
+    assert unloaded["clients"] == round(tokens["mean_running"]) and unloaded["refused"] == 0
+    assert unloaded["server_per_s"] > 0 and tokens["share_of_unloaded"] > 0
+    assert cpu["server_cores"] > 0 and cpu["loadtest_cores"] > 0 and cpu["machine_cores"] >= 1
 
 
 def test_the_cli_command_parses_its_options(capsys: pytest.CaptureFixture[str]) -> None:

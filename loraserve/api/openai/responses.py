@@ -6,13 +6,14 @@ from __future__ import annotations
 from functools import cache
 from typing import Any, Literal
 
-from loraserve.api.openapi_models import Out, event_stream
+from loraserve.api.openapi_models import Out, PromptTokensDetails, event_stream
 
 
 class Usage(Out):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
 
 
 # -- logprobs ----------------------------------------------------------------------------------------

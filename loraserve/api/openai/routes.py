@@ -38,6 +38,7 @@ from loraserve.api.openai.schemas import (
 from loraserve.api.openai.shapes import ResponseShape, StopMatcher, openai_finish_reason, sse_bytes
 from loraserve.api.openapi_models import json_body, request_schema
 from loraserve.api.schemas import MAX_TEXT_CHARS, RunInput
+from loraserve.api.session import session_affinity
 from loraserve.api.sse import DONE
 from loraserve.api.stream_driver import Generation, RunEvents
 from loraserve.api.validation import read_json_object, validate
@@ -90,7 +91,7 @@ def _completion_input(body: CompletionRequest, lora: str | None) -> RunInput:
              responses=chat_responses())
 async def chat_completions(request: Request, account: Account) -> Response:
     context = get_context(request)
-    context.rate_limiter.check(account)
+    await context.rate_limiter.check(account)
     body = validate(ChatCompletionRequest, await read_json_object(request))
     body.check_unsupported()
     model, lora = split_model(body.model, body.lora, context.backends.keys())
@@ -101,7 +102,7 @@ async def chat_completions(request: Request, account: Account) -> Response:
              responses=completion_responses())
 async def completions(request: Request, account: Account) -> Response:
     context = get_context(request)
-    context.rate_limiter.check(account)
+    await context.rate_limiter.check(account)
     body = validate(CompletionRequest, await read_json_object(request))
     body.check_unsupported()
     model, lora = split_model(body.model, body.lora, context.backends.keys())
@@ -154,7 +155,8 @@ async def _generate(
     echo: str = "",
 ) -> Response:
     """`echo`: text the answer starts with (the prompt, for completions' echo)."""
-    run = await run_in_threadpool(prepare, get_context(request), account, model, inputs)
+    run = await run_in_threadpool(prepare, get_context(request), account, model, inputs,
+                                  session_affinity(request))
     generation = Generation(request, run)
     shape = ResponseShape(chat, run.request_id, body.model, logprobs=bool(body.scoring()))
     stops = StopMatcher(body.stop_strings())

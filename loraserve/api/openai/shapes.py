@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from loraserve.api.openai.logprobs import CompletionLogprobs, chat_logprobs
+from loraserve.api.usage import Usage
 from loraserve.types import FinishReason, PositionLogprobs
 
 # -- stop sequences ---------------------------------------------------------------------------------
@@ -82,7 +83,7 @@ class ResponseShape:
             return None
         return chat_logprobs(positions) if self.chat else self._completion_logprobs.add(positions)
 
-    def completion(self, text: str, finish: str, used: dict[str, int],
+    def completion(self, text: str, finish: str, used: Usage,
                    positions: Sequence[PositionLogprobs] = ()) -> dict[str, Any]:
         logprobs = self._logprobs(positions)
         if self.chat:
@@ -107,7 +108,7 @@ class ResponseShape:
         choice = {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
         return {**self._base("text_completion"), "choices": [choice]}
 
-    def usage_chunk(self, used: dict[str, int]) -> dict[str, Any]:
+    def usage_chunk(self, used: Usage) -> dict[str, Any]:
         obj = "chat.completion.chunk" if self.chat else "text_completion"
         return {**self._base(obj), "choices": [], "usage": used}
 

@@ -145,6 +145,8 @@ class Scheduler:
                 continue
             self.blocks.grow(seq, num_new)
             self.prefix_hit_tokens += reused
+            if seq.num_preemptions == 0:  # only a preemption puts a sequence back in the queue
+                seq.num_cached_prompt = reused
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             out.scheduled.append(ScheduledSeq(seq, num_new))

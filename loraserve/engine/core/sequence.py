@@ -47,6 +47,10 @@ class Sequence:
     finish_reason: FinishReason | None = None
     arrival: float = field(default_factory=time.monotonic)
     num_preemptions: int = 0
+    # Prompt tokens the prefix cache stood in for when the sequence was first admitted: what the client
+    # saved, reported in its usage. A preempted sequence may take more from the cache when re-admitted
+    # (its own blocks, even its output's), but that recompute is the engine's cost, not the request's.
+    num_cached_prompt: int = 0
     # Scores of prompt tokens 1, 2, ... as prefill computes them, chunk after chunk (None unless the
     # request asked: params.prompt_logprobs). Kept across preemption: recomputing never redoes them.
     prompt_scores: list[TokenScores] | None = field(init=False)

@@ -113,7 +113,7 @@ class EngineClient:
 
     def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                  adapter: AdapterRef | None = None, cache_salt: str | None = None,
-                 ) -> AsyncIterator[StreamEvent]:
+                 session_id: str | None = None) -> AsyncIterator[StreamEvent]:
         loop = asyncio.get_running_loop()
         stream = _Stream(loop, asyncio.Queue(), IncrementalDetokenizer(self.tokenizer, prompt_token_ids),
                          len(prompt_token_ids), prompt_head=prompt_token_ids[:1])
@@ -125,7 +125,7 @@ class EngineClient:
                 raise ValueError(f"duplicate request id {request_id}")
             try:
                 self._supervisor.send(AddRequest(request_id, list(prompt_token_ids), params, adapter,
-                                                 cache_salt))
+                                                 cache_salt, session_id))
             except ChannelClosed:  # it died this instant; its reader is about to report it
                 raise QueueFull() from None
             self._streams[request_id] = stream
@@ -208,10 +208,11 @@ class EngineClient:
                     taken.append((out, stream))
         # Detokenized outside the lock: only this thread ever pushes tokens into a stream.
         deliveries: list[_Delivery] = []
-        for (request_id, token, finish, num_output, error, scores, prompt_scores), stream in taken:
+        for (request_id, token, finish, num_output, error, scores, prompt_scores, cached), stream in taken:
             logprobs = (NO_LOGPROBS if scores is None and prompt_scores is None else
                         event_logprobs(self._token_bytes, scores, prompt_scores, stream.prompt_head))
-            deliveries.append((request_id, stream, stream.event(token, finish, num_output, error, logprobs)))
+            event = stream.event(token, finish, num_output, error, logprobs, cached)
+            deliveries.append((request_id, stream, event))
         self._deliver(deliveries)
 
     def engine_lost(self, reason: str) -> None:
@@ -223,7 +224,7 @@ class EngineClient:
     def _fail_all(self, message: str) -> None:
         with self._lock:
             streams, self._streams = self._streams, {}
-        self._deliver([(request_id, stream, stream.event(None, FinishReason.ERROR, 0, message))
+        self._deliver([(request_id, stream, stream.event(None, FinishReason.LOST, 0, message))
                        for request_id, stream in streams.items()])
 
     def _deliver(self, deliveries: list[_Delivery]) -> None:

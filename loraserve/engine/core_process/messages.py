@@ -20,6 +20,7 @@ class AddRequest:
     params: SamplingParams
     adapter: AdapterRef | None
     cache_salt: str | None
+    session_id: str | None  # the client's session key (Backend.generate): an engine itself ignores it
 
 
 @dataclass(frozen=True)
@@ -43,15 +44,16 @@ ToEngine = AddRequest | AbortRequest | ForgetAdapter | Shutdown
 # One request's output of one step, a plain tuple (a step's message pickles ~5x faster than with a
 # NamedTuple; channel_bench.py): the request id, its new token (None when it ended without one: an abort,
 # an error, max_tokens 0), the finish reason once it ended, the tokens generated so far, the error
-# message, and, when asked for, the token's scores and the prompt's. The client makes the StreamEvent:
-# text by its detokenizer, logprobs named by its tokenizer's bytes.
+# message, when asked for, the token's scores and the prompt's, and the prompt tokens the prefix cache
+# held at admission (Sequence.num_cached_prompt). The client makes the StreamEvent: text by its
+# detokenizer, logprobs named by its tokenizer's bytes.
 TokenOut = tuple[str, int | None, FinishReason | None, int, str | None, TokenScores | None,
-                 list[TokenScores] | None]
+                 list[TokenScores] | None, int]
 
 
 def ended(request_id: str, finish: FinishReason, error: str | None = None) -> TokenOut:
     """A request's end without a token: an abort, or an error (its message)."""
-    return request_id, None, finish, 0, error, None, None
+    return request_id, None, finish, 0, error, None, None, 0
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from loraserve.engine.core_process.messages import (
     TokenOut,
     ended,
 )
+from loraserve.engine.sources import tokenizer_file
 from loraserve.types import FinishReason, ModelInfo
 
 if TYPE_CHECKING:
@@ -64,16 +65,6 @@ def run_worker(conn: Connection, source: str, config: EngineConfig) -> None:
             channel.send(LoadFailed(_portable(exc)))
         return
     EngineLoop(engine, channel).run(model_info(engine))
-
-
-def tokenizer_file(source: str) -> str:
-    """Where the API process reads the tokenizer that `load_engine(source)` pairs with the model: random
-    models use the embedded model's (loader.random_tokenizer)."""
-    from loraserve.engine.loader import EMBEDDED, RANDOM_PREFIX, embedded_gguf_path
-
-    if source == EMBEDDED or source.startswith(RANDOM_PREFIX):
-        return str(embedded_gguf_path())
-    return source
 
 
 def _portable(exc: BaseException) -> BaseException:
@@ -177,10 +168,11 @@ class EngineLoop:
         error = self.engine.adapters.failure(seq.adapter_key or "") if finish is FinishReason.ERROR else None
         if finish is not None:
             self._live.discard(seq.request_id)
-        return seq.request_id, out.token, finish, seq.num_output, error, out.logprobs, out.prompt_scores
+        return (seq.request_id, out.token, finish, seq.num_output, error, out.logprobs, out.prompt_scores,
+                seq.num_cached_prompt)
 
     def _fail_all(self, message: str) -> list[TokenOut]:
-        failed = [ended(request_id, FinishReason.ERROR, message) for request_id in self._live]
+        failed = [ended(request_id, FinishReason.LOST, message) for request_id in self._live]
         for request_id in self._live:
             self.engine.abort(request_id)
         self._live.clear()

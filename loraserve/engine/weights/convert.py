@@ -16,13 +16,8 @@ from pathlib import Path
 import torch
 
 from loraserve.engine.config import EngineConfig, ModelConfig, Quantization
-from loraserve.engine.loader import (
-    EMBEDDED,
-    RANDOM_PREFIX,
-    embedded_gguf_path,
-    random_model,
-    random_tokenizer,
-)
+from loraserve.engine.loader import random_model, random_tokenizer
+from loraserve.engine.sources import EMBEDDED, RANDOM_PREFIX, embedded_gguf_path
 from loraserve.engine.weights.gguf_writer import PlannedTensor, write_gguf
 from loraserve.engine.weights.hf import LazyTensor, StateDict, hf_tensors
 from loraserve.engine.weights.quant import QuantTensor, QuantType, Weight

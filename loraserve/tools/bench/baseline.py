@@ -21,7 +21,8 @@ from typing import Any
 import torch
 
 from loraserve.engine.config import ModelConfig
-from loraserve.engine.loader import EMBEDDED, RANDOM_PREFIX, embedded_gguf_path, random_model
+from loraserve.engine.loader import random_model
+from loraserve.engine.sources import EMBEDDED, RANDOM_PREFIX, embedded_gguf_path
 from loraserve.engine.weights.tokenizer import Tokenizer
 from loraserve.tools.bench.workload import BenchRequest
 

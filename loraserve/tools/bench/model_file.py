@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loraserve.engine.config import EngineConfig
-from loraserve.engine.loader import EMBEDDED, RANDOM_PREFIX, embedded_gguf_path
+from loraserve.engine.sources import EMBEDDED, RANDOM_PREFIX, embedded_gguf_path
 from loraserve.tools.bench.llamacpp import INSTALL_HINT, available
 
 

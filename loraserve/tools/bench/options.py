@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from loraserve.engine.config import EngineConfig, Quantization
-from loraserve.engine.loader import EMBEDDED
+from loraserve.engine.sources import EMBEDDED
 from loraserve.tools.bench.roofline import RooflineConfig
 from loraserve.tools.bench.workload import Popularity, WorkloadSpec
 from loraserve.types import LORA_TARGETS
@@ -66,6 +66,8 @@ class BenchConfig:
     compare_no_adapter: bool = True
     roofline: bool = True
     warmup: bool = True
+    # The workload again through `serve --engine-process`'s split (EngineClient), back to back with ours.
+    engine_process: bool = False
     quick: bool = False
     json_path: Path | None = None
     llamacpp: bool | None = None  # None: on when llama_cpp is installed, the device a CPU and a file found
@@ -116,6 +118,8 @@ class BenchConfig:
                      "compare_no_adapter", "roofline", "warmup"):
             if not getattr(self, name):
                 args.append("--no-" + name.replace("_", "-"))
+        if self.engine_process:
+            args.append("--engine-process")
         if self.quick:
             args.append("--quick")
         if self.llamacpp is not None:
@@ -180,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--llamacpp-model", type=Path,
       help="the GGUF file llama.cpp runs (default: --model's own file); with a random:* model our engine "
            "runs this file too")
+    a("--engine-process", action="store_true",
+      help="also run the workload through an engine process, as `serve --engine-process` does (EngineClient: "
+           "tokens, aborts and gauges over a pipe), right after the in-process run (default: off)")
     a("--quick", action="store_true", help="a smoke run with tiny workload defaults")
     a("--json", type=Path, help="write every figure to this file")
     return p
@@ -209,4 +216,5 @@ def config_from_args(ns: argparse.Namespace) -> BenchConfig:
         cuda_graphs=ns.cuda_graphs,
         native_kernels=ns.native_kernels, baseline=ns.baseline, baseline_no_adapter=ns.baseline_no_adapter,
         compare_no_adapter=ns.compare_no_adapter, roofline=ns.roofline, warmup=ns.warmup, quick=ns.quick,
+        engine_process=ns.engine_process,
         json_path=ns.json, llamacpp=ns.llamacpp, llamacpp_model=ns.llamacpp_model)

@@ -11,6 +11,7 @@ from rich.table import Table
 _RUN_NAMES = {
     "ours": "ours, with adapters",
     "ours_no_adapter": "ours, no adapter",
+    "ours_engine_process": "ours, through an engine process",
     "hf_peft_mixed": "HF+PEFT mixed",
     "hf_no_adapter": "HF, no adapter",
     "llamacpp_no_adapter": "llama.cpp, no adapter",
@@ -41,7 +42,8 @@ def ratios(figures: dict[str, Any]) -> dict[str, float]:
     tok_s = ours["output_tok_s"]
     out: dict[str, float] = {}
     for key, name in (("hf_peft_mixed", "ours_vs_hf_peft_mixed"), ("hf_no_adapter", "ours_vs_hf_no_adapter"),
-                      ("ours_no_adapter", "adapters_vs_no_adapter")):
+                      ("ours_no_adapter", "adapters_vs_no_adapter"),
+                      ("ours_engine_process", "in_process_vs_engine_process")):
         if key in runs and runs[key]["output_tok_s"]:
             out[name] = tok_s / runs[key]["output_tok_s"]
     if "hf_peft_mixed" in runs and "hf_no_adapter" in runs:
@@ -96,7 +98,8 @@ def print_report(figures: dict[str, Any], console: Console | None = None) -> Non
                       _f(r.get("tpot_p99_ms")),
                       _f(r.get("prompt_tok_s")), _f(r.get("generation_tok_s")), _f(r.get("total_tok_s")),
                       _f(r.get("mean_batch")), _f(r.get("decode_step_ms")),
-                      _f(100 * r["engine_busy"] if "engine_busy" in r else None, 0), _f(r["wall_s"], 2),
+                      _f(None if r.get("engine_busy") is None else 100 * r["engine_busy"], 0),
+                      _f(r["wall_s"], 2),
                       str(r.get("failed", 0)))
     console.print(table)
     peak = figures["runs"]["ours"]["peak"]
@@ -127,6 +130,7 @@ def print_report(figures: dict[str, Any], console: Console | None = None) -> Non
         "ours_vs_hf_no_adapter": "ours / HF no adapter",
         "hf_peft_mixed_vs_hf_no_adapter": "HF+PEFT mixed / HF no adapter",
         "adapters_vs_no_adapter": "ours with adapters / ours no adapter",
+        "in_process_vs_engine_process": "ours in process / through an engine process",
         "ours_vs_ceiling": "ours tok/s / linear ceiling tok/s",
         "ours_vs_engine_ceiling": "ours tok/s / own-projection ceiling",
         "step_vs_ceiling_step": "ceiling step ms / ours decode step ms",

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from loraserve.engine.async_engine import AsyncEngine
+from loraserve.engine.config import EngineConfig
 from loraserve.engine.loader import load_backend
 from loraserve.engine.lora.pool import rank_bucket
 from loraserve.engine.models.decoder import Decoder
@@ -40,18 +41,18 @@ from loraserve.tools.bench.workload import (
     without_adapters,
     write_adapters,
 )
+from loraserve.types import Backend
 
 
 def _log(message: str) -> None:
     print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
-def _warmup(backend: AsyncEngine, cfg: BenchConfig, requests: list[BenchRequest], refs: list[Any]) -> None:
+def _warmup(backend: Backend, cfg: BenchConfig, requests: list[BenchRequest], refs: list[Any],
+            slots: int) -> None:
     # The most popular adapters (as many as the device slots hold, so none evicts another) and one
     # adapter-free request: a long-running server has its hot adapters resident, and the first steps'
     # one-off costs are not the workload's.
-    engine = backend.engine
-    slots = engine.adapters.pool_capacity(rank_bucket(cfg.workload.rank))
     warm = [BenchRequest(requests[i % len(requests)].prompt, ref)
             for i, ref in enumerate([*refs[:slots], None])]
     spec = dataclasses.replace(cfg.workload, requests=len(warm), concurrency=len(warm), rate=None)
@@ -103,7 +104,8 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
             figures["config"]["distinct_adapters_requested"] = len(
                 {r.adapter.key for r in requests if r.adapter}
             )
-            _measure_ours(backend, cfg, requests, refs, figures)
+            slots = backend.engine.adapters.pool_capacity(rank_bucket(w.rank))
+            _measure_ours(backend, cfg, requests, refs, slots, figures)
         finally:
             model = backend.engine.model
             backend.shutdown()
@@ -114,6 +116,8 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
         if cfg.roofline:
             _measure_roofline(model, cfg, figures)
         del model
+        if cfg.engine_process:
+            _measure_engine_process(source, ecfg, cfg, requests, refs, slots, figures)
         if gguf_file.path is not None:
             _log(f"llama.cpp on {gguf_file.path}, one request at a time")
             for lresult in llamacpp.run_llamacpp(gguf_file.path, model_cfg, requests, w.output_len,
@@ -136,17 +140,33 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
 
 
 def _measure_ours(backend: AsyncEngine, cfg: BenchConfig, requests: list[BenchRequest], refs: list[Any],
-                  figures: dict[str, Any]) -> None:
+                  slots: int, figures: dict[str, Any]) -> None:
     w = cfg.workload
     if cfg.warmup:
         _log("warm-up")
-        _warmup(backend, cfg, requests, refs)
+        _warmup(backend, cfg, requests, refs, slots)
     _log(f"ours: {w.requests} requests")
     figures["runs"]["ours"] = asyncio.run(drive(backend, requests, w, "ours")).summary()
     if cfg.compare_no_adapter:
         _log("ours without adapters")
         figures["runs"]["ours_no_adapter"] = asyncio.run(
             drive(backend, without_adapters(requests), w, "bare")).summary()
+
+
+def _measure_engine_process(source: str, ecfg: EngineConfig, cfg: BenchConfig, requests: list[BenchRequest],
+                            refs: list[Any], slots: int, figures: dict[str, Any]) -> None:
+    """The same requests through the API process's side of the split: what the channel costs."""
+    from loraserve.engine.core_process.client import EngineClient
+
+    _log("ours through an engine process")
+    client = EngineClient(source, ecfg)
+    try:
+        if cfg.warmup:
+            _warmup(client, cfg, requests, refs, slots)
+        figures["runs"]["ours_engine_process"] = asyncio.run(
+            drive(client, requests, cfg.workload, "split")).summary()
+    finally:
+        client.shutdown()
 
 
 def _measure_roofline(model: Decoder, cfg: BenchConfig, figures: dict[str, Any]) -> None:

@@ -19,7 +19,7 @@ import math
 import os
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,7 @@ from loraserve.engine.async_engine import AsyncEngine
 from loraserve.engine.config import ModelConfig, module_name
 from loraserve.engine.llm_engine import LLMEngine, StepOutput
 from loraserve.tools.bench.figures import StreamTiming, stream_figures
-from loraserve.types import LORA_TARGETS, AdapterRef, FinishReason, SamplingParams
+from loraserve.types import LORA_TARGETS, AdapterRef, Backend, FinishReason, SamplingParams
 
 # Random prompt ids start here: low ids are the specials of most vocabularies (<s>, <|im_start|>, ...).
 _FIRST_PROMPT_ID = 100
@@ -236,7 +236,7 @@ class RunResult:
                              prompt_tokens=sum(r.prompt_tokens for r in self.results),
                              failed=len(self.results) - len(ok)),
             "steps": s.steps,
-            "engine_busy": s.busy_s / self.wall_s,
+            "engine_busy": s.busy_s / self.wall_s if s.steps else None,  # no steps counted: not known
             "mean_step_ms": s.busy_s * 1e3 / s.steps if s.steps else None,
             "decode_steps": s.decode_steps,
             "mean_batch": s.decode_tokens / s.decode_steps if s.decode_steps else None,  # decode steps
@@ -246,9 +246,11 @@ class RunResult:
         }
 
 
-async def drive(backend: AsyncEngine, requests: list[BenchRequest], spec: WorkloadSpec, label: str,
+async def drive(backend: Backend, requests: list[BenchRequest], spec: WorkloadSpec, label: str,
                 max_tokens: int | None = None) -> RunResult:
-    """Run `requests` through the engine: closed loop of `spec.concurrency`, or open loop at `spec.rate`."""
+    """Run `requests` through the engine: closed loop of `spec.concurrency`, or open loop at `spec.rate`.
+    Steps are counted where the engine runs in this process; through an engine process (EngineClient)
+    only what its streams and gauges show is."""
     params = SamplingParams(max_tokens=max_tokens or spec.output_len, temperature=0.0, ignore_eos=True)
 
     async def one(i: int, req: BenchRequest) -> RequestResult:
@@ -266,7 +268,9 @@ async def drive(backend: AsyncEngine, requests: list[BenchRequest], spec: Worklo
         return RequestResult(submitted, first, last, n, error, len(req.prompt))
 
     results: list[RequestResult] = []
-    with count_steps(backend.engine) as counts:
+    counting: AbstractContextManager[StepCounts] = (
+        count_steps(backend.engine) if isinstance(backend, AsyncEngine) else nullcontext(StepCounts()))
+    with counting as counts:
         start = time.perf_counter()
         if spec.rate is None:
             todo = iter(enumerate(requests))  # shared by the workers: each takes the next request when free
@@ -289,7 +293,7 @@ async def drive(backend: AsyncEngine, requests: list[BenchRequest], spec: Worklo
     return RunResult(label, wall, results, counts, dict(counts.peak), final)
 
 
-async def _settled(backend: AsyncEngine, timeout_s: float = 2.0) -> dict[str, float]:
+async def _settled(backend: Backend, timeout_s: float = 2.0) -> dict[str, float]:
     # The step thread refreshes its gauges just after it emits a step's events, so the last event can
     # arrive before the gauges show the finished requests gone.
     deadline = time.perf_counter() + timeout_s

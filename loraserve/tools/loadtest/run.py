@@ -34,11 +34,11 @@ from typing import Any
 import httpx
 
 from loraserve import catalog
-from loraserve.tools.loadtest.clients import LoadClients, Tally
+from loraserve.tools.loadtest.clients import LoadClients
+from loraserve.tools.loadtest.report import Measured, print_report, summarize
 from loraserve.tools.loadtest.server import (
     HealthProber,
     ServerProcess,
-    ServerState,
     SetupError,
     read_state,
     register_adapters,
@@ -46,12 +46,10 @@ from loraserve.tools.loadtest.server import (
     settled_state,
     write_adapters,
 )
+from loraserve.tools.loadtest.unloaded import BatchSampler, CpuMeter, unloaded_throughput
 
 ACCOUNT = "loadtest"
 MAX_TOKENS = (8, 16, 32, 64, 128)
-HEALTH_LIMIT_S = 1.0
-REFUSAL_LIMIT_S = 1.0  # 3040 must come at once, not after queueing
-RSS_GROWTH_LIMIT = 0.10
 
 
 @dataclass(frozen=True)
@@ -78,6 +76,16 @@ class Options:
     server_log: Path | None = None
     seed: int = 0
     as_json: bool = False
+    engine_process: bool = False  # serve --engine-process (started server only)
+    # The load generator runs at this niceness so that it yields the cores to the server it measures.
+    client_nice: int = 10
+    unloaded_s: float = 15.0  # the unloaded run at the loaded batch; 0 skips it
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.client_nice <= 19:
+            raise ValueError(f"client_nice must be in [0, 19], got {self.client_nice}")
+        if self.unloaded_s < 0:
+            raise ValueError(f"unloaded_s must be >= 0, got {self.unloaded_s}")
 
     @property
     def warmup(self) -> float:
@@ -85,77 +93,6 @@ class Options:
 
 
 # -- the run -----------------------------------------------------------------------------------------
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
-
-
-def _ms(value: float | None) -> float | None:
-    return None if value is None else round(value * 1000, 1)
-
-
-def summarize(opts: Options, tally: Tally, prober: HealthProber, before: ServerState | None,
-              after: ServerState, settle_s: float, rss: dict[str, int | None], elapsed_s: float,
-              server: dict[str, Any]) -> dict[str, Any]:
-    t = tally
-    refused_3040 = t.responses.get("429 3040", 0)
-    fivexx = sum(n for key, n in t.responses.items() if key.startswith("5"))
-    unexpected = {
-        k: n for k, n in t.responses.items() if k not in ("200", "429 3040") and not k.startswith("5")
-    }
-    growth = None
-    if rss.get("after_warmup") and rss.get("end") is not None:
-        growth = (rss["end"] or 0) / (rss["after_warmup"] or 1) - 1
-    server_tokens = None if before is None else after.generation_tokens - before.generation_tokens
-    health_max = max(prober.latencies, default=None)
-    checks = {
-        "health_max_under_1s": health_max is not None and health_max < HEALTH_LIMIT_S and not prober.failures,
-        "no_5xx": fivexx == 0 and not after.new_5xx(before),
-        "no_stream_errors": not t.stream_errors and not t.truncated and after.engine_errors == (
-            before.engine_errors if before else 0),
-        "no_hangs": t.hangs == 0 and not t.transport_errors,
-        "only_200_or_3040": not unexpected,
-        "refusals_quick": (percentile(t.refusal_s, 99) or 0.0) < REFUSAL_LIMIT_S,
-        "no_kv_leak": after.kv_blocks_used == 0,
-        "no_pin_leak": after.adapters_pinned == 0,
-        "queue_drained": after.queue_depth == 0 and after.running == 0,
-        "rss_growth_under_10pct": growth is None or growth < RSS_GROWTH_LIMIT,
-    }
-    return {
-        "passed": all(checks.values()),
-        "checks": checks,
-        "config": {"clients": opts.clients, "duration_s": opts.duration_s, "warmup_s": opts.warmup,
-                   "disconnect_p": opts.disconnect_p, "lora_p": opts.lora_p, "model": opts.model,
-                   "max_tokens": list(opts.max_tokens), "max_batch": opts.max_batch,
-                   "max_queue": opts.max_queue, **server},
-        "requests": {"started": t.started, "completed": t.completed, "disconnected": t.disconnected,
-                     "cut_at_end": t.cut_at_end, "refused_3040": refused_3040, "hangs": t.hangs,
-                     "truncated": t.truncated},
-        "responses": dict(sorted(t.responses.items())),
-        "stream_errors": dict(t.stream_errors),
-        "server_5xx": after.new_5xx(before),
-        "transport_errors": dict(t.transport_errors),
-        "tokens": {"received": t.tokens, "received_per_s": round(t.tokens / elapsed_s, 1),
-                   "server_generated": server_tokens,
-                   "server_per_s": None if server_tokens is None else round(server_tokens / elapsed_s, 1)},
-        "ttft_ms": {"p50": _ms(percentile(t.ttft_s, 50)), "p99": _ms(percentile(t.ttft_s, 99)),
-                    "max": _ms(max(t.ttft_s, default=None))},
-        "refusal_ms": {"p50": _ms(percentile(t.refusal_s, 50)), "p99": _ms(percentile(t.refusal_s, 99)),
-                       "max": _ms(max(t.refusal_s, default=None))},
-        "health_ms": {"probes": len(prober.latencies), "failures": dict(prober.failures),
-                      "p50": _ms(percentile(prober.latencies, 50)),
-                      "p99": _ms(percentile(prober.latencies, 99)), "max": _ms(health_max)},
-        "after": {"settle_s": round(settle_s, 2), "kv_blocks_used": after.kv_blocks_used,
-                  "adapters_pinned": after.adapters_pinned, "queue_depth": after.queue_depth,
-                  "running": after.running},
-        "rss_mib": {k: None if v is None else round(v / 1024, 1) for k, v in rss.items()},
-        "rss_growth_pct": None if growth is None else round(growth * 100, 2),
-        "elapsed_s": round(elapsed_s, 1),
-    }
 
 
 def run(opts: Options) -> dict[str, Any]:
@@ -168,7 +105,8 @@ def run(opts: Options) -> dict[str, Any]:
             with Registry.open(data_dir) as registry:
                 token = registry.create_token(opts.account, "loadtest")
             _log(f"starting loraserve serve --model {opts.model} ...")
-            proc = ServerProcess(opts.model, opts.max_batch, opts.max_queue, data_dir)
+            extra = ["--engine-process"] if opts.engine_process else []
+            proc = ServerProcess(opts.model, opts.max_batch, opts.max_queue, data_dir, extra)
             if opts.server_log is not None:  # copied once the server has stopped (callbacks run last first)
                 stack.callback(shutil.copyfile, proc.log_path, opts.server_log)
             stack.callback(proc.stop)
@@ -194,9 +132,16 @@ def _measure(opts: Options, url: str, pid: int | None, token: str, finetunes: li
     rss: dict[str, int | None] = {"start": rss_kib(pid)}
     with httpx.Client(timeout=10.0) as http:
         before = read_state(http, url)
+    # The server was started before this: it keeps its priority. Linux applies nice per thread, and
+    # the prober's and sampler's threads, started below, inherit this one's.
+    if (more := opts.client_nice - os.getpriority(os.PRIO_PROCESS, 0)) > 0:
+        os.nice(more)
     clients = LoadClients(opts, url, token, finetunes)
     prober = HealthProber(url, opts.health_interval_s, pid)
     prober.start()
+    sampler = BatchSampler(url)
+    sampler.start()
+    cpu_meter = CpuMeter(pid)
 
     def at_warmup_end() -> None:
         rss["after_warmup"] = rss_kib(pid)
@@ -209,55 +154,24 @@ def _measure(opts: Options, url: str, pid: int | None, token: str, finetunes: li
     finally:
         timer.cancel()
         elapsed = time.monotonic() - started
+        cpu = cpu_meter.stop()
+        mean_running = sampler.stop()
         after, settle_s = settled_state(url, opts.settle_s)
         prober.stop()
     rss["end"] = rss_kib(pid)
     rss["peak"] = prober.rss_peak_kib
     rss.setdefault("after_warmup", None)
-    return summarize(opts, clients.tally, prober, before, after, settle_s, rss, elapsed, server)
+    unloaded = None
+    if opts.unloaded_s > 0 and mean_running:
+        batch = max(1, round(mean_running))
+        _log(f"unloaded: {batch} clients for {opts.unloaded_s:g} s ...")
+        unloaded = unloaded_throughput(opts, url, pid, token, finetunes, batch)
+    measured = Measured(before, after, settle_s, rss, elapsed, server, mean_running, cpu, unloaded)
+    return summarize(opts, clients.tally, prober, measured)
 
 
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def _fmt(value: Any) -> str:
-    return "-" if value is None else str(value)
-
-
-def print_report(report: dict[str, Any], out: Any = None) -> None:
-    out = out or sys.stdout
-    r, t, h, a = report["requests"], report["ttft_ms"], report["health_ms"], report["after"]
-    tok, rss, ref = report["tokens"], report["rss_mib"], report["refusal_ms"]
-    lines = [
-        f"loadtest: {report['config']['clients']} clients, {report['elapsed_s']} s, "
-        f"model {report['config']['model']}",
-        f"requests     started {r['started']}, completed {r['completed']}, disconnected {r['disconnected']}, "
-        f"cut at end {r['cut_at_end']}, hangs {r['hangs']}, truncated {r['truncated']}",
-        "responses    " + ", ".join(f"{k}: {n}" for k, n in report["responses"].items())
-        + (f"; stream errors {report['stream_errors']}" if report["stream_errors"] else "")
-        + (f"; transport errors {report['transport_errors']}" if report["transport_errors"] else "")
-        + (f"; server-side 5xx {report['server_5xx']}" if report["server_5xx"] else ""),
-        f"refusals     3040 x{r['refused_3040']}, answered in p50 {_fmt(ref['p50'])} ms, "
-        f"p99 {_fmt(ref['p99'])} ms",
-        f"tokens       {tok['received']} received ({tok['received_per_s']}/s); server generated "
-        f"{_fmt(tok['server_generated'])} ({_fmt(tok['server_per_s'])}/s)",
-        f"ttft         p50 {_fmt(t['p50'])} ms, p99 {_fmt(t['p99'])} ms, max {_fmt(t['max'])} ms",
-        f"health       {h['probes']} probes, p50 {_fmt(h['p50'])} ms, p99 {_fmt(h['p99'])} ms, "
-        f"max {_fmt(h['max'])} ms"
-        + (f", failures {h['failures']}" if h["failures"] else ""),
-        f"after        kv blocks used {a['kv_blocks_used']:g}, adapters pinned {a['adapters_pinned']:g}, "
-        f"queue {a['queue_depth']:g}, running {a['running']:g} (idle after {a['settle_s']} s)",
-        f"rss          start {_fmt(rss.get('start'))} MiB, "
-        f"after warm-up {_fmt(rss.get('after_warmup'))} MiB, "
-        f"end {_fmt(rss.get('end'))} MiB, peak {_fmt(rss.get('peak'))} MiB; "
-        f"growth {_fmt(report['rss_growth_pct'])}%",
-        "checks       " + ", ".join(f"{k} {'ok' if ok else 'FAILED'}" for k, ok in report["checks"].items()),
-        "PASSED" if report["passed"] else "FAILED",
-    ]
-    if report.get("server_log_tail"):
-        lines[-1:-1] = ["server log (last lines):", report["server_log_tail"]]
-    print("\n".join(lines), file=out, flush=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -294,6 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token", default=os.environ.get("LORASERVE_TOKEN"), help="API token (with --url)")
     p.add_argument("--pid", type=int, default=None, help="the --url server's process id, for its RSS")
     p.add_argument("--server-log", type=Path, default=None, help="keep the started server's log here")
+    p.add_argument("--engine-process", action="store_true",
+                   help="serve --engine-process (started server only)")
+    p.add_argument("--client-nice", type=int, default=d.client_nice,
+                   help="niceness of the load generator, so that it yields the cores to the server")
+    p.add_argument("--unloaded", type=float, default=d.unloaded_s,
+                   help="seconds of the unloaded run at the loaded batch, after the load; 0 skips it")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     return p
@@ -309,12 +229,16 @@ def options_from_args(argv: list[str] | None = None) -> Options:
         raise SystemExit(
             "--clients >= 1, --duration > 0, 0 <= --disconnect <= 1 and --max-tokens are required"
         )
-    return Options(
+    try:
+        return Options(
         clients=ns.clients, duration_s=ns.duration, warmup_s=ns.warmup, disconnect_p=ns.disconnect,
         lora_p=ns.lora, adapters=ns.adapters, model=ns.model, url=ns.url, account=ns.account, token=ns.token,
         server_pid=ns.pid, max_batch=ns.max_batch, max_queue=ns.max_queue, max_tokens=max_tokens,
         backoff_s=ns.backoff, settle_s=ns.settle, seed=ns.seed, as_json=ns.json, server_log=ns.server_log,
-    )
+        engine_process=ns.engine_process, client_nice=ns.client_nice, unloaded_s=ns.unloaded,
+        )
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -35,7 +35,8 @@ class SetupError(Exception):
 class ServerProcess:
     """`loraserve serve` in a subprocess, with its log in the data dir."""
 
-    def __init__(self, model: str, max_batch: int | None, max_queue: int | None, data_dir: Path) -> None:
+    def __init__(self, model: str, max_batch: int | None, max_queue: int | None, data_dir: Path,
+                 extra_args: list[str]) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = data_dir / "serve.log"
@@ -45,6 +46,7 @@ class ServerProcess:
             args += ["--max-batch", str(max_batch)]
         if max_queue is not None:
             args += ["--max-queue", str(max_queue)]
+        args += extra_args
         self.args = args
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
@@ -90,10 +92,26 @@ class ServerProcess:
         self._log.close()
 
 
-def rss_kib(pid: int | None) -> int | None:
-    """Resident memory of a process (VmRSS), None when it cannot be read."""
-    if pid is None:
-        return None
+def process_tree(root: int) -> list[int]:
+    """`root` and its live descendants (the engine process of `serve --engine-process` is a child)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat[stat.rindex(")") + 2:].split()[1])  # comm may hold spaces
+    tree, frontier = [root], [root]
+    while frontier:
+        parent = frontier.pop()
+        children = [pid for pid, ppid in parents.items() if ppid == parent]
+        tree += children
+        frontier += children
+    return tree
+
+
+def _vm_rss_kib(pid: int) -> int | None:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
@@ -101,6 +119,13 @@ def rss_kib(pid: int | None) -> int | None:
     except (OSError, ValueError, IndexError):
         return None
     return None
+
+
+def rss_kib(pid: int | None) -> int | None:
+    """Resident memory of a server (VmRSS), its engine process included; None when it cannot be read."""
+    if pid is None or (own := _vm_rss_kib(pid)) is None:
+        return None
+    return own + sum(_vm_rss_kib(child) or 0 for child in process_tree(pid)[1:])
 
 
 def model_id(model: str) -> str:
@@ -173,10 +198,21 @@ class ServerState:
     generation_tokens: float
     engine_errors: float  # generations that ended in an error
     http_5xx: dict[str, float]  # "route status" -> responses
+    # The server's own timing of its 429s: bucket upper bound (s) -> refusals that took at most that.
+    refusal_buckets: dict[float, float] = field(default_factory=dict)
 
     def new_5xx(self, before: ServerState | None) -> dict[str, float]:
         old = before.http_5xx if before is not None else {}
         return {k: v - old.get(k, 0) for k, v in self.http_5xx.items() if v > old.get(k, 0)}
+
+    def refusal_quantile(self, before: ServerState | None, q: float) -> float | None:
+        """The upper bound of the bucket holding the q-quantile of the refusals since `before`."""
+        old = before.refusal_buckets if before is not None else {}
+        counts = sorted((le, n - old.get(le, 0.0)) for le, n in self.refusal_buckets.items())
+        total = counts[-1][1] if counts else 0.0
+        if total <= 0:
+            return None
+        return next(le for le, n in counts if n >= q * total)
 
     @property
     def idle(self) -> bool:
@@ -196,6 +232,8 @@ def read_state(http: httpx.Client, url: str) -> ServerState:
         engine_errors=metric_sum(s, "loraserve_generations_total", finish_reason="error"),
         http_5xx={f"{lab.get('route')} {lab.get('status')}": v for n, lab, v in s
                   if n == "loraserve_http_requests_total" and lab.get("status", "").startswith("5")},
+        refusal_buckets={float(lab["le"]): v for n, lab, v in s
+                         if n == "loraserve_http_refusal_duration_seconds_bucket"},
     )
 
 

@@ -103,7 +103,9 @@ def test_echo_with_max_tokens_zero_scores_the_prompt(server: LiveServer, account
     out = completion(server, account, echo=True, logprobs=1, max_tokens=0)
     [choice] = out["choices"]
     assert choice["text"] == PROMPT and choice["finish_reason"] == "length"
-    assert out["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 0, "total_tokens": len(ids)}
+    # Positions whose logprobs are asked for are computed, never taken from the prefix cache.
+    assert out["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 0, "total_tokens": len(ids),
+                            "prompt_tokens_details": {"cached_tokens": 0}}
     logprobs = choice["logprobs"]
     assert {len(v) for v in logprobs.values()} == {len(ids)}
     reference = log_softmax(oracle[None], ids)

@@ -354,9 +354,30 @@ def test_a_cached_prefix_counts_once_however_often_admission_is_retried() -> Non
     for _ in range(3):  # the decodes are scheduled (not run), then `again` tries and gives its blocks back
         out = sch.schedule()
         assert again not in [s.seq for s in out.scheduled] and again.block_table == []
-    assert sch.prefix_hit_tokens == 0
+    assert sch.prefix_hit_tokens == 0 and again.num_cached_prompt == 0
     sch.finish(first, FinishReason.STOP)
     sch.finish(hog, FinishReason.STOP)
     out = sch.schedule()
     assert _plan(out) == [("again", 5)]  # 8 tokens came from the cache
-    assert sch.prefix_hit_tokens == 8
+    assert sch.prefix_hit_tokens == 8 and again.num_cached_prompt == 8
+
+
+def test_a_request_reports_the_cached_prompt_tokens_of_its_first_admission() -> None:
+    """After a preemption a sequence may find its own blocks still cached: a saving of the engine's (it
+    counts them), not of the request's, which reports what its first admission took."""
+    bm = BlockManager(4, 4)
+    sch = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=100)
+    a = _seq("a", 8)
+    b = Sequence("b", list(range(50, 57)), SamplingParams(max_tokens=1000))  # shares nothing with a
+    sch.add(a)
+    sch.add(b)
+    run_step(sch.schedule())  # a: 8 prompt + 1 out, b: 7 + 1; the four blocks are used
+    for seq in (a, b):
+        bm.cache_computed(seq)  # b files its first block
+    out = sch.schedule()  # a's decode needs a third block: b goes
+    assert out.num_preempted == 1 and b.num_preemptions == 1
+    run_step(out)
+    sch.finish(a, FinishReason.STOP)
+    out = sch.schedule()
+    assert _plan(out) == [("b", 4)]  # its first block came back from the cache
+    assert sch.prefix_hit_tokens == 4 and b.num_cached_prompt == 0

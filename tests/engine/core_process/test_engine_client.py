@@ -119,6 +119,20 @@ async def test_streams_equal_the_in_process_engine(client: EngineClient, in_proc
     await _eventually(lambda: _idle(client))
 
 
+async def test_cached_prompt_tokens_cross_the_process_boundary(client: EngineClient,
+                                                               in_process: AsyncEngine) -> None:
+    """Every event of a request says how many of its prompt tokens the engine's prefix cache served, as
+    the in-process engine's do; a session key travels along and changes nothing on one engine."""
+    prompt = client.encode("A prompt that fills a few blocks of the KV cache, and then some more. " * 3)
+    hit = (len(prompt) - 1) // CONFIG.block_size * CONFIG.block_size
+    assert hit >= 2 * CONFIG.block_size
+    for backend in (client, in_process):
+        runs = [await _collect(backend.generate(f"cached-{i}", prompt, GREEDY, None, "salt", "session-1"))
+                for i in range(2)]
+        assert [{event.cached_tokens for event in events} for events in runs] == [{0}, {hit}]
+    await _eventually(lambda: _idle(client))
+
+
 async def test_admission_is_decided_locally(client: EngineClient) -> None:
     """Requests sent count as queued at once, before the engine has seen them; once it has (its gauges
     come with each step), the batch holds max_num_seqs and the queue max_queue more."""
@@ -133,20 +147,24 @@ async def test_admission_is_decided_locally(client: EngineClient) -> None:
 
         for i in range(CONFIG.max_queue):
             open_stream(f"fill-{i}")
-        assert client.is_full()  # no await since: nothing came back from the engine
+        # Full at once, unless the engine's reader thread has meanwhile reported some of them running (the
+        # batch does not count against the queue); gauges only ever show more running here, so read after.
+        full = client.is_full()
+        assert full or client.stats()["running"] > 0
+        more = CONFIG.max_num_seqs
+        while more:  # the rest of a batch and a queue's worth, as the engine makes room
+            try:
+                open_stream(f"more-{more}")
+                more -= 1
+            except QueueFull:
+                await asyncio.sleep(0.01)
+        await _eventually(lambda: (client.stats()["running"], client.stats()["queue_depth"])
+                          == (CONFIG.max_num_seqs, CONFIG.max_queue))
+        assert client.is_full()
         with pytest.raises(QueueFull):
             client.generate("refused", prompt, GREEDY)
         with pytest.raises(PromptTooLong):  # the window is checked first, as the engine orders them
             client.admit(window - 10, 20)
-        running, queued = CONFIG.max_num_seqs, CONFIG.max_queue - CONFIG.max_num_seqs
-        await _eventually(lambda: (client.stats()["running"], client.stats()["queue_depth"]) == (running,
-                                                                                                 queued))
-        assert not client.is_full()
-        for i in range(CONFIG.max_queue - queued):
-            open_stream(f"more-{i}")
-        assert client.is_full()
-        await _eventually(lambda: client.stats()["queue_depth"] == CONFIG.max_queue)
-        assert client.is_full()
         with pytest.raises(QueueFull):
             client.admit(len(prompt), 4)
     await _eventually(lambda: _idle(client) and not client.is_full())

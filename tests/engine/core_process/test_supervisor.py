@@ -55,7 +55,7 @@ async def test_kill_9_restart_and_shutdown() -> None:
         killed = time.monotonic()
         for stream in doomed:
             *_, last = await _rest(stream)
-            assert last.finish_reason is FinishReason.ERROR
+            assert last.finish_reason is FinishReason.LOST
             assert last.error is not None and "killed by signal 9" in last.error, last.error
         assert time.monotonic() - killed < FAILURE_S
         # Refused at once while the new process loads: QueueFull is the server's 3040.
@@ -75,7 +75,7 @@ async def test_kill_9_restart_and_shutdown() -> None:
         assert second_pid is not None
         client.shutdown()
         *_, last = await _rest(open_stream, timeout_s=FAILURE_S)
-        assert last.finish_reason is FinishReason.ERROR and last.error == "engine is shut down"
+        assert last.finish_reason is FinishReason.LOST and last.error == "engine is shut down"
         assert _exited(second_pid) and client.pid is None
         with pytest.raises(RuntimeError, match="shut down"):
             client.generate("late", prompt, SHORT)

@@ -14,7 +14,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from loraserve.engine.config import EngineConfig
-from loraserve.engine.loader import embedded_gguf_path, load_engine
+from loraserve.engine.loader import load_engine
+from loraserve.engine.sources import embedded_gguf_path
 from loraserve.types import AdapterRef, ChatMessage, FinishReason, SamplingParams
 
 from engine_helpers import ALL_TARGETS, hf_greedy, make_adapter, peft_reference

@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 from loraserve.engine.config import EngineConfig, Quantization
 from loraserve.engine.kernels.qlinear import load_qlinear
 from loraserve.engine.llm_engine import LLMEngine
-from loraserve.engine.loader import embedded_gguf_path, load_engine
+from loraserve.engine.loader import load_engine
+from loraserve.engine.sources import embedded_gguf_path
 from loraserve.engine.weights.convert import convert
 from loraserve.engine.weights.gguf_file import load_gguf
 from loraserve.engine.weights.quant import QuantTensor

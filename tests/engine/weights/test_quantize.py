@@ -14,8 +14,9 @@ import torch
 
 from loraserve.engine.config import EngineConfig, Quantization
 from loraserve.engine.kernels.qlinear import load_qlinear
-from loraserve.engine.loader import embedded_gguf_path, load_engine
+from loraserve.engine.loader import load_engine
 from loraserve.engine.ops.quant_linear import QuantLinear
+from loraserve.engine.sources import embedded_gguf_path
 from loraserve.engine.weights.hf import hf_tensors
 from loraserve.engine.weights.quant import QuantTensor, QuantType
 from loraserve.engine.weights.quantize import MADE, load_hf_quantized, quant_type, quantize

@@ -1,0 +1,67 @@
+"""The application builder that `serve run`, `serve deploy` (and KubeRay's RayService) name:
+
+    serve run loraserve.cluster.app:build_app replicas=2 models=@cf/test/tiny-lora=random:tiny
+
+or, in a Serve config file, `import_path: loraserve.cluster.app:build_app` with `args:` holding
+ClusterConfig's fields (`engine:`, `server:` and `limits:` as mappings of EngineConfig's,
+ServerSettings' and RegistryLimits' fields).
+
+One gateway deployment (the HTTP ingress) and one engine deployment per distinct model, named
+`Engine`, `Engine1`, ... (a config file's `deployments:` entries override their options by name).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+from ray.serve.deployment import Deployment
+
+from loraserve.cluster.config import ClusterConfig, EngineGroup
+from loraserve.cluster.engine import EngineReplica
+from loraserve.cluster.gateway import Gateway
+
+# Requests a gateway replica takes beyond what the engines can: those that generate nothing (finetunes,
+# models, tokens, health) and those it is refusing.
+GATEWAY_HEADROOM = 128
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    return build(ClusterConfig.from_args(args))
+
+
+def build(config: ClusterConfig, groups: Sequence[EngineGroup] | None = None) -> Application:
+    """`groups`: `config.engine_groups()`, when the caller has them already."""
+    groups = tuple(config.engine_groups() if groups is None else groups)
+    capacity = config.replica_capacity
+    engine = config.engine_config()
+    engines = [
+        _deployment(EngineReplica).options(
+            name="Engine" + (str(i) if i else ""),
+            num_replicas=config.replicas,
+            ray_actor_options={"num_cpus": config.engine_num_cpus},
+            # What the engine takes, and no more: Serve then sends a busy adapter's requests to a replica
+            # without it rather than queueing them behind a full one.
+            max_ongoing_requests=capacity,
+            # Requests a gateway holds while every replica is full, before refusing them (3040).
+            max_queued_requests=engine.max_queue,
+            # The gateway's access log has every request; the gauges polled twice a second would drown it.
+            logging_config={"enable_access_log": False},
+        ).bind(group.source, engine, config.adapters_resident)
+        for i, group in enumerate(groups)
+    ]
+    gateway = _deployment(Gateway).options(
+        ray_actor_options={"num_cpus": config.gateway_num_cpus},
+        max_ongoing_requests=len(groups) * config.replicas * capacity + GATEWAY_HEADROOM,
+    )
+    return gateway.bind(config, groups, *engines)
+
+
+def _deployment(cls: type[Any]) -> Deployment:
+    """`serve.deployment` applied to a class here rather than as its decorator: the module keeps the
+    class itself (Ray pickles it by reference), and the options are the application's."""
+    made = serve.deployment(cls)
+    assert isinstance(made, Deployment)  # its annotation says decorator; given a class, it is this
+    return made
