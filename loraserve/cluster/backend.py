@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine
 from typing import Any
 
 from ray.exceptions import RayError
@@ -24,11 +24,11 @@ from loraserve.cluster.protocol import Refused, Started
 from loraserve.cluster.replica_header import ServedBy, served_by
 from loraserve.engine.core_process.client import load_tokenizer
 from loraserve.engine.sources import tokenizer_file
+from loraserve.engine.text_face import TextFace
 from loraserve.engine.weights.tokenizer import Tokenizer
 from loraserve.errors import CapacityExceeded
 from loraserve.types import (
     AdapterRef,
-    ChatMessage,
     FinishReason,
     ModelInfo,
     QueueFull,
@@ -40,7 +40,7 @@ from loraserve.types import (
 logger = logging.getLogger("loraserve.cluster")
 
 
-class ClusterBackend:
+class ClusterBackend(TextFace):
     """Build it with `connect` on the gateway's event loop."""
 
     def __init__(self, handle: Any, info: ModelInfo, tokenizer: Tokenizer, template: ChatTemplate,
@@ -71,16 +71,6 @@ class ClusterBackend:
         await self._loads.close()
 
     # -- Backend -----------------------------------------------------------------------------------
-    @property
-    def info(self) -> ModelInfo:
-        return self._info
-
-    def render_chat(self, messages: Sequence[ChatMessage]) -> str:
-        return self.chat_template.render(messages)
-
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text)
-
     def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                  adapter: AdapterRef | None = None, cache_salt: str | None = None,
                  session_id: str | None = None) -> RemoteEvents:

@@ -9,18 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 
 from loraserve.chat_template import ChatTemplate
 from loraserve.engine.core_process.messages import AbortRequest, AddRequest, ForgetAdapter
 from loraserve.engine.llm_engine import LLMEngine, StepOutput
 from loraserve.engine.streams import NO_LOGPROBS, Logprobs, RequestEvents, Stream, event_logprobs
+from loraserve.engine.text_face import TextFace
 from loraserve.engine.weights.detokenizer import IncrementalDetokenizer
 from loraserve.engine.weights.token_bytes import TokenBytes
 from loraserve.engine.weights.tokenizer import Tokenizer
 from loraserve.types import (
     AdapterRef,
-    ChatMessage,
     FinishReason,
     ModelInfo,
     QueueFull,
@@ -41,7 +41,7 @@ def model_info(engine: LLMEngine) -> ModelInfo:
                      else str(engine.dtype).removeprefix("torch."))
 
 
-class AsyncEngine:
+class AsyncEngine(TextFace):
     """Builds its engine on the step thread and runs every step there.
 
     Everything that touches torch happens on that one thread. OpenMP keeps a worker team per thread
@@ -70,16 +70,6 @@ class AsyncEngine:
         self._stats: dict[str, float] = self.engine.stats()
 
     # -- Backend -----------------------------------------------------------------------------------
-    @property
-    def info(self) -> ModelInfo:
-        return self._info
-
-    def render_chat(self, messages: Sequence[ChatMessage]) -> str:
-        return self.chat_template.render(messages)
-
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text)
-
     def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                  adapter: AdapterRef | None = None, cache_salt: str | None = None,
                  session_id: str | None = None) -> AsyncIterator[StreamEvent]:

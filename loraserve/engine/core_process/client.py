@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -34,14 +34,13 @@ from loraserve.engine.core_process.messages import (
 )
 from loraserve.engine.core_process.supervisor import RestartPolicy, Supervisor
 from loraserve.engine.streams import NO_LOGPROBS, RequestEvents, Stream, event_logprobs
+from loraserve.engine.text_face import TextFace
 from loraserve.engine.weights.detokenizer import IncrementalDetokenizer
 from loraserve.engine.weights.token_bytes import TokenBytes
 from loraserve.engine.weights.tokenizer import Tokenizer
 from loraserve.types import (
     AdapterRef,
-    ChatMessage,
     FinishReason,
-    ModelInfo,
     QueueFull,
     SamplingParams,
     StreamEvent,
@@ -67,7 +66,7 @@ def load_tokenizer(path: str) -> Tokenizer:
     return Tokenizer.from_hf_dir(path)
 
 
-class EngineClient:
+class EngineClient(TextFace):
     """Starts the engine process for `source` and waits until its model is loaded; raises what loading
     raised (a bad source: OSError or ValueError), as `load_backend` does.
 
@@ -77,7 +76,6 @@ class EngineClient:
     def __init__(self, source: str, config: EngineConfig | None = None,
                  chat_template: ChatTemplate | None = None, restart: RestartPolicy | None = None) -> None:
         self._config = config or EngineConfig()
-        self._template = chat_template
         self._streams: dict[str, _Stream] = {}
         self._lock = threading.Lock()
         self._up = False
@@ -89,27 +87,18 @@ class EngineClient:
         self._info = self._supervisor.start().info
         try:
             assert self._tokenizer_load is not None  # engine_started came before Ready
-            self.tokenizer: Tokenizer = self._tokenizer_load.result()
+            self.tokenizer = self._tokenizer_load.result()
         except BaseException:
             self._supervisor.stop()
             raise
+        self.chat_template = chat_template or self.tokenizer.chat_template
         self._token_bytes: TokenBytes = TokenBytes(self.tokenizer)
 
     # -- Backend -----------------------------------------------------------------------------------
     @property
-    def info(self) -> ModelInfo:
-        return self._info
-
-    @property
     def pid(self) -> int | None:
         """The engine process's id (the one loading, during a restart); None after shutdown."""
         return self._supervisor.pid
-
-    def render_chat(self, messages: Sequence[ChatMessage]) -> str:
-        return self.chat_template.render(messages)
-
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text)
 
     def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                  adapter: AdapterRef | None = None, cache_salt: str | None = None,
@@ -174,10 +163,6 @@ class EngineClient:
         with self._lock:
             self._up = False
         self._fail_all("engine is shut down")
-
-    @property
-    def chat_template(self) -> ChatTemplate:
-        return self._template or self.tokenizer.chat_template
 
     def _send(self, message: AbortRequest | ForgetAdapter) -> None:
         with contextlib.suppress(ChannelClosed):  # the engine died: engine_lost ends its requests
