@@ -12,6 +12,7 @@ import threading
 from collections.abc import AsyncIterator, Callable
 
 from loraserve.chat_template import ChatTemplate
+from loraserve.engine.admission import LockedAdmission
 from loraserve.engine.core_process.messages import AbortRequest, AddRequest, ForgetAdapter
 from loraserve.engine.llm_engine import LLMEngine, StepOutput
 from loraserve.engine.streams import NO_LOGPROBS, Logprobs, RequestEvents, Stream, event_logprobs
@@ -23,10 +24,8 @@ from loraserve.types import (
     AdapterRef,
     FinishReason,
     ModelInfo,
-    QueueFull,
     SamplingParams,
     StreamEvent,
-    check_context_window,
 )
 
 EngineFactory = Callable[[], tuple[LLMEngine, Tokenizer]]
@@ -41,7 +40,7 @@ def model_info(engine: LLMEngine) -> ModelInfo:
                      else str(engine.dtype).removeprefix("torch."))
 
 
-class AsyncEngine(TextFace):
+class AsyncEngine(TextFace, LockedAdmission):
     """Builds its engine on the step thread and runs every step there.
 
     Everything that touches torch happens on that one thread. OpenMP keeps a worker team per thread
@@ -88,20 +87,6 @@ class AsyncEngine(TextFace):
             self._pending_adds += 1
             self._wake.notify()
         return RequestEvents(self.abort, request_id, stream)
-
-    def admit(self, prompt_tokens: int, max_tokens: int) -> None:
-        with self._lock:
-            self._admit(prompt_tokens, max_tokens)
-
-    def _admit(self, prompt_tokens: int, max_tokens: int) -> None:
-        """What `generate` refuses, in the order the server reports it; called under the lock."""
-        check_context_window(prompt_tokens, max_tokens, self._info.context_window)
-        if self._full():
-            raise QueueFull()
-
-    def is_full(self) -> bool:
-        with self._lock:
-            return self._full()
 
     def _full(self) -> bool:
         # Requests still in the inbox count: the step thread has not handed them to the scheduler yet.

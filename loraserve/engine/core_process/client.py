@@ -21,6 +21,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from loraserve.chat_template import ChatTemplate
+from loraserve.engine.admission import LockedAdmission
 from loraserve.engine.config import EngineConfig
 from loraserve.engine.core_process.channel import ChannelClosed
 from loraserve.engine.core_process.messages import (
@@ -44,7 +45,6 @@ from loraserve.types import (
     QueueFull,
     SamplingParams,
     StreamEvent,
-    check_context_window,
 )
 
 
@@ -66,7 +66,7 @@ def load_tokenizer(path: str) -> Tokenizer:
     return Tokenizer.from_hf_dir(path)
 
 
-class EngineClient(TextFace):
+class EngineClient(TextFace, LockedAdmission):
     """Starts the engine process for `source` and waits until its model is loaded; raises what loading
     raised (a bad source: OSError or ValueError), as `load_backend` does.
 
@@ -120,20 +120,6 @@ class EngineClient(TextFace):
             self._streams[request_id] = stream
             self._adds_sent += 1
         return RequestEvents(self.abort, request_id, stream)
-
-    def admit(self, prompt_tokens: int, max_tokens: int) -> None:
-        with self._lock:
-            self._admit(prompt_tokens, max_tokens)
-
-    def _admit(self, prompt_tokens: int, max_tokens: int) -> None:
-        """What `generate` refuses, in the order the server reports it; called under the lock."""
-        check_context_window(prompt_tokens, max_tokens, self._info.context_window)
-        if self._full():
-            raise QueueFull()
-
-    def is_full(self) -> bool:
-        with self._lock:
-            return self._full()
 
     def _full(self) -> bool:
         if not self._up:
