@@ -121,6 +121,9 @@ def serve(
     ] = None,
     address: Annotated[str | None, typer.Option(
         help="With --replicas: join this Ray cluster (HOST:PORT or ray://...).")] = None,
+    gateways: Annotated[int | None, typer.Option(
+        min=1, help="With --replicas: run M gateway replicas (HTTP, auth, tokenizing; Serve's proxy spreads "
+                    "requests over them).")] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Serve the Workers AI API for the given models."""
@@ -152,13 +155,14 @@ def serve(
         engine_config = EngineConfig(**engine_options)
     except ValueError as exc:
         raise fail(str(exc), 2) from None
-    if replicas is not None or address is not None:  # the engines as Ray Serve replicas: loraserve/cluster/
+    if replicas is not None or address is not None or gateways is not None:  # Ray Serve: loraserve/cluster/
         from loraserve.cluster.local import serve_from_cli  # torch-free; ray: only there
 
         registry.close()
         serve_from_cli(replicas, address, engine_process, host, port, log_level, **_given(
             models=tuple(model) if model else None, data_dir=data_dir, database_url=database_url,
-            adapter_store=adapter_store, engine=engine_options, server=settings, limits=limits))
+            adapter_store=adapter_store, gateways=gateways, engine=engine_options, server=settings,
+            limits=limits))
         return
 
     serve_models(registry, sources, located, engine_config, engine_process, settings, host, port, log_level)
@@ -269,6 +273,22 @@ def loadtest(ctx: typer.Context) -> None:
     from loraserve.tools.loadtest import run as loadtest_module  # torch-free
 
     raise typer.Exit(loadtest_module.main(list(ctx.args)))
+
+
+# bench-routing -------------------------------------------------------------------------------------
+
+
+@app.command(
+    "bench-routing",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,
+    help="Adapter loads and TTFT, multiplexed against power-of-two routing on a local Ray Serve, and "
+         "simulated replica counts (`loraserve bench-routing --help`).",
+)
+def bench_routing(ctx: typer.Context) -> None:
+    from loraserve.tools.routing_bench import run as routing_module  # Ray only once it runs
+
+    raise typer.Exit(routing_module.main(list(ctx.args)))
 
 
 if __name__ == "__main__":  # pragma: no cover

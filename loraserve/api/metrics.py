@@ -59,6 +59,12 @@ _COUNTERS = {
         "loraserve_prefix_cache_hit_tokens",
         "Prompt tokens whose K/V came from the prefix cache instead of being computed.",
     ),
+    "adapter_loads": (
+        "loraserve_adapter_loads", "LoRA adapters loaded from disk (host-memory cache misses).",
+    ),
+    "adapter_load_seconds": (
+        "loraserve_adapter_load_seconds", "Seconds the adapter loader spent reading adapters from disk.",
+    ),
 }
 _ADAPTER_TIERS = {"adapters_device": "device", "adapters_host": "host", "adapters_pinned": "pinned"}
 

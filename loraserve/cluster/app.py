@@ -53,6 +53,7 @@ def build(config: ClusterConfig, groups: Sequence[EngineGroup] | None = None) ->
         for i, group in enumerate(groups)
     ]
     gateway = _deployment(Gateway).options(
+        num_replicas=config.gateways,
         ray_actor_options={"num_cpus": config.gateway_num_cpus},
         max_ongoing_requests=len(groups) * config.replicas * capacity + GATEWAY_HEADROOM,
     )

@@ -44,20 +44,21 @@ class ClusterBackend(TextFace):
     """Build it with `connect` on the gateway's event loop."""
 
     def __init__(self, handle: Any, info: ModelInfo, tokenizer: Tokenizer, template: ChatTemplate,
-                 loads: ReplicaLoads) -> None:
+                 loads: ReplicaLoads, affinity: bool = True) -> None:
         self._handle = handle  # a DeploymentHandle of EngineReplica
         self._stream = handle.options(method_name="generate", stream=True)
         self._info = info
         self.tokenizer = tokenizer
         self.chat_template = template
         self._loads = loads
+        self._affinity = affinity
         self._open: dict[str, RemoteEvents] = {}
         self._loop = asyncio.get_running_loop()
         self._background: set[asyncio.Future[Any]] = set()
 
     @classmethod
     async def connect(cls, handle: Any, source: str, template: ChatTemplate | None,
-                      stats_interval_s: float) -> ClusterBackend:
+                      stats_interval_s: float, affinity: bool = True) -> ClusterBackend:
         """Reads the tokenizer here while a replica reports the model (a GGUF vocabulary takes seconds),
         and starts polling the replicas' gauges."""
         tokenizer = asyncio.create_task(asyncio.to_thread(load_tokenizer, tokenizer_file(source)))
@@ -65,7 +66,7 @@ class ClusterBackend(TextFace):
         loaded = await tokenizer
         loads = ReplicaLoads(handle, stats_interval_s)
         loads.start()
-        return cls(handle, info, loaded, template or loaded.chat_template, loads)
+        return cls(handle, info, loaded, template or loaded.chat_template, loads, affinity)
 
     async def close(self) -> None:
         await self._loads.close()
@@ -78,7 +79,9 @@ class ClusterBackend(TextFace):
         if request_id in self._open:
             raise ValueError(f"duplicate request id {request_id}")
         # Base-model requests name no model: Serve's router then ignores which adapters replicas hold.
-        handle = self._stream if adapter is None else self._stream.options(multiplexed_model_id=adapter.key)
+        # Without affinity (ClusterConfig.adapter_affinity) a finetune's requests go the same way.
+        handle = (self._stream if adapter is None or not self._affinity
+                  else self._stream.options(multiplexed_model_id=adapter.key))
         response = handle.remote(request_id, list(prompt_token_ids), params, adapter, cache_salt, session_id)
         events = RemoteEvents(self, request_id, response, len(prompt_token_ids), served_by())
         self._open[request_id] = events

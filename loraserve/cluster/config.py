@@ -40,13 +40,21 @@ class ClusterConfig:
     data_dir: Path = DEFAULT_DATA_DIR
     database_url: str | None = None
     adapter_store: str | None = None
+    # With `adapter_store`: the directory each machine's engine replicas fetch adapters into (all of one
+    # machine's replicas share it, each fetch under the finetune's flock); None: `data_dir`/replica-cache.
+    replica_cache_dir: Path | None = None
     replicas: int = 1  # engine replicas per model
+    gateways: int = 1  # gateway replicas (the HTTP ingress); Serve's proxy spreads requests over them
     # Ray's logical CPUs reserved per replica (fractions share a core); an engine runs as many threads as
     # its replica reserves whole CPUs unless `engine` sets `threads`.
     engine_num_cpus: float = 1.0
     gateway_num_cpus: float = 1.0
     # Adapters Serve's multiplexing counts as resident per replica (its LRU); None: the engine's max_loras.
     adapters_per_replica: int | None = None
+    # A finetune's requests carry its adapter as Serve's multiplexed model id (sent to a replica holding
+    # it). False: every request goes by Serve's plain power-of-two load choice (the routing benchmark's
+    # baseline).
+    adapter_affinity: bool = True
     # Seconds between two polls of every replica's gauges (admission and /metrics read them).
     stats_interval_s: float = 0.5
     engine: Mapping[str, Any] = field(default_factory=dict)  # EngineConfig's fields
@@ -56,8 +64,10 @@ class ClusterConfig:
     def __post_init__(self) -> None:
         if not self.models:
             raise ValueError("ClusterConfig.models names no model to serve")
-        if not isinstance(self.replicas, int) or isinstance(self.replicas, bool) or self.replicas < 1:
-            raise ValueError(f"ClusterConfig.replicas must be an integer >= 1, got {self.replicas!r}")
+        for name in ("replicas", "gateways"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"ClusterConfig.{name} must be an integer >= 1, got {value!r}")
         for name in ("engine_num_cpus", "gateway_num_cpus", "stats_interval_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"ClusterConfig.{name} must be > 0, got {getattr(self, name)!r}")
@@ -94,6 +104,11 @@ class ClusterConfig:
     @property
     def adapter_store_config(self) -> AdapterStoreConfig | None:
         return AdapterStoreConfig(self.adapter_store) if self.adapter_store is not None else None
+
+    @property
+    def replica_cache(self) -> Path:
+        """Where engine replicas keep the adapters they fetch from `adapter_store`."""
+        return self.data_dir / "replica-cache" if self.replica_cache_dir is None else self.replica_cache_dir
 
     @property
     def adapters_resident(self) -> int:

@@ -4,6 +4,8 @@ A request with a finetune arrives with the adapter's key as Serve's multiplexed 
 marks the adapter resident through `serve.multiplexed`, which is what Serve's router reads to send the
 adapter's next requests here. Loading the weights is left to the engine (its disk → host → device tiers,
 off the step thread), so the multiplexed loader returns at once: Serve runs one load at a time per replica.
+With an adapter store, the replica first fetches the version the request names into its machine's cache
+tier (adapters.py).
 
 torch is imported in the replica's constructor only: the gateway and the deploying process import this
 module (to name the deployment) without it.
@@ -16,8 +18,10 @@ from typing import TYPE_CHECKING
 
 from ray import serve
 
+from loraserve.cluster.adapters import ReplicaAdapters, fetch_failed
 from loraserve.cluster.protocol import Refused, ReplicaLoad, Started, StreamItem
 from loraserve.engine.config import EngineConfig
+from loraserve.errors import WorkersAIError
 from loraserve.types import AdapterRef, ModelInfo, QueueFull, SamplingParams
 
 if TYPE_CHECKING:
@@ -50,6 +54,7 @@ class EngineReplica:
         self._engine: AsyncEngine = load_backend(source, config)
         self._replica = serve.get_replica_context().replica_id.unique_id
         forget = self._engine.forget_adapter
+        self._adapters = ReplicaAdapters(forget)  # adapters fetched from the store (adapters.py)
 
         async def resident(key: str) -> _Resident:
             return _Resident(forget, key)
@@ -63,6 +68,12 @@ class EngineReplica:
         """`Started` (or `Refused`), then the engine's StreamEvents. Cancelled (the client went away) or
         closed before the last event, the engine request is aborted at once."""
         if adapter is not None:
+            try:
+                adapter = await self._adapters.local(adapter)
+            except WorkersAIError as exc:  # not fetched from the adapter store
+                for item in fetch_failed(exc, self._replica, len(prompt_token_ids)):
+                    yield item
+                return
             await self._resident(adapter.key)
         try:
             events = self._engine.generate(request_id, prompt_token_ids, params, adapter, cache_salt,

@@ -1,5 +1,6 @@
-"""`loraserve serve --replicas N`: the application on a Ray started here for this machine (or on the
-Ray cluster at `--address`), Serve's HTTP proxy on the serve command's host and port, until Ctrl-C."""
+"""`loraserve serve --replicas N [--gateways M]`: the application on a Ray started here for this machine
+(or on the Ray cluster at `--address`), Serve's HTTP proxy on the serve command's host and port, until
+Ctrl-C."""
 
 from __future__ import annotations
 
@@ -28,16 +29,18 @@ def ray_missing() -> str | None:
 def local_cpus(config: ClusterConfig, engine_deployments: int) -> int:
     """Logical CPUs for a Ray started here: what every replica reserves (Serve's controller and proxy
     reserve none)."""
-    return math.ceil(engine_deployments * config.replicas * config.engine_num_cpus + config.gateway_num_cpus)
+    return math.ceil(engine_deployments * config.replicas * config.engine_num_cpus
+                     + config.gateways * config.gateway_num_cpus)
 
 
 def serve_from_cli(replicas: int | None, address: str | None, engine_process: bool, host: str, port: int,
                    log_level: str, **config: Any) -> None:
     """`loraserve serve --replicas N [--address ADDR]`; `config`: ClusterConfig's fields from the other
     options. What the operator must fix exits with status 2, as `serve` does."""
-    if replicas is None or engine_process:
-        raise fail("--address needs --replicas" if replicas is None else
-                   "--engine-process and --replicas do not mix: each engine replica is a process already", 2)
+    if replicas is None:
+        raise fail(f"{'--address' if address is not None else '--gateways'} needs --replicas", 2)
+    if engine_process:
+        raise fail("--engine-process and --replicas do not mix: each engine replica is a process already", 2)
     try:
         serve_cluster(ClusterConfig(replicas=replicas, **config), host, port, address, log_level)
     except ValueError as exc:
@@ -58,7 +61,8 @@ def serve_cluster(config: ClusterConfig, host: str, port: int, address: str | No
 
     groups = config.engine_groups()  # a model argument that cannot be served fails before Ray starts
     # Ray's workers do not start in this directory.
-    config = dataclasses.replace(config, data_dir=config.data_dir.resolve())
+    config = dataclasses.replace(config, data_dir=config.data_dir.resolve(),
+                                 replica_cache_dir=config.replica_cache.resolve())
     if address is None:
         share = (os.cpu_count() or 1) / (len(groups) * config.replicas)
         config = dataclasses.replace(config, engine_num_cpus=share)
@@ -76,7 +80,7 @@ def serve_cluster(config: ClusterConfig, host: str, port: int, address: str | No
         serve.run(app, name=APP_NAME, route_prefix="/", logging_config=logs)
         served = [model_id for group in groups for model_id in group.model_ids]
         err.print(f"serving {', '.join(served)} on http://{host}:{port}, {config.replicas} engine "
-                  f"replica(s) each", highlight=False)
+                  f"replica(s) each, {config.gateways} gateway(s)", highlight=False)
         threading.Event().wait()  # until KeyboardInterrupt
     except KeyboardInterrupt:
         pass

@@ -1,11 +1,13 @@
 """The `x-loraserve-replica` response header: which engine replica served the request, as Cloudflare
-names its data centre in `cf-ray`.
+names its data centre in `cf-ray`; and `x-loraserve-gateway`, on every response: which gateway replica
+answered it (with several gateways, Serve's proxy spreads requests over them).
 
 The middleware gives each HTTP request a `ServedBy` slot through a context variable; the gateway's
 backend, called somewhere below with that context (or a copy of it: tasks and worker threads copy
 contexts, and the slot is shared by reference), fills it in when a replica's first streamed item names
 itself. The header is added as the response starts: a whole answer starts after its run ended, a stream
-after its first event, so the replica is known by then. Responses that reached no replica carry none.
+after its first event, so the replica is known by then. Responses that reached no engine replica carry no
+`x-loraserve-replica`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 REPLICA_HEADER = "x-loraserve-replica"
+GATEWAY_HEADER = "x-loraserve-gateway"
 
 
 @dataclass
@@ -32,8 +35,11 @@ def served_by() -> ServedBy | None:
 
 
 class ReplicaHeaderMiddleware:
-    def __init__(self, app: ASGIApp) -> None:
+    """`gateway`: this gateway replica's name, sent on every response; None sends no gateway header."""
+
+    def __init__(self, app: ASGIApp, gateway: str | None = None) -> None:
         self.app = app
+        self._gateway = [(GATEWAY_HEADER.encode(), gateway.encode())] if gateway is not None else []
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -42,9 +48,9 @@ class ReplicaHeaderMiddleware:
         slot = ServedBy()
 
         async def send_naming_replica(message: Message) -> None:
-            if message["type"] == "http.response.start" and slot.replica is not None:
-                headers = [*message.get("headers", []), (REPLICA_HEADER.encode(), slot.replica.encode())]
-                message = {**message, "headers": headers}
+            if message["type"] == "http.response.start":
+                named = [(REPLICA_HEADER.encode(), slot.replica.encode())] if slot.replica is not None else []
+                message = {**message, "headers": [*message.get("headers", []), *self._gateway, *named]}
             await send(message)
 
         token = _served_by.set(slot)

@@ -91,6 +91,8 @@ def test_requests_per_adapter_and_adapters_resident(server: LiveServer, peft_ada
         assert run(server, owner, {"prompt": "hi", "max_tokens": 2, "lora": "metered"}).status_code == 200
     after = scrape(server)
     assert delta(before, after, "loraserve_adapter_requests_total", adapter=finetune["id"]) == 2
+    # Loaded from disk once; the second request found it in memory.
+    assert delta(before, after, "loraserve_adapter_loads_total", model=LORA_MODEL) == 1
     resident = sum(value(after, "loraserve_adapters_resident", model=LORA_MODEL, tier=tier)
                    for tier in ("device", "host"))
     assert resident >= 1

@@ -1,14 +1,18 @@
 """ClusterConfig: what `serve run` / `serve deploy` hand the application builder (strings from `key=value`
-words, mappings from a config file), checked before anything starts."""
+words, mappings from a config file), checked before anything starts; and what `loraserve serve` derives
+from it (CPUs for a local Ray, `--gateways` without `--replicas` refused)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
 from loraserve.catalog import ModelSourceError
+from loraserve.cli import app
 from loraserve.cluster.config import ClusterConfig
+from loraserve.cluster.local import local_cpus
 
 from conftest import LORA_MODEL
 
@@ -40,6 +44,7 @@ def test_an_engine_runs_as_many_threads_as_its_replica_reserves_cpus() -> None:
     ({"engine": {"max_batch": 4}}, "ClusterConfig.engine: unknown option(s) max_batch"),
     ({"replicas": 0}, "ClusterConfig.replicas must be an integer >= 1"),
     ({"replicas": "two"}, "replicas:"),
+    ({"gateways": 0}, "ClusterConfig.gateways must be an integer >= 1"),
     ({"engine_num_cpus": 0}, "ClusterConfig.engine_num_cpus must be > 0"),
     ({"engine": {"max_num_seqs": 0}}, "EngineConfig.max_num_seqs must be >= 1"),
     ({"engine": {"quantize": "q9"}}, "quantize"),
@@ -63,3 +68,23 @@ def test_ids_over_the_same_weights_and_template_share_one_engine_deployment() ->
         (("@cf/test/c",), "random:smollm2-135m")]
     with pytest.raises(ModelSourceError, match="not in the catalog"):
         ClusterConfig(models=("@cf/nobody/unknown",)).engine_groups()
+
+
+def test_engine_replicas_cache_adapters_under_the_data_dir_unless_told() -> None:
+    default = ClusterConfig(data_dir=Path("/srv/loraserve"))
+    assert default.replica_cache == Path("/srv/loraserve/replica-cache")
+    told = ClusterConfig.from_args({"data_dir": "/srv/loraserve", "replica_cache_dir": "/var/cache/adapters"})
+    assert told.replica_cache == Path("/var/cache/adapters")
+
+
+def test_a_ray_started_here_reserves_cpus_for_every_gateway() -> None:
+    config = ClusterConfig(replicas=2, gateways=3, engine_num_cpus=1, gateway_num_cpus=0.5)
+    assert local_cpus(config, engine_deployments=1) == 4  # 2 engines + 1.5 for the gateways, rounded up
+    assert ClusterConfig.from_args({"gateways": "2"}).gateways == 2
+
+
+def test_serve_refuses_gateways_without_replicas(tmp_path: Path) -> None:
+    done = CliRunner().invoke(app, ["serve", "--data-dir", str(tmp_path), "--model",
+                                    "@cf/test/tiny=random:tiny", "--gateways", "2"])
+    assert done.exit_code == 2, done.output
+    assert "--gateways needs --replicas" in " ".join(done.output.split())

@@ -9,6 +9,7 @@ weights, which folds in the scale and, for the CPU kernel, packs (~5 ms for a fl
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -39,6 +40,10 @@ class AdapterCache:
         self._bucket: dict[str, int] = {}  # adapter key -> rank bucket of the pool holding its slot
         self._lock = threading.Lock()  # guards _refs against the server thread's register/forget
         self._loader = _single_thread_loader()
+        # Totals since the engine started: loads from disk submitted, and the loader thread's seconds on
+        # them (a float written on that thread alone; readers may see it one load behind).
+        self._loads = 0
+        self._load_seconds = 0.0
         # Called on the loader thread when an adapter finishes loading (or fails): an idle step loop
         # waiting for it wakes up instead of spinning, which would starve the loader of the GIL.
         self.on_loaded: Callable[[], None] | None = None
@@ -64,7 +69,8 @@ class AdapterCache:
             if ref is None:
                 self._failed[key] = "adapter is not registered"
                 return AdapterState.FAILED
-            fut = self._loading[key] = self._loader.submit(load_adapter, ref, self.cfg, self.dtype)
+            fut = self._loading[key] = self._loader.submit(self._load, ref)
+            self._loads += 1
             fut.add_done_callback(self._loaded)
             return AdapterState.LOADING
         if not fut.done():
@@ -126,10 +132,19 @@ class AdapterCache:
             "adapters_device": float(sum(len(t.resident) for _, t in self._pools.values())),
             "adapters_pinned": float(sum(t.num_pinned for _, t in self._pools.values())),
             "adapter_host_bytes": float(self._host_bytes),
+            "adapter_loads": float(self._loads),
+            "adapter_load_seconds": self._load_seconds,
         }
 
     def close(self) -> None:
         self._loader.shutdown(wait=False, cancel_futures=True)
+
+    def _load(self, ref: AdapterRef) -> LoraWeights:
+        started = time.perf_counter()
+        try:
+            return load_adapter(ref, self.cfg, self.dtype)
+        finally:
+            self._load_seconds += time.perf_counter() - started
 
     def _loaded(self, _: Future[LoraWeights]) -> None:
         if self.on_loaded is not None:

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
 
 from loraserve.catalog import RANDOM_SHAPES
 from loraserve.engine.config import EngineConfig, ModelConfig
+from loraserve.engine.core.scheduler import AdapterState
 from loraserve.engine.lora.cache import AdapterCache
 from loraserve.engine.lora.gemm import GemmLora
+from loraserve.types import AdapterRef
 
 
 @pytest.fixture
@@ -42,3 +45,38 @@ def test_the_loader_runs_on_one_thread_without_changing_other_threads(two_thread
         assert _threads_of_a_new_thread() == 2
     finally:
         cache.close()
+
+
+def test_loads_from_disk_are_counted_with_their_time(tmp_path: Path) -> None:
+    from loraserve.registry import synth
+
+    shape = RANDOM_SHAPES["tiny"]
+    info = synth.llama_model_info(num_layers=shape["num_layers"], hidden=shape["hidden_size"],
+                                  intermediate=shape["intermediate_size"], heads=shape["num_heads"],
+                                  kv_heads=shape["num_kv_heads"], head_dim=shape["head_dim"])
+    (tmp_path / "adapter_config.json").write_bytes(synth.adapter_config(8, 16))
+    weights = synth.encode_safetensors(synth.lora_tensors(info, 8))
+    (tmp_path / "adapter_model.safetensors").write_bytes(weights)
+    cache = AdapterCache(ModelConfig(vocab_size=128, **shape), EngineConfig(), torch.float32,
+                         torch.device("cpu"), GemmLora())
+    try:
+        cache.register(AdapterRef("a", str(tmp_path)))
+        assert cache.stats()["adapter_loads"] == 0
+        _until_ready(cache, "a")
+        assert cache._loader.submit(lambda: None).result() is None  # the loader's timing is written
+        first = cache.stats()
+        assert first["adapter_loads"] == 1 and first["adapter_load_seconds"] > 0
+        _until_ready(cache, "a")  # in host memory now: no second load
+        assert cache.stats()["adapter_loads"] == 1
+        cache.forget("a")
+        cache.register(AdapterRef("a", str(tmp_path)))
+        _until_ready(cache, "a")
+        assert cache.stats()["adapter_loads"] == 2
+    finally:
+        cache.close()
+
+
+def _until_ready(cache: AdapterCache, key: str) -> None:
+    while (state := cache.state(key)) is AdapterState.LOADING:
+        cache._loader.submit(lambda: None).result()  # the load, queued before this, is done after it
+    assert state is AdapterState.READY
