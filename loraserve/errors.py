@@ -125,6 +125,16 @@ class EngineLost(CapacityExceeded):
         super().__init__("The model stopped before this request finished, please try again.")
 
 
+class RegistryUnavailable(CapacityExceeded):
+    """The registry database does not answer (down, restarting, unreachable): the capacity answer, retry
+    later. Raised by every registry call while it lasts (registry/outage.py)."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "Capacity temporarily exceeded: the registry database is unavailable, please try again."
+        )
+
+
 class RequestTimeout(WorkersAIError):
     code, status = 3007, 408
 

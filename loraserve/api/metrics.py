@@ -4,7 +4,7 @@ latency histograms, engine gauges (queue, KV blocks, adapters resident) and requ
 Each app has its own `CollectorRegistry` (several apps may live in one process: tests, benchmarks).
 Generation is measured by wrapping each served `Backend` (`Metrics.instrument`), so every route
 that generates (/run, the OpenAI face) is counted the same way without knowing about metrics.
-The HTTP middleware and the endpoint are in metrics_http.py.
+The HTTP middleware and the endpoint are in metrics_http.py; per-replica series in metrics_replicas.py.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from loraserve.api.metrics_replicas import replica_families
 from loraserve.types import (
     AdapterRef,
     Backend,
@@ -64,6 +65,13 @@ _COUNTERS = {
     ),
     "adapter_load_seconds": (
         "loraserve_adapter_load_seconds", "Seconds the adapter loader spent reading adapters from disk.",
+    ),
+    "adapter_hits": (
+        "loraserve_adapter_hits", "Requests whose LoRA adapter was in memory already (no load from disk).",
+    ),
+    "request_retries": (
+        "loraserve_request_retries",
+        "Requests sent to another engine replica because theirs died before streaming anything (cluster).",
     ),
 }
 _ADAPTER_TIERS = {"adapters_device": "device", "adapters_host": "host", "adapters_pinned": "pinned"}
@@ -147,6 +155,8 @@ class _EngineCollector(Collector):
                     resident.add_metric([label, tier], float(stats[key]))
         yield from families.values()
         yield resident
+        # Per engine replica, for backends that have several (a cluster): the sums above stay as they are.
+        yield from replica_families(self._backends, _GAUGES, _COUNTERS, _ADAPTER_TIERS)
         requests = CounterMetricFamily(
             "loraserve_adapter_requests",
             "Generation requests per LoRA finetune id: the most requested have their own series, the rest "

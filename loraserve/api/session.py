@@ -3,7 +3,8 @@ run) whose requests share a growing prompt prefix.
 
 Workers AI sends a session's requests to the same instance, where its prefix is already in the prefix cache.
 On one server every request already shares that cache, so here the key only travels with the request
-(`Backend.generate`'s `session_id`); a backend spread over several engines routes on it. It is never
+(`Backend.generate`'s `session_id`); a backend spread over several engines routes on it (the Ray Serve
+cluster sends a session's requests to one engine replica: loraserve/cluster/router.py). It is never
 required, and a value that is not a sane routing key is refused (5006) rather than silently dropped.
 """
 

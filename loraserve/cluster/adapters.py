@@ -42,8 +42,8 @@ Version = tuple[tuple[AssetFile, AssetDigest], ...]
 
 @dataclass(frozen=True)
 class StoredAdapter(AdapterRef):
-    """An adapter in the store: `path` is the gateway's copy, of no use on another machine; a replica
-    fetches `version` from `store` into `cache_dir` (a path on the replica's machine)."""
+    """An adapter in the store, which a replica fetches at `version` from `store` into `cache_dir` (a path
+    on the replica's machine). `path` names the gateway's tier, where the gateway keeps no copy."""
 
     store: str
     cache_dir: str
@@ -63,18 +63,19 @@ class GatewayRegistry(Registry):
         return registry
 
     def adapter_for(self, account_id: str, model: str, ref: str) -> tuple[Finetune, AdapterRef]:
-        finetune, adapter = super().adapter_for(account_id, model, ref)
         if self.replica_cache is None or isinstance(self.store, LocalStore):
-            return finetune, adapter
-        # Read again rather than taken from the gateway's own copy: a slower run on this gateway may
-        # have put an older version back in its tier meanwhile; the database's record is the truth.
+            return super().adapter_for(account_id, model, ref)
+        # The replicas fetch the files; the gateway never reads them, so it keeps no copy of its own.
+        finetune = self.finetune_for_run(account_id, model, ref)
+        # The database's record is the truth: what the gateway's own tier holds (an upload's copy) may be
+        # an older version by now.
         digests = self._digests(finetune.id)
         if missing := [file for file in AssetFile if file not in digests]:  # re-validated or deleted since
             names = " and ".join(file.value for file in missing)
             raise InvalidFinetune(f"finetune {finetune.id} is missing {names}")
         version = tuple((file, digests[file]) for file in AssetFile)
-        return finetune, StoredAdapter(adapter.key, adapter.path, self.store.name, str(self.replica_cache),
-                                       version)
+        return finetune, StoredAdapter(finetune.id, str(self.storage.directory(finetune.id)), self.store.name,
+                                       str(self.replica_cache), version)
 
 
 class ReplicaAdapters:
@@ -141,5 +142,6 @@ def fetch_failed(error: WorkersAIError, replica: str, prompt_tokens: int) -> tup
     store's failures: a missing or altered object ends the run as an adapter that would not load (400 /
     3039, the message naming what is wrong); an unreachable store or disk refuses it (429 / 3040)."""
     if isinstance(error, InvalidFinetune):
-        return Started(replica), StreamEvent("", prompt_tokens, 0, FinishReason.ERROR, error.message)
-    return (Refused(replica),)
+        return (Started(replica, adapter_resident=False),
+                StreamEvent("", prompt_tokens, 0, FinishReason.ERROR, error.message))
+    return (Refused(replica, error.message),)

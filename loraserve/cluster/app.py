@@ -6,8 +6,10 @@ or, in a Serve config file, `import_path: loraserve.cluster.app:build_app` with 
 ClusterConfig's fields (`engine:`, `server:` and `limits:` as mappings of EngineConfig's,
 ServerSettings' and RegistryLimits' fields).
 
-One gateway deployment (the HTTP ingress) and one engine deployment per distinct model, named
-`Engine`, `Engine1`, ... (a config file's `deployments:` entries override their options by name).
+One gateway deployment (the HTTP ingress, `gateways` replicas) and one engine deployment per distinct
+model (`replicas` each), named `Engine`, `Engine1`, ... (a config file's `deployments:` entries override
+their options by name). The engines route by router.py's SessionAffinityRouter, or by Serve's plain
+power-of-two when `adapter_affinity` is false.
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ from typing import Any
 
 from ray import serve
 from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
 from ray.serve.deployment import Deployment
 
 from loraserve.cluster.config import ClusterConfig, EngineGroup
 from loraserve.cluster.engine import EngineReplica
 from loraserve.cluster.gateway import Gateway
+from loraserve.cluster.router import SessionAffinityRouter
 
 # Requests a gateway replica takes beyond what the engines can: those that generate nothing (finetunes,
 # models, tokens, health) and those it is refusing.
@@ -49,6 +53,7 @@ def build(config: ClusterConfig, groups: Sequence[EngineGroup] | None = None) ->
             max_queued_requests=engine.max_queue,
             # The gateway's access log has every request; the gauges polled twice a second would drown it.
             logging_config={"enable_access_log": False},
+            request_router_config=_request_router(config),
         ).bind(group.source, engine, config.adapters_resident)
         for i, group in enumerate(groups)
     ]
@@ -58,6 +63,16 @@ def build(config: ClusterConfig, groups: Sequence[EngineGroup] | None = None) ->
         max_ongoing_requests=len(groups) * config.replicas * capacity + GATEWAY_HEADROOM,
     )
     return gateway.bind(config, groups, *engines)
+
+
+def _request_router(config: ClusterConfig) -> RequestRouterConfig:
+    """A session's requests to one replica (router.py), others as Serve routes them; without adapter
+    affinity, Serve's plain router for every request: the routing benchmark's baseline keeps no affinity
+    of any kind."""
+    if not config.adapter_affinity:
+        return RequestRouterConfig()
+    # Ray annotates the constructor's **kwargs as dicts: the class is what its field takes.
+    return RequestRouterConfig(request_router_class=SessionAffinityRouter)  # type: ignore[arg-type]
 
 
 def _deployment(cls: type[Any]) -> Deployment:

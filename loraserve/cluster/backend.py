@@ -5,7 +5,9 @@ Templating and tokenization happen here, with the model's own tokenizer read in 
 as the engine-process client does. `generate` streams from one replica through a DeploymentHandle: a
 request with a finetune carries the adapter's key as Serve's multiplexed model id, so Serve sends it to a
 replica that holds the adapter (one that does not loads it on first use); base-model requests carry none
-and go wherever the queue is shortest.
+and go wherever the queue is shortest; a request with a session key goes to its session's replica
+(router.py). A replica that dies before the request streamed anything costs
+the caller nothing: the request is sent again (remote_events.py).
 """
 
 from __future__ import annotations
@@ -15,25 +17,21 @@ import logging
 from collections.abc import Coroutine
 from typing import Any
 
-from ray.exceptions import RayError
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RequestCancelledError
-
+from loraserve.api.metrics_replicas import AdapterRouting, ReplicaStats
 from loraserve.chat_template import ChatTemplate
 from loraserve.cluster.loads import ReplicaLoads
-from loraserve.cluster.protocol import Refused, Started
-from loraserve.cluster.replica_header import ServedBy, served_by
+from loraserve.cluster.remote_events import RemoteEvents
+from loraserve.cluster.replica_header import served_by
+from loraserve.cluster.router import SESSION_KWARG
 from loraserve.engine.core_process.client import load_tokenizer
 from loraserve.engine.sources import tokenizer_file
 from loraserve.engine.text_face import TextFace
 from loraserve.engine.weights.tokenizer import Tokenizer
-from loraserve.errors import CapacityExceeded
 from loraserve.types import (
     AdapterRef,
-    FinishReason,
     ModelInfo,
     QueueFull,
     SamplingParams,
-    StreamEvent,
     check_context_window,
 )
 
@@ -55,6 +53,8 @@ class ClusterBackend(TextFace):
         self._open: dict[str, RemoteEvents] = {}
         self._loop = asyncio.get_running_loop()
         self._background: set[asyncio.Future[Any]] = set()
+        self._retries = 0  # requests sent again after their replica died (remote_events.py)
+        self._routed: dict[tuple[str, AdapterRouting], int] = {}  # requests started, per replica and routing
 
     @classmethod
     async def connect(cls, handle: Any, source: str, template: ChatTemplate | None,
@@ -82,8 +82,14 @@ class ClusterBackend(TextFace):
         # Without affinity (ClusterConfig.adapter_affinity) a finetune's requests go the same way.
         handle = (self._stream if adapter is None or not self._affinity
                   else self._stream.options(multiplexed_model_id=adapter.key))
-        response = handle.remote(request_id, list(prompt_token_ids), params, adapter, cache_salt, session_id)
-        events = RemoteEvents(self, request_id, response, len(prompt_token_ids), served_by())
+        prompt = list(prompt_token_ids)
+
+        def send() -> Any:  # again for a retry, when the replica died before the request streamed anything
+            # By keyword: the router reads a session's key from it (router.py).
+            return handle.remote(request_id, prompt, params, adapter, cache_salt,
+                                 **{SESSION_KWARG: session_id})
+
+        events = RemoteEvents(self, request_id, send, len(prompt), served_by())
         self._open[request_id] = events
         return events
 
@@ -106,9 +112,25 @@ class ClusterBackend(TextFace):
             return_exceptions=True))
 
     def stats(self) -> dict[str, float]:
-        return self._loads.stats()
+        return {**self._loads.stats(), "request_retries": float(self._retries)}
+
+    def replica_stats(self) -> list[ReplicaStats]:
+        """Each replica's gauges as last polled, and the requests this gateway saw it start (kept for
+        replicas gone since: counters never vanish)."""
+        routed = dict(self._routed)  # one copy, atomic under the GIL: requests start on the loop meanwhile
+        engines = {load.replica: load.stats for load in self._loads.replicas()}
+        return [ReplicaStats(replica, engines.get(replica, {}),
+                             {routing: count for (name, routing), count in routed.items() if name == replica})
+                for replica in sorted(engines.keys() | {name for name, _ in routed})]
 
     # -- helpers -----------------------------------------------------------------------------------
+    def _retried(self) -> None:
+        self._retries += 1
+
+    def _started_on(self, replica: str, adapter_resident: bool | None) -> None:
+        key = (replica, AdapterRouting.of(adapter_resident))
+        self._routed[key] = self._routed.get(key, 0) + 1
+
     def _closed(self, request_id: str) -> None:
         self._open.pop(request_id, None)
 
@@ -124,77 +146,3 @@ class ClusterBackend(TextFace):
             future.add_done_callback(self._background.discard)
         else:
             asyncio.run_coroutine_threadsafe(work, self._loop)
-
-
-class RemoteEvents:
-    """One request's events from a replica. Closing it, or cancelling a read, before the last event
-    cancels the Serve call, which aborts the engine request on the replica. Not an async generator: one
-    closed before its first read would never run its cleanup.
-
-    Serve's failures become what the API already answers: no replica can take the request (Serve's
-    queue limit, or the replica's engine queue) is CapacityExceeded (429, 3040); a replica that failed
-    under the request ends it with a LOST event (the API's "try again")."""
-
-    def __init__(self, backend: ClusterBackend, request_id: str, response: Any, num_prompt: int,
-                 served: ServedBy | None) -> None:
-        self._backend = backend
-        self._request_id = request_id
-        self._response = response  # a DeploymentResponseGenerator
-        self._num_prompt = num_prompt
-        self._served = served
-        self._completion_tokens = 0
-        self._ended = False
-
-    def __aiter__(self) -> RemoteEvents:
-        return self
-
-    async def __anext__(self) -> StreamEvent:
-        if self._ended:
-            raise StopAsyncIteration
-        try:
-            event = await self._next_event()
-        except BaseException:
-            await self.aclose()
-            raise
-        self._completion_tokens = event.completion_tokens
-        if event.finish_reason is not None:
-            self._end()
-        return event
-
-    async def _next_event(self) -> StreamEvent:
-        while True:
-            try:
-                item = await anext(self._response)
-            except StopAsyncIteration:
-                return self._lost("the engine replica ended the stream before the request finished")
-            except (BackPressureError, DeploymentUnavailableError):
-                raise CapacityExceeded() from None
-            except RequestCancelledError:
-                return StreamEvent("", self._num_prompt, self._completion_tokens, FinishReason.ABORT)
-            except RayError as exc:  # the replica died, or failed under the request
-                logger.error("engine replica failed under request %s: %r", self._request_id, exc)
-                return self._lost(f"the engine replica failed: {type(exc).__name__}")
-            if isinstance(item, Started | Refused):
-                if self._served is not None:
-                    self._served.replica = item.replica
-                if isinstance(item, Refused):
-                    raise CapacityExceeded()
-                continue
-            if not isinstance(item, StreamEvent):
-                raise TypeError(f"an engine replica streamed {type(item).__name__}, not a StreamEvent")
-            return item
-
-    def _lost(self, message: str) -> StreamEvent:
-        return StreamEvent("", self._num_prompt, self._completion_tokens, FinishReason.LOST, message)
-
-    def cancel(self) -> None:
-        if not self._ended:
-            self._end()
-            self._response.cancel()
-
-    async def aclose(self) -> None:
-        self.cancel()
-
-    def _end(self) -> None:
-        self._ended = True
-        self._backend._closed(self._request_id)

@@ -75,13 +75,15 @@ class EngineReplica:
                     yield item
                 return
             await self._resident(adapter.key)
+        # Asked before the engine has the request: what the router's choice found here, not what it did.
+        resident = None if adapter is None else self._engine.holds_adapter(adapter.key)
         try:
             events = self._engine.generate(request_id, prompt_token_ids, params, adapter, cache_salt,
                                            session_id)
         except QueueFull:
             yield Refused(self._replica)
             return
-        yield Started(self._replica)
+        yield Started(self._replica, resident)
         try:
             async for event in events:
                 yield event

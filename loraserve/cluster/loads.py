@@ -50,6 +50,10 @@ class ReplicaLoads:
         loads = self._current()
         return bool(loads) and all(load.full for load in loads)
 
+    def replicas(self) -> list[ReplicaLoad]:
+        """The replicas that answered the last poll, each with its own gauges."""
+        return list(self._current())
+
     def stats(self) -> dict[str, float]:
         """Every gauge summed over the replicas that answered, and how many did (`replicas`)."""
         loads = self._current()

@@ -13,16 +13,22 @@ from loraserve.types import StreamEvent
 
 @dataclass(frozen=True)
 class Started:
-    """The replica queued the request in its engine; StreamEvents follow."""
+    """The replica queued the request in its engine; StreamEvents follow. `adapter_resident`: whether
+    the request's adapter was in the engine's memory when the request arrived (False: it waits for a load
+    from disk, its own or one under way); None for a base-model request."""
 
     replica: str
+    adapter_resident: bool | None = None
 
 
 @dataclass(frozen=True)
 class Refused:
-    """The replica's engine queue was full (QueueFull): nothing was queued, nothing follows."""
+    """The replica could not take the request (its engine queue was full, or the adapter store did not
+    answer): nothing was queued, nothing follows. The gateway answers 429 / 3040 with `reason` as the
+    message when there is one (a store's outage names the store), Workers AI's own otherwise."""
 
     replica: str
+    reason: str | None = None
 
 
 @dataclass(frozen=True)

@@ -103,6 +103,14 @@ class AsyncEngine(TextFace, LockedAdmission):
             self._inbox.append(ForgetAdapter(key))
             self._wake.notify()
 
+    def holds_adapter(self, key: str) -> bool:
+        """Whether a request for `key` queued now would find its adapter in memory (no load from disk).
+        A forget still in the inbox counts as done: it reaches the engine before that request."""
+        with self._lock:
+            if any(isinstance(item, ForgetAdapter) and item.key == key for item in self._inbox):
+                return False
+            return self.engine.adapters.holds(key)
+
     def stats(self) -> dict[str, float]:
         return dict(self._stats)
 

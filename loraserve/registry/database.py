@@ -17,6 +17,9 @@ from sqlalchemy.engine import CursorResult, Result, make_url
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 # Long enough to ride out another writer's fsync on a slow disk, short enough to fail a stuck request.
 SQLITE_BUSY_TIMEOUT_MS = 10_000
+# libpq waits for a host that does not answer as long as TCP does (minutes), holding a worker thread per
+# request; bounded, the request gets its 3040 (outage.py). libpq's minimum is 2 s. A URL's own wins.
+PG_CONNECT_TIMEOUT_S = 5
 
 
 def default_url(data_dir: Path) -> str:
@@ -40,12 +43,16 @@ def _on_sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
 
 def make_engine(url: str) -> Engine:
     """An engine safe to share between threads; each thread checks out its own pooled connection."""
-    if make_url(url).get_backend_name() == "sqlite":
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
         engine = create_engine(url)
         event.listen(engine, "connect", _on_sqlite_connect)
         return engine
-    # pre_ping: a server-side database may drop idle connections between requests.
-    return create_engine(url, pool_pre_ping=True)
+    connect_args: dict[str, Any] = {}
+    if parsed.get_backend_name() == "postgresql" and "connect_timeout" not in parsed.query:
+        connect_args["connect_timeout"] = PG_CONNECT_TIMEOUT_S
+    # pre_ping: a server-side database may drop idle connections between requests, or restart.
+    return create_engine(url, pool_pre_ping=True, connect_args=connect_args)
 
 
 @contextmanager

@@ -28,6 +28,7 @@ from loraserve.registry.finetunes import asset_digests, resolve, to_finetune
 from loraserve.registry.install import commit_asset
 from loraserve.registry.limits import RegistryLimits
 from loraserve.registry.names import check_account_id, check_description, check_label, check_model, check_name
+from loraserve.registry.outage import OutageWatch
 from loraserve.registry.records import AssetFile, Finetune, FinetuneAsset, PublicOrder, TokenInfo, now_iso
 from loraserve.registry.recovery import RecoveryReport
 from loraserve.registry.schema import AccountRow, AssetRow, FinetuneRow
@@ -57,6 +58,8 @@ class Registry:
         self.storage = FinetuneStorage(data_dir / "finetunes")  # the local tier, whatever the store
         self.store = open_store(self.storage, store)
         self._engine = engine
+        # From here on (not while `open` migrates), a database that does not answer is a 3040 (outage.py).
+        self._outages = OutageWatch(engine)
         self.token_cache = TokenCache()  # authenticate() fills it; the API reads it before a query
         # Records are built from rows after commit: no reload on attribute access.
         self._sessions = sessionmaker(engine, expire_on_commit=False)
@@ -285,14 +288,19 @@ class Registry:
 
     def adapter_for(self, account_id: str, model: str, ref: str) -> tuple[Finetune, AdapterRef]:
         """The adapter a run request names: visible to the account, made for `model`, and complete."""
+        finetune = self.finetune_for_run(account_id, model, ref)
+        # A remote store's copies are fetched into the local tier here, before the engine reads them.
+        self.store.materialize(finetune.id, tuple(AssetFile), lambda: self._digests(finetune.id))
+        return finetune, AdapterRef(key=finetune.id, path=str(self.storage.directory(finetune.id)))
+
+    def finetune_for_run(self, account_id: str, model: str, ref: str) -> Finetune:
+        """The finetune a run request names, checked as `adapter_for` does, with no file fetched."""
         with self._sessions() as s:
             finetune = to_finetune(resolve(s, account_id, ref, own_only=False, model=model), self.store)
         if not finetune.ready:
             missing = " and ".join(f.value for f in finetune.missing_files)
             raise InvalidFinetune(f"finetune {finetune.name} ({finetune.id}) is missing {missing}")
-        # A remote store's copies are fetched into the local tier here, before the engine reads them.
-        self.store.materialize(finetune.id, tuple(AssetFile), lambda: self._digests(finetune.id))
-        return finetune, AdapterRef(key=finetune.id, path=str(self.storage.directory(finetune.id)))
+        return finetune
 
     def _digests(self, finetune_id: str) -> dict[AssetFile, AssetDigest]:
         with self._sessions() as s:

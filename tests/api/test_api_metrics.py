@@ -11,7 +11,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from loraserve.api import BackgroundServer, ServerSettings, create_app
-from loraserve.api.metrics import AdapterRequestCounter
+from loraserve.api.metrics import AdapterRequestCounter, Metrics
+from loraserve.api.metrics_replicas import AdapterRouting, ReplicaStats
 
 from conftest import LORA_MODEL, Account, LiveServer, create_finetune
 
@@ -93,6 +94,7 @@ def test_requests_per_adapter_and_adapters_resident(server: LiveServer, peft_ada
     assert delta(before, after, "loraserve_adapter_requests_total", adapter=finetune["id"]) == 2
     # Loaded from disk once; the second request found it in memory.
     assert delta(before, after, "loraserve_adapter_loads_total", model=LORA_MODEL) == 1
+    assert delta(before, after, "loraserve_adapter_hits_total", model=LORA_MODEL) == 1
     resident = sum(value(after, "loraserve_adapters_resident", model=LORA_MODEL, tier=tier)
                    for tier in ("device", "host"))
     assert resident >= 1
@@ -167,3 +169,67 @@ def test_a_metrics_token_guards_the_scrape(server: LiveServer, tiny_backend: Any
     for bad in ("short", " padded-token-padded-token "):
         with pytest.raises(ValueError, match="metrics_token"):
             ServerSettings(metrics_token=bad)
+
+
+class _TwoReplicas:
+    """A real engine as seen through a cluster backend: its replicas' own stats beside the summed ones."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.engine, name)
+
+    def stats(self) -> dict[str, float]:
+        return {"queue_depth": 3.0, "adapters_host": 2.0, "adapter_loads": 5.0, "adapter_hits": 7.0}
+
+    def replica_stats(self) -> list[ReplicaStats]:
+        return [
+            ReplicaStats("r1", {"queue_depth": 1.0, "adapters_host": 2.0, "adapter_loads": 4.0,
+                                "adapter_hits": 7.0},
+                         {AdapterRouting.RESIDENT: 7, AdapterRouting.LOADED: 1}),
+            ReplicaStats("r2", {"queue_depth": 2.0, "adapters_host": 0.0, "adapter_loads": 1.0,
+                                "adapter_hits": 0.0}, {AdapterRouting.NONE: 4}),
+            ReplicaStats("gone", {}, {AdapterRouting.LOADED: 2}),  # no longer polled: its counts stay
+        ]
+
+
+def _exposed(metrics: Metrics) -> dict[str, dict[Labels, float]]:
+    samples: dict[str, dict[Labels, float]] = {}
+    for family in text_string_to_metric_families(metrics.exposition().decode()):
+        for sample in family.samples:
+            samples.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
+    return samples
+
+
+def test_a_backend_with_replicas_gets_per_replica_series_beside_the_sums(tiny_backend: Any) -> None:
+    metrics = Metrics()
+    metrics.instrument({"@cf/cluster": _TwoReplicas(tiny_backend), "@cf/local": tiny_backend})
+    seen = _exposed(metrics)
+    cluster = {"model": "@cf/cluster"}
+    # The summed series are the backend's stats(), as before.
+    assert value(seen, "loraserve_queue_depth", **cluster) == 3
+    assert value(seen, "loraserve_adapter_loads_total", **cluster) == 5
+    for replica, queue, host, loads in (("r1", 1, 2, 4), ("r2", 2, 0, 1)):
+        assert value(seen, "loraserve_replica_queue_depth", replica=replica, **cluster) == queue
+        assert value(seen, "loraserve_replica_adapters_resident", replica=replica, tier="host",
+                     **cluster) == host
+        assert value(seen, "loraserve_replica_adapter_loads_total", replica=replica, **cluster) == loads
+    assert value(seen, "loraserve_replica_adapter_hits_total", replica="r1", **cluster) == 7
+    requests = seen["loraserve_replica_requests_total"]
+    assert {dict(labels)["adapter"] for labels in requests} == {"none", "resident", "loaded"}
+    assert value(seen, "loraserve_replica_requests_total", replica="r1", adapter="resident", **cluster) == 7
+    assert value(seen, "loraserve_replica_requests_total", replica="r1", adapter="loaded", **cluster) == 1
+    assert value(seen, "loraserve_replica_requests_total", replica="r2", adapter="none", **cluster) == 4
+    assert value(seen, "loraserve_replica_requests_total", replica="gone", adapter="loaded", **cluster) == 2
+    assert ("loraserve_replica_queue_depth", (("model", "@cf/cluster"), ("replica", "gone"))) not in [
+        (name, labels) for name, series in seen.items() for labels in series]
+    # A backend without replicas has no per-replica series at all.
+    assert all(dict(labels)["model"] == "@cf/cluster"
+               for name, series in seen.items() if name.startswith("loraserve_replica_") for labels in series)
+    assert value(seen, "loraserve_queue_depth", model="@cf/local") == tiny_backend.stats()["queue_depth"]
+
+
+def test_adapter_routing_of_a_started_request() -> None:
+    assert [AdapterRouting.of(resident) for resident in (None, True, False)] == [
+        AdapterRouting.NONE, AdapterRouting.RESIDENT, AdapterRouting.LOADED]

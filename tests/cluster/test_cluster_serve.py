@@ -159,3 +159,93 @@ def test_bad_requests_get_the_workers_ai_envelope(cluster: LiveServer, http: htt
     other = cluster.new_account()
     fails(http.post(cluster.run_url(other), headers=account.headers, json=RUN), 401, 10000)
     fails(http.get(f"{cluster.base_url}/client/v4/nowhere"), 404, 7003)
+
+
+Sample = tuple[str, str, str]  # metric name, replica, adapter routing or tier ("" for neither)
+
+
+def test_metrics_show_each_replica_and_where_its_adapters_were(cluster: LiveServer,
+                                                                http: httpx.Client) -> None:
+    """Per-replica series: a finetune's first request loads it on one replica; the later ones, kept to that
+    replica by affinity, find it resident there."""
+    account = cluster.new_account()
+    finetune = _finetune(http, cluster, account, "observed", seed=3)
+    before = _per_replica(http, cluster)
+    holder = _served_by(_run(http, cluster, account, lora=finetune))
+    time.sleep(ROUTING_SETTLE_S)
+    assert {_served_by(_run(http, cluster, account, lora=finetune)) for _ in range(3)} == {holder}
+
+    def moved(after: dict[Sample, float], name: str, replica: str, label: str = "") -> float:
+        return after.get((name, replica, label), 0.0) - before.get((name, replica, label), 0.0)
+
+    hits, routed = "loraserve_replica_adapter_hits_total", "loraserve_replica_requests_total"
+    deadline = time.monotonic() + 10  # the replicas' own counters reach the gateway with its next poll
+    while moved(after := _per_replica(http, cluster), hits, holder) < 3:
+        assert time.monotonic() < deadline, "the holder's adapter hits never reached the gateway"
+        time.sleep(0.25)
+    assert moved(after, hits, holder) == 3
+    assert moved(after, routed, holder, "loaded") == 1 and moved(after, routed, holder, "resident") == 3
+    assert after[("loraserve_replica_adapters_resident", holder, "host")] >= 1
+    polled = {replica for name, replica, _ in after if name == "loraserve_replica_kv_blocks_free"}
+    assert len(polled) == 2 and holder in polled
+    [other] = polled - {holder}
+    assert moved(after, routed, other, "loaded") == moved(after, routed, other, "resident") == 0
+
+
+def _per_replica(http: httpx.Client, cluster: LiveServer) -> dict[Sample, float]:
+    """The gateway's per-replica samples of the model."""
+    text = http.get(f"{cluster.base_url}/metrics").text
+    samples: dict[Sample, float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name.startswith("loraserve_replica_"):
+            for sample in family.samples:
+                if sample.labels["model"] == LORA_MODEL and "replica" in sample.labels:
+                    kind = sample.labels.get("adapter", sample.labels.get("tier", ""))
+                    samples[(sample.name, sample.labels["replica"], kind)] = sample.value
+    return samples
+
+
+# Workers AI's session header; a raw prompt, so that each turn's prompt begins with the one before it.
+SESSION_AFFINITY = "x-session-affinity"
+CONVERSATION = "[INST] " + "The quick brown fox jumps over the lazy dog. " * 4
+
+
+def test_a_sessions_requests_keep_to_one_replica_and_find_their_prefix_cached(
+        cluster: LiveServer, http: httpx.Client) -> None:
+    account = cluster.new_account()  # the prefix cache is scoped by account: nothing cached for it yet
+    _both_replicas(http, cluster, account)
+    session = {**account.headers, SESSION_AFFINITY: "conversation-7f3a"}
+    replicas, cached = set(), []
+    for turn in range(6):
+        prompt = CONVERSATION + "".join(f" Turn {i} of the talk." for i in range(turn)) + " [/INST]"
+        response = http.post(cluster.run_url(account), headers=session,
+                             json={"prompt": prompt, "raw": True, "max_tokens": 2, "temperature": 0})
+        replicas.add(_served_by(response))
+        cached.append(response.json()["result"]["usage"]["prompt_tokens_details"]["cached_tokens"])
+    # Spread by load, six requests would land on one of two replicas once in 32 runs.
+    assert len(replicas) == 1
+    assert cached[0] == 0 and all(tokens > 0 for tokens in cached[1:]), cached
+
+
+def test_sessions_spread_over_the_replicas(cluster: LiveServer, http: httpx.Client) -> None:
+    account = cluster.new_account()
+    both = _both_replicas(http, cluster, account)
+    homes: dict[str, set[str]] = {}
+    for i in range(16):
+        session = {**account.headers, SESSION_AFFINITY: f"user-{i}:chat"}
+        for _ in range(2):
+            response = http.post(cluster.run_url(account), headers=session, json={**RUN, "max_tokens": 1})
+            homes.setdefault(f"user-{i}", set()).add(_served_by(response))
+    assert all(len(replicas) == 1 for replicas in homes.values()), homes
+    assert set().union(*homes.values()) == both
+
+
+def _both_replicas(http: httpx.Client, cluster: LiveServer, account: Account) -> set[str]:
+    """The two engine replicas, once the gateway's router has sent requests to both: it knows of both, so
+    a session's replica is chosen among the two from then on."""
+    seen: set[str] = set()
+    for _ in range(40):
+        seen.add(_served_by(_run(http, cluster, account, max_tokens=1)))
+        if len(seen) == 2:
+            return seen
+    raise AssertionError(f"40 base-model requests all went to {seen}")

@@ -6,19 +6,14 @@ Skipped only where the machine has no PostgreSQL server binaries or no psycopg d
 from __future__ import annotations
 
 import io
-import os
-import shutil
-import subprocess
-import tempfile
 import threading
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine
 
 from loraserve.errors import (
     AccountLimitExceeded,
@@ -30,60 +25,23 @@ from loraserve.errors import (
 from loraserve.registry import Finetune, Registry, RegistryLimits, synth
 from loraserve.registry.schema import Base
 
+from pg_helpers import PostgresServer
+
 BASE = synth.llama_model_info()
 MODEL = "@cf/meta-llama/llama-2-7b-chat-hf-lora"
 
 
-def _server_command(args: list[str]) -> list[str]:
-    # PostgreSQL refuses to run as root; CI and the dev machines run tests as root.
-    if os.geteuid() == 0:
-        return ["runuser", "-u", "postgres", "--", *args]
-    return args
-
-
 @pytest.fixture(scope="module")
-def pg_server() -> Iterator[str]:
-    """A socket directory where a fresh server listens; stopped and removed afterwards."""
-    pytest.importorskip("psycopg", reason="the psycopg driver is not installed")
-    if not (shutil.which("initdb") and shutil.which("pg_ctl")):
-        pytest.skip("no PostgreSQL server binaries on this machine")
-    root = Path(tempfile.mkdtemp(prefix="lorapg-"))
-    if os.geteuid() == 0:
-        shutil.chown(root, user="postgres")
-    data = root / "data"
-    subprocess.run(
-        _server_command(["initdb", "-D", str(data), "-A", "trust", "-U", "lora", "--no-sync"]),
-        check=True,
-        capture_output=True,
-    )
-    options = f"-k {root} -c listen_addresses='' -c fsync=off"
-    subprocess.run(
-        _server_command(["pg_ctl", "-D", str(data), "-o", options, "-w", "-l", str(root / "log"), "start"]),
-        check=True,
-        capture_output=True,
-    )
-    try:
-        yield str(root)
-    finally:
-        subprocess.run(
-            _server_command(["pg_ctl", "-D", str(data), "-m", "immediate", "-w", "stop"]), capture_output=True
-        )
-        shutil.rmtree(root, ignore_errors=True)
+def pg_server() -> Iterator[PostgresServer]:
+    """A fresh server for this module; stopped and removed afterwards."""
+    with PostgresServer() as server:
+        yield server
 
 
 @pytest.fixture
-def pg_url(pg_server: str) -> str:
+def pg_url(pg_server: PostgresServer) -> str:
     """A new, empty database for each test."""
-    name = f"t_{uuid.uuid4().hex}"
-    admin = create_engine(
-        f"postgresql+psycopg://lora@/postgres?host={pg_server}", isolation_level="AUTOCOMMIT"
-    )
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-    finally:
-        admin.dispose()
-    return f"postgresql+psycopg://lora@/{name}?host={pg_server}"
+    return pg_server.new_database()
 
 
 def test_migrations_build_the_schema(pg_url: str, tmp_path: Path) -> None:

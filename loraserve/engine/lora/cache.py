@@ -44,13 +44,23 @@ class AdapterCache:
         # them (a float written on that thread alone; readers may see it one load behind).
         self._loads = 0
         self._load_seconds = 0.0
+        self._hits = 0  # requests whose adapter was in host memory when the engine took them
         # Called on the loader thread when an adapter finishes loading (or fails): an idle step loop
         # waiting for it wakes up instead of spinning, which would starve the loader of the GIL.
         self.on_loaded: Callable[[], None] | None = None
 
     def register(self, ref: AdapterRef) -> None:
+        """Called once per request (LLMEngine.add_request, on the step thread): counts a hit when the
+        adapter is in host memory already, so the request needs no load from disk."""
+        if ref.key in self._host:
+            self._hits += 1
         with self._lock:
             self._refs[ref.key] = ref
+
+    def holds(self, key: str) -> bool:
+        """Whether `key` is in host memory: a request for it now needs no load from disk. Safe from any
+        thread: one dict lookup, atomic under the GIL; the answer may be a step old."""
+        return key in self._host
 
     def failure(self, key: str) -> str | None:
         return self._failed.get(key)
@@ -133,6 +143,7 @@ class AdapterCache:
             "adapters_pinned": float(sum(t.num_pinned for _, t in self._pools.values())),
             "adapter_host_bytes": float(self._host_bytes),
             "adapter_loads": float(self._loads),
+            "adapter_hits": float(self._hits),
             "adapter_load_seconds": self._load_seconds,
         }
 

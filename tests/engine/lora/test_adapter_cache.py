@@ -47,7 +47,7 @@ def test_the_loader_runs_on_one_thread_without_changing_other_threads(two_thread
         cache.close()
 
 
-def test_loads_from_disk_are_counted_with_their_time(tmp_path: Path) -> None:
+def _cache_with_an_adapter_file(tmp_path: Path) -> AdapterCache:
     from loraserve.registry import synth
 
     shape = RANDOM_SHAPES["tiny"]
@@ -57,8 +57,12 @@ def test_loads_from_disk_are_counted_with_their_time(tmp_path: Path) -> None:
     (tmp_path / "adapter_config.json").write_bytes(synth.adapter_config(8, 16))
     weights = synth.encode_safetensors(synth.lora_tensors(info, 8))
     (tmp_path / "adapter_model.safetensors").write_bytes(weights)
-    cache = AdapterCache(ModelConfig(vocab_size=128, **shape), EngineConfig(), torch.float32,
-                         torch.device("cpu"), GemmLora())
+    return AdapterCache(ModelConfig(vocab_size=128, **shape), EngineConfig(), torch.float32,
+                        torch.device("cpu"), GemmLora())
+
+
+def test_loads_from_disk_are_counted_with_their_time(tmp_path: Path) -> None:
+    cache = _cache_with_an_adapter_file(tmp_path)
     try:
         cache.register(AdapterRef("a", str(tmp_path)))
         assert cache.stats()["adapter_loads"] == 0
@@ -70,6 +74,28 @@ def test_loads_from_disk_are_counted_with_their_time(tmp_path: Path) -> None:
         assert cache.stats()["adapter_loads"] == 1
         cache.forget("a")
         cache.register(AdapterRef("a", str(tmp_path)))
+        _until_ready(cache, "a")
+        assert cache.stats()["adapter_loads"] == 2
+    finally:
+        cache.close()
+
+
+def test_requests_finding_their_adapter_in_memory_are_hits(tmp_path: Path) -> None:
+    cache = _cache_with_an_adapter_file(tmp_path)
+    ref = AdapterRef("a", str(tmp_path))
+    try:
+        assert not cache.holds("a")
+        cache.register(ref)  # the first request: a miss, its adapter loads from disk
+        assert cache.stats()["adapter_hits"] == 0
+        _until_ready(cache, "a")
+        assert cache.holds("a")
+        for _ in range(2):  # later requests find it in host memory
+            cache.register(ref)
+        assert cache.stats()["adapter_hits"] == 2
+        cache.forget("a")
+        assert not cache.holds("a")
+        cache.register(ref)  # forgotten: loaded again, not a hit
+        assert cache.stats()["adapter_hits"] == 2
         _until_ready(cache, "a")
         assert cache.stats()["adapter_loads"] == 2
     finally:
