@@ -4,16 +4,20 @@ them is the slow part (a replica loads torch and the model).
 
 What is checked: /run whole and streamed, with the serving replica named in a header; a finetune uploaded
 through the gateway runs, and its requests keep to the replica that holds its adapter while a second
-adapter goes to the other one; base-model requests go to either; deleting a finetune drops it from the
-replicas' caches; bad requests still get the Workers AI envelope.
+adapter goes to the other one, and a burst beyond its replica's capacity spills to the other; base-model
+requests go to either; deleting a finetune drops it from the replicas' caches; bad requests still get the
+Workers AI envelope; /metrics shows each replica and where each request's adapter was; a session's
+requests (x-session-affinity) keep to one replica and find their prefix cached, and sessions spread.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 import time
 import warnings
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -140,6 +144,43 @@ def test_a_finetune_keeps_to_the_replica_that_holds_it(cluster: LiveServer, http
         assert time.monotonic() < deadline, "the deleted adapter is still in a replica's host memory"
         time.sleep(0.25)
     fails(_run(http, cluster, account, lora=first), 404, 3037)
+
+
+# What one engine replica takes at once: the fixture's max_num_seqs running, max_queue more queued.
+RUNNING, REPLICA_CAPACITY = 4, 12
+
+
+def test_a_busy_finetune_spills_to_the_other_replica(cluster: LiveServer, http: httpx.Client) -> None:
+    account = cluster.new_account()
+    finetune = _finetune(http, cluster, account, "busy", seed=5)
+    holder = _served_by(_run(http, cluster, account, lora=finetune))
+    time.sleep(ROUTING_SETTLE_S)
+    stop, running = threading.Event(), threading.Semaphore(0)
+
+    def hold(_: int) -> str | None:
+        """A stream of the finetune that runs (or waits in the engine's queue) until the test is done."""
+        with httpx.Client(timeout=TIMEOUT) as client, client.stream(
+                "POST", cluster.run_url(account), headers=account.headers,
+                json={**RUN, "lora": finetune, "max_tokens": 1900, "stream": True}) as response:
+            running.release()
+            for _ in response.iter_lines():
+                if stop.is_set():
+                    break
+            return response.headers.get(REPLICA_HEADER)
+
+    with ThreadPoolExecutor(REPLICA_CAPACITY) as pool:
+        held = [pool.submit(hold, i) for i in range(REPLICA_CAPACITY)]
+        try:
+            for _ in range(RUNNING):
+                assert running.acquire(timeout=60)
+            time.sleep(0.5)  # the others reach the holder's queue: it is full
+            # While it is, the finetune's next runs go to the other replica rather than wait for a slot.
+            spilled = {_served_by(_run(http, cluster, account, lora=finetune, max_tokens=2))
+                       for _ in range(3)}
+        finally:
+            stop.set()  # the held streams close; the holder aborts them
+        assert {future.result() for future in held} == {holder}
+    assert len(spilled) == 1 and holder not in spilled
 
 
 def _adapters_in_host_memory(http: httpx.Client, cluster: LiveServer) -> float:

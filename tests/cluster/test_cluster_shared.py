@@ -1,14 +1,15 @@
 """Shared state with real servers, on a real local Ray: two gateway replicas and two engine replicas of
 random:tiny behind Serve's proxy, adapter files in moto's S3, the rate limit in a real Redis, the registry
-on SQLite in the data dir. One Ray, one application and one S3 for the module (starting them is the slow
-part); the engine replicas take requests by Serve's plain load choice (`adapter_affinity=False`), so that
-one adapter's runs reach both.
+on a real PostgreSQL. One Ray, one application, one S3 and one PostgreSQL for the module (starting them is
+the slow part); the engine replicas take requests by Serve's plain load choice (`adapter_affinity=False`),
+so that one adapter's runs reach both.
 
 What is checked: an upload through a gateway is in the store, and runs on both engine replicas, each
 fetching the version the request names into the replicas' cache tier (not the gateway's data dir); a
 re-upload is served in its new version by replicas that ran the old one; an object missing from the store
 fails the run with 400 / 3039, an unreachable store with 429 / 3040; one account's rate limit holds across
-both gateways. And, without Ray, a replica's fetches step by step (`ReplicaAdapters` over a `file://`
+both gateways; the database stopped under the gateways is a 429 / 3040 naming it, and they serve again
+once it is back. And, without Ray, a replica's fetches step by step (`ReplicaAdapters` over a `file://`
 store).
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import time
 import uuid
 import warnings
 from collections.abc import Iterator
@@ -39,6 +41,7 @@ from loraserve.tools.loadtest.server import free_port
 from loraserve.types import AdapterRef, StreamEvent
 
 from conftest import LORA_MODEL, Account, LiveServer, fails, ok, upload
+from pg_helpers import PostgresServer
 from redis_helpers import RedisServer
 from s3_helpers import BUCKET, S3Server, running_s3
 
@@ -72,6 +75,7 @@ WEIGHTS = AssetFile.WEIGHTS
 class Shared:
     server: LiveServer
     s3: S3Server
+    database: PostgresServer
     replica_cache: Path
     gateway_tier: Path
 
@@ -79,11 +83,14 @@ class Shared:
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer) -> Iterator[Shared]:
     data_dir = tmp_path_factory.mktemp("shared-data")
-    with running_s3(tmp_path_factory.mktemp("s3")) as s3:
-        registry = Registry.open(data_dir)  # the test's own view of the database: tokens
+    with running_s3(tmp_path_factory.mktemp("s3")) as s3, PostgresServer() as database:
+        database_url = database.new_database()
+        # The test's own view of the database (tokens); opening it migrates, as `loraserve serve` does.
+        registry = Registry.open(data_dir, database_url)
         port = free_port()
         config = ClusterConfig(
-            models=(f"{LORA_MODEL}=random:tiny",), data_dir=data_dir, adapter_store=f"s3://{BUCKET}/{PREFIX}",
+            models=(f"{LORA_MODEL}=random:tiny",), data_dir=data_dir, database_url=database_url,
+            adapter_store=f"s3://{BUCKET}/{PREFIX}",
             replicas=2, gateways=2, adapter_affinity=False, engine_num_cpus=1, gateway_num_cpus=0.5,
             stats_interval_s=0.25, engine={"max_num_seqs": 4, "max_queue": 8},
             server=ServerSettings(rate_limit_per_minute=RATE_LIMIT, redis_url=redis_server.url))
@@ -97,8 +104,8 @@ def shared(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer) 
                 warnings.simplefilter("ignore")
                 serve.start(http_options={"host": "127.0.0.1", "port": port})
                 serve.run(build(config), name=APP_NAME, route_prefix="/")
-            yield Shared(LiveServer(f"http://127.0.0.1:{port}", registry, {}), s3, config.replica_cache,
-                         data_dir / "finetunes")
+            yield Shared(LiveServer(f"http://127.0.0.1:{port}", registry, {}), s3, database,
+                         config.replica_cache, data_dir / "finetunes")
         finally:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -249,6 +256,26 @@ def test_a_replica_fetches_the_version_named_and_its_engine_forgets_an_older_one
     assert [type(item) for item in fetch_failed(InvalidFinetune("gone"), "r", 5)] == [Started, StreamEvent]
     unreachable = AdapterStoreUnavailable("s3://x")
     assert fetch_failed(unreachable, "r", 5) == (Refused("r", unreachable.message),)
+
+
+def test_the_database_stopped_under_the_gateways_is_a_3040_until_it_returns(shared: Shared,
+                                                                           http: httpx.Client) -> None:
+    _, finetune_id = _public_finetune(http, shared, "database", seed=5)
+    account = shared.server.new_account()
+    time.sleep(1.1)  # past the token cache's second: the gateways must ask the database
+    shared.database.stop()
+    try:
+        for inputs in ({}, {"lora": finetune_id}):
+            refused = http.post(shared.server.run_url(account), headers=account.headers,
+                                json={**RUN, **inputs})
+            assert "the registry database is unavailable" in fails(refused, 429, 3040)
+        listed = http.get(f"{shared.server.ai_url(account)}/finetunes", headers=account.headers)
+        fails(listed, 429, 3040)
+    finally:
+        shared.database.start()
+    # The gateways reconnect by themselves.
+    runs = _runs(http, shared, 4, lora=finetune_id)
+    assert [run.status_code for run in runs] == [200] * 4, [run.text for run in runs]
 
 
 def test_an_unreachable_store_refuses_runs_of_adapters_a_replica_lacks(shared: Shared,
