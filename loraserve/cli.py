@@ -124,6 +124,9 @@ def serve(
     gateways: Annotated[int | None, typer.Option(
         min=1, help="With --replicas: run M gateway replicas (HTTP, auth, tokenizing; Serve's proxy spreads "
                     "requests over them).")] = None,
+    replica_cache_bytes: Annotated[int | None, typer.Option(
+        min=0, help="With --replicas and --adapter-store: bytes of adapters each machine's engine replicas "
+                    "keep fetched; the least recently used go beyond (default 32 GiB; 0: no limit).")] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Serve the Workers AI API for the given models."""
@@ -155,14 +158,18 @@ def serve(
         engine_config = EngineConfig(**engine_options)
     except ValueError as exc:
         raise fail(str(exc), 2) from None
+    if replica_cache_bytes is not None and replicas is None:
+        raise fail("--replica-cache-bytes needs --replicas", 2)
     if replicas is not None or address is not None or gateways is not None:  # Ray Serve: loraserve/cluster/
         from loraserve.cluster.local import serve_from_cli  # torch-free; ray: only there
 
         registry.close()
-        serve_from_cli(replicas, address, engine_process, host, port, log_level, **_given(
-            models=tuple(model) if model else None, data_dir=data_dir, database_url=database_url,
-            adapter_store=adapter_store, gateways=gateways, engine=engine_options, server=settings,
-            limits=limits))
+        cluster = _given(models=tuple(model) if model else None, data_dir=data_dir, database_url=database_url,
+                         adapter_store=adapter_store, gateways=gateways, engine=engine_options,
+                         server=settings, limits=limits, replica_cache_bytes=replica_cache_bytes)
+        if replica_cache_bytes == 0:  # None, which _given takes for an option left out
+            cluster["replica_cache_bytes"] = None
+        serve_from_cli(replicas, address, engine_process, host, port, log_level, **cluster)
         return
 
     serve_models(registry, sources, located, engine_config, engine_process, settings, host, port, log_level)

@@ -5,6 +5,7 @@ that hold its adapter, a session's (`x-session-affinity`) to one replica, where 
 Needs the `cluster` extra (`pip install 'loraserve[cluster]'`: ray[serve]). Modules, one concept each:
 `config` (what an application is built from), `protocol` (what an engine replica streams back),
 `engine` (the engine deployment), `adapters` (adapter files fetched from the store by the replicas),
+`replica_cache` (their machine's cache of them, kept to a byte budget),
 `backend` (the gateway's Backend over it), `remote_events` (one request's stream from a replica, sent
 again when the replica dies before streaming anything), `router` (which engine replica a gateway sends a
 request to: a session's to one replica), `loads` (the replicas' gauges, polled), `replica_header` (the

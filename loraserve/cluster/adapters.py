@@ -7,7 +7,9 @@ fetches that version into its machine's cache tier (`ReplicaAdapters`, through t
 RemoteStore.materialize: flock per finetune, temp file, sha256 and size checked, atomic rename) before its
 engine reads it; a copy already there is used as it is. Because the version travels with each request, a
 replica that held an older copy fetches the new one after a re-upload, and has its engine load it anew
-rather than serve the weights it holds under the same key.
+rather than serve the weights it holds under the same key. With a byte budget
+(`ClusterConfig.replica_cache_bytes`), each fetch is followed by pruning the cache, least recently used
+finetunes first, sparing any a replica may be about to read (replica_cache.py).
 
 Without a store, runs carry the gateway's AdapterRef unchanged: its path is on the gateway's machine, so
 the replicas must share its filesystem.
@@ -16,6 +18,7 @@ the replicas must share its filesystem.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +27,7 @@ from typing import TYPE_CHECKING
 
 from loraserve.cluster.config import ClusterConfig
 from loraserve.cluster.protocol import Refused, Started, StreamItem
+from loraserve.cluster.replica_cache import ReplicaCache
 from loraserve.errors import CapacityExceeded, InvalidFinetune, WorkersAIError
 from loraserve.registry import Registry
 from loraserve.registry.records import AssetFile, Finetune
@@ -38,28 +42,35 @@ log = logging.getLogger(__name__)
 
 # What a StoredAdapter pins: every file of the adapter, at the version the database recorded.
 Version = tuple[tuple[AssetFile, AssetDigest], ...]
+# Fetches of one request's adapter before it gives up: another is needed only when the copy was evicted
+# between the fetch and the check that follows it (a fetch longer than replica_cache.GRACE_S).
+MAX_FETCHES = 3
 
 
 @dataclass(frozen=True)
 class StoredAdapter(AdapterRef):
     """An adapter in the store, which a replica fetches at `version` from `store` into `cache_dir` (a path
-    on the replica's machine). `path` names the gateway's tier, where the gateway keeps no copy."""
+    on the replica's machine), pruned to `cache_bytes` (None: never). `path` names the gateway's tier,
+    where the gateway keeps no copy."""
 
     store: str
     cache_dir: str
     version: Version
+    cache_bytes: int | None = None
 
 
 class GatewayRegistry(Registry):
     """The gateway's registry: with an adapter store, a run's adapter is a StoredAdapter."""
 
     replica_cache: Path | None = None  # None: runs carry the gateway's AdapterRef
+    replica_cache_bytes: int | None = None
 
     @classmethod
     def for_cluster(cls, config: ClusterConfig) -> GatewayRegistry:
         registry = cls.open(config.data_dir, config.database_url, config.limits, config.adapter_store_config)
         assert isinstance(registry, GatewayRegistry)  # `open` builds `cls`
         registry.replica_cache = config.replica_cache
+        registry.replica_cache_bytes = config.replica_cache_bytes
         return registry
 
     def adapter_for(self, account_id: str, model: str, ref: str) -> tuple[Finetune, AdapterRef]:
@@ -75,7 +86,7 @@ class GatewayRegistry(Registry):
             raise InvalidFinetune(f"finetune {finetune.id} is missing {names}")
         version = tuple((file, digests[file]) for file in AssetFile)
         return finetune, StoredAdapter(finetune.id, str(self.storage.directory(finetune.id)), self.store.name,
-                                       str(self.replica_cache), version)
+                                       str(self.replica_cache), version, self.replica_cache_bytes)
 
 
 class ReplicaAdapters:
@@ -83,7 +94,7 @@ class ReplicaAdapters:
 
     def __init__(self, forget: Callable[[str], None]) -> None:
         self._forget = forget
-        self._stores: dict[tuple[str, str], RemoteStore] = {}
+        self._stores: dict[tuple[str, str], tuple[RemoteStore, ReplicaCache]] = {}
         # One fetch per adapter version at a time in this replica, awaited by every request that needs it
         # (the finetune's flock serialises fetches across the machine's replicas).
         self._fetching: dict[tuple[str, str, Version], asyncio.Task[None]] = {}
@@ -97,9 +108,19 @@ class ReplicaAdapters:
         if not isinstance(adapter, StoredAdapter):
             return adapter
         try:
-            store = self._store(adapter.store, adapter.cache_dir)
-            if not all(store.cache.current(adapter.key, file, digest) for file, digest in adapter.version):
-                await asyncio.shield(self._fetch(store, adapter))
+            store, cache = self._store(adapter.store, adapter.cache_dir)
+            for fetches in itertools.count():
+                # Marked before the check: an eviction either sees the mark and keeps the copy for the
+                # engine, or ran first, and the check finds no copy.
+                if not cache.mark(adapter.key, wait=False):  # an eviction holds it: wait off the loop
+                    await asyncio.to_thread(cache.mark, adapter.key)
+                if all(store.cache.current(adapter.key, file, digest) for file, digest in adapter.version):
+                    break
+                if fetches == MAX_FETCHES:
+                    log.warning("adapter %s was evicted from %s after each of %d fetches", adapter.key,
+                                adapter.cache_dir, fetches)
+                    raise CapacityExceeded()
+                await asyncio.shield(self._fetch(store, cache, adapter))
         except WorkersAIError:
             raise  # the store's own failures, logged where they happened (RemoteStore.reachable)
         except (OSError, ValueError) as exc:  # this machine's disk, or fsspec's package missing here
@@ -110,13 +131,21 @@ class ReplicaAdapters:
             self._handed[adapter.key] = adapter.version
         return AdapterRef(adapter.key, str(store.storage.directory(adapter.key)))
 
-    def _fetch(self, store: RemoteStore, adapter: StoredAdapter) -> asyncio.Task[None]:
+    def _fetch(self, store: RemoteStore, cache: ReplicaCache, adapter: StoredAdapter) -> asyncio.Task[None]:
         wanted = (adapter.store, adapter.key, adapter.version)
         task = self._fetching.get(wanted)
         if task is None:
             digests = dict(adapter.version)
-            task = asyncio.create_task(asyncio.to_thread(
-                store.materialize, adapter.key, tuple(digests), lambda: digests))
+
+            def fetch() -> None:
+                try:
+                    store.materialize(adapter.key, tuple(digests), lambda: digests)
+                except OSError:  # this disk: full, perhaps, and the next try may fit once pruned
+                    _prune(cache, adapter.cache_bytes)
+                    raise
+                _prune(cache, adapter.cache_bytes)
+
+            task = asyncio.create_task(asyncio.to_thread(fetch))
             self._fetching[wanted] = task
             task.add_done_callback(lambda done: self._fetched(wanted, done))
         return task
@@ -127,14 +156,27 @@ class ReplicaAdapters:
         if not task.cancelled():
             task.exception()  # retrieved here: every request awaiting it may have gone away
 
-    def _store(self, url: str, cache_dir: str) -> RemoteStore:
+    def _store(self, url: str, cache_dir: str) -> tuple[RemoteStore, ReplicaCache]:
         from loraserve.registry.store_remote import RemoteStore  # fsspec: only with a store configured
 
-        store = self._stores.get((url, cache_dir))
-        if store is None:
-            store = RemoteStore(FinetuneStorage(Path(cache_dir)), AdapterStoreConfig(url))
-            self._stores[(url, cache_dir)] = store
-        return store
+        found = self._stores.get((url, cache_dir))
+        if found is None:
+            storage = FinetuneStorage(Path(cache_dir))
+            found = RemoteStore(storage, AdapterStoreConfig(url)), ReplicaCache(storage)
+            self._stores[(url, cache_dir)] = found
+        return found
+
+
+def _prune(cache: ReplicaCache, budget: int | None) -> None:
+    """After a fetch, on its thread: the requests awaiting the fetch wait for this too, a scan of the
+    cache's directories (a few tenths of a second for 10,000). A failure only leaves the cache over budget
+    until the next fetch: the request has its copy."""
+    if budget is None:
+        return
+    try:
+        cache.prune(budget)
+    except OSError as exc:
+        log.warning("replica cache %s could not be pruned: %r", cache.storage.root, exc)
 
 
 def fetch_failed(error: WorkersAIError, replica: str, prompt_tokens: int) -> tuple[StreamItem, ...]:

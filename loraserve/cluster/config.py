@@ -43,6 +43,11 @@ class ClusterConfig:
     # With `adapter_store`: the directory each machine's engine replicas fetch adapters into (all of one
     # machine's replicas share it, each fetch under the finetune's flock); None: `data_dir`/replica-cache.
     replica_cache_dir: Path | None = None
+    # Bytes of adapters each machine's replica cache keeps; beyond, the least recently used finetunes are
+    # removed after a fetch (those used in the last minutes stay: replica_cache.py). None: unbounded.
+    # 32 GiB: ~1,000 7B rank-16 q/k/v/o adapters (~34 MB each), 16 times what an engine keeps mapped
+    # (adapter_host_cache_bytes, 2 GiB), on a disk that also holds the model's weights.
+    replica_cache_bytes: int | None = 32 << 30
     replicas: int = 1  # engine replicas per model
     gateways: int = 1  # gateway replicas (the HTTP ingress); Serve's proxy spreads requests over them
     # Ray's logical CPUs reserved per replica (fractions share a core); an engine runs as many threads as
@@ -71,6 +76,10 @@ class ClusterConfig:
         for name in ("engine_num_cpus", "gateway_num_cpus", "stats_interval_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"ClusterConfig.{name} must be > 0, got {getattr(self, name)!r}")
+        budget = self.replica_cache_bytes
+        if budget is not None and (not isinstance(budget, int) or isinstance(budget, bool) or budget < 1):
+            raise ValueError(f"ClusterConfig.replica_cache_bytes must be an integer >= 1, or null "
+                             f"for no limit; got {budget!r}")
         if self.adapters_per_replica is not None and self.adapters_per_replica < 1:
             raise ValueError("ClusterConfig.adapters_per_replica must be >= 1 (or unset)")
         self.engine_config()  # raises what EngineConfig refuses, here rather than in every replica

@@ -1,6 +1,6 @@
 """ClusterConfig: what `serve run` / `serve deploy` hand the application builder (strings from `key=value`
 words, mappings from a config file), checked before anything starts; and what `loraserve serve` derives
-from it (CPUs for a local Ray, `--gateways` without `--replicas` refused)."""
+from it (CPUs for a local Ray, `--gateways` or `--replica-cache-bytes` without `--replicas` refused)."""
 
 from __future__ import annotations
 
@@ -51,6 +51,8 @@ def test_an_engine_runs_as_many_threads_as_its_replica_reserves_cpus() -> None:
     ({"limits": {"max_rank": 0}}, "RegistryLimits.max_rank must be an integer >= 1"),
     ({"models": []}, "ClusterConfig.models names no model"),
     ({"adapter_store": "ftp://x"}, "must start with"),
+    ({"replica_cache_bytes": 0}, "ClusterConfig.replica_cache_bytes must be an integer >= 1, or null"),
+    ({"replica_cache_bytes": "lots"}, "replica_cache_bytes:"),
 ])
 def test_bad_builder_args_are_refused_with_what_is_wrong(args: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError) as refused:
@@ -77,14 +79,24 @@ def test_engine_replicas_cache_adapters_under_the_data_dir_unless_told() -> None
     assert told.replica_cache == Path("/var/cache/adapters")
 
 
+def test_the_replica_cache_has_a_byte_budget_unless_told_none() -> None:
+    assert ClusterConfig().replica_cache_bytes == 32 << 30
+    assert ClusterConfig.from_args({"replica_cache_bytes": "1000"}).replica_cache_bytes == 1000
+    assert ClusterConfig.from_args({"replica_cache_bytes": None}).replica_cache_bytes is None
+
+
 def test_a_ray_started_here_reserves_cpus_for_every_gateway() -> None:
     config = ClusterConfig(replicas=2, gateways=3, engine_num_cpus=1, gateway_num_cpus=0.5)
     assert local_cpus(config, engine_deployments=1) == 4  # 2 engines + 1.5 for the gateways, rounded up
     assert ClusterConfig.from_args({"gateways": "2"}).gateways == 2
 
 
-def test_serve_refuses_gateways_without_replicas(tmp_path: Path) -> None:
+def test_serve_refuses_cluster_options_without_replicas(tmp_path: Path) -> None:
     done = CliRunner().invoke(app, ["serve", "--data-dir", str(tmp_path), "--model",
                                     "@cf/test/tiny=random:tiny", "--gateways", "2"])
     assert done.exit_code == 2, done.output
     assert "--gateways needs --replicas" in " ".join(done.output.split())
+    done = CliRunner().invoke(app, ["serve", "--data-dir", str(tmp_path), "--model",
+                                    "@cf/test/tiny=random:tiny", "--replica-cache-bytes", "0"])
+    assert done.exit_code == 2, done.output
+    assert "--replica-cache-bytes needs --replicas" in " ".join(done.output.split())
