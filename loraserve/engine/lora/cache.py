@@ -36,6 +36,9 @@ class AdapterCache:
         self._host_bytes = 0
         self._loading: dict[str, Future[LoraWeights]] = {}
         self._failed: dict[str, str] = {}
+        # Failed because a file was missing: the files may come back (a cluster replica's cache fetches an
+        # evicted copy again), so the next request for the key loads it anew instead of failing too.
+        self._missing: set[str] = set()
         self._pools: dict[int, tuple[LoraPool, SlotTable]] = {}
         self._bucket: dict[str, int] = {}  # adapter key -> rank bucket of the pool holding its slot
         self._lock = threading.Lock()  # guards _refs against the server thread's register/forget
@@ -54,6 +57,9 @@ class AdapterCache:
         adapter is in host memory already, so the request needs no load from disk."""
         if ref.key in self._host:
             self._hits += 1
+        if ref.key in self._missing:
+            self._missing.discard(ref.key)
+            self._failed.pop(ref.key, None)
         with self._lock:
             self._refs[ref.key] = ref
 
@@ -90,6 +96,8 @@ class AdapterCache:
             w = fut.result()
         except Exception as exc:  # a broken file must fail its requests, not the engine
             self._failed[key] = f"adapter could not be loaded: {exc}"
+            if isinstance(exc, FileNotFoundError):
+                self._missing.add(key)
             return AdapterState.FAILED
         if w.rank > self.ecfg.max_lora_rank:
             self._failed[key] = (f"adapter rank {w.rank} exceeds this engine's max_lora_rank "
@@ -128,6 +136,7 @@ class AdapterCache:
         with self._lock:
             self._refs.pop(key, None)
         self._failed.pop(key, None)
+        self._missing.discard(key)
         w = self._host.pop(key, None)
         if w is not None:
             self._host_bytes -= w.nbytes

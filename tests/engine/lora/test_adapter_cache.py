@@ -102,7 +102,35 @@ def test_requests_finding_their_adapter_in_memory_are_hits(tmp_path: Path) -> No
         cache.close()
 
 
-def _until_ready(cache: AdapterCache, key: str) -> None:
+def test_a_missing_file_fails_its_requests_and_the_next_one_loads_again(tmp_path: Path) -> None:
+    cache = _cache_with_an_adapter_file(tmp_path)
+    weights = tmp_path / "adapter_model.safetensors"
+    kept = weights.read_bytes()
+    weights.unlink()  # a cluster replica's cache evicted the copy before the engine read it
+    ref = AdapterRef("a", str(tmp_path))
+    try:
+        cache.register(ref)
+        assert _until_settled(cache, "a") is AdapterState.FAILED
+        assert "could not be loaded" in (cache.failure("a") or "")
+        weights.write_bytes(kept)  # fetched again
+        cache.register(ref)  # the next request tries the files again
+        _until_ready(cache, "a")
+        # A broken file stays failed: it will not mend itself.
+        (tmp_path / "adapter_config.json").write_text("{")
+        cache.forget("a")
+        cache.register(ref)
+        assert _until_settled(cache, "a") is AdapterState.FAILED
+        cache.register(ref)
+        assert cache.state("a") is AdapterState.FAILED
+    finally:
+        cache.close()
+
+
+def _until_settled(cache: AdapterCache, key: str) -> AdapterState:
     while (state := cache.state(key)) is AdapterState.LOADING:
         cache._loader.submit(lambda: None).result()  # the load, queued before this, is done after it
-    assert state is AdapterState.READY
+    return state
+
+
+def _until_ready(cache: AdapterCache, key: str) -> None:
+    assert _until_settled(cache, key) is AdapterState.READY
