@@ -5,11 +5,13 @@ for several builds of the kernel side by side: the engine's (-march=native) and 
 wider instruction sets switched off (`avx2`: -mno-avx512f; `scalar`), optionally of another copy of csrc/
 too (`--source before=DIR`, e.g. the previous commit's). The builds take turns call by call, so a shared,
 noisy machine slows them alike; each figure is the fastest call of many, in ms, and each build's ratio to
-the first. Every call reads a different copy of the weight, from a pool of about `--pool-mb`, so the
-weights come from memory, as in a decode step, not from the cache.
+the first. Every call reads a different copy of the weight, from a pool of about `--pool-mb` (at least
+two copies a build), so the weights come from memory, as in a decode step, not from the cache (the small
+shapes' pool fits in a large L3).
 
     python -m loraserve.tools.qlinear_bench --model llama2-7b --types q4_0 --tokens 1 16
-    python -m loraserve.tools.qlinear_bench --model smollm2 --types q4_1 q8_0 --tokens 1 32 --source before=/tmp/csrc
+    python -m loraserve.tools.qlinear_bench --model smollm2 --types q4_1 q8_0 --tokens 1 32 \
+        --source before=/tmp/csrc
 """
 
 from __future__ import annotations
@@ -67,21 +69,26 @@ def _random_blocks(qtype: _Q, n: int, k: int, block_bytes: int, gen: torch.Gener
 
 
 def _time(builds: list[Build], parts: list[list[Parts]], x: torch.Tensor, reps: int) -> list[float]:
-    """Fastest ms a call per build, the builds taking turns call by call over the weight copies."""
+    """Fastest ms a call per build, the builds taking turns call by call over the weight copies, each at
+    its own place in the pool: the copy a build reads was last read a whole pool ago, by another build, so
+    it comes from memory (the next build reading the copy just read would find it in the cache)."""
     best = [float("inf")] * len(builds)
+    copies = len(parts[0])
     for b, build in enumerate(builds):  # warm-up: page in the copies, spin up the threads
         build.kernel.stacked(x, parts[b][0])
     for _ in range(reps):
-        for i in range(len(parts[0])):
+        for i in range(copies):
             for b, build in enumerate(builds):
+                part = parts[b][(i + b * copies // len(builds)) % copies]
                 start = time.perf_counter()
-                build.kernel.stacked(x, parts[b][i])
+                build.kernel.stacked(x, part)
                 best[b] = min(best[b], time.perf_counter() - start)
     return [1e3 * s for s in best]
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=sorted(SHAPES), default="llama2-7b")
     parser.add_argument("--types", nargs="+", default=["q4_0"], help="GGML types, e.g. q4_0 q8_0 q4_k")
     parser.add_argument("--tokens", nargs="+", type=int, default=[1, 16], help="rows of x (T)")
@@ -110,11 +117,11 @@ def main(argv: list[str] | None = None) -> None:
         if args.matrices and name not in args.matrices:
             continue
         for tname in args.types:
-            qtype = _Q[tname.upper()]
+            qtype = _Q.__members__[tname.upper()]
             if k % _block_elems(qtype):
                 continue
             one = _random_blocks(qtype, n, k, first.block_bytes[int(qtype)], gen)
-            copies = max(2, min(16, args.pool_mb * 2 ** 20 // one.numel()))
+            copies = max(2 * len(builds), min(16, args.pool_mb * 2 ** 20 // one.numel()))
             weights = [one] + [_random_blocks(qtype, n, k, first.block_bytes[int(qtype)], gen)
                                for _ in range(copies - 1)]
             for layout in args.layouts:

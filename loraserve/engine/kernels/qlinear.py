@@ -39,7 +39,7 @@ class QuantLinearKernel:
         # GGML type id -> bytes per block, as the library counts them (a row of one block)
         self.block_bytes: dict[int, int] = {int(t): int(lib.qlinear_row_bytes(int(t), _block_elems(t)))
                                             for t in TYPES}
-        self.vector_bits = int(lib.qlinear_vector_bits())  # 256: the AVX2 path; 0: the scalar fallback
+        self.vector_bits = int(lib.qlinear_vector_bits())  # 512: AVX-512 VNNI; 256: AVX2; 0: scalar
         p, i = ctypes.c_void_p, ctypes.c_int64
         lib.qlinear_x8_bytes.argtypes = [ctypes.c_int, i, i]
         lib.qlinear_x8_bytes.restype = i

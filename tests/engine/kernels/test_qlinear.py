@@ -1,6 +1,7 @@
 """The quantized-weight projection kernel (csrc/qlinear.c) against gguf-py's reference dequantization
-followed by an fp32 matmul, and against a pure-torch emulation of its exact scheme; both builds, the
-native (AVX2 where the CPU has it) and the scalar fallback (built with -mno-avx2 -mno-avx512f -mno-f16c).
+followed by an fp32 matmul, and against a pure-torch emulation of its exact scheme; every build that
+differs on this CPU (qlinear_helpers): the native one (AVX-512 VNNI or AVX2), the AVX2 one where the CPU
+has AVX-512 (-mno-avx512f), and the scalar fallback (-mno-avx2 -mno-avx512f -mno-f16c).
 
 The tolerance against the reference, derived: the kernel quantizes each block of 32 activations to int8
 with d_a = amax(block) / 127, rounding to nearest, so each activation moves by at most d_a / 2 =
@@ -27,8 +28,9 @@ import torch
 import torch.nn.functional as F
 
 from loraserve.engine.kernels import cpu as cpu_kernels
-from loraserve.engine.kernels.qlinear import QuantLinearKernel, dequantize
+from loraserve.engine.kernels.qlinear import QuantLinearKernel, dequantize, load_qlinear
 
+import kernel_builds
 from gguf_helpers import k_quant_pieces, quantize_k, random_k_blocks
 
 if cpu_kernels._compiler() is None:
@@ -198,6 +200,23 @@ def test_a_row_gets_the_same_bits_alone_or_in_a_batch(kernel: QuantLinearKernel,
     assert torch.equal(kernel(x[5:6], blocks, qtype, n, k)[0], batched[5])
     assert torch.equal(kernel(x[66:70], blocks, qtype, n, k), batched[66:70])  # a tile of 4 in another block
     assert torch.equal(kernel(x[3:9], blocks, qtype, n, k), batched[3:9])  # tiles split differently
+
+
+@pytest.mark.skipif("avx2" not in kernel_builds.builds(), reason="no AVX-512: the native build is AVX2's")
+def test_the_avx512_build_gives_the_avx2_build_s_bits(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Weights as stored: the AVX-512 VNNI build's vpdpbusd gives the same int32 lanes as AVX2's maddubs and
+    madd (the K-quants keep those), and the float steps are the same: the same bits, every type, odd
+    shapes, T from 1 past a tile of rows."""
+    native, avx2 = load_qlinear(), kernel_builds.build(load_qlinear, "avx2", tmp_path_factory)
+    assert native is not None and avx2.vector_bits == 256
+    for qtype in ALL_TYPES:
+        for n, k in ((1, 32), (7, 96), (33, 576), (5, 1536)):
+            k = _k(qtype, k)
+            blocks = _weights(qtype, n, k)
+            for t in (1, 2, 5, 17, 33):
+                x = _x(t, k, seed=t) * 3
+                got, want = native(x, blocks, qtype, n, k), avx2(x, blocks, qtype, n, k)
+                assert torch.equal(got, want), (qtype.name, n, t)
 
 
 @pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda q: q.name)

@@ -1,4 +1,5 @@
-"""Q8_0, Q4_0 and Q4_1 weights repacked in groups of 8 rows (csrc/qlinear_x8.h), both builds.
+"""Q8_0, Q4_0 and Q4_1 weights repacked in groups of 8 rows (csrc/qlinear_x8.h), every build that differs
+on this CPU (the native one, AVX-512 VNNI where the CPU has it, AVX2, scalar: qlinear_helpers).
 
 The repacked kernel quantizes the activations exactly as the stored-layout one does and computes the same
 integer dot per block; only where each block's float product is added differs (its own lane rather than
@@ -12,7 +13,9 @@ import gguf
 import pytest
 import torch
 
-from loraserve.engine.kernels.qlinear import QuantLinearKernel, Repacked, dequantize
+from loraserve.engine.kernels.qlinear import QuantLinearKernel, Repacked, dequantize, load_qlinear
+
+import kernel_builds
 
 Q = gguf.GGMLQuantizationType
 TYPES = (Q.Q8_0, Q.Q4_0, Q.Q4_1)
@@ -46,7 +49,7 @@ def test_rows_come_back_as_stored(kernel: QuantLinearKernel, qtype: Q, n: int, k
 def test_same_products_as_the_stored_layout(kernel: QuantLinearKernel, qtype: Q, n: int, k: int) -> None:
     blocks = _blocks(qtype, n, k)
     parts = kernel.parts([kernel.repack(blocks, int(qtype), n, k)], k)
-    for t in (1, 3, 4, 5, 70):
+    for t in (1, 3, 4, 5, 17, 70):
         x = _x(t, k)
         want = kernel(x, blocks, int(qtype), n, k)
         got = kernel.stacked(x, parts)
@@ -69,6 +72,23 @@ def test_a_row_gets_the_same_bits_alone_in_a_batch_or_threaded(kernel: QuantLine
         assert torch.equal(kernel.stacked(x, parts), batched)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.skipif("avx2" not in kernel_builds.builds(), reason="no AVX-512: the native build is AVX2's")
+def test_the_avx512_build_gives_the_avx2_build_s_bits(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The AVX-512 VNNI tile (two groups a zmm, vpdpbusd) computes each output's integer dots exactly, as
+    the AVX2 tile does, and the same float steps in the same order: the same bits, whatever T and however
+    the rows fall into tiles (a lone last group, a partial one)."""
+    native, avx2 = load_qlinear(), kernel_builds.build(load_qlinear, "avx2", tmp_path_factory)
+    assert native is not None and avx2.vector_bits == 256
+    for qtype in TYPES:
+        for n, k in [*SHAPES, (8, 64), (24, 96)]:
+            blocks = _blocks(qtype, n, k)
+            packed = native.repack(blocks, int(qtype), n, k)
+            for t in (1, 2, 5, 17, 33):
+                x = _x(t, k, seed=t) * 3
+                got = native.stacked(x, native.parts([packed], k))
+                assert torch.equal(got, avx2.stacked(x, avx2.parts([packed], k))), (qtype.name, n, k, t)
 
 
 def test_repacked_and_stored_parts_stack(kernel: QuantLinearKernel) -> None:

@@ -28,10 +28,15 @@
  * (a build without AVX2) computes the same integer dots but sums them per block rather than in AVX2's
  * eight lanes, so its floats may differ from the AVX2 build in the last bits.
  *
+ * AVX-512 with VNNI (VNNI512: a build for such a CPU; -mno-avx512f gives the AVX2 build there): vpdpbusd
+ * (u8 x s8, four products into each int32 lane) replaces maddubs + madd where no integer scales multiply
+ * the lanes (Q8_0, Q4_0, Q4_1; the K-quants keep maddubs + madd for their scales). The int32 lanes are the
+ * same exact integers, the float steps the same: the same bits as the AVX2 build, weights as stored or
+ * repacked (qlinear_x8.h, where it also takes 16 rows a zmm).
+ *
  * The engine repacks Q8_0, Q4_0 and Q4_1 weights at load into groups of 8 rows (qlinear_x8.h), where
  * one activation broadcast feeds 8 rows at once; the stored layout above serves the K-quants, and any
- * type for tests. Left for later: an AVX-512 / VNNI path (vpdpbusd; the AVX2 path runs on those machines
- * meanwhile), and the K-quants repacked too.
+ * type for tests. Left for later: the K-quants repacked too.
  */
 #include <math.h>
 #include <stdint.h>
@@ -39,6 +44,11 @@
 #include <string.h>
 #if defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
+#endif
+/* AVX-512 with VNNI: vpdpbusd multiplies u8 by s8 and adds each four products into an int32 lane, in one
+ * instruction where AVX2 takes maddubs, madd and an add (and cannot saturate: no int16 step). */
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
+#define VNNI512 1
 #endif
 
 #define QK 32 /* weights per block */
@@ -72,9 +82,12 @@ static int64_t block_bytes(int type) {
 
 static int is_k_quant(int type) { return type == Q4_K || type == Q5_K || type == Q6_K; }
 
-/* Which path this build runs: 256 (AVX2) or 0 (scalar), so that tests can tell the builds apart. */
+/* Which path this build runs: 512 (AVX-512 VNNI), 256 (AVX2) or 0 (scalar), so that tests can tell the
+ * builds apart. */
 int qlinear_vector_bits(void) {
-#ifdef __AVX2__
+#if defined(VNNI512)
+    return 512;
+#elif defined(__AVX2__)
     return 256;
 #else
     return 0;
@@ -100,8 +113,9 @@ static inline float fp16_at(const uint8_t *p) {
 #endif
 }
 
-/* One row of x as int8 blocks: q[b*32 + i] = round(x * (1 / d)), d[b] = amax / 127, s[b] = d * sum(q). */
-static void quantize_row(const float *x, int64_t nb, int8_t *q, float *d, float *s) {
+/* One row of x as int8 blocks: q[b*32 + i] = round(x * (1 / d)), d[b] = amax / 127, s[b] = d * sum(q),
+ * is[b] = sum(q). */
+static void quantize_row(const float *x, int64_t nb, int8_t *q, float *d, float *s, int32_t *is) {
     for (int64_t b = 0; b < nb; b++, x += QK, q += QK) {
 #ifdef __AVX2__
         const __m256 sgn = _mm256_set1_ps(-0.0f);
@@ -126,7 +140,8 @@ static void quantize_row(const float *x, int64_t nb, int8_t *q, float *d, float 
         p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
         _mm256_storeu_si256((__m256i *)q, p);
         d[b] = dd;
-        s[b] = dd * (float)_mm_cvtsi128_si32(s4);
+        is[b] = _mm_cvtsi128_si32(s4);
+        s[b] = dd * (float)is[b];
 #else
         float amax = 0.f;
         for (int i = 0; i < QK; i++) amax = fmaxf(amax, fabsf(x[i]));
@@ -139,6 +154,7 @@ static void quantize_row(const float *x, int64_t nb, int8_t *q, float *d, float 
             sum += v;
         }
         d[b] = dd;
+        is[b] = sum;
         s[b] = dd * (float)sum;
 #endif
     }
@@ -180,7 +196,14 @@ static inline __attribute__((always_inline)) __m256 step_avx2(const int type, wb
     const int sign = type == Q8_0 || type == Q6_K; /* signed quants */
     __m256i a = _mm256_loadu_si256((const __m256i *)qa);
     if (sign) a = _mm256_sign_epi8(a, k.q); /* |w| <= 128, |a| <= 127: maddubs cannot saturate */
+#ifdef VNNI512
+    /* the same int32 lanes in one instruction, where no integer scales multiply them (k.s = 1) */
+    const __m256 dot = _mm256_cvtepi32_ps(type == Q8_0 || type == Q4_0 || type == Q4_1
+                                              ? _mm256_dpbusd_epi32(_mm256_setzero_si256(), k.u, a)
+                                              : _mm256_madd_epi16(_mm256_maddubs_epi16(k.u, a), k.s));
+#else
     const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(k.u, a), k.s));
+#endif
     const __m256 d = _mm256_broadcast_ss(da);
     if (sign) return _mm256_fmadd_ps(dot, _mm256_mul_ps(k.d, d), acc);
     if (type == Q4_0) return _mm256_fmadd_ps(k.d, _mm256_fmsub_ps(d, dot, _mm256_broadcast_ss(sa)), acc);
@@ -278,8 +301,8 @@ int64_t qlinear_row_bytes(int type, int64_t K) {
 
 #define X8 256 /* added to a type id: the part is repacked in groups of 8 rows (qlinear_x8.h) */
 
-/* Rows (stored layout) or groups of 8 rows (repacked) of a part: the units the threads share. */
-static int64_t part_units(int type, int64_t n) { return type & X8 ? (n + GR - 1) / GR : n; }
+/* Rows (stored layout) or tiles of X8_TILE rows (repacked) of a part: the units the threads share. */
+static int64_t part_units(int type, int64_t n) { return type & X8 ? (n + X8_TILE - 1) / X8_TILE : n; }
 
 /* y[:, n0 + n] = x @ W_p[n] for the P parts W_p (types[p], ns[p] rows each, n0 the rows of the parts before):
  * a fused projection (q, k and v; gate and up) computed from its tensors where they lie, none copied into
@@ -297,18 +320,17 @@ int qlinear_forward(const float *x, int64_t T, int64_t ldx, int P, const uint8_t
     }
     if (T == 0 || N == 0) return 0;
     const int64_t nb = K / QK, tblocks = (T + TB - 1) / TB;
-    int8_t *qa = malloc((size_t)(T * K));
-    float *da = malloc((size_t)(T * nb) * sizeof(float)), *sa = malloc((size_t)(T * nb) * sizeof(float));
-    if (!qa || !da || !sa) {
-        free(qa);
-        free(da);
-        free(sa);
-        return 2;
-    }
+    /* One block for the quantized activations and their per-block d, s and integer sums: one allocation a
+     * call keeps the heap as the previous call left it (the engine's steps reuse its pages: host_malloc.py). */
+    int8_t *qa = malloc((size_t)(T * K) + 3 * (size_t)(T * nb) * sizeof(float));
+    if (!qa) return 2;
+    float *da = (float *)(qa + T * K), *sa = da + T * nb; /* T * K is a multiple of QK: aligned */
+    int32_t *ia = (int32_t *)(sa + T * nb);
 #pragma omp parallel num_threads(nthreads)
     {
 #pragma omp for schedule(static)
-        for (int64_t t = 0; t < T; t++) quantize_row(x + t * ldx, nb, qa + t * K, da + t * nb, sa + t * nb);
+        for (int64_t t = 0; t < T; t++)
+            quantize_row(x + t * ldx, nb, qa + t * K, da + t * nb, sa + t * nb, ia + t * nb);
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < tblocks * U; i++) {
             const int64_t t0 = i / U * TB, t1 = t0 + TB < T ? t0 + TB : T;
@@ -320,11 +342,11 @@ int qlinear_forward(const float *x, int64_t T, int64_t ldx, int P, const uint8_t
             }
             const int type = types[p] & ~X8;
             if (types[p] & X8) {
-                const uint8_t *grp = ws[p] + u * nb * x8_block_bytes(type);
-                const int valid = ns[p] - u * GR < GR ? (int)(ns[p] - u * GR) : GR;
+                const uint8_t *grp = ws[p] + u * (X8_TILE / GR) * nb * x8_block_bytes(type);
+                const int valid = ns[p] - u * X8_TILE < X8_TILE ? (int)(ns[p] - u * X8_TILE) : X8_TILE;
                 for (int64_t t = t0; t < t1; t += MR)
                     x8_rows(type, t1 - t < MR ? (int)(t1 - t) : MR, grp, nb, qa + t * K, da + t * nb, sa + t * nb,
-                            y + t * ldy + n0 + u * GR, ldy, valid);
+                            ia + t * nb, y + t * ldy + n0 + u * X8_TILE, ldy, valid);
             } else {
                 const uint8_t *w = ws[p] + u * qlinear_row_bytes(type, K);
                 for (int64_t t = t0; t < t1; t += MR)
@@ -334,7 +356,5 @@ int qlinear_forward(const float *x, int64_t T, int64_t ldx, int P, const uint8_t
         }
     }
     free(qa);
-    free(da);
-    free(sa);
     return 0;
 }

@@ -17,8 +17,24 @@
  * meets the activation bytes 4j.. and 16+4j..; a Q8_0 chunk j meets bytes 4j... In a 4-bit lane the
  * 8 maddubs results add up in int16 without saturating (8 x 2 x 15 x 127 < 32767); Q8_0's do not
  * (2 x 128 x 127 is already near the limit), so each goes to int32 first.
+ *
+ * AVX-512 VNNI (VNNI512): vpdpbusd accumulates each chunk's four products a lane straight into int32,
+ * against the activations' four bytes broadcast. A tile is two groups (X8_TILE = 16 rows, the
+ * threads' unit), side by side in a zmm when MR rows of x meet it (a batch: compute-bound, ~1.75x the
+ * AVX2 build on the 7B shapes at T = 16); fewer rows (a decode step) take one group after the other in
+ * ymm registers, one stream of blocks from memory, which streams faster than the two groups' two.
+ * Either way each output's integer dots and float steps are the AVX2 tile's: the same bits.
  */
 #define GR 8 /* weight rows a group */
+/* Weight rows a tile, the unit the threads share: two groups on AVX-512 VNNI */
+#ifndef X8_ZMM /* -DX8_ZMM=0: VNNI in ymm registers only, 8 rows a tile (to compare) */
+#define X8_ZMM 1
+#endif
+#if defined(VNNI512) && X8_ZMM
+#define X8_TILE 16
+#else
+#define X8_TILE GR
+#endif
 
 static inline int x8_scale_bytes(int type) { return type == Q4_1 ? 32 : 16; }
 
@@ -86,7 +102,170 @@ int qlinear_x8_unpack(const uint8_t *packed, int type, int64_t N, int64_t K, con
     return 0;
 }
 
-#ifdef __AVX2__
+#if defined(VNNI512)
+static inline __m512i bcast4_512(const int8_t *a) {
+    int32_t v;
+    memcpy(&v, a, 4);
+    return _mm512_set1_epi32(v); /* a broadcast load: a load port's work, not a vector ALU's */
+}
+
+/* A chunk of two groups' blocks, group 0 in the low 256 bits (lanes 0-7: its rows), group 1 high. */
+static inline __m512i load2(const uint8_t *p0, const uint8_t *p1) {
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)p0)),
+                              _mm256_loadu_si256((const __m256i *)p1), 1);
+}
+
+static inline __m512 fp16x16(const uint8_t *p0, const uint8_t *p1) {
+    const __m128i h0 = _mm_loadu_si128((const __m128i *)p0), h1 = _mm_loadu_si128((const __m128i *)p1);
+    return _mm512_cvtph_ps(_mm256_inserti128_si256(_mm256_castsi128_si256(h0), h1, 1));
+}
+
+/* R rows of x (1..MR) against two consecutive groups (X8_TILE = 16 weight rows, one a lane): y[r * ldy + i]
+ * for the first `valid` rows i. The AVX2 tile's float steps, lane by lane, on the same integer dots, so a
+ * lane's bits are the AVX2 build's. vpdpbusd takes the unsigned operand from the weights, so that the
+ * activations' four bytes, broadcast, need no per-row work (AVX-512 has no vpsignb for Q8_0's sign trick):
+ * 4-bit quants are unsigned as stored, Q8_0's get 128 added (xor 0x80) and the activations' block sum
+ * takes it back, the lane started at -128 sum(q_a): an exact dot, in int32 all along. Each row's dot runs in two chains (low and high nibbles; even and odd
+ * chunks), MR rows eight chains, to cover vpdpbusd's latency. A lone last group reads its own blocks
+ * twice and stores lanes 0-7 only. */
+static inline __attribute__((always_inline)) void x8_tile16(const int type, const int R, const uint8_t *grp,
+                                                            int64_t nb, const int8_t *qa, const float *da,
+                                                            const float *sa, const int32_t *ia, float *y,
+                                                            int64_t ldy, int valid) {
+    const int64_t gb = x8_block_bytes(type);
+    const int sb = x8_scale_bytes(type);
+    const uint8_t *g1 = valid > GR ? grp + nb * gb : grp;
+    const __m512i low = _mm512_set1_epi8(0x0f), bias = _mm512_set1_epi8((char)0x80);
+    __m512 acc[MR];
+    UNROLL for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++, grp += gb, g1 += gb) {
+        const __m512 dw = fp16x16(grp, g1);
+        const __m512 mw = type == Q4_1 ? fp16x16(grp + 16, g1 + 16) : _mm512_setzero_ps();
+        const uint8_t *w0 = grp + sb, *w1 = g1 + sb;
+        if (type == Q8_0) {
+            __m512i u[8];
+            for (int j = 0; j < 8; j++) u[j] = _mm512_xor_si512(load2(w0 + 32 * j, w1 + 32 * j), bias);
+            UNROLL for (int r = 0; r < R; r++) {
+                const int8_t *a = qa + (r * nb + b) * QK;
+                __m512i s0 = _mm512_set1_epi32(-128 * ia[r * nb + b]), s1 = _mm512_setzero_si512();
+                for (int j = 0; j < 8; j += 2) {
+                    s0 = _mm512_dpbusd_epi32(s0, u[j], bcast4_512(a + 4 * j));
+                    s1 = _mm512_dpbusd_epi32(s1, u[j + 1], bcast4_512(a + 4 * j + 4));
+                }
+                const __m512 d = _mm512_mul_ps(dw, _mm512_set1_ps(da[r * nb + b]));
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)), d, acc[r]);
+            }
+        } else {
+            __m512i lo[4], hi[4];
+            for (int j = 0; j < 4; j++) {
+                const __m512i v = load2(w0 + 32 * j, w1 + 32 * j);
+                lo[j] = _mm512_and_si512(v, low);
+                hi[j] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+            }
+            UNROLL for (int r = 0; r < R; r++) {
+                const int8_t *a = qa + (r * nb + b) * QK;
+                __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
+                for (int j = 0; j < 4; j++) {
+                    s0 = _mm512_dpbusd_epi32(s0, lo[j], bcast4_512(a + 4 * j));
+                    s1 = _mm512_dpbusd_epi32(s1, hi[j], bcast4_512(a + 16 + 4 * j));
+                }
+                const __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));
+                const __m512 d = _mm512_set1_ps(da[r * nb + b]);
+                if (type == Q4_0)
+                    acc[r] = _mm512_fmadd_ps(dw, _mm512_fmsub_ps(d, dot, _mm512_set1_ps(8.f * sa[r * nb + b])),
+                                             acc[r]);
+                else
+                    acc[r] = _mm512_fmadd_ps(dot, _mm512_mul_ps(dw, d),
+                                             _mm512_fmadd_ps(mw, _mm512_set1_ps(sa[r * nb + b]), acc[r]));
+            }
+        }
+    }
+    const __mmask16 keep = (__mmask16)(valid >= 16 ? 0xffff : (1u << valid) - 1);
+    UNROLL for (int r = 0; r < R; r++) _mm512_mask_storeu_ps(y + r * ldy, keep, acc[r]);
+}
+
+static inline __m256i bcast4(const int8_t *a) {
+    int32_t v;
+    memcpy(&v, a, 4);
+    return _mm256_set1_epi32(v);
+}
+
+/* x8_tile16's work on one group (8 rows) in ymm registers. */
+static inline __attribute__((always_inline)) void x8_tile8(const int type, const int R, const uint8_t *grp,
+                                                           int64_t nb, const int8_t *qa, const float *da,
+                                                           const float *sa, const int32_t *ia, float *y,
+                                                           int64_t ldy, int valid) {
+    const int64_t gb = x8_block_bytes(type);
+    const int sb = x8_scale_bytes(type);
+    const __m256i low = _mm256_set1_epi8(0x0f), bias = _mm256_set1_epi8((char)0x80);
+    __m256 acc[MR];
+    UNROLL for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++, grp += gb) {
+        const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)grp));
+        const __m256 mw = type == Q4_1 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(grp + 16)))
+                                       : _mm256_setzero_ps();
+        const uint8_t *wq = grp + sb;
+        if (type == Q8_0) {
+            __m256i u[8];
+            for (int j = 0; j < 8; j++)
+                u[j] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(wq + 32 * j)), bias);
+            UNROLL for (int r = 0; r < R; r++) {
+                const int8_t *a = qa + (r * nb + b) * QK;
+                __m256i s0 = _mm256_set1_epi32(-128 * ia[r * nb + b]), s1 = _mm256_setzero_si256();
+                for (int j = 0; j < 8; j += 2) {
+                    s0 = _mm256_dpbusd_epi32(s0, u[j], bcast4(a + 4 * j));
+                    s1 = _mm256_dpbusd_epi32(s1, u[j + 1], bcast4(a + 4 * j + 4));
+                }
+                const __m256 d = _mm256_mul_ps(dw, _mm256_set1_ps(da[r * nb + b]));
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(s0, s1)), d, acc[r]);
+            }
+        } else {
+            __m256i lo[4], hi[4];
+            for (int j = 0; j < 4; j++) {
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(wq + 32 * j));
+                lo[j] = _mm256_and_si256(v, low);
+                hi[j] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+            }
+            UNROLL for (int r = 0; r < R; r++) {
+                const int8_t *a = qa + (r * nb + b) * QK;
+                __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
+                for (int j = 0; j < 4; j++) {
+                    s0 = _mm256_dpbusd_epi32(s0, lo[j], bcast4(a + 4 * j));
+                    s1 = _mm256_dpbusd_epi32(s1, hi[j], bcast4(a + 16 + 4 * j));
+                }
+                const __m256 dot = _mm256_cvtepi32_ps(_mm256_add_epi32(s0, s1));
+                const __m256 d = _mm256_set1_ps(da[r * nb + b]);
+                if (type == Q4_0)
+                    acc[r] = _mm256_fmadd_ps(dw, _mm256_fmsub_ps(d, dot, _mm256_set1_ps(8.f * sa[r * nb + b])),
+                                             acc[r]);
+                else
+                    acc[r] = _mm256_fmadd_ps(dot, _mm256_mul_ps(dw, d),
+                                             _mm256_fmadd_ps(mw, _mm256_set1_ps(sa[r * nb + b]), acc[r]));
+            }
+        }
+    }
+    const __mmask8 keep = (__mmask8)(valid >= GR ? 0xff : (1u << valid) - 1);
+    UNROLL for (int r = 0; r < R; r++) _mm256_mask_storeu_ps(y + r * ldy, keep, acc[r]);
+}
+
+/* A tile of X8_TILE rows: a full tile of rows of x takes two groups a zmm (compute-bound); fewer rows of
+ * x (a decode step) read the weights from memory at every block, and do it faster a group after the other,
+ * one stream of blocks (the two groups side by side are two). The same bits either way. */
+static inline __attribute__((always_inline)) void x8_tile(const int type, const int R, const uint8_t *grp,
+                                                          int64_t nb, const int8_t *qa, const float *da,
+                                                          const float *sa, const int32_t *ia, float *y,
+                                                          int64_t ldy, int valid) {
+#if X8_ZMM
+    if (R == MR) {
+        x8_tile16(type, R, grp, nb, qa, da, sa, ia, y, ldy, valid);
+        return;
+    }
+#endif
+    x8_tile8(type, R, grp, nb, qa, da, sa, ia, y, ldy, valid < GR ? valid : GR);
+    if (valid > GR)
+        x8_tile8(type, R, grp + nb * x8_block_bytes(type), nb, qa, da, sa, ia, y + GR, ldy, valid - GR);
+}
+#elif defined(__AVX2__)
 static inline __m256i bcast4(const int8_t *a) {
     int32_t v;
     memcpy(&v, a, 4);
@@ -98,9 +277,11 @@ static inline __m256i bcast4(const int8_t *a) {
  * or d_w d_a dot (Q8_0), added in block order. */
 static inline __attribute__((always_inline)) void x8_tile(const int type, const int R, const uint8_t *grp,
                                                           int64_t nb, const int8_t *qa, const float *da,
-                                                          const float *sa, float *y, int64_t ldy, int valid) {
+                                                          const float *sa, const int32_t *ia, float *y,
+                                                          int64_t ldy, int valid) {
     const int64_t gb = x8_block_bytes(type);
     const int sb = x8_scale_bytes(type);
+    (void)ia; /* Q8_0's sign moves onto the activations instead */
     const __m256i low = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
     __m256 acc[MR];
     UNROLL for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
@@ -160,8 +341,10 @@ static inline __attribute__((always_inline)) void x8_tile(const int type, const 
 #else
 /* The same integer dots and the same float steps per output, in scalar code. */
 static inline void x8_tile(const int type, const int R, const uint8_t *grp, int64_t nb, const int8_t *qa,
-                           const float *da, const float *sa, float *y, int64_t ldy, int valid) {
+                           const float *da, const float *sa, const int32_t *ia, float *y, int64_t ldy,
+                           int valid) {
     const int64_t gb = x8_block_bytes(type);
+    (void)ia;
     const int sb = x8_scale_bytes(type);
     float acc[MR][GR] = {{0.f}};
     for (int64_t b = 0; b < nb; b++, grp += gb) {
@@ -195,14 +378,14 @@ static inline void x8_tile(const int type, const int R, const uint8_t *grp, int6
 
 #define X8_ROWS_OF(TYPE)                                                                                 \
     switch (R) {                                                                                         \
-    case 1: x8_tile(TYPE, 1, grp, nb, qa, da, sa, y, ldy, valid); break;                                 \
-    case 2: x8_tile(TYPE, 2, grp, nb, qa, da, sa, y, ldy, valid); break;                                 \
-    case 3: x8_tile(TYPE, 3, grp, nb, qa, da, sa, y, ldy, valid); break;                                 \
-    default: x8_tile(TYPE, MR, grp, nb, qa, da, sa, y, ldy, valid); break;                               \
+    case 1: x8_tile(TYPE, 1, grp, nb, qa, da, sa, ia, y, ldy, valid); break;                             \
+    case 2: x8_tile(TYPE, 2, grp, nb, qa, da, sa, ia, y, ldy, valid); break;                             \
+    case 3: x8_tile(TYPE, 3, grp, nb, qa, da, sa, ia, y, ldy, valid); break;                             \
+    default: x8_tile(TYPE, MR, grp, nb, qa, da, sa, ia, y, ldy, valid); break;                           \
     }
 
 static void x8_rows(int type, int R, const uint8_t *grp, int64_t nb, const int8_t *qa, const float *da,
-                    const float *sa, float *y, int64_t ldy, int valid) {
+                    const float *sa, const int32_t *ia, float *y, int64_t ldy, int valid) {
     switch (type) {
     case Q8_0: X8_ROWS_OF(Q8_0) break;
     case Q4_0: X8_ROWS_OF(Q4_0) break;
