@@ -20,7 +20,6 @@ import hashlib
 import os
 import time
 import uuid
-import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -37,7 +36,6 @@ from loraserve.registry.records import AssetFile
 from loraserve.registry.storage import AssetDigest
 from loraserve.registry.store import AdapterStoreUnavailable
 from loraserve.registry.store_cache import blob_name
-from loraserve.tools.loadtest.server import free_port
 from loraserve.types import AdapterRef, StreamEvent
 
 from conftest import LORA_MODEL, Account, LiveServer, fails, ok, upload
@@ -46,15 +44,12 @@ from redis_helpers import RedisServer
 from s3_helpers import BUCKET, S3Server, running_s3
 
 pytest.importorskip("ray.serve", reason="ray[serve] is not installed: pip install 'loraserve[cluster]'")
-import ray
-from ray import serve
-
 from loraserve.cluster.adapters import ReplicaAdapters, StoredAdapter, fetch_failed
-from loraserve.cluster.app import build
 from loraserve.cluster.config import ClusterConfig
-from loraserve.cluster.local import APP_NAME
 from loraserve.cluster.protocol import Refused, Started
 from loraserve.cluster.replica_header import GATEWAY_HEADER, REPLICA_HEADER
+
+from ray_helpers import serving
 
 # random:tiny as the engine builds it (SmolLM2's vocabulary, 2 layers, hidden 64).
 TINY = synth.llama_model_info(num_layers=2, hidden=64, intermediate=128, heads=4, kv_heads=2, head_dim=16,
@@ -63,7 +58,8 @@ TIMEOUT = httpx.Timeout(60.0, connect=5.0)
 RUN = {"prompt": "tell me a story", "max_tokens": 8, "temperature": 0}
 RATE_LIMIT = 6  # runs per account per minute: every test spreads its runs over fresh accounts
 PREFIX = "adapters"
-# Runs sent to reach both engine replicas: Serve picks one of two idle replicas at random.
+# Runs sent at once to reach both engine replicas: sent one after another, Serve's router may keep choosing
+# the replica whose queue length it has cached.
 SPREAD_RUNS = 16
 # Every projection, and a large alpha: random:tiny's greedy text then differs from the base model's and
 # between two adapters (with q and v alone at alpha 16 it does not).
@@ -87,30 +83,17 @@ def shared(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer) 
         database_url = database.new_database()
         # The test's own view of the database (tokens); opening it migrates, as `loraserve serve` does.
         registry = Registry.open(data_dir, database_url)
-        port = free_port()
         config = ClusterConfig(
             models=(f"{LORA_MODEL}=random:tiny",), data_dir=data_dir, database_url=database_url,
             adapter_store=f"s3://{BUCKET}/{PREFIX}",
             replicas=2, gateways=2, adapter_affinity=False, engine_num_cpus=1, gateway_num_cpus=0.5,
             stats_interval_s=0.25, engine={"max_num_seqs": 4, "max_queue": 8},
             server=ServerSettings(rate_limit_per_minute=RATE_LIMIT, redis_url=redis_server.url))
-        with warnings.catch_warnings():
-            # Ray's own deprecation chatter at start-up is not ours to fix; the suite turns warnings into
-            # errors. The replicas inherit this process's AWS_* environment (moto's endpoint).
-            warnings.simplefilter("ignore")
-            ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                serve.start(http_options={"host": "127.0.0.1", "port": port})
-                serve.run(build(config), name=APP_NAME, route_prefix="/")
-            yield Shared(LiveServer(f"http://127.0.0.1:{port}", registry, {}), s3, database,
-                         config.replica_cache, data_dir / "finetunes")
+            with serving(config) as base_url:
+                yield Shared(LiveServer(base_url, registry, {}), s3, database,
+                             config.replica_cache, data_dir / "finetunes")
         finally:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                serve.shutdown()
-                ray.shutdown()
             registry.close()
 
 
@@ -134,6 +117,20 @@ def _public_finetune(http: httpx.Client, shared: Shared, name: str, seed: int) -
     ok(upload(shared.server, owner, finetune_id, AssetFile.CONFIG.value, config))
     ok(upload(shared.server, owner, finetune_id, WEIGHTS.value, _weights(seed)))
     return owner, finetune_id
+
+
+def _spread_runs(shared: Shared, **inputs: Any) -> list[httpx.Response]:
+    """SPREAD_RUNS runs, eight at a time, each account making fewer than the rate limit allows."""
+    accounts = [shared.server.new_account() for _ in range(SPREAD_RUNS // (RATE_LIMIT - 1) + 1)]
+
+    def one(i: int) -> httpx.Response:
+        account = accounts[i % len(accounts)]
+        with httpx.Client(timeout=TIMEOUT) as client:
+            return client.post(shared.server.run_url(account), headers=account.headers,
+                               json={**RUN, **inputs})
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        return list(pool.map(one, range(SPREAD_RUNS)))
 
 
 def _runs(http: httpx.Client, shared: Shared, count: int, **inputs: Any) -> list[httpx.Response]:
@@ -177,7 +174,7 @@ def test_an_upload_runs_on_every_engine_replica_and_a_reupload_in_its_new_versio
     assert _cached(shared.gateway_tier, finetune_id) == blob_name(WEIGHTS, v1)
 
     base = set.union(*_texts_by_replica(_runs(http, shared, 2)).values())
-    before = _texts_by_replica(_runs(http, shared, SPREAD_RUNS, lora=finetune_id))
+    before = _texts_by_replica(_spread_runs(shared, lora=finetune_id))
     assert len(before) == 2, f"one adapter's runs all went to one engine replica: {before}"
     [text_v1] = set.union(*before.values())  # greedy: the same text on every replica
     assert {text_v1} != base  # the adapter took part
@@ -186,7 +183,7 @@ def test_an_upload_runs_on_every_engine_replica_and_a_reupload_in_its_new_versio
 
     ok(upload(shared.server, owner, finetune_id, WEIGHTS.value, _weights(2)))
     assert {f"{v1}/{WEIGHTS.value}", f"{v2}/{WEIGHTS.value}"} <= _stored(shared.s3, finetune_id)
-    after = _texts_by_replica(_runs(http, shared, SPREAD_RUNS, lora=finetune_id))
+    after = _texts_by_replica(_spread_runs(shared, lora=finetune_id))
     assert after.keys() == before.keys(), f"the new version did not run on both replicas: {after}"
     [text_v2] = set.union(*after.values())
     assert text_v2 != text_v1
