@@ -4,14 +4,14 @@ latency histograms, engine gauges (queue, KV blocks, adapters resident) and requ
 Each app has its own `CollectorRegistry` (several apps may live in one process: tests, benchmarks).
 Generation is measured by wrapping each served `Backend` (`Metrics.instrument`), so every route
 that generates (/run, the OpenAI face) is counted the same way without knowing about metrics.
-The HTTP middleware and the endpoint are in metrics_http.py; per-replica series in metrics_replicas.py.
+The HTTP middleware and the endpoint are in metrics_http.py; per-replica series in metrics_replicas.py;
+requests per finetune in metrics_adapters.py.
 """
 
 from __future__ import annotations
 
-import threading
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from prometheus_client import (
@@ -24,7 +24,8 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from loraserve.api.metrics_replicas import replica_families
+from loraserve.api.metrics_adapters import DEFAULT_ADAPTER_TOP_N, AdapterRequestCounter
+from loraserve.api.metrics_replicas import replica_name, replicas_of, requests_family
 from loraserve.types import (
     AdapterRef,
     Backend,
@@ -34,10 +35,6 @@ from loraserve.types import (
     SamplingParams,
     StreamEvent,
 )
-
-NO_ADAPTER = "none"  # the adapter label of requests on the base model
-OTHER_ADAPTERS = "other"  # every finetune without a series of its own
-DEFAULT_ADAPTER_TOP_N = 20
 
 # Latency buckets: TTFT spans queueing (ms to tens of s); per-token time is ms to a second.
 _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -77,56 +74,30 @@ _COUNTERS = {
 _ADAPTER_TIERS = {"adapters_device": "device", "adapters_host": "host", "adapters_pinned": "pinned"}
 
 
-class AdapterRequestCounter:
-    """Requests per finetune with a bounded number of label values.
+EngineFamily = GaugeMetricFamily | CounterMetricFamily
 
-    A finetune gets a series of its own when a request arrives while it ranks among the `top_n` most
-    requested finetunes so far; requests of finetunes outside the top go to "other". A series, once
-    made, stays (Prometheus counters must never go down or vanish), so the top's history lives in
-    "other" and at most `max_series` finetune series are ever made: the label cardinality is bounded
-    whatever the traffic. Counts are kept for at most `max_tracked` finetunes.
-    """
 
-    def __init__(self, top_n: int = DEFAULT_ADAPTER_TOP_N, max_series: int | None = None,
-                 max_tracked: int = 4096) -> None:
-        if top_n < 0:
-            raise ValueError("top_n must be >= 0")
-        self.top_n = top_n
-        self.max_series = 2 * top_n if max_series is None else max_series
-        self.max_tracked = max_tracked
-        self._counts: dict[str, int] = {}  # all requests per tracked finetune
-        self._series: dict[str, int] = {}  # requests counted under the finetune's own label
-        self._other = 0
-        self._none = 0
-        self._lock = threading.Lock()
+def _engine_families(rows: Iterable[tuple[list[str], Mapping[str, float]]], labels: list[str],
+                     name: Callable[[str], str], resident_doc: str) -> list[EngineFamily]:
+    """The engine's gauges, counters and adapters resident (by tier), one sample each per row of label
+    values and the stats() they come from; `name` maps a series' name to the one these families take."""
+    families: dict[str, EngineFamily] = {
+        key: GaugeMetricFamily(name(metric), doc, labels=labels) for key, (metric, doc) in _GAUGES.items()}
+    families.update({key: CounterMetricFamily(name(metric), doc, labels=labels)
+                     for key, (metric, doc) in _COUNTERS.items()})
+    resident = GaugeMetricFamily(name("loraserve_adapters_resident"), resident_doc, labels=[*labels, "tier"])
+    for values, stats in rows:
+        for key, family in families.items():
+            if key in stats:
+                family.add_metric(values, float(stats[key]))
+        for key, tier in _ADAPTER_TIERS.items():
+            if key in stats:
+                resident.add_metric([*values, tier], float(stats[key]))
+    return [*families.values(), resident]
 
-    def add(self, finetune_id: str | None) -> None:
-        with self._lock:
-            if finetune_id is None:
-                self._none += 1
-                return
-            if finetune_id in self._series:
-                self._series[finetune_id] += 1
-                self._counts[finetune_id] += 1
-                return
-            if finetune_id in self._counts or len(self._counts) < self.max_tracked:
-                self._counts[finetune_id] = self._counts.get(finetune_id, 0) + 1
-            if len(self._series) < self.max_series and self._in_top(finetune_id):
-                self._series[finetune_id] = 1
-            else:
-                self._other += 1
 
-    def _in_top(self, finetune_id: str) -> bool:
-        mine = self._counts.get(finetune_id)
-        if mine is None:
-            return False
-        ahead = sum(1 for key, count in self._counts.items() if count > mine and key != finetune_id)
-        return ahead < self.top_n
-
-    def samples(self) -> list[tuple[str, int]]:
-        """(adapter label, requests) for every series, "none" and "other" included."""
-        with self._lock:
-            return [(NO_ADAPTER, self._none), *sorted(self._series.items()), (OTHER_ADAPTERS, self._other)]
+def _summed_name(name: str) -> str:
+    return name
 
 
 class _EngineCollector(Collector):
@@ -137,26 +108,16 @@ class _EngineCollector(Collector):
         self._adapters = adapters
 
     def collect(self) -> Iterable[Any]:
-        families: dict[str, GaugeMetricFamily | CounterMetricFamily] = {
-            key: GaugeMetricFamily(name, doc, labels=["model"]) for key, (name, doc) in _GAUGES.items()}
-        families.update(
-            {key: CounterMetricFamily(name, doc, labels=["model"]) for key, (name, doc) in _COUNTERS.items()})
-        resident = GaugeMetricFamily(
-            "loraserve_adapters_resident", "LoRA adapters loaded, by cache tier (device, host, pinned).",
-            labels=["model", "tier"],
-        )
-        for label, backend in self._backends:
-            stats = backend.stats()
-            for key, family in families.items():
-                if key in stats:
-                    family.add_metric([label], float(stats[key]))
-            for key, tier in _ADAPTER_TIERS.items():
-                if key in stats:
-                    resident.add_metric([label, tier], float(stats[key]))
-        yield from families.values()
-        yield resident
+        yield from _engine_families((([label], backend.stats()) for label, backend in self._backends),
+                                    ["model"], _summed_name,
+                                    "LoRA adapters loaded, by cache tier (device, host, pinned).")
         # Per engine replica, for backends that have several (a cluster): the sums above stay as they are.
-        yield from replica_families(self._backends, _GAUGES, _COUNTERS, _ADAPTER_TIERS)
+        # Only families with samples: a server without replicas shows none of them.
+        replicas = replicas_of(self._backends)
+        per_replica = _engine_families(
+            (([model, replica.replica], replica.engine) for model, replica in replicas), ["model", "replica"],
+            replica_name, "LoRA adapters loaded in each engine replica, by cache tier.")
+        yield from (family for family in (*per_replica, requests_family(replicas)) if family.samples)
         requests = CounterMetricFamily(
             "loraserve_adapter_requests",
             "Generation requests per LoRA finetune id: the most requested have their own series, the rest "

@@ -8,15 +8,14 @@ opts in with `replica_stats()` (`PerReplica`); the API knows nothing else of how
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily
 
 from loraserve.types import Backend
 
-# What a summed series is called per replica: loraserve_queue_depth -> loraserve_replica_queue_depth.
 _PREFIX, _REPLICA_PREFIX = "loraserve_", "loraserve_replica_"
 
 
@@ -48,40 +47,26 @@ class PerReplica(Protocol):
     def replica_stats(self) -> Sequence[ReplicaStats]: ...
 
 
-def replica_families(backends: Iterable[tuple[str, Backend]], gauges: Mapping[str, tuple[str, str]],
-                     counters: Mapping[str, tuple[str, str]],
-                     tiers: Mapping[str, str]) -> Iterator[Metric]:
-    """The per-replica twin of every gauge and counter (stats key -> (summed name, help)) and of the
-    adapters-resident family (stats key -> tier), plus requests per replica and routing. Only families
-    with samples: a server without replicas shows none of them."""
-    families: dict[str, GaugeMetricFamily | CounterMetricFamily] = {
-        key: GaugeMetricFamily(_per_replica(name), doc, labels=["model", "replica"])
-        for key, (name, doc) in gauges.items()}
-    families.update({key: CounterMetricFamily(_per_replica(name), doc, labels=["model", "replica"])
-                     for key, (name, doc) in counters.items()})
-    resident = GaugeMetricFamily(
-        "loraserve_replica_adapters_resident", "LoRA adapters loaded in each engine replica, by cache tier.",
-        labels=["model", "replica", "tier"])
+def replica_name(name: str) -> str:
+    """What a summed series is called per replica: loraserve_queue_depth -> loraserve_replica_queue_depth."""
+    return _REPLICA_PREFIX + name.removeprefix(_PREFIX)
+
+
+def replicas_of(backends: Iterable[tuple[str, Backend]]) -> list[tuple[str, ReplicaStats]]:
+    """(model, replica) for every replica of the backends that have several; none for the others."""
+    return [(model, replica) for model, backend in backends if isinstance(backend, PerReplica)
+            for replica in backend.replica_stats()]
+
+
+def requests_family(replicas: Iterable[tuple[str, ReplicaStats]]) -> CounterMetricFamily:
+    """Requests each replica started, by where their adapter was."""
     requests = CounterMetricFamily(
         "loraserve_replica_requests",
         "Requests each engine replica started, by where their adapter was: none (base model), resident "
         "(in the replica's memory already) or loaded (loaded for it).",
         labels=["model", "replica", "adapter"])
-    for model, backend in backends:
-        if not isinstance(backend, PerReplica):
-            continue
-        for replica in backend.replica_stats():
-            labels = [model, replica.replica]
-            for key, family in families.items():
-                if key in replica.engine:
-                    family.add_metric(labels, float(replica.engine[key]))
-            for key, tier in tiers.items():
-                if key in replica.engine:
-                    resident.add_metric([*labels, tier], float(replica.engine[key]))
-            for routing in AdapterRouting:
-                requests.add_metric([*labels, routing.value], float(replica.requests.get(routing, 0)))
-    yield from (family for family in (*families.values(), resident, requests) if family.samples)
-
-
-def _per_replica(name: str) -> str:
-    return _REPLICA_PREFIX + name.removeprefix(_PREFIX)
+    for model, replica in replicas:
+        for routing in AdapterRouting:
+            requests.add_metric([model, replica.replica, routing.value],
+                                float(replica.requests.get(routing, 0)))
+    return requests

@@ -11,7 +11,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from loraserve.api import BackgroundServer, ServerSettings, create_app
-from loraserve.api.metrics import AdapterRequestCounter, Metrics
+from loraserve.api.metrics import Metrics
+from loraserve.api.metrics_adapters import AdapterRequestCounter
 from loraserve.api.metrics_replicas import AdapterRouting, ReplicaStats
 
 from conftest import LORA_MODEL, Account, LiveServer, create_finetune
