@@ -18,7 +18,7 @@ K = TypeVar("K")
 _FLAGS = {"native": "", "avx2": "-mno-avx512f", "scalar": "-mno-avx2 -mno-avx512f"}
 
 
-def _cpu_has(flag: str) -> bool:
+def cpu_has(flag: str) -> bool:
     text = Path("/proc/cpuinfo").read_text() if os.path.exists("/proc/cpuinfo") else ""
     return any(line.startswith("flags") and flag in line.split() for line in text.splitlines())
 
@@ -26,19 +26,20 @@ def _cpu_has(flag: str) -> bool:
 def builds() -> list[str]:
     """The builds that differ on this CPU: the native one, the AVX2 one where it has AVX-512, the scalar
     one where it has AVX2."""
-    return ["native"] + (["avx2"] if _cpu_has("avx512f") else []) + (["scalar"] if _cpu_has("avx2") else [])
+    return ["native"] + (["avx2"] if cpu_has("avx512f") else []) + (["scalar"] if cpu_has("avx2") else [])
 
 
 def tile(name: str) -> int:
     """The score tile csrc/paged_attention.c has in the build `name` (0: its scalar path)."""
-    native = 16 if _cpu_has("avx512f") else 8 if _cpu_has("avx2") and _cpu_has("fma") else 0
+    native = 16 if cpu_has("avx512f") else 8 if cpu_has("avx2") and cpu_has("fma") else 0
     return {"native": native, "avx2": 8, "scalar": 0}[name]
 
 
-def build(load: functools._lru_cache_wrapper[K | None], name: str, tmp: pytest.TempPathFactory) -> K:
-    """`load()` for the build `name`: the others through a compiler wrapper that appends the flags, into
-    a cache of their own. The environment is changed for the build only, and the loader's cache is left
-    empty after it, so the engine's own loads still get the native build."""
+def build(load: functools._lru_cache_wrapper[K | None], name: str, tmp: pytest.TempPathFactory,
+          flags: str | None = None) -> K:
+    """`load()` for the build `name`: the others through a compiler wrapper that appends the flags (the
+    build's own, or `flags`), into a cache of their own. The environment is changed for the build only, and
+    the loader's cache is left empty after it, so the engine's own loads still get the native build."""
     if name == "native":
         kernel = load()
     else:
@@ -46,7 +47,7 @@ def build(load: functools._lru_cache_wrapper[K | None], name: str, tmp: pytest.T
         assert cc is not None
         folder = tmp.mktemp(f"{name}-cc")
         wrapper = folder / "cc"
-        wrapper.write_text(f'#!/bin/sh\nexec {cc} "$@" {_FLAGS[name]}\n')
+        wrapper.write_text(f'#!/bin/sh\nexec {cc} "$@" {_FLAGS[name] if flags is None else flags}\n')
         wrapper.chmod(0o755)
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("CC", str(wrapper))
