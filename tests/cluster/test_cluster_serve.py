@@ -31,8 +31,7 @@ from conftest import LORA_MODEL, Account, LiveServer, fails, ok, upload
 pytest.importorskip("ray.serve", reason="ray[serve] is not installed: pip install 'loraserve[cluster]'")
 from loraserve.cluster.config import ClusterConfig
 from loraserve.cluster.replica_header import REPLICA_HEADER
-
-from ray_helpers import serving
+from loraserve.tools.routing_bench.cluster import application, local_serve
 
 # random:tiny as the engine builds it (SmolLM2's vocabulary, 2 layers, hidden 64).
 TINY = synth.llama_model_info(num_layers=2, hidden=64, intermediate=128, heads=4, kv_heads=2, head_dim=16,
@@ -52,7 +51,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
                            engine={"max_num_seqs": 4, "max_queue": 8},
                            server=ServerSettings(rate_limit_per_minute=0))
     try:
-        with serving(config) as base_url:
+        with local_serve(num_cpus=8) as base_url, application(config):
             yield LiveServer(base_url, registry, {})
     finally:
         registry.close()

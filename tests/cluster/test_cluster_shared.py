@@ -48,8 +48,7 @@ from loraserve.cluster.adapters import ReplicaAdapters, StoredAdapter, fetch_fai
 from loraserve.cluster.config import ClusterConfig
 from loraserve.cluster.protocol import Refused, Started
 from loraserve.cluster.replica_header import GATEWAY_HEADER, REPLICA_HEADER
-
-from ray_helpers import serving
+from loraserve.tools.routing_bench.cluster import application, local_serve
 
 # random:tiny as the engine builds it (SmolLM2's vocabulary, 2 layers, hidden 64).
 TINY = synth.llama_model_info(num_layers=2, hidden=64, intermediate=128, heads=4, kv_heads=2, head_dim=16,
@@ -90,7 +89,7 @@ def shared(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer) 
             stats_interval_s=0.25, engine={"max_num_seqs": 4, "max_queue": 8},
             server=ServerSettings(rate_limit_per_minute=RATE_LIMIT, redis_url=redis_server.url))
         try:
-            with serving(config) as base_url:
+            with local_serve(num_cpus=8) as base_url, application(config):
                 yield Shared(LiveServer(base_url, registry, {}), s3, database,
                              config.replica_cache, data_dir / "finetunes")
         finally:

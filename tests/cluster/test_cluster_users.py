@@ -42,8 +42,7 @@ from ray._private import state as ray_state
 from loraserve.cluster.config import ClusterConfig
 from loraserve.cluster.local import APP_NAME
 from loraserve.cluster.replica_header import REPLICA_HEADER
-
-from ray_helpers import serving
+from loraserve.tools.routing_bench.cluster import application, local_serve
 
 TINY = synth.llama_model_info(num_layers=2, hidden=64, intermediate=128, heads=4, kv_heads=2, head_dim=16,
                               vocab_size=49152, context_window=2048)
@@ -86,7 +85,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
                            engine={"max_num_seqs": RUNNING, "max_queue": 8},
                            server=ServerSettings(rate_limit_per_minute=0))
     try:
-        with serving(config) as base_url:
+        with local_serve(num_cpus=8) as base_url, application(config):
             yield LiveServer(base_url, registry, {})
     finally:
         registry.close()

@@ -55,7 +55,7 @@ class AdapterCache:
     def register(self, ref: AdapterRef) -> None:
         """Called once per request (LLMEngine.add_request, on the step thread): counts a hit when the
         adapter is in host memory already, so the request needs no load from disk."""
-        if ref.key in self._host:
+        if self.holds(ref.key):
             self._hits += 1
         if ref.key in self._missing:
             self._missing.discard(ref.key)

@@ -1,6 +1,7 @@
 """The benchmark's application on a Ray started here: the loraserve Serve application (gateway and engine
 replicas) behind Serve's HTTP proxy on loopback, deployed afresh for every routing so that every run
-starts with cold adapter caches; and the adapter loads the gateway's /metrics sums over the replicas."""
+starts with cold adapter caches; and the adapter loads the gateway's /metrics sums over the replicas.
+`local_serve` and `application` also start the cluster tests' applications (tests/cluster/)."""
 
 from __future__ import annotations
 
