@@ -23,6 +23,7 @@ from loraserve.catalog_entries import (
 )
 from loraserve.chat_template import ChatTemplate, TemplateKind
 from loraserve.errors import LoraNotSupported, NoSuchModel
+from loraserve.peft import accepted_model_types, canonical_model_type
 
 __all__ = ["CATALOG", "DEFAULT_MODEL", "EMBEDDED_SOURCE", "LORA_SUFFIX", "CatalogEntry"]
 
@@ -88,6 +89,21 @@ def template_kind(model_id: str) -> TemplateKind:
     """The catalog's template, or the model's own (Jinja) one for ids outside the catalog."""
     entry = find(model_id)
     return entry.template if entry is not None else TemplateKind.JINJA
+
+
+def family_mismatch(model_id: str, architecture: str) -> str | None:
+    """What `serve` warns of when the weights loaded for a catalog id are of another family than the id's
+    (`architecture`: the loaded model's model_type); None when they agree or the id is not in the catalog.
+    Not refused: people serve other checkpoints under an id."""
+    entry = find(model_id)
+    if entry is None or canonical_model_type(entry.family) == canonical_model_type(architecture):
+        return None
+    template = ("the loaded model's own chat template" if entry.template is TemplateKind.JINJA
+                else f"the id's {entry.template.value} chat template, whatever the weights were tuned on")
+    return (f"{model_id} is a {entry.family} model in the Workers AI catalog, but the weights loaded for it "
+            f"are a {architecture} model: adapters for {model_id} are checked against the loaded model "
+            f"(model_type one of {', '.join(accepted_model_types(architecture))}, its shapes), not as "
+            f"{entry.family} adapters, and chats use {template}")
 
 
 def listed_context_window(model_id: str, engine_window: int) -> int:

@@ -3,6 +3,7 @@ engine loaded (in this process, or in an engine process of its own), the HTTP se
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,6 +18,8 @@ if TYPE_CHECKING:
     from loraserve.engine.config import EngineConfig
     from loraserve.registry import Registry, RegistryLimits
     from loraserve.registry.store import AdapterStoreConfig
+
+log = logging.getLogger(__name__)
 
 
 def open_registry(
@@ -81,6 +84,9 @@ def serve_models(registry: Registry, sources: list[catalog.ModelSource], located
             err.print(f"loaded {spec.id}: {info.num_layers} layers, {info.weights} weights{hint}",
                       highlight=False)
         backends[spec.id] = loaded[key]
+        mismatch = catalog.family_mismatch(spec.id, loaded[key].info.architecture)
+        if mismatch is not None:
+            log.warning(mismatch)
     if settings.metrics_token is None and host not in ("127.0.0.1", "localhost", "::1"):
         err.print(f"warning: GET /metrics is open to anyone who reaches {host}:{port}; "
                   "set --metrics-token (or LORASERVE_METRICS_TOKEN) to require a bearer token",

@@ -110,13 +110,13 @@ def test_chat_templates_for_serve() -> None:
 
 def test_entries_need_exactly_one_weights_origin() -> None:
     with pytest.raises(ValueError, match="exactly one"):
-        catalog.CatalogEntry("@cf/x/y", "", TemplateKind.JINJA, True, 4096)
+        catalog.CatalogEntry("@cf/x/y", "", TemplateKind.JINJA, True, 4096, "llama")
     with pytest.raises(ValueError, match="exactly one"):
         catalog.CatalogEntry(
-            "@cf/x/y", "", TemplateKind.JINJA, True, 4096, weights_env="X", default_source="embedded"
+            "@cf/x/y", "", TemplateKind.JINJA, True, 4096, "llama", weights_env="X", default_source="embedded"
         )
     with pytest.raises(ValueError, match="context_window"):
-        catalog.CatalogEntry("@cf/x/y", "", TemplateKind.JINJA, True, 0, weights_env="X")
+        catalog.CatalogEntry("@cf/x/y", "", TemplateKind.JINJA, True, 0, "llama", weights_env="X")
 
 
 def test_resolve() -> None:

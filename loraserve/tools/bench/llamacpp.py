@@ -86,15 +86,17 @@ def check_model_file(path: Path, cfg: ModelConfig) -> str:
 
 class LlamaCppRunner:
     """One llama.cpp context over the model, with every adapter the workload uses loaded once.
-    `options` go to `llama_cpp.Llama` as they are (the tests ask for a float32 KV cache)."""
+    `options` go to `llama_cpp.Llama` as they are (the tests ask for a float32 KV cache); `logits_all` keeps
+    every evaluated position's logits (the perplexity tool), not only the last one's."""
 
-    def __init__(self, model_path: Path, n_ctx: int, threads: int, **options: Any) -> None:
+    def __init__(self, model_path: Path, n_ctx: int, threads: int, n_batch: int = 512,
+                 logits_all: bool = False, **options: Any) -> None:
         import llama_cpp
 
         self.lib: Any = llama_cpp
         self.llm: Any = llama_cpp.Llama(
             model_path=str(model_path), n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx,
-            n_batch=512, logits_all=False, verbose=False, **options)
+            n_batch=n_batch, logits_all=logits_all, verbose=False, **options)
         self.n_vocab = int(self.llm.n_vocab())
         self.adapters: dict[Path, Any] = {}
 
