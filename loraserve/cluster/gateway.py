@@ -12,6 +12,7 @@ Torch-free: the gateway's replicas tokenize and stream; only the engine replicas
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 from fastapi import FastAPI
@@ -26,6 +27,8 @@ from loraserve.cluster.config import ClusterConfig, EngineGroup
 from loraserve.cluster.replica_header import ReplicaHeaderMiddleware
 from loraserve.registry import Registry
 from loraserve.types import Backend
+
+logger = logging.getLogger("loraserve.cluster")
 
 
 @serve.ingress()
@@ -54,6 +57,9 @@ class Gateway:
         backends: dict[str, Backend] = {}
         for group, backend in zip(self._groups, self._clusters, strict=True):
             backends.update(dict.fromkeys(group.model_ids, backend))
+            for model_id in group.model_ids:  # as `serve` warns on one machine (cli_serve.py)
+                if (mismatch := catalog.family_mismatch(model_id, backend.info.architecture)) is not None:
+                    logger.warning(mismatch)
         app = create_app(self._registry, backends, config.server)
         self._limiter = app.state.loraserve.rate_limiter
         # The outermost layer: it sees every response.
