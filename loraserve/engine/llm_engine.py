@@ -174,11 +174,15 @@ class LLMEngine:
         alist = adapters or [None] * len(prompts)
         seqs = [self.add_request(f"offline-{id(prompts)}-{i}", p, sp, a)
                 for i, (p, sp, a) in enumerate(zip(prompts, plist, alist, strict=True))]
+        self.drain()
+        return [s.output_ids for s in seqs]
+
+    def drain(self) -> None:
+        """Offline use: step until every request added has finished (read them from their Sequences)."""
         while self.has_work():
             self.step()
             if self.stalled:
                 time.sleep(0.001)  # lets the adapter loader have the GIL
-        return [s.output_ids for s in seqs]
 
     def stats(self) -> dict[str, float]:
         return {

@@ -4,12 +4,11 @@ sends), under no adapter and under each adapter."""
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 from loraserve.engine.config import EngineConfig
 from loraserve.engine.llm_engine import LLMEngine
-from loraserve.types import AdapterRef, SamplingParams
+from loraserve.types import AdapterRef, FinishReason, SamplingParams
 
 # What the API's completions request with echo, logprobs 0 and max_tokens 0 asks of the engine.
 SCORE_PROMPT = SamplingParams(max_tokens=0, temperature=0.0, prompt_logprobs=0)
@@ -31,15 +30,10 @@ def score(engine: LLMEngine, ids: list[int], adapter: AdapterRef | None) -> list
     """The logprob of ids[1:], each given the ones before it."""
     key = adapter.key if adapter else "none"
     seq = engine.add_request(f"perplexity-{key}", ids, SCORE_PROMPT, adapter)
-    scores = None
-    while engine.has_work():
-        for out in engine.step():
-            if out.seq is seq and out.finished:
-                if out.prompt_scores is None:
-                    raise RuntimeError(f"the engine scored no prompt (finished: {seq.finish_reason})")
-                scores = out.prompt_scores
-        if engine.stalled:
-            time.sleep(0.001)  # lets the adapter loader have the GIL
+    engine.drain()
+    scores = seq.prompt_scores
+    if seq.finish_reason is not FinishReason.LENGTH:
+        raise RuntimeError(f"the engine scored no prompt (finished: {seq.finish_reason})")
     if scores is None or len(scores) != len(ids) - 1:
         got = None if scores is None else len(scores)
         raise RuntimeError(f"expected {len(ids) - 1} prompt scores, got {got}")
