@@ -95,6 +95,13 @@ def serve(
         typer.Option(help="auto or float16: adapter weights in half precision halve what the CPU LoRA "
                           "kernel reads each step, at fp16's rounding (default: auto = the model's)."),
     ] = None,
+    adaptive_threads: Annotated[
+        bool,
+        typer.Option("--adaptive-threads/--fixed-threads",
+                     help="CPU: step with one thread fewer while the engine's threads wait for cores other "
+                          "work holds, and take it back once a core stays idle; --fixed-threads: always "
+                          "LORASERVE_THREADS (default: all cores)."),
+    ] = True,  # a server's choice; the engine library's own default (EngineConfig) is fixed
     quantize: Annotated[
         Quantization | None,
         typer.Option(help="Quantize a Hugging Face directory's weights at load to GGUF blocks, served "
@@ -110,11 +117,17 @@ def serve(
                                  help="Bearer token GET /metrics requires (its series name finetune ids).")
     ] = None,
     engine_process: Annotated[
-        bool,
-        typer.Option("--engine-process",
-                     help="Run each model's engine in a process of its own, restarted if it dies; this one "
-                          "keeps HTTP, templates, tokenizers and streaming."),
-    ] = False,
+        bool | None,
+        typer.Option("--engine-process/--in-process",
+                     help="Run each model's engine in a process of its own, restarted if it dies, while this "
+                          "one keeps HTTP, templates, tokenizers and streaming (the default on one machine); "
+                          "--in-process: one process for both."),
+    ] = None,
+    engine_nice: Annotated[
+        int | None,
+        typer.Option(min=0, max=19, help="CPU priority (nice) of the engine processes below this one's, so "
+                                         "that HTTP never waits behind a step (default: 5; 0: equal)."),
+    ] = None,
     replicas: Annotated[int | None, typer.Option(
         min=1, help="Run N engine replicas per model on Ray Serve (pip install 'loraserve[cluster]'), "
                     "behind Serve's HTTP proxy on --host/--port; a Ray is started here unless --address.")
@@ -145,7 +158,7 @@ def serve(
         raise fail(str(exc), 2) from None
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Before the slow model loading: fail fast.
-    from loraserve.cli_serve import open_registry, serve_models
+    from loraserve.cli_serve import EngineSplit, open_registry, serve_models
 
     registry = open_registry(data_dir, database_url, limits, store)
     from loraserve.engine.config import EngineConfig
@@ -154,7 +167,8 @@ def serve(
         if quantize is not None and dtype is None:
             dtype = "gguf"  # the only dtype quantized weights are served in
         engine_options = _given(max_num_seqs=max_batch, max_queue=max_queue, prefix_caching=prefix_caching,
-                                device=device, dtype=dtype, lora_dtype=lora_dtype, quantize=quantize)
+                                device=device, dtype=dtype, lora_dtype=lora_dtype, quantize=quantize,
+                                adaptive_threads=adaptive_threads)
         engine_config = EngineConfig(**engine_options)
     except ValueError as exc:
         raise fail(str(exc), 2) from None
@@ -169,10 +183,15 @@ def serve(
                          server=settings, limits=limits, replica_cache_bytes=replica_cache_bytes)
         if replica_cache_bytes == 0:  # None, which _given takes for an option left out
             cluster["replica_cache_bytes"] = None
-        serve_from_cli(replicas, address, engine_process, host, port, log_level, **cluster)
+        if engine_nice is not None:
+            raise fail("--engine-nice is for engine processes on one machine, not --replicas", 2)
+        serve_from_cli(replicas, address, bool(engine_process), host, port, log_level, **cluster)
         return
 
-    serve_models(registry, sources, located, engine_config, engine_process, settings, host, port, log_level)
+    if engine_process is False and engine_nice is not None:
+        raise fail("--engine-nice needs the engine process (not --in-process)", 2)
+    split = EngineSplit(engine_nice) if engine_process is not False else None
+    serve_models(registry, sources, located, engine_config, split, settings, host, port, log_level)
 
 
 def _given(**values: Any) -> dict[str, Any]:

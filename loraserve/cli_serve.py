@@ -3,8 +3,10 @@ engine loaded (in this process, or in an engine process of its own), the HTTP se
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,6 +22,14 @@ if TYPE_CHECKING:
     from loraserve.registry.store import AdapterStoreConfig
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineSplit:
+    """Each model's engine in a process of its own (engine/core_process/), at `nice` (None: the
+    supervisor's default)."""
+
+    nice: int | None = None
 
 
 def open_registry(
@@ -49,15 +59,18 @@ def open_registry(
 
 
 def serve_models(registry: Registry, sources: list[catalog.ModelSource], located: dict[str, str],
-                 engine_config: EngineConfig, engine_process: bool, settings: ServerSettings, host: str,
+                 engine_config: EngineConfig, split: EngineSplit | None, settings: ServerSettings, host: str,
                  port: int, log_level: str) -> None:
     """Load every model (two ids over the same weights share one engine) and serve them until interrupted."""
     from loraserve.api import create_app
     from loraserve.api import serve as run_server
 
     load_backend: Callable[..., Backend]
-    if engine_process:  # torch is imported by the engine processes only
-        from loraserve.engine.core_process.client import EngineClient as load_backend
+    if split is not None:  # torch is imported by the engine processes only
+        from loraserve.engine.core_process.client import EngineClient
+
+        load_backend = (EngineClient if split.nice is None
+                        else functools.partial(EngineClient, nice=split.nice))
     else:
         from loraserve.engine.loader import load_backend  # torch: only now
     if engine_config.device.startswith("cuda"):

@@ -1,6 +1,7 @@
-"""`loraserve serve --engine-process` as a real subprocess: answers /run whole and streamed, keeps torch
-out of the API process, and survives kill -9 of its engine process (the stream in flight ends with an
-error event, a new run gets 3040 at once, then runs succeed again, with the same finetune)."""
+"""`loraserve serve` (its engine in a process of its own, the default) as a real subprocess: answers /run
+whole and streamed, keeps torch out of the API process, runs the engine at a lower CPU priority, and
+survives kill -9 of its engine process (the stream in flight ends with an error event, a new run gets 3040
+at once, then runs succeed again, with the same finetune)."""
 
 from __future__ import annotations
 
@@ -39,6 +40,10 @@ def _engine_pid(server_pid: int) -> int:
     return engine
 
 
+def _nice(pid: int) -> int:
+    return os.getpriority(os.PRIO_PROCESS, pid)
+
+
 def test_serve_with_an_engine_process(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     registry = Registry.open(data_dir)  # closed before the server opens it
@@ -46,7 +51,7 @@ def test_serve_with_an_engine_process(tmp_path: Path) -> None:
     registry.close()
     headers = {"Authorization": f"Bearer {token}"}
     with ServeProcess(data_dir, tmp_path / "serve.log", [f"{LORA_MODEL}=random:tiny"],
-                      extra_args=("--engine-process", "--rate-limit", "0"),
+                      extra_args=("--rate-limit", "0"),
                       env={"LORASERVE_THREADS": "1"}) as serve, httpx.Client(timeout=TIMEOUT) as http:
         serve.start(timeout=120)
         assert serve.proc is not None
@@ -71,6 +76,8 @@ def test_serve_with_an_engine_process(tmp_path: Path) -> None:
         assert whole.json()["result"]["usage"]["completion_tokens"] == 5
         assert not _maps_torch(serve.proc.pid)
         engine = _engine_pid(serve.proc.pid)
+        engine_nice = min(_nice(serve.proc.pid) + 5, 19)  # supervisor.ENGINE_NICE below the API process
+        assert _nice(engine) == engine_nice
 
         long_run = {"prompt": "count", "max_tokens": 1500, "stream": True, "lora": "ft"}
         with http.stream("POST", run_url, headers=headers, json=long_run) as streamed:
@@ -93,5 +100,6 @@ def test_serve_with_an_engine_process(tmp_path: Path) -> None:
             time.sleep(0.1)
         assert again.status_code == 200, again.text
         assert again.json()["result"] == whole.json()["result"]  # same weights and finetune: same tokens
-        assert _engine_pid(serve.proc.pid) != engine
+        assert (restarted := _engine_pid(serve.proc.pid)) != engine
+        assert _nice(restarted) == engine_nice
         assert serve.stop() == 0

@@ -50,6 +50,10 @@ _GAUGES = {
     "kv_blocks_cached": (
         "loraserve_kv_blocks_cached", "KV blocks holding a cached prompt prefix (in use or free)."
     ),
+    "compute_threads": (
+        "loraserve_compute_threads",
+        "CPU threads the engine steps with now: fewer than configured while other work holds the cores.",
+    ),
 }
 # backend.stats() key -> (counter name, help): totals since the engine started.
 _COUNTERS = {

@@ -163,6 +163,9 @@ class EngineConfig:
     # multiply them as stored like a GGUF file's: dtype gguf, CPU only.
     quantize: Quantization | None = None
     threads: int = field(default_factory=_default_threads)
+    # CPU: step with fewer than `threads` while the engine's threads wait for cores other work holds, and
+    # take them back once a core stays idle (thread_governor.py); off: always `threads`.
+    adaptive_threads: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:

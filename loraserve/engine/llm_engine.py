@@ -18,6 +18,7 @@ from loraserve.engine.models.step import KVCache
 from loraserve.engine.ops.select import select_ops
 from loraserve.engine.runner.decode_graphs import DecodeGraphs
 from loraserve.engine.runner.model_runner import ModelRunner
+from loraserve.engine.thread_governor import AdaptiveThreads
 from loraserve.engine.weights.hf import StateDict
 from loraserve.types import AdapterRef, FinishReason, QueueFull, SamplingParams, check_context_window
 
@@ -79,6 +80,9 @@ class LLMEngine:
         # The last step scheduled nothing although work is waiting (its adapters are still loading):
         # callers should wait for the loader rather than step again at once.
         self.stalled = False
+        # CPU: fewer threads while other work waits for the cores (thread_governor.py)
+        self.threads = (AdaptiveThreads(ecfg.threads, torch.set_num_threads)
+                        if ecfg.adaptive_threads and self.device.type == "cpu" else None)
 
     def _num_kv_blocks(self) -> int:
         cfg, ecfg = self.cfg, self.ecfg
@@ -136,6 +140,8 @@ class LLMEngine:
             outputs.append(StepOutput(seq, None, True))
         if not sched.scheduled:
             return outputs
+        if self.threads is not None:
+            self.threads.tick()
         result = self.runner.run(sched.scheduled)
         for s in sched.scheduled:
             s.seq.num_computed += s.num_new
@@ -194,4 +200,5 @@ class LLMEngine:
             "kv_blocks_cached": float(self.blocks.num_cached),
             "prefix_cache_hit_tokens": float(self.scheduler.prefix_hit_tokens),
             **self.adapters.stats(),
+            **({"compute_threads": float(self.threads.governor.threads)} if self.threads is not None else {}),
         }

@@ -16,6 +16,8 @@ runner = CliRunner()
 @pytest.mark.parametrize(("options", "message"), [
     (("--address", "127.0.0.1:6379"), "--address needs --replicas"),
     (("--replicas", "2", "--engine-process"), "--engine-process and --replicas do not mix"),
+    (("--replicas", "2", "--engine-nice", "3"), "--engine-nice is for engine processes on one machine"),
+    (("--in-process", "--engine-nice", "3"), "--engine-nice needs the engine process"),
 ])
 def test_serve_refuses_options_that_do_not_mix(tmp_path: Path, options: tuple[str, ...],
                                                message: str) -> None:

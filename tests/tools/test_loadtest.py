@@ -11,7 +11,7 @@ import pytest
 
 from loraserve.cli import app
 from loraserve.tools.loadtest import run as loadtest
-from loraserve.tools.loadtest.run import Options
+from loraserve.tools.loadtest.run import Options, options_from_args
 from loraserve.tools.loadtest.server import metric_sum, parse_metrics
 
 MODEL = "@cf/test/tiny-lora=random:tiny"
@@ -44,6 +44,8 @@ def test_a_small_overload_run_passes_its_checks() -> None:
     assert unloaded["clients"] == round(tokens["mean_running"]) and unloaded["refused"] == 0
     assert unloaded["server_per_s"] > 0 and tokens["share_of_unloaded"] > 0
     assert cpu["server_cores"] > 0 and cpu["loadtest_cores"] > 0 and cpu["machine_cores"] >= 1
+    # serve adapts its engine's threads by default, and says how many it stepped with
+    assert 1 <= cpu["engine_threads"] <= cpu["machine_cores"]
 
 
 def test_the_cli_command_parses_its_options(capsys: pytest.CaptureFixture[str]) -> None:
@@ -53,6 +55,9 @@ def test_the_cli_command_parses_its_options(capsys: pytest.CaptureFixture[str]) 
     assert result.exit_code == 0
     assert "--clients" in capsys.readouterr().out + result.output
     assert loadtest.main(["--clients", "0"]) == 2
+    assert options_from_args([]).engine_process and options_from_args([]).serve_args == ()
+    opts = options_from_args(["--in-process", "--serve-arg=--fixed-threads", "--serve-arg=--engine-nice=0"])
+    assert not opts.engine_process and opts.serve_args == ("--fixed-threads", "--engine-nice=0")
 
 
 def test_parse_metrics() -> None:

@@ -33,7 +33,7 @@ from loraserve.engine.core_process.messages import (
     StepOut,
     TokenOut,
 )
-from loraserve.engine.core_process.supervisor import RestartPolicy, Supervisor
+from loraserve.engine.core_process.supervisor import ENGINE_NICE, RestartPolicy, Supervisor
 from loraserve.engine.streams import NO_LOGPROBS, RequestEvents, Stream, event_logprobs
 from loraserve.engine.text_face import TextFace
 from loraserve.engine.weights.detokenizer import IncrementalDetokenizer
@@ -74,7 +74,8 @@ class EngineClient(TextFace, LockedAdmission):
     child: a script that builds a client must do so under `if __name__ == "__main__":`."""
 
     def __init__(self, source: str, config: EngineConfig | None = None,
-                 chat_template: ChatTemplate | None = None, restart: RestartPolicy | None = None) -> None:
+                 chat_template: ChatTemplate | None = None, restart: RestartPolicy | None = None,
+                 nice: int = ENGINE_NICE) -> None:
         self._config = config or EngineConfig()
         self._streams: dict[str, _Stream] = {}
         self._lock = threading.Lock()
@@ -83,7 +84,7 @@ class EngineClient(TextFace, LockedAdmission):
         self._adds_sent = 0  # AddRequests sent to the current engine process
         self._snapshot = Snapshot({}, 0)
         self._tokenizer_load: Future[Tokenizer] | None = None
-        self._supervisor = Supervisor(source, self._config, self, restart)
+        self._supervisor = Supervisor(source, self._config, self, restart, nice)
         self._info = self._supervisor.start().info
         try:
             assert self._tokenizer_load is not None  # engine_started came before Ready

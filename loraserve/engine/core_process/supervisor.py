@@ -35,6 +35,10 @@ from loraserve.engine.core_process.worker import run_worker
 logger = logging.getLogger("loraserve.engine")
 ClientChannel = Channel[ToEngine, FromEngine]
 SHUTDOWN_WAIT_S = 10.0
+# The engine process's niceness: below the API process, so that answering HTTP (health, refusals, the
+# next token of a stream) never waits for a step to give a core back; with nothing else wanting the
+# cores it changes nothing (RELIABILITY.md section 4, "The engine at a lower priority").
+ENGINE_NICE = 5
 
 
 @dataclass(frozen=True)
@@ -72,11 +76,11 @@ class EngineLoadError(OSError):
 class _Worker:
     """One engine process and the API process's end of its pipe."""
 
-    def __init__(self, source: str, config: EngineConfig) -> None:
+    def __init__(self, source: str, config: EngineConfig, nice: int) -> None:
         ours, theirs = pipe()
         self.channel: ClientChannel = Channel(ours)
         self.process: BaseProcess = multiprocessing.get_context("spawn").Process(
-            target=run_worker, args=(theirs, source, config), name="loraserve-engine", daemon=True)
+            target=run_worker, args=(theirs, source, config, nice), name="loraserve-engine", daemon=True)
         self.process.start()
         theirs.close()  # the child's copy is the only one left: its death ends the pipe here
         self.ready_at = 0.0
@@ -116,8 +120,10 @@ class _Worker:
 
 class Supervisor:
     def __init__(self, source: str, config: EngineConfig, listener: EngineListener,
-                 policy: RestartPolicy | None = None) -> None:
-        self._source, self._config, self._listener = source, config, listener
+                 policy: RestartPolicy | None = None, nice: int = ENGINE_NICE) -> None:
+        if not 0 <= nice <= 19:
+            raise ValueError(f"the engine process's nice must be 0..19 (above this process's), not {nice}")
+        self._source, self._config, self._listener, self._nice = source, config, listener, nice
         self._policy = policy or RestartPolicy()
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -165,7 +171,7 @@ class Supervisor:
         with self._lock:
             if self._stopping.is_set():
                 raise EngineLoadError("the engine is shut down")
-            self._worker = _Worker(self._source, self._config)
+            self._worker = _Worker(self._source, self._config, self._nice)
             return self._worker
 
     def _handshake(self, worker: _Worker) -> Ready:

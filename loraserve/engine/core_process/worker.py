@@ -9,6 +9,7 @@ by `run_worker`, in the child.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 from dataclasses import replace
@@ -44,10 +45,13 @@ IDLE_PUBLISH_S = 0.5
 EngineChannel = Channel[FromEngine, ToEngine]
 
 
-def run_worker(conn: Connection, source: str, config: EngineConfig) -> None:
-    """The engine process's entry point (a multiprocessing target, started with spawn)."""
+def run_worker(conn: Connection, source: str, config: EngineConfig, nice: int = 0) -> None:
+    """The engine process's entry point (a multiprocessing target, started with spawn), `nice` steps below
+    the API process: set before torch starts its threads, which inherit it."""
     # Ctrl-C in a terminal reaches the whole process group: the API process decides when this one stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if nice:
+        os.nice(nice)
     channel: EngineChannel = Channel(conn)
     try:
         from loraserve.engine.async_engine import model_info

@@ -68,6 +68,7 @@ class BenchConfig:
     warmup: bool = True
     # The workload again through `serve --engine-process`'s split (EngineClient), back to back with ours.
     engine_process: bool = False
+    adaptive_threads: bool = False  # as `serve` runs by default (engine/thread_governor.py)
     quick: bool = False
     json_path: Path | None = None
     llamacpp: bool | None = None  # None: on when llama_cpp is installed, the device a CPU and a file found
@@ -94,6 +95,7 @@ class BenchConfig:
             threads=self.threads or base.threads,
             prefix_caching=self.prefix_caching, cuda_graphs=self.cuda_graphs,
             native_kernels=self.native_kernels, lora_dtype=self.lora_dtype.value,
+            adaptive_threads=self.adaptive_threads,
         )
 
     def argv(self) -> list[str]:
@@ -120,6 +122,8 @@ class BenchConfig:
                 args.append("--no-" + name.replace("_", "-"))
         if self.engine_process:
             args.append("--engine-process")
+        if self.adaptive_threads:
+            args.append("--adaptive-threads")
         if self.quick:
             args.append("--quick")
         if self.llamacpp is not None:
@@ -187,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--engine-process", action="store_true",
       help="also run the workload through an engine process, as `serve --engine-process` does (EngineClient: "
            "tokens, aborts and gauges over a pipe), right after the in-process run (default: off)")
+    a("--adaptive-threads", action="store_true",
+      help="the engine steps with a thread fewer while other work waits for the cores, as `serve` does by "
+           "default (default: off: always --threads)")
     a("--quick", action="store_true", help="a smoke run with tiny workload defaults")
     a("--json", type=Path, help="write every figure to this file")
     return p
@@ -216,5 +223,5 @@ def config_from_args(ns: argparse.Namespace) -> BenchConfig:
         cuda_graphs=ns.cuda_graphs,
         native_kernels=ns.native_kernels, baseline=ns.baseline, baseline_no_adapter=ns.baseline_no_adapter,
         compare_no_adapter=ns.compare_no_adapter, roofline=ns.roofline, warmup=ns.warmup, quick=ns.quick,
-        engine_process=ns.engine_process,
+        engine_process=ns.engine_process, adaptive_threads=ns.adaptive_threads,
         json_path=ns.json, llamacpp=ns.llamacpp, llamacpp_model=ns.llamacpp_model)

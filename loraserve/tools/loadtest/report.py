@@ -91,7 +91,8 @@ def summarize(opts: Options, tally: Tally, prober: HealthProber, m: Measured) ->
         "config": {"clients": opts.clients, "duration_s": opts.duration_s, "warmup_s": opts.warmup,
                    "disconnect_p": opts.disconnect_p, "lora_p": opts.lora_p, "model": opts.model,
                    "max_tokens": list(opts.max_tokens), "max_batch": opts.max_batch,
-                   "max_queue": opts.max_queue, "engine_process": opts.engine_process, **m.server},
+                   "max_queue": opts.max_queue, "engine_process": opts.engine_process,
+                   "serve_args": list(opts.serve_args), **m.server},
         "requests": {"started": t.started, "completed": t.completed, "disconnected": t.disconnected,
                      "cut_at_end": t.cut_at_end, "refused_3040": refused_3040, "hangs": t.hangs,
                      "truncated": t.truncated},
@@ -151,7 +152,8 @@ def print_report(report: dict[str, Any], out: Any = None) -> None:
         _unloaded_line(tok),
         f"cpu          load generator {_fmt(cpu.get('loadtest_cores'))} cores "
         f"(nice {cpu.get('loadtest_nice')}), server with its engine {_fmt(cpu.get('server_cores'))} "
-        f"cores, of {cpu.get('machine_cores')}",
+        f"cores, of {cpu.get('machine_cores')}"
+        + (f"; engine threads {_fmt(cpu['engine_threads'])} on average" if cpu.get("engine_threads") else ""),
         f"ttft         p50 {_fmt(t['p50'])} ms, p99 {_fmt(t['p99'])} ms, max {_fmt(t['max'])} ms",
         f"health       {h['probes']} probes, p50 {_fmt(h['p50'])} ms, p99 {_fmt(h['p99'])} ms, "
         f"max {_fmt(h['max'])} ms"
@@ -179,4 +181,6 @@ def _unloaded_line(tok: dict[str, Any]) -> str:
     return (f"unloaded     {u['server_per_s']}/s with {u['clients']} clients and nothing else for "
             f"{u['seconds']} s (mean running batch {_fmt(u['mean_running'])}); "
             f"under load {_fmt(tok['share_of_unloaded'])} of it; per core the server got "
-            f"({_fmt(u['cpu'].get('server_cores'))} then), {_fmt(tok['share_of_unloaded_per_server_core'])}")
+            f"({_fmt(u['cpu'].get('server_cores'))} then), {_fmt(tok['share_of_unloaded_per_server_core'])}"
+            + (f"; engine threads {_fmt(u['cpu']['engine_threads'])}" if u["cpu"].get("engine_threads")
+               else ""))

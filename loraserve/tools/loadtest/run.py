@@ -76,7 +76,8 @@ class Options:
     server_log: Path | None = None
     seed: int = 0
     as_json: bool = False
-    engine_process: bool = False  # serve --engine-process (started server only)
+    engine_process: bool = True  # serve's engine in a process of its own, else --in-process (started server)
+    serve_args: tuple[str, ...] = ()  # more `loraserve serve` options (started server only)
     # The load generator runs at this niceness so that it yields the cores to the server it measures.
     client_nice: int = 10
     unloaded_s: float = 15.0  # the unloaded run at the loaded batch; 0 skips it
@@ -105,7 +106,7 @@ def run(opts: Options) -> dict[str, Any]:
             with Registry.open(data_dir) as registry:
                 token = registry.create_token(opts.account, "loadtest")
             _log(f"starting loraserve serve --model {opts.model} ...")
-            extra = ["--engine-process"] if opts.engine_process else []
+            extra = ["--engine-process" if opts.engine_process else "--in-process", *opts.serve_args]
             proc = ServerProcess(opts.model, opts.max_batch, opts.max_queue, data_dir, extra)
             if opts.server_log is not None:  # copied once the server has stopped (callbacks run last first)
                 stack.callback(shutil.copyfile, proc.log_path, opts.server_log)
@@ -156,6 +157,7 @@ def _measure(opts: Options, url: str, pid: int | None, token: str, finetunes: li
         elapsed = time.monotonic() - started
         cpu = cpu_meter.stop()
         mean_running = sampler.stop()
+        cpu["engine_threads"] = sampler.mean_threads()
         after, settle_s = settled_state(url, opts.settle_s)
         prober.stop()
     rss["end"] = rss_kib(pid)
@@ -208,8 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token", default=os.environ.get("LORASERVE_TOKEN"), help="API token (with --url)")
     p.add_argument("--pid", type=int, default=None, help="the --url server's process id, for its RSS")
     p.add_argument("--server-log", type=Path, default=None, help="keep the started server's log here")
-    p.add_argument("--engine-process", action="store_true",
-                   help="serve --engine-process (started server only)")
+    p.add_argument("--in-process", dest="engine_process", action="store_false",
+                   help="serve --in-process: the engine in the HTTP server's process (started server only)")
+    p.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
+                   help="one more `loraserve serve` argument, e.g. --serve-arg=--engine-nice=0 (started "
+                        "server only; repeat for more)")
     p.add_argument("--client-nice", type=int, default=d.client_nice,
                    help="niceness of the load generator, so that it yields the cores to the server")
     p.add_argument("--unloaded", type=float, default=d.unloaded_s,
@@ -235,7 +240,8 @@ def options_from_args(argv: list[str] | None = None) -> Options:
         lora_p=ns.lora, adapters=ns.adapters, model=ns.model, url=ns.url, account=ns.account, token=ns.token,
         server_pid=ns.pid, max_batch=ns.max_batch, max_queue=ns.max_queue, max_tokens=max_tokens,
         backoff_s=ns.backoff, settle_s=ns.settle, seed=ns.seed, as_json=ns.json, server_log=ns.server_log,
-        engine_process=ns.engine_process, client_nice=ns.client_nice, unloaded_s=ns.unloaded,
+        engine_process=ns.engine_process, serve_args=tuple(ns.serve_arg), client_nice=ns.client_nice,
+        unloaded_s=ns.unloaded,
         )
     except ValueError as exc:
         raise SystemExit(str(exc)) from None

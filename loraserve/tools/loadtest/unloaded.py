@@ -32,12 +32,14 @@ _TICKS = os.sysconf("SC_CLK_TCK")
 
 
 class BatchSampler(threading.Thread):
-    """The server's running batch, read from /metrics every `interval` seconds."""
+    """The server's running batch, read from /metrics every `interval` seconds, and the threads its engine
+    steps with where it adapts them (`loraserve_compute_threads`)."""
 
     def __init__(self, url: str, interval: float = 0.5) -> None:
         super().__init__(name="batch-sampler", daemon=True)
         self.url, self.interval = url, interval
         self.samples: list[float] = []
+        self.threads: list[float] = []
         self._halt = threading.Event()
 
     def run(self) -> None:
@@ -47,13 +49,20 @@ class BatchSampler(threading.Thread):
                     text = http.get(f"{self.url}/metrics").text
                 except httpx.HTTPError:
                     continue
-                self.samples.append(metric_sum(parse_metrics(text), "loraserve_running_requests"))
+                metrics = parse_metrics(text)
+                self.samples.append(metric_sum(metrics, "loraserve_running_requests"))
+                if any(name == "loraserve_compute_threads" for name, _, _ in metrics):
+                    self.threads.append(metric_sum(metrics, "loraserve_compute_threads"))
 
     def stop(self) -> float | None:
         """Stops sampling; the mean running batch, None when nothing was read."""
         self._halt.set()
         self.join()
         return sum(self.samples) / len(self.samples) if self.samples else None
+
+    def mean_threads(self) -> float | None:
+        """The engine's mean compute threads over the samples (after `stop`); None where not reported."""
+        return round(sum(self.threads) / len(self.threads), 2) if self.threads else None
 
 
 def _cpu_s(pid: int) -> float:
@@ -122,6 +131,7 @@ def unloaded_throughput(opts: Options, url: str, server_pid: int | None, token: 
         elapsed = time.monotonic() - before_at[1]
     cpu = meter[0].stop()
     mean_batch = sampler.stop()
+    cpu["engine_threads"] = sampler.mean_threads()
     refused = sum(n for key, n in clients.tally.responses.items() if key != "200")
     return {"clients": batch, "seconds": round(elapsed, 1),
             "mean_running": None if mean_batch is None else round(mean_batch, 1),
