@@ -5,8 +5,8 @@ load generator, a neighbour) takes the core of one of the engine's threads, ever
 part of waits for it, and a decode step has hundreds of regions. On a machine with cores to spare the
 engine keeps all its threads; while its threads wait for cores (their run delay, which Linux's schedstat
 counts per thread) it gives one up, so that the other work has a core and the rest of the team is not
-held up by it; it takes the thread back once that core has stayed idle (RELIABILITY.md section 4, "Threads
-adapted to contention").
+held up by it; it takes the thread back once that core has stayed idle (RELIABILITY.md section 4, "The split
+as the default": what each setting does under a load test's overload).
 
 The policy (`ThreadGovernor`) is pure and sees only cumulative counters (`CpuSample`); `ProcCounters`
 reads them from /proc on Linux. Where they cannot be read the thread count stays fixed.

@@ -37,7 +37,7 @@ ClientChannel = Channel[ToEngine, FromEngine]
 SHUTDOWN_WAIT_S = 10.0
 # The engine process's niceness: below the API process, so that answering HTTP (health, refusals, the
 # next token of a stream) never waits for a step to give a core back; with nothing else wanting the
-# cores it changes nothing (RELIABILITY.md section 4, "The engine at a lower priority").
+# cores it changes nothing (RELIABILITY.md section 4, "The split as the default").
 ENGINE_NICE = 5
 
 
