@@ -51,9 +51,13 @@ def _last_round_faults(mode: str) -> int:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
 def test_engine_steps_stop_faulting_in_fresh_pages() -> None:
     kept = _last_round_faults("engine")
-    plain = _last_round_faults("plain")
-    # Without keep_heap the same chunk faults thousands of pages (6k measured here), every time.
-    assert plain > 2000
+    # Without keep_heap the same chunk faults thousands of pages (6k-38k measured here) in most runs, none
+    # in some (1 in 5 in a fresh venv: glibc happened to keep that thread's heap): the control needs one
+    # run of three that shows the faults, or the measurement could not tell the two apart.
+    plain = [_last_round_faults("plain")]
+    while plain[-1] <= 2000 and len(plain) < 3:
+        plain.append(_last_round_faults("plain"))
+    assert max(plain) > 2000, plain
     assert kept < 200
 
 
