@@ -143,8 +143,9 @@ class AdaptiveThreads:
             return
         self._due = time.monotonic() + self.governor.policy.interval_s
         sample = self._counters()
-        if sample is None:
+        if sample is None:  # back to the configured count, and so reported (the engine's stats read it)
             self.enabled = False
+            self.governor.threads = self.governor.max_threads
             self._set(self.governor.max_threads)
             return
         before = self.governor.threads

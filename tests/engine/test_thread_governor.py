@@ -150,6 +150,7 @@ def test_adaptive_threads_applies_the_count_once_an_interval() -> None:
     threads.tick()  # at one thread already
     threads.tick()  # the counters went away: back to the configured count, and no more ticks
     assert applied == [1, 2] and not threads.enabled
+    assert threads.governor.threads == 2
 
 
 def test_unreadable_counters_leave_the_count_alone() -> None:

@@ -45,7 +45,7 @@ IDLE_PUBLISH_S = 0.5
 EngineChannel = Channel[FromEngine, ToEngine]
 
 
-def run_worker(conn: Connection, source: str, config: EngineConfig, nice: int = 0) -> None:
+def run_worker(conn: Connection, source: str, config: EngineConfig, nice: int) -> None:
     """The engine process's entry point (a multiprocessing target, started with spawn), `nice` steps below
     the API process: set before torch starts its threads, which inherit it."""
     # Ctrl-C in a terminal reaches the whole process group: the API process decides when this one stops.
