@@ -95,6 +95,12 @@ def serve(
         typer.Option(help="auto or float16: adapter weights in half precision halve what the CPU LoRA "
                           "kernel reads each step, at fp16's rounding (default: auto = the model's)."),
     ] = None,
+    kv_cache_bytes: Annotated[
+        int | None,
+        typer.Option(min=0, help="Memory for the KV cache, allocated at start: more holds more requests at "
+                                 "once (default 0: every batch slot's full window, at most 1 GiB or 8192 "
+                                 "tokens on the CPU, whichever is more, and a quarter of the memory)."),
+    ] = None,
     adaptive_threads: Annotated[
         bool,
         typer.Option("--adaptive-threads/--fixed-threads",
@@ -168,7 +174,7 @@ def serve(
             dtype = "gguf"  # the only dtype quantized weights are served in
         engine_options = _given(max_num_seqs=max_batch, max_queue=max_queue, prefix_caching=prefix_caching,
                                 device=device, dtype=dtype, lora_dtype=lora_dtype, quantize=quantize,
-                                adaptive_threads=adaptive_threads)
+                                kv_cache_bytes=kv_cache_bytes, adaptive_threads=adaptive_threads)
         engine_config = EngineConfig(**engine_options)
     except ValueError as exc:
         raise fail(str(exc), 2) from None

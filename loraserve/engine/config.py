@@ -131,8 +131,9 @@ class EngineConfig:
     # fp32 on CPU: bf16 matmul on an AVX2 CPU is ~300x slower; CUDA runs bf16.
     dtype: str = "auto"
     block_size: int = 16  # tokens per KV block: small enough that the last block wastes little
-    # KV cache budget; 0 means enough for max_num_seqs full context windows, capped at 1 GiB on the CPU
-    # and half the free memory on a GPU (LLMEngine._num_kv_blocks), never under one full window.
+    # KV cache budget; 0 means enough for max_num_seqs full context windows, capped on the CPU at 1 GiB or
+    # 8192 tokens, whichever is more, and a quarter of the machine's memory (llm_engine.cpu_kv_budget), on
+    # a GPU at half its free memory; never under one full window.
     kv_cache_bytes: int = 0
     max_num_seqs: int = 64  # the running batch; more requests wait
     max_num_batched_tokens: int = 1024  # per step: prefill chunks are cut to fit, decodes go first

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 
@@ -22,7 +23,24 @@ from loraserve.engine.thread_governor import AdaptiveThreads
 from loraserve.engine.weights.hf import StateDict
 from loraserve.types import AdapterRef, FinishReason, QueueFull, SamplingParams, check_context_window
 
-_CPU_KV_CAP = 1 << 30  # default KV budget on CPU: 1 GiB holds ~22k tokens of SmolLM2 in fp32
+# The CPU's default KV budget: 1 GiB (~22k tokens of SmolLM2 in float32), or 8192 tokens where a token's
+# K/V is larger (a 7B's is 1 MiB in float32: 1 GiB held 1k tokens, and 16 requests of 160 tokens were
+# preempted and recomputed, BENCHMARKS.md); never over a quarter of the machine's memory. The cache is
+# allocated and zeroed at start, so the memory a server takes is known when it starts, not under load.
+_CPU_KV_BYTES = 1 << 30
+_CPU_KV_TOKENS = 8192
+_CPU_KV_MEMORY_SHARE = 4
+
+
+def cpu_kv_budget(per_token: int, want: int, memory: int) -> int:
+    """Default KV bytes on the CPU: `want` (every sequence's full window) within the caps above.
+    per_token: one token's K/V bytes, all layers; memory: the machine's physical memory in bytes."""
+    cap = min(max(_CPU_KV_BYTES, _CPU_KV_TOKENS * per_token), memory // _CPU_KV_MEMORY_SHARE)
+    return min(want, cap)
+
+
+def _physical_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 @dataclass
@@ -95,9 +113,9 @@ class LLMEngine:
             want = per_token * ecfg.max_num_seqs * self.context_window
             if self.device.type == "cuda":
                 cap = int(torch.cuda.mem_get_info(self.device)[0] * 0.5)
+                budget = min(want, cap)
             else:
-                cap = _CPU_KV_CAP
-            budget = min(want, cap)
+                budget = cpu_kv_budget(per_token, want, _physical_memory())
         return max(floor, budget // (per_token * ecfg.block_size))
 
     # -- requests ---------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from loraserve.engine.core.sequence import Sequence, SequenceStatus
-from loraserve.engine.llm_engine import LLMEngine
+from loraserve.engine.llm_engine import LLMEngine, cpu_kv_budget
 from loraserve.engine.ops.attention import GatherAttention
 from loraserve.types import FinishReason, QueueFull, SamplingParams
 
@@ -297,6 +297,21 @@ def test_default_kv_budget_holds_at_least_one_window(base: Any) -> None:
                                        SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
     _drain(engine)
     assert seq.num_output == 40
+
+
+GIB, MIB = 1 << 30, 1 << 20
+
+
+@pytest.mark.parametrize(("per_token", "want", "memory", "budget"), [
+    (46080, 24 * GIB, 24 * GIB, GIB),  # SmolLM2 in float32: 1 GiB, ~23k tokens
+    (MIB, 256 * GIB, 64 * GIB, 8 * GIB),  # a 7B in float32: 8192 tokens, where 1 GiB held 1024
+    (MIB, 256 * GIB, 24 * GIB, 6 * GIB),  # ... within a quarter of the machine's memory
+    (MIB, 100 * MIB, 64 * GIB, 100 * MIB),  # every sequence's full window needs less: that much
+    (46080, 24 * GIB, 2 * GIB, 512 * MIB),  # a small machine
+])
+def test_cpu_kv_budget_scales_with_the_token_and_stays_within_memory(per_token: int, want: int, memory: int,
+                                                                     budget: int) -> None:
+    assert cpu_kv_budget(per_token, want, memory) == budget
 
 
 def test_torch_attention_path_gives_identical_outputs(base: Any, unconstrained: Any) -> None:

@@ -57,6 +57,7 @@ class BenchConfig:
     max_num_seqs: int | None = None  # None: the engine's default, raised to the concurrency
     max_num_batched_tokens: int | None = None
     max_loras: int | None = None
+    kv_cache_bytes: int | None = None  # None: the engine's default budget
     threads: int | None = None
     prefix_caching: bool = True
     cuda_graphs: bool = True
@@ -77,7 +78,7 @@ class BenchConfig:
     def __post_init__(self) -> None:
         if not self.model:
             raise ValueError("model must name a source")
-        for name in ("max_num_seqs", "max_num_batched_tokens", "max_loras", "threads"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_loras", "threads", "kv_cache_bytes"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1")
@@ -91,6 +92,7 @@ class BenchConfig:
             max_num_seqs=self.max_num_seqs or max(base.max_num_seqs, w.concurrency),
             max_num_batched_tokens=self.max_num_batched_tokens or base.max_num_batched_tokens,
             max_loras=self.max_loras or base.max_loras,
+            kv_cache_bytes=self.kv_cache_bytes or base.kv_cache_bytes,
             max_queue=max(base.max_queue, w.requests),  # an open-loop burst must queue, not be refused
             threads=self.threads or base.threads,
             prefix_caching=self.prefix_caching, cuda_graphs=self.cuda_graphs,
@@ -113,7 +115,7 @@ class BenchConfig:
             args += ["--rate", str(w.rate)]
         if self.quantize is not None:
             args += ["--quantize", self.quantize.value]
-        for name in ("max_num_seqs", "max_num_batched_tokens", "max_loras", "threads"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_loras", "threads", "kv_cache_bytes"):
             if getattr(self, name) is not None:
                 args += ["--" + name.replace("_", "-"), str(getattr(self, name))]
         for name in ("prefix_caching", "cuda_graphs", "native_kernels", "baseline", "baseline_no_adapter",
@@ -171,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max-num-seqs", type=int, help="engine batch limit (default: the engine's, at least --concurrency)")
     a("--max-num-batched-tokens", type=int, help="engine tokens per step (default: the engine's)")
     a("--max-loras", type=int, help="engine adapter slots (default: the engine's)")
+    a("--kv-cache-bytes", type=int, help="engine KV cache budget (default: the engine's)")
     a("--threads", type=int, help="CPU threads (default: all cores)")
     for flag, what in (("prefix-caching", "the engine reuses cached prompt prefixes within a phase"),
                        ("cuda-graphs", "the engine replays decode steps as CUDA graphs (CUDA only)"),
@@ -219,7 +222,7 @@ def config_from_args(ns: argparse.Namespace) -> BenchConfig:
         quantize=None if ns.quantize is None else Quantization(ns.quantize),
         workload=workload,
         max_num_seqs=ns.max_num_seqs, max_num_batched_tokens=ns.max_num_batched_tokens,
-        max_loras=ns.max_loras, threads=ns.threads, prefix_caching=ns.prefix_caching,
+        max_loras=ns.max_loras, kv_cache_bytes=ns.kv_cache_bytes, threads=ns.threads, prefix_caching=ns.prefix_caching,
         cuda_graphs=ns.cuda_graphs,
         native_kernels=ns.native_kernels, baseline=ns.baseline, baseline_no_adapter=ns.baseline_no_adapter,
         compare_no_adapter=ns.compare_no_adapter, roofline=ns.roofline, warmup=ns.warmup, quick=ns.quick,

@@ -95,6 +95,11 @@ def _run(kernel: PagedAttention, c: dict[str, torch.Tensor], bs: int, softcap: f
     (4, 4, 128, 16, [33, 2]),  # Llama-2-7B's shape (no GQA, D 128): a specialised path in the kernel
     (8, 2, 128, 16, [20, 47]),  # Mistral-7B's groups of 4 (D 128): another
     (9, 3, 64, 32, [31, 32, 33, 70]),  # blocks of 32: two 16-row score tiles each
+    # Rows of >= 1024 floats are read whole, all heads a position (attend_wide):
+    (32, 32, 128, 16, [1, 16, 17, 100, 5]),  # Llama-2-7B's heads, its specialised path
+    (32, 8, 128, 16, [33, 2]),  # Mistral-7B's, its specialised path
+    (20, 20, 64, 4, [3, 9, 40]),  # the general one; 20 heads: a tile of 16 and a partial one
+    (24, 12, 128, 1, [7, 1, 12]),  # blocks of one token, two query heads a KV head
 ])
 def test_matches_attention_over_gathered_kv(kernel: PagedAttention, hq: int, hkv: int, d: int, bs: int,
                                             lens: list[int]) -> None:
@@ -102,18 +107,23 @@ def test_matches_attention_over_gathered_kv(kernel: PagedAttention, hq: int, hkv
     torch.testing.assert_close(_run(kernel, c, bs), _reference(c, bs), atol=2e-5, rtol=1e-4)
 
 
-def test_prefill_rows_by_length_are_causal_attention(kernel: PagedAttention) -> None:
+# The two ways rows are read: a head at a time (SmolLM2's 3 x 64 floats a row), rows whole (32 x 128)
+HEADS = [(9, 3, 64), (32, 8, 128)]
+
+
+@pytest.mark.parametrize(("hq", "hkv", "d"), HEADS)
+def test_prefill_rows_by_length_are_causal_attention(kernel: PagedAttention, hq: int, hkv: int, d: int) -> None:
     """The engine hands a prefill chunk's tokens over as rows of one sequence with growing lengths: that
     is causal attention over the sequence's cached prefix and the chunk."""
-    c = _case(1, 9, 3, 64, 16, [40], seed=9)
+    c = _case(1, hq, hkv, d, 16, [40], seed=9)
     ctx, first = 40, 25  # 25 cached positions, then a 15-token chunk
     n = ctx - first
     g = torch.Generator().manual_seed(4)
-    q = torch.randn(n, 9, 64, generator=g)
+    q = torch.randn(n, hq, d, generator=g)
     tables = c["tables"].expand(n, -1).contiguous()
     lens = torch.arange(first + 1, ctx + 1)
     out = torch.empty_like(q)
-    kernel(q, c["k"], c["v"], tables, lens, 16, out, scale=0.125, softcap=None, window=None)
+    kernel(q, c["k"], c["v"], tables, lens, 16, out, scale=d ** -0.5, softcap=None, window=None)
     pos = torch.arange(ctx)
     slots = c["tables"][0][pos // 16] * 16 + pos % 16
     k, v = c["k"][slots].double().transpose(0, 1), c["v"][slots].double().transpose(0, 1)  # [Hkv, ctx, D]
@@ -122,42 +132,51 @@ def test_prefill_rows_by_length_are_causal_attention(kernel: PagedAttention) -> 
     torch.testing.assert_close(out, want.transpose(0, 1).float(), atol=2e-5, rtol=1e-4)
 
 
-def test_peaked_softmax(kernel: PagedAttention) -> None:
+@pytest.mark.parametrize(("hq", "hkv", "d"), HEADS)
+def test_peaked_softmax(kernel: PagedAttention, hq: int, hkv: int, d: int) -> None:
     """Scores ~100s apart: the kernel's own exp meets arguments far below -87 (clamped, then ~0)."""
-    c = _case(3, 9, 3, 64, 16, [40, 17, 90], seed=5)
+    c = _case(3, hq, hkv, d, 16, [40, 17, 90], seed=5)
     c["q"] *= 30
     torch.testing.assert_close(_run(kernel, c, 16), _reference(c, 16), atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(("hq", "hkv", "d"), HEADS)
 @pytest.mark.parametrize("window", [None, 1100, 300])  # 300: the part left is too short to split
-def test_long_context_of_one_sequence_split_across_threads(kernel: PagedAttention, threads: int,
+def test_long_context_of_one_sequence_split_across_threads(kernel: PagedAttention, hq: int, hkv: int, d: int,
                                                             window: int | None) -> None:
-    c = _case(1, 9, 3, 64, 16, [1500])  # fewer sequences than threads, long: split by KV head
+    """Fewer sequences than threads, long: split by KV head (by 16 query heads where rows are read whole),
+    the same bits as on one thread."""
+    c = _case(1, hq, hkv, d, 16, [1500])
     before = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    outs = []
     try:
-        torch.testing.assert_close(_run(kernel, c, 16, window=window), _reference(c, 16, window),
-                                   atol=2e-5, rtol=1e-4)
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            outs.append(_run(kernel, c, 16, window=window))
     finally:
         torch.set_num_threads(before)
+    torch.testing.assert_close(outs[0], _reference(c, 16, window), atol=2e-5, rtol=1e-4)
+    assert torch.equal(outs[0], outs[1])
 
 
+@pytest.mark.parametrize(("hq", "hkv", "d"), [*HEADS, (20, 20, 64)])
 @pytest.mark.parametrize(("softcap", "window"), [(None, None), (5.0, 70)])
-def test_a_sequence_gets_the_same_bits_alone_or_in_a_batch(kernel: PagedAttention, softcap: float | None,
-                                                           window: int | None) -> None:
-    c = _case(6, 9, 3, 64, 16, [50, 300, 2, 77, 129, 16], seed=3)
+def test_a_sequence_gets_the_same_bits_alone_or_in_a_batch(kernel: PagedAttention, hq: int, hkv: int, d: int,
+                                                           softcap: float | None, window: int | None) -> None:
+    c = _case(6, hq, hkv, d, 16, [50, 300, 2, 77, 129, 16], seed=3)
     batched = _run(kernel, c, 16, softcap, window)
     for i in range(6):
         alone = {k: v[i:i + 1].contiguous() if k in ("q", "tables", "lens") else v for k, v in c.items()}
         assert torch.equal(_run(kernel, alone, 16, softcap, window)[0], batched[i])
 
 
+@pytest.mark.parametrize(("hq", "hkv", "d"), HEADS)
 @pytest.mark.parametrize("bs", [4, 16])
-def test_blocks_before_the_window_are_never_read(kernel: PagedAttention, bs: int) -> None:
+def test_blocks_before_the_window_are_never_read(kernel: PagedAttention, bs: int, hq: int, hkv: int,
+                                                 d: int) -> None:
     """A window leaves whole blocks out: their ids are not even checked (a cache that freed them may hold
     anything there), and the result is the window's alone."""
-    c = _case(3, 9, 3, 64, bs, [100, 37, 9], seed=6)
+    c = _case(3, hq, hkv, d, bs, [100, 37, 9], seed=6)
     want = _reference(c, bs, window=20)
     torch.testing.assert_close(_run(kernel, c, bs, window=20), want, atol=2e-5, rtol=1e-4)
     tables = c["tables"].clone()

@@ -116,6 +116,7 @@ SHAPES = [
     (6, 2, 16, 4),  # GQA groups of 3, blocks of 4: the kernel's generic path, no score tiles
     (9, 3, 64, 16),  # SmolLM2's heads, a shape the kernel specialises, full score tiles
     (4, 4, 32, 8),  # no GQA, blocks of 8: AVX2 tiles, none for AVX-512's 16
+    (40, 20, 64, 4),  # rows of 1280 floats, which the kernel reads whole; a partial tile of heads
 ]
 # (scale, softcap, window, q multiplier), scale None: head_dim ** -0.5. Windows shorter and longer than
 # the contexts, crossing block edges, of one token; caps that bite (scores of a few units against a cap of

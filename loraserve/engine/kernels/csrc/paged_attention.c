@@ -99,6 +99,116 @@ static inline __attribute__((always_inline)) void qk_tile(const float *q, const 
 }
 #endif
 
+/* Rows of many KV heads are read whole, a position after another (attend_wide): a 7B's K row is 32 heads x
+ * 128 floats, 16 KiB a position and layer, of which the per-head path above reads one head's 512 bytes at a
+ * time, 16 KiB apart, and passes over each block once a head: a stride the hardware prefetchers do not
+ * follow across pages. Read whole, a block's K (or V) is one run of memory. From this many floats a row on
+ * (a page), the kernel reads rows whole. */
+#define WIDE_ROW 1024
+#define WIDE_HEADS 16 /* query heads a task takes when a long context is split across threads */
+
+/* s[h] = scale * q_h . k_{(h0 + h) / G} for the H query heads of q [H, D] (heads h0 .. h0 + H - 1);
+ * k: the row at its first KV head's part, kv_of(h) = (h0 + h) / G - h0 / G. Each head's dot is the same
+ * sum in the same order whatever H and h0 are (a lane of a tile depends on its own head only), so a
+ * sequence gets the same bits split across threads or not. */
+static inline __attribute__((always_inline)) void qk_heads(const float *q, const float *k, int64_t H, int64_t h0,
+                                                           const int64_t G, const int64_t D, float scale, float *s) {
+#if defined(__AVX512F__)
+    for (int64_t hb = 0; hb < H; hb += 16) {
+        const int64_t n = H - hb < 16 ? H - hb : 16;
+        __m512 acc[16];
+        for (int j = 0; j < 16; j++) {
+            const int64_t h = hb + (j < n ? j : n - 1); /* lanes past H repeat the last head */
+            const float *qh = q + h * D, *kh = k + ((h0 + h) / G - h0 / G) * D;
+            acc[j] = _mm512_mul_ps(_mm512_loadu_ps(qh), _mm512_loadu_ps(kh));
+            for (int64_t c = 16; c < D; c += 16)
+                acc[j] = _mm512_fmadd_ps(_mm512_loadu_ps(qh + c), _mm512_loadu_ps(kh + c), acc[j]);
+        }
+        _mm512_mask_storeu_ps(s + hb, (__mmask16)((1u << n) - 1), _mm512_mul_ps(sum16(acc), _mm512_set1_ps(scale)));
+    }
+#elif defined(__AVX2__) && defined(__FMA__)
+    for (int64_t hb = 0; hb < H; hb += 8) {
+        const int64_t n = H - hb < 8 ? H - hb : 8;
+        __m256 acc[8];
+        for (int j = 0; j < 8; j++) {
+            const int64_t h = hb + (j < n ? j : n - 1);
+            const float *qh = q + h * D, *kh = k + ((h0 + h) / G - h0 / G) * D;
+            acc[j] = _mm256_setzero_ps();
+            for (int64_t c = 0; c < D; c += 8)
+                acc[j] = _mm256_fmadd_ps(_mm256_loadu_ps(qh + c), _mm256_loadu_ps(kh + c), acc[j]);
+        }
+        float r[8];
+        _mm256_storeu_ps(r, _mm256_mul_ps(sum8(acc), _mm256_set1_ps(scale)));
+        for (int64_t j = 0; j < n; j++) s[hb + j] = r[j];
+    }
+#else
+    for (int64_t h = 0; h < H; h++) {
+        const float *qh = q + h * D, *kh = k + ((h0 + h) / G - h0 / G) * D;
+        float d = 0.f;
+#pragma omp simd reduction(+ : d)
+        for (int64_t i = 0; i < D; i++) d += qh[i] * kh[i];
+        s[h] = d * scale;
+    }
+#endif
+}
+
+/* Query heads [h0, h1) of one row over positions [lo, L), rows read whole (WIDE_ROW): q, out [Hq, D] (at head
+ * 0); scratch holds (h1 - h0) * (span + D + 2) floats. Scores position-major, [position][head], so that the
+ * softmax runs with heads as its lanes; V is summed into an [H, D] accumulator that stays in L1 (16 KiB for a
+ * 7B) while the rows stream by. */
+static inline __attribute__((always_inline)) void attend_wide(const float *q, const float *kc, const float *vc,
+        const int64_t *tb, int64_t L, int64_t lo, int64_t h0, int64_t h1, int64_t Hkv, const int64_t G,
+        const int64_t D, int64_t bs, float scale, float softcap, float *out, float *scratch) {
+    const int64_t H = h1 - h0, ld = Hkv * D, koff = h0 / G * D;
+    const int64_t b0 = lo / bs, jb = b0 * bs, first = lo - jb, n = L - jb; /* scores from block b0's start */
+    float *s = scratch, *acc = s + n * H, *mx = acc + H * D, *sum = mx + H; /* s: [n, H]; acc: [H, D] */
+    const float *qh = q + h0 * D;
+    for (int64_t j0 = jb, blk = b0; j0 < L; j0 += bs, blk++) {
+        const int64_t m = L - j0 < bs ? L - j0 : bs;
+        const float *kb = kc + tb[blk] * bs * ld + koff;
+        for (int64_t j = 0; j < m; j++) qk_heads(qh, kb + j * ld, H, h0, G, D, scale, s + (j0 - jb + j) * H);
+    }
+    if (softcap > 0.f) {
+        const float inv = 1.f / softcap;
+#pragma omp simd
+        for (int64_t i = 0; i < n * H; i++) s[i] = softcap * tanh_vec(s[i] * inv);
+    }
+    for (int64_t h = 0; h < H; h++) {
+        mx[h] = -INFINITY;
+        sum[h] = 0.f;
+    }
+    for (int64_t j = first; j < n; j++) {
+        const float *sj = s + j * H;
+#pragma omp simd
+        for (int64_t h = 0; h < H; h++) mx[h] = sj[h] > mx[h] ? sj[h] : mx[h];
+    }
+    for (int64_t j = first; j < n; j++) {
+        float *sj = s + j * H;
+#pragma omp simd
+        for (int64_t h = 0; h < H; h++) {
+            sj[h] = exp_nonpos(sj[h] - mx[h]);
+            sum[h] += sj[h];
+        }
+    }
+    for (int64_t h = 0; h < H; h++) sum[h] = 1.f / sum[h];
+    for (int64_t i = 0; i < H * D; i++) acc[i] = 0.f;
+    for (int64_t j0 = jb, blk = b0; j0 < L; j0 += bs, blk++) {
+        const int64_t m = L - j0 < bs ? L - j0 : bs;
+        const float *vb = vc + tb[blk] * bs * ld + koff;
+        for (int64_t j = j0 < lo ? lo - j0 : 0; j < m; j++) {
+            const float *vr = vb + j * ld, *p = s + (j0 - jb + j) * H;
+            for (int64_t h = 0; h < H; h++) {
+                const float ph = p[h] * sum[h];
+                const float *v = vr + ((h0 + h) / G - h0 / G) * D;
+                float *a = acc + h * D;
+#pragma omp simd
+                for (int64_t i = 0; i < D; i++) a[i] += ph * v[i];
+            }
+        }
+    }
+    for (int64_t i = 0; i < H * D; i++) out[h0 * D + i] = acc[i];
+}
+
 /* Attention of the G query heads of KV head kvh over the sequence's positions [lo, L): q, out [G, D];
  * scores in s. Positions outermost, so each K/V row part (one or a few cache lines) is read once
  * for the G heads. Called with constant G and D for the common shapes, so that the accumulators (G * D
@@ -185,10 +295,19 @@ static inline __attribute__((always_inline)) void attend_kv(const float *q, cons
 }
 
 /* Sequence b's query heads [h0, h1) (a multiple of G apart) over positions [lo, L): q, out [Hq, D]; scratch
- * holds G * (L - lo rounded down to a block start) floats. */
+ * holds G * (L - lo rounded down to a block start) floats, or attend_wide's. */
 static void attend(const float *q, const float *kc, const float *vc, const int64_t *tb, int64_t L, int64_t lo,
                    int64_t h0, int64_t h1, int64_t Hkv, int64_t G, int64_t D, int64_t bs, float scale,
                    float softcap, float *out, float *scratch) {
+    if (Hkv * D >= WIDE_ROW) {
+        if (G == 1 && D == 128) /* Llama-2-7B */
+            attend_wide(q, kc, vc, tb, L, lo, h0, h1, Hkv, 1, 128, bs, scale, softcap, out, scratch);
+        else if (G == 4 && D == 128) /* Mistral-7B, Llama-3-8B */
+            attend_wide(q, kc, vc, tb, L, lo, h0, h1, Hkv, 4, 128, bs, scale, softcap, out, scratch);
+        else
+            attend_wide(q, kc, vc, tb, L, lo, h0, h1, Hkv, G, D, bs, scale, softcap, out, scratch);
+        return;
+    }
     for (int64_t kvh = h0 / G; kvh < h1 / G; kvh++) {
         const float *qk = q + kvh * G * D;
         float *ok = out + kvh * G * D;
@@ -238,13 +357,16 @@ int paged_decode_attention(const float *q, const float *kc, const float *vc, int
      * caches between layers) the TLB and cache misses made a layer several times slower (BENCHMARKS.md,
      * "Paged decode attention kernel"). Only fewer sequences than threads over long contexts (the part a
      * window leaves) are split, so that every thread has work. */
-    const int64_t split = B < (int64_t)nthreads && span >= 1024 ? Hkv : 1;
+    const int wide = Hkv * D >= WIDE_ROW, long_few = B < (int64_t)nthreads && span >= 1024;
+    /* Wide rows split by WIDE_HEADS query heads (whole KV heads), where the heads divide so. */
+    const int64_t split = !long_few ? 1 : !wide ? Hkv : Hq % WIDE_HEADS == 0 && WIDE_HEADS % G == 0 ? Hq / WIDE_HEADS : 1;
+    const int64_t heads = Hq / split;
+    const size_t floats = wide ? (size_t)(heads * (span + D + 2)) : (size_t)(G * span);
     int failed = 0;
 #pragma omp parallel num_threads(nthreads)
     {
         FTZ_ON(csr);
-        const int64_t heads = Hq / split;
-        float *scratch = malloc(sizeof(float) * (size_t)(G * span));
+        float *scratch = malloc(sizeof(float) * floats);
         if (!scratch) {
 #pragma omp atomic write
             failed = 1;
