@@ -101,6 +101,11 @@ def serve(
                                  "once (default 0: every batch slot's full window, at most 1 GiB or 8192 "
                                  "tokens on the CPU, whichever is more, and a quarter of the memory)."),
     ] = None,
+    kv_dtype: Annotated[
+        str | None,
+        typer.Option(help="auto, float32 or float16: the KV cache's elements on the CPU (default: auto = "
+                          "float16 for a GGUF file's blocks, the compute dtype otherwise)."),
+    ] = None,
     adaptive_threads: Annotated[
         bool,
         typer.Option("--adaptive-threads/--fixed-threads",
@@ -174,7 +179,8 @@ def serve(
             dtype = "gguf"  # the only dtype quantized weights are served in
         engine_options = _given(max_num_seqs=max_batch, max_queue=max_queue, prefix_caching=prefix_caching,
                                 device=device, dtype=dtype, lora_dtype=lora_dtype, quantize=quantize,
-                                kv_cache_bytes=kv_cache_bytes, adaptive_threads=adaptive_threads)
+                                kv_cache_bytes=kv_cache_bytes, kv_dtype=kv_dtype,
+                                adaptive_threads=adaptive_threads)
         engine_config = EngineConfig(**engine_options)
     except ValueError as exc:
         raise fail(str(exc), 2) from None

@@ -164,6 +164,10 @@ def test_serve_refuses_a_bad_device_or_dtype_before_loading(tmp_path: Path) -> N
     )
     bad_lora_dtype = loraserve(*base, "--lora-dtype", "bfloat16")
     assert bad_lora_dtype.returncode == 2 and "lora_dtype must be auto or float16" in bad_lora_dtype.stderr
+    bad_kv_dtype = loraserve(*base, "--kv-dtype", "int8")
+    assert bad_kv_dtype.returncode == 2 and "kv_dtype must be auto, float32 or float16" in bad_kv_dtype.stderr
+    kv_on_gpu = loraserve(*base, "--device", "cuda", "--kv-dtype", "float16")
+    assert kv_on_gpu.returncode == 2 and "kv_dtype is for the CPU" in kv_on_gpu.stderr
     if not torch.cuda.is_available():  # CI: the CPU torch wheel
         no_gpu = loraserve(*base, "--device", "cuda")
         assert no_gpu.returncode == 2 and "torch sees no CUDA device" in no_gpu.stderr

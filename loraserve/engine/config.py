@@ -135,6 +135,11 @@ class EngineConfig:
     # 8192 tokens, whichever is more, and a quarter of the machine's memory (llm_engine.cpu_kv_budget), on
     # a GPU at half its free memory; never under one full window.
     kv_cache_bytes: int = 0
+    # K/V cache elements: "auto" is float16 for GGUF blocks multiplied as stored (dtype gguf: half the
+    # memory, so twice the tokens in a budget, and half what attention reads; llama.cpp's default too), the
+    # compute dtype otherwise (float32 on the CPU keeps PEFT parity exact); "float16" on the CPU with any
+    # dtype; "float32". Attention still sums in float32: each value is widened as it is read.
+    kv_dtype: str = "auto"
     max_num_seqs: int = 64  # the running batch; more requests wait
     max_num_batched_tokens: int = 1024  # per step: prefill chunks are cut to fit, decodes go first
     max_queue: int = 256  # waiting requests beyond this are refused (the server answers 3040)
@@ -190,6 +195,10 @@ class EngineConfig:
         if self.quantize is not None and self.dtype != "gguf":
             raise ValueError(f"quantize {self.quantize.value} serves GGUF blocks: it needs dtype gguf, "
                              f"not {self.dtype}")
+        if self.kv_dtype not in ("auto", "float32", "float16"):
+            raise ValueError("kv_dtype must be auto, float32 or float16")
+        if self.kv_dtype != "auto" and self.device != "cpu":
+            raise ValueError("kv_dtype is for the CPU: CUDA keeps K/V in the model's dtype")
         if self.lora_dtype not in ("auto", "float16"):
             raise ValueError("lora_dtype must be auto or float16")
         if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):

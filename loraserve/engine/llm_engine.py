@@ -66,6 +66,13 @@ def resolve_dtype(ecfg: EngineConfig, device: torch.device) -> torch.dtype:
     return _DTYPES[ecfg.dtype]
 
 
+def resolve_kv_dtype(ecfg: EngineConfig, dtype: torch.dtype) -> torch.dtype:
+    """The KV cache's element type beside the compute dtype `dtype` (EngineConfig.kv_dtype)."""
+    if ecfg.kv_dtype == "auto":
+        return torch.float16 if ecfg.dtype == "gguf" else dtype
+    return _DTYPES[ecfg.kv_dtype]
+
+
 class LLMEngine:
     def __init__(self, cfg: ModelConfig, state: StateDict, ecfg: EngineConfig | None = None,
                  context_window: int | None = None) -> None:
@@ -73,12 +80,13 @@ class LLMEngine:
         self.ecfg = ecfg = ecfg or EngineConfig()
         self.device = torch.device(ecfg.device)
         self.dtype = resolve_dtype(ecfg, self.device)
+        self.kv_dtype = resolve_kv_dtype(ecfg, self.dtype)
         self.ops = select_ops(cfg, self.dtype, self.device, ecfg.native_kernels)
         self.model = Decoder(cfg, state, self.dtype, self.device, self.ops)
         self.context_window = min(context_window or cfg.max_position_embeddings, cfg.max_position_embeddings)
         bs = ecfg.block_size
         num_blocks = self._num_kv_blocks()
-        self.kv = KVCache(cfg, num_blocks * bs, self.dtype, self.device)
+        self.kv = KVCache(cfg, num_blocks * bs, self.kv_dtype, self.device)
         self.blocks = BlockManager(num_blocks, bs, ecfg.prefix_caching)
         lora_dtype = self.dtype if ecfg.lora_dtype == "auto" else _DTYPES[ecfg.lora_dtype]
         if lora_dtype != self.dtype and not isinstance(self.ops.lora, SgmvLora):
@@ -104,7 +112,7 @@ class LLMEngine:
 
     def _num_kv_blocks(self) -> int:
         cfg, ecfg = self.cfg, self.ecfg
-        per_token = 2 * cfg.num_layers * cfg.kv_size * self.dtype.itemsize
+        per_token = 2 * cfg.num_layers * cfg.kv_size * self.kv_dtype.itemsize
         # Never less than one full context window: a request that fits the window must be able to run alone.
         floor = -(-self.context_window // ecfg.block_size) + 1
         if ecfg.kv_cache_bytes:

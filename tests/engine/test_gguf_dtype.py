@@ -40,7 +40,9 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:Could not find a config file:UserWarning"),
 ]
 Q = gguf.GGMLQuantizationType
-REL_MEAN, REL_MAX = 0.06, 0.15  # measured: mean 3%, max 5-11% (with adapters); room for seeds, not bugs
+# Measured: mean 3%, max 4-13% (with adapters) with float32 K/V; with float16 K/V (the default for GGUF
+# blocks) the mean is the same and the max 5-15% (K-mix's adapter b). Room for seeds, not bugs.
+REL_MEAN, REL_MAX = 0.06, 0.2
 
 
 # A Q4_K_M-like mix (hidden size 256: K-quants need fan-ins of multiples of 256): the projections of a

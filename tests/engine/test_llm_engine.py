@@ -314,6 +314,31 @@ def test_cpu_kv_budget_scales_with_the_token_and_stays_within_memory(per_token: 
     assert cpu_kv_budget(per_token, want, memory) == budget
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_a_float16_kv_cache_holds_twice_the_tokens_and_decodes_alike(base: Any, unconstrained: Any,
+                                                                    native: bool) -> None:
+    """K/V rounded to float16 (EngineConfig.kv_dtype), through the C kernels and through torch's path: the
+    same greedy tokens as the float32 cache on this model, in half the bytes a token."""
+    engine = build_engine(base, kv_dtype="float16", native_kernels=native, kv_cache_bytes=1 << 20)
+    wide = build_engine(base, kv_dtype="float32", native_kernels=native, kv_cache_bytes=1 << 20)
+    assert engine.kv.k.dtype is torch.float16 and wide.kv.k.dtype is torch.float32
+    assert engine.blocks.num_blocks == 2 * wide.blocks.num_blocks
+    assert engine.generate(PROMPTS, GREEDY) == unconstrained[0]
+
+
+def test_kv_dtype_auto_is_float16_for_gguf_blocks_only() -> None:
+    from loraserve.engine.config import EngineConfig
+    from loraserve.engine.llm_engine import resolve_kv_dtype
+
+    assert resolve_kv_dtype(EngineConfig(dtype="gguf"), torch.float32) is torch.float16
+    assert resolve_kv_dtype(EngineConfig(), torch.float32) is torch.float32
+    assert resolve_kv_dtype(EngineConfig(dtype="gguf", kv_dtype="float32"), torch.float32) is torch.float32
+    assert resolve_kv_dtype(EngineConfig(kv_dtype="float16"), torch.float32) is torch.float16
+    for bad in (dict(kv_dtype="bfloat16"), dict(kv_dtype="float16", device="cuda")):
+        with pytest.raises(ValueError, match="kv_dtype"):
+            EngineConfig(**bad)
+
+
 def test_torch_attention_path_gives_identical_outputs(base: Any, unconstrained: Any) -> None:
     """The default CPU engine decodes through the paged C kernel (when a compiler is present); torch's
     gather + SDPA path, kept for machines without one, must give the same tokens."""

@@ -98,15 +98,24 @@ def _cpu_float32(t: torch.Tensor) -> bool:
     return t.dtype is torch.float32 and t.is_cpu
 
 
+def _kv_half(k_cache: torch.Tensor, v_cache: torch.Tensor, kernel: str) -> int:
+    """1 for float16 K/V caches, 0 for float32 ones: the element type the kernels read and write."""
+    if k_cache.dtype != v_cache.dtype or k_cache.dtype not in (torch.float32, torch.float16) \
+            or not k_cache.is_cpu or not v_cache.is_cpu or not k_cache.is_contiguous() \
+            or not v_cache.is_contiguous():
+        raise ValueError(f"{kernel} takes contiguous float32 or float16 CPU K/V caches of one dtype")
+    return int(k_cache.dtype is torch.float16)
+
+
 class PagedAttention:
     """Attention on the CPU, one query row at a time (a decode, or a prefill token: causal by length), reading
-    K/V in place through block tables (float32 only)."""
+    K/V in place through block tables (float32 q and out; float32 or float16 caches)."""
 
     def __init__(self, lib: ctypes.CDLL) -> None:
         self.tile = int(lib.paged_attention_tile())  # scores a vector tile holds; 0: the scalar build
         fn = lib.paged_decode_attention
         p, i, f = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-        fn.argtypes = [p, p, p, i, p, i, p, i, i, i, i, i, f, f, i, p, ctypes.c_int]
+        fn.argtypes = [p, p, p, i, p, i, p, i, i, i, i, i, f, f, i, ctypes.c_int, p, ctypes.c_int]
         fn.restype = ctypes.c_int
         self._fn = fn
 
@@ -121,9 +130,10 @@ class PagedAttention:
         anything is read."""
         b, hq, d = q.shape
         hkv = k_cache.shape[1]
-        for t in (q, k_cache, v_cache, out):
+        for t in (q, out):
             if not _cpu_float32(t) or not t.is_contiguous():
-                raise ValueError("paged_decode_attention takes contiguous float32 CPU tensors")
+                raise ValueError("paged_decode_attention takes contiguous float32 CPU q and out")
+        half = _kv_half(k_cache, v_cache, "paged_decode_attention")
         if tables.dtype != torch.int64 or lens.dtype != torch.int64 or not tables.is_contiguous() \
                 or not lens.is_contiguous():
             raise ValueError("block tables and lengths must be contiguous int64")
@@ -135,7 +145,7 @@ class PagedAttention:
                              f"window {window}")
         failed = self._fn(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[0],
                           tables.data_ptr(), tables.shape[1], lens.data_ptr(), b, hq, hkv, d, block_size,
-                          scale, softcap or 0.0, window or 0, out.data_ptr(), torch.get_num_threads())
+                          scale, softcap or 0.0, window or 0, half, out.data_ptr(), torch.get_num_threads())
         if failed == 2:
             raise IndexError("paged_decode_attention: a length or block id is outside the tables "
                              "or the cache")
@@ -223,7 +233,7 @@ class LayerGlue:
         self._norm.argtypes = [p, i, p, i, i, i, p, f, p, i, ctypes.c_int]
         self._norm.restype = None
         self._rope = lib.rope_store
-        self._rope.argtypes = [p, i, i, i, i, i, p, p, i, p, p, i, p, p, p, ctypes.c_int]
+        self._rope.argtypes = [p, i, i, i, i, i, p, p, i, p, p, i, p, p, p, ctypes.c_int, ctypes.c_int]
         self._rope.restype = ctypes.c_int
         for fn in (lib.silu_mul, lib.gelu_tanh_mul):  # the same arguments
             fn.argtypes = [p, i, i, i, p, i, ctypes.c_int]
@@ -273,9 +283,10 @@ class LayerGlue:
         d = cos.shape[1]
         if not _cpu_float32(qkv) or qkv.stride(1) != 1 or qkv.shape[1] != (heads + 2 * kv_heads) * d:
             raise ValueError("rope_store takes a float32 CPU [T, (Hq + 2 Hkv) D] qkv with contiguous rows")
-        for x in (cos, sin, k_cache, v_cache):
+        for x in (cos, sin):
             if not _cpu_float32(x) or not x.is_contiguous():
-                raise ValueError("rope_store takes contiguous float32 CPU tables and caches")
+                raise ValueError("rope_store takes contiguous float32 CPU tables")
+        half = _kv_half(k_cache, v_cache, "rope_store")
         if positions.shape != (t,) or slots.shape != (t,) or positions.dtype != torch.int64 \
                 or slots.dtype != torch.int64 or not positions.is_contiguous() or not slots.is_contiguous() \
                 or k_cache.shape[1:] != (kv_heads, d) or v_cache.shape != k_cache.shape \
@@ -284,7 +295,7 @@ class LayerGlue:
         q = torch.empty(t, heads, d)
         if self._rope(qkv.data_ptr(), qkv.stride(0), t, heads, kv_heads, d, cos.data_ptr(), sin.data_ptr(),
                       cos.shape[0], positions.data_ptr(), slots.data_ptr(), k_cache.shape[0], q.data_ptr(),
-                      k_cache.data_ptr(), v_cache.data_ptr(), torch.get_num_threads()):
+                      k_cache.data_ptr(), v_cache.data_ptr(), half, torch.get_num_threads()):
             raise IndexError("rope_store: a position or KV slot is outside its table")
         return q
 

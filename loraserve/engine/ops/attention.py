@@ -229,12 +229,13 @@ class GatherAttention:
             assert plan.decode_gather is not None and plan.decode_mask is not None  # plan() sets both
             bd, lmax = plan.decode_gather.shape
             idx = plan.decode_gather.reshape(-1)
-            k = k_cache.index_select(0, idx).view(bd, lmax, cfg.num_kv_heads, cfg.head_dim)
-            v = v_cache.index_select(0, idx).view(bd, lmax, cfg.num_kv_heads, cfg.head_dim)
+            # a float16 cache (EngineConfig.kv_dtype) is widened to q's dtype as it is gathered
+            k = k_cache.index_select(0, idx).view(bd, lmax, cfg.num_kv_heads, cfg.head_dim).to(q.dtype)
+            v = v_cache.index_select(0, idx).view(bd, lmax, cfg.num_kv_heads, cfg.head_dim).to(q.dtype)
             out[:nd] = self._decode(q[:nd], k, v, in_window(plan.decode_mask, layer.window), layer)
         for p in plan.prefills:
-            k = k_cache.index_select(0, p.gather).transpose(0, 1).unsqueeze(0)  # [1, Hkv, ctx, D]
-            v = v_cache.index_select(0, p.gather).transpose(0, 1).unsqueeze(0)
+            k = k_cache.index_select(0, p.gather).transpose(0, 1).unsqueeze(0).to(q.dtype)  # [1, Hkv, ctx, D]
+            v = v_cache.index_select(0, p.gather).transpose(0, 1).unsqueeze(0).to(q.dtype)
             qp = q[p.start:p.start + p.num_new].transpose(0, 1).unsqueeze(0)  # [1, Hq, n, D]
             mask = in_window(p.mask, layer.window)
             if layer.softcap is not None:

@@ -75,8 +75,8 @@ class TorchGlue:
         q, k, v = torch.split(qkv, [heads * d, kv_heads * d, kv_heads * d], dim=-1)
         q = apply_rope(q.view(-1, heads, d), rope.cos, rope.sin)  # [T, Hq, D]
         k = apply_rope(k.view(-1, kv_heads, d), rope.cos, rope.sin)  # [T, Hkv, D]
-        k_cache.index_copy_(0, slots, k)
-        v_cache.index_copy_(0, slots, v.view(-1, kv_heads, d))
+        k_cache.index_copy_(0, slots, k.to(k_cache.dtype))  # a float16 cache: rounded to nearest even
+        v_cache.index_copy_(0, slots, v.view(-1, kv_heads, d).to(v_cache.dtype))
         return q
 
     def act_mul(self, gu: torch.Tensor, act: Activation) -> torch.Tensor:

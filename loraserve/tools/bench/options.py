@@ -33,6 +33,12 @@ class DType(enum.Enum):
     GGUF = "gguf"  # a GGUF file's own quantization, multiplied as stored (CPU)
 
 
+class KvDType(enum.Enum):
+    AUTO = "auto"  # float16 for GGUF blocks, the compute dtype otherwise (EngineConfig.kv_dtype)
+    FLOAT32 = "float32"
+    FLOAT16 = "float16"
+
+
 class LoraDType(enum.Enum):
     AUTO = "auto"  # the model's dtype
     FLOAT16 = "float16"  # half-precision adapter slots (CPU kernel only; EngineConfig.lora_dtype)
@@ -58,6 +64,7 @@ class BenchConfig:
     max_num_batched_tokens: int | None = None
     max_loras: int | None = None
     kv_cache_bytes: int | None = None  # None: the engine's default budget
+    kv_dtype: KvDType = KvDType.AUTO
     threads: int | None = None
     prefix_caching: bool = True
     cuda_graphs: bool = True
@@ -92,7 +99,7 @@ class BenchConfig:
             max_num_seqs=self.max_num_seqs or max(base.max_num_seqs, w.concurrency),
             max_num_batched_tokens=self.max_num_batched_tokens or base.max_num_batched_tokens,
             max_loras=self.max_loras or base.max_loras,
-            kv_cache_bytes=self.kv_cache_bytes or base.kv_cache_bytes,
+            kv_cache_bytes=self.kv_cache_bytes or base.kv_cache_bytes, kv_dtype=self.kv_dtype.value,
             max_queue=max(base.max_queue, w.requests),  # an open-loop burst must queue, not be refused
             threads=self.threads or base.threads,
             prefix_caching=self.prefix_caching, cuda_graphs=self.cuda_graphs,
@@ -104,7 +111,7 @@ class BenchConfig:
         """Every option spelled out, so the command reproduces this run whatever the defaults become."""
         w = self.workload
         args = ["--model", self.model, "--device", self.device.value, "--dtype", self.dtype.value,
-                "--lora-dtype", self.lora_dtype.value,
+                "--lora-dtype", self.lora_dtype.value, "--kv-dtype", self.kv_dtype.value,
                 "--adapters", str(w.adapters), "--registered", str(w.registered), "--rank", str(w.rank),
                 "--targets", ",".join(w.targets), "--popularity", w.popularity.value, "--alpha", str(w.alpha),
                 "--no-adapter-fraction", str(w.no_adapter_fraction), "--requests", str(w.requests),
@@ -174,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max-num-batched-tokens", type=int, help="engine tokens per step (default: the engine's)")
     a("--max-loras", type=int, help="engine adapter slots (default: the engine's)")
     a("--kv-cache-bytes", type=int, help="engine KV cache budget (default: the engine's)")
+    a("--kv-dtype", choices=[k.value for k in KvDType], default=KvDType.AUTO.value,
+      help="KV cache elements (default: auto, float16 for GGUF blocks)")
     a("--threads", type=int, help="CPU threads (default: all cores)")
     for flag, what in (("prefix-caching", "the engine reuses cached prompt prefixes within a phase"),
                        ("cuda-graphs", "the engine replays decode steps as CUDA graphs (CUDA only)"),
@@ -219,10 +228,12 @@ def config_from_args(ns: argparse.Namespace) -> BenchConfig:
         seed=ns.seed)
     return BenchConfig(
         model=ns.model, device=Device(ns.device), dtype=DType(ns.dtype), lora_dtype=LoraDType(ns.lora_dtype),
+        kv_dtype=KvDType(ns.kv_dtype),
         quantize=None if ns.quantize is None else Quantization(ns.quantize),
         workload=workload,
         max_num_seqs=ns.max_num_seqs, max_num_batched_tokens=ns.max_num_batched_tokens,
-        max_loras=ns.max_loras, kv_cache_bytes=ns.kv_cache_bytes, threads=ns.threads, prefix_caching=ns.prefix_caching,
+        max_loras=ns.max_loras, kv_cache_bytes=ns.kv_cache_bytes, threads=ns.threads,
+        prefix_caching=ns.prefix_caching,
         cuda_graphs=ns.cuda_graphs,
         native_kernels=ns.native_kernels, baseline=ns.baseline, baseline_no_adapter=ns.baseline_no_adapter,
         compare_no_adapter=ns.compare_no_adapter, roofline=ns.roofline, warmup=ns.warmup, quick=ns.quick,

@@ -7,7 +7,7 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-from loraserve.tools.bench.options import DType
+from loraserve.tools.bench.options import DType, KvDType
 
 # The repository's README: a long English text that ships with the code, so every checkout scores the
 # same tokens without downloading a corpus.
@@ -23,6 +23,7 @@ class PerplexityConfig:
     adapters: int = 2
     rank: int = 16
     dtypes: tuple[DType, ...] = DEFAULT_DTYPES
+    kv_dtype: KvDType = KvDType.AUTO  # every weight mode's K/V cache (auto: float16 for GGUF blocks)
     llamacpp: bool = True
     threads: int = 2
 
@@ -62,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=list(DType), metavar="DTYPE",
                    help=f"our engine's weight modes, of {', '.join(t.value for t in DType)} "
                         "(default: auto float32; auto keeps a GGUF file's blocks quantized)")
+    p.add_argument("--kv-dtype", type=KvDType, default=d["kv_dtype"].default, choices=list(KvDType),
+                   metavar="KV_DTYPE",
+                   help="our K/V cache's elements in every weight mode: auto (float16 for GGUF blocks, the "
+                        "weight mode's otherwise), float32 or float16")
     p.add_argument("--llamacpp", action=argparse.BooleanOptionalAction, default=d["llamacpp"].default,
                    help="score with llama.cpp too (llama-cpp-python; default: on)")
     p.add_argument("--threads", type=int, default=d["threads"].default,
@@ -71,5 +76,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> PerplexityConfig:
     return PerplexityConfig(model=args.model, text=args.text, tokens=args.tokens, adapters=args.adapters,
-                            rank=args.rank, dtypes=tuple(args.dtypes), llamacpp=args.llamacpp,
+                            rank=args.rank, dtypes=tuple(args.dtypes), kv_dtype=args.kv_dtype,
+                            llamacpp=args.llamacpp,
                             threads=args.threads)

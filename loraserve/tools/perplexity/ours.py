@@ -21,9 +21,9 @@ class EngineScores:
     logprobs: dict[str | None, list[float]]
 
 
-def engine_config(dtype: str, threads: int) -> EngineConfig:
+def engine_config(dtype: str, threads: int, kv_dtype: str = "auto") -> EngineConfig:
     # One sequence at a time: the KV cache holds one window, not the server's 64.
-    return EngineConfig(dtype=dtype, threads=threads, max_num_seqs=1)
+    return EngineConfig(dtype=dtype, threads=threads, max_num_seqs=1, kv_dtype=kv_dtype)
 
 
 def score(engine: LLMEngine, ids: list[int], adapter: AdapterRef | None) -> list[float]:

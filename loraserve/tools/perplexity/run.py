@@ -55,7 +55,8 @@ def _score_ours(cfg: PerplexityConfig, source: str, text: str, workdir: Path) ->
     scored: Scored | None = None
     for dtype in cfg.dtypes:
         _log(f"loading {source} with dtype {dtype.value}")
-        engine, tokenizer = load_engine(source, ours.engine_config(dtype.value, cfg.threads))
+        ecfg = ours.engine_config(dtype.value, cfg.threads, cfg.kv_dtype.value)
+        engine, tokenizer = load_engine(source, ecfg)
         if scored is None:
             ids = tokenizer.encode(text)[: cfg.tokens]
             if len(ids) < 2:

@@ -101,9 +101,13 @@ def _run(kernel: PagedAttention, c: dict[str, torch.Tensor], bs: int, softcap: f
     (20, 20, 64, 4, [3, 9, 40]),  # the general one; 20 heads: a tile of 16 and a partial one
     (24, 12, 128, 1, [7, 1, 12]),  # blocks of one token, two query heads a KV head
 ])
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
 def test_matches_attention_over_gathered_kv(kernel: PagedAttention, hq: int, hkv: int, d: int, bs: int,
-                                            lens: list[int]) -> None:
+                                            lens: list[int], kv_dtype: torch.dtype) -> None:
+    """A float16 cache against the reference on its own values: the kernel widens each one exactly and sums
+    in float32, so the tolerance is float32's."""
     c = _case(len(lens), hq, hkv, d, bs, lens)
+    c["k"], c["v"] = c["k"].to(kv_dtype), c["v"].to(kv_dtype)
     torch.testing.assert_close(_run(kernel, c, bs), _reference(c, bs), atol=2e-5, rtol=1e-4)
 
 
@@ -112,7 +116,8 @@ HEADS = [(9, 3, 64), (32, 8, 128)]
 
 
 @pytest.mark.parametrize(("hq", "hkv", "d"), HEADS)
-def test_prefill_rows_by_length_are_causal_attention(kernel: PagedAttention, hq: int, hkv: int, d: int) -> None:
+def test_prefill_rows_by_length_are_causal_attention(kernel: PagedAttention, hq: int, hkv: int,
+                                                     d: int) -> None:
     """The engine hands a prefill chunk's tokens over as rows of one sequence with growing lengths: that
     is causal attention over the sequence's cached prefix and the chunk."""
     c = _case(1, hq, hkv, d, 16, [40], seed=9)
@@ -147,6 +152,8 @@ def test_long_context_of_one_sequence_split_across_threads(kernel: PagedAttentio
     """Fewer sequences than threads, long: split by KV head (by 16 query heads where rows are read whole),
     the same bits as on one thread."""
     c = _case(1, hq, hkv, d, 16, [1500])
+    if hkv == 8:  # the wide shape's float16 cache: the same split
+        c["k"], c["v"] = c["k"].half(), c["v"].half()
     before = torch.get_num_threads()
     outs = []
     try:
@@ -164,6 +171,8 @@ def test_long_context_of_one_sequence_split_across_threads(kernel: PagedAttentio
 def test_a_sequence_gets_the_same_bits_alone_or_in_a_batch(kernel: PagedAttention, hq: int, hkv: int, d: int,
                                                            softcap: float | None, window: int | None) -> None:
     c = _case(6, hq, hkv, d, 16, [50, 300, 2, 77, 129, 16], seed=3)
+    if softcap is not None:  # and a float16 cache
+        c["k"], c["v"] = c["k"].half(), c["v"].half()
     batched = _run(kernel, c, 16, softcap, window)
     for i in range(6):
         alone = {k: v[i:i + 1].contiguous() if k in ("q", "tables", "lens") else v for k, v in c.items()}
@@ -198,6 +207,10 @@ def test_refuses_options_it_cannot_honour(kernel: PagedAttention) -> None:
         with pytest.raises(ValueError, match="invalid"):
             kernel(c["q"], c["k"], c["v"], c["tables"], c["lens"], 4, out, scale=scale, softcap=softcap,
                    window=window)
+    for k, v in ((c["k"], c["v"].half()), (c["k"].bfloat16(), c["v"].bfloat16()),
+                 (c["k"].double(), c["v"].double())):
+        with pytest.raises(ValueError, match="K/V caches"):  # one dtype, float32 or float16
+            kernel(c["q"], k, v, c["tables"], c["lens"], 4, out, scale=0.5, softcap=None, window=None)
 
 
 def test_build_is_cached_and_atomic(tmp_path: Path) -> None:

@@ -57,6 +57,23 @@ def test_rope_store_matches_torch_rope_and_index_copy(glue: LayerGlue, rows: int
     assert not kc[untouched].any() and not vc[untouched].any()
 
 
+@pytest.mark.parametrize(("rows", "hkv", "d"), [(1, 32, 128), (3, 2, 16), (70, 3, 64)])
+def test_rope_store_into_a_float16_cache_rounds_what_a_float32_one_holds(glue: LayerGlue, rows: int, hkv: int,
+                                                                         d: int) -> None:
+    """A float16 KV cache gets the float32 cache's values rounded to nearest even (torch's .half()), bit for
+    bit; q is the float32 one's."""
+    g = torch.Generator().manual_seed(rows)
+    cos, sin = torch.randn(100, d, generator=g), torch.randn(100, d, generator=g)
+    qkv = torch.randn(rows, (4 + 2 * hkv) * d, generator=g) * 100  # values float16 rounds differently apart
+    pos = torch.randint(0, 100, (rows,), generator=g)
+    slots = torch.randperm(rows + 7, generator=g)[:rows]
+    kc, vc = torch.zeros(rows + 7, hkv, d), torch.zeros(rows + 7, hkv, d)
+    kh, vh = kc.half(), vc.half()
+    q = glue.rope_store(qkv, 4, hkv, cos, sin, pos, slots, kc, vc)
+    assert torch.equal(glue.rope_store(qkv, 4, hkv, cos, sin, pos, slots, kh, vh), q)
+    assert torch.equal(kh, kc.half()) and torch.equal(vh, vc.half())
+
+
 def _gate_up(rows: int) -> torch.Tensor:
     """[rows, 80] of gate | up, rows further apart than their width, with the activations' far tails."""
     g = torch.Generator().manual_seed(rows)
@@ -116,6 +133,10 @@ def test_layer_glue_refuses_what_it_cannot_read(glue: LayerGlue) -> None:
     with pytest.raises(ValueError, match="caches"):
         glue.rope_store(torch.randn(2, 12), 1, 1, cos, cos, torch.zeros(2, dtype=torch.long),
                         torch.zeros(2, dtype=torch.long), kc, torch.zeros(4, 1, 8)[:, :, ::2])
+    for k, v in ((kc, kc.half()), (kc.double(), kc.double()), (kc.bfloat16(), kc.bfloat16())):
+        with pytest.raises(ValueError, match="caches"):  # one dtype, float32 or float16
+            glue.rope_store(torch.randn(2, 12), 1, 1, cos, cos, torch.zeros(2, dtype=torch.long),
+                            torch.zeros(2, dtype=torch.long), k, v)
     qkv = torch.randn(2, 12)
     for pos, slot in (([0, 10], [0, 1]), ([0, -1], [0, 1]), ([0, 1], [4, 0]), ([0, 1], [0, -1])):
         with pytest.raises(IndexError, match="outside"):

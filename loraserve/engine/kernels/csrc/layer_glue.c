@@ -13,6 +13,9 @@
 #include <math.h>
 #include <stdint.h>
 #include "vmath.h"
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
 
 #define PAR_ROWS 64 /* fewer rows than this: one thread (an OpenMP fork costs more than the work) */
 #define PAR_ELEMENTS 12288 /* the same for silu_mul, in elements */
@@ -45,20 +48,41 @@ static inline void rotate(const float *x, const float *c, const float *s, int64_
     }
 }
 
-/* qkv: [T, (Hq + 2 Hkv) D] rows ldqkv apart; q: [T, Hq, D]; kc, vc: [nslots, Hkv, D]; pos, slots: [T].
- * Returns -1 (and writes nothing) when a position or slot is out of its table: a wrong index from the
- * runner must not become a write outside the cache. */
+/* dst[i] = src[i] in float16, rounded to nearest even (a float16 KV cache), i < n. */
+static inline void to_half(_Float16 *dst, const float *src, int64_t n) {
+    int64_t i = 0;
+#if defined(__F16C__)
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i *)(dst + i),
+                         _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#endif
+    for (; i < n; i++) dst[i] = (_Float16)src[i];
+}
+
+/* qkv: [T, (Hq + 2 Hkv) D] rows ldqkv apart; q: [T, Hq, D]; kc, vc: [nslots, Hkv, D], float32, or float16
+ * with `half`; pos, slots: [T]. Returns -1 (and writes nothing) when a position or slot is out of its
+ * table: a wrong index from the runner must not become a write outside the cache. */
 int rope_store(const float *qkv, int64_t ldqkv, int64_t T, int64_t Hq, int64_t Hkv, int64_t D,
                const float *cos_t, const float *sin_t, int64_t max_pos, const int64_t *pos,
-               const int64_t *slots, int64_t nslots, float *q, float *kc, float *vc, int nthreads) {
+               const int64_t *slots, int64_t nslots, float *q, void *kc, void *vc, int half, int nthreads) {
     for (int64_t t = 0; t < T; t++)
         if (pos[t] < 0 || pos[t] >= max_pos || slots[t] < 0 || slots[t] >= nslots) return -1;
 #pragma omp parallel for num_threads(nthreads) if (T >= PAR_ROWS) schedule(static)
     for (int64_t t = 0; t < T; t++) {
         const float *row = qkv + t * ldqkv, *c = cos_t + pos[t] * D, *s = sin_t + pos[t] * D;
         for (int64_t h = 0; h < Hq; h++) rotate(row + h * D, c, s, D, q + (t * Hq + h) * D);
-        float *kr = kc + slots[t] * Hkv * D, *vr = vc + slots[t] * Hkv * D;
         const float *k = row + Hq * D, *v = k + Hkv * D;
+        if (half) {
+            _Float16 *kr = (_Float16 *)kc + slots[t] * Hkv * D, *vr = (_Float16 *)vc + slots[t] * Hkv * D;
+            float rk[D];
+            for (int64_t h = 0; h < Hkv; h++) {
+                rotate(k + h * D, c, s, D, rk);
+                to_half(kr + h * D, rk, D);
+            }
+            to_half(vr, v, Hkv * D);
+            continue;
+        }
+        float *kr = (float *)kc + slots[t] * Hkv * D, *vr = (float *)vc + slots[t] * Hkv * D;
         for (int64_t h = 0; h < Hkv; h++) rotate(k + h * D, c, s, D, kr + h * D);
         for (int64_t i = 0; i < Hkv * D; i++) vr[i] = v[i];
     }

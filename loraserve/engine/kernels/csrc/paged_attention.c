@@ -5,9 +5,11 @@
  * each prompt's K/V (BENCHMARKS.md, "Prefill attention through the same kernel").
  *
  * Built by loraserve/engine/kernels/cpu.py with the machine's C compiler (-O3 -march=native -fopenmp)
- * and called through ctypes. Layouts (float32, contiguous):
- *   q, out:  [B, Hq, D]          one new token per sequence
- *   kc, vc:  [slots, Hkv, D]     one layer's cache; slot = block * bs + offset
+ * and called through ctypes. Layouts (contiguous):
+ *   q, out:  [B, Hq, D] float32  one new token per sequence
+ *   kc, vc:  [slots, Hkv, D]     one layer's cache; slot = block * bs + offset; float32, or float16 with
+ *                                `half` (read as float32: each value widened as it is loaded, the sums in
+ *                                float32 as for a float32 cache)
  *   tables:  [B, width] int64    each sequence's block ids
  *   lens:    [B] int64           context length, the new token included (>= 1)
  * Per layer: scale multiplies q.k; softcap > 0 turns a score x into softcap * tanh(x / softcap) before the
@@ -34,11 +36,33 @@
 #define FTZ_OFF(saved) (void)0
 #endif
 
-#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__) && defined(__F16C__))
 #include <immintrin.h>
 #endif
+
+typedef _Float16 kv_half;
+
+/* Element i of a K/V row at p: the cache's element size is 2 bytes with `half`, 4 without. */
+static inline __attribute__((always_inline)) const void *kv_at(const void *p, int64_t i, const int half) {
+    return (const char *)p + i * (half ? 2 : 4);
+}
+
+static inline __attribute__((always_inline)) float kv_get(const void *p, int64_t i, const int half) {
+    return half ? (float)((const kv_half *)p)[i] : ((const float *)p)[i];
+}
+
+/* The cache lines of n elements at p, into the caches ahead of use. */
+static inline __attribute__((always_inline)) void kv_prefetch(const void *p, int64_t n, const int half) {
+    for (int64_t c = 0; c < n * (half ? 2 : 4); c += 64) __builtin_prefetch((const char *)p + c);
+}
+
 #if defined(__AVX512F__)
 #define SW 16 /* scores a tile: one zmm of 16 positions */
+static inline __attribute__((always_inline)) __m512 kv_load(const void *p, int64_t i, const int half) {
+    return half ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const kv_half *)p + i)))
+                : _mm512_loadu_ps((const float *)p + i);
+}
+
 /* The 16 sums of a[0..15] in one vector (lane j: the sum of a[j]'s lanes): a transpose-and-add tree, 15
  * adds and 30 shuffles where 16 horizontal sums take ~130 operations. */
 static inline __attribute__((always_inline)) __m512 sum16(const __m512 a[16]) {
@@ -55,23 +79,29 @@ static inline __attribute__((always_inline)) __m512 sum16(const __m512 a[16]) {
     return _mm512_add_ps(_mm512_shuffle_f32x4(d[0], d[1], 0x88), _mm512_shuffle_f32x4(d[0], d[1], 0xDD));
 }
 
-/* s[g * ls + j] = scale * q_g . k_j for j < n <= SW and the G heads; rows k_j ld floats apart (all SW
+/* s[g * ls + j] = scale * q_g . k_j for j < n <= SW and the G heads; rows k_j ld elements apart (all SW
  * readable: they lie in one cache block). */
-static inline __attribute__((always_inline)) void qk_tile(const float *q, const float *k, int64_t ld, const int64_t G,
-                                                        const int64_t D, float scale, float *s, int64_t ls, int64_t n) {
+static inline __attribute__((always_inline)) void qk_tile(const float *q, const void *k, int64_t ld, const int64_t G,
+                                                        const int64_t D, float scale, float *s, int64_t ls, int64_t n,
+                                                        const int half) {
     for (int64_t g = 0; g < G; g++) {
         __m512 acc[16];
         for (int j = 0; j < 16; j++) {
-            acc[j] = _mm512_mul_ps(_mm512_loadu_ps(q + g * D), _mm512_loadu_ps(k + j * ld));
+            acc[j] = _mm512_mul_ps(_mm512_loadu_ps(q + g * D), kv_load(k, j * ld, half));
             for (int64_t c = 16; c < D; c += 16)
-                acc[j] = _mm512_fmadd_ps(_mm512_loadu_ps(q + g * D + c), _mm512_loadu_ps(k + j * ld + c), acc[j]);
+                acc[j] = _mm512_fmadd_ps(_mm512_loadu_ps(q + g * D + c), kv_load(k, j * ld + c, half), acc[j]);
         }
         const __m512 r = _mm512_mul_ps(sum16(acc), _mm512_set1_ps(scale));
         _mm512_mask_storeu_ps(s + g * ls, (__mmask16)((1u << n) - 1), r);
     }
 }
-#elif defined(__AVX2__) && defined(__FMA__)
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define SW 8 /* AVX2: one ymm of 8 positions */
+static inline __attribute__((always_inline)) __m256 kv_load(const void *p, int64_t i, const int half) {
+    return half ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const kv_half *)p + i)))
+                : _mm256_loadu_ps((const float *)p + i);
+}
+
 /* The 8 sums of a[0..7] in one vector (lane j: the sum of a[j]'s lanes): 6 horizontal adds, 2 lane
  * permutes and an add, where 8 horizontal sums take ~50 operations. */
 static inline __attribute__((always_inline)) __m256 sum8(const __m256 a[8]) {
@@ -81,16 +111,17 @@ static inline __attribute__((always_inline)) __m256 sum8(const __m256 a[8]) {
     return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
-/* s[g * ls + j] = scale * q_g . k_j for j < n <= SW and the G heads; rows k_j ld floats apart (all SW
+/* s[g * ls + j] = scale * q_g . k_j for j < n <= SW and the G heads; rows k_j ld elements apart (all SW
  * readable: they lie in one cache block). */
-static inline __attribute__((always_inline)) void qk_tile(const float *q, const float *k, int64_t ld, const int64_t G,
-                                                           const int64_t D, float scale, float *s, int64_t ls, int64_t n) {
+static inline __attribute__((always_inline)) void qk_tile(const float *q, const void *k, int64_t ld, const int64_t G,
+                                                           const int64_t D, float scale, float *s, int64_t ls, int64_t n,
+                                                           const int half) {
     for (int64_t g = 0; g < G; g++) {
         __m256 acc[8];
         for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
         for (int64_t c = 0; c < D; c += 8) { /* 8 accumulators, one q chunk: 10 of the 16 ymm */
             const __m256 qv = _mm256_loadu_ps(q + g * D + c);
-            for (int j = 0; j < 8; j++) acc[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + j * ld + c), acc[j]);
+            for (int j = 0; j < 8; j++) acc[j] = _mm256_fmadd_ps(qv, kv_load(k, j * ld + c, half), acc[j]);
         }
         float r[8];
         _mm256_storeu_ps(r, _mm256_mul_ps(sum8(acc), _mm256_set1_ps(scale)));
@@ -98,6 +129,32 @@ static inline __attribute__((always_inline)) void qk_tile(const float *q, const 
     }
 }
 #endif
+
+/* a[i] += p * v[i] for i < D. */
+static inline __attribute__((always_inline)) void kv_axpy(float *a, float p, const void *v, const int64_t D,
+                                                          const int half) {
+#ifdef SW
+    if (D % SW == 0) {
+#if SW == 16
+        const __m512 pv = _mm512_set1_ps(p);
+        for (int64_t c = 0; c < D; c += 16)
+            _mm512_storeu_ps(a + c, _mm512_fmadd_ps(pv, kv_load(v, c, half), _mm512_loadu_ps(a + c)));
+#else
+        const __m256 pv = _mm256_set1_ps(p);
+        for (int64_t c = 0; c < D; c += 8)
+            _mm256_storeu_ps(a + c, _mm256_fmadd_ps(pv, kv_load(v, c, half), _mm256_loadu_ps(a + c)));
+#endif
+        return;
+    }
+#endif
+    if (!half) {
+        const float *vf = v;
+#pragma omp simd
+        for (int64_t i = 0; i < D; i++) a[i] += p * vf[i];
+        return;
+    }
+    for (int64_t i = 0; i < D; i++) a[i] += p * kv_get(v, i, half);
+}
 
 /* Rows of many KV heads are read whole, a position after another (attend_wide): a 7B's K row is 32 heads x
  * 128 floats, 16 KiB a position and layer, of which the per-head path above reads one head's 512 bytes at a
@@ -111,31 +168,34 @@ static inline __attribute__((always_inline)) void qk_tile(const float *q, const 
  * k: the row at its first KV head's part, kv_of(h) = (h0 + h) / G - h0 / G. Each head's dot is the same
  * sum in the same order whatever H and h0 are (a lane of a tile depends on its own head only), so a
  * sequence gets the same bits split across threads or not. */
-static inline __attribute__((always_inline)) void qk_heads(const float *q, const float *k, int64_t H, int64_t h0,
-                                                           const int64_t G, const int64_t D, float scale, float *s) {
-#if defined(__AVX512F__)
+static inline __attribute__((always_inline)) void qk_heads(const float *q, const void *k, int64_t H, int64_t h0,
+                                                           const int64_t G, const int64_t D, float scale, float *s,
+                                                           const int half) {
+#if SW == 16
     for (int64_t hb = 0; hb < H; hb += 16) {
         const int64_t n = H - hb < 16 ? H - hb : 16;
         __m512 acc[16];
         for (int j = 0; j < 16; j++) {
             const int64_t h = hb + (j < n ? j : n - 1); /* lanes past H repeat the last head */
-            const float *qh = q + h * D, *kh = k + ((h0 + h) / G - h0 / G) * D;
-            acc[j] = _mm512_mul_ps(_mm512_loadu_ps(qh), _mm512_loadu_ps(kh));
+            const float *qh = q + h * D;
+            const void *kh = kv_at(k, ((h0 + h) / G - h0 / G) * D, half);
+            acc[j] = _mm512_mul_ps(_mm512_loadu_ps(qh), kv_load(kh, 0, half));
             for (int64_t c = 16; c < D; c += 16)
-                acc[j] = _mm512_fmadd_ps(_mm512_loadu_ps(qh + c), _mm512_loadu_ps(kh + c), acc[j]);
+                acc[j] = _mm512_fmadd_ps(_mm512_loadu_ps(qh + c), kv_load(kh, c, half), acc[j]);
         }
         _mm512_mask_storeu_ps(s + hb, (__mmask16)((1u << n) - 1), _mm512_mul_ps(sum16(acc), _mm512_set1_ps(scale)));
     }
-#elif defined(__AVX2__) && defined(__FMA__)
+#elif SW == 8
     for (int64_t hb = 0; hb < H; hb += 8) {
         const int64_t n = H - hb < 8 ? H - hb : 8;
         __m256 acc[8];
         for (int j = 0; j < 8; j++) {
             const int64_t h = hb + (j < n ? j : n - 1);
-            const float *qh = q + h * D, *kh = k + ((h0 + h) / G - h0 / G) * D;
+            const float *qh = q + h * D;
+            const void *kh = kv_at(k, ((h0 + h) / G - h0 / G) * D, half);
             acc[j] = _mm256_setzero_ps();
             for (int64_t c = 0; c < D; c += 8)
-                acc[j] = _mm256_fmadd_ps(_mm256_loadu_ps(qh + c), _mm256_loadu_ps(kh + c), acc[j]);
+                acc[j] = _mm256_fmadd_ps(_mm256_loadu_ps(qh + c), kv_load(kh, c, half), acc[j]);
         }
         float r[8];
         _mm256_storeu_ps(r, _mm256_mul_ps(sum8(acc), _mm256_set1_ps(scale)));
@@ -143,10 +203,11 @@ static inline __attribute__((always_inline)) void qk_heads(const float *q, const
     }
 #else
     for (int64_t h = 0; h < H; h++) {
-        const float *qh = q + h * D, *kh = k + ((h0 + h) / G - h0 / G) * D;
+        const float *qh = q + h * D;
+        const void *kh = kv_at(k, ((h0 + h) / G - h0 / G) * D, half);
         float d = 0.f;
 #pragma omp simd reduction(+ : d)
-        for (int64_t i = 0; i < D; i++) d += qh[i] * kh[i];
+        for (int64_t i = 0; i < D; i++) d += qh[i] * kv_get(kh, i, half);
         s[h] = d * scale;
     }
 #endif
@@ -156,17 +217,18 @@ static inline __attribute__((always_inline)) void qk_heads(const float *q, const
  * 0); scratch holds (h1 - h0) * (span + D + 2) floats. Scores position-major, [position][head], so that the
  * softmax runs with heads as its lanes; V is summed into an [H, D] accumulator that stays in L1 (16 KiB for a
  * 7B) while the rows stream by. */
-static inline __attribute__((always_inline)) void attend_wide(const float *q, const float *kc, const float *vc,
+static inline __attribute__((always_inline)) void attend_wide(const float *q, const void *kc, const void *vc,
         const int64_t *tb, int64_t L, int64_t lo, int64_t h0, int64_t h1, int64_t Hkv, const int64_t G,
-        const int64_t D, int64_t bs, float scale, float softcap, float *out, float *scratch) {
+        const int64_t D, int64_t bs, float scale, float softcap, float *out, float *scratch, const int half) {
     const int64_t H = h1 - h0, ld = Hkv * D, koff = h0 / G * D;
     const int64_t b0 = lo / bs, jb = b0 * bs, first = lo - jb, n = L - jb; /* scores from block b0's start */
     float *s = scratch, *acc = s + n * H, *mx = acc + H * D, *sum = mx + H; /* s: [n, H]; acc: [H, D] */
     const float *qh = q + h0 * D;
     for (int64_t j0 = jb, blk = b0; j0 < L; j0 += bs, blk++) {
         const int64_t m = L - j0 < bs ? L - j0 : bs;
-        const float *kb = kc + tb[blk] * bs * ld + koff;
-        for (int64_t j = 0; j < m; j++) qk_heads(qh, kb + j * ld, H, h0, G, D, scale, s + (j0 - jb + j) * H);
+        const void *kb = kv_at(kc, tb[blk] * bs * ld + koff, half);
+        for (int64_t j = 0; j < m; j++)
+            qk_heads(qh, kv_at(kb, j * ld, half), H, h0, G, D, scale, s + (j0 - jb + j) * H, half);
     }
     if (softcap > 0.f) {
         const float inv = 1.f / softcap;
@@ -194,16 +256,12 @@ static inline __attribute__((always_inline)) void attend_wide(const float *q, co
     for (int64_t i = 0; i < H * D; i++) acc[i] = 0.f;
     for (int64_t j0 = jb, blk = b0; j0 < L; j0 += bs, blk++) {
         const int64_t m = L - j0 < bs ? L - j0 : bs;
-        const float *vb = vc + tb[blk] * bs * ld + koff;
+        const void *vb = kv_at(vc, tb[blk] * bs * ld + koff, half);
         for (int64_t j = j0 < lo ? lo - j0 : 0; j < m; j++) {
-            const float *vr = vb + j * ld, *p = s + (j0 - jb + j) * H;
-            for (int64_t h = 0; h < H; h++) {
-                const float ph = p[h] * sum[h];
-                const float *v = vr + ((h0 + h) / G - h0 / G) * D;
-                float *a = acc + h * D;
-#pragma omp simd
-                for (int64_t i = 0; i < D; i++) a[i] += ph * v[i];
-            }
+            const void *vr = kv_at(vb, j * ld, half);
+            const float *p = s + (j0 - jb + j) * H;
+            for (int64_t h = 0; h < H; h++)
+                kv_axpy(acc + h * D, p[h] * sum[h], kv_at(vr, ((h0 + h) / G - h0 / G) * D, half), D, half);
         }
     }
     for (int64_t i = 0; i < H * D; i++) out[h0 * D + i] = acc[i];
@@ -221,35 +279,35 @@ static inline __attribute__((always_inline)) void attend_wide(const float *q, co
  * rows are prefetched one block ahead, which matters with cold caches, as in the engine where the
  * weights stream through between layers (further ahead gained nothing). The timings of all three:
  * BENCHMARKS.md, "Decode attention" and "Attention scores 16 positions at a time". */
-static inline __attribute__((always_inline)) void attend_kv(const float *q, const float *kc, const float *vc,
+static inline __attribute__((always_inline)) void attend_kv(const float *q, const void *kc, const void *vc,
         const int64_t *tb, int64_t L, int64_t lo, int64_t kvh, int64_t Hkv, const int64_t G, const int64_t D,
-        int64_t bs, float scale, float softcap, float *out, float *s) {
+        int64_t bs, float scale, float softcap, float *out, float *s, const int half) {
     /* Positions [lo, L) are attended to. Scores start at the block holding lo (jb), so that the tiles
      * stay aligned to blocks; the ones before lo are computed and left out of the softmax. */
     const int64_t b0 = lo / bs, jb = b0 * bs, ls = L - jb; /* s: [G, ls], position j at s[g * ls + j - jb] */
     for (int64_t j0 = jb, blk = b0; j0 < L; j0 += bs, blk++) {
         const int64_t n = L - j0 < bs ? L - j0 : bs;
-        const float *kb = kc + (tb[blk] * bs * Hkv + kvh) * D;
-        const float *kn = j0 + bs < L ? kc + (tb[blk + 1] * bs * Hkv + kvh) * D : kb; /* the next block */
+        const void *kb = kv_at(kc, (tb[blk] * bs * Hkv + kvh) * D, half);
+        const void *kn = j0 + bs < L ? kv_at(kc, (tb[blk + 1] * bs * Hkv + kvh) * D, half) : kb; /* the next block */
         float *sb = s + j0 - jb;
 #ifdef SW
         if (bs % SW == 0 && D % SW == 0) {
             for (int64_t j = 0; j < n; j += SW) {
-                for (int64_t r = j; r < j + SW; r++)
-                    for (int64_t c = 0; c < D; c += 16) __builtin_prefetch(kn + r * Hkv * D + c);
-                qk_tile(q, kb + j * Hkv * D, Hkv * D, G, D, scale, sb + j, ls, n - j < SW ? n - j : SW);
+                for (int64_t r = j; r < j + SW; r++) kv_prefetch(kv_at(kn, r * Hkv * D, half), D, half);
+                qk_tile(q, kv_at(kb, j * Hkv * D, half), Hkv * D, G, D, scale, sb + j, ls, n - j < SW ? n - j : SW,
+                        half);
             }
             continue;
         }
 #endif
         for (int64_t j = 0; j < n; j++) {
-            const float *kr = kb + j * Hkv * D;
-            for (int64_t c = 0; c < D; c += 16) __builtin_prefetch(kn + j * Hkv * D + c);
+            const void *kr = kv_at(kb, j * Hkv * D, half);
+            kv_prefetch(kv_at(kn, j * Hkv * D, half), D, half);
             for (int64_t g = 0; g < G; g++) {
                 const float *qh = q + g * D;
                 float d = 0.f;
 #pragma omp simd reduction(+ : d)
-                for (int64_t i = 0; i < D; i++) d += qh[i] * kr[i];
+                for (int64_t i = 0; i < D; i++) d += qh[i] * kv_get(kr, i, half);
                 sb[g * ls + j] = d * scale;
             }
         }
@@ -277,17 +335,13 @@ static inline __attribute__((always_inline)) void attend_kv(const float *q, cons
         for (int64_t i = 0; i < D; i++) acc[g][i] = 0.f;
     for (int64_t j0 = jb, blk = b0; j0 < L; j0 += bs, blk++) {
         const int64_t n = L - j0 < bs ? L - j0 : bs;
-        const float *vb = vc + (tb[blk] * bs * Hkv + kvh) * D;
-        const float *vn = j0 + bs < L ? vc + (tb[blk + 1] * bs * Hkv + kvh) * D : vb;
+        const void *vb = kv_at(vc, (tb[blk] * bs * Hkv + kvh) * D, half);
+        const void *vn = j0 + bs < L ? kv_at(vc, (tb[blk + 1] * bs * Hkv + kvh) * D, half) : vb;
         const float *pb = s + j0 - jb;
         for (int64_t j = j0 < lo ? lo - j0 : 0; j < n; j++) {
-            const float *vr = vb + j * Hkv * D;
-            for (int64_t c = 0; c < D; c += 16) __builtin_prefetch(vn + j * Hkv * D + c);
-            for (int64_t g = 0; g < G; g++) {
-                const float p = pb[g * ls + j];
-#pragma omp simd
-                for (int64_t i = 0; i < D; i++) acc[g][i] += p * vr[i];
-            }
+            const void *vr = kv_at(vb, j * Hkv * D, half);
+            kv_prefetch(kv_at(vn, j * Hkv * D, half), D, half);
+            for (int64_t g = 0; g < G; g++) kv_axpy(acc[g], pb[g * ls + j], vr, D, half);
         }
     }
     for (int64_t g = 0; g < G; g++)
@@ -296,30 +350,35 @@ static inline __attribute__((always_inline)) void attend_kv(const float *q, cons
 
 /* Sequence b's query heads [h0, h1) (a multiple of G apart) over positions [lo, L): q, out [Hq, D]; scratch
  * holds G * (L - lo rounded down to a block start) floats, or attend_wide's. */
-static void attend(const float *q, const float *kc, const float *vc, const int64_t *tb, int64_t L, int64_t lo,
-                   int64_t h0, int64_t h1, int64_t Hkv, int64_t G, int64_t D, int64_t bs, float scale,
-                   float softcap, float *out, float *scratch) {
+static inline __attribute__((always_inline)) void attend_as(const float *q, const void *kc, const void *vc,
+        const int64_t *tb, int64_t L, int64_t lo, int64_t h0, int64_t h1, int64_t Hkv, int64_t G, int64_t D,
+        int64_t bs, float scale, float softcap, float *out, float *scratch, const int half) {
     if (Hkv * D >= WIDE_ROW) {
         if (G == 1 && D == 128) /* Llama-2-7B */
-            attend_wide(q, kc, vc, tb, L, lo, h0, h1, Hkv, 1, 128, bs, scale, softcap, out, scratch);
+            attend_wide(q, kc, vc, tb, L, lo, h0, h1, Hkv, 1, 128, bs, scale, softcap, out, scratch, half);
         else if (G == 4 && D == 128) /* Mistral-7B, Llama-3-8B */
-            attend_wide(q, kc, vc, tb, L, lo, h0, h1, Hkv, 4, 128, bs, scale, softcap, out, scratch);
+            attend_wide(q, kc, vc, tb, L, lo, h0, h1, Hkv, 4, 128, bs, scale, softcap, out, scratch, half);
         else
-            attend_wide(q, kc, vc, tb, L, lo, h0, h1, Hkv, G, D, bs, scale, softcap, out, scratch);
+            attend_wide(q, kc, vc, tb, L, lo, h0, h1, Hkv, G, D, bs, scale, softcap, out, scratch, half);
         return;
     }
     for (int64_t kvh = h0 / G; kvh < h1 / G; kvh++) {
         const float *qk = q + kvh * G * D;
         float *ok = out + kvh * G * D;
         if (G == 3 && D == 64) /* SmolLM2-135M */
-            attend_kv(qk, kc, vc, tb, L, lo, kvh, Hkv, 3, 64, bs, scale, softcap, ok, scratch);
-        else if (G == 1 && D == 128) /* Llama-2-7B */
-            attend_kv(qk, kc, vc, tb, L, lo, kvh, Hkv, 1, 128, bs, scale, softcap, ok, scratch);
-        else if (G == 4 && D == 128) /* Mistral-7B, Llama-3-8B */
-            attend_kv(qk, kc, vc, tb, L, lo, kvh, Hkv, 4, 128, bs, scale, softcap, ok, scratch);
+            attend_kv(qk, kc, vc, tb, L, lo, kvh, Hkv, 3, 64, bs, scale, softcap, ok, scratch, half);
         else
-            attend_kv(qk, kc, vc, tb, L, lo, kvh, Hkv, G, D, bs, scale, softcap, ok, scratch);
+            attend_kv(qk, kc, vc, tb, L, lo, kvh, Hkv, G, D, bs, scale, softcap, ok, scratch, half);
     }
+}
+
+static void attend(const float *q, const void *kc, const void *vc, const int64_t *tb, int64_t L, int64_t lo,
+                   int64_t h0, int64_t h1, int64_t Hkv, int64_t G, int64_t D, int64_t bs, float scale,
+                   float softcap, float *out, float *scratch, int half) {
+    if (half)
+        attend_as(q, kc, vc, tb, L, lo, h0, h1, Hkv, G, D, bs, scale, softcap, out, scratch, 1);
+    else
+        attend_as(q, kc, vc, tb, L, lo, h0, h1, Hkv, G, D, bs, scale, softcap, out, scratch, 0);
 }
 
 /* Positions a score tile holds: 16 (AVX-512), 8 (AVX2), 0 in the scalar build (tests check which ran). */
@@ -339,10 +398,10 @@ static inline int64_t window_start(int64_t L, int64_t window) {
 /* Returns 0; 1 when scratch memory could not be had; 2 (nothing computed) when a length or a block id
  * that would be read is outside the tables or the cache (nslots slots): a wrong index must not become a
  * read anywhere. Blocks wholly before a row's window are not read, so not checked either. */
-int paged_decode_attention(const float *q, const float *kc, const float *vc, int64_t nslots,
+int paged_decode_attention(const float *q, const void *kc, const void *vc, int64_t nslots,
                            const int64_t *tables, int64_t width, const int64_t *lens, int64_t B, int64_t Hq,
                            int64_t Hkv, int64_t D, int64_t bs, float scale, float softcap, int64_t window,
-                           float *out, int nthreads) {
+                           int half, float *out, int nthreads) {
     const int64_t G = Hq / Hkv;
     int64_t span = 0; /* the most scores a head of one row holds: from its window's first block on */
     for (int64_t b = 0; b < B; b++) {
@@ -376,7 +435,7 @@ int paged_decode_attention(const float *q, const float *kc, const float *vc, int
             if (!scratch) continue;
             const int64_t b = t / split, h0 = (t % split) * heads;
             attend(q + b * Hq * D, kc, vc, tables + b * width, lens[b], window_start(lens[b], window), h0,
-                   h0 + heads, Hkv, G, D, bs, scale, softcap, out + b * Hq * D, scratch);
+                   h0 + heads, Hkv, G, D, bs, scale, softcap, out + b * Hq * D, scratch, half);
         }
         free(scratch);
         FTZ_OFF(csr);
