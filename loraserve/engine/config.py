@@ -125,6 +125,11 @@ def _default_threads() -> int:
     return int(os.environ.get("LORASERVE_THREADS", "0")) or (os.cpu_count() or 1)
 
 
+def physical_memory() -> int:
+    """The machine's physical memory in bytes: what memory-sized defaults and refusals measure against."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     device: str = "cpu"

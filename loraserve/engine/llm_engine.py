@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 
 import torch
 
-from loraserve.engine.config import EngineConfig, ModelConfig
+from loraserve.engine.config import EngineConfig, ModelConfig, physical_memory
 from loraserve.engine.core.block_manager import BlockManager
 from loraserve.engine.core.scheduler import Scheduler
 from loraserve.engine.core.sequence import Sequence, TokenScores
@@ -37,10 +36,6 @@ def cpu_kv_budget(per_token: int, want: int, memory: int) -> int:
     per_token: one token's K/V bytes, all layers; memory: the machine's physical memory in bytes."""
     cap = min(max(_CPU_KV_BYTES, _CPU_KV_TOKENS * per_token), memory // _CPU_KV_MEMORY_SHARE)
     return min(want, cap)
-
-
-def _physical_memory() -> int:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 @dataclass
@@ -123,7 +118,7 @@ class LLMEngine:
                 cap = int(torch.cuda.mem_get_info(self.device)[0] * 0.5)
                 budget = min(want, cap)
             else:
-                budget = cpu_kv_budget(per_token, want, _physical_memory())
+                budget = cpu_kv_budget(per_token, want, physical_memory())
         return max(floor, budget // (per_token * ecfg.block_size))
 
     # -- requests ---------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import gguf
 import numpy as np
 import torch
 
-from loraserve.engine.config import ModelConfig
+from loraserve.engine.config import ModelConfig, physical_memory
 from loraserve.engine.weights.gguf_arch import GGUFArch, hf_name, norm_shift
 from loraserve.engine.weights.gguf_hparams import ROPE_FREQS, config_from_gguf
 from loraserve.engine.weights.hf import StateDict, check_complete
@@ -88,7 +88,7 @@ def _refuse_unsupported(reader: gguf.GGUFReader, path: str | Path) -> None:
     if not bad:
         return
     float32_gb = sum(int(t.n_elements) for t in reader.tensors) * 4 / 1e9
-    memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+    memory_gb = physical_memory() / 1e9
     fits = (f"which fits this machine's {memory_gb:.0f} GB" if float32_gb < 0.8 * memory_gb
             else f"more than this machine's {memory_gb:.0f} GB: pick a file of a supported type")
     types = sorted({t.tensor_type.name for t in bad})

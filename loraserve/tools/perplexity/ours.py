@@ -21,7 +21,7 @@ class EngineScores:
     logprobs: dict[str | None, list[float]]
 
 
-def engine_config(dtype: str, threads: int, kv_dtype: str = "auto") -> EngineConfig:
+def engine_config(dtype: str, threads: int, kv_dtype: str) -> EngineConfig:
     # One sequence at a time: the KV cache holds one window, not the server's 64.
     return EngineConfig(dtype=dtype, threads=threads, max_num_seqs=1, kv_dtype=kv_dtype)
 
