@@ -127,16 +127,17 @@ def main(argv: list[str] | None = None) -> None:
             for layout in args.layouts:
                 if layout == "repacked" and int(qtype) not in X8_TYPES:
                     continue
-                packed = [first.repack(w, int(qtype), n, k) for w in weights] if layout == "repacked" else []
-                parts = [[b.kernel.parts([p], k) for p in packed] if packed
-                         else [b.kernel.parts([(w, int(qtype), n)], k) for w in weights] for b in builds]
+                # each build reads the groups it lays out itself (qlinear_x8.h: layouts differ by build)
+                parts = [[b.kernel.parts([b.kernel.repack(w, int(qtype), n, k)], k) for w in weights]
+                         if layout == "repacked" else [b.kernel.parts([(w, int(qtype), n)], k) for w in weights]
+                         for b in builds]
                 for t in args.tokens:
                     x = torch.randn(t, k, generator=gen)
                     ms = _time(builds, parts, x, args.reps)
                     print(f"| {k}->{n} ({name}) | {qtype.name} | {layout} | {t} | "
                           + " | ".join(f"{m:.3f}" for m in ms) + " | "
                           + " | ".join(f"{m / ms[0]:.2f}" for m in ms[1:]) + " |", flush=True)
-                del packed, parts
+                del parts
 
 
 if __name__ == "__main__":

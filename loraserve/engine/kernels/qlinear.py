@@ -45,6 +45,9 @@ class QuantLinearKernel:
         lib.qlinear_x8_bytes.restype = i
         lib.qlinear_x8_pack.argtypes = [p, ctypes.c_int, i, i, p, p, ctypes.c_int]
         lib.qlinear_x8_unpack.argtypes = [p, ctypes.c_int, i, i, p, i, p]
+        lib.qlinear_x8_layout.restype = ctypes.c_int
+        # which variant of the repacked layout this build writes and reads (builds differ: qlinear_x8.h)
+        self.x8_layout = int(lib.qlinear_x8_layout())
         self._lib = lib
         fn = lib.qlinear_forward
         fn.argtypes = [p, i, i, ctypes.c_int, p, p, p, i, p, i, ctypes.c_int]
@@ -60,7 +63,8 @@ class QuantLinearKernel:
     def repack(self, blocks: torch.Tensor, qtype: int, out_features: int, in_features: int,
                order: torch.Tensor | None = None) -> Repacked:
         """The weight in the kernel's groups of 8 rows (csrc/qlinear_x8.h; types in X8_TYPES), its row n
-        being `blocks`' row order[n]: a new tensor of the same size as the blocks, give or take a group."""
+        being `blocks`' row order[n]: a new tensor of the same size as the blocks, give or take a group,
+        for this build of the kernel (another build may lay the groups out otherwise)."""
         _check_blocks(blocks, out_features, _row_bytes(self.block_bytes, qtype, in_features))
         if qtype not in X8_TYPES:
             raise ValueError(f"qlinear repacks GGML types {sorted(X8_TYPES)}, not {qtype}")
@@ -73,10 +77,12 @@ class QuantLinearKernel:
                                      None if order is None else order.data_ptr(), data.data_ptr(),
                                      torch.get_num_threads()):
             raise ValueError("qlinear_x8_pack: a row order out of range")
-        return Repacked(data, qtype, out_features, in_features)
+        return Repacked(data, qtype, out_features, in_features, self.x8_layout)
 
     def stored_rows(self, w: Repacked, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` of a repacked weight back in the stored layout: uint8 [len(ids), row bytes]."""
+        if w.layout != self.x8_layout:
+            raise ValueError(f"a weight repacked by another build of the kernel (layout {w.layout})")
         ids = ids.to(torch.int64).contiguous()
         row_bytes = _row_bytes(self.block_bytes, w.qtype, w.in_features)
         out = torch.empty(ids.numel(), row_bytes, dtype=torch.uint8)
@@ -91,6 +97,9 @@ class QuantLinearKernel:
         specs: list[tuple[torch.Tensor, int, int]] = []
         for w in weights:
             if isinstance(w, Repacked):
+                if w.layout != self.x8_layout:
+                    raise ValueError(f"a weight repacked by another build of the kernel (layout {w.layout}, "
+                                     f"this build's {self.x8_layout})")
                 if w.in_features != in_features:
                     raise ValueError(f"a repacked weight of {w.in_features} input features, not "
                                      f"{in_features}")
@@ -135,6 +144,7 @@ class Repacked:
     qtype: int  # GGML type id, in X8_TYPES
     out_features: int
     in_features: int
+    layout: int  # the packing build's x8_layout: only a build of the same layout reads it
 
 
 @dataclass(frozen=True)

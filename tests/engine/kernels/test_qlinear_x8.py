@@ -84,11 +84,26 @@ def test_the_avx512_build_gives_the_avx2_build_s_bits(tmp_path_factory: pytest.T
     for qtype in TYPES:
         for n, k in [*SHAPES, (8, 64), (24, 96)]:
             blocks = _blocks(qtype, n, k)
-            packed = native.repack(blocks, int(qtype), n, k)
-            for t in (1, 2, 5, 17, 33):
+            packed, packed2 = native.repack(blocks, int(qtype), n, k), avx2.repack(blocks, int(qtype), n, k)
+            for t in (1, 2, 5, 7, 17, 30, 33):
                 x = _x(t, k, seed=t) * 3
                 got = native.stacked(x, native.parts([packed], k))
-                assert torch.equal(got, avx2.stacked(x, avx2.parts([packed], k))), (qtype.name, n, k, t)
+                assert torch.equal(got, avx2.stacked(x, avx2.parts([packed2], k))), (qtype.name, n, k, t)
+
+
+@pytest.mark.skipif("avx2" not in kernel_builds.builds(), reason="no AVX-512: the native build is AVX2's")
+def test_a_build_refuses_another_layout_s_weights(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The AVX-512 VNNI build stores Q8_0's quants plus 128 (vpdpbusd's unsigned operand): its groups
+    are not the AVX2 build's, and each build refuses the other's rather than read wrong numbers."""
+    native, avx2 = load_qlinear(), kernel_builds.build(load_qlinear, "avx2", tmp_path_factory)
+    assert native is not None and native.x8_layout != avx2.x8_layout
+    blocks = _blocks(Q.Q8_0, 9, 64)
+    packed = native.repack(blocks, int(Q.Q8_0), 9, 64)
+    with pytest.raises(ValueError, match="another build"):
+        avx2.parts([packed], 64)
+    with pytest.raises(ValueError, match="another build"):
+        avx2.stored_rows(packed, torch.tensor([0]))
+    assert torch.equal(native.stored_rows(packed, torch.arange(9)), blocks)
 
 
 def test_repacked_and_stored_parts_stack(kernel: QuantLinearKernel) -> None:
@@ -117,4 +132,4 @@ def test_refuses_what_it_cannot_repack(kernel: QuantLinearKernel) -> None:
     with pytest.raises(IndexError):
         kernel.stored_rows(packed, torch.tensor([9]))
     with pytest.raises(ValueError, match="input features"):
-        kernel.parts([Repacked(packed.data, packed.qtype, 9, 32)], 64)
+        kernel.parts([Repacked(packed.data, packed.qtype, 9, 32, packed.layout)], 64)

@@ -17,7 +17,8 @@
  * by d_w d_a. maddubs needs one unsigned operand: 4-bit nibbles are unsigned as stored, and the block's
  * offset (-8 d_w for Q4_0, m for Q4_1) times the activations' sum, s_a = d_a * sum(q_a), kept per block,
  * is spread over the lanes, one FMA; for Q8_0 the sign moves onto the activations, maddubs(|w|, sign(a,
- * w)), which cannot saturate (|a| <= 127). Each decoded weight block serves MR = 4 rows of x; rows come
+ * w)), which cannot saturate (|a| <= 127). Each decoded weight block serves MR = 4 rows of x (X8_MR in the
+ * repacked tiles: qlinear_x8.h); rows come
  * in blocks of TB, whose int8 copy stays in L2 while every weight row passes over it, so a prefill does
  * not stream all of x again per weight row; the (row block, weight row) pairs are split statically
  * between the threads. Even and odd blocks go to two accumulators: a decode step's single row would
@@ -55,7 +56,7 @@
 #define MR 4  /* rows of x per decoded weight block */
 #define TB 64 /* rows of x per block: TB * K bytes of int8 stay in L2 */
 /* loops over the rows unrolled early, so that their accumulators become registers, not stack arrays */
-#define UNROLL _Pragma("GCC unroll 4")
+#define UNROLL _Pragma("GCC unroll 8")
 
 /* The scalar path's multiply-adds, fused or not but the same way everywhere: left to -ffp-contract, the
  * compiler fuses some and not others depending on R, and a row's bits would depend on its neighbours. */
@@ -113,9 +114,10 @@ static inline float fp16_at(const uint8_t *p) {
 #endif
 }
 
-/* One row of x as int8 blocks: q[b*32 + i] = round(x * (1 / d)), d[b] = amax / 127, s[b] = d * sum(q),
- * is[b] = sum(q). */
-static void quantize_row(const float *x, int64_t nb, int8_t *q, float *d, float *s, int32_t *is) {
+/* One row of x as int8 blocks: q[b*32 + i] = round(x * (1 / d)), d[b] = amax / 127, s[b] = d * sum(q), and
+ * the offsets the repacked tiles add, ready to broadcast from memory: s8[b] = 8 s[b] (Q4_0's; exact, a
+ * power of two), c128[b] = -128 sum(q) (Q8_0's on AVX-512 VNNI: qlinear_x8.h). */
+static void quantize_row(const float *x, int64_t nb, int8_t *q, float *d, float *s, float *s8, int32_t *c128) {
     for (int64_t b = 0; b < nb; b++, x += QK, q += QK) {
 #ifdef __AVX2__
         const __m256 sgn = _mm256_set1_ps(-0.0f);
@@ -139,9 +141,11 @@ static void quantize_row(const float *x, int64_t nb, int8_t *q, float *d, float 
         __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(iv[0], iv[1]), _mm256_packs_epi32(iv[2], iv[3]));
         p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
         _mm256_storeu_si256((__m256i *)q, p);
+        const int32_t is = _mm_cvtsi128_si32(s4);
         d[b] = dd;
-        is[b] = _mm_cvtsi128_si32(s4);
-        s[b] = dd * (float)is[b];
+        s[b] = dd * (float)is;
+        s8[b] = 8.f * s[b];
+        c128[b] = -128 * is;
 #else
         float amax = 0.f;
         for (int i = 0; i < QK; i++) amax = fmaxf(amax, fabsf(x[i]));
@@ -154,8 +158,9 @@ static void quantize_row(const float *x, int64_t nb, int8_t *q, float *d, float 
             sum += v;
         }
         d[b] = dd;
-        is[b] = sum;
         s[b] = dd * (float)sum;
+        s8[b] = 8.f * s[b];
+        c128[b] = -128 * sum;
 #endif
     }
 }
@@ -320,17 +325,17 @@ int qlinear_forward(const float *x, int64_t T, int64_t ldx, int P, const uint8_t
     }
     if (T == 0 || N == 0) return 0;
     const int64_t nb = K / QK, tblocks = (T + TB - 1) / TB;
-    /* One block for the quantized activations and their per-block d, s and integer sums: one allocation a
+    /* One block for the quantized activations and their per-block d, s, 8 s and -128 sum(q): one allocation a
      * call keeps the heap as the previous call left it (the engine's steps reuse its pages: host_malloc.py). */
-    int8_t *qa = malloc((size_t)(T * K) + 3 * (size_t)(T * nb) * sizeof(float));
+    int8_t *qa = malloc((size_t)(T * K) + 4 * (size_t)(T * nb) * sizeof(float));
     if (!qa) return 2;
-    float *da = (float *)(qa + T * K), *sa = da + T * nb; /* T * K is a multiple of QK: aligned */
-    int32_t *ia = (int32_t *)(sa + T * nb);
+    float *da = (float *)(qa + T * K), *sa = da + T * nb, *s8 = sa + T * nb; /* T * K: a multiple of QK */
+    int32_t *c128 = (int32_t *)(s8 + T * nb);
 #pragma omp parallel num_threads(nthreads)
     {
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < T; t++)
-            quantize_row(x + t * ldx, nb, qa + t * K, da + t * nb, sa + t * nb, ia + t * nb);
+            quantize_row(x + t * ldx, nb, qa + t * K, da + t * nb, sa + t * nb, s8 + t * nb, c128 + t * nb);
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < tblocks * U; i++) {
             const int64_t t0 = i / U * TB, t1 = t0 + TB < T ? t0 + TB : T;
@@ -342,11 +347,16 @@ int qlinear_forward(const float *x, int64_t T, int64_t ldx, int P, const uint8_t
             }
             const int type = types[p] & ~X8;
             if (types[p] & X8) {
-                const uint8_t *grp = ws[p] + u * (X8_TILE / GR) * nb * x8_block_bytes(type);
+                const int64_t tile_bytes = (X8_TILE / GR) * nb * x8_block_bytes(type);
+                const uint8_t *grp = ws[p] + u * tile_bytes;
                 const int valid = ns[p] - u * X8_TILE < X8_TILE ? (int)(ns[p] - u * X8_TILE) : X8_TILE;
-                for (int64_t t = t0; t < t1; t += MR)
-                    x8_rows(type, t1 - t < MR ? (int)(t1 - t) : MR, grp, nb, qa + t * K, da + t * nb, sa + t * nb,
-                            ia + t * nb, y + t * ldy + n0 + u * X8_TILE, ldy, valid);
+                /* the part's next tile, which this thread most likely takes next (a static schedule) */
+                const uint8_t *next = u + 1 < part_units(types[p], ns[p]) ? grp + tile_bytes : NULL;
+                for (int64_t t = t0; t < t1; t += X8_MR) {
+                    const xrows a = {qa + t * K, da + t * nb, sa + t * nb, s8 + t * nb, c128 + t * nb};
+                    const int R = t1 - t < X8_MR ? (int)(t1 - t) : X8_MR;
+                    x8_rows(type, R, grp, nb, a, y + t * ldy + n0 + u * X8_TILE, ldy, valid, t == t0 ? next : NULL);
+                }
             } else {
                 const uint8_t *w = ws[p] + u * qlinear_row_bytes(type, K);
                 for (int64_t t = t0; t < t1; t += MR)

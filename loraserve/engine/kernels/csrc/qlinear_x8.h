@@ -20,9 +20,10 @@
  *
  * AVX-512 VNNI (VNNI512): vpdpbusd accumulates each chunk's four products a lane straight into int32,
  * against the activations' four bytes broadcast. A tile is two groups (X8_TILE = 16 rows, the
- * threads' unit), side by side in a zmm when MR rows of x meet it (a batch: compute-bound, ~1.75x the
- * AVX2 build on the 7B shapes at T = 16); fewer rows (a decode step) take one group after the other in
- * ymm registers, one stream of blocks from memory, which streams faster than the two groups' two.
+ * threads' unit), side by side in a zmm when MR or more rows of x meet it (up to X8_MR = 8 at once: a
+ * batch, compute-bound); fewer rows (a decode step) take one group after the other in ymm registers, one
+ * stream of blocks from memory, which streams faster than the two groups' two. This build stores Q8_0's
+ * quants plus 128 (X8_Q8_BIAS), so its groups are its own: a weight is repacked by the build that reads it.
  * Either way each output's integer dots and float steps are the AVX2 tile's: the same bits.
  */
 #define GR 8 /* weight rows a group */
@@ -32,8 +33,10 @@
 #endif
 #if defined(VNNI512) && X8_ZMM
 #define X8_TILE 16
+#define X8_MR 8 /* rows of x a tile meets at once: the zmm tile's registers hold 8 rows' sums */
 #else
 #define X8_TILE GR
+#define X8_MR MR
 #endif
 
 static inline int x8_scale_bytes(int type) { return type == Q4_1 ? 32 : 16; }
@@ -52,14 +55,29 @@ int64_t qlinear_x8_bytes(int type, int64_t N, int64_t K) {
     return (N + GR - 1) / GR * (K / QK) * gb;
 }
 
+/* What a Q8_0 quant byte is xored with in a group: vpdpbusd takes the weights as its unsigned operand, so
+ * the AVX-512 VNNI build stores q + 128 (q ^ 0x80) rather than add it at every block of every call. */
+#if defined(VNNI512)
+#define X8_Q8_BIAS 0x80
+#else
+#define X8_Q8_BIAS 0
+#endif
+
+/* The layout variant this build writes and reads: Q8_0's quants as stored (0) or biased (0x80). */
+int qlinear_x8_layout(void) { return X8_Q8_BIAS; }
+
 /* One row's block (stored layout) <-> its place in a group's block. to_group: 1 packs, 0 unpacks. */
 static void x8_move(int type, uint8_t *grp, int r, uint8_t *blk, int to_group) {
     const int sb = x8_scale_bytes(type), chunks = x8_quant_bytes(type) / 32;
-    const int qoff = type == Q4_1 ? 4 : 2;
+    const int qoff = type == Q4_1 ? 4 : 2, bias = type == Q8_0 ? X8_Q8_BIAS : 0;
 #define X8_MOVE(g, s, n) (to_group ? memcpy(g, s, n) : memcpy(s, g, n))
     X8_MOVE(grp + 2 * r, blk, 2);
     if (type == Q4_1) X8_MOVE(grp + 16 + 2 * r, blk + 2, 2);
-    for (int j = 0; j < chunks; j++) X8_MOVE(grp + sb + 32 * j + 4 * r, blk + qoff + 4 * j, 4);
+    for (int j = 0; j < chunks; j++) {
+        uint8_t *q = to_group ? grp + sb + 32 * j + 4 * r : blk + qoff + 4 * j;
+        X8_MOVE(grp + sb + 32 * j + 4 * r, blk + qoff + 4 * j, 4);
+        for (int e = 0; e < 4; e++) q[e] ^= (uint8_t)bias;
+    }
 #undef X8_MOVE
 }
 
@@ -102,11 +120,20 @@ int qlinear_x8_unpack(const uint8_t *packed, int type, int64_t N, int64_t K, con
     return 0;
 }
 
+/* Rows of quantized x from one row on (quantize_row's arrays): row r's block b is q + (r nb + b) 32 and
+ * d, s, s8, c128[r nb + b]. */
+typedef struct {
+    const int8_t *q;
+    const float *d, *s, *s8;
+    const int32_t *c128;
+} xrows;
+
 #if defined(VNNI512)
-static inline __m512i bcast4_512(const int8_t *a) {
-    int32_t v;
-    memcpy(&v, a, 4);
-    return _mm512_set1_epi32(v); /* a broadcast load: a load port's work, not a vector ALU's */
+/* acc + the dot products of u's unsigned bytes with the four signed bytes at a, broadcast by the instruction
+ * itself: gcc would load them with a vpbroadcastd of their own, one more instruction for each vpdpbusd. */
+static inline __m512i dpbusd_bcast(__m512i acc, __m512i u, const int8_t *a) {
+    __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(u), "m"(*(const int32_t *)a));
+    return acc;
 }
 
 /* A chunk of two groups' blocks, group 0 in the low 256 bits (lanes 0-7: its rows), group 1 high. */
@@ -120,40 +147,42 @@ static inline __m512 fp16x16(const uint8_t *p0, const uint8_t *p1) {
     return _mm512_cvtph_ps(_mm256_inserti128_si256(_mm256_castsi128_si256(h0), h1, 1));
 }
 
-/* R rows of x (1..MR) against two consecutive groups (X8_TILE = 16 weight rows, one a lane): y[r * ldy + i]
+/* R rows of x (1..X8_MR) against two consecutive groups (X8_TILE = 16 weight rows, one a lane): y[r * ldy + i]
  * for the first `valid` rows i. The AVX2 tile's float steps, lane by lane, on the same integer dots, so a
  * lane's bits are the AVX2 build's. vpdpbusd takes the unsigned operand from the weights, so that the
  * activations' four bytes, broadcast, need no per-row work (AVX-512 has no vpsignb for Q8_0's sign trick):
- * 4-bit quants are unsigned as stored, Q8_0's get 128 added (xor 0x80) and the activations' block sum
- * takes it back, the lane started at -128 sum(q_a): an exact dot, in int32 all along. Each row's dot runs in two chains (low and high nibbles; even and odd
- * chunks), MR rows eight chains, to cover vpdpbusd's latency. A lone last group reads its own blocks
- * twice and stores lanes 0-7 only. */
+ * 4-bit quants are unsigned as stored, Q8_0's were stored plus 128 (X8_Q8_BIAS) and the lane starts at
+ * -128 sum(q_a) to take it back: an exact dot, in int32 all along. Each row's dot is one chain of
+ * vpdpbusd: the rows' chains cover its latency. Eight rows of x a decoded block rather than MR = 4: the
+ * unpacking, the loads and the weights' scales spread over twice the rows (Q4_0 1.01-1.04x, Q8_0 1.04-1.25x
+ * at T = 16 and 64 on the 7B shapes). A lone last group reads its own blocks twice and
+ * stores lanes 0-7 only. `next` (or NULL): the tile the thread takes after this one, fetched into L2 while
+ * this one is worked on, whose first rows of x would otherwise wait on memory; the other rows of x find
+ * the tile in L2 already. */
 static inline __attribute__((always_inline)) void x8_tile16(const int type, const int R, const uint8_t *grp,
-                                                            int64_t nb, const int8_t *qa, const float *da,
-                                                            const float *sa, const int32_t *ia, float *y,
-                                                            int64_t ldy, int valid) {
+                                                            int64_t nb, xrows a, float *y, int64_t ldy,
+                                                            int valid, const uint8_t *next) {
     const int64_t gb = x8_block_bytes(type);
     const int sb = x8_scale_bytes(type);
     const uint8_t *g1 = valid > GR ? grp + nb * gb : grp;
-    const __m512i low = _mm512_set1_epi8(0x0f), bias = _mm512_set1_epi8((char)0x80);
-    __m512 acc[MR];
+    const __m512i low = _mm512_set1_epi8(0x0f);
+    __m512 acc[X8_MR];
     UNROLL for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; b++, grp += gb, g1 += gb) {
+        if (next)
+            for (int64_t o = 0; o < 2 * gb; o += 64) _mm_prefetch((const char *)(next + 2 * b * gb + o), _MM_HINT_T1);
         const __m512 dw = fp16x16(grp, g1);
         const __m512 mw = type == Q4_1 ? fp16x16(grp + 16, g1 + 16) : _mm512_setzero_ps();
         const uint8_t *w0 = grp + sb, *w1 = g1 + sb;
         if (type == Q8_0) {
             __m512i u[8];
-            for (int j = 0; j < 8; j++) u[j] = _mm512_xor_si512(load2(w0 + 32 * j, w1 + 32 * j), bias);
+            for (int j = 0; j < 8; j++) u[j] = load2(w0 + 32 * j, w1 + 32 * j);
             UNROLL for (int r = 0; r < R; r++) {
-                const int8_t *a = qa + (r * nb + b) * QK;
-                __m512i s0 = _mm512_set1_epi32(-128 * ia[r * nb + b]), s1 = _mm512_setzero_si512();
-                for (int j = 0; j < 8; j += 2) {
-                    s0 = _mm512_dpbusd_epi32(s0, u[j], bcast4_512(a + 4 * j));
-                    s1 = _mm512_dpbusd_epi32(s1, u[j + 1], bcast4_512(a + 4 * j + 4));
-                }
-                const __m512 d = _mm512_mul_ps(dw, _mm512_set1_ps(da[r * nb + b]));
-                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)), d, acc[r]);
+                const int64_t rb = r * nb + b;
+                __m512i dot = _mm512_set1_epi32(a.c128[rb]);
+                for (int j = 0; j < 8; j++) dot = dpbusd_bcast(dot, u[j], a.q + rb * QK + 4 * j);
+                const __m512 d = _mm512_mul_ps(dw, _mm512_set1_ps(a.d[rb]));
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), d, acc[r]);
             }
         } else {
             __m512i lo[4], hi[4];
@@ -163,20 +192,19 @@ static inline __attribute__((always_inline)) void x8_tile16(const int type, cons
                 hi[j] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
             }
             UNROLL for (int r = 0; r < R; r++) {
-                const int8_t *a = qa + (r * nb + b) * QK;
-                __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
+                const int64_t rb = r * nb + b;
+                __m512i idot = _mm512_setzero_si512();
                 for (int j = 0; j < 4; j++) {
-                    s0 = _mm512_dpbusd_epi32(s0, lo[j], bcast4_512(a + 4 * j));
-                    s1 = _mm512_dpbusd_epi32(s1, hi[j], bcast4_512(a + 16 + 4 * j));
+                    idot = dpbusd_bcast(idot, lo[j], a.q + rb * QK + 4 * j);
+                    idot = dpbusd_bcast(idot, hi[j], a.q + rb * QK + 16 + 4 * j);
                 }
-                const __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));
-                const __m512 d = _mm512_set1_ps(da[r * nb + b]);
+                const __m512 dot = _mm512_cvtepi32_ps(idot);
+                const __m512 d = _mm512_set1_ps(a.d[rb]);
                 if (type == Q4_0)
-                    acc[r] = _mm512_fmadd_ps(dw, _mm512_fmsub_ps(d, dot, _mm512_set1_ps(8.f * sa[r * nb + b])),
-                                             acc[r]);
+                    acc[r] = _mm512_fmadd_ps(dw, _mm512_fmsub_ps(d, dot, _mm512_set1_ps(a.s8[rb])), acc[r]);
                 else
                     acc[r] = _mm512_fmadd_ps(dot, _mm512_mul_ps(dw, d),
-                                             _mm512_fmadd_ps(mw, _mm512_set1_ps(sa[r * nb + b]), acc[r]));
+                                             _mm512_fmadd_ps(mw, _mm512_set1_ps(a.s[rb]), acc[r]));
             }
         }
     }
@@ -190,14 +218,14 @@ static inline __m256i bcast4(const int8_t *a) {
     return _mm256_set1_epi32(v);
 }
 
-/* x8_tile16's work on one group (8 rows) in ymm registers. */
+/* x8_tile16's work on one group (8 rows) in ymm registers, each row's dot in two chains (a decode step's one
+ * row alone would wait on each vpdpbusd's latency). */
 static inline __attribute__((always_inline)) void x8_tile8(const int type, const int R, const uint8_t *grp,
-                                                           int64_t nb, const int8_t *qa, const float *da,
-                                                           const float *sa, const int32_t *ia, float *y,
-                                                           int64_t ldy, int valid) {
+                                                           int64_t nb, xrows a, float *y, int64_t ldy,
+                                                           int valid) {
     const int64_t gb = x8_block_bytes(type);
     const int sb = x8_scale_bytes(type);
-    const __m256i low = _mm256_set1_epi8(0x0f), bias = _mm256_set1_epi8((char)0x80);
+    const __m256i low = _mm256_set1_epi8(0x0f);
     __m256 acc[MR];
     UNROLL for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++, grp += gb) {
@@ -207,16 +235,16 @@ static inline __attribute__((always_inline)) void x8_tile8(const int type, const
         const uint8_t *wq = grp + sb;
         if (type == Q8_0) {
             __m256i u[8];
-            for (int j = 0; j < 8; j++)
-                u[j] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(wq + 32 * j)), bias);
+            for (int j = 0; j < 8; j++) u[j] = _mm256_loadu_si256((const __m256i *)(wq + 32 * j));
             UNROLL for (int r = 0; r < R; r++) {
-                const int8_t *a = qa + (r * nb + b) * QK;
-                __m256i s0 = _mm256_set1_epi32(-128 * ia[r * nb + b]), s1 = _mm256_setzero_si256();
+                const int64_t rb = r * nb + b;
+                const int8_t *q = a.q + rb * QK;
+                __m256i s0 = _mm256_set1_epi32(a.c128[rb]), s1 = _mm256_setzero_si256();
                 for (int j = 0; j < 8; j += 2) {
-                    s0 = _mm256_dpbusd_epi32(s0, u[j], bcast4(a + 4 * j));
-                    s1 = _mm256_dpbusd_epi32(s1, u[j + 1], bcast4(a + 4 * j + 4));
+                    s0 = _mm256_dpbusd_epi32(s0, u[j], bcast4(q + 4 * j));
+                    s1 = _mm256_dpbusd_epi32(s1, u[j + 1], bcast4(q + 4 * j + 4));
                 }
-                const __m256 d = _mm256_mul_ps(dw, _mm256_set1_ps(da[r * nb + b]));
+                const __m256 d = _mm256_mul_ps(dw, _mm256_set1_ps(a.d[rb]));
                 acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(s0, s1)), d, acc[r]);
             }
         } else {
@@ -227,20 +255,20 @@ static inline __attribute__((always_inline)) void x8_tile8(const int type, const
                 hi[j] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
             }
             UNROLL for (int r = 0; r < R; r++) {
-                const int8_t *a = qa + (r * nb + b) * QK;
+                const int64_t rb = r * nb + b;
+                const int8_t *q = a.q + rb * QK;
                 __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
                 for (int j = 0; j < 4; j++) {
-                    s0 = _mm256_dpbusd_epi32(s0, lo[j], bcast4(a + 4 * j));
-                    s1 = _mm256_dpbusd_epi32(s1, hi[j], bcast4(a + 16 + 4 * j));
+                    s0 = _mm256_dpbusd_epi32(s0, lo[j], bcast4(q + 4 * j));
+                    s1 = _mm256_dpbusd_epi32(s1, hi[j], bcast4(q + 16 + 4 * j));
                 }
                 const __m256 dot = _mm256_cvtepi32_ps(_mm256_add_epi32(s0, s1));
-                const __m256 d = _mm256_set1_ps(da[r * nb + b]);
+                const __m256 d = _mm256_set1_ps(a.d[rb]);
                 if (type == Q4_0)
-                    acc[r] = _mm256_fmadd_ps(dw, _mm256_fmsub_ps(d, dot, _mm256_set1_ps(8.f * sa[r * nb + b])),
-                                             acc[r]);
+                    acc[r] = _mm256_fmadd_ps(dw, _mm256_fmsub_ps(d, dot, _mm256_set1_ps(a.s8[rb])), acc[r]);
                 else
                     acc[r] = _mm256_fmadd_ps(dot, _mm256_mul_ps(dw, d),
-                                             _mm256_fmadd_ps(mw, _mm256_set1_ps(sa[r * nb + b]), acc[r]));
+                                             _mm256_fmadd_ps(mw, _mm256_set1_ps(a.s[rb]), acc[r]));
             }
         }
     }
@@ -248,22 +276,21 @@ static inline __attribute__((always_inline)) void x8_tile8(const int type, const
     UNROLL for (int r = 0; r < R; r++) _mm256_mask_storeu_ps(y + r * ldy, keep, acc[r]);
 }
 
-/* A tile of X8_TILE rows: a full tile of rows of x takes two groups a zmm (compute-bound); fewer rows of
+/* A tile of X8_TILE rows: MR or more rows of x take two groups a zmm (compute-bound); fewer rows of
  * x (a decode step) read the weights from memory at every block, and do it faster a group after the other,
  * one stream of blocks (the two groups side by side are two). The same bits either way. */
 static inline __attribute__((always_inline)) void x8_tile(const int type, const int R, const uint8_t *grp,
-                                                          int64_t nb, const int8_t *qa, const float *da,
-                                                          const float *sa, const int32_t *ia, float *y,
-                                                          int64_t ldy, int valid) {
+                                                          int64_t nb, xrows a, float *y, int64_t ldy, int valid,
+                                                          const uint8_t *next) {
 #if X8_ZMM
-    if (R == MR) {
-        x8_tile16(type, R, grp, nb, qa, da, sa, ia, y, ldy, valid);
+    if (R >= MR) {
+        x8_tile16(type, R, grp, nb, a, y, ldy, valid, next);
         return;
     }
 #endif
-    x8_tile8(type, R, grp, nb, qa, da, sa, ia, y, ldy, valid < GR ? valid : GR);
-    if (valid > GR)
-        x8_tile8(type, R, grp + nb * x8_block_bytes(type), nb, qa, da, sa, ia, y + GR, ldy, valid - GR);
+    (void)next;
+    x8_tile8(type, R, grp, nb, a, y, ldy, valid < GR ? valid : GR);
+    if (valid > GR) x8_tile8(type, R, grp + nb * x8_block_bytes(type), nb, a, y + GR, ldy, valid - GR);
 }
 #elif defined(__AVX2__)
 static inline __m256i bcast4(const int8_t *a) {
@@ -276,12 +303,11 @@ static inline __m256i bcast4(const int8_t *a) {
  * one output: per block, its integer dot, then d_w (d_a dot - 8 s_a) (Q4_0), d_w d_a dot + m s_a (Q4_1)
  * or d_w d_a dot (Q8_0), added in block order. */
 static inline __attribute__((always_inline)) void x8_tile(const int type, const int R, const uint8_t *grp,
-                                                          int64_t nb, const int8_t *qa, const float *da,
-                                                          const float *sa, const int32_t *ia, float *y,
-                                                          int64_t ldy, int valid) {
+                                                          int64_t nb, xrows a, float *y, int64_t ldy, int valid,
+                                                          const uint8_t *next) {
     const int64_t gb = x8_block_bytes(type);
     const int sb = x8_scale_bytes(type);
-    (void)ia; /* Q8_0's sign moves onto the activations instead */
+    (void)next; /* measured on the AVX-512 build's tiles only */
     const __m256i low = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
     __m256 acc[MR];
     UNROLL for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
@@ -297,12 +323,12 @@ static inline __attribute__((always_inline)) void x8_tile(const int type, const 
                 u[j] = _mm256_abs_epi8(w[j]);
             }
             UNROLL for (int r = 0; r < R; r++) {
-                const int8_t *a = qa + (r * nb + b) * QK;
+                const int8_t *q = a.q + (r * nb + b) * QK;
                 __m256i s = _mm256_setzero_si256();
                 for (int j = 0; j < 8; j++)
                     s = _mm256_add_epi32(s, _mm256_madd_epi16(
-                        _mm256_maddubs_epi16(u[j], _mm256_sign_epi8(bcast4(a + 4 * j), w[j])), ones));
-                const __m256 d = _mm256_mul_ps(dw, _mm256_broadcast_ss(da + r * nb + b));
+                        _mm256_maddubs_epi16(u[j], _mm256_sign_epi8(bcast4(q + 4 * j), w[j])), ones));
+                const __m256 d = _mm256_mul_ps(dw, _mm256_broadcast_ss(a.d + r * nb + b));
                 acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), d, acc[r]);
             }
         } else {
@@ -313,21 +339,21 @@ static inline __attribute__((always_inline)) void x8_tile(const int type, const 
                 hi[j] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
             }
             UNROLL for (int r = 0; r < R; r++) {
-                const int8_t *a = qa + (r * nb + b) * QK;
-                __m256i s = _mm256_maddubs_epi16(lo[0], bcast4(a));
-                s = _mm256_add_epi16(s, _mm256_maddubs_epi16(hi[0], bcast4(a + 16)));
+                const int8_t *q = a.q + (r * nb + b) * QK;
+                __m256i s = _mm256_maddubs_epi16(lo[0], bcast4(q));
+                s = _mm256_add_epi16(s, _mm256_maddubs_epi16(hi[0], bcast4(q + 16)));
                 for (int j = 1; j < 4; j++) {
-                    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(lo[j], bcast4(a + 4 * j)));
-                    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(hi[j], bcast4(a + 16 + 4 * j)));
+                    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(lo[j], bcast4(q + 4 * j)));
+                    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(hi[j], bcast4(q + 16 + 4 * j)));
                 }
                 const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(s, ones));
-                const __m256 d = _mm256_broadcast_ss(da + r * nb + b);
+                const __m256 d = _mm256_broadcast_ss(a.d + r * nb + b);
                 if (type == Q4_0)
-                    acc[r] = _mm256_fmadd_ps(dw, _mm256_fmsub_ps(d, dot, _mm256_set1_ps(8.f * sa[r * nb + b])),
+                    acc[r] = _mm256_fmadd_ps(dw, _mm256_fmsub_ps(d, dot, _mm256_broadcast_ss(a.s8 + r * nb + b)),
                                              acc[r]);
                 else
                     acc[r] = _mm256_fmadd_ps(dot, _mm256_mul_ps(dw, d),
-                                             _mm256_fmadd_ps(mw, _mm256_broadcast_ss(sa + r * nb + b), acc[r]));
+                                             _mm256_fmadd_ps(mw, _mm256_broadcast_ss(a.s + r * nb + b), acc[r]));
             }
         }
     }
@@ -340,32 +366,31 @@ static inline __attribute__((always_inline)) void x8_tile(const int type, const 
 }
 #else
 /* The same integer dots and the same float steps per output, in scalar code. */
-static inline void x8_tile(const int type, const int R, const uint8_t *grp, int64_t nb, const int8_t *qa,
-                           const float *da, const float *sa, const int32_t *ia, float *y, int64_t ldy,
-                           int valid) {
+static inline void x8_tile(const int type, const int R, const uint8_t *grp, int64_t nb, xrows a, float *y,
+                           int64_t ldy, int valid, const uint8_t *next) {
     const int64_t gb = x8_block_bytes(type);
-    (void)ia;
+    (void)next;
     const int sb = x8_scale_bytes(type);
     float acc[MR][GR] = {{0.f}};
     for (int64_t b = 0; b < nb; b++, grp += gb) {
         for (int i = 0; i < GR; i++) {
             const float dw = fp16_at(grp + 2 * i), mw = type == Q4_1 ? fp16_at(grp + 16 + 2 * i) : 0.f;
             for (int r = 0; r < R; r++) {
-                const int8_t *a = qa + (r * nb + b) * QK;
-                const float d = da[r * nb + b], s = sa[r * nb + b];
+                const int8_t *q8 = a.q + (r * nb + b) * QK;
+                const float d = a.d[r * nb + b], s = a.s[r * nb + b], s8 = a.s8[r * nb + b];
                 int32_t dot = 0;
                 for (int j = 0; j < x8_quant_bytes(type) / 32; j++)
                     for (int e = 0; e < 4; e++) {
                         const uint8_t q = grp[sb + 32 * j + 4 * i + e];
                         if (type == Q8_0)
-                            dot += (int8_t)q * a[4 * j + e];
+                            dot += (int8_t)q * q8[4 * j + e];
                         else
-                            dot += (q & 15) * a[4 * j + e] + (q >> 4) * a[16 + 4 * j + e];
+                            dot += (q & 15) * q8[4 * j + e] + (q >> 4) * q8[16 + 4 * j + e];
                     }
                 if (type == Q8_0)
                     acc[r][i] = MADD((float)dot, dw * d, acc[r][i]);
                 else if (type == Q4_0)
-                    acc[r][i] = MADD(dw, MADD(d, (float)dot, -8.f * s), acc[r][i]);
+                    acc[r][i] = MADD(dw, MADD(d, (float)dot, -s8), acc[r][i]);
                 else
                     acc[r][i] = MADD((float)dot, dw * d, MADD(mw, s, acc[r][i]));
             }
@@ -376,16 +401,32 @@ static inline void x8_tile(const int type, const int R, const uint8_t *grp, int6
 }
 #endif
 
+#define X8_TILE_R(TYPE, RR) x8_tile(TYPE, RR, grp, nb, a, y, ldy, valid, next)
+#if X8_MR > MR
 #define X8_ROWS_OF(TYPE)                                                                                 \
     switch (R) {                                                                                         \
-    case 1: x8_tile(TYPE, 1, grp, nb, qa, da, sa, ia, y, ldy, valid); break;                             \
-    case 2: x8_tile(TYPE, 2, grp, nb, qa, da, sa, ia, y, ldy, valid); break;                             \
-    case 3: x8_tile(TYPE, 3, grp, nb, qa, da, sa, ia, y, ldy, valid); break;                             \
-    default: x8_tile(TYPE, MR, grp, nb, qa, da, sa, ia, y, ldy, valid); break;                           \
+    case 1: X8_TILE_R(TYPE, 1); break;                                                                   \
+    case 2: X8_TILE_R(TYPE, 2); break;                                                                   \
+    case 3: X8_TILE_R(TYPE, 3); break;                                                                   \
+    case 4: X8_TILE_R(TYPE, 4); break;                                                                   \
+    case 5: X8_TILE_R(TYPE, 5); break;                                                                   \
+    case 6: X8_TILE_R(TYPE, 6); break;                                                                   \
+    case 7: X8_TILE_R(TYPE, 7); break;                                                                   \
+    default: X8_TILE_R(TYPE, X8_MR); break;                                                              \
     }
+#else
+#define X8_ROWS_OF(TYPE)                                                                                 \
+    switch (R) {                                                                                         \
+    case 1: X8_TILE_R(TYPE, 1); break;                                                                   \
+    case 2: X8_TILE_R(TYPE, 2); break;                                                                   \
+    case 3: X8_TILE_R(TYPE, 3); break;                                                                   \
+    default: X8_TILE_R(TYPE, X8_MR); break;                                                              \
+    }
+#endif
 
-static void x8_rows(int type, int R, const uint8_t *grp, int64_t nb, const int8_t *qa, const float *da,
-                    const float *sa, const int32_t *ia, float *y, int64_t ldy, int valid) {
+/* R rows of x (1..X8_MR) against a tile: x8_tile, with the type and R as constants. */
+static void x8_rows(int type, int R, const uint8_t *grp, int64_t nb, xrows a, float *y, int64_t ldy, int valid,
+                    const uint8_t *next) {
     switch (type) {
     case Q8_0: X8_ROWS_OF(Q8_0) break;
     case Q4_0: X8_ROWS_OF(Q4_0) break;
