@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -292,8 +293,6 @@ def test_kill_during_generation_and_finetune_writes(workdir: tuple[Path, Path]) 
         assert api.call("DELETE", f"/finetunes/{gone}").status_code == 200
         assert not (data_dir / "finetunes" / gone).exists()
 
-        streams = [in_thread(lambda o, lora=lora: sse_stream(api, lora, o)) for lora in (keep, keep, None)]
-
         def with_client(outcome: Outcome) -> None:
             with Client("gen", token, server.base_url, timeout=20.0) as client, \
                     client.stream(LORA_MODEL, {"prompt": "hello", "max_tokens": 1800, "lora": "keep",
@@ -303,7 +302,11 @@ def test_kill_during_generation_and_finetune_writes(workdir: tuple[Path, Path]) 
                     outcome.started.set()
                 outcome.done = True
 
-        streams.append(in_thread(with_client))
+        clients: list[Callable[[Outcome], None]] = [
+            *(partial(sse_stream, api, lora) for lora in (keep, keep, None)),
+            with_client,
+        ]
+        streams = [in_thread(client) for client in clients]
         # Finetune creates keep arriving while the server dies.
         created: list[str] = []
         stop_creating = threading.Event()
@@ -321,8 +324,18 @@ def test_kill_during_generation_and_finetune_writes(workdir: tuple[Path, Path]) 
         creator_thread, creator = in_thread(create_loop)
         for _thread, outcome in [*streams, (creator_thread, creator)]:
             assert outcome.started.wait(30)
-        deadline = time.monotonic() + 20
-        while any(o.events < 3 for _t, o in streams) and time.monotonic() < deadline:  # tokens are flowing
+        # Until tokens flow to every stream at once. random:tiny writes a stream's 1,800 tokens in ~2.5 s, and
+        # on two cores shared with the create loop one stream's first events can come a second or two after
+        # the others' (a burst of hundreds, generated meanwhile): a stream near its end before the others
+        # began is replaced by a new one (the old one's outcome is not checked), so that the kill finds four
+        # in flight.
+        def flowing(o: Outcome) -> bool:
+            return 3 <= o.events <= 1200 and not o.done
+
+        deadline = time.monotonic() + 30
+        while not all(flowing(o) for _t, o in streams) and time.monotonic() < deadline:
+            streams = [in_thread(client) if (o.done or o.events > 1200) and o.error is None else (t, o)
+                       for client, (t, o) in zip(clients, streams, strict=True)]
             time.sleep(0.005)
         assert all(o.events >= 3 and o.error is None and not o.done for _t, o in streams), streams
         events = [o.events for _t, o in streams]
