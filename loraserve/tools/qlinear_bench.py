@@ -128,9 +128,8 @@ def main(argv: list[str] | None = None) -> None:
                 if layout == "repacked" and int(qtype) not in X8_TYPES:
                     continue
                 # each build reads the groups it lays out itself (qlinear_x8.h: layouts differ by build)
-                parts = [[b.kernel.parts([b.kernel.repack(w, int(qtype), n, k)], k) for w in weights]
-                         if layout == "repacked" else [b.kernel.parts([(w, int(qtype), n)], k) for w in weights]
-                         for b in builds]
+                parts = [[b.kernel.parts([b.kernel.repack(w, int(qtype), n, k) if layout == "repacked"
+                                          else (w, int(qtype), n)], k) for w in weights] for b in builds]
                 for t in args.tokens:
                     x = torch.randn(t, k, generator=gen)
                     ms = _time(builds, parts, x, args.reps)
