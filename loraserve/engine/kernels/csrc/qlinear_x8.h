@@ -154,9 +154,8 @@ static inline __m512 fp16x16(const uint8_t *p0, const uint8_t *p1) {
  * 4-bit quants are unsigned as stored, Q8_0's were stored plus 128 (X8_Q8_BIAS) and the lane starts at
  * -128 sum(q_a) to take it back: an exact dot, in int32 all along. Each row's dot is one chain of
  * vpdpbusd: the rows' chains cover its latency. Eight rows of x a decoded block rather than MR = 4: the
- * unpacking, the loads and the weights' scales spread over twice the rows (Q4_0 1.01-1.04x, Q8_0 1.04-1.25x
- * at T = 16 and 64 on the 7B shapes). A lone last group reads its own blocks twice and
- * stores lanes 0-7 only. `next` (or NULL): the tile the thread takes after this one, fetched into L2 while
+ * unpacking, the loads and the weights' scales spread over twice the rows (BENCHMARKS.md, eighteenth
+ * session). A lone last group reads its own blocks twice and stores lanes 0-7 only. `next` (or NULL): the tile the thread takes after this one, fetched into L2 while
  * this one is worked on, whose first rows of x would otherwise wait on memory; the other rows of x find
  * the tile in L2 already. */
 static inline __attribute__((always_inline)) void x8_tile16(const int type, const int R, const uint8_t *grp,
