@@ -79,10 +79,14 @@ class QuantLinearKernel:
             raise ValueError("qlinear_x8_pack: a row order out of range")
         return Repacked(data, qtype, out_features, in_features, self.x8_layout)
 
+    def _check_layout(self, w: Repacked) -> None:
+        if w.layout != self.x8_layout:
+            raise ValueError(f"a weight repacked by another build of the kernel (layout {w.layout}, "
+                             f"this build's {self.x8_layout})")
+
     def stored_rows(self, w: Repacked, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` of a repacked weight back in the stored layout: uint8 [len(ids), row bytes]."""
-        if w.layout != self.x8_layout:
-            raise ValueError(f"a weight repacked by another build of the kernel (layout {w.layout})")
+        self._check_layout(w)
         ids = ids.to(torch.int64).contiguous()
         row_bytes = _row_bytes(self.block_bytes, w.qtype, w.in_features)
         out = torch.empty(ids.numel(), row_bytes, dtype=torch.uint8)
@@ -97,9 +101,7 @@ class QuantLinearKernel:
         specs: list[tuple[torch.Tensor, int, int]] = []
         for w in weights:
             if isinstance(w, Repacked):
-                if w.layout != self.x8_layout:
-                    raise ValueError(f"a weight repacked by another build of the kernel (layout {w.layout}, "
-                                     f"this build's {self.x8_layout})")
+                self._check_layout(w)
                 if w.in_features != in_features:
                     raise ValueError(f"a repacked weight of {w.in_features} input features, not "
                                      f"{in_features}")

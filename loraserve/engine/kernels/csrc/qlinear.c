@@ -355,7 +355,8 @@ int qlinear_forward(const float *x, int64_t T, int64_t ldx, int P, const uint8_t
                 for (int64_t t = t0; t < t1; t += X8_MR) {
                     const xrows a = {qa + t * K, da + t * nb, sa + t * nb, s8 + t * nb, c128 + t * nb};
                     const int R = t1 - t < X8_MR ? (int)(t1 - t) : X8_MR;
-                    x8_rows(type, R, grp, nb, a, y + t * ldy + n0 + u * X8_TILE, ldy, valid, t == t0 ? next : NULL);
+                    float *yt = y + t * ldy + n0 + u * X8_TILE;
+                    x8_rows(type, R, grp, nb, a, yt, ldy, valid, t == t0 ? next : NULL);
                 }
             } else {
                 const uint8_t *w = ws[p] + u * qlinear_row_bytes(type, K);

@@ -155,9 +155,9 @@ static inline __m512 fp16x16(const uint8_t *p0, const uint8_t *p1) {
  * -128 sum(q_a) to take it back: an exact dot, in int32 all along. Each row's dot is one chain of
  * vpdpbusd: the rows' chains cover its latency. Eight rows of x a decoded block rather than MR = 4: the
  * unpacking, the loads and the weights' scales spread over twice the rows (BENCHMARKS.md, eighteenth
- * session). A lone last group reads its own blocks twice and stores lanes 0-7 only. `next` (or NULL): the tile the thread takes after this one, fetched into L2 while
- * this one is worked on, whose first rows of x would otherwise wait on memory; the other rows of x find
- * the tile in L2 already. */
+ * session). A lone last group reads its own blocks twice and stores lanes 0-7 only. `next` (or NULL):
+ * the tile the thread takes after this one, fetched into L2 while this one is worked on, whose first rows
+ * of x would otherwise wait on memory; the other rows of x find the tile in L2 already. */
 static inline __attribute__((always_inline)) void x8_tile16(const int type, const int R, const uint8_t *grp,
                                                             int64_t nb, xrows a, float *y, int64_t ldy,
                                                             int valid, const uint8_t *next) {
@@ -169,7 +169,8 @@ static inline __attribute__((always_inline)) void x8_tile16(const int type, cons
     UNROLL for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; b++, grp += gb, g1 += gb) {
         if (next)
-            for (int64_t o = 0; o < 2 * gb; o += 64) _mm_prefetch((const char *)(next + 2 * b * gb + o), _MM_HINT_T1);
+            for (int64_t o = 0; o < 2 * gb; o += 64)
+                _mm_prefetch((const char *)(next + 2 * b * gb + o), _MM_HINT_T1);
         const __m512 dw = fp16x16(grp, g1);
         const __m512 mw = type == Q4_1 ? fp16x16(grp + 16, g1 + 16) : _mm512_setzero_ps();
         const uint8_t *w0 = grp + sb, *w1 = g1 + sb;
@@ -401,27 +402,24 @@ static inline void x8_tile(const int type, const int R, const uint8_t *grp, int6
 #endif
 
 #define X8_TILE_R(TYPE, RR) x8_tile(TYPE, RR, grp, nb, a, y, ldy, valid, next)
+/* the row counts between MR and X8_MR, where a build's tile takes more than MR */
 #if X8_MR > MR
-#define X8_ROWS_OF(TYPE)                                                                                 \
-    switch (R) {                                                                                         \
-    case 1: X8_TILE_R(TYPE, 1); break;                                                                   \
-    case 2: X8_TILE_R(TYPE, 2); break;                                                                   \
-    case 3: X8_TILE_R(TYPE, 3); break;                                                                   \
+#define X8_MORE_ROWS(TYPE)                                                                               \
     case 4: X8_TILE_R(TYPE, 4); break;                                                                   \
     case 5: X8_TILE_R(TYPE, 5); break;                                                                   \
     case 6: X8_TILE_R(TYPE, 6); break;                                                                   \
-    case 7: X8_TILE_R(TYPE, 7); break;                                                                   \
-    default: X8_TILE_R(TYPE, X8_MR); break;                                                              \
-    }
+    case 7: X8_TILE_R(TYPE, 7); break;
 #else
+#define X8_MORE_ROWS(TYPE)
+#endif
 #define X8_ROWS_OF(TYPE)                                                                                 \
     switch (R) {                                                                                         \
     case 1: X8_TILE_R(TYPE, 1); break;                                                                   \
     case 2: X8_TILE_R(TYPE, 2); break;                                                                   \
     case 3: X8_TILE_R(TYPE, 3); break;                                                                   \
+    X8_MORE_ROWS(TYPE)                                                                                   \
     default: X8_TILE_R(TYPE, X8_MR); break;                                                              \
     }
-#endif
 
 /* R rows of x (1..X8_MR) against a tile: x8_tile, with the type and R as constants. */
 static void x8_rows(int type, int R, const uint8_t *grp, int64_t nb, xrows a, float *y, int64_t ldy, int valid,
