@@ -35,6 +35,20 @@ def random_tokenizer() -> Tokenizer:
     return Tokenizer.from_gguf(gguf.GGUFReader(str(embedded_gguf_path())))
 
 
+Q4_K_M = "q4_k_m"  # a random model's mix of block types as llama.cpp's Q4_K_M files have them
+
+
+def q4_k_m_type(tensor: str, num_layers: int) -> QuantType:
+    """A tensor's block type in llama.cpp's Q4_K_M mix (llama-quant.cpp): Q4_K throughout but for v and
+    down in Q6_K in the layers it gives more bits (the first and last eighth, every third between)."""
+    parts = tensor.split(".")
+    if not (tensor.endswith(("v_proj.weight", "down_proj.weight")) and "layers" in parts):
+        return QuantType.Q4_K
+    i, n = int(parts[parts.index("layers") + 1]), num_layers
+    more_bits = i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+    return QuantType.Q6_K if more_bits else QuantType.Q4_K
+
+
 def random_model(name: str, tokenizer: Tokenizer, seed: int = 0,
                  max_positions: int = 2048) -> tuple[ModelConfig, StateDict]:
     """`name` is a shape of RANDOM_SHAPES, optionally with a block type (`llama2-7b:q4_0`): projections and
@@ -43,8 +57,9 @@ def random_model(name: str, tokenizer: Tokenizer, seed: int = 0,
     if name not in RANDOM_SHAPES:
         raise ValueError(f"unknown random model {name!r}; known: {', '.join(RANDOM_SHAPES)}")
     qtypes = {q.name.lower(): q for q in QuantType}
-    if quant and quant not in qtypes:
-        raise ValueError(f"unknown block type {quant!r} for random:{name}; known: {', '.join(qtypes)}")
+    if quant and quant not in qtypes and quant != Q4_K_M:
+        raise ValueError(f"unknown block type {quant!r} for random:{name}; known: "
+                         f"{', '.join([*qtypes, Q4_K_M])}")
     rng = np.random.default_rng(seed)
     shape = {"rope_theta": 10000.0, "tie_word_embeddings": True, **RANDOM_SHAPES[name]}
     if "sliding_layers" in shape:  # a tuple of bools in ModelConfig; JSON-friendly in the catalog
@@ -53,8 +68,10 @@ def random_model(name: str, tokenizer: Tokenizer, seed: int = 0,
                       bos_token_id=tokenizer.bos_token_id, eos_token_ids=tokenizer.eos_token_ids, **shape)
     g = torch.Generator().manual_seed(seed)
 
-    def rand(rows: int, cols: int) -> Weight:
+    def rand(tensor: str, rows: int, cols: int) -> Weight:
         # big enough that outputs vary with the input
+        if quant == Q4_K_M:
+            return random_blocks(rows, cols, q4_k_m_type(tensor, cfg.num_layers), 0.02 * 4, rng)
         if quant:
             return random_blocks(rows, cols, qtypes[quant], 0.02 * 4, rng)
         return torch.randn(rows, cols, generator=g) * 0.02 * 4
@@ -63,7 +80,7 @@ def random_model(name: str, tokenizer: Tokenizer, seed: int = 0,
     state: StateDict = {}
     for tensor, dims in expected_shapes(cfg).items():
         if len(dims) == 2:
-            state[tensor] = rand(*dims)
+            state[tensor] = rand(tensor, *dims)
         else:
             state[tensor] = torch.zeros(dims) if tensor.endswith(".bias") else torch.ones(dims)
     return cfg, state

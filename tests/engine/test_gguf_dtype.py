@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM
 from loraserve.engine.config import EngineConfig
 from loraserve.engine.kernels.qlinear import X8_TYPES, Repacked, load_qlinear
 from loraserve.engine.llm_engine import LLMEngine
-from loraserve.engine.loader import load_engine
+from loraserve.engine.loader import load_engine, q4_k_m_type
 from loraserve.engine.ops.quant_linear import QuantLinear
 from loraserve.engine.weights.gguf_file import load_gguf, release_pages
 from loraserve.engine.weights.quant import QuantStack, QuantTensor, QuantType, fuse
@@ -171,6 +171,21 @@ def test_random_quantized_models_for_benchmarks(qtype: QuantType) -> None:
     assert 0.05 < w.std().item() < 0.11 and abs(w.mean().item()) < 0.01  # spread as asked (0.08)
     prompt = list(range(3, 40))
     _assert_close(_prompt_logits(engine, prompt), _prompt_logits(dequantized, prompt))
+
+
+def test_random_q4_k_m_mixes_types_as_llama_cpp_does() -> None:
+    """random:NAME:q4_k_m: Q4_K throughout, v and down in Q6_K in llama.cpp's "more bits" layers (the first
+    and last eighth, every third between: 16 of a 7B's 32)."""
+    v = "model.layers.{}.self_attn.v_proj.weight"
+    more = [i for i in range(32) if q4_k_m_type(v.format(i), 32) is QuantType.Q6_K]
+    assert more == [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31]
+    assert q4_k_m_type("model.layers.0.self_attn.q_proj.weight", 32) is QuantType.Q4_K
+    assert q4_k_m_type("model.embed_tokens.weight", 32) is QuantType.Q4_K
+    engine, _ = load_engine("random:small:q4_k_m", EngineConfig(dtype="gguf", threads=1, block_size=4))
+    layer = engine.model.layers[-1]  # of 4: the last eighth
+    assert isinstance(layer.qkv, QuantLinear) and layer.qkv.qtypes == (QuantType.Q4_K, QuantType.Q4_K,
+                                                                        QuantType.Q6_K)
+    assert all(isinstance(p, Repacked) for p in layer.qkv.layout)  # every K-quant repacked at load
 
 
 def test_quant_tensor_rows_stack_and_permute() -> None:

@@ -24,7 +24,7 @@ from loraserve.engine.weights.quant import QuantTensor, QuantType
 
 _Q = gguf.GGMLQuantizationType
 TYPES = (_Q.Q8_0, _Q.Q4_0, _Q.Q4_1, _Q.Q4_K, _Q.Q5_K, _Q.Q6_K)
-X8_TYPES = frozenset({int(_Q.Q8_0), int(_Q.Q4_0), int(_Q.Q4_1)})  # with a repacked layout
+X8_TYPES = frozenset(int(t) for t in TYPES)  # with a repacked layout: all of them
 _X8 = 256  # added to a type id: the part is repacked (csrc/qlinear.c)
 
 

@@ -88,7 +88,12 @@ def _add_general(writer: gguf.GGUFWriter, tensors: Sequence[PlannedTensor], name
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     kinds = {t.qtype for t in tensors if t.qtype is not None and t.name != "lm_head.weight"}
     if len(kinds) == 1:  # llama.cpp names the file's type after its projections' (informational)
-        writer.add_file_type(int(gguf.LlamaFileType[f"MOSTLY_{kinds.pop().name}"]))
+        kind = kinds.pop().name
+        # a K-quant alone throughout is llama.cpp's "small" mix of it (Q4_K_S); Q6_K has one name
+        file_type = gguf.LlamaFileType.__members__.get(f"MOSTLY_{kind}") \
+            or gguf.LlamaFileType.__members__.get(f"MOSTLY_{kind}_S")
+        if file_type is not None:
+            writer.add_file_type(int(file_type))
 
 
 def _stored(t: PlannedTensor, arch: GGUFArch, config: ModelConfig) -> np.ndarray:

@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "adapters), scored as /v1/completions with echo and logprobs scores it, beside "
                     "llama.cpp's on the same token ids.")
     p.add_argument("--model", default=d["model"].default,
-                   help="a .gguf file, 'embedded' or random:NAME:q4_0 (q8_0, q4_1) (default: %(default)s)")
+                   help="a .gguf file, 'embedded' or random:NAME:TYPE (q4_0, q4_k_m, ...) "
+                        "(default: %(default)s)")
     p.add_argument("--text", type=Path, default=d["text"].default,
                    help="the text to score (default: the repository's README.md)")
     p.add_argument("--tokens", type=int, default=d["tokens"].default,

@@ -1,5 +1,6 @@
-"""Q8_0, Q4_0 and Q4_1 weights repacked in groups of 8 rows (csrc/qlinear_x8.h), every build that differs
-on this CPU (the native one, AVX-512 VNNI where the CPU has it, AVX2, scalar: qlinear_helpers).
+"""Weights repacked in groups of 8 rows (csrc/qlinear_x8.h; the K-quants' groups: qlinear_x8k.h), every
+build that differs on this CPU (the native one, AVX-512 VNNI where the CPU has it, AVX2, scalar:
+qlinear_helpers).
 
 The repacked kernel quantizes the activations exactly as the stored-layout one does and computes the same
 integer dot per block; only where each block's float product is added differs (its own lane rather than
@@ -10,21 +11,37 @@ reference in test_qlinear.py, to float rounding: a relative 1e-5 of the output's
 from __future__ import annotations
 
 import gguf
+import numpy as np
 import pytest
 import torch
 
 from loraserve.engine.kernels.qlinear import QuantLinearKernel, Repacked, dequantize, load_qlinear
 
 import kernel_builds
+from gguf_helpers import random_k_blocks
 
 Q = gguf.GGMLQuantizationType
-TYPES = (Q.Q8_0, Q.Q4_0, Q.Q4_1)
+K_TYPES = (Q.Q4_K, Q.Q5_K, Q.Q6_K)  # super-blocks of 256
+TYPES = (Q.Q8_0, Q.Q4_0, Q.Q4_1, *K_TYPES)
 SHAPES = [(1, 32), (13, 96), (64, 576), (67, 1536)]  # rows not a multiple of 8 leave a partial group
 
 
+def _k(qtype: Q, k: int) -> int:
+    """A fan-in of k's size that the type takes: K-quants need a multiple of 256."""
+    return max(256, k // 256 * 256) if qtype in K_TYPES else k
+
+
 def _blocks(qtype: Q, n: int, k: int, seed: int = 0) -> torch.Tensor:
+    if qtype in K_TYPES:  # gguf-py cannot quantize them: random bytes with sane scales (gguf_helpers)
+        return torch.from_numpy(random_k_blocks(qtype, n, k, np.random.default_rng(seed)))
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
     return torch.from_numpy(gguf.quants.quantize(w.numpy(), qtype))
+
+
+def _group_bytes(qtype: Q, row_bytes: int) -> int:
+    """A group's bytes for 8 rows of row_bytes: the rows' own, plus the K-quants' decoded 6-bit scales."""
+    extra = {Q.Q4_K: 1184 - 1152, Q.Q5_K: 1440 - 1408}.get(qtype, 0)
+    return 8 * row_bytes + extra * row_bytes // gguf.GGML_QUANT_SIZES[qtype][1]
 
 
 def _x(t: int, k: int, seed: int = 1) -> torch.Tensor:
@@ -34,9 +51,10 @@ def _x(t: int, k: int, seed: int = 1) -> torch.Tensor:
 @pytest.mark.parametrize(("n", "k"), SHAPES)
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)
 def test_rows_come_back_as_stored(kernel: QuantLinearKernel, qtype: Q, n: int, k: int) -> None:
+    k = _k(qtype, k)
     blocks = _blocks(qtype, n, k)
     packed = kernel.repack(blocks, int(qtype), n, k)
-    assert packed.data.numel() == (n + 7) // 8 * 8 * blocks.shape[1]  # the blocks' size, in whole groups
+    assert packed.data.numel() == (n + 7) // 8 * _group_bytes(qtype, blocks.shape[1])  # in whole groups
     assert torch.equal(kernel.stored_rows(packed, torch.arange(n)), blocks)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(2))
     reordered = kernel.repack(blocks, int(qtype), n, k, order)
@@ -47,6 +65,7 @@ def test_rows_come_back_as_stored(kernel: QuantLinearKernel, qtype: Q, n: int, k
 @pytest.mark.parametrize(("n", "k"), SHAPES)
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)
 def test_same_products_as_the_stored_layout(kernel: QuantLinearKernel, qtype: Q, n: int, k: int) -> None:
+    k = _k(qtype, k)
     blocks = _blocks(qtype, n, k)
     parts = kernel.parts([kernel.repack(blocks, int(qtype), n, k)], k)
     for t in (1, 3, 4, 5, 17, 70):
@@ -59,7 +78,7 @@ def test_same_products_as_the_stored_layout(kernel: QuantLinearKernel, qtype: Q,
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)
 def test_a_row_gets_the_same_bits_alone_in_a_batch_or_threaded(kernel: QuantLinearKernel, qtype: Q) -> None:
-    n, k = 67, 576
+    n, k = 67, _k(qtype, 576)
     parts = kernel.parts([kernel.repack(_blocks(qtype, n, k), int(qtype), n, k)], k)
     x = _x(130, k)
     batched = kernel.stacked(x, parts)
@@ -83,6 +102,7 @@ def test_the_avx512_build_gives_the_avx2_build_s_bits(tmp_path_factory: pytest.T
     assert native is not None and avx2.vector_bits == 256
     for qtype in TYPES:
         for n, k in [*SHAPES, (8, 64), (24, 96)]:
+            k = _k(qtype, k)
             blocks = _blocks(qtype, n, k)
             packed, packed2 = native.repack(blocks, int(qtype), n, k), avx2.repack(blocks, int(qtype), n, k)
             for t in (1, 2, 5, 7, 17, 30, 33):
@@ -107,8 +127,8 @@ def test_a_build_refuses_another_layout_s_weights(tmp_path_factory: pytest.TempP
 
 
 def test_repacked_and_stored_parts_stack(kernel: QuantLinearKernel) -> None:
-    """A fused projection may mix layouts (a K-quant part stays as stored): each part's columns are the
-    bits it gives alone, a partial group's lanes never spill into the next part's."""
+    """A fused projection may mix layouts (the kernel takes both): each part's columns are the bits it
+    gives alone, a partial group's lanes never spill into the next part's."""
     k = 96
     q8, q4 = _blocks(Q.Q8_0, 13, k), _blocks(Q.Q4_1, 5, k, seed=3)
     a, b = kernel.repack(q8, int(Q.Q8_0), 13, k), kernel.repack(q4, int(Q.Q4_1), 5, k)
@@ -122,8 +142,8 @@ def test_repacked_and_stored_parts_stack(kernel: QuantLinearKernel) -> None:
 
 def test_refuses_what_it_cannot_repack(kernel: QuantLinearKernel) -> None:
     blocks = _blocks(Q.Q8_0, 9, 64)
-    with pytest.raises(ValueError, match="repacks"):
-        kernel.repack(torch.zeros(9, 2 * 144, dtype=torch.uint8), int(Q.Q4_K), 9, 512)
+    with pytest.raises(ValueError, match="takes GGML types"):  # Q5_0: no kernel reads it
+        kernel.repack(torch.zeros(9, 2 * 22, dtype=torch.uint8), int(Q.Q5_0), 9, 64)
     with pytest.raises(ValueError, match="row order"):
         kernel.repack(blocks, int(Q.Q8_0), 9, 64, torch.arange(8))
     with pytest.raises(ValueError, match="out of range"):

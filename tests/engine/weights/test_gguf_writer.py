@@ -171,6 +171,23 @@ def test_random_model_written_as_served(tmp_path: Path) -> None:
     assert copied == {k for k in source.fields if k.startswith("tokenizer.")}
 
 
+@needs_kernel
+def test_random_k_quant_mix_written_as_served(tmp_path: Path) -> None:
+    """A Q4_K_M-like random model (Q4_K and Q6_K tensors) goes to a file and back as the same model, and
+    an all-Q4_K one is named as llama.cpp names such files (Q4_K_S)."""
+    out = tmp_path / "mix.gguf"
+    convert("random:small:q4_k_m", out, None)
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(out).tensors}
+    assert types["blk.3.attn_v.weight"] == Q.Q6_K and types["blk.0.attn_q.weight"] == Q.Q4_K
+    options = dict(dtype="gguf", threads=1, block_size=4)
+    from_file, _ = load_engine(str(out), EngineConfig(**options))  # type: ignore[arg-type]
+    in_memory, _ = load_engine("random:small:q4_k_m", EngineConfig(**options))  # type: ignore[arg-type]
+    assert torch.equal(prompt_logits(from_file, PROMPT), prompt_logits(in_memory, PROMPT))
+    convert("random:small:q4_k", tmp_path / "q4_k.gguf", None)
+    field = gguf.GGUFReader(tmp_path / "q4_k.gguf").fields["general.file_type"]
+    assert int(field.parts[-1][0]) == int(gguf.LlamaFileType.MOSTLY_Q4_K_S)
+
+
 def test_refusals_leave_no_file(tmp_path: Path) -> None:
     root = tiny_hf_dir(tmp_path / "hf")  # no tokenizer.json
     out = tmp_path / "x.gguf"

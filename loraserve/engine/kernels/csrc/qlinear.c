@@ -31,13 +31,13 @@
  *
  * AVX-512 with VNNI (VNNI512: a build for such a CPU; -mno-avx512f gives the AVX2 build there): vpdpbusd
  * (u8 x s8, four products into each int32 lane) replaces maddubs + madd where no integer scales multiply
- * the lanes (Q8_0, Q4_0, Q4_1; the K-quants keep maddubs + madd for their scales). The int32 lanes are the
+ * the lanes (Q8_0, Q4_0, Q4_1; the stored K-quants keep maddubs + madd for their scales). The int32 lanes are the
  * same exact integers, the float steps the same: the same bits as the AVX2 build, weights as stored or
  * repacked (qlinear_x8.h, where it also takes 16 rows a zmm).
  *
- * The engine repacks Q8_0, Q4_0 and Q4_1 weights at load into groups of 8 rows (qlinear_x8.h), where
- * one activation broadcast feeds 8 rows at once; the stored layout above serves the K-quants, and any
- * type for tests. Left for later: the K-quants repacked too.
+ * The engine repacks every weight at load into groups of 8 rows (qlinear_x8.h; the K-quants'
+ * qlinear_x8k.h), where one activation broadcast feeds 8 rows at once; the stored layout above is the
+ * kernel's reference, and serves any type for tests and tools.
  */
 #include <math.h>
 #include <stdint.h>
@@ -117,7 +117,8 @@ static inline float fp16_at(const uint8_t *p) {
 /* One row of x as int8 blocks: q[b*32 + i] = round(x * (1 / d)), d[b] = amax / 127, s[b] = d * sum(q), and
  * the offsets the repacked tiles add, ready to broadcast from memory: s8[b] = 8 s[b] (Q4_0's; exact, a
  * power of two), c128[b] = -128 sum(q) (Q8_0's on AVX-512 VNNI: qlinear_x8.h). */
-static void quantize_row(const float *x, int64_t nb, int8_t *q, float *d, float *s, float *s8, int32_t *c128) {
+static void quantize_row(const float *x, int64_t nb, int8_t *q, float *d, float *s, float *s8, int32_t *c128,
+                         int32_t *c32) {
     for (int64_t b = 0; b < nb; b++, x += QK, q += QK) {
 #ifdef __AVX2__
         const __m256 sgn = _mm256_set1_ps(-0.0f);
@@ -133,7 +134,8 @@ static void quantize_row(const float *x, int64_t nb, int8_t *q, float *d, float 
         for (int j = 0; j < 4; j++)
             iv[j] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[j], _mm256_set1_ps(id)),
                                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-        __m256i sum = _mm256_add_epi32(_mm256_add_epi32(iv[0], iv[1]), _mm256_add_epi32(iv[2], iv[3]));
+        const __m256i sum01 = _mm256_add_epi32(iv[0], iv[1]); /* elements 0-15 */
+        __m256i sum = _mm256_add_epi32(sum01, _mm256_add_epi32(iv[2], iv[3]));
         __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
         s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
         s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
@@ -142,6 +144,12 @@ static void quantize_row(const float *x, int64_t nb, int8_t *q, float *d, float 
         p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
         _mm256_storeu_si256((__m256i *)q, p);
         const int32_t is = _mm_cvtsi128_si32(s4);
+        __m128i h4 = _mm_add_epi32(_mm256_castsi256_si128(sum01), _mm256_extracti128_si256(sum01, 1));
+        h4 = _mm_add_epi32(h4, _mm_shuffle_epi32(h4, 0x4e));
+        h4 = _mm_add_epi32(h4, _mm_shuffle_epi32(h4, 0xb1));
+        const int32_t lo = _mm_cvtsi128_si32(h4);
+        c32[2 * b] = -32 * lo;
+        c32[2 * b + 1] = -32 * (is - lo);
         d[b] = dd;
         s[b] = dd * (float)is;
         s8[b] = 8.f * s[b];
@@ -150,13 +158,16 @@ static void quantize_row(const float *x, int64_t nb, int8_t *q, float *d, float 
         float amax = 0.f;
         for (int i = 0; i < QK; i++) amax = fmaxf(amax, fabsf(x[i]));
         const float dd = amax / 127.f, id = dd != 0.f ? 1.f / dd : 0.f;
-        int sum = 0;
+        int sum = 0, lo = 0;
         for (int i = 0; i < QK; i++) {
             const float r = nearbyintf(x[i] * id); /* |r| <= 127; NaN (from an inf or NaN in x) -> 0 */
             const int v = r == r ? (int)r : 0;
             q[i] = (int8_t)v;
             sum += v;
+            if (i < QK / 2) lo += v;
         }
+        c32[2 * b] = -32 * lo;
+        c32[2 * b + 1] = -32 * (sum - lo);
         d[b] = dd;
         s[b] = dd * (float)sum;
         s8[b] = 8.f * s[b];
@@ -325,17 +336,19 @@ int qlinear_forward(const float *x, int64_t T, int64_t ldx, int P, const uint8_t
     }
     if (T == 0 || N == 0) return 0;
     const int64_t nb = K / QK, tblocks = (T + TB - 1) / TB;
-    /* One block for the quantized activations and their per-block d, s, 8 s and -128 sum(q): one allocation a
-     * call keeps the heap as the previous call left it (the engine's steps reuse its pages: host_malloc.py). */
-    int8_t *qa = malloc((size_t)(T * K) + 4 * (size_t)(T * nb) * sizeof(float));
+    /* One block for the quantized activations and their per-block d, s, 8 s, -128 sum(q) and -32 times
+     * each half's sum (Q6_K's): one allocation a call keeps the heap as the previous call left it (the
+     * engine's steps reuse its pages: host_malloc.py). */
+    int8_t *qa = malloc((size_t)(T * K) + 6 * (size_t)(T * nb) * sizeof(float));
     if (!qa) return 2;
     float *da = (float *)(qa + T * K), *sa = da + T * nb, *s8 = sa + T * nb; /* T * K: a multiple of QK */
-    int32_t *c128 = (int32_t *)(s8 + T * nb);
+    int32_t *c128 = (int32_t *)(s8 + T * nb), *c32 = c128 + T * nb;
 #pragma omp parallel num_threads(nthreads)
     {
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < T; t++)
-            quantize_row(x + t * ldx, nb, qa + t * K, da + t * nb, sa + t * nb, s8 + t * nb, c128 + t * nb);
+            quantize_row(x + t * ldx, nb, qa + t * K, da + t * nb, sa + t * nb, s8 + t * nb, c128 + t * nb,
+                         c32 + 2 * t * nb);
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < tblocks * U; i++) {
             const int64_t t0 = i / U * TB, t1 = t0 + TB < T ? t0 + TB : T;
@@ -347,13 +360,14 @@ int qlinear_forward(const float *x, int64_t T, int64_t ldx, int P, const uint8_t
             }
             const int type = types[p] & ~X8;
             if (types[p] & X8) {
-                const int64_t tile_bytes = (X8_TILE / GR) * nb * x8_block_bytes(type);
+                const int64_t tile_bytes = (X8_TILE / GR) * x8_group_bytes(type, nb);
                 const uint8_t *grp = ws[p] + u * tile_bytes;
                 const int valid = ns[p] - u * X8_TILE < X8_TILE ? (int)(ns[p] - u * X8_TILE) : X8_TILE;
                 /* the part's next tile, which this thread most likely takes next (a static schedule) */
                 const uint8_t *next = u + 1 < part_units(types[p], ns[p]) ? grp + tile_bytes : NULL;
                 for (int64_t t = t0; t < t1; t += X8_MR) {
-                    const xrows a = {qa + t * K, da + t * nb, sa + t * nb, s8 + t * nb, c128 + t * nb};
+                    const xrows a = {qa + t * K, da + t * nb, sa + t * nb, s8 + t * nb, c128 + t * nb,
+                                     c32 + 2 * t * nb};
                     const int R = t1 - t < X8_MR ? (int)(t1 - t) : X8_MR;
                     float *yt = y + t * ldy + n0 + u * X8_TILE;
                     x8_rows(type, R, grp, nb, a, yt, ldy, valid, t == t0 ? next : NULL);

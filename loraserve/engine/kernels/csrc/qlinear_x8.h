@@ -1,5 +1,5 @@
 /* Q8_0, Q4_0 and Q4_1 weights repacked at load in groups of 8 rows (included by qlinear.c, after its
- * block types, QK, MR, MADD and fp16_at).
+ * block types, QK, MR, MADD and fp16_at); the K-quants' groups, in the same tiles' form: qlinear_x8k.h.
  *
  * Why: read as stored, each weight row's blocks meet each row of x alone, so every block of every
  * (x row, weight row) pair pays the activation loads, the scale broadcasts and the float work, and every
@@ -43,16 +43,28 @@ static inline int x8_scale_bytes(int type) { return type == Q4_1 ? 32 : 16; }
 
 static inline int x8_quant_bytes(int type) { return type == Q8_0 ? 256 : 128; }
 
+static inline int64_t xk_block_bytes(int type); /* qlinear_x8k.h, the K-quants' groups */
+static void xk_move(int type, uint8_t *grp, int r, uint8_t *blk, int to_group);
+
+/* Weights a row of a group's block holds: 32, or a K-quant's super-block of 256 (qlinear_x8k.h). */
+static inline int x8_elems(int type) { return is_k_quant(type) ? QK_K : QK; }
+
 /* Bytes of one group's block; 0 for a type without this layout. */
 static inline int64_t x8_block_bytes(int type) {
+    if (is_k_quant(type)) return xk_block_bytes(type);
     return type == Q8_0 || type == Q4_0 || type == Q4_1 ? x8_scale_bytes(type) + x8_quant_bytes(type) : 0;
+}
+
+/* Bytes of one group over K inputs (nb = K / 32 blocks of x): a tile's groups lie this far apart. */
+static inline int64_t x8_group_bytes(int type, int64_t nb) {
+    return nb * QK / x8_elems(type) * x8_block_bytes(type);
 }
 
 /* Bytes of an N x K weight repacked (0: refused). */
 int64_t qlinear_x8_bytes(int type, int64_t N, int64_t K) {
     const int64_t gb = x8_block_bytes(type);
-    if (!gb || K <= 0 || K % QK || N < 0) return 0;
-    return (N + GR - 1) / GR * (K / QK) * gb;
+    if (!gb || K <= 0 || K % x8_elems(type) || N < 0) return 0;
+    return (N + GR - 1) / GR * (K / x8_elems(type)) * gb;
 }
 
 /* What a Q8_0 quant byte is xored with in a group: vpdpbusd takes the weights as its unsigned operand, so
@@ -87,7 +99,7 @@ int qlinear_x8_pack(const uint8_t *src, int type, int64_t N, int64_t K, const in
                     int nthreads) {
     const int64_t gb = x8_block_bytes(type), bytes = block_bytes(type);
     if (!qlinear_x8_bytes(type, N, K)) return 1;
-    const int64_t nb = K / QK, groups = (N + GR - 1) / GR;
+    const int64_t nb = K / x8_elems(type), groups = (N + GR - 1) / GR;
     if (order)
         for (int64_t n = 0; n < N; n++)
             if (order[n] < 0 || order[n] >= N) return 1;
@@ -98,7 +110,13 @@ int qlinear_x8_pack(const uint8_t *src, int type, int64_t N, int64_t K, const in
         for (int r = 0; r < GR && g * GR + r < N; r++) {
             const int64_t n = g * GR + r;
             const uint8_t *row = src + (order ? order[n] : n) * nb * bytes;
-            for (int64_t b = 0; b < nb; b++) x8_move(type, out + b * gb, r, (uint8_t *)(row + b * bytes), 1);
+            for (int64_t b = 0; b < nb; b++) {
+                uint8_t *blk = (uint8_t *)(row + b * bytes); /* read only: to_group */
+                if (is_k_quant(type))
+                    xk_move(type, out + b * gb, r, blk, 1);
+                else
+                    x8_move(type, out + b * gb, r, blk, 1);
+            }
         }
     }
     return 0;
@@ -109,23 +127,28 @@ int qlinear_x8_unpack(const uint8_t *packed, int type, int64_t N, int64_t K, con
                       uint8_t *dst) {
     const int64_t gb = x8_block_bytes(type), bytes = block_bytes(type);
     if (!qlinear_x8_bytes(type, N, K)) return 1;
-    const int64_t nb = K / QK;
+    const int64_t nb = K / x8_elems(type);
     for (int64_t i = 0; i < count; i++)
         if (ids[i] < 0 || ids[i] >= N) return 1;
     for (int64_t i = 0; i < count; i++) {
         const uint8_t *grp = packed + ids[i] / GR * nb * gb;
-        for (int64_t b = 0; b < nb; b++)
-            x8_move(type, (uint8_t *)(grp + b * gb), (int)(ids[i] % GR), dst + (i * nb + b) * bytes, 0);
+        for (int64_t b = 0; b < nb; b++) {
+            uint8_t *g = (uint8_t *)(grp + b * gb), *blk = dst + (i * nb + b) * bytes; /* g read only */
+            if (is_k_quant(type))
+                xk_move(type, g, (int)(ids[i] % GR), blk, 0);
+            else
+                x8_move(type, g, (int)(ids[i] % GR), blk, 0);
+        }
     }
     return 0;
 }
 
-/* Rows of quantized x from one row on (quantize_row's arrays): row r's block b is q + (r nb + b) 32 and
- * d, s, s8, c128[r nb + b]. */
+/* Rows of quantized x from one row on (quantize_row's arrays): row r's block b is q + (r nb + b) 32,
+ * d, s, s8, c128[r nb + b] and c32[2 (r nb + b)], c32[2 (r nb + b) + 1]. */
 typedef struct {
     const int8_t *q;
     const float *d, *s, *s8;
-    const int32_t *c128;
+    const int32_t *c128, *c32;
 } xrows;
 
 #if defined(VNNI512)
@@ -401,32 +424,37 @@ static inline void x8_tile(const int type, const int R, const uint8_t *grp, int6
 }
 #endif
 
-#define X8_TILE_R(TYPE, RR) x8_tile(TYPE, RR, grp, nb, a, y, ldy, valid, next)
+#include "qlinear_x8k.h"
+
+#define X8_TILE_R(TILE, TYPE, RR) TILE(TYPE, RR, grp, nb, a, y, ldy, valid, next)
 /* the row counts between MR and X8_MR, where a build's tile takes more than MR */
 #if X8_MR > MR
-#define X8_MORE_ROWS(TYPE)                                                                               \
-    case 4: X8_TILE_R(TYPE, 4); break;                                                                   \
-    case 5: X8_TILE_R(TYPE, 5); break;                                                                   \
-    case 6: X8_TILE_R(TYPE, 6); break;                                                                   \
-    case 7: X8_TILE_R(TYPE, 7); break;
+#define X8_MORE_ROWS(TILE, TYPE)                                                                         \
+    case 4: X8_TILE_R(TILE, TYPE, 4); break;                                                             \
+    case 5: X8_TILE_R(TILE, TYPE, 5); break;                                                             \
+    case 6: X8_TILE_R(TILE, TYPE, 6); break;                                                             \
+    case 7: X8_TILE_R(TILE, TYPE, 7); break;
 #else
-#define X8_MORE_ROWS(TYPE)
+#define X8_MORE_ROWS(TILE, TYPE)
 #endif
-#define X8_ROWS_OF(TYPE)                                                                                 \
+#define X8_ROWS_OF(TILE, TYPE)                                                                           \
     switch (R) {                                                                                         \
-    case 1: X8_TILE_R(TYPE, 1); break;                                                                   \
-    case 2: X8_TILE_R(TYPE, 2); break;                                                                   \
-    case 3: X8_TILE_R(TYPE, 3); break;                                                                   \
-    X8_MORE_ROWS(TYPE)                                                                                   \
-    default: X8_TILE_R(TYPE, X8_MR); break;                                                              \
+    case 1: X8_TILE_R(TILE, TYPE, 1); break;                                                             \
+    case 2: X8_TILE_R(TILE, TYPE, 2); break;                                                             \
+    case 3: X8_TILE_R(TILE, TYPE, 3); break;                                                             \
+    X8_MORE_ROWS(TILE, TYPE)                                                                             \
+    default: X8_TILE_R(TILE, TYPE, X8_MR); break;                                                        \
     }
 
 /* R rows of x (1..X8_MR) against a tile: x8_tile, with the type and R as constants. */
 static void x8_rows(int type, int R, const uint8_t *grp, int64_t nb, xrows a, float *y, int64_t ldy, int valid,
                     const uint8_t *next) {
     switch (type) {
-    case Q8_0: X8_ROWS_OF(Q8_0) break;
-    case Q4_0: X8_ROWS_OF(Q4_0) break;
-    default: X8_ROWS_OF(Q4_1) break;
+    case Q8_0: X8_ROWS_OF(x8_tile, Q8_0) break;
+    case Q4_0: X8_ROWS_OF(x8_tile, Q4_0) break;
+    case Q4_1: X8_ROWS_OF(x8_tile, Q4_1) break;
+    case Q4_K: X8_ROWS_OF(xk_tile, Q4_K) break;
+    case Q5_K: X8_ROWS_OF(xk_tile, Q5_K) break;
+    default: X8_ROWS_OF(xk_tile, Q6_K) break;
     }
 }
