@@ -366,13 +366,16 @@ static void xk_tile8(const int type, const int R, const uint8_t *grp, int64_t nb
 }
 #endif
 
-/* A tile of X8_TILE rows of a K-quant (x8_tile's choice: a zmm pair of groups from MR rows of x on). */
+/* A tile of X8_TILE rows of a K-quant: as x8_tile chooses, but a zmm pair of groups from 2 rows of x on
+ * rather than MR: a K-quant piece's decoding (its high bits, its scales) costs more than a 32-weight
+ * block's, and at 2-3 rows halving its instructions outweighs the second stream of blocks (BENCHMARKS.md,
+ * nineteenth session); at one row the two ways measured alike, and one stream is kept. */
 static inline __attribute__((always_inline)) void xk_tile(const int type, const int R, const uint8_t *grp,
                                                           int64_t nb, xrows a, float *y, int64_t ldy, int valid,
                                                           const uint8_t *next) {
 #if defined(VNNI512) && X8_ZMM
-    if (R >= MR) {
-        xk_tile16(type, R, grp, nb, a, y, ldy, valid, next);
+    if (R >= 2) {
+        xk_tile16(type, R, grp, nb, a, y, ldy, valid, R >= MR ? next : NULL);
         return;
     }
 #endif
