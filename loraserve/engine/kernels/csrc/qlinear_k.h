@@ -16,7 +16,7 @@
  * Q4_K / Q5_K's offset. Nothing saturates or rounds: maddubs pairs are at most 2 * 32 * 127 (Q6_K's
  * |q - 32| <= 32, its sign moved onto the activations as for Q8_0), a piece's whole dot at most 32 * 32
  * * 127 * 128 < 2^24, exact in a float. A super-block's scales are decoded once, for its eight pieces and
- * each row of x that meets them (MR at a time), never repacked: the file is read as stored.
+ * each row of x that meets them (MR at a time), read as stored (the engine repacks them: qlinear_x8k.h).
  */
 
 #define QK_K 256           /* weights per super-block */
