@@ -119,6 +119,7 @@ class Quantization(enum.Enum):
     Q8_0 = "q8_0"
     Q4_0 = "q4_0"
     Q4_1 = "q4_1"
+    Q4_K = "q4_k"  # tensors whose rows are not a multiple of 256 values (SmolLM2's 576) get Q4_1
 
 
 def _default_threads() -> int:

@@ -46,6 +46,8 @@ class QuantLinearKernel:
         lib.qlinear_x8_pack.argtypes = [p, ctypes.c_int, i, i, p, p, ctypes.c_int]
         lib.qlinear_x8_unpack.argtypes = [p, ctypes.c_int, i, i, p, i, p]
         lib.qlinear_x8_layout.restype = ctypes.c_int
+        lib.qlinear_quantize_q4_k.argtypes = [p, i, i, p]
+        lib.qlinear_quantize_q4_k.restype = ctypes.c_int
         # which variant of the repacked layout this build writes and reads (builds differ: qlinear_x8.h)
         self.x8_layout = int(lib.qlinear_x8_layout())
         self._lib = lib
@@ -78,6 +80,16 @@ class QuantLinearKernel:
                                      torch.get_num_threads()):
             raise ValueError("qlinear_x8_pack: a row order out of range")
         return Repacked(data, qtype, out_features, in_features, self.x8_layout)
+
+    def quantize_q4_k(self, x: torch.Tensor) -> torch.Tensor:
+        """Float32 [rows, cols] (cols a multiple of 256, contiguous) as Q4_K blocks, uint8 [rows, cols / 256
+        * 144], chosen as llama.cpp's reference quantizer chooses them (csrc/quantize_k.h)."""
+        if not _cpu_float32(x) or x.dim() != 2 or not x.is_contiguous() or x.shape[1] % 256:
+            raise ValueError(f"Q4_K quantizes contiguous float32 CPU [rows, 256 k] matrices, not {x.dtype} "
+                             f"{tuple(x.shape)}")
+        out = torch.empty(x.shape[0], x.shape[1] // 256 * 144, dtype=torch.uint8)
+        self._lib.qlinear_quantize_q4_k(x.data_ptr(), x.shape[0], x.shape[1], out.data_ptr())
+        return out
 
     def _check_layout(self, w: Repacked) -> None:
         if w.layout != self.x8_layout:

@@ -20,7 +20,7 @@ from loraserve.engine.sources import embedded_gguf_path
 from loraserve.engine.weights.convert import convert
 from loraserve.engine.weights.gguf_file import load_gguf
 from loraserve.engine.weights.quant import QuantTensor
-from loraserve.engine.weights.quantize import load_hf_quantized, quant_type
+from loraserve.engine.weights.quantize import load_hf_quantized, quant_type, quantize
 from loraserve.engine.weights.tokenizer import GGUFTokenType, Tokenizer
 
 from gguf_helpers import llama_cpp_permute
@@ -85,7 +85,8 @@ def test_metadata_and_tensors_as_llama_cpp_names_them(written: tuple[Path, Path,
     for name, heads, hf_name in (("blk.1.attn_q.weight", 4, "model.layers.1.self_attn.q_proj.weight"),
                                  ("blk.0.attn_k.weight", 2, "model.layers.0.self_attn.k_proj.weight")):
         tensor = next(t for t in reader.tensors if t.name == name)
-        expected = llama_cpp_permute(gguf.quants.quantize(hf[hf_name].float().numpy(), chosen), heads)
+        blocks = quantize(hf[hf_name], quant_type(quantization)).blocks.numpy()  # gguf-py's but for Q4_K
+        expected = llama_cpp_permute(blocks, heads)
         assert np.array_equal(np.asarray(tensor.data).reshape(expected.shape), expected)
 
 

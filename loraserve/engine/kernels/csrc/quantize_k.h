@@ -1,0 +1,199 @@
+/* Float rows to GGUF Q4_K super-blocks (included by qlinear.c, after its Q4_K layout: qlinear_k.h), the way
+ * llama.cpp's reference quantizer chooses them, so that `--quantize q4_k` and `loraserve quantize --type
+ * q4_k` write what a user of llama.cpp would get from the same float weights.
+ *
+ * A super-block of 256 is eight pieces of 32, w = d sc_j q - dmin m_j with q in 0..15 and sc_j, m_j 6-bit.
+ * Per piece, the scale and offset are fitted, not just taken from the piece's range: the range's grid
+ * (step (max - min) / 15, min clamped to <= 0) and 21 slightly finer or coarser ones ((15 - 1 + 0.1 i) /
+ * (max - min), i = 0..20) each round the values to levels, then take the weighted least-squares scale and
+ * offset for those levels (an offset above 0 pinned at 0); the grid whose fit has the least weighted
+ * squared error wins. The weights, rms(piece) + |x|, favour the large values, which matter most in a
+ * dot product. Then the super-block's d and dmin are the largest scale and offset / 63, each piece's
+ * integers are the nearest 6-bit multiples, and the levels are taken again against the rounded scales.
+ *
+ * Every float operation is a float32 one in a fixed order, without fused multiply-adds (the functions are
+ * compiled with fp-contract off), so the bytes do not depend on the build: tests/engine/weights/
+ * test_quantize.py holds them to a line-by-line Python transcription.
+ */
+#if defined(__GNUC__) && !defined(__clang__)
+#define EXACT_FLOATS __attribute__((optimize("fp-contract=off")))
+#else
+#define EXACT_FLOATS
+#endif
+
+#define Q4K_LEVELS 15 /* q in 0..15 */
+
+static inline int nearest(float v) { return (int)nearbyintf(v); } /* ties to even, as ggml's */
+
+static inline uint16_t fp16_bits(float f) {
+    _Float16 h = (_Float16)f; /* round to nearest even, subnormals and overflow to inf included */
+    uint16_t bits;
+    memcpy(&bits, &h, 2);
+    return bits;
+}
+
+#define NP 16 /* pieces fitted side by side (two super-blocks): the loops over them are the vector loops */
+
+/* v rounded to the nearest level in 0..15, ties to even: adding and taking back 1.5 * 2^23 rounds a float
+ * of magnitude under 2^22 to an integer (ggml's nearest_int does the same), larger ones clamp alike, and
+ * unlike nearbyintf it vectorizes. NaN (a constant piece's lane, discarded) gives 0. */
+static inline EXACT_FLOATS float clamp_level(float v) {
+    const float l = (v + 12582912.f) - 12582912.f;
+    return l > Q4K_LEVELS ? Q4K_LEVELS : l >= 0 ? l : 0;
+}
+
+/* NP pieces (x: NP * 32 floats, piece after piece) fitted: each one's scale (0 for a constant piece), its
+ * offset as the amount subtracted (-min >= 0) and its levels L (piece after piece). Every lane p runs the
+ * scalar fit's operations in its order (no lane reads another's): the vector loops give the bytes a
+ * piece-at-a-time loop would. */
+static EXACT_FLOATS void fit_pieces(const float *x, uint8_t *L, float *scale_out, float *neg_min) {
+    float xs[QK][NP], w[QK][NP], Lb[QK][NP], La[QK][NP];
+    float mn[NP], mx[NP], sum_w[NP], sum_x[NP], iscale[NP], scale[NP], best[NP], s2[NP];
+    for (int i = 0; i < QK; i++)
+        for (int p = 0; p < NP; p++) xs[i][p] = x[QK * p + i];
+    for (int p = 0; p < NP; p++) s2[p] = 0;
+    for (int i = 0; i < QK; i++)
+        for (int p = 0; p < NP; p++) s2[p] += xs[i][p] * xs[i][p];
+    for (int i = 0; i < QK; i++)
+        for (int p = 0; p < NP; p++) w[i][p] = sqrtf(s2[p] / QK) + fabsf(xs[i][p]);
+    for (int p = 0; p < NP; p++) {
+        mn[p] = mx[p] = xs[0][p];
+        sum_w[p] = w[0][p];
+        sum_x[p] = w[0][p] * xs[0][p];
+    }
+    for (int i = 1; i < QK; i++)
+        for (int p = 0; p < NP; p++) {
+            mn[p] = xs[i][p] < mn[p] ? xs[i][p] : mn[p];
+            mx[p] = xs[i][p] > mx[p] ? xs[i][p] : mx[p];
+            sum_w[p] += w[i][p];
+            sum_x[p] += w[i][p] * xs[i][p];
+        }
+    for (int p = 0; p < NP; p++) {
+        mn[p] = mn[p] > 0 ? 0 : mn[p];
+        iscale[p] = Q4K_LEVELS / (mx[p] - mn[p]); /* a flat piece's inf: its lane is discarded at the end */
+        scale[p] = 1 / iscale[p];
+        best[p] = 0;
+    }
+    for (int i = 0; i < QK; i++)
+        for (int p = 0; p < NP; p++) {
+            Lb[i][p] = clamp_level(iscale[p] * (xs[i][p] - mn[p]));
+            const float diff = scale[p] * Lb[i][p] + mn[p] - xs[i][p];
+            best[p] += w[i][p] * (diff * diff);
+        }
+    /* grids a little finer and coarser than the range's: (15 - 1 + 0.1 step) levels over it */
+    for (int step = 0; step <= 20; step++) {
+        float sum_l[NP], sum_l2[NP], sum_xl[NP], ts[NP], tm[NP], err[NP];
+        for (int p = 0; p < NP; p++) {
+            iscale[p] = (-1.f + 0.1f * step + Q4K_LEVELS) / (mx[p] - mn[p]);
+            sum_l[p] = sum_l2[p] = sum_xl[p] = err[p] = 0;
+        }
+        for (int i = 0; i < QK; i++)
+            for (int p = 0; p < NP; p++) {
+                const float l = clamp_level(iscale[p] * (xs[i][p] - mn[p]));
+                La[i][p] = l;
+                sum_l[p] += w[i][p] * l;
+                sum_l2[p] += w[i][p] * l * l;
+                sum_xl[p] += w[i][p] * l * xs[i][p];
+            }
+        for (int p = 0; p < NP; p++) {
+            const float D = sum_w[p] * sum_l2[p] - sum_l[p] * sum_l[p];
+            ts[p] = (sum_w[p] * sum_xl[p] - sum_x[p] * sum_l[p]) / D;
+            tm[p] = (sum_l2[p] * sum_x[p] - sum_l[p] * sum_xl[p]) / D;
+            const int pinned = tm[p] > 0; /* an offset above 0 is pinned at 0, the scale fitted alone */
+            ts[p] = pinned ? sum_xl[p] / sum_l2[p] : ts[p];
+            tm[p] = pinned ? 0 : tm[p];
+            err[p] = D > 0 ? 0 : INFINITY; /* D <= 0: this grid is skipped */
+        }
+        for (int i = 0; i < QK; i++)
+            for (int p = 0; p < NP; p++) {
+                const float diff = ts[p] * La[i][p] + tm[p] - xs[i][p];
+                err[p] += w[i][p] * (diff * diff);
+            }
+        int better[NP];
+        for (int p = 0; p < NP; p++) {
+            better[p] = err[p] < best[p];
+            best[p] = better[p] ? err[p] : best[p];
+            scale[p] = better[p] ? ts[p] : scale[p];
+            mn[p] = better[p] ? tm[p] : mn[p];
+        }
+        for (int i = 0; i < QK; i++)
+            for (int p = 0; p < NP; p++) Lb[i][p] = better[p] ? La[i][p] : Lb[i][p];
+    }
+    for (int p = 0; p < NP; p++) {
+        float lo = xs[0][p], hi = xs[0][p];
+        for (int i = 1; i < QK; i++) {
+            lo = xs[i][p] < lo ? xs[i][p] : lo;
+            hi = xs[i][p] > hi ? xs[i][p] : hi;
+        }
+        lo = lo > 0 ? 0 : lo;
+        const int constant = hi == lo; /* the scalar fit's early return: no levels, no scale */
+        scale_out[p] = constant ? 0.f : scale[p];
+        neg_min[p] = -(constant ? lo : mn[p]);
+        for (int i = 0; i < QK; i++) L[QK * p + i] = constant ? 0 : (uint8_t)Lb[i][p];
+    }
+}
+
+/* Two super-blocks of 256 floats (x, 512 of them) to their 144 bytes each (blk, 288); `one`: only the
+ * first is written (the second's floats are read but may be anything finite). */
+static EXACT_FLOATS void quantize_q4_k_pair(const float *x, uint8_t *blk, int one) {
+    uint8_t L[2 * QK_K];
+    float scales[NP], mins[NP];
+    fit_pieces(x, L, scales, mins);
+    for (int half = 0; half < (one ? 1 : 2); half++, x += QK_K, blk += 144) {
+        const uint8_t *Lh = L + QK_K * half;
+        uint8_t Lq[QK_K];
+        memcpy(Lq, Lh, QK_K);
+        const float *sj = scales + PIECES * half, *mj = mins + PIECES * half;
+        float max_scale = 0, max_min = 0;
+        for (int j = 0; j < PIECES; j++) {
+            if (sj[j] > max_scale) max_scale = sj[j];
+            if (mj[j] > max_min) max_min = mj[j];
+        }
+        const float inv_scale = max_scale > 0 ? 63.f / max_scale : 0.f;
+        const float inv_min = max_min > 0 ? 63.f / max_min : 0.f;
+        uint8_t *s = blk + 4; /* the 12 bytes of 6-bit scales and mins: qlinear_k.h's scales_mins, inverted */
+        memset(s, 0, 12);
+        for (int j = 0; j < PIECES; j++) {
+            const int ls0 = nearest(inv_scale * sj[j]), lm0 = nearest(inv_min * mj[j]);
+            const uint8_t ls = (uint8_t)(ls0 > 63 ? 63 : ls0), lm = (uint8_t)(lm0 > 63 ? 63 : lm0);
+            if (j < 4) {
+                s[j] = ls;
+                s[j + 4] = lm;
+            } else {
+                s[j + 4] = (uint8_t)((ls & 0xf) | (lm & 0xf) << 4);
+                s[j - 4] |= (uint8_t)((ls >> 4) << 6);
+                s[j] |= (uint8_t)((lm >> 4) << 6);
+            }
+        }
+        const uint16_t d16 = fp16_bits(max_scale / 63.f), dmin16 = fp16_bits(max_min / 63.f);
+        memcpy(blk, &d16, 2);
+        memcpy(blk + 2, &dmin16, 2);
+        const float d = fp16_at(blk), dmin = fp16_at(blk + 2);
+        uint32_t sc[2], m[2];
+        scales_mins(s, sc, m);
+        for (int j = 0; j < PIECES; j++) { /* the levels again, against the rounded scales */
+            const float dj = d * (float)(sc[j / 4] >> 8 * (j % 4) & 0xff);
+            if (dj == 0.f) continue; /* the fit's levels stay: any q gives -dmin m_j */
+            const float dm = dmin * (float)(m[j / 4] >> 8 * (j % 4) & 0xff);
+            for (int i = 0; i < QK; i++) Lq[QK * j + i] = (uint8_t)clamp_level((x[QK * j + i] + dm) / dj);
+        }
+        uint8_t *q = blk + 16; /* pieces 2c and 2c + 1 share 32 bytes: low nibbles and high ones */
+        for (int c = 0; c < PIECES / 2; c++)
+            for (int i = 0; i < QK; i++) q[QK * c + i] = (uint8_t)(Lq[64 * c + i] | Lq[64 * c + QK + i] << 4);
+    }
+}
+
+/* out = rows x cols floats (cols a multiple of 256) as Q4_K blocks, row after row; 1 for a cols it
+ * cannot take. */
+int qlinear_quantize_q4_k(const float *x, int64_t rows, int64_t cols, uint8_t *out) {
+    if (cols <= 0 || cols % QK_K || rows < 0) return 1;
+    const int64_t n = rows * (cols / QK_K);
+    int64_t b = 0;
+    for (; b + 1 < n; b += 2) quantize_q4_k_pair(x + QK_K * b, out + 144 * b, 0);
+    if (b < n) { /* a last lone super-block: its pair's second half zeros */
+        float pair[2 * QK_K] = {0.f};
+        memcpy(pair, x + QK_K * b, sizeof(float) * QK_K);
+        quantize_q4_k_pair(pair, out + 144 * b, 1);
+    }
+    return 0;
+}
