@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from loraserve.engine.config import EngineConfig, Quantization
-from loraserve.engine.kernels.qlinear import load_qlinear
+from loraserve.engine.kernels.qlinear import QuantLinearKernel, load_qlinear
 from loraserve.engine.loader import load_engine
 from loraserve.engine.ops.quant_linear import QuantLinear
 from loraserve.engine.sources import embedded_gguf_path
@@ -158,7 +158,8 @@ def ggml_q4_k_block(x: np.ndarray) -> list[int]:
 def odd_k_inputs() -> dict[str, torch.Tensor]:
     """Rows of super-blocks (256 values) that reach the fit's branches: flat pieces, pinned offsets."""
     rng = np.random.default_rng(2)
-    cases: dict[str, Any] = {f"normal-{s:g}": rng.normal(0, s, (2, 256)) for s in (1e-3, 0.02, 1.0, 300.0)}
+    spreads = (1e-6, 1e-3, 0.02, 1.0, 300.0)  # 1e-6: subnormal half-precision scales
+    cases: dict[str, Any] = {f"normal-{s:g}": rng.normal(0, s, (2, 256)) for s in spreads}
     cases |= {
         "zeros": np.zeros((1, 256)),
         "one-zero-piece": np.concatenate([np.zeros((2, 32)), rng.normal(0, 1, (2, 224))], axis=1),
@@ -180,6 +181,15 @@ def test_q4_k_blocks_are_ggml_reference_bytes() -> None:
         assert got.qtype is QuantType.Q4_K and got.shape == tuple(w.shape)
         expected = [b for block in w.numpy().reshape(-1, 256) for b in ggml_q4_k_block(block)]
         assert got.blocks.reshape(-1).tolist() == expected, name
+
+
+def test_q4_k_same_bytes_from_every_build(kernel: QuantLinearKernel) -> None:
+    """The scalar build converts to half precision in software, the others with F16C; tiny values reach
+    subnormal and zero half-precision scales."""
+    rng = np.random.default_rng(4)
+    rows = [rng.normal(0, s, 512) for s in (1e-6, 1e-4, 0.02, 5.0)] + [np.full(512, 3e-7), np.zeros(512)]
+    w = torch.from_numpy(np.asarray(rows, dtype=F))
+    assert torch.equal(kernel.quantize_q4_k(w), quantize(w, QuantType.Q4_K).blocks)
 
 
 def test_q4_k_beats_q4_0_at_the_same_size() -> None:

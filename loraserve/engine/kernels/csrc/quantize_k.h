@@ -15,21 +15,39 @@
  * compiled with fp-contract off), so the bytes do not depend on the build: tests/engine/weights/
  * test_quantize.py holds them to a line-by-line Python transcription.
  */
-#if defined(__GNUC__) && !defined(__clang__)
+#if defined(__clang__) /* clang: a block-scope pragma, the first statement of each such function */
+#define EXACT_FLOATS
+#define NO_CONTRACT _Pragma("clang fp contract(off)")
+#elif defined(__GNUC__)
 #define EXACT_FLOATS __attribute__((optimize("fp-contract=off")))
+#define NO_CONTRACT
 #else
 #define EXACT_FLOATS
+#define NO_CONTRACT
 #endif
 
 #define Q4K_LEVELS 15 /* q in 0..15 */
 
 static inline int nearest(float v) { return (int)nearbyintf(v); } /* ties to even, as ggml's */
 
+/* f as IEEE half bits, rounded to nearest even (overflow to inf, subnormals kept), as ggml's conversion. */
 static inline uint16_t fp16_bits(float f) {
-    _Float16 h = (_Float16)f; /* round to nearest even, subnormals and overflow to inf included */
-    uint16_t bits;
-    memcpy(&bits, &h, 2);
-    return bits;
+#ifdef __F16C__
+    return (uint16_t)_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT);
+#else
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    const uint16_t sign = (uint16_t)(x >> 16 & 0x8000);
+    const uint32_t a = x & 0x7fffffff;
+    if (a > 0x7f800000) return sign | 0x7e00;  /* NaN */
+    if (a >= 0x477ff000) return sign | 0x7c00; /* 65520 and up round to inf */
+    if (a < 0x38800000) {                      /* under 2^-14: a subnormal half, in units of 2^-24 */
+        float v;
+        memcpy(&v, &a, 4);
+        return sign | (uint16_t)nearbyintf(v * 16777216.f);
+    }
+    return sign | (uint16_t)((a - (112u << 23) + 0xfff + (a >> 13 & 1)) >> 13); /* the 13 bits dropped, RNE */
+#endif
 }
 
 #define NP 16 /* pieces fitted side by side (two super-blocks): the loops over them are the vector loops */
@@ -38,6 +56,7 @@ static inline uint16_t fp16_bits(float f) {
  * of magnitude under 2^22 to an integer (ggml's nearest_int does the same), larger ones clamp alike, and
  * unlike nearbyintf it vectorizes. NaN (a constant piece's lane, discarded) gives 0. */
 static inline EXACT_FLOATS float clamp_level(float v) {
+    NO_CONTRACT
     const float l = (v + 12582912.f) - 12582912.f;
     return l > Q4K_LEVELS ? Q4K_LEVELS : l >= 0 ? l : 0;
 }
@@ -47,6 +66,7 @@ static inline EXACT_FLOATS float clamp_level(float v) {
  * scalar fit's operations in its order (no lane reads another's): the vector loops give the bytes a
  * piece-at-a-time loop would. */
 static EXACT_FLOATS void fit_pieces(const float *x, uint8_t *L, float *scale_out, float *neg_min) {
+    NO_CONTRACT
     float xs[QK][NP], w[QK][NP], Lb[QK][NP], La[QK][NP];
     float mn[NP], mx[NP], sum_w[NP], sum_x[NP], iscale[NP], scale[NP], best[NP], s2[NP];
     for (int i = 0; i < QK; i++)
@@ -136,6 +156,7 @@ static EXACT_FLOATS void fit_pieces(const float *x, uint8_t *L, float *scale_out
 /* Two super-blocks of 256 floats (x, 512 of them) to their 144 bytes each (blk, 288); `one`: only the
  * first is written (the second's floats are read but may be anything finite). */
 static EXACT_FLOATS void quantize_q4_k_pair(const float *x, uint8_t *blk, int one) {
+    NO_CONTRACT
     uint8_t L[2 * QK_K];
     float scales[NP], mins[NP];
     fit_pieces(x, L, scales, mins);
