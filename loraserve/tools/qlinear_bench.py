@@ -27,7 +27,7 @@ import gguf
 import torch
 
 from loraserve.engine.kernels import cpu as cpu_kernels
-from loraserve.engine.kernels.qlinear import X8_TYPES, Parts, QuantLinearKernel, _block_elems
+from loraserve.engine.kernels.qlinear import Parts, QuantLinearKernel, _block_elems
 
 _Q = gguf.GGMLQuantizationType
 # (name, in_features, out_features) of each projection, fused ones as one matrix
@@ -125,8 +125,6 @@ def main(argv: list[str] | None = None) -> None:
             weights = [one] + [_random_blocks(qtype, n, k, first.block_bytes[int(qtype)], gen)
                                for _ in range(copies - 1)]
             for layout in args.layouts:
-                if layout == "repacked" and int(qtype) not in X8_TYPES:
-                    continue
                 # each build reads the groups it lays out itself (qlinear_x8.h: layouts differ by build)
                 parts = [[b.kernel.parts([b.kernel.repack(w, int(qtype), n, k) if layout == "repacked"
                                           else (w, int(qtype), n)], k) for w in weights] for b in builds]

@@ -22,7 +22,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from loraserve.engine.config import EngineConfig
-from loraserve.engine.kernels.qlinear import X8_TYPES, Repacked, load_qlinear
+from loraserve.engine.kernels.qlinear import Repacked, load_qlinear
 from loraserve.engine.llm_engine import LLMEngine
 from loraserve.engine.loader import load_engine, q4_k_m_type
 from loraserve.engine.ops.quant_linear import QuantLinear
@@ -92,8 +92,7 @@ def test_blocks_are_multiplied_as_stored(quantized: tuple[Path, Any]) -> None:
     layer = engine.model.layers[0]
     for proj in (layer.qkv, layer.o, layer.gate_up, layer.down):
         assert isinstance(proj, QuantLinear)
-        # repacked where the type has groups of 8 rows; the K-quants as stored
-        assert all(isinstance(p, Repacked if int(p.qtype) in X8_TYPES else QuantTensor) for p in proj.layout)
+        assert all(isinstance(p, Repacked) for p in proj.layout)  # every type repacked, the K-quants too
     assert len(layer.gate_up.layout) == 2  # gate and up, each from its own tensor
     assert isinstance(engine.model.embed, QuantTensor)  # rows dequantized as looked up
     head = engine.model.lm_head

@@ -24,7 +24,6 @@ from loraserve.engine.weights.quant import QuantTensor, QuantType
 
 _Q = gguf.GGMLQuantizationType
 TYPES = (_Q.Q8_0, _Q.Q4_0, _Q.Q4_1, _Q.Q4_K, _Q.Q5_K, _Q.Q6_K)
-X8_TYPES = frozenset(int(t) for t in TYPES)  # with a repacked layout: all of them
 _X8 = 256  # added to a type id: the part is repacked (csrc/qlinear.c)
 
 
@@ -64,12 +63,10 @@ class QuantLinearKernel:
 
     def repack(self, blocks: torch.Tensor, qtype: int, out_features: int, in_features: int,
                order: torch.Tensor | None = None) -> Repacked:
-        """The weight in the kernel's groups of 8 rows (csrc/qlinear_x8.h; types in X8_TYPES), its row n
+        """The weight in the kernel's groups of 8 rows (csrc/qlinear_x8.h, qlinear_x8k.h), its row n
         being `blocks`' row order[n]: a new tensor of the same size as the blocks, give or take a group,
         for this build of the kernel (another build may lay the groups out otherwise)."""
         _check_blocks(blocks, out_features, _row_bytes(self.block_bytes, qtype, in_features))
-        if qtype not in X8_TYPES:
-            raise ValueError(f"qlinear repacks GGML types {sorted(X8_TYPES)}, not {qtype}")
         if order is not None and (order.dtype != torch.int64 or order.shape != (out_features,)
                                   or not order.is_contiguous()):
             raise ValueError(f"a row order is contiguous int64 [{out_features}]")
@@ -155,7 +152,7 @@ class Repacked:
     """A weight [out_features, in_features] in the kernel's groups of 8 rows (csrc/qlinear_x8.h)."""
 
     data: torch.Tensor  # uint8, contiguous
-    qtype: int  # GGML type id, in X8_TYPES
+    qtype: int  # GGML type id, in TYPES
     out_features: int
     in_features: int
     layout: int  # the packing build's x8_layout: only a build of the same layout reads it

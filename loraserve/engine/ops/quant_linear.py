@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from loraserve.engine.kernels.qlinear import X8_TYPES, QuantLinearKernel, Repacked
+from loraserve.engine.kernels.qlinear import QuantLinearKernel, Repacked
 from loraserve.engine.ops.linear import Projection, Projections, Role
 from loraserve.engine.weights.quant import QuantStack, QuantTensor, QuantType, Weight
 
@@ -20,11 +20,11 @@ from loraserve.engine.weights.quant import QuantStack, QuantTensor, QuantType, W
 @dataclass
 class QuantLinear:
     """A projection over quantized weights, its parts (one, or a fused projection's) repacked into the
-    kernel's groups of 8 rows where the type has that layout, else as stored. The repacked part replaces
-    its source: nothing here keeps the file's blocks (or a quantized copy) alive beside it."""
+    kernel's groups of 8 rows (every type the kernel takes has them). The repacked part replaces its
+    source: nothing here keeps the file's blocks (or a quantized copy) alive beside it."""
 
     kernel: QuantLinearKernel
-    layout: tuple[Repacked | QuantTensor, ...]
+    layout: tuple[Repacked, ...]
 
     @classmethod
     def of(cls, kernel: QuantLinearKernel, weight: QuantTensor | QuantStack) -> QuantLinear:
@@ -34,9 +34,7 @@ class QuantLinear:
     def __post_init__(self) -> None:
         self.in_features = self.layout[0].in_features
         self.out_features = sum(p.out_features for p in self.layout)
-        self._parts = self.kernel.parts(
-            [p if isinstance(p, Repacked) else (p.blocks, int(p.qtype), p.out_features) for p in self.layout],
-            self.in_features)
+        self._parts = self.kernel.parts(self.layout, self.in_features)
 
     @property
     def qtypes(self) -> tuple[QuantType, ...]:
@@ -53,17 +51,13 @@ class QuantLinear:
             raise TypeError("rows are read from the embedding, never from a fused projection")
         return self._rows(self.layout[0], ids)
 
-    def _rows(self, part: Repacked | QuantTensor, ids: torch.Tensor) -> torch.Tensor:
+    def _rows(self, part: Repacked, ids: torch.Tensor) -> torch.Tensor:
         """W[ids] as float32: the rows put back in the stored layout, then dequantized."""
-        if isinstance(part, QuantTensor):
-            return part[ids]
         blocks = self.kernel.stored_rows(part, ids)
         return QuantTensor(blocks, QuantType(part.qtype), blocks.shape[0], part.in_features).dequantize()
 
 
-def _repacked(kernel: QuantLinearKernel, part: QuantTensor) -> Repacked | QuantTensor:
-    if int(part.qtype) not in X8_TYPES:
-        return part
+def _repacked(kernel: QuantLinearKernel, part: QuantTensor) -> Repacked:
     packed = kernel.repack(part.blocks, int(part.qtype), part.out_features, part.in_features)
     part.drop_pages()  # a file's pages, read once for this copy: not kept resident beside it
     return packed

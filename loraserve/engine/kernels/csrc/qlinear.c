@@ -114,9 +114,18 @@ static inline float fp16_at(const uint8_t *p) {
 #endif
 }
 
+#ifdef __AVX2__
+static inline int32_t hsum8_epi32(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+    return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1)));
+}
+#endif
+
 /* One row of x as int8 blocks: q[b*32 + i] = round(x * (1 / d)), d[b] = amax / 127, s[b] = d * sum(q), and
  * the offsets the repacked tiles add, ready to broadcast from memory: s8[b] = 8 s[b] (Q4_0's; exact, a
- * power of two), c128[b] = -128 sum(q) (Q8_0's on AVX-512 VNNI: qlinear_x8.h). */
+ * power of two), c128[b] = -128 sum(q) (Q8_0's on AVX-512 VNNI: qlinear_x8.h), c32[2 b], c32[2 b + 1] = -32
+ * times the sums of elements 0-15 and 16-31 (Q6_K's halves: qlinear_x8k.h). */
 static void quantize_row(const float *x, int64_t nb, int8_t *q, float *d, float *s, float *s8, int32_t *c128,
                          int32_t *c32) {
     for (int64_t b = 0; b < nb; b++, x += QK, q += QK) {
@@ -134,22 +143,15 @@ static void quantize_row(const float *x, int64_t nb, int8_t *q, float *d, float 
         for (int j = 0; j < 4; j++)
             iv[j] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[j], _mm256_set1_ps(id)),
                                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-        const __m256i sum01 = _mm256_add_epi32(iv[0], iv[1]); /* elements 0-15 */
-        __m256i sum = _mm256_add_epi32(sum01, _mm256_add_epi32(iv[2], iv[3]));
-        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
-        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
-        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
+        /* sums of elements 0-15 and 16-31 */
+        const int32_t lo = hsum8_epi32(_mm256_add_epi32(iv[0], iv[1]));
+        const int32_t hi = hsum8_epi32(_mm256_add_epi32(iv[2], iv[3])), is = lo + hi;
         /* the packs work per 128-bit lane: the permute puts the 32 bytes back in order */
         __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(iv[0], iv[1]), _mm256_packs_epi32(iv[2], iv[3]));
         p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
         _mm256_storeu_si256((__m256i *)q, p);
-        const int32_t is = _mm_cvtsi128_si32(s4);
-        __m128i h4 = _mm_add_epi32(_mm256_castsi256_si128(sum01), _mm256_extracti128_si256(sum01, 1));
-        h4 = _mm_add_epi32(h4, _mm_shuffle_epi32(h4, 0x4e));
-        h4 = _mm_add_epi32(h4, _mm_shuffle_epi32(h4, 0xb1));
-        const int32_t lo = _mm_cvtsi128_si32(h4);
         c32[2 * b] = -32 * lo;
-        c32[2 * b + 1] = -32 * (is - lo);
+        c32[2 * b + 1] = -32 * hi;
         d[b] = dd;
         s[b] = dd * (float)is;
         s8[b] = 8.f * s[b];
