@@ -92,8 +92,9 @@ def serve(
     ] = None,
     lora_dtype: Annotated[
         str | None,
-        typer.Option(help="auto or float16: adapter weights in half precision halve what the CPU LoRA "
-                          "kernel reads each step, at fp16's rounding (default: auto = the model's)."),
+        typer.Option(help="auto, float32 or float16: adapter weights in half precision halve what the CPU "
+                          "LoRA kernel reads each step, at fp16's rounding (default: auto = float16 beside "
+                          "quantized weights, else the model's dtype)."),
     ] = None,
     kv_cache_bytes: Annotated[
         int | None,

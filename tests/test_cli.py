@@ -163,7 +163,9 @@ def test_serve_refuses_a_bad_device_or_dtype_before_loading(tmp_path: Path) -> N
         "dtype must be auto, float32, bfloat16, float16 or gguf" in bad_dtype.stderr
     )
     bad_lora_dtype = loraserve(*base, "--lora-dtype", "bfloat16")
-    assert bad_lora_dtype.returncode == 2 and "lora_dtype must be auto or float16" in bad_lora_dtype.stderr
+    assert bad_lora_dtype.returncode == 2 and (
+        "lora_dtype must be auto, float32 or float16" in bad_lora_dtype.stderr
+    )
     bad_kv_dtype = loraserve(*base, "--kv-dtype", "int8")
     assert bad_kv_dtype.returncode == 2 and "kv_dtype must be auto, float32 or float16" in bad_kv_dtype.stderr
     kv_on_gpu = loraserve(*base, "--device", "cuda", "--kv-dtype", "float16")

@@ -156,11 +156,12 @@ class EngineConfig:
     lora_slot_bytes: int = 2 << 30
     # Adapters kept mapped and checked (LRU, page cache); the disk holds the rest.
     adapter_host_cache_bytes: int = 2 << 30
-    # Adapter weights in device slots (the host tier maps the files as stored): "auto" is the model's
-    # dtype; "float16" halves what the CPU LoRA kernel streams each step (decode LoRA is bound by reading
-    # it: ~600 MB a step with 31 distinct SmolLM2 adapters), at fp16's rounding of each weight (relative
-    # 2^-11 at most) and its range (an adapter whose weights times lora_alpha/r pass 65504 fails to
-    # load). CPU float32 with the native kernels only.
+    # Adapter weights in device slots (the host tier maps the files as stored): "auto" is float16 beside
+    # quantized weights (dtype gguf) and the model's dtype otherwise; "float16" halves what the CPU LoRA
+    # kernel streams each step (decode LoRA is bound by reading it: ~600 MB a step with 31 distinct SmolLM2
+    # adapters), at fp16's rounding of each weight (relative 2^-11 at most) and its range (an adapter whose
+    # weights times lora_alpha/r pass 65504 fails to load; "float32" keeps it). Another type than the
+    # model's: CPU float32 or gguf with the native kernels only.
     lora_dtype: str = "auto"
     # Reuse the K/V of cached prompt prefixes (same tokens, adapter and salt); off only to compare.
     prefix_caching: bool = True
@@ -205,7 +206,7 @@ class EngineConfig:
             raise ValueError("kv_dtype must be auto, float32 or float16")
         if self.kv_dtype != "auto" and self.device != "cpu":
             raise ValueError("kv_dtype is for the CPU: CUDA keeps K/V in the model's dtype")
-        if self.lora_dtype not in ("auto", "float16"):
-            raise ValueError("lora_dtype must be auto or float16")
+        if self.lora_dtype not in ("auto", "float32", "float16"):
+            raise ValueError("lora_dtype must be auto, float32 or float16")
         if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"device must be cpu, cuda or cuda:N, not {self.device!r}")

@@ -68,6 +68,20 @@ def resolve_kv_dtype(ecfg: EngineConfig, dtype: torch.dtype) -> torch.dtype:
     return _DTYPES[ecfg.kv_dtype]
 
 
+def resolve_lora_dtype(ecfg: EngineConfig, dtype: torch.dtype, kernel: bool) -> torch.dtype:
+    """The adapter slots' element type beside the compute dtype `dtype` (EngineConfig.lora_dtype); `kernel`:
+    the CPU LoRA kernel applies them, the one backend that reads another type than the model's."""
+    if ecfg.lora_dtype == "auto":
+        # Beside quantized weights a decode step's LoRA is bound by reading the slots, and fp16's rounding
+        # (2^-11) is far under the 4- or 8-bit base's
+        return torch.float16 if ecfg.dtype == "gguf" and kernel else dtype
+    lora_dtype = _DTYPES[ecfg.lora_dtype]
+    if lora_dtype != dtype and not kernel:
+        raise ValueError(f"lora_dtype {ecfg.lora_dtype} needs the CPU LoRA kernel: device cpu, dtype float32 "
+                         f"or gguf, native_kernels on and a C compiler")
+    return lora_dtype
+
+
 class LLMEngine:
     def __init__(self, cfg: ModelConfig, state: StateDict, ecfg: EngineConfig | None = None,
                  context_window: int | None = None) -> None:
@@ -83,10 +97,7 @@ class LLMEngine:
         num_blocks = self._num_kv_blocks()
         self.kv = KVCache(cfg, num_blocks * bs, self.kv_dtype, self.device)
         self.blocks = BlockManager(num_blocks, bs, ecfg.prefix_caching)
-        lora_dtype = self.dtype if ecfg.lora_dtype == "auto" else _DTYPES[ecfg.lora_dtype]
-        if lora_dtype != self.dtype and not isinstance(self.ops.lora, SgmvLora):
-            raise ValueError("lora_dtype float16 needs the CPU LoRA kernel: device cpu, dtype float32, "
-                             "native_kernels on and a C compiler")
+        lora_dtype = resolve_lora_dtype(ecfg, self.dtype, isinstance(self.ops.lora, SgmvLora))
         self.adapters = AdapterCache(cfg, ecfg, lora_dtype, self.device, self.ops.lora)
         self.scheduler = Scheduler(self.blocks, ecfg.max_num_seqs, ecfg.max_num_batched_tokens,
                                    gate=self.adapters, max_waiting=ecfg.max_queue)

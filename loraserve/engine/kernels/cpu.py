@@ -158,6 +158,7 @@ class LoraSgmv:
 
     def __init__(self, lib: ctypes.CDLL) -> None:
         self.tile = int(lib.lora_sgmv_tile())  # the packed layout's column tile (LoraPool packs with it)
+        self.kpart = int(lib.lora_sgmv_kpart())  # rows of A a shrink task sums: h holds a partial per part
         p, i = ctypes.c_void_p, ctypes.c_int64
         # float32 weights, and float16 ones (widened as they are read): the same arguments
         for fn in (lib.lora_sgmv, lib.lora_sgmv_f16):
@@ -165,20 +166,24 @@ class LoraSgmv:
             fn.restype = None
         self._fn, self._fn16 = lib.lora_sgmv, lib.lora_sgmv_f16
 
+    def h_width(self, fan_in: int, width: int) -> int:
+        """Floats a row of the scratch h needs for `width` shrink outputs over `fan_in` inputs."""
+        return -(-fan_in // self.kpart) * width
+
     def __call__(self, x: torch.Tensor, out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rank: int,
                  cols: torch.Tensor, plan: torch.Tensor, nseg: int, max_row: int, h: torch.Tensor) -> None:
         """x: [T, K]; out: [T, N]. The rest belongs to a packed LoraPool and its step plan, which check them
         once (not per call, 120 calls a step): a: [C, K * n * rank] and b: [C, rank * N] one layer's slots
         (both float32 or both float16);
         cols: [n + 1] int64 column offsets of the n targets; plan: int64 [nseg slots | nseg + 1 starts |
-        rows] with slots < C and rows <= max_row; h: float32 scratch [rows, >= n * rank]."""
+        rows] with slots < C and rows <= max_row; h: float32 scratch [rows, >= h_width(K, n * rank)]."""
         n = cols.shape[0] - 1
         k = x.shape[1]
         for t in (x, out):
             if not _cpu_float32(t) or t.stride(1) != 1:
                 raise ValueError("lora_sgmv takes float32 CPU tensors with contiguous rows")
         if (max_row >= min(x.shape[0], out.shape[0]) or a.shape[1] != k * n * rank
-                or b.shape[1] != rank * out.shape[1]):
+                or b.shape[1] != rank * out.shape[1] or h.shape[1] < self.h_width(k, n * rank)):
             raise ValueError("lora_sgmv: inconsistent shapes")
         fn = self._fn16 if a.dtype is torch.float16 else self._fn
         fn(x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0), a.data_ptr(), b.data_ptr(), k,

@@ -126,5 +126,6 @@ def _check_range(w: LoraWeights, data: torch.Tensor | None, dtype: torch.dtype) 
         if not (bool(torch.isfinite(_extremes(a).to(dtype)).all())
                 and bool(torch.isfinite((_extremes(b) * scale).to(dtype)).all())):
             layer, target = module
+            hint = " (float32 adapter slots keep them: lora_dtype float32)" if dtype is torch.float16 else ""
             raise ValueError(f"layer {layer} {target}: weights times lora_alpha/r ({scale:g}) overflow "
-                             f"{dtype} or are not finite")
+                             f"{dtype} or are not finite{hint}")

@@ -48,7 +48,7 @@ class SgmvPart:
     plan: torch.Tensor  # int64 [nseg slots | nseg + 1 starts | rows], as csrc/lora_sgmv.c reads it
     nseg: int
     max_row: int
-    h: torch.Tensor  # [rows, n*R] scratch for the shrink, n the most targets a group fuses (q/k/v: 3)
+    h: torch.Tensor  # [rows, width] scratch for the shrink: every group's partial sums fit (kernel.h_width)
 
     def apply(self, layer: int, group: LoraGroup, x: torch.Tensor, out: torch.Tensor) -> None:
         pool = self.pool
@@ -68,6 +68,7 @@ class SgmvPart:
         if not 0 <= min(slots) <= max(slots) < pool.capacity:  # the kernel indexes the pool by them
             raise ValueError("LoRA slot out of the pool's range")
         plan = torch.tensor(slots + starts + [row for _, row in items], dtype=torch.long)
-        width = max(len(targets) for targets in GROUP_TARGETS.values()) * pool.rank
+        width = max(kernel.h_width(fan_in, len(fan_outs) * pool.rank)
+                    for fan_in, fan_outs in (group_shape(pool.cfg, g) for g in GROUP_TARGETS))
         return cls(pool, kernel, plan, len(slots), max(row for _, row in items),
                    torch.empty(len(items), width))

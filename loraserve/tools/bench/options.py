@@ -40,8 +40,9 @@ class KvDType(enum.Enum):
 
 
 class LoraDType(enum.Enum):
-    AUTO = "auto"  # the model's dtype
-    FLOAT16 = "float16"  # half-precision adapter slots (CPU kernel only; EngineConfig.lora_dtype)
+    AUTO = "auto"  # EngineConfig.lora_dtype's default: float16 beside GGUF blocks, else the model's dtype
+    FLOAT32 = "float32"
+    FLOAT16 = "float16"  # half-precision adapter slots (CPU kernel only)
 
 
 # The target workload, and what `--quick` shrinks it to; explicit options win over both.

@@ -14,8 +14,9 @@ from typing import Any
 import pytest
 import torch
 
+from loraserve.engine.config import EngineConfig
 from loraserve.engine.core.sequence import Sequence
-from loraserve.engine.llm_engine import LLMEngine
+from loraserve.engine.llm_engine import LLMEngine, resolve_lora_dtype
 from loraserve.engine.lora import pool as lora
 from loraserve.engine.lora.adapter_file import load_adapter
 from loraserve.engine.lora.batch import LoraBatch
@@ -184,6 +185,18 @@ def test_float16_slots_need_the_cpu_kernel(base: Any) -> None:
         build_engine(base, lora_dtype="bfloat16")
     engine = build_engine(base, lora_dtype="float16")
     assert engine.adapters.dtype is torch.float16
+
+
+@pytest.mark.parametrize(("dtype", "lora_dtype", "kernel", "slots"), [
+    ("gguf", "auto", True, torch.float16),  # beside quantized weights: half the bytes a step streams
+    ("gguf", "auto", False, torch.float32),  # torch's LoRA path reads the model's dtype only
+    ("gguf", "float32", True, torch.float32),  # kept for adapters past fp16's range
+    ("float32", "auto", True, torch.float32),  # float32 weights: exact PEFT parity by default
+    ("float32", "float16", True, torch.float16),
+])
+def test_slot_dtype(dtype: str, lora_dtype: str, kernel: bool, slots: torch.dtype) -> None:
+    ecfg = EngineConfig(dtype=dtype, lora_dtype=lora_dtype)
+    assert resolve_lora_dtype(ecfg, torch.float32, kernel) is slots
 
 
 def test_more_adapters_than_slots(base: Any, adapters: dict[str, Path], reference: Any) -> None:

@@ -12,7 +12,8 @@
  *                                       same way, the tile at output column c is [R, w] at b + R * c
  *   plan:  int64 [nseg slots | nseg + 1 starts | rows]   segment s: slot plan[s], batch rows
  *                                       rows[starts[s] .. starts[s + 1])
- *   h:     [rows, nR] scratch           the shrink's result, in plan order
+ *   h:     [rows, parts(K) * nR] scratch   the shrink's result, in plan order: a row's partial sums
+ *                                       over each KPART rows of A side by side (see sgmv), then their sum
  * Why packed: every task then streams one contiguous block. With B as [nR, N] rows (R rows N apart per
  * column tile) the hardware prefetcher lost track and the expand read its weights well below the
  * memory's pace (the timings, against torch's gather + padded bmm + scatter: BENCHMARKS.md, "Multi-LoRA").
@@ -35,12 +36,20 @@
 #endif
 #define KS 4 /* the shrink's partial sums per output: one chain of K adds would run at the add's latency */
 #define CHUNK 256 /* output columns per expand task: a rank-16 B chunk is 16 KiB, in L1 */
+/* Rows of A per shrink task. A tile's K rows are cut into parts summed apart and then in order, a number set
+ * by K alone (never by the thread or row count, so a row's bits stay its own): at one row a q/k/v group
+ * has 3 tiles, o and down 1, which 2 threads could not share evenly as whole tiles. */
+#define KPART 1024
 /* fp16 weights: a segment of at least this many rows has its A tile or B chunk widened to float32 once,
  * into per-thread scratch, instead of each row block widening it again (a prefill chunk's segments are
  * 100+ rows, where that made the half-precision path slower than float32) */
 #define WIDEN_ROWS 8
 
 int lora_sgmv_tile(void) { return TILE; }
+
+int lora_sgmv_kpart(void) { return KPART; } /* h's row holds ceil(K / KPART) * nR floats */
+
+static int64_t kparts(int64_t K) { return (K + KPART - 1) / KPART; }
 
 /* IEEE half -> float, without F16C (normal, subnormal, zero, inf and NaN). */
 static inline float half_to_float(uint16_t h) {
@@ -86,16 +95,17 @@ static void widen(const uint16_t *src, int64_t n, float *dst) {
     for (; i < n; i++) dst[i] = half_to_float(src[i]);
 }
 
-/* h[r, c0:c0+w] = x[rows[r]] @ A[:, c0:c0+w] for mb rows; acc[r][p] sums the k = p (mod KS) terms. */
+/* h[r * ldh + c0:c0+w] = x[rows[r], k0:k1] @ A[k0:k1, c0:c0+w] for mb rows; acc[r][p] sums the k = k0 + p
+ * (mod KS) terms. */
 static inline __attribute__((always_inline)) void shrink_block(const float *x, int64_t ldx, const int64_t *rows,
                                                                 const int mb, const void *a, int64_t at,
-                                                                const int half, int64_t K, int64_t nR,
-                                                                int64_t c0, const int w, float *h) {
+                                                                const int half, int64_t k0, int64_t k1,
+                                                                int64_t ldh, int64_t c0, const int w, float *h) {
     float acc[MB][KS][TILE] = {{{0.f}}}, buf[TILE];
     const float *xr[MB];
     for (int r = 0; r < mb; r++) xr[r] = x + rows[r] * ldx;
-    int64_t k = 0;
-    for (; k + KS <= K; k += KS)
+    int64_t k = k0;
+    for (; k + KS <= k1; k += KS)
         for (int p = 0; p < KS; p++) {
             const float *ar = wrow(a, at + (k + p) * w, half, w, buf);
             for (int r = 0; r < mb; r++) {
@@ -104,7 +114,7 @@ static inline __attribute__((always_inline)) void shrink_block(const float *x, i
                 for (int t = 0; t < w; t++) acc[r][p][t] += xv * ar[t];
             }
         }
-    for (; k < K; k++) {
+    for (; k < k1; k++) {
         const float *ar = wrow(a, at + k * w, half, w, buf);
         for (int r = 0; r < mb; r++) {
             const float xv = xr[r][k];
@@ -114,43 +124,47 @@ static inline __attribute__((always_inline)) void shrink_block(const float *x, i
     }
     for (int r = 0; r < mb; r++)
         for (int t = 0; t < w; t++)
-            h[r * nR + c0 + t] = (acc[r][0][t] + acc[r][1][t]) + (acc[r][2][t] + acc[r][3][t]);
+            h[r * ldh + c0 + t] = (acc[r][0][t] + acc[r][1][t]) + (acc[r][2][t] + acc[r][3][t]);
 }
 
-/* The shrink of A's tile at column c0 for the m rows of one segment, the tile's weights starting `at`
- * elements into a. */
+/* The shrink of A's tile at column c0, its rows k0..k1, for the m rows of one segment (h: their partial
+ * sums for this part, rows ldh apart), the tile's weights starting `at` elements into a. */
 static inline __attribute__((always_inline)) void shrink_rows(const float *x, int64_t ldx, const int64_t *rows,
                                                                int64_t m, const void *a, int64_t at, const int half,
-                                                               int64_t K, int64_t nR, int64_t c0, float *h) {
+                                                               int64_t k0, int64_t k1, int64_t nR, int64_t ldh,
+                                                               int64_t c0, float *h) {
     const int w = nR - c0 < TILE ? (int)(nR - c0) : TILE;
     int64_t i = 0;
     if (w == TILE) { /* constant widths: the compiler unrolls the tile into registers */
-        for (; i + MB <= m; i += MB) shrink_block(x, ldx, rows + i, MB, a, at, half, K, nR, c0, TILE, h + i * nR);
-        for (; i < m; i++) shrink_block(x, ldx, rows + i, 1, a, at, half, K, nR, c0, TILE, h + i * nR);
+        for (; i + MB <= m; i += MB)
+            shrink_block(x, ldx, rows + i, MB, a, at, half, k0, k1, ldh, c0, TILE, h + i * ldh);
+        for (; i < m; i++) shrink_block(x, ldx, rows + i, 1, a, at, half, k0, k1, ldh, c0, TILE, h + i * ldh);
     } else {
-        for (; i < m; i++) shrink_block(x, ldx, rows + i, 1, a, at, half, K, nR, c0, w, h + i * nR);
+        for (; i < m; i++) shrink_block(x, ldx, rows + i, 1, a, at, half, k0, k1, ldh, c0, w, h + i * ldh);
     }
 }
 
-/* shrink_rows for a slot whose packed A starts `a0` elements into a; a large segment's fp16 tile is
- * widened into scratch first. */
+/* shrink_rows for a slot whose packed A starts `a0` elements into a; a large segment's fp16 part of a tile
+ * is widened into scratch first. */
 static inline __attribute__((always_inline)) void shrink(const float *x, int64_t ldx, const int64_t *rows, int64_t m,
                                                           const void *a, int64_t a0, const int half, int64_t K,
-                                                          int64_t nR, int64_t c0, float *h, float *scratch) {
-    const int64_t at = a0 + K * c0;
+                                                          int64_t k0, int64_t k1, int64_t nR, int64_t ldh,
+                                                          int64_t c0, float *h, float *scratch) {
+    const int64_t at = a0 + K * c0, w = nR - c0 < TILE ? nR - c0 : TILE;
     if (half && scratch && m >= WIDEN_ROWS) {
-        widen((const uint16_t *)a + at, K * (nR - c0 < TILE ? nR - c0 : TILE), scratch);
-        shrink_rows(x, ldx, rows, m, scratch, 0, 0, K, nR, c0, h);
+        widen((const uint16_t *)a + at + k0 * w, (k1 - k0) * w, scratch);
+        shrink_rows(x, ldx, rows, m, scratch, -k0 * w, 0, k0, k1, nR, ldh, c0, h);
     } else {
-        shrink_rows(x, ldx, rows, m, a, at, half, K, nR, c0, h);
+        shrink_rows(x, ldx, rows, m, a, at, half, k0, k1, nR, ldh, c0, h);
     }
 }
 
-/* out[rows[r], c + q*TILE + t] += h[r, :R] @ B's tile at c + q*TILE, for mb rows and nt tiles of width w
- * (mb * nt <= MB * MB accumulator tiles, each a chain of R adds in the same order whatever the blocking). */
+/* out[rows[r], c + q*TILE + t] += h[r, :R] @ B's tile at c + q*TILE (h's rows ldh apart), for mb rows and nt
+ * tiles of width w (mb * nt <= MB * MB accumulator tiles, each a chain of R adds in the same order whatever the
+ * blocking). */
 static inline __attribute__((always_inline)) void expand_block(float *out, int64_t ldo, const int64_t *rows,
                                                                 const int mb, const int nt, const float *hj,
-                                                                int64_t nR, const void *b, int64_t b0,
+                                                                int64_t ldh, const void *b, int64_t b0,
                                                                 const int half, int64_t R, int64_t c,
                                                                 const int w) {
     float acc[MB][MB][TILE], buf[TILE];
@@ -161,7 +175,7 @@ static inline __attribute__((always_inline)) void expand_block(float *out, int64
         for (int q = 0; q < nt; q++) {
             const float *br = wrow(b, b0 + R * (c + q * TILE) + k * w, half, w, buf);
             for (int r = 0; r < mb; r++) {
-                const float hv = hj[r * nR + k];
+                const float hv = hj[r * ldh + k];
 #pragma omp simd
                 for (int t = 0; t < w; t++) acc[r][q][t] += hv * br[t];
             }
@@ -175,7 +189,7 @@ static inline __attribute__((always_inline)) void expand_block(float *out, int64
  * tile at output column c at b + b0 + R * c). Rows in blocks of MB over MB tiles (then one tile); the rest
  * one row at a time over MB tiles. */
 static inline __attribute__((always_inline)) void expand_rows(float *out, int64_t ldo, const int64_t *rows,
-                                                               int64_t m, const float *hj, int64_t nR, const void *b,
+                                                               int64_t m, const float *hj, int64_t ldh, const void *b,
                                                                int64_t b0, const int half, int64_t R, int64_t c0,
                                                                int64_t c1) {
     const int64_t blocked = m - m % MB;
@@ -185,36 +199,36 @@ static inline __attribute__((always_inline)) void expand_rows(float *out, int64_
      * "The prefill expand"). */
     for (; c + MB * TILE <= c1; c += MB * TILE)
         for (int64_t i = 0; i < blocked; i += MB)
-            expand_block(out, ldo, rows + i, MB, MB, hj + i * nR, nR, b, b0, half, R, c, TILE);
+            expand_block(out, ldo, rows + i, MB, MB, hj + i * ldh, ldh, b, b0, half, R, c, TILE);
     for (; c < c1; c += TILE) {
         const int w = c1 - c < TILE ? (int)(c1 - c) : TILE;
         if (w == TILE)
             for (int64_t i = 0; i < blocked; i += MB)
-                expand_block(out, ldo, rows + i, MB, 1, hj + i * nR, nR, b, b0, half, R, c, TILE);
+                expand_block(out, ldo, rows + i, MB, 1, hj + i * ldh, ldh, b, b0, half, R, c, TILE);
         else
             for (int64_t i = 0; i < blocked; i++)
-                expand_block(out, ldo, rows + i, 1, 1, hj + i * nR, nR, b, b0, half, R, c, w);
+                expand_block(out, ldo, rows + i, 1, 1, hj + i * ldh, ldh, b, b0, half, R, c, w);
     }
     for (int64_t i = blocked; i < m; i++) {
         for (c = c0; c + MB * TILE <= c1; c += MB * TILE)
-            expand_block(out, ldo, rows + i, 1, MB, hj + i * nR, nR, b, b0, half, R, c, TILE);
+            expand_block(out, ldo, rows + i, 1, MB, hj + i * ldh, ldh, b, b0, half, R, c, TILE);
         for (; c + TILE <= c1; c += TILE)
-            expand_block(out, ldo, rows + i, 1, 1, hj + i * nR, nR, b, b0, half, R, c, TILE);
-        if (c < c1) expand_block(out, ldo, rows + i, 1, 1, hj + i * nR, nR, b, b0, half, R, c, (int)(c1 - c));
+            expand_block(out, ldo, rows + i, 1, 1, hj + i * ldh, ldh, b, b0, half, R, c, TILE);
+        if (c < c1) expand_block(out, ldo, rows + i, 1, 1, hj + i * ldh, ldh, b, b0, half, R, c, (int)(c1 - c));
     }
 }
 
 /* expand_rows for a slot whose packed B starts `b0` elements into b; a large segment's fp16 chunk (its
  * tiles lie together: R * (c1 - c0) weights from column c0's tile on) is widened into scratch first. */
 static inline __attribute__((always_inline)) void expand(float *out, int64_t ldo, const int64_t *rows, int64_t m,
-                                                          const float *hj, int64_t nR, const void *b, int64_t b0,
+                                                          const float *hj, int64_t ldh, const void *b, int64_t b0,
                                                           const int half, int64_t R, int64_t c0, int64_t c1,
                                                           float *scratch) {
     if (half && scratch && m >= WIDEN_ROWS) {
         widen((const uint16_t *)b + b0 + R * c0, R * (c1 - c0), scratch);
-        expand_rows(out, ldo, rows, m, hj, nR, scratch, -R * c0, 0, R, c0, c1);
+        expand_rows(out, ldo, rows, m, hj, ldh, scratch, -R * c0, 0, R, c0, c1);
     } else {
-        expand_rows(out, ldo, rows, m, hj, nR, b, b0, half, R, c0, c1);
+        expand_rows(out, ldo, rows, m, hj, ldh, b, b0, half, R, c0, c1);
     }
 }
 
@@ -225,7 +239,7 @@ static inline __attribute__((always_inline)) void sgmv(const float *x, int64_t l
                                                         int64_t N, int64_t R, int64_t n, const int64_t *cols,
                                                         int64_t nseg, const int64_t *plan, float *h, int nthreads) {
     const int64_t nR = n * R, *slots = plan, *starts = plan + nseg, *rows = plan + 2 * nseg + 1;
-    const int64_t tiles = (nR + TILE - 1) / TILE;
+    const int64_t tiles = (nR + TILE - 1) / TILE, S = kparts(K), ldh = S * nR;
     int64_t chunks = 0; /* expand tasks per segment: column chunks of the n targets' ranges */
     for (int64_t j = 0; j < n; j++) chunks += chunks_of(cols[j + 1] - cols[j]);
     /* Static schedules: each thread takes a contiguous run of tasks, so it streams neighbouring tiles of
@@ -236,12 +250,21 @@ static inline __attribute__((always_inline)) void sgmv(const float *x, int64_t l
     {
         /* fp16 only: an A tile or a B chunk widened (NULL when malloc fails: every segment then widens as
          * it reads, which is only slower) */
-        float *scratch = half ? malloc(sizeof(float) * (size_t)(K * TILE > R * CHUNK ? K * TILE : R * CHUNK)) : 0;
+        float *scratch = half ? malloc(sizeof(float) * (size_t)(KPART * TILE > R * CHUNK ? KPART * TILE : R * CHUNK)) : 0;
 #pragma omp for schedule(static)
-        for (int64_t t = 0; t < nseg * tiles; t++) {
-            const int64_t s = t / tiles;
-            shrink(x, ldx, rows + starts[s], starts[s + 1] - starts[s], a, slots[s] * K * nR, half, K, nR,
-                   (t % tiles) * TILE, h + starts[s] * nR, scratch);
+        for (int64_t t = 0; t < nseg * tiles * S; t++) { /* (segment, tile, part of K): a tile's parts in order */
+            const int64_t s = t / (tiles * S), c0 = t / S % tiles * TILE, k0 = t % S * KPART;
+            shrink(x, ldx, rows + starts[s], starts[s + 1] - starts[s], a, slots[s] * K * nR, half, K, k0,
+                   k0 + KPART < K ? k0 + KPART : K, nR, ldh, c0, h + starts[s] * ldh + t % S * nR, scratch);
+        }
+        if (S > 1) { /* each row's partial sums into its first part's place, in order */
+#pragma omp for schedule(static)
+            for (int64_t r = 0; r < starts[nseg]; r++)
+                for (int64_t c = 0; c < nR; c++) {
+                    float v = h[r * ldh + c];
+                    for (int64_t p = 1; p < S; p++) v += h[r * ldh + p * nR + c];
+                    h[r * ldh + c] = v;
+                }
         }
         /* the implicit barrier: every h row is complete before an expand reads it */
 #pragma omp for schedule(static)
@@ -250,7 +273,7 @@ static inline __attribute__((always_inline)) void sgmv(const float *x, int64_t l
             int64_t c = t % chunks, j = 0;
             for (; c >= chunks_of(cols[j + 1] - cols[j]); j++) c -= chunks_of(cols[j + 1] - cols[j]);
             const int64_t c0 = cols[j] + c * CHUNK, c1 = c0 + CHUNK < cols[j + 1] ? c0 + CHUNK : cols[j + 1];
-            expand(out, ldo, rows + starts[s], starts[s + 1] - starts[s], h + starts[s] * nR + j * R, nR, b,
+            expand(out, ldo, rows + starts[s], starts[s + 1] - starts[s], h + starts[s] * ldh + j * R, ldh, b,
                    slots[s] * R * N, half, R, c0, c1, scratch);
         }
         free(scratch);
