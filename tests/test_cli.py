@@ -209,6 +209,11 @@ def test_quantize_writes_a_gguf_llama_cpp_reads(tmp_path: Path) -> None:
     forced = runner.invoke(app, ["quantize", str(root), str(out), "--type", "q4_0", "--force"])
     assert forced.exit_code == 0, forced.output
     assert {t.name: t.tensor_type.name for t in gguf.GGUFReader(out).tensors}["blk.0.attn_v.weight"] == "Q4_0"
+    mix = runner.invoke(app, ["quantize", str(root), str(out), "--type", "q4_k_m", "--force"])
+    assert mix.exit_code == 0, mix.output
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(out).tensors}
+    assert (types["blk.0.attn_v.weight"], types["blk.1.attn_v.weight"], types["output.weight"]) == \
+        ("Q4_K", "Q6_K", "Q6_K")  # llama.cpp's Q4_K_M: v in more bits in the last of two layers
 
 
 def test_quantize_refusals(tmp_path: Path) -> None:

@@ -114,12 +114,17 @@ class ModelConfig:
 
 
 class Quantization(enum.Enum):
-    """A block type a Hugging Face checkpoint's projections are quantized to at load (`--quantize`)."""
+    """A block type a Hugging Face checkpoint's projections are quantized to at load (`--quantize`) or in a
+    file (`loraserve quantize --type`), or llama.cpp's mix of them; the head is Q6_K but for q8_0
+    (weights/quantize.py target_type)."""
 
     Q8_0 = "q8_0"
     Q4_0 = "q4_0"
     Q4_1 = "q4_1"
     Q4_K = "q4_k"  # tensors whose rows are not a multiple of 256 values (SmolLM2's 576) get Q4_1
+    # llama.cpp's Q4_K_M mix: Q4_K, with v and down in Q6_K in the first and last eighth of the layers and
+    # every third between (weights/quant.py use_more_bits)
+    Q4_K_M = "q4_k_m"
 
 
 def _default_threads() -> int:

@@ -22,7 +22,7 @@ from loraserve.engine.llm_engine import LLMEngine, resolve_dtype
 from loraserve.engine.process import configure_process
 from loraserve.engine.sources import EMBEDDED, RANDOM_PREFIX, embedded_gguf_path
 from loraserve.engine.weights.hf import StateDict, expected_shapes
-from loraserve.engine.weights.quant import QuantType, Weight, random_blocks
+from loraserve.engine.weights.quant import QuantType, Weight, q4_k_m_type, random_blocks
 from loraserve.engine.weights.tokenizer import Tokenizer
 
 RANDOM_SHAPES = catalog.RANDOM_SHAPES
@@ -35,18 +35,9 @@ def random_tokenizer() -> Tokenizer:
     return Tokenizer.from_gguf(gguf.GGUFReader(str(embedded_gguf_path())))
 
 
-Q4_K_M = "q4_k_m"  # a random model's mix of block types as llama.cpp's Q4_K_M files have them
-
-
-def q4_k_m_type(tensor: str, num_layers: int) -> QuantType:
-    """A tensor's block type in llama.cpp's Q4_K_M mix (llama-quant.cpp): Q4_K throughout but for v and
-    down in Q6_K in the layers it gives more bits (the first and last eighth, every third between)."""
-    parts = tensor.split(".")
-    if not (tensor.endswith(("v_proj.weight", "down_proj.weight")) and "layers" in parts):
-        return QuantType.Q4_K
-    i, n = int(parts[parts.index("layers") + 1]), num_layers
-    more_bits = i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
-    return QuantType.Q6_K if more_bits else QuantType.Q4_K
+# A random model's mix of block types as llama.cpp's Q4_K_M files have them (weights/quant.py q4_k_m_type):
+# its embedding, which is also its head, Q4_K as an untied 7B's token_embd.
+Q4_K_M = "q4_k_m"
 
 
 def random_model(name: str, tokenizer: Tokenizer, seed: int = 0,
@@ -108,9 +99,9 @@ def load_engine(source: str, config: EngineConfig | None = None) -> tuple[LLMEng
 
         cfg, state, tokenizer = weights.load_gguf(source, dtype, keep_quantized)
     elif os.path.isdir(source) and ecfg.quantize is not None:
-        from loraserve.engine.weights.quantize import load_hf_quantized, quant_type
+        from loraserve.engine.weights.quantize import load_hf_quantized
 
-        cfg, state = load_hf_quantized(Path(source), dtype, quant_type(ecfg.quantize))
+        cfg, state = load_hf_quantized(Path(source), dtype, ecfg.quantize)
         tokenizer = Tokenizer.from_hf_dir(source)
     elif os.path.isdir(source):
         from loraserve.engine.weights import loader as weights

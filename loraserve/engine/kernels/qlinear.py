@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import gguf
@@ -47,6 +47,8 @@ class QuantLinearKernel:
         lib.qlinear_x8_layout.restype = ctypes.c_int
         lib.qlinear_quantize_q4_k.argtypes = [p, i, i, p]
         lib.qlinear_quantize_q4_k.restype = ctypes.c_int
+        lib.qlinear_quantize_q6_k.argtypes = [p, i, i, p]
+        lib.qlinear_quantize_q6_k.restype = ctypes.c_int
         # which variant of the repacked layout this build writes and reads (builds differ: qlinear_x8.h)
         self.x8_layout = int(lib.qlinear_x8_layout())
         self._lib = lib
@@ -81,11 +83,20 @@ class QuantLinearKernel:
     def quantize_q4_k(self, x: torch.Tensor) -> torch.Tensor:
         """Float32 [rows, cols] (cols a multiple of 256, contiguous) as Q4_K blocks, uint8 [rows, cols / 256
         * 144], chosen as llama.cpp's reference quantizer chooses them (csrc/quantize_k.h)."""
+        return self._quantize_k(x, "Q4_K", 144, self._lib.qlinear_quantize_q4_k)
+
+    def quantize_q6_k(self, x: torch.Tensor) -> torch.Tensor:
+        """Float32 [rows, cols] (cols a multiple of 256, contiguous) as Q6_K blocks, uint8 [rows, cols / 256
+        * 210], chosen as llama.cpp's reference quantizer chooses them (csrc/quantize_q6k.h)."""
+        return self._quantize_k(x, "Q6_K", 210, self._lib.qlinear_quantize_q6_k)
+
+    @staticmethod
+    def _quantize_k(x: torch.Tensor, name: str, block_bytes: int, fn: Callable[..., object]) -> torch.Tensor:
         if not _cpu_float32(x) or x.dim() != 2 or not x.is_contiguous() or x.shape[1] % 256:
-            raise ValueError(f"Q4_K quantizes contiguous float32 CPU [rows, 256 k] matrices, not {x.dtype} "
+            raise ValueError(f"{name} quantizes contiguous float32 CPU [rows, 256 k] matrices, not {x.dtype} "
                              f"{tuple(x.shape)}")
-        out = torch.empty(x.shape[0], x.shape[1] // 256 * 144, dtype=torch.uint8)
-        self._lib.qlinear_quantize_q4_k(x.data_ptr(), x.shape[0], x.shape[1], out.data_ptr())
+        out = torch.empty(x.shape[0], x.shape[1] // 256 * block_bytes, dtype=torch.uint8)
+        fn(x.data_ptr(), x.shape[0], x.shape[1], out.data_ptr())
         return out
 
     def _check_layout(self, w: Repacked) -> None:

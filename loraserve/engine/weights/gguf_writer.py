@@ -48,16 +48,19 @@ class PlannedTensor:
 
 
 def write_gguf(path: Path, config: ModelConfig, tokenizer_source: Path, tensors: Sequence[PlannedTensor],
-               overwrite: bool = False, name: str | None = None) -> None:
+               overwrite: bool = False, name: str | None = None,
+               file_type: gguf.LlamaFileType | None = None) -> None:
     """Write `tensors` (every tensor `hf.expected_shapes(config)` names) to `path`. `tokenizer_source` is a
-    Hugging Face directory (tokenizer.json) or a GGUF file whose tokenizer metadata is copied."""
+    Hugging Face directory (tokenizer.json) or a GGUF file whose tokenizer metadata is copied. `file_type`
+    (general.file_type, informational: llama.cpp prints it) is named after the tensors' types if not given
+    and if they have one."""
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists (--force replaces it)")
     arch = GGUFArch.of(family_of(config.architecture))
     partial = path.with_name(path.name + ".partial")
     writer = gguf.GGUFWriter(partial, arch.value)
     try:
-        _add_general(writer, tensors, name or path.stem)
+        _add_general(writer, tensors, name or path.stem, file_type)
         add_hyperparameters(writer, arch, config)
         add_tokenizer(writer, tokenizer_source, config.vocab_size)
         for t in tensors:
@@ -83,9 +86,13 @@ def write_gguf(path: Path, config: ModelConfig, tokenizer_source: Path, tensors:
         raise
 
 
-def _add_general(writer: gguf.GGUFWriter, tensors: Sequence[PlannedTensor], name: str) -> None:
+def _add_general(writer: gguf.GGUFWriter, tensors: Sequence[PlannedTensor], name: str,
+                 file_type: gguf.LlamaFileType | None) -> None:
     writer.add_name(name)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    if file_type is not None:
+        writer.add_file_type(int(file_type))
+        return
     kinds = {t.qtype for t in tensors if t.qtype is not None and t.name != "lm_head.weight"}
     if len(kinds) == 1:  # llama.cpp names the file's type after its projections' (informational)
         kind = kinds.pop().name

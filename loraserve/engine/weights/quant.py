@@ -40,6 +40,23 @@ class QuantType(enum.IntEnum):
         return int(gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(self.value)][1])
 
 
+def use_more_bits(layer: int, num_layers: int) -> bool:
+    """llama.cpp's layers that its mixes (Q4_K_M, Q5_K_M) give more bits (llama-quant.cpp): the first and
+    last eighth, and every third layer between."""
+    n = num_layers
+    return layer < n // 8 or layer >= 7 * n // 8 or (layer - n // 8) % 3 == 2
+
+
+def q4_k_m_type(tensor: str, num_layers: int) -> QuantType:
+    """A projection's or the embedding's block type in llama.cpp's Q4_K_M mix, by its HF name: Q4_K
+    throughout but for v and down in Q6_K in the `use_more_bits` layers (the head: see quantize.py)."""
+    parts = tensor.split(".")
+    if not (tensor.endswith(("v_proj.weight", "down_proj.weight")) and "layers" in parts):
+        return QuantType.Q4_K
+    more = use_more_bits(int(parts[parts.index("layers") + 1]), num_layers)
+    return QuantType.Q6_K if more else QuantType.Q4_K
+
+
 @dataclass(frozen=True)
 class QuantTensor:
     """A weight [out_features, in_features] as `blocks`: uint8 [out_features, in_features / 32 * block

@@ -1,11 +1,17 @@
-"""Float weights to GGUF Q8_0 / Q4_0 / Q4_1 / Q4_K blocks, as ggml's reference quantizer writes them.
+"""Float weights to GGUF Q8_0 / Q4_0 / Q4_1 / Q4_K / Q6_K blocks, as ggml's reference quantizer writes them.
 
 The arithmetic is gguf-py's `gguf.quants.quantize` (ggml's reference, `quantize_row_*_ref`, in numpy; the
-tests hold it to a literal transcription of the C), and for Q4_K, which gguf-py cannot make, the kernel
-library's C (csrc/quantize_k.h: ggml's fitted scales and mins; numpy would take many minutes for a 7B): a
-weight goes through it a chunk of rows at a time, so the float32 copy that exists is a chunk's, never a
-whole tensor's (a bf16 checkpoint is read as stored and widened chunk by chunk), and the chunks run on a
-few threads (numpy and ctypes release the GIL).
+tests hold it to a literal transcription of the C), and for the K-quants, which gguf-py cannot make, the
+kernel library's C (csrc/quantize_k.h: Q4_K, ggml's fitted scales and mins; csrc/quantize_q6k.h: Q6_K,
+ggml's fitted scales; numpy would take many minutes for a 7B): a weight goes through it a chunk of rows at
+a time, so the float32 copy that exists is a chunk's, never a whole tensor's (a bf16 checkpoint is read as
+stored and widened chunk by chunk), and the chunks run on a few threads (numpy and ctypes release the GIL).
+
+Which type each tensor gets (`target_type`) is llama.cpp's choice for the same file type (llama-quant.cpp,
+checked against llama.cpp's own quantizer in tests/engine/weights/test_gguf_writer.py): the projections and
+embedding in the chosen type, the head (an untied one, else the embedding, which is the head) in Q6_K for
+the 4-bit types, and `q4_k_m` llama.cpp's Q4_K_M mix (Q4_K, v and down in Q6_K in the layers of
+`quant.use_more_bits`).
 """
 
 from __future__ import annotations
@@ -23,34 +29,53 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
 from loraserve.engine.config import ModelConfig, Quantization
-from loraserve.engine.kernels.qlinear import QuantLinearKernel, load_qlinear
-from loraserve.engine.weights.hf import StateDict, checkpoint_files, load_hf_dir
-from loraserve.engine.weights.quant import QuantTensor, QuantType, Weight
+from loraserve.engine.kernels.qlinear import load_qlinear
+from loraserve.engine.weights.hf import StateDict, checkpoint_files, hf_tensors, load_hf_dir
+from loraserve.engine.weights.quant import QuantTensor, QuantType, Weight, q4_k_m_type
 
-MADE = (QuantType.Q8_0, QuantType.Q4_0, QuantType.Q4_1, QuantType.Q4_K)
+MADE = (QuantType.Q8_0, QuantType.Q4_0, QuantType.Q4_1, QuantType.Q4_K, QuantType.Q6_K)
 # Rows per chunk: ~4 MB of float32, so that numpy's dozen passes over it mostly stay in cache.
 _CHUNK_FLOATS = 1 << 20
 _WORKERS = min(8, os.cpu_count() or 1)
-# An untied head is where a 4-bit model loses most; llama.cpp gives it a better type (Q6_K) too.
-_HEAD_TYPE = QuantType.Q8_0
-# Q4_K's type for rows that are not a multiple of 256 values (llama.cpp takes Q5_0, which the kernel lacks;
-# Q4_1 has Q4_K's form: a scale and an offset per 32)
-_K_FALLBACK = QuantType.Q4_1
+# The head (untied, or the tied embedding) is where a 4-bit model loses most: llama.cpp gives it Q6_K for
+# every 4-bit file type (Q4_0, Q4_1, Q4_K_S, Q4_K_M), 6.56 bits a weight, Q8_0 for Q8_0 files.
+_HEAD_TYPE = QuantType.Q6_K
+# The type for rows that are not a multiple of a K-quant's 256 values: llama.cpp's, but Q4_K's Q5_0, which
+# the kernel lacks (Q4_1 has Q4_K's form: a scale and an offset per 32)
+_K_FALLBACK = {QuantType.Q4_K: QuantType.Q4_1, QuantType.Q6_K: QuantType.Q8_0}
+# The GGUF file type of each quantization (general.file_type): llama.cpp names an all-Q4_K file Q4_K_S
+_FT = gguf.LlamaFileType
+_FILE_TYPES = {Quantization.Q8_0: _FT.MOSTLY_Q8_0, Quantization.Q4_0: _FT.MOSTLY_Q4_0,
+               Quantization.Q4_1: _FT.MOSTLY_Q4_1, Quantization.Q4_K: _FT.MOSTLY_Q4_K_S,
+               Quantization.Q4_K_M: _FT.MOSTLY_Q4_K_M}
 
 
 def quant_type(quantization: Quantization) -> QuantType:
-    return QuantType[quantization.name]
+    """The quantization's base block type: its projections' and embedding's (q4_k_m: Q4_K)."""
+    return QuantType.Q4_K if quantization is Quantization.Q4_K_M else QuantType[quantization.name]
 
 
-def target_type(name: str, shape: tuple[int, ...], qtype: QuantType) -> QuantType | None:
-    """The block type a tensor of a checkpoint is stored in, or None to keep it float (norms): one rule for
-    quantizing at load and for writing a file, so both give the very same blocks."""
+def file_type(quantization: Quantization) -> gguf.LlamaFileType:
+    return _FILE_TYPES[quantization]
+
+
+def target_type(name: str, shape: tuple[int, ...], quantization: Quantization,
+                config: ModelConfig) -> QuantType | None:
+    """The block type a tensor of a checkpoint (HF name) is stored in, or None to keep it float (norms): one
+    rule for quantizing at load and for writing a file, so both give the very same blocks; llama.cpp's
+    for the same file type (llama-quant.cpp), but Q4_1 where it falls back to Q5_0."""
     if len(shape) != 2:
         return None
-    if name == "lm_head.weight":
-        return _HEAD_TYPE
+    base = quant_type(quantization)
+    head = name == "lm_head.weight" or (config.tie_word_embeddings and name == "model.embed_tokens.weight")
+    if head:
+        kind = QuantType.Q8_0 if base is QuantType.Q8_0 else _HEAD_TYPE
+    elif quantization is Quantization.Q4_K_M:
+        kind = q4_k_m_type(name, config.num_layers)
+    else:
+        kind = base
     # a K-quant's rows are super-blocks of 256 values; llama.cpp falls back to a 32-value type as well
-    return _K_FALLBACK if qtype is QuantType.Q4_K and shape[1] % qtype.block_elems else qtype
+    return _K_FALLBACK[kind] if shape[1] % kind.block_elems else kind
 
 
 def quantize(weight: torch.Tensor, qtype: QuantType) -> QuantTensor:
@@ -67,12 +92,12 @@ def quantize(weight: torch.Tensor, qtype: QuantType) -> QuantTensor:
     out = torch.empty(rows, cols // qtype.block_elems * qtype.block_bytes, dtype=torch.uint8)
     step = max(1, _CHUNK_FLOATS // cols)
     kind = gguf.GGMLQuantizationType(qtype.value)
-    kernel = _q4_k_kernel() if qtype is QuantType.Q4_K else None
+    made_in_c = _k_quantizer(qtype) if qtype.block_elems == 256 else None  # the K-quants
 
     def chunk(start: int) -> None:
         floats = weight[start:start + step].detach().to(torch.float32)
-        if kernel is not None:
-            out[start:start + step] = kernel.quantize_q4_k(floats.contiguous())
+        if made_in_c is not None:
+            out[start:start + step] = made_in_c(floats.contiguous())
             return
         # A scale past fp16's range becomes inf, as in ggml: numpy would warn on each such chunk.
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
@@ -84,28 +109,32 @@ def quantize(weight: torch.Tensor, qtype: QuantType) -> QuantTensor:
     return QuantTensor(out, qtype, rows, cols)
 
 
-def _q4_k_kernel() -> QuantLinearKernel:
+def _k_quantizer(qtype: QuantType) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The kernel library's quantizer of a K-quant (float32 rows to blocks)."""
     kernel = load_qlinear()
     if kernel is None:
-        raise ValueError("Q4_K blocks are made by the quantized kernel's C library, which cannot be built "
-                         "here (no C compiler): quantize to q8_0, q4_0 or q4_1")
-    return kernel
+        raise ValueError(f"{qtype.name} blocks are made by the quantized kernel's C library, which cannot be "
+                         "built here (no C compiler): quantize to q8_0 (the 4-bit types' head is Q6_K)")
+    return kernel.quantize_q4_k if qtype is QuantType.Q4_K else kernel.quantize_q6_k
 
 
-def quantize_weight(name: str, weight: torch.Tensor, qtype: QuantType, dtype: torch.dtype) -> Weight:
+def quantize_weight(name: str, weight: torch.Tensor, quantization: Quantization, config: ModelConfig,
+                    dtype: torch.dtype) -> Weight:
     """One checkpoint tensor as the engine keeps it when quantizing at load."""
-    kind = target_type(name, tuple(weight.shape), qtype)
+    kind = target_type(name, tuple(weight.shape), quantization, config)
     return weight.to(dtype) if kind is None else quantize(weight, kind)
 
 
-def load_hf_quantized(root: Path, dtype: torch.dtype, qtype: QuantType) -> tuple[ModelConfig, StateDict]:
-    """A Hugging Face directory with its projections and embedding quantized as they are read: what
+def load_hf_quantized(root: Path, dtype: torch.dtype,
+                      quantization: Quantization) -> tuple[ModelConfig, StateDict]:
+    """A Hugging Face directory with its projections, embedding and head quantized as they are read: what
     exists at once is the blocks so far plus one tensor as stored (and a chunk of it in float32)."""
     total = sum(file.stat().st_size for file in checkpoint_files(root))
-    with progress(total, f"quantizing {root.name} to {qtype.name}") as advance:
+    config, _ = hf_tensors(root)  # the types depend on its layers and tying (read as load_hf_dir reads it)
+    with progress(total, f"quantizing {root.name} to {quantization.value}") as advance:
 
         def convert(name: str, tensor: torch.Tensor) -> Weight:
-            weight = quantize_weight(name, tensor, qtype, dtype)
+            weight = quantize_weight(name, tensor, quantization, config, dtype)
             advance(name, tensor.nbytes)
             return weight
 

@@ -13,11 +13,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from loraserve.engine.config import EngineConfig
+from loraserve.engine.config import EngineConfig, Quantization
 from loraserve.engine.llm_engine import LLMEngine
 from loraserve.engine.process import configure_process
 from loraserve.engine.weights.hf import expected_shapes, hf_config, hf_tensors, load_hf_dir
-from loraserve.engine.weights.quant import QuantTensor, QuantType
+from loraserve.engine.weights.quant import QuantTensor
 from loraserve.engine.weights.quantize import load_hf_quantized
 from loraserve.types import SamplingParams
 
@@ -159,7 +159,7 @@ def test_a_wrapper_without_its_towers_loads_the_same(saved: dict[str, tuple[Any,
 def test_quantized_at_load_keeps_biases_and_norms_float(saved: dict[str, tuple[Any, Path]],
                                                         name: str) -> None:
     _, path = saved[name]
-    _, state = load_hf_quantized(path, torch.float32, QuantType.Q8_0)
+    _, state = load_hf_quantized(path, torch.float32, Quantization.Q8_0)
     floats = {k for k, w in state.items() if not isinstance(w, QuantTensor)}
     assert floats == {k for k in state if k.endswith(("norm.weight", ".bias"))}
     assert all(isinstance(state[k], torch.Tensor) and state[k].dtype == torch.float32 for k in floats)

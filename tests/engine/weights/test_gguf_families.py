@@ -39,7 +39,7 @@ from loraserve.engine.weights.convert import convert
 from loraserve.engine.weights.gguf_file import load_gguf
 from loraserve.engine.weights.gguf_writer import PlannedTensor, write_gguf
 from loraserve.engine.weights.hf import hf_tensors
-from loraserve.engine.weights.quantize import load_hf_quantized, quant_type
+from loraserve.engine.weights.quantize import load_hf_quantized
 from loraserve.engine.weights.tokenizer import Tokenizer
 
 from engine_helpers import hf_logits
@@ -199,7 +199,7 @@ def test_quantized_file_is_the_quantized_checkpoint(checkpoint: tuple[str, Any, 
     family, _, root = checkpoint
     out = tmp_path / "q8.gguf"
     convert(str(root), out, Quantization.Q8_0)
-    _, from_dir = load_hf_quantized(root, torch.float32, quant_type(Quantization.Q8_0))
+    _, from_dir = load_hf_quantized(root, torch.float32, Quantization.Q8_0)
     config, from_file, _ = load_gguf(out, torch.float32, keep_quantized=True)
     assert config == load_gguf(_float_file(root, tmp_path / "f32.gguf"), torch.float32)[0]
     assert_same_weights(from_file, from_dir, partial(_norm_atol, family=family))

@@ -1,8 +1,10 @@
 """GGUF files written by `loraserve quantize` (weights/convert.py, gguf_writer.py, gguf_vocab.py), read back
-by our loader, gguf-py's reader and (when llama-cpp-python is installed) llama.cpp itself."""
+by our loader, gguf-py's reader and (when llama-cpp-python is installed) llama.cpp itself, whose own quantizer
+makes the same file from the float weights."""
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 from pathlib import Path
 
@@ -19,6 +21,8 @@ from loraserve.engine.loader import load_engine
 from loraserve.engine.sources import embedded_gguf_path
 from loraserve.engine.weights.convert import convert
 from loraserve.engine.weights.gguf_file import load_gguf
+from loraserve.engine.weights.gguf_writer import PlannedTensor, write_gguf
+from loraserve.engine.weights.hf import hf_tensors
 from loraserve.engine.weights.quant import QuantTensor
 from loraserve.engine.weights.quantize import load_hf_quantized, quant_type, quantize
 from loraserve.engine.weights.tokenizer import GGUFTokenType, Tokenizer
@@ -34,6 +38,8 @@ from quantize_helpers import (
 )
 
 needs_kernel = pytest.mark.skipif(load_qlinear() is None, reason="no C compiler: no quantized kernel")
+needs_llama_cpp = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
+                                     reason="llama-cpp-python is not installed")
 Q = gguf.GGMLQuantizationType
 TEXTS = ["Hello, world!", "hello  123 4567", "<|im_start|>user\nhi<|im_end|>", "😀 你好 café\n\ttabs", ""]
 PROMPT = list(range(3, 45))
@@ -55,7 +61,7 @@ def written(request: pytest.FixtureRequest,
 def test_file_holds_the_quantized_checkpoint(written: tuple[Path, Path, Quantization]) -> None:
     """Read back, the file is exactly what quantizing the directory at load gives."""
     root, out, quantization = written
-    _, from_dir = load_hf_quantized(root, torch.float32, quant_type(quantization))
+    _, from_dir = load_hf_quantized(root, torch.float32, quantization)
     _, from_file, _ = load_gguf(out, torch.float32, keep_quantized=True)
     assert_same_weights(from_file, from_dir)
 
@@ -73,9 +79,15 @@ def test_metadata_and_tensors_as_llama_cpp_names_them(written: tuple[Path, Path,
     assert "tokenizer.chat_template" in fields
     types = {t.name: t.tensor_type for t in reader.tensors}
     chosen = Q(quant_type(quantization).value)
-    for name in ("token_embd", "blk.0.attn_q", "blk.1.attn_k", "blk.0.attn_output", "blk.1.ffn_down"):
-        assert types[f"{name}.weight"] == chosen, name
-    assert types["output.weight"] == Q.Q8_0
+    # q4_k_m: v and down in Q6_K in the second of the two layers (llama.cpp's use_more_bits)
+    more = {"blk.1.attn_v", "blk.1.ffn_down"} if quantization is Quantization.Q4_K_M else set()
+    for name in ("token_embd", "blk.0.attn_q", "blk.1.attn_k", "blk.0.attn_output", "blk.0.attn_v",
+                 "blk.1.attn_v", "blk.0.ffn_down", "blk.1.ffn_down", "blk.1.ffn_up"):
+        assert types[f"{name}.weight"] == (Q.Q6_K if name in more else chosen), name
+    assert types["output.weight"] == (Q.Q8_0 if quantization is Quantization.Q8_0 else Q.Q6_K)
+    file_types = {Quantization.Q8_0: 7, Quantization.Q4_0: 2, Quantization.Q4_1: 3, Quantization.Q4_K: 14,
+                  Quantization.Q4_K_M: 15}  # LLAMA_FTYPE_MOSTLY_*: Q4_K alone is llama.cpp's Q4_K_S
+    assert int(fields["general.file_type"].parts[-1][0]) == file_types[quantization]
     for name in ("output_norm", "blk.0.attn_norm", "blk.1.ffn_norm"):
         assert types[f"{name}.weight"] == Q.F32, name
     assert len(types) == 3 + 2 * 9
@@ -104,7 +116,7 @@ def test_dtype_gguf_on_the_file_is_quantize_at_load_bit_for_bit(
 def test_float32_on_the_file_is_the_dequantized_quantization(
         written: tuple[Path, Path, Quantization]) -> None:
     root, out, quantization = written
-    cfg, state = load_hf_quantized(root, torch.float32, quant_type(quantization))
+    cfg, state = load_hf_quantized(root, torch.float32, quantization)
     dequantized = {name: w.dequantize() if isinstance(w, QuantTensor) else w for name, w in state.items()}
     options = dict(threads=1, block_size=4)
     reference = LLMEngine(cfg, dequantized, EngineConfig(**options))  # type: ignore[arg-type]
@@ -184,6 +196,8 @@ def test_random_k_quant_mix_written_as_served(tmp_path: Path) -> None:
     from_file, _ = load_engine(str(out), EngineConfig(**options))  # type: ignore[arg-type]
     in_memory, _ = load_engine("random:small:q4_k_m", EngineConfig(**options))  # type: ignore[arg-type]
     assert torch.equal(prompt_logits(from_file, PROMPT), prompt_logits(in_memory, PROMPT))
+    field = gguf.GGUFReader(out).fields["general.file_type"]
+    assert int(field.parts[-1][0]) == int(gguf.LlamaFileType.MOSTLY_Q4_K_M)
     convert("random:small:q4_k", tmp_path / "q4_k.gguf", None)
     field = gguf.GGUFReader(tmp_path / "q4_k.gguf").fields["general.file_type"]
     assert int(field.parts[-1][0]) == int(gguf.LlamaFileType.MOSTLY_Q4_K_S)
@@ -205,11 +219,13 @@ def test_refusals_leave_no_file(tmp_path: Path) -> None:
         convert(str(embedded_gguf_path()), tmp_path / "y.gguf", Quantization.Q8_0)
     with pytest.raises(ValueError, match="is random q4_0 blocks already"):
         convert("random:tiny:q4_0", tmp_path / "y.gguf", Quantization.Q8_0)
+    with pytest.raises(ValueError, match=r"is random q4_k_m blocks already; .* random:tiny:q4_k\)"):
+        convert("random:tiny:q4_k_m", tmp_path / "y.gguf", Quantization.Q4_K)
     with pytest.raises(FileNotFoundError, match="neither a Hugging Face directory"):
         convert(str(tmp_path / "nothing"), tmp_path / "y.gguf", Quantization.Q8_0)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed")
+@needs_llama_cpp
 @needs_kernel
 def test_llama_cpp_reads_the_file_and_agrees(written: tuple[Path, Path, Quantization]) -> None:
     """llama.cpp loads the file, tokenizes as we do, and its logits match ours within the int8 rounding of
@@ -230,3 +246,48 @@ def test_llama_cpp_reads_the_file_and_agrees(written: tuple[Path, Path, Quantiza
     rel = (mine - theirs).norm(dim=1) / theirs.norm(dim=1)
     assert rel.mean() < 0.06 and rel.max() < 0.15, (rel.mean().item(), rel.max().item())
     assert (mine.argmax(1) == theirs.argmax(1)).float().mean() > 0.9
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])
+def float_file(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The tiny checkpoint (its head untied, or tied) and the same weights as an F32 GGUF file."""
+    root = tiny_hf_dir(tmp_path_factory.mktemp("hf"), tie=request.param)
+    write_byte_level_tokenizer(root)
+    config, lazy = hf_tensors(root)
+    out = tmp_path_factory.mktemp("f32") / "f32.gguf"
+    write_gguf(out, config, root, [PlannedTensor(n, t.shape, None, t.load) for n, t in lazy.items()])
+    return root, out
+
+
+@needs_llama_cpp
+@needs_kernel
+@pytest.mark.parametrize("quantization", list(Quantization), ids=lambda q: q.name)
+def test_llama_cpps_quantizer_makes_the_same_file(float_file: tuple[Path, Path], quantization: Quantization,
+                                                  tmp_path: Path) -> None:
+    """llama.cpp's own quantizer (llama_model_quantize, no importance matrix), run on the float weights for
+    the file type we name, chooses each tensor's type as we do (the head Q6_K but for Q8_0, a tied
+    embedding as the head, Q4_K_M's v and down) and writes the same bytes; but for Q4_K_S, whose v
+    tensors of the first 4 layers llama.cpp makes Q5_K, which we cannot make (q4_k keeps them Q4_K)."""
+    import llama_cpp
+
+    root, f32 = float_file
+    ours = tmp_path / "ours.gguf"
+    convert(str(root), ours, quantization)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = int(gguf.GGUFReader(ours).fields["general.file_type"].parts[-1][0])
+    params.nthread = 1
+    theirs = tmp_path / "theirs.gguf"
+    assert llama_cpp.llama_model_quantize(str(f32).encode(), str(theirs).encode(), ctypes.byref(params)) == 0
+    mine = {t.name: t for t in gguf.GGUFReader(ours).tensors}
+    made = {t.name: t for t in gguf.GGUFReader(theirs).tensors}
+    assert mine.keys() == made.keys()
+    differ = {name for name in mine if mine[name].tensor_type != made[name].tensor_type}
+    if quantization is Quantization.Q4_K:
+        assert differ == {"blk.0.attn_v.weight", "blk.1.attn_v.weight"}
+        assert {made[name].tensor_type for name in differ} == {Q.Q5_K}
+    else:
+        assert differ == set()
+    head = "token_embd.weight" if "output.weight" not in mine else "output.weight"
+    assert mine[head].tensor_type == (Q.Q8_0 if quantization is Quantization.Q8_0 else Q.Q6_K)
+    for name in mine.keys() - differ:
+        assert np.array_equal(np.asarray(mine[name].data), np.asarray(made[name].data)), name

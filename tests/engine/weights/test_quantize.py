@@ -1,8 +1,11 @@
-"""The quantizer (weights/quantize.py): ggml's reference bytes, read chunk by chunk from any float dtype; and
-`--quantize` at load on a Hugging Face directory."""
+"""The quantizer (weights/quantize.py): ggml's reference bytes, read chunk by chunk from any float dtype; the
+type of each tensor (llama.cpp's choice, q4_k_m's mix); and `--quantize` at load on a Hugging Face
+directory."""
 
 from __future__ import annotations
 
+import ctypes
+import importlib.util
 import math
 from pathlib import Path
 from typing import Any
@@ -12,27 +15,28 @@ import numpy as np
 import pytest
 import torch
 
-from loraserve.engine.config import EngineConfig, Quantization
+from loraserve.engine.config import EngineConfig, ModelConfig, Quantization
 from loraserve.engine.kernels.qlinear import QuantLinearKernel, load_qlinear
 from loraserve.engine.loader import load_engine
 from loraserve.engine.ops.quant_linear import QuantLinear
 from loraserve.engine.sources import embedded_gguf_path
 from loraserve.engine.weights.hf import hf_tensors
 from loraserve.engine.weights.quant import QuantTensor, QuantType
-from loraserve.engine.weights.quantize import MADE, load_hf_quantized, quant_type, quantize
+from loraserve.engine.weights.quantize import MADE, load_hf_quantized, quant_type, quantize, target_type
 
 from quantize_helpers import tiny_hf_dir, write_byte_level_tokenizer
 
 F = np.float32
-MADE_32 = [q for q in MADE if q.block_elems == 32]  # gguf-py's; Q4_K is the kernel library's
+MADE_32 = [q for q in MADE if q.block_elems == 32]  # gguf-py's; the K-quants are the kernel library's
 
 
 def reference(w: torch.Tensor, qtype: QuantType) -> np.ndarray:
-    """gguf-py's numpy quantizer on the whole matrix at once (Q4_K: the C quantizer in one call)."""
-    if qtype is QuantType.Q4_K:
+    """gguf-py's numpy quantizer on the whole matrix at once (the K-quants: the C quantizer in one call)."""
+    if qtype in (QuantType.Q4_K, QuantType.Q6_K):
         kernel = load_qlinear()
         assert kernel is not None
-        return kernel.quantize_q4_k(w.float().contiguous()).numpy()
+        made = kernel.quantize_q4_k if qtype is QuantType.Q4_K else kernel.quantize_q6_k
+        return made(w.float().contiguous()).numpy()
     with np.errstate(all="ignore"):
         return gguf.quants.quantize(w.float().numpy(), gguf.GGMLQuantizationType(qtype.value))
 
@@ -201,6 +205,197 @@ def test_q4_k_beats_q4_0_at_the_same_size() -> None:
     assert rmse[QuantType.Q4_K] < 0.9 * rmse[QuantType.Q4_0], rmse
 
 
+def _nearest_int(v: np.float32) -> int:
+    """ggml's nearest_int as written: 1.5 * 2^23 added in float32, the low 23 bits of the sum read back
+    (round half to even below 2^22; what ggml gives beyond)."""
+    bits = int(np.array([F(v) + F(12582912.0)], dtype=F).view(np.int32)[0])
+    return (bits & 0x7FFFFF) - 0x400000
+
+
+def _qx_fit(x: np.ndarray) -> tuple[np.float32, list[int]]:
+    """ggml-quants.c's make_qx_quants(16, 32, x, L, 1, NULL) (rmse_type 1: weights x^2), statement by
+    statement in float32: (scale, L)."""
+    nmax = 32
+    top, amax = F(0), F(0)
+    for v in x:
+        if abs(v) > amax:
+            amax, top = abs(v), v
+    if amax < F(1e-15):  # GROUP_MAX_EPS
+        return F(0), [0] * 16
+    iscale = F(F(-nmax) / top)
+    levels = []
+    sumlx = suml2 = F(0)
+    for v in x:
+        lv = max(-nmax, min(nmax - 1, _nearest_int(F(iscale * v))))
+        levels.append(lv + nmax)
+        w = F(v * v)
+        sumlx = F(sumlx + F(F(w * v) * F(lv)))
+        suml2 = F(suml2 + F(F(w * F(lv)) * F(lv)))
+    scale = F(sumlx / suml2) if suml2 else F(0)
+    best = F(scale * sumlx)
+    for step in range(-9, 10):
+        if step == 0:
+            continue
+        iscale = F(F(-F(F(nmax) + F(F(0.1) * F(step)))) / top)
+        sumlx = suml2 = F(0)
+        for v in x:
+            lv = max(-nmax, min(nmax - 1, _nearest_int(F(iscale * v))))
+            w = F(v * v)
+            sumlx = F(sumlx + F(F(w * v) * F(lv)))
+            suml2 = F(suml2 + F(F(w * F(lv)) * F(lv)))
+        if suml2 > 0 and F(sumlx * sumlx) > F(best * suml2):
+            levels = [nmax + max(-nmax, min(nmax - 1, _nearest_int(F(iscale * v)))) for v in x]
+            scale = F(sumlx / suml2)
+            best = F(scale * sumlx)
+    return scale, levels
+
+
+def ggml_q6_k_block(x: np.ndarray) -> list[int]:
+    """One super-block of 256 as ggml-quants.c's quantize_row_q6_K_ref writes it, in float32: ql (128
+    bytes), qh (64), 16 int8 scales, fp16 d."""
+    scales, levels = [], []
+    for j in range(16):
+        scale, sub_levels = _qx_fit(x[16 * j:16 * j + 16])
+        scales.append(scale)
+        levels += sub_levels
+    max_scale, max_abs = F(0), F(0)
+    for scale in scales:
+        if abs(scale) > max_abs:
+            max_abs, max_scale = abs(scale), scale
+    if max_abs < F(1e-15):
+        return [0] * 210
+    iscale = F(F(-128) / max_scale)
+    d = np.float16(F(F(1) / iscale))
+    sc = [min(127, _nearest_int(F(iscale * scale))) for scale in scales]  # int8: -128..127
+    for j in range(16):
+        dj = F(F(d) * F(sc[j]))
+        if not dj:
+            continue
+        for i in range(16):
+            lv = _nearest_int(F(x[16 * j + i] / dj))
+            levels[16 * j + i] = max(-32, min(31, lv)) + 32
+    ql, qh = [0] * 128, [0] * 64
+    for half in range(2):
+        at = levels[128 * half:128 * half + 128]
+        for i in range(32):
+            ql[64 * half + i] = (at[i] & 0xF) | (at[i + 64] & 0xF) << 4
+            ql[64 * half + i + 32] = (at[i + 32] & 0xF) | (at[i + 96] & 0xF) << 4
+            qh[32 * half + i] = (at[i] >> 4 | (at[i + 32] >> 4) << 2 | (at[i + 64] >> 4) << 4
+                                 | (at[i + 96] >> 4) << 6)
+    return ql + qh + [s & 0xFF for s in sc] + list(d.tobytes())
+
+
+def odd_q6_k_inputs() -> dict[str, torch.Tensor]:
+    """Rows of super-blocks (256 values, 16 sub-blocks of 16) that reach the fit's branches."""
+    rng = np.random.default_rng(5)
+    spreads = (1e-6, 1e-3, 0.02, 1.0, 300.0)  # 1e-6 and 1e-3: subnormal half-precision d
+    cases: dict[str, Any] = {f"normal-{s:g}": rng.normal(0, s, (2, 256)) for s in spreads}
+    spike = rng.normal(0, 0.02, (2, 256))
+    spike[:, 37] = [1e3, -1e3]  # the other sub-blocks' int8 scales round to 0: their fitted levels stay
+    mixed = rng.normal(0, 1, (2, 256)) * np.repeat(10.0 ** rng.integers(-8, 3, (2, 16)), 16, axis=1)
+    cases |= {
+        "zeros": np.zeros((1, 256)),
+        "under-eps": rng.normal(0, 1e-17, (1, 256)),  # every sub-block all-zero
+        "scales-under-eps": rng.normal(0, 1e-14, (1, 256)),  # values over it, scales under: a zero block
+        "one-zero-sub-block": np.concatenate([np.zeros((2, 16)), rng.normal(0, 1, (2, 240))], axis=1),
+        "constant-sub-blocks": np.repeat(rng.normal(0, 1, (2, 16)), 16, axis=1),
+        "spike": spike,
+        "negative": -np.abs(rng.normal(0, 1, (2, 256))),
+        # sub-blocks around -1 or 0: the largest magnitude negative, or either sign
+        "negative-dominated": rng.normal(0, 0.1, (2, 256)) - np.repeat(rng.integers(0, 2, (2, 16)), 16, 1),
+        "positive": np.abs(rng.normal(0, 1, (2, 256))),
+        "integers": rng.integers(-40, 40, (2, 256)),  # level ties
+        "mixed-magnitudes": mixed,
+        "past-fp16": rng.normal(0, 1e9, (1, 256)),  # d overflows to inf, sumlx^2 to inf
+        "three-blocks": rng.normal(0, 0.05, (1, 768)),
+    }
+    return {name: torch.from_numpy(np.asarray(a, dtype=F)) for name, a in cases.items()}
+
+
+def test_q6_k_blocks_are_ggml_reference_bytes() -> None:
+    """csrc/quantize_q6k.h fits a super-block's 16 sub-blocks side by side in vector registers; each still
+    takes ggml's scalar steps in their order."""
+    for name, w in odd_q6_k_inputs().items():
+        got = quantize(w, QuantType.Q6_K)
+        assert got.qtype is QuantType.Q6_K and got.shape == tuple(w.shape)
+        with np.errstate(all="ignore"):
+            expected = [b for block in w.numpy().reshape(-1, 256) for b in ggml_q6_k_block(block)]
+        assert got.blocks.reshape(-1).tolist() == expected, name
+
+
+def _ggml_base() -> ctypes.CDLL | None:
+    """llama-cpp-python's build of ggml (its exported reference quantizers), if it is installed."""
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or spec.origin is None:
+        return None
+    found = sorted((Path(spec.origin).parent / "lib").glob("libggml-base.*"))
+    return ctypes.CDLL(str(found[0])) if found else None
+
+
+@pytest.mark.skipif(_ggml_base() is None, reason="llama-cpp-python (its libggml-base) is not installed")
+@pytest.mark.parametrize("qtype", [QuantType.Q4_K, QuantType.Q6_K], ids=lambda q: q.name)
+def test_k_quants_are_ggmls_own_bytes(qtype: QuantType) -> None:
+    """ggml's own quantize_row_q{4,6}_K_ref, as llama.cpp's quantizer runs it (no importance matrix),
+    writes the very same bytes: on the odd inputs and on weights of the usual spreads and tails."""
+    lib = _ggml_base()
+    assert lib is not None
+    fn = lib.quantize_row_q4_K_ref if qtype is QuantType.Q4_K else lib.quantize_row_q6_K_ref
+    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64], None
+    rng = np.random.default_rng(6)
+    nonfinite = rng.normal(0, 1, (5, 256)).astype(F)  # garbage in, ggml's garbage out
+    nonfinite[0, 0] = nonfinite[1, 5] = nonfinite[4] = np.nan
+    nonfinite[2, 3], nonfinite[3, 7] = np.inf, -np.inf
+    cases = odd_q6_k_inputs() | odd_k_inputs() | {"nonfinite": torch.from_numpy(nonfinite),
+        "normal": torch.from_numpy(rng.normal(0, 0.02, (64, 1024)).astype(F)),
+        "student-t": torch.from_numpy((rng.standard_t(2, (64, 1024)) * 0.01).astype(F)),
+        "sparse": torch.from_numpy((rng.laplace(0, 0.05, (64, 1024)) * (rng.random((64, 1024)) < 0.3))
+                                   .astype(F))}
+    for name, w in cases.items():
+        x = np.ascontiguousarray(w.numpy())
+        theirs = np.zeros(x.size // 256 * qtype.block_bytes, dtype=np.uint8)
+        fn(x.ctypes.data, theirs.ctypes.data, x.size)
+        assert np.array_equal(quantize(w, qtype).blocks.numpy().reshape(-1), theirs), name
+
+
+def test_q6_k_same_bytes_from_every_build(kernel: QuantLinearKernel) -> None:
+    """The scalar build converts to half precision in software, the others with F16C; tiny values reach
+    subnormal and zero half-precision scales."""
+    rng = np.random.default_rng(7)
+    rows = [rng.normal(0, s, 512) for s in (1e-9, 1e-6, 1e-4, 0.02, 5.0, 1e9)]
+    rows += [np.full(512, 3e-7), np.zeros(512), np.repeat(rng.integers(-40, 40, 32), 16)]
+    w = torch.from_numpy(np.asarray(rows, dtype=F))
+    assert torch.equal(kernel.quantize_q6_k(w), quantize(w, QuantType.Q6_K).blocks)
+
+
+def test_q6_k_dequantized_within_half_a_step() -> None:
+    """Read back by gguf-py, every value is within half its sub-block's step d sc_j of the original, but
+    for the few that the fitted scale leaves past the levels' ends (-32, 31), which are clamped there."""
+    w = torch.from_numpy(np.random.default_rng(8).normal(0, 0.02, (64, 1024)).astype(F))
+    q = quantize(w, QuantType.Q6_K)
+    blocks = q.blocks.numpy().reshape(-1, 210)
+    d = blocks[:, 208:210].copy().view(np.float16).astype(F)  # [blocks, 1]
+    step = np.repeat(d * blocks[:, 192:208].view(np.int8).astype(F), 16, axis=1).reshape(-1)  # signed
+    x = w.numpy().reshape(-1)
+    err = np.abs(q.dequantize().numpy().reshape(-1) - x)
+    ratio = x / step  # the level it would take unclamped (no sub-block's scale rounds to 0 here)
+    inside = (ratio >= -32.5) & (ratio <= 31.5)
+    assert np.all(err[inside] <= 0.5001 * np.abs(step[inside]))
+    assert inside.mean() > 0.999  # the fit lets a handful out, by less than a step
+    clamped = ~inside
+    expected = np.abs(x - np.where(ratio < 0, -32, 31) * step)
+    assert np.allclose(err[clamped], expected[clamped], rtol=1e-5) and np.all(err < 1.2 * np.abs(step))
+
+
+def test_q6_k_error_against_q4_k_and_q8_0() -> None:
+    """On Gaussian weights the 6.56 bits a weight of Q6_K sit between Q4_K's 4.5 and Q8_0's 8.5: relative
+    RMS error 0.018 against Q4_K's 0.071 and Q8_0's 0.0054 (N(0, 0.02), 11008 x 4096: BENCHMARKS.md)."""
+    w = torch.from_numpy(np.random.default_rng(3).normal(0, 0.02, (64, 1024)).astype(F))
+    rel = {qt: float((quantize(w, qt).dequantize() - w).pow(2).mean().sqrt() / w.pow(2).mean().sqrt())
+           for qt in (QuantType.Q4_K, QuantType.Q6_K, QuantType.Q8_0)}
+    assert rel[QuantType.Q6_K] < 0.3 * rel[QuantType.Q4_K], rel
+    assert rel[QuantType.Q8_0] < 0.5 * rel[QuantType.Q6_K], rel
+
+
 def odd_inputs() -> dict[str, torch.Tensor]:
     rng = np.random.default_rng(0)
     cases: dict[str, Any] = {f"normal-{s:g}": rng.normal(0, s, (4, 128)) for s in (1e-4, 0.02, 1.0, 3e4)}
@@ -243,16 +438,78 @@ def test_half_precision_input_and_rows_over_several_chunks(qtype: QuantType) -> 
 
 
 def test_refuses_what_it_cannot_make() -> None:
-    with pytest.raises(ValueError, match="Q6_K blocks are not made here"):
-        quantize(torch.zeros(2, 256), QuantType.Q6_K)
-    with pytest.raises(ValueError, match="multiple of 256"):
-        quantize(torch.zeros(2, 576), QuantType.Q4_K)
+    with pytest.raises(ValueError, match="Q5_K blocks are not made here"):
+        quantize(torch.zeros(2, 256), QuantType.Q5_K)
+    for qtype in (QuantType.Q4_K, QuantType.Q6_K):
+        with pytest.raises(ValueError, match="multiple of 256"):
+            quantize(torch.zeros(2, 576), qtype)
     with pytest.raises(ValueError, match="multiple of 32"):
         quantize(torch.zeros(2, 48), QuantType.Q8_0)
     with pytest.raises(ValueError, match="only a float matrix"):
         quantize(torch.zeros(64), QuantType.Q8_0)
     with pytest.raises(ValueError, match="only a float matrix"):
         quantize(torch.zeros(2, 64, dtype=torch.int32), QuantType.Q8_0)
+
+
+def _config(hidden: int, intermediate: int, layers: int, tie: bool = False) -> ModelConfig:
+    return ModelConfig(vocab_size=1000, hidden_size=hidden, intermediate_size=intermediate,
+                       num_layers=layers, num_heads=hidden // 64, num_kv_heads=hidden // 64, head_dim=64,
+                       tie_word_embeddings=tie)
+
+
+def _types(quantization: Quantization, config: ModelConfig, layer: int) -> dict[str, QuantType | None]:
+    h, i, p = config.hidden_size, config.intermediate_size, f"model.layers.{layer}."
+    shapes = {"model.embed_tokens.weight": (1000, h), "lm_head.weight": (1000, h), "model.norm.weight": (h,),
+              p + "input_layernorm.weight": (h,), p + "self_attn.q_proj.weight": (h, h),
+              p + "self_attn.k_proj.weight": (h, h), p + "self_attn.v_proj.weight": (h, h),
+              p + "self_attn.o_proj.weight": (h, h), p + "mlp.gate_proj.weight": (i, h),
+              p + "mlp.up_proj.weight": (i, h), p + "mlp.down_proj.weight": (h, i)}
+    return {name.removeprefix(p): target_type(name, shape, quantization, config)
+            for name, shape in shapes.items()}
+
+
+def test_q4_k_m_is_llama_cpps_mix() -> None:
+    """llama.cpp's Q4_K_M (llama-quant.cpp): v and down in Q6_K in the first and last eighth of the
+    layers and every third between (16 of a 7B's 32), the head Q6_K, everything else Q4_K, the
+    embedding too when the head is its own; a tied embedding is the head. Rows not a multiple of 256
+    (SmolLM2's 576) fall back as llama.cpp's do: Q6_K to Q8_0, Q4_K to Q4_1 (llama.cpp: Q5_0)."""
+    q4_k_m, k, six = Quantization.Q4_K_M, QuantType.Q4_K, QuantType.Q6_K
+    llama7b = _config(4096, 11008, 32)
+    more = [i for i in range(32) if _types(q4_k_m, llama7b, i)["self_attn.v_proj.weight"] is six]
+    assert more == [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31]
+    for i in range(32):
+        types = _types(q4_k_m, llama7b, i)
+        v, down = types.pop("self_attn.v_proj.weight"), types.pop("mlp.down_proj.weight")
+        assert v is down is (six if i in more else k)
+        assert types == {"model.embed_tokens.weight": k, "lm_head.weight": six, "model.norm.weight": None,
+                         "input_layernorm.weight": None, "self_attn.q_proj.weight": k,
+                         "self_attn.k_proj.weight": k, "self_attn.o_proj.weight": k,
+                         "mlp.gate_proj.weight": k, "mlp.up_proj.weight": k}, i
+    assert _types(q4_k_m, _config(4096, 11008, 32, tie=True), 5)["model.embed_tokens.weight"] is six
+    smollm2 = _config(576, 1536, 30, tie=True)
+    assert [i for i in range(30) if _types(q4_k_m, smollm2, i)["mlp.down_proj.weight"] is six] == \
+        [0, 1, 2, 5, 8, 11, 14, 17, 20, 23, 26, 27, 28, 29]
+    layer0 = _types(q4_k_m, smollm2, 0)
+    assert layer0["self_attn.v_proj.weight"] is layer0["model.embed_tokens.weight"] is QuantType.Q8_0
+    assert layer0["self_attn.q_proj.weight"] is QuantType.Q4_1 and layer0["mlp.down_proj.weight"] is six
+    assert _types(q4_k_m, smollm2, 3)["self_attn.v_proj.weight"] is QuantType.Q4_1
+
+
+@pytest.mark.parametrize("quantization", [q for q in Quantization if q is not Quantization.Q4_K_M],
+                         ids=lambda q: q.name)
+def test_head_type_as_llama_cpps(quantization: Quantization) -> None:
+    """One type throughout but for the head, Q6_K for every 4-bit type as llama.cpp gives it (Q8_0 where
+    the rows are not a multiple of 256, and for q8_0), the tied embedding too, being the head."""
+    base = quant_type(quantization)
+    head = QuantType.Q8_0 if quantization is Quantization.Q8_0 else QuantType.Q6_K
+    for tie in (False, True):
+        types = _types(quantization, _config(512, 1024, 4, tie), 2)
+        assert types.pop("lm_head.weight") is head and types.pop("model.norm.weight") is None
+        assert types.pop("model.embed_tokens.weight") is (head if tie else base)
+        assert types.pop("input_layernorm.weight") is None and set(types.values()) == {base}
+    narrow = _types(quantization, _config(576, 1536, 4, tie=True), 2)
+    assert narrow["lm_head.weight"] is narrow["model.embed_tokens.weight"] is QuantType.Q8_0
+    assert narrow["self_attn.q_proj.weight"] is (QuantType.Q4_1 if base is QuantType.Q4_K else base)
 
 
 @pytest.fixture(scope="module")
@@ -264,9 +521,10 @@ def hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.parametrize("quantization", list(Quantization), ids=lambda q: q.name)
 def test_quantized_at_load_as_gguf_py_would(hf_dir: Path, quantization: Quantization) -> None:
-    """Projections and embedding in the chosen type, the untied head Q8_0, norms float32."""
+    """Projections and embedding in the chosen type (q4_k_m: v and down of the second of two layers in
+    Q6_K), the untied head Q6_K (q8_0: Q8_0), norms float32."""
     qtype = quant_type(quantization)
-    _, state = load_hf_quantized(hf_dir, torch.float32, qtype)
+    _, state = load_hf_quantized(hf_dir, torch.float32, quantization)
     _, stored = hf_tensors(hf_dir)
     assert set(state) == set(stored)
     for name, lazy in stored.items():
@@ -274,7 +532,12 @@ def test_quantized_at_load_as_gguf_py_would(hf_dir: Path, quantization: Quantiza
         if original.dim() == 1:
             assert isinstance(weight, torch.Tensor) and torch.equal(weight, original.float()), name
             continue
-        kind = QuantType.Q8_0 if name == "lm_head.weight" else qtype
+        kind = qtype
+        if name == "lm_head.weight":
+            kind = QuantType.Q8_0 if quantization is Quantization.Q8_0 else QuantType.Q6_K
+        elif quantization is Quantization.Q4_K_M and name.startswith("model.layers.1.") and \
+                name.endswith(("v_proj.weight", "down_proj.weight")):
+            kind = QuantType.Q6_K
         assert isinstance(weight, QuantTensor) and weight.qtype is kind, name
         assert np.array_equal(weight.blocks.numpy(), reference(original, kind)), name
 

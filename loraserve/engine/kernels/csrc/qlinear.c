@@ -287,6 +287,7 @@ static inline __attribute__((always_inline)) void dot_rows(const int type, const
 
 #include "qlinear_k.h"
 #include "quantize_k.h"
+#include "quantize_q6k.h"
 
 /* R rows (1 .. MR) of one weight row, with type and R as constants for DOT (dot_rows or dot_rows_k). */
 #define ROWS_OF(DOT, TYPE)                                                                               \
