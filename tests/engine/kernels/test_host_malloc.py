@@ -23,7 +23,7 @@ from loraserve.types import SamplingParams
 faults = []
 def run():
     engine, _ = load_engine("embedded", EngineConfig(max_num_batched_tokens=1024, prefix_caching=False))
-    for round in range(4):  # the heap settles over the first rounds; the last is what is checked
+    for round in range(5):  # the heap settles over the first rounds; the last two are what is checked
         for i in range(8):  # one 1024-token prefill chunk
             engine.add_request(f"{round}-{i}", [1 + (7 * i + j + round) % 500 for j in range(128)],
                                SamplingParams(max_tokens=1, temperature=0))
@@ -42,10 +42,13 @@ print(json.dumps(faults))
 
 
 def _last_round_faults(mode: str) -> int:
+    """The fewer faults of the last two rounds: a settled heap's high-water mark can still creep up by one
+    activation ([1024, 576], [1024, 3072] floats: 576 or 3072 pages) in a later round, as allocations land
+    a little differently (about 1 run in 5 here); without keep_heap every round faults thousands."""
     env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
     out = subprocess.run([sys.executable, "-c", _SCRIPT, mode], check=True, capture_output=True, text=True,
                          env=env, timeout=300)
-    return int(json.loads(out.stdout.strip().splitlines()[-1])[-1])
+    return int(min(json.loads(out.stdout.strip().splitlines()[-1])[-2:]))
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
