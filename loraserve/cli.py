@@ -118,7 +118,8 @@ def serve(
         Quantization | None,
         typer.Option(help="Quantize a Hugging Face directory's weights at load to GGUF blocks, served "
                           "with --dtype gguf (the default with it): as `loraserve quantize --type` writes "
-                          "them (q4_k_m: llama.cpp's Q4_K_M mix); norms stay float. CPU only."),
+                          "them (q4_k_m / q5_k_m: llama.cpp's Q4_K_M / Q5_K_M mixes); norms stay float. CPU "
+                          "only."),
     ] = None,
     prefix_caching: Annotated[
         bool | None,
@@ -270,10 +271,11 @@ def quantize_command(
     out: Annotated[Path, typer.Argument(help="The GGUF file to write.")],
     qtype: Annotated[
         Quantization | None,
-        typer.Option("--type", help="Block type of the projections and embedding, or q4_k_m, llama.cpp's "
-                                    "Q4_K_M mix; the head (or a tied embedding) is Q6_K but for q8_0, as "
-                                    "llama.cpp's. Required but for random:NAME:TYPE, whose blocks are "
-                                    "written as they are."),
+        typer.Option("--type", help="Block type of the projections and embedding (q4_k: llama.cpp's "
+                                    "Q4_K_S), or q4_k_m / q5_k_m, llama.cpp's Q4_K_M / Q5_K_M mixes; the "
+                                    "head (or a tied embedding) is Q6_K but for q8_0, as llama.cpp's. "
+                                    "Required but for random:NAME:TYPE, whose blocks are written as they "
+                                    "are."),
     ] = None,
     force: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
 ) -> None:

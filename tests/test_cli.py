@@ -214,6 +214,11 @@ def test_quantize_writes_a_gguf_llama_cpp_reads(tmp_path: Path) -> None:
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(out).tensors}
     assert (types["blk.0.attn_v.weight"], types["blk.1.attn_v.weight"], types["output.weight"]) == \
         ("Q4_K", "Q6_K", "Q6_K")  # llama.cpp's Q4_K_M: v in more bits in the last of two layers
+    five = runner.invoke(app, ["quantize", str(root), str(out), "--type", "q5_k_m", "--force"])
+    assert five.exit_code == 0, five.output
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(out).tensors}
+    assert (types["blk.0.attn_v.weight"], types["blk.1.attn_v.weight"], types["output.weight"]) == \
+        ("Q5_K", "Q6_K", "Q6_K")  # llama.cpp's Q5_K_M: the same mix on Q5_K
 
 
 def test_quantize_refusals(tmp_path: Path) -> None:

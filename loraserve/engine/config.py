@@ -121,10 +121,14 @@ class Quantization(enum.Enum):
     Q8_0 = "q8_0"
     Q4_0 = "q4_0"
     Q4_1 = "q4_1"
-    Q4_K = "q4_k"  # tensors whose rows are not a multiple of 256 values (SmolLM2's 576) get Q4_1
+    # llama.cpp's Q4_K_S: Q4_K, v of the first 4 layers and down of the first eighth in Q5_K; tensors whose
+    # rows are not a multiple of 256 values (SmolLM2's 576) get Q4_1 (weights/quantize.py)
+    Q4_K = "q4_k"
     # llama.cpp's Q4_K_M mix: Q4_K, with v and down in Q6_K in the first and last eighth of the layers and
     # every third between (weights/quant.py use_more_bits)
     Q4_K_M = "q4_k_m"
+    # llama.cpp's Q5_K_M mix: Q5_K, with v and down in Q6_K in the same layers
+    Q5_K_M = "q5_k_m"
 
 
 def _default_threads() -> int:

@@ -47,6 +47,8 @@ class QuantLinearKernel:
         lib.qlinear_x8_layout.restype = ctypes.c_int
         lib.qlinear_quantize_q4_k.argtypes = [p, i, i, p]
         lib.qlinear_quantize_q4_k.restype = ctypes.c_int
+        lib.qlinear_quantize_q5_k.argtypes = [p, i, i, p]
+        lib.qlinear_quantize_q5_k.restype = ctypes.c_int
         lib.qlinear_quantize_q6_k.argtypes = [p, i, i, p]
         lib.qlinear_quantize_q6_k.restype = ctypes.c_int
         # which variant of the repacked layout this build writes and reads (builds differ: qlinear_x8.h)
@@ -84,6 +86,11 @@ class QuantLinearKernel:
         """Float32 [rows, cols] (cols a multiple of 256, contiguous) as Q4_K blocks, uint8 [rows, cols / 256
         * 144], chosen as llama.cpp's reference quantizer chooses them (csrc/quantize_k.h)."""
         return self._quantize_k(x, "Q4_K", 144, self._lib.qlinear_quantize_q4_k)
+
+    def quantize_q5_k(self, x: torch.Tensor) -> torch.Tensor:
+        """Float32 [rows, cols] (cols a multiple of 256, contiguous) as Q5_K blocks, uint8 [rows, cols / 256
+        * 176], chosen as llama.cpp's reference quantizer chooses them (csrc/quantize_k.h)."""
+        return self._quantize_k(x, "Q5_K", 176, self._lib.qlinear_quantize_q5_k)
 
     def quantize_q6_k(self, x: torch.Tensor) -> torch.Tensor:
         """Float32 [rows, cols] (cols a multiple of 256, contiguous) as Q6_K blocks, uint8 [rows, cols / 256

@@ -47,14 +47,36 @@ def use_more_bits(layer: int, num_layers: int) -> bool:
     return layer < n // 8 or layer >= 7 * n // 8 or (layer - n // 8) % 3 == 2
 
 
-def q4_k_m_type(tensor: str, num_layers: int) -> QuantType:
-    """A projection's or the embedding's block type in llama.cpp's Q4_K_M mix, by its HF name: Q4_K
-    throughout but for v and down in Q6_K in the `use_more_bits` layers (the head: see quantize.py)."""
+def _layer_of(tensor: str) -> int | None:
+    """The layer of a checkpoint tensor by its HF name (model.layers.N....), None outside the layers."""
     parts = tensor.split(".")
-    if not (tensor.endswith(("v_proj.weight", "down_proj.weight")) and "layers" in parts):
-        return QuantType.Q4_K
-    more = use_more_bits(int(parts[parts.index("layers") + 1]), num_layers)
-    return QuantType.Q6_K if more else QuantType.Q4_K
+    return int(parts[parts.index("layers") + 1]) if "layers" in parts else None
+
+
+def k_m_type(tensor: str, num_layers: int, base: QuantType = QuantType.Q4_K) -> QuantType:
+    """A projection's or the embedding's block type in llama.cpp's Q4_K_M (base Q4_K) or Q5_K_M (base Q5_K)
+    mix, by its HF name: `base` throughout but for v and down in Q6_K in the `use_more_bits` layers (the
+    head: see quantize.py)."""
+    layer = _layer_of(tensor)
+    if layer is None or not tensor.endswith(("v_proj.weight", "down_proj.weight")):
+        return base
+    return QuantType.Q6_K if use_more_bits(layer, num_layers) else base
+
+
+def q4_k_m_type(tensor: str, num_layers: int) -> QuantType:
+    """llama.cpp's Q4_K_M mix (`k_m_type` on Q4_K)."""
+    return k_m_type(tensor, num_layers, QuantType.Q4_K)
+
+
+def q4_k_s_type(tensor: str, num_layers: int) -> QuantType:
+    """A projection's or the embedding's block type in llama.cpp's Q4_K_S (llama-quant.cpp): Q4_K but for
+    v of the first 4 layers (i_attention_wv < 4) and down of the first eighth (i_layer < n_layer / 8), in
+    Q5_K (down: but for Falcon, which no family here is)."""
+    layer = _layer_of(tensor)
+    if layer is not None and ((tensor.endswith("v_proj.weight") and layer < 4)
+                              or (tensor.endswith("down_proj.weight") and layer < num_layers // 8)):
+        return QuantType.Q5_K
+    return QuantType.Q4_K
 
 
 @dataclass(frozen=True)

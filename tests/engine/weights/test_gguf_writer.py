@@ -79,14 +79,17 @@ def test_metadata_and_tensors_as_llama_cpp_names_them(written: tuple[Path, Path,
     assert "tokenizer.chat_template" in fields
     types = {t.name: t.tensor_type for t in reader.tensors}
     chosen = Q(quant_type(quantization).value)
-    # q4_k_m: v and down in Q6_K in the second of the two layers (llama.cpp's use_more_bits)
-    more = {"blk.1.attn_v", "blk.1.ffn_down"} if quantization is Quantization.Q4_K_M else set()
+    # q4_k_m, q5_k_m: v and down in Q6_K in the second of the two layers (llama.cpp's use_more_bits); q4_k
+    # (llama.cpp's Q4_K_S): v of the first 4 layers in Q5_K
+    more = {Quantization.Q4_K_M: {"blk.1.attn_v": Q.Q6_K, "blk.1.ffn_down": Q.Q6_K},
+            Quantization.Q5_K_M: {"blk.1.attn_v": Q.Q6_K, "blk.1.ffn_down": Q.Q6_K},
+            Quantization.Q4_K: {"blk.0.attn_v": Q.Q5_K, "blk.1.attn_v": Q.Q5_K}}.get(quantization, {})
     for name in ("token_embd", "blk.0.attn_q", "blk.1.attn_k", "blk.0.attn_output", "blk.0.attn_v",
                  "blk.1.attn_v", "blk.0.ffn_down", "blk.1.ffn_down", "blk.1.ffn_up"):
-        assert types[f"{name}.weight"] == (Q.Q6_K if name in more else chosen), name
+        assert types[f"{name}.weight"] == more.get(name, chosen), name
     assert types["output.weight"] == (Q.Q8_0 if quantization is Quantization.Q8_0 else Q.Q6_K)
     file_types = {Quantization.Q8_0: 7, Quantization.Q4_0: 2, Quantization.Q4_1: 3, Quantization.Q4_K: 14,
-                  Quantization.Q4_K_M: 15}  # LLAMA_FTYPE_MOSTLY_*: Q4_K alone is llama.cpp's Q4_K_S
+                  Quantization.Q4_K_M: 15, Quantization.Q5_K_M: 17}  # LLAMA_FTYPE_MOSTLY_*: q4_k is Q4_K_S
     assert int(fields["general.file_type"].parts[-1][0]) == file_types[quantization]
     for name in ("output_norm", "blk.0.attn_norm", "blk.1.ffn_norm"):
         assert types[f"{name}.weight"] == Q.F32, name
@@ -266,8 +269,8 @@ def test_llama_cpps_quantizer_makes_the_same_file(float_file: tuple[Path, Path],
                                                   tmp_path: Path) -> None:
     """llama.cpp's own quantizer (llama_model_quantize, no importance matrix), run on the float weights for
     the file type we name, chooses each tensor's type as we do (the head Q6_K but for Q8_0, a tied
-    embedding as the head, Q4_K_M's v and down) and writes the same bytes; but for Q4_K_S, whose v
-    tensors of the first 4 layers llama.cpp makes Q5_K, which we cannot make (q4_k keeps them Q4_K)."""
+    embedding as the head, Q4_K_M's and Q5_K_M's v and down, Q4_K_S's first layers' v in Q5_K) and writes
+    the same bytes."""
     import llama_cpp
 
     root, f32 = float_file
@@ -280,14 +283,11 @@ def test_llama_cpps_quantizer_makes_the_same_file(float_file: tuple[Path, Path],
     assert llama_cpp.llama_model_quantize(str(f32).encode(), str(theirs).encode(), ctypes.byref(params)) == 0
     mine = {t.name: t for t in gguf.GGUFReader(ours).tensors}
     made = {t.name: t for t in gguf.GGUFReader(theirs).tensors}
-    assert mine.keys() == made.keys()
-    differ = {name for name in mine if mine[name].tensor_type != made[name].tensor_type}
-    if quantization is Quantization.Q4_K:
-        assert differ == {"blk.0.attn_v.weight", "blk.1.attn_v.weight"}
-        assert {made[name].tensor_type for name in differ} == {Q.Q5_K}
-    else:
-        assert differ == set()
+    assert {name: t.tensor_type for name, t in mine.items()} == \
+        {name: t.tensor_type for name, t in made.items()}
     head = "token_embd.weight" if "output.weight" not in mine else "output.weight"
     assert mine[head].tensor_type == (Q.Q8_0 if quantization is Quantization.Q8_0 else Q.Q6_K)
-    for name in mine.keys() - differ:
+    if quantization is Quantization.Q4_K:
+        assert mine["blk.1.attn_v.weight"].tensor_type == Q.Q5_K
+    for name in mine:
         assert np.array_equal(np.asarray(mine[name].data), np.asarray(made[name].data)), name

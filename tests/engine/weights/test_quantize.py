@@ -32,10 +32,11 @@ MADE_32 = [q for q in MADE if q.block_elems == 32]  # gguf-py's; the K-quants ar
 
 def reference(w: torch.Tensor, qtype: QuantType) -> np.ndarray:
     """gguf-py's numpy quantizer on the whole matrix at once (the K-quants: the C quantizer in one call)."""
-    if qtype in (QuantType.Q4_K, QuantType.Q6_K):
+    if qtype.block_elems == 256:
         kernel = load_qlinear()
         assert kernel is not None
-        made = kernel.quantize_q4_k if qtype is QuantType.Q4_K else kernel.quantize_q6_k
+        made = {QuantType.Q4_K: kernel.quantize_q4_k, QuantType.Q5_K: kernel.quantize_q5_k,
+                QuantType.Q6_K: kernel.quantize_q6_k}[qtype]
         return made(w.float().contiguous()).numpy()
     with np.errstate(all="ignore"):
         return gguf.quants.quantize(w.float().numpy(), gguf.GGMLQuantizationType(qtype.value))
@@ -78,9 +79,14 @@ def _nearest(v: np.float32) -> int:
     return int(F(F(v) + F(12582912.0))) - 12582912
 
 
-def _fit(x: np.ndarray, w: np.ndarray) -> tuple[np.float32, np.float32, list[int]]:
-    """ggml-quants.c's make_qkx2_quants(32, 15, x, w, L, &the_min, Laux, -1, 0.1, 20, false), statement
-    by statement in float32: (scale, the_min, L)."""
+# make_qkx2_quants' nmax, rmin and nstep as quantize_row_q{4,5}_K_ref pass them (rdelta: 0.1 for both)
+_K_FITS = {QuantType.Q4_K: (15, -1.0, 20), QuantType.Q5_K: (31, -0.5, 15)}
+
+
+def _fit(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float,
+         nstep: int) -> tuple[np.float32, np.float32, list[int]]:
+    """ggml-quants.c's make_qkx2_quants(32, nmax, x, w, L, &the_min, Laux, rmin, 0.1, nstep, false),
+    statement by statement in float32: (scale, the_min, L)."""
     lo, hi, sum_w, sum_x = x[0], x[0], w[0], F(w[0] * x[0])
     for i in range(1, 32):
         lo, hi = min(lo, x[i]), max(hi, x[i])
@@ -89,16 +95,16 @@ def _fit(x: np.ndarray, w: np.ndarray) -> tuple[np.float32, np.float32, list[int
     lo = min(lo, F(0))
     if hi == lo:
         return F(0), F(-lo), [0] * 32
-    iscale = F(F(15) / F(hi - lo))
+    iscale = F(F(nmax) / F(hi - lo))
     scale = F(F(1) / iscale)
-    levels = [max(0, min(15, _nearest(F(iscale * F(v - lo))))) for v in x]
+    levels = [max(0, min(nmax, _nearest(F(iscale * F(v - lo))))) for v in x]
     best = F(0)
     for i in range(32):
         diff = F(F(F(scale * F(levels[i])) + lo) - x[i])
         best = F(best + F(w[i] * F(diff * diff)))
-    for step in range(21):
-        iscale = F(F(F(F(-1) + F(F(0.1) * F(step))) + F(15)) / F(hi - lo))
-        aux = [max(0, min(15, _nearest(F(iscale * F(v - lo))))) for v in x]
+    for step in range(nstep + 1):
+        iscale = F(F(F(F(rmin) + F(F(0.1) * F(step))) + F(nmax)) / F(hi - lo))
+        aux = [max(0, min(nmax, _nearest(F(iscale * F(v - lo))))) for v in x]
         sum_l = sum_l2 = sum_xl = F(0)
         for i in range(32):
             wl = F(w[i] * F(aux[i]))
@@ -120,8 +126,11 @@ def _fit(x: np.ndarray, w: np.ndarray) -> tuple[np.float32, np.float32, list[int
     return scale, F(-lo), levels
 
 
-def ggml_q4_k_block(x: np.ndarray) -> list[int]:
-    """One super-block of 256 as ggml-quants.c's quantize_row_q4_K_ref writes it, in float32."""
+def ggml_k_block(x: np.ndarray, qtype: QuantType) -> list[int]:
+    """One super-block of 256 as ggml-quants.c's quantize_row_q4_K_ref / quantize_row_q5_K_ref writes it,
+    in float32: d, dmin, 12 bytes of scales and mins, (Q5_K: qh, 32 bytes: bit j of qh[i] the fifth bit of
+    piece j's level i,) qs."""
+    nmax, rmin, nstep = _K_FITS[qtype]
     scales, mins, levels = [], [], []
     for j in range(8):
         piece = x[32 * j:32 * j + 32]
@@ -129,7 +138,8 @@ def ggml_q4_k_block(x: np.ndarray) -> list[int]:
         for v in piece:
             sum_x2 = F(sum_x2 + F(v * v))
         av = F(np.sqrt(F(sum_x2 / F(32))))
-        scale, the_min, piece_levels = _fit(piece, np.array([F(av + abs(v)) for v in piece], dtype=F))
+        weights = np.array([F(av + abs(v)) for v in piece], dtype=F)
+        scale, the_min, piece_levels = _fit(piece, weights, nmax, rmin, nstep)
         scales.append(scale)
         mins.append(the_min)
         levels += piece_levels
@@ -154,9 +164,11 @@ def ggml_q4_k_block(x: np.ndarray) -> list[int]:
             continue
         dm = F(F(dmin) * F(m))
         for i in range(32):
-            levels[32 * j + i] = max(0, min(15, _nearest(F(F(x[32 * j + i] + dm) / dj))))
-    qs = [levels[64 * c + i] | levels[64 * c + 32 + i] << 4 for c in range(4) for i in range(32)]
-    return list(d.tobytes()) + list(dmin.tobytes()) + packed + qs
+            levels[32 * j + i] = max(0, min(nmax, _nearest(F(F(x[32 * j + i] + dm) / dj))))
+    qh = [sum((levels[32 * j + i] >> 4) << j for j in range(8)) for i in range(32)] if nmax > 15 else []
+    qs = [(levels[64 * c + i] & 0xF) | (levels[64 * c + 32 + i] & 0xF) << 4
+          for c in range(4) for i in range(32)]
+    return list(d.tobytes()) + list(dmin.tobytes()) + packed + qh + qs
 
 
 def odd_k_inputs() -> dict[str, torch.Tensor]:
@@ -177,23 +189,26 @@ def odd_k_inputs() -> dict[str, torch.Tensor]:
     return {name: torch.from_numpy(np.asarray(a, dtype=F)) for name, a in cases.items()}
 
 
-def test_q4_k_blocks_are_ggml_reference_bytes() -> None:
+@pytest.mark.parametrize("qtype", [QuantType.Q4_K, QuantType.Q5_K], ids=lambda q: q.name)
+def test_q4_k_q5_k_blocks_are_ggml_reference_bytes(qtype: QuantType) -> None:
     """csrc/quantize_k.h fits 16 pieces side by side in vector registers; each still takes ggml's scalar
-    steps in their order."""
+    steps in their order (Q5_K: the same fit with 31 levels and its own grids)."""
     for name, w in odd_k_inputs().items():
-        got = quantize(w, QuantType.Q4_K)
-        assert got.qtype is QuantType.Q4_K and got.shape == tuple(w.shape)
-        expected = [b for block in w.numpy().reshape(-1, 256) for b in ggml_q4_k_block(block)]
+        got = quantize(w, qtype)
+        assert got.qtype is qtype and got.shape == tuple(w.shape)
+        expected = [b for block in w.numpy().reshape(-1, 256) for b in ggml_k_block(block, qtype)]
         assert got.blocks.reshape(-1).tolist() == expected, name
 
 
-def test_q4_k_same_bytes_from_every_build(kernel: QuantLinearKernel) -> None:
+def test_q4_k_q5_k_same_bytes_from_every_build(kernel: QuantLinearKernel) -> None:
     """The scalar build converts to half precision in software, the others with F16C; tiny values reach
     subnormal and zero half-precision scales."""
     rng = np.random.default_rng(4)
     rows = [rng.normal(0, s, 512) for s in (1e-6, 1e-4, 0.02, 5.0)] + [np.full(512, 3e-7), np.zeros(512)]
+    rows += [np.abs(rng.normal(0, 1, 512)), rng.integers(-40, 40, 512)]
     w = torch.from_numpy(np.asarray(rows, dtype=F))
     assert torch.equal(kernel.quantize_q4_k(w), quantize(w, QuantType.Q4_K).blocks)
+    assert torch.equal(kernel.quantize_q5_k(w), quantize(w, QuantType.Q5_K).blocks)
 
 
 def test_q4_k_beats_q4_0_at_the_same_size() -> None:
@@ -333,13 +348,13 @@ def _ggml_base() -> ctypes.CDLL | None:
 
 
 @pytest.mark.skipif(_ggml_base() is None, reason="llama-cpp-python (its libggml-base) is not installed")
-@pytest.mark.parametrize("qtype", [QuantType.Q4_K, QuantType.Q6_K], ids=lambda q: q.name)
+@pytest.mark.parametrize("qtype", [QuantType.Q4_K, QuantType.Q5_K, QuantType.Q6_K], ids=lambda q: q.name)
 def test_k_quants_are_ggmls_own_bytes(qtype: QuantType) -> None:
-    """ggml's own quantize_row_q{4,6}_K_ref, as llama.cpp's quantizer runs it (no importance matrix),
+    """ggml's own quantize_row_q{4,5,6}_K_ref, as llama.cpp's quantizer runs it (no importance matrix),
     writes the very same bytes: on the odd inputs and on weights of the usual spreads and tails."""
     lib = _ggml_base()
     assert lib is not None
-    fn = lib.quantize_row_q4_K_ref if qtype is QuantType.Q4_K else lib.quantize_row_q6_K_ref
+    fn = getattr(lib, f"quantize_row_{qtype.name[:2].lower()}_K_ref")
     fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64], None
     rng = np.random.default_rng(6)
     nonfinite = rng.normal(0, 1, (5, 256)).astype(F)  # garbage in, ggml's garbage out
@@ -386,12 +401,14 @@ def test_q6_k_dequantized_within_half_a_step() -> None:
     assert np.allclose(err[clamped], expected[clamped], rtol=1e-5) and np.all(err < 1.2 * np.abs(step))
 
 
-def test_q6_k_error_against_q4_k_and_q8_0() -> None:
-    """On Gaussian weights the 6.56 bits a weight of Q6_K sit between Q4_K's 4.5 and Q8_0's 8.5: relative
-    RMS error 0.018 against Q4_K's 0.071 and Q8_0's 0.0054 (N(0, 0.02), 11008 x 4096: BENCHMARKS.md)."""
+def test_k_quant_errors_against_each_other_and_q8_0() -> None:
+    """On Gaussian weights the 5.5 bits a weight of Q5_K and 6.56 of Q6_K sit between Q4_K's 4.5 and Q8_0's
+    8.5: relative RMS error 0.018 (Q6_K) against Q4_K's 0.071 and Q8_0's 0.0054 (N(0, 0.02), 11008 x
+    4096: BENCHMARKS.md)."""
     w = torch.from_numpy(np.random.default_rng(3).normal(0, 0.02, (64, 1024)).astype(F))
     rel = {qt: float((quantize(w, qt).dequantize() - w).pow(2).mean().sqrt() / w.pow(2).mean().sqrt())
-           for qt in (QuantType.Q4_K, QuantType.Q6_K, QuantType.Q8_0)}
+           for qt in (QuantType.Q4_K, QuantType.Q5_K, QuantType.Q6_K, QuantType.Q8_0)}
+    assert rel[QuantType.Q5_K] < 0.6 * rel[QuantType.Q4_K] and rel[QuantType.Q6_K] < 0.6 * rel[QuantType.Q5_K]
     assert rel[QuantType.Q6_K] < 0.3 * rel[QuantType.Q4_K], rel
     assert rel[QuantType.Q8_0] < 0.5 * rel[QuantType.Q6_K], rel
 
@@ -438,9 +455,7 @@ def test_half_precision_input_and_rows_over_several_chunks(qtype: QuantType) -> 
 
 
 def test_refuses_what_it_cannot_make() -> None:
-    with pytest.raises(ValueError, match="Q5_K blocks are not made here"):
-        quantize(torch.zeros(2, 256), QuantType.Q5_K)
-    for qtype in (QuantType.Q4_K, QuantType.Q6_K):
+    for qtype in (QuantType.Q4_K, QuantType.Q5_K, QuantType.Q6_K):
         with pytest.raises(ValueError, match="multiple of 256"):
             quantize(torch.zeros(2, 576), qtype)
     with pytest.raises(ValueError, match="multiple of 32"):
@@ -495,19 +510,47 @@ def test_q4_k_m_is_llama_cpps_mix() -> None:
     assert _types(q4_k_m, smollm2, 3)["self_attn.v_proj.weight"] is QuantType.Q4_1
 
 
-@pytest.mark.parametrize("quantization", [q for q in Quantization if q is not Quantization.Q4_K_M],
-                         ids=lambda q: q.name)
+def test_q5_k_m_is_q4_k_ms_mix_on_q5_k() -> None:
+    """llama.cpp's Q5_K_M: Q4_K_M's layers and tensors in Q6_K, Q5_K for the rest; Q5_K falls back to Q8_0
+    (llama.cpp: Q5_1, which the kernel lacks)."""
+    llama7b, five, six = _config(4096, 11008, 32), QuantType.Q5_K, QuantType.Q6_K
+    for i in range(32):
+        q4, q5 = _types(Quantization.Q4_K_M, llama7b, i), _types(Quantization.Q5_K_M, llama7b, i)
+        assert q5 == {name: five if kind is QuantType.Q4_K else kind for name, kind in q4.items()}, i
+    assert _types(Quantization.Q5_K_M, llama7b, 1)["lm_head.weight"] is six
+    layer3 = _types(Quantization.Q5_K_M, _config(576, 1536, 30, tie=True), 3)
+    assert layer3["self_attn.v_proj.weight"] is layer3["model.embed_tokens.weight"] is QuantType.Q8_0
+    assert layer3["mlp.down_proj.weight"] is five  # 1536 columns
+
+
+def test_q4_k_is_llama_cpps_q4_k_s() -> None:
+    """llama.cpp's Q4_K_S: Q4_K but for v of the first 4 layers and down of the first eighth, in Q5_K."""
+    llama7b = _config(4096, 11008, 32)
+    for i in range(32):
+        types = _types(Quantization.Q4_K, llama7b, i)
+        assert types.pop("self_attn.v_proj.weight") is (QuantType.Q5_K if i < 4 else QuantType.Q4_K), i
+        assert types.pop("mlp.down_proj.weight") is (QuantType.Q5_K if i < 4 else QuantType.Q4_K), i
+        assert types.pop("lm_head.weight") is QuantType.Q6_K
+        assert {t for t in types.values() if t is not None} == {QuantType.Q4_K}
+    few = _config(4096, 11008, 6)  # 6 // 8: no down in Q5_K
+    assert all(_types(Quantization.Q4_K, few, i)["mlp.down_proj.weight"] is QuantType.Q4_K for i in range(6))
+    assert _types(Quantization.Q4_K, _config(576, 1536, 30), 0)["self_attn.v_proj.weight"] is QuantType.Q8_0
+
+
+@pytest.mark.parametrize("quantization", [Quantization.Q8_0, Quantization.Q4_0, Quantization.Q4_1,
+                                          Quantization.Q4_K], ids=lambda q: q.name)
 def test_head_type_as_llama_cpps(quantization: Quantization) -> None:
-    """One type throughout but for the head, Q6_K for every 4-bit type as llama.cpp gives it (Q8_0 where
-    the rows are not a multiple of 256, and for q8_0), the tied embedding too, being the head."""
+    """One type throughout (q4_k: from layer 4 on) but for the head, Q6_K for every 4-bit type as llama.cpp
+    gives it (Q8_0 where the rows are not a multiple of 256, and for q8_0), the tied embedding too, being
+    the head."""
     base = quant_type(quantization)
     head = QuantType.Q8_0 if quantization is Quantization.Q8_0 else QuantType.Q6_K
     for tie in (False, True):
-        types = _types(quantization, _config(512, 1024, 4, tie), 2)
+        types = _types(quantization, _config(512, 1024, 8, tie), 5)
         assert types.pop("lm_head.weight") is head and types.pop("model.norm.weight") is None
         assert types.pop("model.embed_tokens.weight") is (head if tie else base)
         assert types.pop("input_layernorm.weight") is None and set(types.values()) == {base}
-    narrow = _types(quantization, _config(576, 1536, 4, tie=True), 2)
+    narrow = _types(quantization, _config(576, 1536, 8, tie=True), 5)
     assert narrow["lm_head.weight"] is narrow["model.embed_tokens.weight"] is QuantType.Q8_0
     assert narrow["self_attn.q_proj.weight"] is (QuantType.Q4_1 if base is QuantType.Q4_K else base)
 
@@ -521,8 +564,8 @@ def hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.parametrize("quantization", list(Quantization), ids=lambda q: q.name)
 def test_quantized_at_load_as_gguf_py_would(hf_dir: Path, quantization: Quantization) -> None:
-    """Projections and embedding in the chosen type (q4_k_m: v and down of the second of two layers in
-    Q6_K), the untied head Q6_K (q8_0: Q8_0), norms float32."""
+    """Projections and embedding in the chosen type (q4_k_m, q5_k_m: v and down of the second of two
+    layers in Q6_K; q4_k: v in Q5_K), the untied head Q6_K (q8_0: Q8_0), norms float32."""
     qtype = quant_type(quantization)
     _, state = load_hf_quantized(hf_dir, torch.float32, quantization)
     _, stored = hf_tensors(hf_dir)
@@ -535,9 +578,11 @@ def test_quantized_at_load_as_gguf_py_would(hf_dir: Path, quantization: Quantiza
         kind = qtype
         if name == "lm_head.weight":
             kind = QuantType.Q8_0 if quantization is Quantization.Q8_0 else QuantType.Q6_K
-        elif quantization is Quantization.Q4_K_M and name.startswith("model.layers.1.") and \
-                name.endswith(("v_proj.weight", "down_proj.weight")):
+        elif quantization in (Quantization.Q4_K_M, Quantization.Q5_K_M) and \
+                name.startswith("model.layers.1.") and name.endswith(("v_proj.weight", "down_proj.weight")):
             kind = QuantType.Q6_K
+        elif quantization is Quantization.Q4_K and name.endswith("v_proj.weight"):
+            kind = QuantType.Q5_K
         assert isinstance(weight, QuantTensor) and weight.qtype is kind, name
         assert np.array_equal(weight.blocks.numpy(), reference(original, kind)), name
 
