@@ -72,9 +72,8 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
            generators: Sequence[torch.Generator | None]) -> list[int]:
     """One token per row. Seeded rows draw from their own generator, so a seed reproduces its output
     whatever else shares the batch; unseeded rows share the engine's default generator."""
-    greedy = logits.argmax(dim=-1)
     if all(p.greedy for p in params):
-        return greedy.tolist()
+        return logits.argmax(dim=-1).tolist()
     dev = logits.device
     temps = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=dev)
     top_k = torch.tensor([p.top_k for p in params], device=dev)
@@ -89,5 +88,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
     cdf = probs.cumsum(dim=-1)  # [S, V]
     target = (u * cdf[:, -1]).clamp(min=torch.finfo(cdf.dtype).tiny).unsqueeze(1)
     drawn = torch.searchsorted(cdf, target).squeeze(1).clamp(max=probs.shape[-1] - 1)
+    if not any(p.greedy for p in params):
+        return drawn.tolist()  # no greedy row: no argmax over the vocabulary (BENCHMARKS.md)
     is_greedy = torch.tensor([p.greedy for p in params], device=dev)
-    return torch.where(is_greedy, greedy, drawn).tolist()
+    return torch.where(is_greedy, logits.argmax(dim=-1), drawn).tolist()
