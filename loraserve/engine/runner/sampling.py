@@ -72,7 +72,8 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
            generators: Sequence[torch.Generator | None]) -> list[int]:
     """One token per row. Seeded rows draw from their own generator, so a seed reproduces its output
     whatever else shares the batch; unseeded rows share the engine's default generator."""
-    if all(p.greedy for p in params):
+    greedy = [p.greedy for p in params]
+    if all(greedy):
         return logits.argmax(dim=-1).tolist()
     dev = logits.device
     temps = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=dev)
@@ -88,7 +89,6 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
     cdf = probs.cumsum(dim=-1)  # [S, V]
     target = (u * cdf[:, -1]).clamp(min=torch.finfo(cdf.dtype).tiny).unsqueeze(1)
     drawn = torch.searchsorted(cdf, target).squeeze(1).clamp(max=probs.shape[-1] - 1)
-    if not any(p.greedy for p in params):
+    if not any(greedy):
         return drawn.tolist()  # no greedy row: no argmax over the vocabulary (BENCHMARKS.md)
-    is_greedy = torch.tensor([p.greedy for p in params], device=dev)
-    return torch.where(is_greedy, logits.argmax(dim=-1), drawn).tolist()
+    return torch.where(torch.tensor(greedy, device=dev), logits.argmax(dim=-1), drawn).tolist()

@@ -53,7 +53,7 @@ def _layer_of(tensor: str) -> int | None:
     return int(parts[parts.index("layers") + 1]) if "layers" in parts else None
 
 
-def k_m_type(tensor: str, num_layers: int, base: QuantType = QuantType.Q4_K) -> QuantType:
+def k_m_type(tensor: str, num_layers: int, base: QuantType) -> QuantType:
     """A projection's or the embedding's block type in llama.cpp's Q4_K_M (base Q4_K) or Q5_K_M (base Q5_K)
     mix, by its HF name: `base` throughout but for v and down in Q6_K in the `use_more_bits` layers (the
     head: see quantize.py)."""

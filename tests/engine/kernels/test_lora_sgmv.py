@@ -16,6 +16,8 @@ from loraserve.engine.lora.pack import pack_tiles
 from loraserve.engine.lora.pool import GROUP_TARGETS, LoraGroup, LoraPool, LoraWeights, group_shape
 from loraserve.engine.lora.sgmv import SgmvLora, SgmvPart
 
+import kernel_builds
+
 if cpu_kernels._compiler() is None:
     pytest.skip("no C compiler on this machine: LoRA runs on torch's GEMMs", allow_module_level=True)
 
@@ -24,41 +26,43 @@ if cpu_kernels._compiler() is None:
 # chunks (256 columns) with a partial tile at the end of each target.
 CFG = ModelConfig(vocab_size=64, hidden_size=42, intermediate_size=300, num_layers=2, num_heads=3,
                   num_kv_heads=1, head_dim=14)
+# down's fan-in past the shrink's parts of 1024 rows of A (summed apart, then in order), its last part 78
+# rows (not a multiple of 4 either)
+WIDE = ModelConfig(vocab_size=64, hidden_size=42, intermediate_size=1102, num_layers=2, num_heads=3,
+                   num_kv_heads=1, head_dim=14)
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(scope="module")
-def sgmv() -> LoraSgmv:
-    k = load_lora_sgmv()
-    assert k is not None  # a compiler is present: the build must work
-    return k
+@pytest.fixture(scope="module", params=kernel_builds.builds())
+def sgmv(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> LoraSgmv:
+    return kernel_builds.build(load_lora_sgmv, request.param, tmp_path_factory)
 
 
-def _weights(key: str, rank: int, targets: list[str], seed: int) -> LoraWeights:
+def _weights(key: str, rank: int, targets: list[str], seed: int, cfg: ModelConfig = CFG) -> LoraWeights:
     g = torch.Generator().manual_seed(seed)
-    shapes = CFG.lora_shapes()
+    shapes = cfg.lora_shapes()
     return LoraWeights(key, {(layer, t): (torch.randn(rank, shapes[t][0], generator=g),
                                           torch.randn(shapes[t][1], rank, generator=g))
-                             for layer in range(CFG.num_layers) for t in targets})
+                             for layer in range(cfg.num_layers) for t in targets})
 
 
-def _pool(sgmv: LoraSgmv | None, bucket: int, ranks: list[int],
-          dtype: torch.dtype = torch.float32) -> tuple[LoraPool, list[LoraWeights]]:
-    pool = LoraPool(CFG, bucket, len(ranks) + 1, dtype, CPU,
+def _pool(sgmv: LoraSgmv | None, bucket: int, ranks: list[int], dtype: torch.dtype = torch.float32,
+          cfg: ModelConfig = CFG) -> tuple[LoraPool, list[LoraWeights]]:
+    pool = LoraPool(cfg, bucket, len(ranks) + 1, dtype, CPU,
                     SgmvLora(sgmv) if sgmv is not None else GemmLora())
     rng = random.Random(bucket)
-    all_targets = list(CFG.lora_shapes())
+    all_targets = list(cfg.lora_shapes())
     ws = []
     for slot, r in enumerate(ranks):
         targets = all_targets if slot % 2 == 0 else rng.sample(all_targets, 3)  # some groups partly empty
-        ws.append(_weights(f"a{slot}", r, targets, seed=bucket * 100 + slot))
+        ws.append(_weights(f"a{slot}", r, targets, seed=bucket * 100 + slot, cfg=cfg))
         pool.write(slot, ws[-1])
     return pool, ws
 
 
 def _reference(ws: list[LoraWeights], slots: list[int | None], layer: int, group: LoraGroup, x: torch.Tensor,
-               out: torch.Tensor) -> torch.Tensor:
-    shapes = CFG.lora_shapes()
+               out: torch.Tensor, cfg: ModelConfig = CFG) -> torch.Tensor:
+    shapes = cfg.lora_shapes()
     expected = out.double().clone()
     for row, s in enumerate(slots):
         if s is None:
@@ -101,6 +105,47 @@ def test_matches_a_per_row_loop(sgmv: LoraSgmv, bucket: int, ranks: list[int]) -
                                        atol=1e-4, rtol=1e-5)
             untouched = [i for i, s in enumerate(SLOTS) if s is None]
             assert torch.equal(got[untouched], out[untouched])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_a_fan_in_past_one_part_of_a(sgmv: LoraSgmv, dtype: torch.dtype) -> None:
+    """down's 1102 inputs: the shrink sums A's rows in parts of 1024 and 78, then the parts in order; as
+    close to the per-row loop as one sum, alone or in a batch, on 1 or 2 threads (slot 0's 10 rows widen
+    their fp16 parts first, the other segments as they read). A is scaled as LoRA initialises it (1 /
+    sqrt(fan-in)), so that the deltas are as large as with the other configs' fan-ins."""
+    assert group_shape(WIDE, LoraGroup.DOWN)[0] > sgmv.kpart
+    pool, ws = _pool(sgmv, 16, [16, 5, 12], dtype, WIDE)
+    for w in ws:
+        for a, _ in w.modules.values():
+            a /= a.shape[1] ** 0.5
+    for slot, w in enumerate(ws):
+        pool.write(slot, w)
+    if dtype is torch.float16:  # the reference over the weights as the slots hold them
+        ws = [LoraWeights(w.key, {m: (a.half().float(), b.half().float()) for m, (a, b) in w.modules.items()})
+              for w in ws]
+    slots: list[int | None] = [0, 1, None, 0, 2, 2, 0, 0, 1, 2, 0, 0, 0, 0, 0, 0]
+    g = torch.Generator().manual_seed(3)
+    fan_in, fan_outs = group_shape(WIDE, LoraGroup.DOWN)
+    x = torch.randn(len(slots), fan_in, generator=g)
+    out = torch.randn(len(slots), sum(fan_outs), generator=g)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            batch = LoraBatch.build([None if s is None else (pool, s) for s in slots], CPU)
+            assert batch is not None
+            got = _apply(batch, 1, LoraGroup.DOWN, x, out)
+            torch.testing.assert_close(got.double(), _reference(ws, slots, 1, LoraGroup.DOWN, x, out, WIDE),
+                                       atol=1e-4, rtol=1e-5)
+            for row in (0, 1, 4):
+                s = slots[row]
+                assert s is not None
+                alone = LoraBatch.build([(pool, s)], CPU)
+                assert alone is not None
+                assert torch.equal(_apply(alone, 1, LoraGroup.DOWN, x[row:row + 1], out[row:row + 1])[0],
+                                   got[row])
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("bucket", [8, 16])

@@ -250,7 +250,8 @@ static inline __attribute__((always_inline)) void sgmv(const float *x, int64_t l
     {
         /* fp16 only: an A tile or a B chunk widened (NULL when malloc fails: every segment then widens as
          * it reads, which is only slower) */
-        float *scratch = half ? malloc(sizeof(float) * (size_t)(KPART * TILE > R * CHUNK ? KPART * TILE : R * CHUNK)) : 0;
+        const int64_t widened = KPART * TILE > R * CHUNK ? KPART * TILE : R * CHUNK; /* an A part or a B chunk */
+        float *scratch = half ? malloc(sizeof(float) * (size_t)widened) : 0;
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < nseg * tiles * S; t++) { /* (segment, tile, part of K): a tile's parts in order */
             const int64_t s = t / (tiles * S), c0 = t / S % tiles * TILE, k0 = t % S * KPART;
