@@ -95,7 +95,7 @@ class LLMEngine:
         self.context_window = min(context_window or cfg.max_position_embeddings, cfg.max_position_embeddings)
         bs = ecfg.block_size
         num_blocks = self._num_kv_blocks()
-        self.kv = KVCache(cfg, num_blocks * bs, self.kv_dtype, self.device)
+        self.kv = KVCache(cfg, num_blocks * bs, self.kv_dtype, self.ops.zeros)
         self.blocks = BlockManager(num_blocks, bs, ecfg.prefix_caching)
         lora_dtype = resolve_lora_dtype(ecfg, self.dtype, isinstance(self.ops.lora, SgmvLora))
         self.adapters = AdapterCache(cfg, ecfg, lora_dtype, self.device, self.ops.lora)

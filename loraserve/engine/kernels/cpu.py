@@ -37,6 +37,8 @@ from typing import TypeVar
 
 import torch
 
+from loraserve.engine.kernels.huge_pages import weight_buffer
+
 log = logging.getLogger(__name__)
 K = TypeVar("K")  # a kernel wrapper class
 
@@ -205,11 +207,12 @@ class LinearKernel:
 
     def pack(self, w: torch.Tensor) -> torch.Tensor:
         """W [out, in] -> panels [ceil(out / panel), in, panel], the last one zero-padded, in fresh
-        (64-byte aligned) memory."""
+        (64-byte aligned) memory, in huge pages where the system gives them (huge_pages.py)."""
         n, k = w.shape
         panels = -(-n // self.panel)
         padded = torch.cat([w, w.new_zeros(panels * self.panel - n, k)]) if n % self.panel else w
-        return padded.reshape(panels, self.panel, k).transpose(1, 2).contiguous()
+        out = weight_buffer(panels * k * self.panel * w.element_size()).view(w.dtype)
+        return out.view(panels, k, self.panel).copy_(padded.reshape(panels, self.panel, k).transpose(1, 2))
 
     def unpack(self, packed: torch.Tensor, out_features: int) -> torch.Tensor:
         """The [out, in] matrix back (a copy)."""

@@ -20,6 +20,7 @@ import gguf
 import torch
 
 from loraserve.engine.kernels.cpu import _cpu_float32, _load
+from loraserve.engine.kernels.huge_pages import weight_buffer
 from loraserve.engine.weights.quant import QuantTensor, QuantType
 
 _Q = gguf.GGMLQuantizationType
@@ -75,7 +76,7 @@ class QuantLinearKernel:
                                   or not order.is_contiguous()):
             raise ValueError(f"a row order is contiguous int64 [{out_features}]")
         size = int(self._lib.qlinear_x8_bytes(qtype, out_features, in_features))
-        data = torch.empty(size, dtype=torch.uint8)
+        data = weight_buffer(size)
         if self._lib.qlinear_x8_pack(blocks.data_ptr(), qtype, out_features, in_features,
                                      None if order is None else order.data_ptr(), data.data_ptr(),
                                      torch.get_num_threads()):

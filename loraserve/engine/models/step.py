@@ -32,11 +32,17 @@ class BatchMeta:
     lora: StepLora | None = None
 
 
+class Zeros(Protocol):
+    """Where an engine's long-lived buffers come from (`Ops.zeros`): torch.zeros on its device."""
+
+    def __call__(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor: ...
+
+
 class KVCache:
-    def __init__(self, cfg: ModelConfig, num_slots: int, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, cfg: ModelConfig, num_slots: int, dtype: torch.dtype, zeros: Zeros) -> None:
         # k, v: [L, num_blocks * block_size + 1, Hkv, D]; a flat slot index addresses one token's K/V. The
         # last slot belongs to no block: padding rows of a static (CUDA-graph) batch write and read it.
         self.scratch_slot = num_slots
         shape = (cfg.num_layers, num_slots + 1, cfg.num_kv_heads, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k = zeros(shape, dtype)
+        self.v = zeros(shape, dtype)

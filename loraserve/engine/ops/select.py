@@ -8,6 +8,7 @@ device or kernel branch of their own.
 | attention | paged in place (`paged_attention.c`) | gather + SDPA | gather + `decode_attention` |
 | LoRA | packed SGMV (`lora_sgmv.c`) | grouped GEMMs | grouped GEMMs (per-row gather in graphs) |
 | layer glue | `layer_glue.c` | torch operators | torch operators |
+| KV cache memory | huge pages (`kernels/huge_pages.py`) | huge pages | device memory |
 
 Each kernel is built on first use; one that cannot be built (no compiler) leaves its concern on torch.
 """
@@ -19,11 +20,12 @@ from dataclasses import dataclass
 import torch
 
 from loraserve.engine.config import ModelConfig
-from loraserve.engine.kernels import cpu
+from loraserve.engine.kernels import cpu, huge_pages
 from loraserve.engine.kernels.qlinear import load_qlinear
 from loraserve.engine.lora.gemm import GemmLora
 from loraserve.engine.lora.pool import LoraBackend
 from loraserve.engine.lora.sgmv import SgmvLora
+from loraserve.engine.models.step import Zeros
 from loraserve.engine.ops.attention import Attention, DeviceAttention, GatherAttention, PagedAttention
 from loraserve.engine.ops.glue import Glue, KernelGlue, TorchGlue
 from loraserve.engine.ops.linear import (
@@ -41,11 +43,18 @@ class Ops:
     attention: Attention
     glue: Glue
     lora: LoraBackend
+    zeros: Zeros  # the KV cache's memory
+
+
+def _device_zeros(device: torch.device) -> Zeros:
+    def zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    return zeros
 
 
 def select_ops(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, native_kernels: bool) -> Ops:
     if device.type == "cuda":
-        return Ops(DeviceProjections(), DeviceAttention(cfg), TorchGlue(), GemmLora())
+        return Ops(DeviceProjections(), DeviceAttention(cfg), TorchGlue(), GemmLora(), _device_zeros(device))
     kernels = native_kernels and dtype == torch.float32  # the C kernels are float32 only
     linear = cpu.load_linear() if kernels else None
     attention = cpu.load_paged_attention() if kernels else None
@@ -61,4 +70,5 @@ def select_ops(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, nativ
         attention=PagedAttention(cfg, attention) if attention else GatherAttention(cfg),
         glue=KernelGlue(glue) if glue else TorchGlue(),
         lora=SgmvLora(sgmv) if sgmv else GemmLora(),
+        zeros=huge_pages.zeros,
     )

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from loraserve.engine.kernels import cpu as cpu_kernels
+from loraserve.engine.kernels import huge_pages
 from loraserve.engine.kernels.cpu import (
     PagedAttention,
     build,
@@ -255,7 +256,8 @@ def test_without_a_working_compiler_the_engine_keeps_torch_paths(
             engine = build_engine(hf_model(seed=1))
         for name in ("paged_attention.c", "lora_sgmv.c", "linear.c", "layer_glue.c", "qlinear.c"):
             assert f"could not build {name}" in caplog.text
-        assert engine.ops == Ops(MklProjections(dual=True), engine.ops.attention, engine.ops.glue, GemmLora())
+        assert engine.ops == Ops(MklProjections(dual=True), engine.ops.attention, engine.ops.glue, GemmLora(),
+                              huge_pages.zeros)
         assert type(engine.ops.attention) is GatherAttention and type(engine.ops.glue) is TorchGlue
     finally:
         for load in loaders:

@@ -24,6 +24,7 @@
  */
 #include <stdint.h>
 #include <stdlib.h>
+#include <omp.h>
 #if defined(__AVX512F__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
@@ -234,48 +235,145 @@ static inline __attribute__((always_inline)) void expand(float *out, int64_t ldo
 
 static int64_t chunks_of(int64_t width) { return (width + CHUNK - 1) / CHUNK; }
 
+/* Rows of a segment a task takes: a segment's rows are cut into blocks of RB (a multiple of MB), so that one
+ * adapter's rows (a prefill chunk's hundreds, or the popular adapter's share of a decode batch) can be shared
+ * by the threads. A row is still computed by one task in one order: its bits are the same. */
+#define RB 16
+/* A task's weight when the tasks are shared out: its rows plus this many, per weight it reads (streaming a
+ * tile's weights costs about what multiplying them into this many rows does). */
+#define STREAM_ROWS 2
+
+static int64_t blocks_of(int64_t rows) { return (rows + RB - 1) / RB; }
+
+/* The cache lines of [p, p + bytes) into L2 (prefetcht1), ahead of the task that reads them. */
+static inline void prefetch_l2(const void *p, int64_t bytes) {
+    for (int64_t c = 0; c < bytes; c += 64) __builtin_prefetch((const char *)p + c, 0, 2);
+}
+
+/* A position in a phase's task list: tasks run segment by segment, row block by row block, and within a
+ * block over `per` tasks (the shrink's tiles times parts of K, or the expand's column chunks). */
+typedef struct {
+    int64_t s, block, rest;
+} cursor_t;
+
+static inline void advance(cursor_t *c, const int64_t *starts, int64_t per) {
+    if (++c->rest < per) return;
+    c->rest = 0;
+    if (++c->block < blocks_of(starts[c->s + 1] - starts[c->s])) return;
+    c->block = 0;
+    c->s++;
+}
+
+/* The rows of c's block. */
+static inline int64_t block_rows(const cursor_t *c, const int64_t *starts) {
+    const int64_t m = starts[c->s + 1] - starts[c->s] - c->block * RB;
+    return m < RB ? m : RB;
+}
+
+/* Expand chunk c of a row block as target j's columns [c0, c1). */
+static inline void chunk_cols(const int64_t *cols, int64_t c, int64_t *j, int64_t *c0, int64_t *c1) {
+    int64_t i = 0;
+    for (; c >= chunks_of(cols[i + 1] - cols[i]); i++) c -= chunks_of(cols[i + 1] - cols[i]);
+    *j = i;
+    *c0 = cols[i] + c * CHUNK;
+    *c1 = *c0 + CHUNK < cols[i + 1] ? *c0 + CHUNK : cols[i + 1];
+}
+
+/* The weights a task reads, per row: a shrink task's part of K (times the tile, the same for all), an
+ * expand task's chunk of columns (times R). */
+static inline int64_t task_width(const cursor_t *c, int expand, int64_t K, int64_t S, const int64_t *cols) {
+    if (expand) {
+        int64_t j, c0, c1;
+        chunk_cols(cols, c->rest, &j, &c0, &c1);
+        return c1 - c0;
+    }
+    const int64_t k0 = c->rest % S * KPART;
+    return K - k0 < KPART ? K - k0 : KPART;
+}
+
+/* Where thread `me` of `nt` starts in a phase's task list, and how many tasks it runs: the list cut in order
+ * into runs of about equal weight, (rows + STREAM_ROWS) * task_width a task, each task going to the thread
+ * whose share holds its middle. Each thread then streams neighbouring tiles of one slot's weights, as a
+ * static schedule does, but a batch whose rows crowd onto a few adapters (a power-law mix: a segment of 12
+ * rows, the next of 1) is no longer shared out by task count, which left one thread most of the work
+ * (BENCHMARKS.md, "LoRA tasks shared by weight"). */
+static int64_t share(const int64_t *starts, int64_t nseg, int64_t per, int expand, int64_t K, int64_t S,
+                     const int64_t *cols, int me, int nt, cursor_t *first) {
+    int64_t total = 0;
+    cursor_t c = {0, 0, 0};
+    while (c.s < nseg) {
+        total += (block_rows(&c, starts) + STREAM_ROWS) * task_width(&c, expand, K, S, cols);
+        advance(&c, starts, per);
+    }
+    int64_t before = 0, count = 0;
+    c = (cursor_t){0, 0, 0};
+    while (c.s < nseg) {
+        const int64_t w = (block_rows(&c, starts) + STREAM_ROWS) * task_width(&c, expand, K, S, cols);
+        const int64_t owner = (2 * before + w) * nt / (2 * total);
+        if (owner > me) break;
+        if (owner == me && !count++) *first = c;
+        before += w;
+        advance(&c, starts, per);
+    }
+    return count;
+}
+
 static inline __attribute__((always_inline)) void sgmv(const float *x, int64_t ldx, float *out, int64_t ldo,
                                                         const void *a, const void *b, const int half, int64_t K,
                                                         int64_t N, int64_t R, int64_t n, const int64_t *cols,
                                                         int64_t nseg, const int64_t *plan, float *h, int nthreads) {
     const int64_t nR = n * R, *slots = plan, *starts = plan + nseg, *rows = plan + 2 * nseg + 1;
     const int64_t tiles = (nR + TILE - 1) / TILE, S = kparts(K), ldh = S * nR;
-    int64_t chunks = 0; /* expand tasks per segment: column chunks of the n targets' ranges */
+    int64_t chunks = 0; /* expand tasks per row block: column chunks of the n targets' ranges */
     for (int64_t j = 0; j < n; j++) chunks += chunks_of(cols[j + 1] - cols[j]);
-    /* Static schedules: each thread takes a contiguous run of tasks, so it streams neighbouring tiles of
-     * one slot's weights. Handing out one task at a time from a shared counter scattered each thread's
-     * reads over the slots and made decode steps slower, and did not help even a prefill's larger, uneven
-     * segments (BENCHMARKS.md, "LoRA kernel, static schedules"). */
 #pragma omp parallel num_threads(nthreads)
     {
+        const int me = omp_get_thread_num(), nt = omp_get_num_threads();
         /* fp16 only: an A tile or a B chunk widened (NULL when malloc fails: every segment then widens as
          * it reads, which is only slower) */
         const int64_t widened = KPART * TILE > R * CHUNK ? KPART * TILE : R * CHUNK; /* an A part or a B chunk */
         float *scratch = half ? malloc(sizeof(float) * (size_t)widened) : 0;
-#pragma omp for schedule(static)
-        for (int64_t t = 0; t < nseg * tiles * S; t++) { /* (segment, tile, part of K): a tile's parts in order */
-            const int64_t s = t / (tiles * S), c0 = t / S % tiles * TILE, k0 = t % S * KPART;
-            shrink(x, ldx, rows + starts[s], starts[s + 1] - starts[s], a, slots[s] * K * nR, half, K, k0,
-                   k0 + KPART < K ? k0 + KPART : K, nR, ldh, c0, h + starts[s] * ldh + t % S * nR, scratch);
+        cursor_t c;
+        for (int64_t i = 0, m = share(starts, nseg, tiles * S, 0, K, S, cols, me, nt, &c); i < m;
+             i++, advance(&c, starts, tiles * S)) { /* (segment, row block, tile, part of K): a tile's parts in order */
+            const int64_t r0 = starts[c.s] + c.block * RB, c0 = c.rest / S * TILE, k0 = c.rest % S * KPART;
+            if (i + 1 < m) { /* the next task's part of A */
+                cursor_t n = c;
+                advance(&n, starts, tiles * S);
+                const int64_t nc0 = n.rest / S * TILE, nk0 = n.rest % S * KPART, w = nR - nc0 < TILE ? nR - nc0 : TILE;
+                const int64_t nk1 = nk0 + KPART < K ? nk0 + KPART : K, el = half ? 2 : 4;
+                if (n.block == 0)
+                    prefetch_l2((const char *)a + (slots[n.s] * K * nR + K * nc0 + nk0 * w) * el, (nk1 - nk0) * w * el);
+            }
+            shrink(x, ldx, rows + r0, block_rows(&c, starts), a, slots[c.s] * K * nR, half, K, k0,
+                   k0 + KPART < K ? k0 + KPART : K, nR, ldh, c0, h + r0 * ldh + c.rest % S * nR, scratch);
         }
+#pragma omp barrier
         if (S > 1) { /* each row's partial sums into its first part's place, in order */
 #pragma omp for schedule(static)
             for (int64_t r = 0; r < starts[nseg]; r++)
-                for (int64_t c = 0; c < nR; c++) {
-                    float v = h[r * ldh + c];
-                    for (int64_t p = 1; p < S; p++) v += h[r * ldh + p * nR + c];
-                    h[r * ldh + c] = v;
+                for (int64_t k = 0; k < nR; k++) {
+                    float v = h[r * ldh + k];
+                    for (int64_t p = 1; p < S; p++) v += h[r * ldh + p * nR + k];
+                    h[r * ldh + k] = v;
                 }
         }
-        /* the implicit barrier: every h row is complete before an expand reads it */
-#pragma omp for schedule(static)
-        for (int64_t t = 0; t < nseg * chunks; t++) {
-            const int64_t s = t / chunks;
-            int64_t c = t % chunks, j = 0;
-            for (; c >= chunks_of(cols[j + 1] - cols[j]); j++) c -= chunks_of(cols[j + 1] - cols[j]);
-            const int64_t c0 = cols[j] + c * CHUNK, c1 = c0 + CHUNK < cols[j + 1] ? c0 + CHUNK : cols[j + 1];
-            expand(out, ldo, rows + starts[s], starts[s + 1] - starts[s], h + starts[s] * ldh + j * R, ldh, b,
-                   slots[s] * R * N, half, R, c0, c1, scratch);
+        /* (the barrier above, or the loop's: every h row is complete before an expand reads it) */
+        for (int64_t i = 0, m = share(starts, nseg, chunks, 1, K, S, cols, me, nt, &c); i < m;
+             i++, advance(&c, starts, chunks)) {
+            int64_t j, c0, c1;
+            const int64_t r0 = starts[c.s] + c.block * RB;
+            chunk_cols(cols, c.rest, &j, &c0, &c1);
+            if (i + 1 < m) { /* the next task's chunk of B */
+                cursor_t n = c;
+                advance(&n, starts, chunks);
+                int64_t nj, n0, n1;
+                chunk_cols(cols, n.rest, &nj, &n0, &n1);
+                const int64_t el = half ? 2 : 4;
+                if (n.block == 0) prefetch_l2((const char *)b + (slots[n.s] * R * N + R * n0) * el, R * (n1 - n0) * el);
+            }
+            expand(out, ldo, rows + r0, block_rows(&c, starts), h + r0 * ldh + j * R, ldh, b,
+                   slots[c.s] * R * N, half, R, c0, c1, scratch);
         }
         free(scratch);
     }

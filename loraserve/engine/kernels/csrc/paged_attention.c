@@ -51,9 +51,10 @@ static inline __attribute__((always_inline)) float kv_get(const void *p, int64_t
     return half ? (float)((const kv_half *)p)[i] : ((const float *)p)[i];
 }
 
-/* The cache lines of n elements at p, into the caches ahead of use. */
+/* The cache lines of n elements at p, into L2 ahead of use (prefetcht1): fetched into L1 instead, the rows of
+ * blocks ahead took L1's line-fill buffers and lines from the rows in use (a third slower from memory). */
 static inline __attribute__((always_inline)) void kv_prefetch(const void *p, int64_t n, const int half) {
-    for (int64_t c = 0; c < n * (half ? 2 : 4); c += 64) __builtin_prefetch((const char *)p + c);
+    for (int64_t c = 0; c < n * (half ? 2 : 4); c += 64) __builtin_prefetch((const char *)p + c, 0, 2);
 }
 
 #if defined(__AVX512F__)
@@ -275,10 +276,11 @@ static inline __attribute__((always_inline)) void attend_wide(const float *q, co
  * Scores come a tile of positions at a time (qk_tile: 16 with AVX-512, 8 with AVX2): one horizontal
  * sum per score had made the QK phase a large part of the kernel with K in cache. From memory (the
  * engine's case) the tiles gain less: reading K/V is then what bounds the kernel.
- * Blocks lie anywhere in the cache, so the hardware prefetcher starts cold at each one: the next block's
- * rows are prefetched one block ahead, which matters with cold caches, as in the engine where the
- * weights stream through between layers (further ahead gained nothing). The timings of all three:
- * BENCHMARKS.md, "Decode attention" and "Attention scores 16 positions at a time". */
+ * Blocks lie anywhere in the cache, so the hardware prefetcher starts cold at each one: the rows of the block
+ * PF_BLOCKS ahead are prefetched into L2, which matters with cold caches, as in the engine where the weights
+ * stream through between layers. The timings: BENCHMARKS.md, "Decode attention", "Attention scores 16
+ * positions at a time" and "Attention's prefetch into L2". */
+#define PF_BLOCKS 2
 static inline __attribute__((always_inline)) void attend_kv(const float *q, const void *kc, const void *vc,
         const int64_t *tb, int64_t L, int64_t lo, int64_t kvh, int64_t Hkv, const int64_t G, const int64_t D,
         int64_t bs, float scale, float softcap, float *out, float *s, const int half) {
@@ -288,7 +290,7 @@ static inline __attribute__((always_inline)) void attend_kv(const float *q, cons
     for (int64_t j0 = jb, blk = b0; j0 < L; j0 += bs, blk++) {
         const int64_t n = L - j0 < bs ? L - j0 : bs;
         const void *kb = kv_at(kc, (tb[blk] * bs * Hkv + kvh) * D, half);
-        const void *kn = j0 + bs < L ? kv_at(kc, (tb[blk + 1] * bs * Hkv + kvh) * D, half) : kb; /* the next block */
+        const void *kn = j0 + PF_BLOCKS * bs < L ? kv_at(kc, (tb[blk + PF_BLOCKS] * bs * Hkv + kvh) * D, half) : kb;
         float *sb = s + j0 - jb;
 #ifdef SW
         if (bs % SW == 0 && D % SW == 0) {
@@ -336,7 +338,7 @@ static inline __attribute__((always_inline)) void attend_kv(const float *q, cons
     for (int64_t j0 = jb, blk = b0; j0 < L; j0 += bs, blk++) {
         const int64_t n = L - j0 < bs ? L - j0 : bs;
         const void *vb = kv_at(vc, (tb[blk] * bs * Hkv + kvh) * D, half);
-        const void *vn = j0 + bs < L ? kv_at(vc, (tb[blk + 1] * bs * Hkv + kvh) * D, half) : vb;
+        const void *vn = j0 + PF_BLOCKS * bs < L ? kv_at(vc, (tb[blk + PF_BLOCKS] * bs * Hkv + kvh) * D, half) : vb;
         const float *pb = s + j0 - jb;
         for (int64_t j = j0 < lo ? lo - j0 : 0; j < n; j++) {
             const void *vr = kv_at(vb, j * Hkv * D, half);
