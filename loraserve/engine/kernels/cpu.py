@@ -233,7 +233,7 @@ class LinearKernel:
 
 class LayerGlue:
     """A decoder layer's element-wise work in few calls: residual add + RMSNorm, RoPE + KV cache write,
-    silu(gate) * up and gelu_tanh(gate) * up."""
+    silu(gate) * up and gelu_tanh(gate) * up; and a greedy step's argmax over the logits."""
 
     def __init__(self, lib: ctypes.CDLL) -> None:
         p, i, f = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
@@ -247,6 +247,19 @@ class LayerGlue:
             fn.argtypes = [p, i, i, i, p, i, ctypes.c_int]
             fn.restype = None
         self._silu_mul, self._gelu_tanh_mul = lib.silu_mul, lib.gelu_tanh_mul
+        self._argmax = lib.row_argmax
+        self._argmax.argtypes = [p, i, i, i, p, ctypes.c_int]
+        self._argmax.restype = None
+
+    def argmax(self, x: torch.Tensor) -> torch.Tensor:
+        """Each row's index of its largest value (the first of equal ones; a NaN counts as the largest), as
+        torch.argmax(x, dim=-1): x [T, V], V >= 1 -> int64 [T]."""
+        if not _cpu_float32(x) or x.dim() != 2 or x.stride(1) != 1 or x.shape[1] == 0:
+            raise ValueError("row_argmax takes a float32 CPU [T, V] tensor, V >= 1, with contiguous rows")
+        out = torch.empty(x.shape[0], dtype=torch.int64)
+        self._argmax(x.data_ptr(), x.stride(0), x.shape[0], x.shape[1], out.data_ptr(),
+                     torch.get_num_threads())
+        return out
 
     def add_rms_norm(self, h: torch.Tensor, delta: torch.Tensor | None, w: torch.Tensor,
                      eps: float) -> torch.Tensor:

@@ -117,6 +117,9 @@ class LoraPool:
             self.b.append(torch.empty(cfg.num_layers, capacity + 1, *b_shape, dtype=dtype, device=device))
             self.a[-1][:, capacity].zero_()
             self.b[-1][:, capacity].zero_()
+        # Per group and layer, its (a, b) slots: views made once, not two indexing operators a call.
+        self.layers: list[list[tuple[torch.Tensor, torch.Tensor]]] = [
+            list(zip(a.unbind(0), b.unbind(0), strict=True)) for a, b in zip(self.a, self.b, strict=True)]
 
     @staticmethod
     def slot_bytes(cfg: ModelConfig, rank: int, itemsize: int, backend: LoraBackend) -> int:

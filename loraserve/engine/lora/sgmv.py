@@ -52,8 +52,8 @@ class SgmvPart:
 
     def apply(self, layer: int, group: LoraGroup, x: torch.Tensor, out: torch.Tensor) -> None:
         pool = self.pool
-        self.kernel(x, out, pool.a[group][layer], pool.b[group][layer], pool.rank, pool.cols[group],
-                    self.plan, self.nseg, self.max_row, self.h)
+        a, b = pool.layers[group][layer]
+        self.kernel(x, out, a, b, pool.rank, pool.cols[group], self.plan, self.nseg, self.max_row, self.h)
 
     @classmethod
     def build(cls, pool: LoraPool, kernel: LoraSgmvKernel, items: list[tuple[int, int]]) -> SgmvPart:

@@ -121,7 +121,7 @@ class Decoder:
         rope = glue.rope(self.cos, self.sin, batch.positions)
         local_rope = rope if self.local_rope is None else glue.rope(*self.local_rope, batch.positions)
         delta: torch.Tensor | None = None  # the previous layer's MLP output, added into h by the next norm
-        for i, lw in enumerate(self.layers):
+        for i, (lw, (k_cache, v_cache)) in enumerate(zip(self.layers, kv.layers, strict=True)):
             h, x = glue.add_rms_norm(h, delta, lw.attn_norm, eps)
             qkv = lw.qkv(x)  # [T, Q + 2KV]
             if lw.qkv_bias is not None:
@@ -132,8 +132,8 @@ class Decoder:
                 self._qk_norm(qkv, lw.q_norm, lw.k_norm)
             q = glue.rope_store(qkv, cfg.num_heads, cfg.num_kv_heads,
                                 local_rope if lw.attention.window is not None else rope,
-                                batch.slot_mapping, kv.k[i], kv.v[i])  # [T, Hq, D]
-            attn = self.ops.attention(q, kv.k[i], kv.v[i], batch.attention, lw.attention)  # [T, Q]
+                                batch.slot_mapping, k_cache, v_cache)  # [T, Hq, D]
+            attn = self.ops.attention(q, k_cache, v_cache, batch.attention, lw.attention)  # [T, Q]
             o = lw.o(attn)
             if lora is not None:
                 lora.apply(i, LoraGroup.OUT, attn, o)

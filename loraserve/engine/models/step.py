@@ -46,3 +46,4 @@ class KVCache:
         shape = (cfg.num_layers, num_slots + 1, cfg.num_kv_heads, cfg.head_dim)
         self.k = zeros(shape, dtype)
         self.v = zeros(shape, dtype)
+        self.layers = list(zip(self.k.unbind(0), self.v.unbind(0), strict=True))  # per layer (k, v) views

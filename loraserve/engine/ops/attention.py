@@ -161,9 +161,11 @@ class PagedAttention:
         lens = step.positions + 1  # causal within a prefill chunk
         tables = block_tables([s.seq for s in step.order], int(lens.max()),
                               step.block_size)  # a row a sequence
-        per_row = torch.repeat_interleave(torch.arange(len(step.order)),
-                                          torch.tensor([s.num_new for s in step.order]))
-        return PagedRows(tables[per_row].to(step.device), lens.to(step.device), step.block_size)
+        if len(step.order) != lens.shape[0]:  # a prefill chunk's rows: its table for each
+            per_row = torch.repeat_interleave(torch.arange(len(step.order)),
+                                              torch.tensor([s.num_new for s in step.order]))
+            tables = tables[per_row]
+        return PagedRows(tables.to(step.device), lens.to(step.device), step.block_size)
 
     def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: AttentionPlan,
                  layer: LayerAttention) -> torch.Tensor:

@@ -51,6 +51,10 @@ class Glue(Protocol):
         """act(gate) * up from gu = [gate | up]: [T, 2I] -> [T, I]."""
         ...
 
+    def argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        """Greedy tokens: each row's index of its largest logit, as torch.argmax(dim=-1): [S, V] -> [S]."""
+        ...
+
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     # x: [T, heads, D]; cos/sin: [T, 1, D], HF's rotate_half layout
@@ -85,6 +89,9 @@ class TorchGlue:
             return F.gelu(gate, approximate="tanh") * up
         return F.silu(gate) * up
 
+    def argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.argmax(dim=-1)
+
 
 class KernelGlue(TorchGlue):
     """Each step in one C call (kernels/csrc/layer_glue.c)."""
@@ -110,3 +117,6 @@ class KernelGlue(TorchGlue):
                 return self.kernel.silu_mul(gu)
             case Activation.GELU_TANH:
                 return self.kernel.gelu_tanh_mul(gu)
+
+    def argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        return self.kernel.argmax(logits if logits.stride(-1) == 1 else logits.contiguous())

@@ -13,7 +13,7 @@ from loraserve.engine.lora.cache import AdapterCache
 from loraserve.engine.lora.pool import LoraPool
 from loraserve.engine.models.decoder import Decoder
 from loraserve.engine.models.step import BatchMeta, KVCache
-from loraserve.engine.ops.attention import StepLayout, decode_gather, flat_slots
+from loraserve.engine.ops.attention import StepLayout, decode_gather
 from loraserve.engine.runner.decode_graphs import DecodeGraphs, DecodeInputs
 from loraserve.engine.runner.logprobs import LogitsRows, score, score_prompts
 from loraserve.engine.runner.sampling import apply_penalties, sample
@@ -61,23 +61,26 @@ class ModelRunner:
         order = decodes + [s for s in scheduled if s.num_new != 1]
         bs = self.block_size
         ids: list[int] = []
-        positions: list[torch.Tensor] = []
-        slots: list[torch.Tensor] = []
+        positions: list[int] = []
+        slots: list[int] = []
         row_slots: list[tuple[LoraPool, int] | None] = []
+        # Python ints, one tensor each at the end: a few torch operators a sequence here cost ~1 ms a step
+        # at batch 32 (BENCHMARKS.md, "A step's inputs in Python ints").
         for s in order:
             seq, start = s.seq, s.seq.num_computed
             end = start + s.num_new
+            table = seq.block_table
             ids.extend(seq.token_ids[start:end])
-            positions.append(torch.arange(start, end))
-            slots.append(flat_slots(seq, start, end, bs))
+            positions.extend(range(start, end))
+            slots.extend([table[p // bs] * bs + p % bs for p in range(start, end)])
             row_slots.extend([lora.get(seq.seq_id)] * s.num_new)
-        row_positions = torch.cat(positions)
+        row_positions = torch.tensor(positions, dtype=torch.long)
         rows = LogitsRows.plan(order)
         layout = StepLayout(order, len(decodes), row_positions, bs, self.kv.scratch_slot, self.device)
         meta = BatchMeta(
             input_ids=torch.tensor(ids, dtype=torch.long, device=self.device),
             positions=row_positions.to(self.device),
-            slot_mapping=torch.cat(slots).to(self.device),
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
             num_decode=len(decodes),
             attention=self.model.ops.attention.plan(layout),
             logits_indices=torch.tensor(rows.indices, dtype=torch.long, device=self.device),
@@ -149,7 +152,7 @@ class ModelRunner:
             logits = apply_penalties(logits, params, [s.prompt_ids for s in seqs],
                                      [s.output_ids for s in seqs])
         generators = [self._generator(seq) for seq in seqs]
-        tokens = sample(logits, params, generators)
+        tokens = sample(logits, params, generators, self.model.ops.glue.argmax)
         result.tokens = {seq.seq_id: tok for seq, tok in zip(seqs, tokens, strict=True)}
         if raw is not None:
             scored = score(raw, [tokens[i] for i in wanted], [params[i].logprobs or 0 for i in wanted])

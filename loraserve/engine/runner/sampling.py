@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -68,13 +68,18 @@ def _full_nucleus(row: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.empty_like(row).scatter_(-1, order, sorted_logits.masked_fill(cut, float("-inf")))
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams],
-           generators: Sequence[torch.Generator | None]) -> list[int]:
+def torch_argmax(logits: torch.Tensor) -> torch.Tensor:
+    return logits.argmax(dim=-1)
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: Sequence[torch.Generator | None],
+           argmax: Callable[[torch.Tensor], torch.Tensor] = torch_argmax) -> list[int]:
     """One token per row. Seeded rows draw from their own generator, so a seed reproduces its output
-    whatever else shares the batch; unseeded rows share the engine's default generator."""
+    whatever else shares the batch; unseeded rows share the engine's default generator. Greedy rows take
+    `argmax(logits)` (the engine's: `Glue.argmax`, a C kernel on the CPU)."""
     greedy = [p.greedy for p in params]
     if all(greedy):
-        return logits.argmax(dim=-1).tolist()
+        return argmax(logits).tolist()
     dev = logits.device
     temps = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=dev)
     top_k = torch.tensor([p.top_k for p in params], device=dev)
@@ -91,4 +96,4 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
     drawn = torch.searchsorted(cdf, target).squeeze(1).clamp(max=probs.shape[-1] - 1)
     if not any(greedy):
         return drawn.tolist()  # no greedy row: no argmax over the vocabulary (BENCHMARKS.md)
-    return torch.where(torch.tensor(greedy, device=dev), logits.argmax(dim=-1), drawn).tolist()
+    return torch.where(torch.tensor(greedy, device=dev), argmax(logits), drawn).tolist()

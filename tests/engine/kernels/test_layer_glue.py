@@ -142,3 +142,41 @@ def test_layer_glue_refuses_what_it_cannot_read(glue: LayerGlue) -> None:
         with pytest.raises(IndexError, match="outside"):
             glue.rope_store(qkv, 1, 1, cos, cos, torch.tensor(pos), torch.tensor(slot), kc, kc)
     assert not kc.any()  # nothing was written, not even the valid rows
+
+
+@pytest.mark.parametrize("rows, vocab", [(1, 1), (1, 63), (3, 64), (5, 200), (32, 4099)])
+def test_argmax_is_torch_s(glue: LayerGlue, rows: int, vocab: int) -> None:
+    torch.manual_seed(rows * vocab)
+    x = torch.randn(rows, vocab)
+    assert torch.equal(glue.argmax(x), x.argmax(dim=-1))
+    # ties go to the first index, wherever they lie against the kernel's 64-element chunks
+    x = torch.zeros(rows, vocab)
+    for r in range(rows):
+        x[r, (r * 37) % vocab:] = 1.0
+    assert torch.equal(glue.argmax(x), x.argmax(dim=-1))
+    # every row at the row-parallel size: threads share the rows
+    big = torch.randn(4, 40000)
+    assert torch.equal(glue.argmax(big), big.argmax(dim=-1))
+
+
+def test_argmax_of_nan_and_infinite_rows_is_torch_s(glue: LayerGlue) -> None:
+    x = torch.randn(5, 130)
+    x[0, 70] = float("nan")
+    x[0, 100] = float("nan")  # the first NaN counts
+    x[1] = float("-inf")  # all -inf: index 0
+    x[2, 3] = float("inf")
+    x[2, 129] = float("inf")
+    x[3, :] = float("nan")
+    x[4, 129] = float("nan")  # the last element, past the last whole chunk
+    assert torch.equal(glue.argmax(x), x.argmax(dim=-1))
+
+
+def test_argmax_reads_strided_rows_and_refuses_what_it_cannot(glue: LayerGlue) -> None:
+    wide = torch.randn(6, 300)
+    rows = wide[:, 10:210]  # rows 300 apart
+    assert torch.equal(glue.argmax(rows), rows.argmax(dim=-1))
+    assert glue.argmax(torch.empty(0, 5)).shape == (0,)
+    for bad in (torch.randn(2, 0), torch.randn(3, 4).double(), torch.randn(4, 3).t(), torch.randn(5)):
+        with pytest.raises(ValueError):
+            glue.argmax(bad)
+    assert torch.equal(KernelGlue(glue).argmax(wide.t()), wide.t().argmax(dim=-1))  # made contiguous

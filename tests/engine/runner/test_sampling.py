@@ -211,3 +211,15 @@ def test_sampling_stays_inside_the_mask_on_a_large_vocabulary() -> None:
     params = [SamplingParams(temperature=1.0, top_p=0.3)] * n
     toks = sample(row.unsqueeze(0).repeat(n, 1), params, [torch.Generator().manual_seed(9)] * n)
     assert set(toks) <= allowed and len(set(toks)) > 50
+
+
+def test_greedy_rows_take_the_engine_s_argmax() -> None:
+    """The engine hands sample() its backend's argmax (a C kernel on the CPU): greedy rows, alone or beside
+    sampled ones, take what it returns."""
+    logits = torch.randn(3, 10)
+    picked = torch.tensor([7, 8, 9])
+    greedy, hot = SamplingParams(temperature=0), SamplingParams(temperature=1.0)
+    assert sample(logits, [greedy] * 3, [None] * 3, lambda _: picked) == [7, 8, 9]
+    toks = sample(logits, [greedy, hot, greedy], [None, torch.Generator().manual_seed(1), None],
+                  lambda _: picked)
+    assert toks[0] == 7 and toks[2] == 9 and 0 <= toks[1] < 10

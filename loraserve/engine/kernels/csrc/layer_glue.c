@@ -120,3 +120,38 @@ void gelu_tanh_mul(const float *gu, int64_t ldg, int64_t T, int64_t I, float *ac
         }
     }
 }
+
+#define PAR_ARGMAX 65536 /* elements from which rows are shared by the threads */
+
+/* The first i < V with r[i] == m, or with r[i] a NaN when `nan`: 64 elements tested at a time. */
+static int64_t first_of(const float *r, int64_t V, float m, int nan) {
+    int64_t i = 0;
+    for (; i + 64 <= V; i += 64) {
+        int hit = 0;
+#pragma omp simd reduction(| : hit)
+        for (int64_t j = i; j < i + 64; j++) hit |= nan ? r[j] != r[j] : r[j] == m;
+        if (hit) break;
+    }
+    for (; i < V; i++)
+        if (nan ? r[i] != r[i] : r[i] == m) return i;
+    return 0; /* not reached: m is one of the row's values */
+}
+
+/* out[t] = the index of row t's largest value, the first of equal ones, a NaN counting as the largest (its
+ * first), as torch.argmax: x [T, V] (V >= 1), rows ldx apart. torch's argmax over a step's logits is a
+ * scalar loop on the CPU (0.65 ms over [32, 49152]), a greedy step's last op: a vector max, then the first
+ * index holding it. */
+void row_argmax(const float *x, int64_t ldx, int64_t T, int64_t V, int64_t *out, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) if (T * V >= PAR_ARGMAX) schedule(static)
+    for (int64_t t = 0; t < T; t++) {
+        const float *r = x + t * ldx;
+        float m = r[0];
+        int nan = 0;
+#pragma omp simd reduction(max : m) reduction(| : nan)
+        for (int64_t i = 0; i < V; i++) {
+            m = r[i] > m ? r[i] : m;
+            nan |= r[i] != r[i];
+        }
+        out[t] = first_of(r, V, m, nan);
+    }
+}
