@@ -125,7 +125,7 @@ class LlamaCppRunner:
         logits: np.ndarray = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
         return logits
 
-    def _argmax(self) -> int:
+    def argmax(self) -> int:
         return int(self.last_logits().argmax())
 
     def generate(self, prompt: list[int], new_tokens: int) -> StreamTiming:
@@ -133,18 +133,18 @@ class LlamaCppRunner:
         llm.reset()
         start = time.perf_counter()
         llm.eval(prompt)
-        token = self._argmax()
+        token = self.argmax()
         first = time.perf_counter()
         for _ in range(new_tokens - 1):
             llm.eval([token])
-            token = self._argmax()
+            token = self.argmax()
         return StreamTiming(len(prompt), first - start, time.perf_counter() - first, new_tokens)
 
     def close(self) -> None:
         self.llm.close()
 
 
-def _gguf_adapters(refs: list[AdapterRef], cfg: ModelConfig, arch: str, out: Path) -> dict[str, Path]:
+def gguf_adapters(refs: list[AdapterRef], cfg: ModelConfig, arch: str, out: Path) -> dict[str, Path]:
     """A GGUF LoRA file per distinct weights file (registered adapters past the distinct ones hard-link
     theirs: llama.cpp loads each set once), keyed by adapter key."""
     out.mkdir(parents=True, exist_ok=True)
@@ -164,7 +164,7 @@ def run_llamacpp(model_path: Path, cfg: ModelConfig, requests: list[BenchRequest
     """The three workloads on `requests` (adapter workloads only if some request has an adapter)."""
     arch = check_model_file(model_path, cfg)
     used = list({r.adapter.key: r.adapter for r in requests if r.adapter is not None}.values())
-    files = _gguf_adapters(used, cfg, arch, workdir / "gguf-lora")
+    files = gguf_adapters(used, cfg, arch, workdir / "gguf-lora")
     n_ctx = max(len(r.prompt) for r in requests) + new_tokens
     results = []
     runner = LlamaCppRunner(model_path, n_ctx, threads)
