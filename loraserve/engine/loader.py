@@ -22,7 +22,7 @@ from loraserve.engine.llm_engine import LLMEngine, resolve_dtype
 from loraserve.engine.process import configure_process
 from loraserve.engine.sources import EMBEDDED, RANDOM_PREFIX, embedded_gguf_path
 from loraserve.engine.weights.hf import StateDict, expected_shapes
-from loraserve.engine.weights.quant import QuantType, Weight, q4_k_m_type, random_blocks
+from loraserve.engine.weights.quant import QuantType, Weight, k_m_type, random_blocks
 from loraserve.engine.weights.tokenizer import Tokenizer
 
 RANDOM_SHAPES = catalog.RANDOM_SHAPES
@@ -35,9 +35,10 @@ def random_tokenizer() -> Tokenizer:
     return Tokenizer.from_gguf(gguf.GGUFReader(str(embedded_gguf_path())))
 
 
-# A random model's mix of block types as llama.cpp's Q4_K_M files have them (weights/quant.py q4_k_m_type):
-# its embedding, which is also its head, Q4_K as an untied 7B's token_embd.
-Q4_K_M = "q4_k_m"
+# A random model's mixes of block types as llama.cpp's Q4_K_M and Q5_K_M files have them, by their base type
+# (weights/quant.py k_m_type): its embedding, which is also its head, in the base type as an untied 7B's
+# token_embd.
+K_MIXES = {"q4_k_m": QuantType.Q4_K, "q5_k_m": QuantType.Q5_K}
 
 
 def random_model(name: str, tokenizer: Tokenizer, seed: int = 0,
@@ -48,9 +49,9 @@ def random_model(name: str, tokenizer: Tokenizer, seed: int = 0,
     if name not in RANDOM_SHAPES:
         raise ValueError(f"unknown random model {name!r}; known: {', '.join(RANDOM_SHAPES)}")
     qtypes = {q.name.lower(): q for q in QuantType}
-    if quant and quant not in qtypes and quant != Q4_K_M:
+    if quant and quant not in qtypes and quant not in K_MIXES:
         raise ValueError(f"unknown block type {quant!r} for random:{name}; known: "
-                         f"{', '.join([*qtypes, Q4_K_M])}")
+                         f"{', '.join([*qtypes, *K_MIXES])}")
     rng = np.random.default_rng(seed)
     shape = {"rope_theta": 10000.0, "tie_word_embeddings": True, **RANDOM_SHAPES[name]}
     if "sliding_layers" in shape:  # a tuple of bools in ModelConfig; JSON-friendly in the catalog
@@ -61,8 +62,8 @@ def random_model(name: str, tokenizer: Tokenizer, seed: int = 0,
 
     def rand(tensor: str, rows: int, cols: int) -> Weight:
         # big enough that outputs vary with the input
-        if quant == Q4_K_M:
-            return random_blocks(rows, cols, q4_k_m_type(tensor, cfg.num_layers), 0.02 * 4, rng)
+        if quant in K_MIXES:
+            return random_blocks(rows, cols, k_m_type(tensor, cfg.num_layers, K_MIXES[quant]), 0.02 * 4, rng)
         if quant:
             return random_blocks(rows, cols, qtypes[quant], 0.02 * 4, rng)
         return torch.randn(rows, cols, generator=g) * 0.02 * 4

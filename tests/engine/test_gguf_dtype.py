@@ -24,10 +24,10 @@ from transformers import AutoModelForCausalLM
 from loraserve.engine.config import EngineConfig
 from loraserve.engine.kernels.qlinear import Repacked, load_qlinear
 from loraserve.engine.llm_engine import LLMEngine
-from loraserve.engine.loader import load_engine, q4_k_m_type
+from loraserve.engine.loader import load_engine
 from loraserve.engine.ops.quant_linear import QuantLinear
 from loraserve.engine.weights.gguf_file import load_gguf, release_pages
-from loraserve.engine.weights.quant import QuantStack, QuantTensor, QuantType, fuse
+from loraserve.engine.weights.quant import QuantStack, QuantTensor, QuantType, fuse, k_m_type
 from loraserve.types import AdapterRef, SamplingParams
 
 from engine_helpers import hf_logits, make_adapter, peft_reference, reference_logits
@@ -172,18 +172,18 @@ def test_random_quantized_models_for_benchmarks(qtype: QuantType) -> None:
     _assert_close(_prompt_logits(engine, prompt), _prompt_logits(dequantized, prompt))
 
 
-def test_random_q4_k_m_mixes_types_as_llama_cpp_does() -> None:
-    """random:NAME:q4_k_m: Q4_K throughout, v and down in Q6_K in llama.cpp's "more bits" layers (the first
-    and last eighth, every third between: 16 of a 7B's 32)."""
+@pytest.mark.parametrize("mix, base", [("q4_k_m", QuantType.Q4_K), ("q5_k_m", QuantType.Q5_K)])
+def test_random_k_m_mixes_types_as_llama_cpp_does(mix: str, base: QuantType) -> None:
+    """random:NAME:q4_k_m (q5_k_m): Q4_K (Q5_K) throughout, v and down in Q6_K in llama.cpp's "more bits"
+    layers (the first and last eighth, every third between: 16 of a 7B's 32)."""
     v = "model.layers.{}.self_attn.v_proj.weight"
-    more = [i for i in range(32) if q4_k_m_type(v.format(i), 32) is QuantType.Q6_K]
+    more = [i for i in range(32) if k_m_type(v.format(i), 32, base) is QuantType.Q6_K]
     assert more == [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31]
-    assert q4_k_m_type("model.layers.0.self_attn.q_proj.weight", 32) is QuantType.Q4_K
-    assert q4_k_m_type("model.embed_tokens.weight", 32) is QuantType.Q4_K
-    engine, _ = load_engine("random:small:q4_k_m", EngineConfig(dtype="gguf", threads=1, block_size=4))
+    assert k_m_type("model.layers.0.self_attn.q_proj.weight", 32, base) is base
+    assert k_m_type("model.embed_tokens.weight", 32, base) is base
+    engine, _ = load_engine(f"random:small:{mix}", EngineConfig(dtype="gguf", threads=1, block_size=4))
     layer = engine.model.layers[-1]  # of 4: the last eighth
-    assert isinstance(layer.qkv, QuantLinear) and layer.qkv.qtypes == (QuantType.Q4_K, QuantType.Q4_K,
-                                                                        QuantType.Q6_K)
+    assert isinstance(layer.qkv, QuantLinear) and layer.qkv.qtypes == (base, base, QuantType.Q6_K)
     assert all(isinstance(p, Repacked) for p in layer.qkv.layout)  # every K-quant repacked at load
 
 

@@ -63,11 +63,6 @@ def k_m_type(tensor: str, num_layers: int, base: QuantType) -> QuantType:
     return QuantType.Q6_K if use_more_bits(layer, num_layers) else base
 
 
-def q4_k_m_type(tensor: str, num_layers: int) -> QuantType:
-    """llama.cpp's Q4_K_M mix (`k_m_type` on Q4_K)."""
-    return k_m_type(tensor, num_layers, QuantType.Q4_K)
-
-
 def q4_k_s_type(tensor: str, num_layers: int) -> QuantType:
     """A projection's or the embedding's block type in llama.cpp's Q4_K_S (llama-quant.cpp): Q4_K but for
     v of the first 4 layers (i_attention_wv < 4) and down of the first eighth (i_layer < n_layer / 8), in

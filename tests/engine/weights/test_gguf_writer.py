@@ -189,8 +189,9 @@ def test_random_model_written_as_served(tmp_path: Path) -> None:
 
 @needs_kernel
 def test_random_k_quant_mix_written_as_served(tmp_path: Path) -> None:
-    """A Q4_K_M-like random model (Q4_K and Q6_K tensors) goes to a file and back as the same model, and
-    an all-Q4_K one is named as llama.cpp names such files (Q4_K_S)."""
+    """A Q4_K_M-like random model (Q4_K and Q6_K tensors) goes to a file and back as the same model, a
+    Q5_K_M-like one has Q5_K where it has Q4_K, and an all-Q4_K one is named as llama.cpp names such files
+    (Q4_K_S)."""
     out = tmp_path / "mix.gguf"
     convert("random:small:q4_k_m", out, None)
     types = {t.name: t.tensor_type for t in gguf.GGUFReader(out).tensors}
@@ -201,6 +202,11 @@ def test_random_k_quant_mix_written_as_served(tmp_path: Path) -> None:
     assert torch.equal(prompt_logits(from_file, PROMPT), prompt_logits(in_memory, PROMPT))
     field = gguf.GGUFReader(out).fields["general.file_type"]
     assert int(field.parts[-1][0]) == int(gguf.LlamaFileType.MOSTLY_Q4_K_M)
+    convert("random:small:q5_k_m", tmp_path / "q5.gguf", None)  # Q5_K_M: the same layers' v and down in Q6_K
+    types5 = {t.name: t.tensor_type for t in gguf.GGUFReader(tmp_path / "q5.gguf").tensors}
+    assert {k: Q.Q5_K if v == Q.Q4_K else v for k, v in types.items()} == types5
+    field = gguf.GGUFReader(tmp_path / "q5.gguf").fields["general.file_type"]
+    assert int(field.parts[-1][0]) == int(gguf.LlamaFileType.MOSTLY_Q5_K_M)
     convert("random:small:q4_k", tmp_path / "q4_k.gguf", None)
     field = gguf.GGUFReader(tmp_path / "q4_k.gguf").fields["general.file_type"]
     assert int(field.parts[-1][0]) == int(gguf.LlamaFileType.MOSTLY_Q4_K_S)
