@@ -56,7 +56,8 @@ def model_file(source: str, explicit: Path | None) -> ModelFile:
         name, _, kind = source.removeprefix(RANDOM_PREFIX).partition(":")
         if not kind:
             return ModelFile(None, f"{source} has float weights, which llama.cpp would run as F32: use "
-                                   f"{source}:q4_0 (or q8_0, q4_1, q4_k_m, q5_k_m), or give --llamacpp-model PATH")
+                                   f"{source}:q4_0 (or q8_0, q4_1, q4_k_m, q5_k_m), or give "
+                                   f"--llamacpp-model PATH")
         # The seed is the engine's default, the one `loraserve quantize` and the bench's engine use.
         path = cache_dir() / f"{name}-{kind}-seed{EngineConfig().seed}.gguf"
         return ModelFile(path, engine_loads_it=True, write_from=source)
