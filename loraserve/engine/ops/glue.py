@@ -63,6 +63,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
+def torch_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's index of its largest logit, by torch (any device): [S, V] -> [S]."""
+    return logits.argmax(dim=-1)
+
+
 class TorchGlue:
     def add_rms_norm(self, h: torch.Tensor, delta: torch.Tensor | None, w: torch.Tensor,
                      eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,7 +95,7 @@ class TorchGlue:
         return F.silu(gate) * up
 
     def argmax(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits.argmax(dim=-1)
+        return torch_argmax(logits)
 
 
 class KernelGlue(TorchGlue):

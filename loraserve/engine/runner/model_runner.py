@@ -65,7 +65,7 @@ class ModelRunner:
         slots: list[int] = []
         row_slots: list[tuple[LoraPool, int] | None] = []
         # Python ints, one tensor each at the end: a few torch operators a sequence here cost ~1 ms a step
-        # at batch 32 (BENCHMARKS.md, "A step's inputs in Python ints").
+        # at batch 32 (BENCHMARKS.md, twenty-first session, "Smaller things of the same step").
         for s in order:
             seq, start = s.seq, s.seq.num_computed
             end = start + s.num_new

@@ -6,6 +6,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from loraserve.engine.ops.glue import torch_argmax
 from loraserve.types import SamplingParams
 
 
@@ -66,10 +67,6 @@ def _full_nucleus(row: torch.Tensor, top_p: float) -> torch.Tensor:
     cut = (probs.cumsum(-1) - probs) >= top_p
     cut[0] = False
     return torch.empty_like(row).scatter_(-1, order, sorted_logits.masked_fill(cut, float("-inf")))
-
-
-def torch_argmax(logits: torch.Tensor) -> torch.Tensor:
-    return logits.argmax(dim=-1)
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: Sequence[torch.Generator | None],

@@ -333,6 +333,7 @@ static inline __attribute__((always_inline)) void sgmv(const float *x, int64_t l
          * it reads, which is only slower) */
         const int64_t widened = KPART * TILE > R * CHUNK ? KPART * TILE : R * CHUNK; /* an A part or a B chunk */
         float *scratch = half ? malloc(sizeof(float) * (size_t)widened) : 0;
+        const int64_t el = half ? 2 : 4; /* bytes a weight */
         cursor_t c;
         for (int64_t i = 0, m = share(starts, nseg, tiles * S, 0, K, S, cols, me, nt, &c); i < m;
              i++, advance(&c, starts, tiles * S)) { /* (segment, row block, tile, part of K): a tile's parts in order */
@@ -341,7 +342,7 @@ static inline __attribute__((always_inline)) void sgmv(const float *x, int64_t l
                 cursor_t n = c;
                 advance(&n, starts, tiles * S);
                 const int64_t nc0 = n.rest / S * TILE, nk0 = n.rest % S * KPART, w = nR - nc0 < TILE ? nR - nc0 : TILE;
-                const int64_t nk1 = nk0 + KPART < K ? nk0 + KPART : K, el = half ? 2 : 4;
+                const int64_t nk1 = nk0 + KPART < K ? nk0 + KPART : K;
                 if (n.block == 0)
                     prefetch_l2((const char *)a + (slots[n.s] * K * nR + K * nc0 + nk0 * w) * el, (nk1 - nk0) * w * el);
             }
@@ -369,7 +370,6 @@ static inline __attribute__((always_inline)) void sgmv(const float *x, int64_t l
                 advance(&n, starts, chunks);
                 int64_t nj, n0, n1;
                 chunk_cols(cols, n.rest, &nj, &n0, &n1);
-                const int64_t el = half ? 2 : 4;
                 if (n.block == 0) prefetch_l2((const char *)b + (slots[n.s] * R * N + R * n0) * el, R * (n1 - n0) * el);
             }
             expand(out, ldo, rows + r0, block_rows(&c, starts), h + r0 * ldh + j * R, ldh, b,

@@ -279,7 +279,7 @@ static inline __attribute__((always_inline)) void attend_wide(const float *q, co
  * Blocks lie anywhere in the cache, so the hardware prefetcher starts cold at each one: the rows of the block
  * PF_BLOCKS ahead are prefetched into L2, which matters with cold caches, as in the engine where the weights
  * stream through between layers. The timings: BENCHMARKS.md, "Decode attention", "Attention scores 16
- * positions at a time" and "Attention's prefetch into L2". */
+ * positions at a time" and "Decode attention: the rows two blocks ahead prefetched into L2". */
 #define PF_BLOCKS 2
 static inline __attribute__((always_inline)) void attend_kv(const float *q, const void *kc, const void *vc,
         const int64_t *tb, int64_t L, int64_t lo, int64_t kvh, int64_t Hkv, const int64_t G, const int64_t D,
