@@ -322,9 +322,23 @@ static inline __m256i bcast4(const int8_t *a) {
     return _mm256_set1_epi32(v);
 }
 
+/* s + p, as an instruction the compiler cannot reassociate: with the plain intrinsic, gcc sums a block's
+ * products as a tree, computes all the rows' products first and spills most of them to the stack (a
+ * third slower at 32 rows, BENCHMARKS.md, twenty-second session). */
+static inline __m256i add16(__m256i s, __m256i p) {
+    __asm__("vpaddw %1, %0, %0" : "+x"(s) : "x"(p));
+    return s;
+}
+
+static inline __m256i add32(__m256i s, __m256i p) {
+    __asm__("vpaddd %1, %0, %0" : "+x"(s) : "x"(p));
+    return s;
+}
+
 /* R rows of x (1..MR) against one group: y[r * ldy + i] for the group's first `valid` rows i. Every lane is
  * one output: per block, its integer dot, then d_w (d_a dot - 8 s_a) (Q4_0), d_w d_a dot + m s_a (Q4_1)
- * or d_w d_a dot (Q8_0), added in block order. */
+ * or d_w d_a dot (Q8_0), added in block order. A chunk of the block is decoded, then meets every row of x:
+ * the rows' sums and accumulators stay in AVX2's 16 registers, where the whole block decoded would not. */
 static inline __attribute__((always_inline)) void x8_tile(const int type, const int R, const uint8_t *grp,
                                                           int64_t nb, xrows a, float *y, int64_t ldy, int valid,
                                                           const uint8_t *next) {
@@ -332,7 +346,7 @@ static inline __attribute__((always_inline)) void x8_tile(const int type, const 
     const int sb = x8_scale_bytes(type);
     (void)next; /* measured on the AVX-512 build's tiles only */
     const __m256i low = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
-    __m256 acc[MR];
+    __m256 acc[X8_MR];
     UNROLL for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++, grp += gb) {
         const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)grp));
@@ -340,36 +354,33 @@ static inline __attribute__((always_inline)) void x8_tile(const int type, const 
                                        : _mm256_setzero_ps();
         const uint8_t *wq = grp + sb;
         if (type == Q8_0) {
-            __m256i w[8], u[8];
+            __m256i s[X8_MR];
             for (int j = 0; j < 8; j++) {
-                w[j] = _mm256_loadu_si256((const __m256i *)(wq + 32 * j));
-                u[j] = _mm256_abs_epi8(w[j]);
+                const __m256i w = _mm256_loadu_si256((const __m256i *)(wq + 32 * j)), u = _mm256_abs_epi8(w);
+                UNROLL for (int r = 0; r < R; r++) {
+                    const __m256i p = _mm256_madd_epi16(
+                        _mm256_maddubs_epi16(u, _mm256_sign_epi8(bcast4(a.q + (r * nb + b) * QK + 4 * j), w)), ones);
+                    s[r] = j ? add32(s[r], p) : p;
+                }
             }
             UNROLL for (int r = 0; r < R; r++) {
-                const int8_t *q = a.q + (r * nb + b) * QK;
-                __m256i s = _mm256_setzero_si256();
-                for (int j = 0; j < 8; j++)
-                    s = _mm256_add_epi32(s, _mm256_madd_epi16(
-                        _mm256_maddubs_epi16(u[j], _mm256_sign_epi8(bcast4(q + 4 * j), w[j])), ones));
                 const __m256 d = _mm256_mul_ps(dw, _mm256_broadcast_ss(a.d + r * nb + b));
-                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), d, acc[r]);
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[r]), d, acc[r]);
             }
         } else {
-            __m256i lo[4], hi[4];
+            __m256i s[X8_MR];
             for (int j = 0; j < 4; j++) {
                 const __m256i v = _mm256_loadu_si256((const __m256i *)(wq + 32 * j));
-                lo[j] = _mm256_and_si256(v, low);
-                hi[j] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+                const __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+                UNROLL for (int r = 0; r < R; r++) {
+                    const int8_t *q = a.q + (r * nb + b) * QK;
+                    const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, bcast4(q + 4 * j)),
+                                                       _mm256_maddubs_epi16(hi, bcast4(q + 16 + 4 * j)));
+                    s[r] = j ? add16(s[r], p) : p;
+                }
             }
             UNROLL for (int r = 0; r < R; r++) {
-                const int8_t *q = a.q + (r * nb + b) * QK;
-                __m256i s = _mm256_maddubs_epi16(lo[0], bcast4(q));
-                s = _mm256_add_epi16(s, _mm256_maddubs_epi16(hi[0], bcast4(q + 16)));
-                for (int j = 1; j < 4; j++) {
-                    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(lo[j], bcast4(q + 4 * j)));
-                    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(hi[j], bcast4(q + 16 + 4 * j)));
-                }
-                const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(s, ones));
+                const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(s[r], ones));
                 const __m256 d = _mm256_broadcast_ss(a.d + r * nb + b);
                 if (type == Q4_0)
                     acc[r] = _mm256_fmadd_ps(dw, _mm256_fmsub_ps(d, dot, _mm256_broadcast_ss(a.s8 + r * nb + b)),
