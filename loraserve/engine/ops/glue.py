@@ -15,7 +15,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from loraserve.engine.kernels.cpu import LayerGlue
+from loraserve.engine.kernels.layer_glue import LayerGlue
 
 
 class Activation(enum.Enum):

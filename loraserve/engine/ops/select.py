@@ -21,6 +21,7 @@ import torch
 
 from loraserve.engine.config import ModelConfig
 from loraserve.engine.kernels import cpu, huge_pages
+from loraserve.engine.kernels.layer_glue import load_layer_glue
 from loraserve.engine.kernels.qlinear import load_qlinear
 from loraserve.engine.lora.gemm import GemmLora
 from loraserve.engine.lora.pool import LoraBackend
@@ -58,7 +59,7 @@ def select_ops(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, nativ
     kernels = native_kernels and dtype == torch.float32  # the C kernels are float32 only
     linear = cpu.load_linear() if kernels else None
     attention = cpu.load_paged_attention() if kernels else None
-    glue = cpu.load_layer_glue() if kernels else None
+    glue = load_layer_glue() if kernels else None
     sgmv = cpu.load_lora_sgmv() if kernels else None
     qlinear = load_qlinear() if kernels else None
     # What MKL's dual layouts would add: the [in, out] copies of gate/up and lm_head.

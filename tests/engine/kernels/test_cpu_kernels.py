@@ -21,11 +21,11 @@ from loraserve.engine.kernels import huge_pages
 from loraserve.engine.kernels.cpu import (
     PagedAttention,
     build,
-    load_layer_glue,
     load_linear,
     load_lora_sgmv,
     load_paged_attention,
 )
+from loraserve.engine.kernels.layer_glue import load_layer_glue
 from loraserve.engine.kernels.qlinear import load_qlinear
 from loraserve.engine.lora.gemm import GemmLora
 from loraserve.engine.lora.sgmv import SgmvLora

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from loraserve.engine.kernels import cpu as cpu_kernels
-from loraserve.engine.kernels.cpu import LayerGlue, load_layer_glue
+from loraserve.engine.kernels.layer_glue import LayerGlue, load_layer_glue
 from loraserve.engine.ops.glue import Activation, KernelGlue, TorchGlue, apply_rope
 
 import kernel_builds

@@ -52,6 +52,9 @@ int lora_sgmv_kpart(void) { return KPART; } /* h's row holds ceil(K / KPART) * n
 
 static int64_t kparts(int64_t K) { return (K + KPART - 1) / KPART; }
 
+/* The end of the part of K that starts at k0. */
+static inline int64_t part_end(int64_t k0, int64_t K) { return k0 + KPART < K ? k0 + KPART : K; }
+
 /* IEEE half -> float, without F16C (normal, subnormal, zero, inf and NaN). */
 static inline float half_to_float(uint16_t h) {
     const uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff;
@@ -128,13 +131,21 @@ static inline __attribute__((always_inline)) void shrink_block(const float *x, i
             h[r * ldh + c0 + t] = (acc[r][0][t] + acc[r][1][t]) + (acc[r][2][t] + acc[r][3][t]);
 }
 
+/* The packed A's tile at column c0 is [K, w] (w = tile_width: TILE, or what is left of the nR columns), its
+ * rows k0.. from a_part_at on: where shrink reads a task's part, and the task before it prefetches. */
+static inline int64_t tile_width(int64_t nR, int64_t c0) { return nR - c0 < TILE ? nR - c0 : TILE; }
+
+static inline int64_t a_part_at(int64_t a0, int64_t K, int64_t nR, int64_t c0, int64_t k0) {
+    return a0 + K * c0 + k0 * tile_width(nR, c0);
+}
+
 /* The shrink of A's tile at column c0, its rows k0..k1, for the m rows of one segment (h: their partial
  * sums for this part, rows ldh apart), the tile's weights starting `at` elements into a. */
 static inline __attribute__((always_inline)) void shrink_rows(const float *x, int64_t ldx, const int64_t *rows,
                                                                int64_t m, const void *a, int64_t at, const int half,
                                                                int64_t k0, int64_t k1, int64_t nR, int64_t ldh,
                                                                int64_t c0, float *h) {
-    const int w = nR - c0 < TILE ? (int)(nR - c0) : TILE;
+    const int w = (int)tile_width(nR, c0);
     int64_t i = 0;
     if (w == TILE) { /* constant widths: the compiler unrolls the tile into registers */
         for (; i + MB <= m; i += MB)
@@ -151,10 +162,10 @@ static inline __attribute__((always_inline)) void shrink(const float *x, int64_t
                                                           const void *a, int64_t a0, const int half, int64_t K,
                                                           int64_t k0, int64_t k1, int64_t nR, int64_t ldh,
                                                           int64_t c0, float *h, float *scratch) {
-    const int64_t at = a0 + K * c0, w = nR - c0 < TILE ? nR - c0 : TILE;
+    const int64_t at = a0 + K * c0;
     if (half && scratch && m >= WIDEN_ROWS) {
-        widen((const uint16_t *)a + at + k0 * w, (k1 - k0) * w, scratch);
-        shrink_rows(x, ldx, rows, m, scratch, -k0 * w, 0, k0, k1, nR, ldh, c0, h);
+        widen((const uint16_t *)a + a_part_at(a0, K, nR, c0, k0), (k1 - k0) * tile_width(nR, c0), scratch);
+        shrink_rows(x, ldx, rows, m, scratch, -k0 * tile_width(nR, c0), 0, k0, k1, nR, ldh, c0, h);
     } else {
         shrink_rows(x, ldx, rows, m, a, at, half, k0, k1, nR, ldh, c0, h);
     }
@@ -338,16 +349,16 @@ static inline __attribute__((always_inline)) void sgmv(const float *x, int64_t l
         for (int64_t i = 0, m = share(starts, nseg, tiles * S, 0, K, S, cols, me, nt, &c); i < m;
              i++, advance(&c, starts, tiles * S)) { /* (segment, row block, tile, part of K): a tile's parts in order */
             const int64_t r0 = starts[c.s] + c.block * RB, c0 = c.rest / S * TILE, k0 = c.rest % S * KPART;
-            if (i + 1 < m) { /* the next task's part of A */
+            if (i + 1 < m) { /* the next task's part of A, when it starts a segment (later blocks share it) */
                 cursor_t n = c;
                 advance(&n, starts, tiles * S);
-                const int64_t nc0 = n.rest / S * TILE, nk0 = n.rest % S * KPART, w = nR - nc0 < TILE ? nR - nc0 : TILE;
-                const int64_t nk1 = nk0 + KPART < K ? nk0 + KPART : K;
+                const int64_t nc0 = n.rest / S * TILE, nk0 = n.rest % S * KPART;
                 if (n.block == 0)
-                    prefetch_l2((const char *)a + (slots[n.s] * K * nR + K * nc0 + nk0 * w) * el, (nk1 - nk0) * w * el);
+                    prefetch_l2((const char *)a + a_part_at(slots[n.s] * K * nR, K, nR, nc0, nk0) * el,
+                                (part_end(nk0, K) - nk0) * tile_width(nR, nc0) * el);
             }
-            shrink(x, ldx, rows + r0, block_rows(&c, starts), a, slots[c.s] * K * nR, half, K, k0,
-                   k0 + KPART < K ? k0 + KPART : K, nR, ldh, c0, h + r0 * ldh + c.rest % S * nR, scratch);
+            shrink(x, ldx, rows + r0, block_rows(&c, starts), a, slots[c.s] * K * nR, half, K, k0, part_end(k0, K),
+                   nR, ldh, c0, h + r0 * ldh + c.rest % S * nR, scratch);
         }
 #pragma omp barrier
         if (S > 1) { /* each row's partial sums into its first part's place, in order */
