@@ -323,8 +323,9 @@ static inline __m256i bcast4(const int8_t *a) {
 }
 
 /* s + p, as an instruction the compiler cannot reassociate: with the plain intrinsic, gcc sums a block's
- * products as a tree, computes all the rows' products first and spills most of them to the stack (a
- * third slower at 32 rows, BENCHMARKS.md, twenty-second session). */
+ * products as a tree, computes all the rows' products first and spills most of them to the stack (the 4-bit
+ * tiles took 1.15-1.2x the time at 4-32 rows: BENCHMARKS.md, "The AVX2 int8 tile: a chunk of a block at a
+ * time"). */
 static inline __m256i add16(__m256i s, __m256i p) {
     __asm__("vpaddw %1, %0, %0" : "+x"(s) : "x"(p));
     return s;
