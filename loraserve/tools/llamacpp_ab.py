@@ -129,12 +129,10 @@ def main(argv: list[str] | None = None) -> int:
             while seq.num_output == 0:  # the prompt, untimed on both sides
                 engine.step()
             runner.llm.reset()
-            runner.llm.eval(req.prompt)
-            token = [runner.argmax()]
+            token = [runner.next_token(req.prompt)]
 
             def theirs() -> None:
-                runner.llm.eval(token)
-                token[0] = runner.argmax()
+                token[0] = runner.next_token(token)
 
             turns = interleave(engine.step, theirs, ns.rounds, ns.block)
         finally:

@@ -125,19 +125,18 @@ class LlamaCppRunner:
         logits: np.ndarray = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
         return logits
 
-    def argmax(self) -> int:
+    def next_token(self, tokens: list[int]) -> int:
+        """Evaluate `tokens` after what is in the context; the greedy next token."""
+        self.llm.eval(tokens)
         return int(self.last_logits().argmax())
 
     def generate(self, prompt: list[int], new_tokens: int) -> StreamTiming:
-        llm = self.llm
-        llm.reset()
+        self.llm.reset()
         start = time.perf_counter()
-        llm.eval(prompt)
-        token = self.argmax()
+        token = self.next_token(prompt)
         first = time.perf_counter()
         for _ in range(new_tokens - 1):
-            llm.eval([token])
-            token = self.argmax()
+            token = self.next_token([token])
         return StreamTiming(len(prompt), first - start, time.perf_counter() - first, new_tokens)
 
     def close(self) -> None:

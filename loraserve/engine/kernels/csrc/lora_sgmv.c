@@ -162,12 +162,12 @@ static inline __attribute__((always_inline)) void shrink(const float *x, int64_t
                                                           const void *a, int64_t a0, const int half, int64_t K,
                                                           int64_t k0, int64_t k1, int64_t nR, int64_t ldh,
                                                           int64_t c0, float *h, float *scratch) {
-    const int64_t at = a0 + K * c0;
     if (half && scratch && m >= WIDEN_ROWS) {
-        widen((const uint16_t *)a + a_part_at(a0, K, nR, c0, k0), (k1 - k0) * tile_width(nR, c0), scratch);
-        shrink_rows(x, ldx, rows, m, scratch, -k0 * tile_width(nR, c0), 0, k0, k1, nR, ldh, c0, h);
+        const int64_t w = tile_width(nR, c0);
+        widen((const uint16_t *)a + a_part_at(a0, K, nR, c0, k0), (k1 - k0) * w, scratch);
+        shrink_rows(x, ldx, rows, m, scratch, -k0 * w, 0, k0, k1, nR, ldh, c0, h);
     } else {
-        shrink_rows(x, ldx, rows, m, a, at, half, k0, k1, nR, ldh, c0, h);
+        shrink_rows(x, ldx, rows, m, a, a0 + K * c0, half, k0, k1, nR, ldh, c0, h);
     }
 }
 

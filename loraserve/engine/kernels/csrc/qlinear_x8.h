@@ -336,17 +336,35 @@ static inline __m256i add32(__m256i s, __m256i p) {
     return s;
 }
 
+/* s[r] = the int16 dots of a 4-bit block (Q4_0, Q4_1, a Q4_K piece: 4 chunks of 32 bytes at p, a row of the group
+ * a lane; low nibbles meet activation bytes 4c.., high ones 16 + 4c..) with the R rows of x at q, ldq apart. A
+ * chunk is decoded, then meets every row: the rows' sums stay in registers, where the whole block decoded would
+ * not. The 8 products of a lane add up in int16 without saturating (8 x 2 x 15 x 127 < 32767). */
+static inline __attribute__((always_inline)) void nibble_dots(const int R, const uint8_t *p, const int8_t *q,
+                                                              int64_t ldq, __m256i *s) {
+    const __m256i low = _mm256_set1_epi8(0x0f);
+    for (int c = 0; c < 4; c++) {
+        const __m256i v = _mm256_loadu_si256((const __m256i *)(p + 32 * c));
+        const __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+        UNROLL for (int r = 0; r < R; r++) {
+            const int8_t *qr = q + r * ldq;
+            const __m256i d = _mm256_add_epi16(_mm256_maddubs_epi16(lo, bcast4(qr + 4 * c)),
+                                               _mm256_maddubs_epi16(hi, bcast4(qr + 16 + 4 * c)));
+            s[r] = c ? add16(s[r], d) : d;
+        }
+    }
+}
+
 /* R rows of x (1..MR) against one group: y[r * ldy + i] for the group's first `valid` rows i. Every lane is
  * one output: per block, its integer dot, then d_w (d_a dot - 8 s_a) (Q4_0), d_w d_a dot + m s_a (Q4_1)
- * or d_w d_a dot (Q8_0), added in block order. A chunk of the block is decoded, then meets every row of x:
- * the rows' sums and accumulators stay in AVX2's 16 registers, where the whole block decoded would not. */
+ * or d_w d_a dot (Q8_0), added in block order. The dots a chunk of the block at a time, as nibble_dots. */
 static inline __attribute__((always_inline)) void x8_tile(const int type, const int R, const uint8_t *grp,
                                                           int64_t nb, xrows a, float *y, int64_t ldy, int valid,
                                                           const uint8_t *next) {
     const int64_t gb = x8_block_bytes(type);
     const int sb = x8_scale_bytes(type);
     (void)next; /* measured on the AVX-512 build's tiles only */
-    const __m256i low = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+    const __m256i ones = _mm256_set1_epi16(1);
     __m256 acc[X8_MR];
     UNROLL for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++, grp += gb) {
@@ -370,16 +388,7 @@ static inline __attribute__((always_inline)) void x8_tile(const int type, const 
             }
         } else {
             __m256i s[X8_MR];
-            for (int j = 0; j < 4; j++) {
-                const __m256i v = _mm256_loadu_si256((const __m256i *)(wq + 32 * j));
-                const __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-                UNROLL for (int r = 0; r < R; r++) {
-                    const int8_t *q = a.q + (r * nb + b) * QK;
-                    const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, bcast4(q + 4 * j)),
-                                                       _mm256_maddubs_epi16(hi, bcast4(q + 16 + 4 * j)));
-                    s[r] = j ? add16(s[r], p) : p;
-                }
-            }
+            nibble_dots(R, wq, a.q + b * QK, nb * QK, s);
             UNROLL for (int r = 0; r < R; r++) {
                 const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(s[r], ones));
                 const __m256 d = _mm256_broadcast_ss(a.d + r * nb + b);

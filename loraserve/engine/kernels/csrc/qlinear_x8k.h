@@ -194,22 +194,12 @@ static inline __attribute__((always_inline)) void xk_tile8(const int type, const
         const __m256 nmin = type == Q6_K ? dw : _mm256_xor_ps(_mm256_set1_ps(-0.f), dmin);
         for (int j = 0; j < XK_PIECES; j++) {
 #if !defined(VNNI512)
-            if (type == Q4_K) { /* a chunk at a time, as x8_tile's 4-bit blocks: all 8 sums fit int16 */
+            if (type == Q4_K) { /* a piece is a 4-bit block: nibble_dots, as x8_tile's */
                 const __m256 dsc = _mm256_mul_ps(dw, xk_bytes8(grp + 32 + 8 * j, 0));
                 const __m256 mw = _mm256_mul_ps(nmin, xk_bytes8(grp + 96 + 8 * j, 0));
-                const __m256i low = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
-                const uint8_t *pq = grp + hdr + j * pb;
+                const __m256i ones = _mm256_set1_epi16(1);
                 __m256i s[X8_MR];
-                for (int c = 0; c < 4; c++) {
-                    const __m256i v = _mm256_loadu_si256((const __m256i *)(pq + 32 * c));
-                    const __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-                    UNROLL for (int r = 0; r < R; r++) {
-                        const int8_t *q = a.q + (r * nb + b0 + j) * QK;
-                        const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, bcast4(q + 4 * c)),
-                                                           _mm256_maddubs_epi16(hi, bcast4(q + 16 + 4 * c)));
-                        s[r] = c ? add16(s[r], p) : p;
-                    }
-                }
+                nibble_dots(R, grp + hdr + j * pb, a.q + (b0 + j) * QK, nb * QK, s);
                 UNROLL for (int r = 0; r < R; r++) {
                     const int64_t rb = r * nb + b0 + j;
                     acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(s[r], ones)),
