@@ -11,7 +11,7 @@ from typing import TypeVar
 
 import pytest
 
-from loraserve.engine.kernels import cpu as cpu_kernels
+from loraserve.engine.kernels import build as kernel_build
 
 K = TypeVar("K")
 
@@ -43,7 +43,7 @@ def build(load: functools._lru_cache_wrapper[K | None], name: str, tmp: pytest.T
     if name == "native":
         kernel = load()
     else:
-        cc = cpu_kernels._compiler()
+        cc = kernel_build.compiler()
         assert cc is not None
         folder = tmp.mktemp(f"{name}-cc")
         wrapper = folder / "cc"

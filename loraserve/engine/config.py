@@ -178,7 +178,7 @@ class EngineConfig:
     cuda_graphs: bool = True
     # CPU float32 only: projections, attention (decode and prefill; K/V read in place through block
     # tables), multi-LoRA (packed adapter slots) and residual/RMSNorm/RoPE/silu in C kernels built at first
-    # start (cpu_kernels.py); off (or no C compiler) for torch's MKL, gather + SDPA, padded-GEMM and
+    # start (kernels/build.py); off (or no C compiler) for torch's MKL, gather + SDPA, padded-GEMM and
     # operator paths.
     native_kernels: bool = True
     # Quantize a Hugging Face directory's projections and embedding at load (weights/quantize.py), then

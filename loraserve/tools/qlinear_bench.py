@@ -26,8 +26,8 @@ from pathlib import Path
 import gguf
 import torch
 
-from loraserve.engine.kernels import cpu as cpu_kernels
-from loraserve.engine.kernels.qlinear import Parts, QuantLinearKernel, _block_elems
+from loraserve.engine.kernels import build as kernel_build
+from loraserve.engine.kernels.qlinear import Parts, QuantLinearKernel, block_elems
 
 _Q = gguf.GGMLQuantizationType
 # (name, in_features, out_features) of each projection, fused ones as one matrix
@@ -48,19 +48,19 @@ class Build:
 
 
 def _build(label: str, csrc: Path, flags: str, folder: Path) -> Build:
-    cc = cpu_kernels._compiler()
+    cc = kernel_build.compiler()
     if cc is None:
         raise SystemExit("no C compiler")
     wrapper = folder / f"cc-{len(list(folder.iterdir()))}"
     wrapper.write_text(f'#!/bin/sh\nexec {cc} "$@" {flags}\n')
     wrapper.chmod(0o755)
-    lib = cpu_kernels.build(csrc / "qlinear.c", str(wrapper), folder / "cache")
+    lib = kernel_build.build(csrc / "qlinear.c", str(wrapper), folder / "cache")
     return Build(label, QuantLinearKernel(ctypes.CDLL(str(lib))))
 
 
 def _random_blocks(qtype: _Q, n: int, k: int, block_bytes: int, gen: torch.Generator) -> torch.Tensor:
     """Random quants with sane fp16 scales (0.01): only the speed matters here."""
-    nb = k // _block_elems(qtype)
+    nb = k // block_elems(qtype)
     blocks = torch.randint(0, 256, (n, nb, block_bytes), dtype=torch.uint8, generator=gen)
     offset, count = _SCALES[qtype]
     scale = torch.tensor([0.01], dtype=torch.float16).view(torch.uint8)
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pool-mb", type=int, default=200, help="bytes of weight copies per matrix")
     args = parser.parse_args(argv)
 
-    sources = [("", cpu_kernels._CSRC)] + [(s.split("=", 1)[0] + ":", Path(s.split("=", 1)[1]))
+    sources = [("", kernel_build.CSRC)] + [(s.split("=", 1)[0] + ":", Path(s.split("=", 1)[1]))
                                             for s in args.source]
     with tempfile.TemporaryDirectory() as tmp:
         builds = [_build(prefix + name, csrc, BUILD_FLAGS[name], Path(tmp))
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
             continue
         for tname in args.types:
             qtype = _Q.__members__[tname.upper()]
-            if k % _block_elems(qtype):
+            if k % block_elems(qtype):
                 continue
             one = _random_blocks(qtype, n, k, first.block_bytes[int(qtype)], gen)
             copies = max(2 * len(builds), min(16, args.pool_mb * 2 ** 20 // one.numel()))

@@ -7,16 +7,16 @@ import re
 
 import pytest
 
-from loraserve.engine.kernels import cpu as cpu_kernels
+from loraserve.engine.kernels import build as kernel_build
 from loraserve.tools import qlinear_bench
 
-pytestmark = pytest.mark.skipif(cpu_kernels._compiler() is None, reason="no C compiler")
+pytestmark = pytest.mark.skipif(kernel_build.compiler() is None, reason="no C compiler")
 
 
 def test_prints_a_row_per_type_layout_and_rows_of_x(capsys: pytest.CaptureFixture[str]) -> None:
     qlinear_bench.main(["--model", "smollm2", "--types", "q8_0", "q4_k", "--tokens", "1", "9",
                         "--matrices", "o", "--layouts", "repacked", "stored", "--builds", "native", "scalar",
-                        "--source", f"again={cpu_kernels._CSRC}", "--reps", "1", "--pool-mb", "1"])
+                        "--source", f"again={kernel_build.CSRC}", "--reps", "1", "--pool-mb", "1"])
     out = capsys.readouterr().out
     assert "builds: native (" in out and "again:scalar (0 bits)" in out
     rows = [line for line in out.splitlines() if line.startswith("| 576->576 (o)")]

@@ -13,100 +13,20 @@ projections, residual adds, RMSNorm, RoPE, the KV cache writes and the MLP's act
 operators a layer, a few microseconds of dispatch each whatever the batch; csrc/layer_glue.c does them
 in four calls (its wrapper: layer_glue.py; the quantized projections': qlinear.py).
 
-Built with -march=native, so the library is cached per source, flags, compiler and CPU
-(`$LORASERVE_KERNEL_CACHE`, else `$XDG_CACHE_HOME/loraserve/kernels`, else ~/.cache/loraserve/kernels)
-and written under a temporary name, then renamed: concurrent first starts never load half a file. No
-compiler, or a failed build: the loaders return None and the engine keeps torch's paths.
-OpenMP: the library's libgomp is the one torch already loaded (same soname), so both share one pool.
+Each is built at first use and cached (build.py); no compiler, or a failed build: the loaders return
+None and the engine keeps torch's paths.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-from collections.abc import Callable
-from pathlib import Path
-from typing import TypeVar
 
 import torch
 
+from loraserve.engine.kernels.args import cpu_float32, kv_half
+from loraserve.engine.kernels.build import load_kernel
 from loraserve.engine.kernels.huge_pages import weight_buffer
-
-log = logging.getLogger(__name__)
-K = TypeVar("K")  # a kernel wrapper class
-
-_CSRC = Path(__file__).with_name("csrc")
-# -ffp-contract=fast: ISO C mode would not fuse a * b + c into one FMA (projections ~10% faster with it).
-_FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC", "-std=c11")
-_BUILD_TIMEOUT_S = 120
-
-
-def kernel_cache_dir() -> Path:
-    if env := os.environ.get("LORASERVE_KERNEL_CACHE"):
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "loraserve" / "kernels"
-
-
-def _compiler() -> str | None:
-    cc = os.environ.get("CC")
-    return cc if cc else shutil.which("cc") or shutil.which("gcc")
-
-
-def _cpu_signature() -> str:
-    """What -march=native depends on: a library built on one CPU may not run on another (home on NFS)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        flags = ""
-    return platform.machine() + flags
-
-
-def build(source: Path, cc: str, cache_dir: Path) -> Path:
-    """The shared library for `source`, compiled unless a build with the same inputs is cached.
-    Raises OSError or subprocess.CalledProcessError when the compiler fails."""
-    key = hashlib.sha256()
-    headers = [h.read_bytes() for h in sorted(source.parent.glob("*.h"))]  # what the source may #include
-    for part in (source.read_bytes(), *headers, " ".join(_FLAGS).encode(), cc.encode(),
-                 _cpu_signature().encode()):
-        key.update(part)
-    lib = cache_dir / f"{source.stem}-{key.hexdigest()[:16]}.so"
-    if lib.exists():
-        return lib
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=f".{lib.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        subprocess.run([cc, *_FLAGS, str(source), "-o", tmp, "-lm"], check=True, capture_output=True,
-                       timeout=_BUILD_TIMEOUT_S)
-        os.replace(tmp, lib)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return lib
-
-
-def _cpu_float32(t: torch.Tensor) -> bool:
-    """What every kernel here reads. Checked per call, so cheaply: `t.device.type` alone costs ~200 ns,
-    which adds up over ~120 kernel calls a step."""
-    return t.dtype is torch.float32 and t.is_cpu
-
-
-def _kv_half(k_cache: torch.Tensor, v_cache: torch.Tensor, kernel: str) -> int:
-    """1 for float16 K/V caches, 0 for float32 ones: the element type the kernels read and write."""
-    if k_cache.dtype != v_cache.dtype or k_cache.dtype not in (torch.float32, torch.float16) \
-            or not k_cache.is_cpu or not v_cache.is_cpu or not k_cache.is_contiguous() \
-            or not v_cache.is_contiguous():
-        raise ValueError(f"{kernel} takes contiguous float32 or float16 CPU K/V caches of one dtype")
-    return int(k_cache.dtype is torch.float16)
 
 
 class PagedAttention:
@@ -133,9 +53,9 @@ class PagedAttention:
         b, hq, d = q.shape
         hkv = k_cache.shape[1]
         for t in (q, out):
-            if not _cpu_float32(t) or not t.is_contiguous():
+            if not cpu_float32(t) or not t.is_contiguous():
                 raise ValueError("paged_decode_attention takes contiguous float32 CPU q and out")
-        half = _kv_half(k_cache, v_cache, "paged_decode_attention")
+        half = kv_half(k_cache, v_cache, "paged_decode_attention")
         if tables.dtype != torch.int64 or lens.dtype != torch.int64 or not tables.is_contiguous() \
                 or not lens.is_contiguous():
             raise ValueError("block tables and lengths must be contiguous int64")
@@ -182,7 +102,7 @@ class LoraSgmv:
         n = cols.shape[0] - 1
         k = x.shape[1]
         for t in (x, out):
-            if not _cpu_float32(t) or t.stride(1) != 1:
+            if not cpu_float32(t) or t.stride(1) != 1:
                 raise ValueError("lora_sgmv takes float32 CPU tensors with contiguous rows")
         if (max_row >= min(x.shape[0], out.shape[0]) or a.shape[1] != k * n * rank
                 or b.shape[1] != rank * out.shape[1] or h.shape[1] < self.h_width(k, n * rank)):
@@ -221,7 +141,7 @@ class LinearKernel:
     def __call__(self, x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
         """x: [T, in], T > 0 -> [T, out]. `packed` belongs to a Linear that checked it once."""
         t, k = x.shape
-        if not _cpu_float32(x) or x.stride(1) != 1 or t == 0:
+        if not cpu_float32(x) or x.stride(1) != 1 or t == 0:
             raise ValueError("linear_forward takes float32 CPU rows, each contiguous, at least one")
         if packed.shape[1] != k or not 0 < out_features <= packed.shape[0] * self.panel:
             raise ValueError("linear_forward: inconsistent shapes")
@@ -231,33 +151,17 @@ class LinearKernel:
         return y
 
 
-def _load(name: str, wrap: Callable[[ctypes.CDLL], K]) -> K | None:
-    """csrc/`name`.c built, loaded and wrapped; None (logged) where that cannot be done."""
-    source = _CSRC / f"{name}.c"
-    cc = _compiler()
-    if cc is None:
-        log.warning("no C compiler found: %s falls back to torch", name)
-        return None
-    try:
-        return wrap(ctypes.CDLL(str(build(source, cc, kernel_cache_dir()))))
-    except (OSError, subprocess.SubprocessError) as e:
-        detail = getattr(e, "stderr", b"") or b""
-        log.warning("could not build %s (%s%s): it falls back to torch", source.name, e,
-                    ": " + detail.decode(errors="replace")[-500:] if detail else "")
-        return None
-
-
 # Each kernel is built on its loader's first call; None where it cannot be built or loaded.
 @functools.cache
 def load_paged_attention() -> PagedAttention | None:
-    return _load("paged_attention", PagedAttention)
+    return load_kernel("paged_attention", PagedAttention)
 
 
 @functools.cache
 def load_lora_sgmv() -> LoraSgmv | None:
-    return _load("lora_sgmv", LoraSgmv)
+    return load_kernel("lora_sgmv", LoraSgmv)
 
 
 @functools.cache
 def load_linear() -> LinearKernel | None:
-    return _load("linear", LinearKernel)
+    return load_kernel("linear", LinearKernel)

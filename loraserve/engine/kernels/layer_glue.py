@@ -3,7 +3,7 @@
 Why: between the projections, residual adds, RMSNorm, RoPE, the KV cache writes and the MLP's activation *
 up are ~25 torch operators a layer, a few microseconds of dispatch each whatever the batch; the library
 does them in four calls, and a greedy step's argmax over the logits in one (torch's argmax is not
-vectorized on the CPU). Built and cached like the other kernels (cpu.py); None where it cannot be built.
+vectorized on the CPU). Built and cached like the other kernels (build.py); None where it cannot be built.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from collections.abc import Callable
 
 import torch
 
-from loraserve.engine.kernels.cpu import _cpu_float32, _kv_half, _load
+from loraserve.engine.kernels.args import cpu_float32, kv_half
+from loraserve.engine.kernels.build import load_kernel
 
 
 class LayerGlue:
@@ -40,7 +41,7 @@ class LayerGlue:
     def argmax(self, x: torch.Tensor) -> torch.Tensor:
         """Each row's index of its largest value (the first of equal ones; a NaN counts as the largest), as
         torch.argmax(x, dim=-1): x [T, V], V >= 1 -> int64 [T]."""
-        if not _cpu_float32(x) or x.dim() != 2 or x.stride(1) != 1 or x.shape[1] == 0:
+        if not cpu_float32(x) or x.dim() != 2 or x.stride(1) != 1 or x.shape[1] == 0:
             raise ValueError("row_argmax takes a float32 CPU [T, V] tensor, V >= 1, with contiguous rows")
         out = torch.empty(x.shape[0], dtype=torch.int64)
         self._argmax(x.data_ptr(), x.stride(0), x.shape[0], x.shape[1], out.data_ptr(),
@@ -52,7 +53,7 @@ class LayerGlue:
         """h += delta (in place, when given), then rmsnorm(h) * w as a new [T, H] tensor."""
         t, hid = h.shape
         for x in (h, delta) if delta is not None else (h,):
-            if not _cpu_float32(x) or x.stride(1) != 1:
+            if not cpu_float32(x) or x.stride(1) != 1:
                 raise ValueError("add_rms_norm takes float32 CPU tensors with contiguous rows")
         if (delta is not None and delta.shape != h.shape) or w.shape != (hid,):
             raise ValueError("add_rms_norm: inconsistent shapes")
@@ -73,7 +74,7 @@ class LayerGlue:
     @staticmethod
     def _act_mul(fn: Callable[..., None], name: str, gu: torch.Tensor) -> torch.Tensor:
         t, two_i = gu.shape
-        if not _cpu_float32(gu) or gu.stride(1) != 1 or two_i % 2:
+        if not cpu_float32(gu) or gu.stride(1) != 1 or two_i % 2:
             raise ValueError(f"{name} takes a float32 CPU [T, 2I] tensor with contiguous rows")
         act = torch.empty(t, two_i // 2)
         fn(gu.data_ptr(), gu.stride(0), t, two_i // 2, act.data_ptr(), two_i // 2, torch.get_num_threads())
@@ -88,12 +89,12 @@ class LayerGlue:
         written."""
         t = qkv.shape[0]
         d = cos.shape[1]
-        if not _cpu_float32(qkv) or qkv.stride(1) != 1 or qkv.shape[1] != (heads + 2 * kv_heads) * d:
+        if not cpu_float32(qkv) or qkv.stride(1) != 1 or qkv.shape[1] != (heads + 2 * kv_heads) * d:
             raise ValueError("rope_store takes a float32 CPU [T, (Hq + 2 Hkv) D] qkv with contiguous rows")
         for x in (cos, sin):
-            if not _cpu_float32(x) or not x.is_contiguous():
+            if not cpu_float32(x) or not x.is_contiguous():
                 raise ValueError("rope_store takes contiguous float32 CPU tables")
-        half = _kv_half(k_cache, v_cache, "rope_store")
+        half = kv_half(k_cache, v_cache, "rope_store")
         if positions.shape != (t,) or slots.shape != (t,) or positions.dtype != torch.int64 \
                 or slots.dtype != torch.int64 or not positions.is_contiguous() or not slots.is_contiguous() \
                 or k_cache.shape[1:] != (kv_heads, d) or v_cache.shape != k_cache.shape \
@@ -109,4 +110,4 @@ class LayerGlue:
 
 @functools.cache
 def load_layer_glue() -> LayerGlue | None:
-    return _load("layer_glue", LayerGlue)
+    return load_kernel("layer_glue", LayerGlue)

@@ -5,7 +5,7 @@ of float32), and a decode step reads every weight once, so the bytes it streams 
 multiplies float32 activations by Q8_0, Q4_0, Q4_1, Q4_K, Q5_K and Q6_K blocks in place (a view of the
 memory-mapped file will do), quantizing the activations to int8 per block of 32 on the way, as llama.cpp
 does; the error that adds is at most amax(x block) / 254 per activation (tests/engine/kernels/
-test_qlinear.py derives the bound). Built and cached like the other kernels (cpu.py); None where it
+test_qlinear.py derives the bound). Built and cached like the other kernels (build.py); None where it
 cannot be built.
 """
 
@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import gguf
 import torch
 
-from loraserve.engine.kernels.cpu import _cpu_float32, _load
+from loraserve.engine.kernels.args import cpu_float32
+from loraserve.engine.kernels.build import load_kernel
 from loraserve.engine.kernels.huge_pages import weight_buffer
 from loraserve.engine.weights.quant import QuantTensor, QuantType
 
@@ -37,7 +38,7 @@ class QuantLinearKernel:
         lib.qlinear_row_bytes.restype = ctypes.c_int64
         lib.qlinear_vector_bits.restype = ctypes.c_int
         # GGML type id -> bytes per block, as the library counts them (a row of one block)
-        self.block_bytes: dict[int, int] = {int(t): int(lib.qlinear_row_bytes(int(t), _block_elems(t)))
+        self.block_bytes: dict[int, int] = {int(t): int(lib.qlinear_row_bytes(int(t), block_elems(t)))
                                             for t in TYPES}
         self.vector_bits = int(lib.qlinear_vector_bits())  # 512: AVX-512 VNNI; 256: AVX2; 0: scalar
         p, i = ctypes.c_void_p, ctypes.c_int64
@@ -100,7 +101,7 @@ class QuantLinearKernel:
 
     @staticmethod
     def _quantize_k(x: torch.Tensor, name: str, block_bytes: int, fn: Callable[..., object]) -> torch.Tensor:
-        if not _cpu_float32(x) or x.dim() != 2 or not x.is_contiguous() or x.shape[1] % 256:
+        if not cpu_float32(x) or x.dim() != 2 or not x.is_contiguous() or x.shape[1] % 256:
             raise ValueError(f"{name} quantizes contiguous float32 CPU [rows, 256 k] matrices, not {x.dtype} "
                              f"{tuple(x.shape)}")
         out = torch.empty(x.shape[0], x.shape[1] // 256 * block_bytes, dtype=torch.uint8)
@@ -147,7 +148,7 @@ class QuantLinearKernel:
     def stacked(self, x: torch.Tensor, parts: Parts) -> torch.Tensor:
         """x: float32 [T, in] with contiguous rows -> a new float32 [T, out], the parts' outputs side by
         side."""
-        if not _cpu_float32(x) or x.dim() != 2 or x.stride(1) != 1:
+        if not cpu_float32(x) or x.dim() != 2 or x.stride(1) != 1:
             raise ValueError("qlinear takes float32 CPU [T, in] activations with contiguous rows")
         if x.shape[1] != parts.in_features:
             raise ValueError(f"qlinear: activations have {x.shape[1]} features, the weight "
@@ -190,14 +191,14 @@ class Parts:
     rows: ctypes.Array[ctypes.c_int64]
 
 
-def _block_elems(qtype: int) -> int:
+def block_elems(qtype: int) -> int:
     return int(gguf.GGML_QUANT_SIZES[_Q(qtype)][0])
 
 
 def _row_bytes(block_bytes: dict[int, int], qtype: int, in_features: int) -> int:
     if qtype not in block_bytes:
         raise ValueError(f"qlinear takes GGML types {sorted(block_bytes)}, not {qtype}")
-    elems = _block_elems(qtype)
+    elems = block_elems(qtype)
     if in_features <= 0 or in_features % elems:
         raise ValueError(f"qlinear needs in_features a positive multiple of {elems} for {_Q(qtype).name}, "
                          f"not {in_features}")
@@ -221,4 +222,4 @@ def dequantize(blocks: torch.Tensor, qtype: int, out_features: int, in_features:
 # Built on the first call; None where it cannot be built or loaded.
 @functools.cache
 def load_qlinear() -> QuantLinearKernel | None:
-    return _load("qlinear", QuantLinearKernel)
+    return load_kernel("qlinear", QuantLinearKernel)

@@ -18,7 +18,7 @@ import gguf
 import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
 
-from loraserve.engine.weights.tokenizer import GGUFTokenType, Tokenizer, _gpt2_pre_tokenizer, gguf_field
+from loraserve.engine.weights.tokenizer import GGUFTokenType, Tokenizer, gguf_field, gpt2_pre_tokenizer
 
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 # llama.cpp's pre-tokenizer names this engine reads back (tokenizer.py), tried in turn on a probe text the
@@ -107,7 +107,7 @@ def _pre_tokenizer_name(backend: HFTokenizer, path: Path) -> str:
         raise ValueError(f"{path}: a byte-level BPE without a pre-tokenizer is not supported")
     expected = backend.pre_tokenizer.pre_tokenize_str(_PROBE)
     for name in _PRE_TOKENIZERS:
-        pre_tokenizer, _ = _gpt2_pre_tokenizer(name)
+        pre_tokenizer, _ = gpt2_pre_tokenizer(name)
         if pre_tokenizer.pre_tokenize_str(_PROBE) == expected:
             return name
     raise ValueError(f"{path}: its pre-tokenizer matches none of llama.cpp's known here "

@@ -64,7 +64,7 @@ def _byte_level(split: str | None) -> pre_tokenizers.PreTokenizer:
     ])
 
 
-def _gpt2_pre_tokenizer(pre: str) -> tuple[pre_tokenizers.PreTokenizer, bool]:
+def gpt2_pre_tokenizer(pre: str) -> tuple[pre_tokenizers.PreTokenizer, bool]:
     """(pre-tokenizer, ignore_merges) for llama.cpp's `tokenizer.ggml.pre` name, as llama-vocab.cpp
     maps it."""
     if pre in ("default", "gpt-2", "gpt2", "starcoder", "refact", "olmo"):
@@ -247,7 +247,7 @@ class Tokenizer:
 
 def _gpt2_backend(reader: gguf.GGUFReader, tokens: list[str]) -> HFTokenizer:
     merges = [tuple(m.split(" ", 1)) for m in gguf_field(reader, "tokenizer.ggml.merges", [])]
-    pre_tokenizer, ignore_merges = _gpt2_pre_tokenizer(gguf_field(reader, "tokenizer.ggml.pre", "default"))
+    pre_tokenizer, ignore_merges = gpt2_pre_tokenizer(gguf_field(reader, "tokenizer.ggml.pre", "default"))
     vocab: dict[str, int] = {}
     for i, token in enumerate(tokens):
         vocab.setdefault(token, i)  # a few files repeat a placeholder token; the first id wins

@@ -16,11 +16,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from loraserve.engine.kernels import cpu as cpu_kernels
+from loraserve.engine.kernels import build as kernel_build
 from loraserve.engine.kernels import huge_pages
+from loraserve.engine.kernels.build import build
 from loraserve.engine.kernels.cpu import (
     PagedAttention,
-    build,
     load_linear,
     load_lora_sgmv,
     load_paged_attention,
@@ -39,7 +39,7 @@ from loraserve.engine.ops.select import Ops
 import kernel_builds
 from engine_helpers import build_engine, hf_model
 
-if cpu_kernels._compiler() is None:
+if kernel_build.compiler() is None:
     pytest.skip("no C compiler on this machine: the engine runs torch's attention path",
                 allow_module_level=True)
 
@@ -215,9 +215,9 @@ def test_refuses_options_it_cannot_honour(kernel: PagedAttention) -> None:
 
 
 def test_build_is_cached_and_atomic(tmp_path: Path) -> None:
-    cc = cpu_kernels._compiler()
+    cc = kernel_build.compiler()
     assert cc is not None
-    source = cpu_kernels._CSRC / "paged_attention.c"
+    source = kernel_build.CSRC / "paged_attention.c"
     lib = build(source, cc, tmp_path)
     mtime = lib.stat().st_mtime_ns
     assert build(source, cc, tmp_path) == lib and lib.stat().st_mtime_ns == mtime
@@ -230,7 +230,7 @@ def test_build_is_cached_and_atomic(tmp_path: Path) -> None:
 
 def test_a_changed_header_means_a_new_build(tmp_path: Path) -> None:
     """Sources include csrc/*.h: the cache key covers them, or an edited header would keep a stale build."""
-    cc = cpu_kernels._compiler()
+    cc = kernel_build.compiler()
     assert cc is not None
     src = tmp_path / "src"
     src.mkdir()
@@ -251,7 +251,7 @@ def test_without_a_working_compiler_the_engine_keeps_torch_paths(
     for load in loaders:
         load.cache_clear()
     try:
-        with caplog.at_level(logging.WARNING, logger="loraserve.engine.kernels.cpu"):
+        with caplog.at_level(logging.WARNING, logger="loraserve.engine.kernels.build"):
             assert all(load() is None for load in loaders)
             engine = build_engine(hf_model(seed=1))
         for name in ("paged_attention.c", "lora_sgmv.c", "linear.c", "layer_glue.c", "qlinear.c"):

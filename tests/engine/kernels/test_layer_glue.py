@@ -9,13 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from loraserve.engine.kernels import cpu as cpu_kernels
+from loraserve.engine.kernels import build as kernel_build
 from loraserve.engine.kernels.layer_glue import LayerGlue, load_layer_glue
 from loraserve.engine.ops.glue import Activation, KernelGlue, TorchGlue, apply_rope
 
 import kernel_builds
 
-if cpu_kernels._compiler() is None:
+if kernel_build.compiler() is None:
     pytest.skip("no C compiler on this machine: the engine runs torch's operators", allow_module_level=True)
 
 

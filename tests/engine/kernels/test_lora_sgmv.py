@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from loraserve.engine.config import ModelConfig
-from loraserve.engine.kernels import cpu as cpu_kernels
+from loraserve.engine.kernels import build as kernel_build
 from loraserve.engine.kernels.cpu import LoraSgmv, load_lora_sgmv
 from loraserve.engine.lora.batch import LoraBatch
 from loraserve.engine.lora.gemm import GemmLora
@@ -18,7 +18,7 @@ from loraserve.engine.lora.sgmv import SgmvLora, SgmvPart
 
 import kernel_builds
 
-if cpu_kernels._compiler() is None:
+if kernel_build.compiler() is None:
     pytest.skip("no C compiler on this machine: LoRA runs on torch's GEMMs", allow_module_level=True)
 
 # Awkward sizes on purpose: k/v outputs of 14 and a hidden size of 42 leave partial 16-column tiles and a

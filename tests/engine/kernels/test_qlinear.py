@@ -27,13 +27,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from loraserve.engine.kernels import cpu as cpu_kernels
+from loraserve.engine.kernels import build as kernel_build
 from loraserve.engine.kernels.qlinear import QuantLinearKernel, dequantize, load_qlinear
 
 import kernel_builds
 from gguf_helpers import k_quant_pieces, quantize_k, random_k_blocks
 
-if cpu_kernels._compiler() is None:
+if kernel_build.compiler() is None:
     pytest.skip("no C compiler on this machine: there is no quantized kernel", allow_module_level=True)
 
 Q = gguf.GGMLQuantizationType

@@ -15,7 +15,7 @@ import torch
 from loraserve.engine.config import ModelConfig
 from loraserve.engine.core.scheduler import ScheduledSeq
 from loraserve.engine.core.sequence import Sequence
-from loraserve.engine.kernels import cpu as cpu_kernels
+from loraserve.engine.kernels import build as kernel_build
 from loraserve.engine.kernels.cpu import load_paged_attention
 from loraserve.engine.ops.attention import (
     Attention,
@@ -98,7 +98,7 @@ def _reference(step: Step, layer: LayerAttention) -> torch.Tensor:
 
 
 def _backends() -> list[str]:
-    paged = [f"paged-{b}" for b in kernel_builds.builds()] if cpu_kernels._compiler() else []
+    paged = [f"paged-{b}" for b in kernel_builds.builds()] if kernel_build.compiler() else []
     return [*paged, "gather", "device"]
 
 

@@ -8,7 +8,7 @@
  * Through torch these are ~20 small operators a layer (rms_norm alone is five on the CPU), each a few
  * microseconds of dispatch whatever the batch, which at small batches is a real share of a decode step
  * (BENCHMARKS.md, "Layer glue"). Rows are independent and each is computed by one thread in a fixed order.
- * Built by loraserve/engine/kernels/cpu.py, called through ctypes.
+ * Built by loraserve/engine/kernels/build.py, called through ctypes.
  */
 #include <math.h>
 #include <stdint.h>

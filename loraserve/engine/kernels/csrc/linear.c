@@ -1,6 +1,6 @@
 /* A projection on the CPU for any number of rows: y[t] = W x[t] (float32), W packed in column panels.
  *
- * Built by loraserve/engine/kernels/cpu.py (-O3 -march=native -ffp-contract=fast -fopenmp), called
+ * Built by loraserve/engine/kernels/build.py (-O3 -march=native -ffp-contract=fast -fopenmp), called
  * through ctypes. W [N, K] is kept as panels of NR = 32 output columns, [ceil(N / 32)][K][32], the last
  * one zero-padded (`LinearKernel.pack`). For each panel and each block of up to MR rows of x, the
  * micro-kernel walks K once: per k, one (or two) vector loads of the panel's 32 weights, MR broadcasts of

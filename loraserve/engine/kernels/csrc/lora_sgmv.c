@@ -2,7 +2,7 @@
  * its own adapter's delta, out[row] += (x[row] @ A_slot) @ B_slot, each adapter's A and B read once per
  * call however many rows use it (the SGMV idea: rows grouped into segments by adapter).
  *
- * Built by loraserve/engine/kernels/cpu.py with the machine's C compiler (-O3 -march=native -fopenmp)
+ * Built by loraserve/engine/kernels/build.py with the machine's C compiler (-O3 -march=native -fopenmp)
  * and called through ctypes. Float32; the adapter weights are packed by lora.py (LoraPool, packed):
  *   x:     [T, K], rows ldx apart       the group's input
  *   out:   [T, N], rows ldo apart       the base projection's output, updated in place

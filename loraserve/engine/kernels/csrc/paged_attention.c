@@ -4,7 +4,7 @@
  * causal attention, each row reading its prefix in place where torch's SDPA needed a gathered copy of
  * each prompt's K/V (BENCHMARKS.md, "Prefill attention through the same kernel").
  *
- * Built by loraserve/engine/kernels/cpu.py with the machine's C compiler (-O3 -march=native -fopenmp)
+ * Built by loraserve/engine/kernels/build.py with the machine's C compiler (-O3 -march=native -fopenmp)
  * and called through ctypes. Layouts (contiguous):
  *   q, out:  [B, Hq, D] float32  one new token per sequence
  *   kc, vc:  [slots, Hkv, D]     one layer's cache; slot = block * bs + offset; float32, or float16 with

@@ -1,6 +1,6 @@
 /* A projection over GGUF-quantized weights as stored: y[t][n] = sum_k x[t][k] W[n][k], x float32.
  *
- * Built by loraserve/engine/kernels/cpu.py (-O3 -march=native -ffp-contract=fast -fopenmp), called
+ * Built by loraserve/engine/kernels/build.py (-O3 -march=native -ffp-contract=fast -fopenmp), called
  * through ctypes (loraserve/engine/kernels/qlinear.py). W stays in the file's blocks of 32 weights, read
  * in place from the memory-mapped file: row n is K / 32 consecutive blocks from w + n * (K / 32) * bytes.
  *   Q8_0 (GGML type 8), 34 bytes: fp16 d, 32 x int8 q;            w = d * q

@@ -1,5 +1,5 @@
 /* Vectorisable float math shared by the C kernels (included, so each kernel stays one shared library;
- * cpu_kernels.build hashes this header with each source). */
+ * kernels/build.py hashes this header with each source). */
 #ifndef LORASERVE_VMATH_H
 #define LORASERVE_VMATH_H
 #include <math.h>
