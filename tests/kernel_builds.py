@@ -15,7 +15,9 @@ from loraserve.engine.kernels import build as kernel_build
 
 K = TypeVar("K")
 
-_FLAGS = {"native": "", "avx2": "-mno-avx512f", "scalar": "-mno-avx2 -mno-avx512f"}
+# avxvnni: csrc/qlinear.c's AVX-VNNI path, on an AVX-512 VNNI CPU (tests/qlinear_helpers.py)
+_FLAGS = {"native": "", "avx2": "-mno-avx512f", "avxvnni": "-DQLINEAR_YMM_VNNI",
+          "scalar": "-mno-avx2 -mno-avx512f"}
 
 
 def cpu_has(flag: str) -> bool:

@@ -19,10 +19,22 @@ def _vnni512() -> bool:
     return all(cpu_has(f) for f in ("avx512f", "avx512bw", "avx512vl", "avx512_vnni"))
 
 
+def ymm_vnni() -> bool:
+    """Whether this CPU runs the AVX-VNNI path (vpdpbusd on ymm registers) in a build of its own: an AVX-512
+    VNNI one, through the instruction's EVEX encoding (`-DQLINEAR_YMM_VNNI`). On an AVX-VNNI CPU without
+    AVX-512 the native build is that path."""
+    return _vnni512()
+
+
 def qlinear_builds() -> list[str]:
-    """The builds that differ on this CPU: the native one, the AVX2 one where it has AVX-512, the scalar
-    fallback."""
-    return ["native"] + (["avx2"] if cpu_has("avx512f") else []) + ["scalar"]
+    """The builds that differ on this CPU: the native one, the AVX2 one where it has AVX-512 (and the AVX-VNNI
+    one where it has AVX-512 VNNI), the scalar fallback."""
+    return (["native"] + (["avx2"] if cpu_has("avx512f") else []) + (["avxvnni"] if ymm_vnni() else [])
+            + ["scalar"])
+
+
+def native_vnni() -> bool:
+    return _vnni512() or cpu_has("avx_vnni")
 
 
 def native_bits() -> int:
@@ -38,5 +50,6 @@ def kernel(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     tests' loads get the native build."""
     name = request.param
     k = build(load_qlinear, name, tmp_path_factory, _SCALAR_FLAGS if name == "scalar" else None)
-    assert k.vector_bits == {"native": native_bits(), "avx2": 256, "scalar": 0}[name]
+    assert k.vector_bits == {"native": native_bits(), "avx2": 256, "avxvnni": 256, "scalar": 0}[name]
+    assert k.vnni == {"native": native_vnni(), "avx2": False, "avxvnni": True, "scalar": False}[name]
     return k

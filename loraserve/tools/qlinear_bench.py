@@ -35,7 +35,10 @@ SHAPES = {
     "llama2-7b": [("q/k/v", 4096, 12288), ("o", 4096, 4096), ("gate/up", 4096, 22016), ("down", 11008, 4096)],
     "smollm2": [("q/k/v", 576, 960), ("o", 576, 576), ("gate/up", 576, 3072), ("down", 1536, 576)],
 }
-BUILD_FLAGS = {"native": "", "avx2": "-mno-avx512f", "scalar": "-mno-avx2 -mno-avx512f"}
+# avxvnni: the AVX-VNNI path (vpdpbusd on ymm registers); on an AVX-512 VNNI CPU through the instruction's
+# EVEX encoding (qlinear.c, QLINEAR_YMM_VNNI), on an AVX-VNNI one the native build's own path
+BUILD_FLAGS = {"native": "", "avx2": "-mno-avx512f", "avxvnni": "-DQLINEAR_YMM_VNNI",
+               "scalar": "-mno-avx2 -mno-avx512f"}
 # where a block's fp16 scales lie: (offset, count) in its bytes
 _SCALES = {_Q.Q8_0: (0, 1), _Q.Q4_0: (0, 1), _Q.Q4_1: (0, 2), _Q.Q4_K: (0, 2), _Q.Q5_K: (0, 2),
            _Q.Q6_K: (208, 1)}
@@ -107,7 +110,8 @@ def main(argv: list[str] | None = None) -> None:
         builds = [_build(prefix + name, csrc, BUILD_FLAGS[name], Path(tmp))
                   for prefix, csrc in sources for name in args.builds]
     print(f"threads {torch.get_num_threads()}, builds: "
-          + ", ".join(f"{b.label} ({b.kernel.vector_bits} bits)" for b in builds))
+          + ", ".join(f"{b.label} ({b.kernel.vector_bits} bits{', vnni' if b.kernel.vnni else ''})"
+                      for b in builds))
     print("| matrix | type | layout | T | " + " | ".join(f"{b.label} ms" for b in builds) + " | "
           + " | ".join(f"{b.label} / {builds[0].label}" for b in builds[1:]) + " |")
     print("|---" * (4 + 2 * len(builds) - 1) + "|")

@@ -37,10 +37,12 @@ class QuantLinearKernel:
         lib.qlinear_row_bytes.argtypes = [ctypes.c_int, ctypes.c_int64]
         lib.qlinear_row_bytes.restype = ctypes.c_int64
         lib.qlinear_vector_bits.restype = ctypes.c_int
+        lib.qlinear_vnni.restype = ctypes.c_int
         # GGML type id -> bytes per block, as the library counts them (a row of one block)
         self.block_bytes: dict[int, int] = {int(t): int(lib.qlinear_row_bytes(int(t), block_elems(t)))
                                             for t in TYPES}
-        self.vector_bits = int(lib.qlinear_vector_bits())  # 512: AVX-512 VNNI; 256: AVX2; 0: scalar
+        self.vector_bits = int(lib.qlinear_vector_bits())  # 512: AVX-512 VNNI; 256: AVX2, AVX-VNNI; 0: scalar
+        self.vnni = bool(lib.qlinear_vnni())  # integer dots by vpdpbusd (AVX-512 VNNI, AVX-VNNI)
         p, i = ctypes.c_void_p, ctypes.c_int64
         lib.qlinear_x8_bytes.argtypes = [ctypes.c_int, i, i]
         lib.qlinear_x8_bytes.restype = i

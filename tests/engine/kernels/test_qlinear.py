@@ -1,7 +1,8 @@
 """The quantized-weight projection kernel (csrc/qlinear.c) against gguf-py's reference dequantization
 followed by an fp32 matmul, and against a pure-torch emulation of its exact scheme; every build that
-differs on this CPU (qlinear_helpers): the native one (AVX-512 VNNI or AVX2), the AVX2 one where the CPU
-has AVX-512 (-mno-avx512f), and the scalar fallback (-mno-avx2 -mno-avx512f -mno-f16c).
+differs on this CPU (qlinear_helpers): the native one (AVX-512 VNNI, AVX-VNNI or AVX2), the AVX2 one where
+the CPU has AVX-512 (-mno-avx512f), the AVX-VNNI one where it has AVX-512 VNNI (vpdpbusd on ymm registers,
+through its EVEX encoding: -DQLINEAR_YMM_VNNI), and the scalar fallback (-mno-avx2 -mno-avx512f -mno-f16c).
 
 The tolerance against the reference, derived: the kernel quantizes each block of 32 activations to int8
 with d_a = amax(block) / 127, rounding to nearest, so each activation moves by at most d_a / 2 =
@@ -26,6 +27,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from qlinear_helpers import ymm_vnni
 
 from loraserve.engine.kernels import build as kernel_build
 from loraserve.engine.kernels.qlinear import QuantLinearKernel, dequantize, load_qlinear
@@ -203,12 +205,17 @@ def test_a_row_gets_the_same_bits_alone_or_in_a_batch(kernel: QuantLinearKernel,
 
 
 @pytest.mark.skipif("avx2" not in kernel_builds.builds(), reason="no AVX-512: the native build is AVX2's")
-def test_the_avx512_build_gives_the_avx2_build_s_bits(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Weights as stored: the AVX-512 VNNI build's vpdpbusd gives the same int32 lanes as AVX2's maddubs and
-    madd (the K-quants keep those), and the float steps are the same: the same bits, every type, odd
-    shapes, T from 1 past a tile of rows."""
-    native, avx2 = load_qlinear(), kernel_builds.build(load_qlinear, "avx2", tmp_path_factory)
-    assert native is not None and avx2.vector_bits == 256
+@pytest.mark.parametrize("vnni", ["native", "avxvnni"])
+def test_the_vnni_builds_give_the_avx2_build_s_bits(tmp_path_factory: pytest.TempPathFactory,
+                                                    vnni: str) -> None:
+    """Weights as stored: the VNNI builds' vpdpbusd (AVX-512 VNNI; AVX-VNNI) gives the same int32 lanes as
+    AVX2's maddubs and madd (the K-quants keep those), and the float steps are the same: the same bits,
+    every type, odd shapes, T from 1 past a tile of rows."""
+    if vnni == "avxvnni" and not ymm_vnni():
+        pytest.skip("no AVX-512 VNNI: the AVX-VNNI path is not built here")
+    native = load_qlinear() if vnni == "native" else kernel_builds.build(load_qlinear, vnni, tmp_path_factory)
+    avx2 = kernel_builds.build(load_qlinear, "avx2", tmp_path_factory)
+    assert native is not None and native.vnni and avx2.vector_bits == 256
     for qtype in ALL_TYPES:
         for n, k in ((1, 32), (7, 96), (33, 576), (5, 1536)):
             k = _k(qtype, k)

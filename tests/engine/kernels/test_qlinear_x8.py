@@ -14,6 +14,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from qlinear_helpers import ymm_vnni
 
 from loraserve.engine.kernels.qlinear import QuantLinearKernel, Repacked, dequantize, load_qlinear
 
@@ -94,12 +95,18 @@ def test_a_row_gets_the_same_bits_alone_in_a_batch_or_threaded(kernel: QuantLine
 
 
 @pytest.mark.skipif("avx2" not in kernel_builds.builds(), reason="no AVX-512: the native build is AVX2's")
-def test_the_avx512_build_gives_the_avx2_build_s_bits(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """The AVX-512 VNNI tile (two groups a zmm, vpdpbusd) computes each output's integer dots exactly, as
-    the AVX2 tile does, and the same float steps in the same order: the same bits, whatever T and however
-    the rows fall into tiles (a lone last group, a partial one)."""
-    native, avx2 = load_qlinear(), kernel_builds.build(load_qlinear, "avx2", tmp_path_factory)
-    assert native is not None and avx2.vector_bits == 256
+@pytest.mark.parametrize("vnni", ["native", "avxvnni"])
+def test_the_vnni_builds_give_the_avx2_build_s_bits(tmp_path_factory: pytest.TempPathFactory,
+                                                    vnni: str) -> None:
+    """The AVX-512 VNNI tile (two groups a zmm, vpdpbusd) and the AVX-VNNI one (a group in ymm registers,
+    vpdpbusd) compute each output's integer dots exactly, as the AVX2 tile does, and the same float steps in
+    the same order: the same bits, whatever T and however the rows fall into tiles (a lone last group, a
+    partial one)."""
+    if vnni == "avxvnni" and not ymm_vnni():
+        pytest.skip("no AVX-512 VNNI: the AVX-VNNI path is not built here")
+    native = load_qlinear() if vnni == "native" else kernel_builds.build(load_qlinear, vnni, tmp_path_factory)
+    avx2 = kernel_builds.build(load_qlinear, "avx2", tmp_path_factory)
+    assert native is not None and native.vnni and not avx2.vnni and avx2.vector_bits == 256
     for qtype in TYPES:
         for n, k in [*SHAPES, (8, 64), (24, 96)]:
             k = _k(qtype, k)
@@ -124,6 +131,12 @@ def test_a_build_refuses_another_layout_s_weights(tmp_path_factory: pytest.TempP
     with pytest.raises(ValueError, match="another build"):
         avx2.stored_rows(packed, torch.tensor([0]))
     assert torch.equal(native.stored_rows(packed, torch.arange(9)), blocks)
+    if ymm_vnni():  # the AVX-VNNI build stores Q8_0 as the AVX-512 VNNI one does, and reads its groups
+        ymm = kernel_builds.build(load_qlinear, "avxvnni", tmp_path_factory)
+        x = _x(3, 64, seed=1)
+        assert ymm.x8_layout == native.x8_layout
+        got = ymm.stacked(x, ymm.parts([packed], 64))
+        assert torch.equal(got, native.stacked(x, native.parts([packed], 64)))
 
 
 def test_repacked_and_stored_parts_stack(kernel: QuantLinearKernel) -> None:
@@ -153,3 +166,20 @@ def test_refuses_what_it_cannot_repack(kernel: QuantLinearKernel) -> None:
         kernel.stored_rows(packed, torch.tensor([9]))
     with pytest.raises(ValueError, match="input features"):
         kernel.parts([Repacked(packed.data, packed.qtype, 9, 32, packed.layout)], 64)
+
+
+def test_the_avx_vnni_build_for_cpus_without_avx512(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Built as for an AVX-VNNI CPU without AVX-512 (Intel's client cores since Alder Lake, its E-core Xeons:
+    -mno-avx512f -mavxvnni), the kernel takes the VEX-encoded vpdpbusd path and its Q8_0 layout. Its dots run
+    here only on such a CPU; the same code runs on AVX-512 VNNI CPUs through the EVEX encoding (the
+    `avxvnni` build of the other tests)."""
+    k = kernel_builds.build(load_qlinear, "avxvnni", tmp_path_factory, "-mno-avx512f -mavxvnni")
+    assert (k.vector_bits, k.vnni, k.x8_layout) == (256, True, 0x80)
+    if kernel_builds.cpu_has("avx_vnni"):
+        avx2 = kernel_builds.build(load_qlinear, "avx2", tmp_path_factory, "-mno-avx512f -mno-avxvnni")
+        for qtype in TYPES:
+            k_in = _k(qtype, 256)
+            blocks, x = _blocks(qtype, 24, k_in), _x(5, k_in, seed=2)
+            got = k.stacked(x, k.parts([k.repack(blocks, int(qtype), 24, k_in)], k_in))
+            want = avx2.stacked(x, avx2.parts([avx2.repack(blocks, int(qtype), 24, k_in)], k_in))
+            assert torch.equal(got, want)

@@ -29,7 +29,8 @@
  * (a build without AVX2) computes the same integer dots but sums them per block rather than in AVX2's
  * eight lanes, so its floats may differ from the AVX2 build in the last bits.
  *
- * AVX-512 with VNNI (VNNI512: a build for such a CPU; -mno-avx512f gives the AVX2 build there): vpdpbusd
+ * AVX-512 with VNNI (VNNI512: a build for such a CPU; -mno-avx512f gives the AVX2 build there), or AVX-VNNI
+ * (VNNI256: the same instruction on ymm registers, on CPUs without AVX-512): vpdpbusd
  * (u8 x s8, four products into each int32 lane) replaces maddubs + madd where no integer scales multiply
  * the lanes (Q8_0, Q4_0, Q4_1; the stored K-quants keep maddubs + madd for their scales). The int32 lanes are the
  * same exact integers, the float steps the same: the same bits as the AVX2 build, weights as stored or
@@ -48,8 +49,26 @@
 #endif
 /* AVX-512 with VNNI: vpdpbusd multiplies u8 by s8 and adds each four products into an int32 lane, in one
  * instruction where AVX2 takes maddubs, madd and an add (and cannot saturate: no int16 step). */
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__) \
+    && !defined(QLINEAR_YMM_VNNI)
 #define VNNI512 1
+#endif
+/* AVX-VNNI: the same vpdpbusd on ymm registers only (VEX-encoded), on CPUs without AVX-512: Intel's client
+ * cores since Alder Lake and its E-core Xeons. The AVX2 build's tiles and groups of 8 rows, vpdpbusd where
+ * they take maddubs + madd. -DQLINEAR_YMM_VNNI builds this path on an AVX-512 VNNI CPU, through the EVEX
+ * encoding of the same instruction, so that it is tested there (tests/qlinear_helpers.py). */
+#if !defined(VNNI512) && defined(__AVX2__) && \
+    (defined(__AVXVNNI__) || (defined(QLINEAR_YMM_VNNI) && defined(__AVX512VNNI__) && defined(__AVX512VL__)))
+#define VNNI256 1
+#endif
+#if defined(VNNI512) || defined(VNNI256)
+#define VNNI 1
+/* acc + the dots of u's unsigned bytes with a's signed ones, four a lane, on ymm registers */
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define DPBUSD256(acc, u, a) _mm256_dpbusd_epi32(acc, u, a)
+#else
+#define DPBUSD256(acc, u, a) _mm256_dpbusd_avx_epi32(acc, u, a)
+#endif
 #endif
 
 #define QK 32 /* weights per block */
@@ -83,13 +102,22 @@ static int64_t block_bytes(int type) {
 
 static int is_k_quant(int type) { return type == Q4_K || type == Q5_K || type == Q6_K; }
 
-/* Which path this build runs: 512 (AVX-512 VNNI), 256 (AVX2) or 0 (scalar), so that tests can tell the
- * builds apart. */
+/* Which path this build runs: 512 (AVX-512 VNNI), 256 (AVX2, or AVX-VNNI) or 0 (scalar), so that tests can
+ * tell the builds apart. */
 int qlinear_vector_bits(void) {
 #if defined(VNNI512)
     return 512;
 #elif defined(__AVX2__)
     return 256;
+#else
+    return 0;
+#endif
+}
+
+/* 1 where the integer dots are vpdpbusd (AVX-512 VNNI or AVX-VNNI), 0 where they are maddubs + madd. */
+int qlinear_vnni(void) {
+#if defined(VNNI)
+    return 1;
 #else
     return 0;
 #endif
@@ -214,10 +242,10 @@ static inline __attribute__((always_inline)) __m256 step_avx2(const int type, wb
     const int sign = type == Q8_0 || type == Q6_K; /* signed quants */
     __m256i a = _mm256_loadu_si256((const __m256i *)qa);
     if (sign) a = _mm256_sign_epi8(a, k.q); /* |w| <= 128, |a| <= 127: maddubs cannot saturate */
-#ifdef VNNI512
+#ifdef VNNI
     /* the same int32 lanes in one instruction, where no integer scales multiply them (k.s = 1) */
     const __m256 dot = _mm256_cvtepi32_ps(type == Q8_0 || type == Q4_0 || type == Q4_1
-                                              ? _mm256_dpbusd_epi32(_mm256_setzero_si256(), k.u, a)
+                                              ? DPBUSD256(_mm256_setzero_si256(), k.u, a)
                                               : _mm256_madd_epi16(_mm256_maddubs_epi16(k.u, a), k.s));
 #else
     const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(k.u, a), k.s));

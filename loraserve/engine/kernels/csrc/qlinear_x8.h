@@ -25,6 +25,8 @@
  * stream of blocks from memory, which streams faster than the two groups' two. This build stores Q8_0's
  * quants plus 128 (X8_Q8_BIAS), so its groups are its own: a weight is repacked by the build that reads it.
  * Either way each output's integer dots and float steps are the AVX2 tile's: the same bits.
+ * AVX-VNNI (VNNI256: no AVX-512): the same vpdpbusd on ymm registers, a group (8 rows) a tile as in the AVX2
+ * build, up to MR rows of x a decoded chunk (x8_tile8), Q8_0 stored plus 128 as in the AVX-512 VNNI build.
  */
 #define GR 8 /* weight rows a group */
 /* Weight rows a tile, the unit the threads share: two groups on AVX-512 VNNI */
@@ -68,8 +70,9 @@ int64_t qlinear_x8_bytes(int type, int64_t N, int64_t K) {
 }
 
 /* What a Q8_0 quant byte is xored with in a group: vpdpbusd takes the weights as its unsigned operand, so
- * the AVX-512 VNNI build stores q + 128 (q ^ 0x80) rather than add it at every block of every call. */
-#if defined(VNNI512)
+ * the VNNI builds (AVX-512 VNNI, AVX-VNNI) store q + 128 (q ^ 0x80) rather than add it at every block of
+ * every call. */
+#if defined(VNNI)
 #define X8_Q8_BIAS 0x80
 #else
 #define X8_Q8_BIAS 0
@@ -235,14 +238,33 @@ static inline __attribute__((always_inline)) void x8_tile16(const int type, cons
     UNROLL for (int r = 0; r < R; r++) _mm512_mask_storeu_ps(y + r * ldy, keep, acc[r]);
 }
 
+#endif
+
+#if defined(VNNI)
 static inline __m256i bcast4(const int8_t *a) {
     int32_t v;
     memcpy(&v, a, 4);
     return _mm256_set1_epi32(v);
 }
 
-/* x8_tile16's work on one group (8 rows) in ymm registers, each row's dot in two chains (a decode step's one
- * row alone would wait on each vpdpbusd's latency). */
+/* y[0:valid] = v's first `valid` lanes (valid <= GR) */
+static inline void x8_store(float *y, __m256 v, int valid) {
+#if defined(VNNI512)
+    _mm256_mask_storeu_ps(y, (__mmask8)(valid >= GR ? 0xff : (1u << valid) - 1), v);
+#else
+    if (valid >= GR) {
+        _mm256_storeu_ps(y, v);
+        return;
+    }
+    _mm256_maskstore_ps(y, _mm256_cmpgt_epi32(_mm256_set1_epi32(valid), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)),
+                        v);
+#endif
+}
+
+/* x8_tile16's work on one group (8 rows) in ymm registers: the AVX-512 VNNI build's tile for fewer than MR rows
+ * of x, and the AVX-VNNI build's for all. Each row's dot in two chains (a decode step's one row alone would
+ * wait on each vpdpbusd's latency), a chunk of the block at a time meeting every row, as the AVX2 tile does:
+ * the rows' sums stay in registers, where AVX-VNNI's 16 would not hold the whole block decoded besides. */
 static inline __attribute__((always_inline)) void x8_tile8(const int type, const int R, const uint8_t *grp,
                                                            int64_t nb, xrows a, float *y, int64_t ldy,
                                                            int valid) {
@@ -256,36 +278,39 @@ static inline __attribute__((always_inline)) void x8_tile8(const int type, const
         const __m256 mw = type == Q4_1 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(grp + 16)))
                                        : _mm256_setzero_ps();
         const uint8_t *wq = grp + sb;
-        if (type == Q8_0) {
-            __m256i u[8];
-            for (int j = 0; j < 8; j++) u[j] = _mm256_loadu_si256((const __m256i *)(wq + 32 * j));
+        __m256i s0[MR], s1[MR];
+        if (type == Q8_0) { /* chunks 2c and 2c + 1 */
             UNROLL for (int r = 0; r < R; r++) {
-                const int64_t rb = r * nb + b;
-                const int8_t *q = a.q + rb * QK;
-                __m256i s0 = _mm256_set1_epi32(a.c128[rb]), s1 = _mm256_setzero_si256();
-                for (int j = 0; j < 8; j += 2) {
-                    s0 = _mm256_dpbusd_epi32(s0, u[j], bcast4(q + 4 * j));
-                    s1 = _mm256_dpbusd_epi32(s1, u[j + 1], bcast4(q + 4 * j + 4));
-                }
-                const __m256 d = _mm256_mul_ps(dw, _mm256_set1_ps(a.d[rb]));
-                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(s0, s1)), d, acc[r]);
+                s0[r] = _mm256_set1_epi32(a.c128[r * nb + b]);
+                s1[r] = _mm256_setzero_si256();
             }
-        } else {
-            __m256i lo[4], hi[4];
-            for (int j = 0; j < 4; j++) {
-                const __m256i v = _mm256_loadu_si256((const __m256i *)(wq + 32 * j));
-                lo[j] = _mm256_and_si256(v, low);
-                hi[j] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+            for (int c = 0; c < 8; c += 2) {
+                const __m256i u0 = _mm256_loadu_si256((const __m256i *)(wq + 32 * c));
+                const __m256i u1 = _mm256_loadu_si256((const __m256i *)(wq + 32 * c + 32));
+                UNROLL for (int r = 0; r < R; r++) {
+                    const int8_t *q = a.q + (r * nb + b) * QK;
+                    s0[r] = DPBUSD256(s0[r], u0, bcast4(q + 4 * c));
+                    s1[r] = DPBUSD256(s1[r], u1, bcast4(q + 4 * c + 4));
+                }
             }
             UNROLL for (int r = 0; r < R; r++) {
-                const int64_t rb = r * nb + b;
-                const int8_t *q = a.q + rb * QK;
-                __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
-                for (int j = 0; j < 4; j++) {
-                    s0 = _mm256_dpbusd_epi32(s0, lo[j], bcast4(q + 4 * j));
-                    s1 = _mm256_dpbusd_epi32(s1, hi[j], bcast4(q + 16 + 4 * j));
+                const __m256 d = _mm256_mul_ps(dw, _mm256_set1_ps(a.d[r * nb + b]));
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(s0[r], s1[r])), d, acc[r]);
+            }
+        } else { /* chunk c's low nibbles meet activation bytes 4c.., its high ones 16 + 4c.. */
+            UNROLL for (int r = 0; r < R; r++) s0[r] = s1[r] = _mm256_setzero_si256();
+            for (int c = 0; c < 4; c++) {
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(wq + 32 * c));
+                const __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+                UNROLL for (int r = 0; r < R; r++) {
+                    const int8_t *q = a.q + (r * nb + b) * QK;
+                    s0[r] = DPBUSD256(s0[r], lo, bcast4(q + 4 * c));
+                    s1[r] = DPBUSD256(s1[r], hi, bcast4(q + 16 + 4 * c));
                 }
-                const __m256 dot = _mm256_cvtepi32_ps(_mm256_add_epi32(s0, s1));
+            }
+            UNROLL for (int r = 0; r < R; r++) {
+                const int64_t rb = r * nb + b;
+                const __m256 dot = _mm256_cvtepi32_ps(_mm256_add_epi32(s0[r], s1[r]));
                 const __m256 d = _mm256_set1_ps(a.d[rb]);
                 if (type == Q4_0)
                     acc[r] = _mm256_fmadd_ps(dw, _mm256_fmsub_ps(d, dot, _mm256_set1_ps(a.s8[rb])), acc[r]);
@@ -295,17 +320,17 @@ static inline __attribute__((always_inline)) void x8_tile8(const int type, const
             }
         }
     }
-    const __mmask8 keep = (__mmask8)(valid >= GR ? 0xff : (1u << valid) - 1);
-    UNROLL for (int r = 0; r < R; r++) _mm256_mask_storeu_ps(y + r * ldy, keep, acc[r]);
+    UNROLL for (int r = 0; r < R; r++) x8_store(y + r * ldy, acc[r], valid);
 }
 
-/* A tile of X8_TILE rows: MR or more rows of x take two groups a zmm (compute-bound); fewer rows of
- * x (a decode step) read the weights from memory at every block, and do it faster a group after the other,
- * one stream of blocks (the two groups side by side are two). The same bits either way. */
+/* A tile of X8_TILE rows: on AVX-512 VNNI, MR or more rows of x take two groups a zmm (compute-bound);
+ * fewer rows of x (a decode step) read the weights from memory at every block, and do it faster a group after
+ * the other, one stream of blocks (the two groups side by side are two). The same bits either way. AVX-VNNI:
+ * one group, in ymm registers. */
 static inline __attribute__((always_inline)) void x8_tile(const int type, const int R, const uint8_t *grp,
                                                           int64_t nb, xrows a, float *y, int64_t ldy, int valid,
                                                           const uint8_t *next) {
-#if X8_ZMM
+#if defined(VNNI512) && X8_ZMM
     if (R >= MR) {
         x8_tile16(type, R, grp, nb, a, y, ldy, valid, next);
         return;

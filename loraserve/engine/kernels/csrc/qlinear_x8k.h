@@ -162,9 +162,9 @@ static inline __m256 xk_bytes8(const uint8_t *p, int sgn) {
 /* init + the exact dot of a half-piece's four chunks u with the activation bytes q (4 each, broadcast). */
 static inline __attribute__((always_inline)) __m256i xk_half(const int type, __m256i init, const __m256i *u,
                                                              const int8_t *q) {
-#if defined(VNNI512)
+#if defined(VNNI)
     (void)type;
-    for (int c = 0; c < 4; c++) init = _mm256_dpbusd_epi32(init, u[c], bcast4(q + 4 * c));
+    for (int c = 0; c < 4; c++) init = DPBUSD256(init, u[c], bcast4(q + 4 * c));
     return init;
 #else
     const __m256i ones = _mm256_set1_epi16(1);
@@ -193,7 +193,7 @@ static inline __attribute__((always_inline)) void xk_tile8(const int type, const
         const __m256 dmin = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(grp + 16)));
         const __m256 nmin = type == Q6_K ? dw : _mm256_xor_ps(_mm256_set1_ps(-0.f), dmin);
         for (int j = 0; j < XK_PIECES; j++) {
-#if !defined(VNNI512)
+#if !defined(VNNI)
             if (type == Q4_K) { /* a piece is a 4-bit block: nibble_dots, as x8_tile's */
                 const __m256 dsc = _mm256_mul_ps(dw, xk_bytes8(grp + 32 + 8 * j, 0));
                 const __m256 mw = _mm256_mul_ps(nmin, xk_bytes8(grp + 96 + 8 * j, 0));
