@@ -52,4 +52,6 @@ def kernel(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     k = build(load_qlinear, name, tmp_path_factory, _SCALAR_FLAGS if name == "scalar" else None)
     assert k.vector_bits == {"native": native_bits(), "avx2": 256, "avxvnni": 256, "scalar": 0}[name]
     assert k.vnni == {"native": native_vnni(), "avx2": False, "avxvnni": True, "scalar": False}[name]
+    assert k.instructions == {"native": k.instructions, "avx2": "AVX2", "avxvnni": "AVX-VNNI",
+                              "scalar": "scalar (no AVX2)"}[name]
     return k

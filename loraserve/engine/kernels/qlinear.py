@@ -63,6 +63,13 @@ class QuantLinearKernel:
         fn.restype = ctypes.c_int
         self._fn = fn
 
+    @property
+    def instructions(self) -> str:
+        """The instruction set this build's integer dots run on, in words (logged at engine start)."""
+        if self.vnni:
+            return "AVX-512 VNNI" if self.vector_bits == 512 else "AVX-VNNI"
+        return "AVX2" if self.vector_bits == 256 else "scalar (no AVX2)"
+
     def __call__(self, x: torch.Tensor, blocks: torch.Tensor, qtype: int, out_features: int,
                  in_features: int) -> torch.Tensor:
         """x: float32 [T, in] with contiguous rows (T may be 0) -> a new float32 [T, out]. qtype: a GGML

@@ -264,8 +264,11 @@ def test_without_a_working_compiler_the_engine_keeps_torch_paths(
             load.cache_clear()
 
 
-def test_the_cpu_engine_uses_the_kernels_by_default() -> None:
-    engine = build_engine(hf_model(seed=1))
+def test_the_cpu_engine_uses_the_kernels_by_default(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="loraserve.engine.ops.select"):
+        engine = build_engine(hf_model(seed=1))
+    qlinear = load_qlinear()
+    assert qlinear is not None and f"CPU kernels: quantized dots on {qlinear.instructions}" in caplog.text
     ops = engine.ops
     # GGUF blocks to the quantized kernel, float weights to the packed one
     assert isinstance(ops.projections, QuantProjections)
