@@ -7,7 +7,7 @@ from __future__ import annotations
 import functools
 import os
 from pathlib import Path
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import pytest
 
@@ -37,11 +37,20 @@ def tile(name: str) -> int:
     return {"native": native, "avx2": 8, "scalar": 0}[name]
 
 
+# the builds made in this test session, by (loader, name, flags): each is compiled once (qlinear.c takes
+# seconds at -O3), however many modules and tests ask for it
+_built: dict[tuple[str, str, str], object] = {}
+
+
 def build(load: functools._lru_cache_wrapper[K | None], name: str, tmp: pytest.TempPathFactory,
           flags: str | None = None) -> K:
     """`load()` for the build `name`: the others through a compiler wrapper that appends the flags (the
-    build's own, or `flags`), into a cache of their own. The environment is changed for the build only, and
-    the loader's cache is left empty after it, so the engine's own loads still get the native build."""
+    build's own, or `flags`), into a cache of their own, once a test session. The environment is changed for
+    the build only, and the loader's cache is left empty after it, so the engine's own loads still get the
+    native build."""
+    key = (load.__wrapped__.__qualname__, name, _FLAGS[name] if flags is None else flags)
+    if name != "native" and key in _built:
+        return cast(K, _built[key])
     if name == "native":
         kernel = load()
     else:
@@ -60,4 +69,6 @@ def build(load: functools._lru_cache_wrapper[K | None], name: str, tmp: pytest.T
             finally:
                 load.cache_clear()
     assert kernel is not None  # a compiler is present: the build must work
+    if name != "native":
+        _built[key] = kernel
     return kernel
