@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from loraserve.engine.config import ModelConfig, Quantization
+from loraserve.engine.kernels.qlinear import load_qlinear
 from loraserve.tools.bench.options import build_parser, config_from_args
 from loraserve.tools.bench.run import main
 from loraserve.tools.bench.workload import Popularity, WorkloadSpec, make_requests, write_adapters
@@ -56,6 +57,7 @@ def test_closed_loop_with_baseline_and_roofline(tmp_path: Path, capsys: pytest.C
         assert r["peak"]["kv_blocks_used"] >= 1 and r["final"]["kv_blocks_used"] == 0
     assert runs["ours"]["peak"]["adapters_device"] >= 1
     assert _positive(figures["machine"]["gemm_flop_s"]) and _positive(figures["machine"]["copy_bytes_s"])
+    assert figures["machine"]["processor"] and "quantized_dots" not in figures["machine"]  # float32 weights
     assert [p["batch"] for p in figures["ceiling"]] == [1, 2]
     # The roofline and HF run on the bench's own thread after the engine's: with its thread count.
     threads = figures["config"]["engine"]["threads"]
@@ -68,6 +70,7 @@ def test_closed_loop_with_baseline_and_roofline(tmp_path: Path, capsys: pytest.C
         assert _positive(ratios["ours_vs_hf_peft_mixed"])
     printed = capsys.readouterr().out
     assert "ours with adapters / ours no adapter" in printed
+    assert f"machine: {figures['machine']['processor']}; GEMM" in printed
     assert figures["command"] in printed.replace("\n", "")
     assert figures["command"].startswith("loraserve bench --model random:tiny ")
 
@@ -151,3 +154,19 @@ def test_quantize_reaches_the_engine_and_the_reproducing_command() -> None:
     assert ecfg.quantize is Quantization.Q4_0 and ecfg.dtype == "gguf"  # auto is gguf with it
     assert config_from_args(build_parser().parse_args(cfg.argv())) == cfg
     assert main(["--quantize", "q5_k"]) == 2
+
+
+def test_the_machine_line_names_the_quantized_kernel_s_instructions(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A figure says which machine kind it comes from: the processor, and for GGUF blocks the instruction
+    set the kernel's dots ran on (AVX2, AVX-VNNI, AVX-512 VNNI), so an emulated build (CC adding
+    -mno-avx512f) shows as what it is."""
+    kernel = load_qlinear()
+    if kernel is None:
+        pytest.skip("no C compiler: no quantized kernel")
+    out = tmp_path / "bench.json"
+    tiny = [*TINY, "--no-baseline", "--no-baseline-no-adapter", "--no-compare-no-adapter", "--json", str(out)]
+    assert main([*tiny[:1], "random:tiny:q8_0", *tiny[2:]]) == 0
+    figures = json.loads(out.read_text())
+    assert figures["machine"]["quantized_dots"] == kernel.instructions
+    assert f"quantized dots on {kernel.instructions}; GEMM" in capsys.readouterr().out

@@ -111,7 +111,9 @@ def print_report(figures: dict[str, Any], console: Console | None = None) -> Non
                   f"queue {_f(peak.get('queue_depth'), 0)}")
     if "machine" in figures:
         m = figures["machine"]
-        console.print(f"machine: GEMM {m['gemm_flop_s'] / 1e9:,.1f} GFLOP/s, "
+        dots = f", quantized dots on {m['quantized_dots']}" if m.get("quantized_dots") else ""
+        console.print(f"machine: {m.get('processor', '?')}{dots}; "
+                      f"GEMM {m['gemm_flop_s'] / 1e9:,.1f} GFLOP/s, "
                       f"copy {m['copy_bytes_s'] / 1e9:,.1f} GB/s ({m['threads']} CPU threads, as the engine)")
         ceil = Table(
             title="linear-layer ceiling (all q/k/v/o/gate/up/down + lm_head, one decode step)"

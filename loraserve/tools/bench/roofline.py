@@ -12,6 +12,7 @@ ratio against torch's ceiling is never mistaken for one against what the engine'
 
 from __future__ import annotations
 
+import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,6 +40,18 @@ class MachineRoofline:
     gemm_flop_s: float
     copy_bytes_s: float  # bytes read + written per second
     threads: int  # torch's CPU threads while measuring (the ceiling's too)
+    processor: str  # the CPU's model name, or the GPU's: which machine kind a figure comes from
+
+
+def processor_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next((x for x in f if x.startswith("model name")), "")
+    except OSError:
+        line = ""
+    return line.partition(":")[2].strip() or platform.processor() or platform.machine()
 
 
 @dataclass(frozen=True)
@@ -77,6 +90,7 @@ def measure_machine(device: torch.device, dtype: torch.dtype, cfg: RooflineConfi
         gemm_flop_s=2.0 * n ** 3 / _gemm_seconds(n, device, dtype, cfg.repeats),
         copy_bytes_s=2.0 * cfg.copy_bytes / _copy_seconds(cfg.copy_bytes, device, cfg.repeats),
         threads=torch.get_num_threads(),
+        processor=processor_name(device),
     )
 
 

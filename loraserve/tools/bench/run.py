@@ -29,6 +29,7 @@ from loraserve.engine.config import EngineConfig
 from loraserve.engine.loader import load_backend
 from loraserve.engine.lora.pool import rank_bucket
 from loraserve.engine.models.decoder import Decoder
+from loraserve.engine.ops.quant_linear import QuantLinear, QuantProjections
 from loraserve.tools.bench import llamacpp
 from loraserve.tools.bench.model_file import ensure_written, llamacpp_file
 from loraserve.tools.bench.options import QUICK_ROOFLINE, BenchConfig, Device, build_parser, config_from_args
@@ -182,6 +183,9 @@ def _measure_roofline(model: Decoder, cfg: BenchConfig, figures: dict[str, Any])
     at = w.concurrency if w.rate is None else max(1, round(figures["runs"]["ours"]["mean_batch"] or 1))
     points: list[CeilingPoint] = linear_ceiling(model, [1, at], machine, rcfg.repeats)
     figures["machine"] = dataclasses.asdict(machine)
+    projections = model.ops.projections
+    if isinstance(projections, QuantProjections) and isinstance(model.layers[0].qkv, QuantLinear):
+        figures["machine"]["quantized_dots"] = projections.kernel.instructions  # AVX2, AVX-VNNI, ...
     figures["ceiling"] = [dataclasses.asdict(p) for p in points]
     figures["ceiling_batch"] = at
 
