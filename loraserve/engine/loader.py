@@ -21,6 +21,7 @@ from loraserve.engine.kernels.qlinear import load_qlinear
 from loraserve.engine.llm_engine import LLMEngine, resolve_dtype
 from loraserve.engine.process import configure_process
 from loraserve.engine.sources import EMBEDDED, RANDOM_PREFIX, embedded_gguf_path
+from loraserve.engine.weights.gguf_meta import GGUFFile
 from loraserve.engine.weights.hf import StateDict, expected_shapes
 from loraserve.engine.weights.quant import QuantType, Weight, k_m_type, random_blocks
 from loraserve.engine.weights.tokenizer import Tokenizer
@@ -30,9 +31,7 @@ RANDOM_SHAPES = catalog.RANDOM_SHAPES
 
 def random_tokenizer() -> Tokenizer:
     """The tokenizer random models use: the embedded SmolLM2's (random models make no text of their own)."""
-    import gguf
-
-    return Tokenizer.from_gguf(gguf.GGUFReader(str(embedded_gguf_path())))
+    return Tokenizer.from_gguf(GGUFFile(str(embedded_gguf_path())))
 
 
 # A random model's mixes of block types as llama.cpp's Q4_K_M and Q5_K_M files have them, by their base type

@@ -60,9 +60,9 @@ _Delivery = tuple[str, _Stream, StreamEvent]
 def load_tokenizer(path: str) -> Tokenizer:
     """The tokenizer in a .gguf file or a Hugging Face directory (what `Started` names). No torch."""
     if path.endswith(".gguf"):
-        import gguf
+        from loraserve.engine.weights.gguf_meta import GGUFFile
 
-        return Tokenizer.from_gguf(gguf.GGUFReader(path))
+        return Tokenizer.from_gguf(GGUFFile(path))
     return Tokenizer.from_hf_dir(path)
 
 

@@ -21,9 +21,10 @@ import torch
 from loraserve.engine.config import ModelConfig, physical_memory
 from loraserve.engine.weights.gguf_arch import GGUFArch, hf_name, norm_shift
 from loraserve.engine.weights.gguf_hparams import ROPE_FREQS, config_from_gguf
+from loraserve.engine.weights.gguf_meta import GGUFFile, gguf_field
 from loraserve.engine.weights.hf import StateDict, check_complete
 from loraserve.engine.weights.quant import QuantTensor, QuantType, drop_pages
-from loraserve.engine.weights.tokenizer import Tokenizer, gguf_field
+from loraserve.engine.weights.tokenizer import Tokenizer
 
 _FLOAT_TYPES = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
 
@@ -32,7 +33,7 @@ def load_gguf(path: str | Path, dtype: torch.dtype,
               keep_quantized: bool = False) -> tuple[ModelConfig, StateDict, Tokenizer]:
     # Copy-on-write mapping: arrays come out writable (torch warns on read-only memory) while the file
     # is never modified, and a page is only copied if someone writes to it.
-    reader = gguf.GGUFReader(path, mode="c")
+    reader = GGUFFile(path, mode="c")
     if keep_quantized:
         _refuse_unsupported(reader, path)
     arch = GGUFArch.parse(gguf_field(reader, "general.architecture"))

@@ -20,7 +20,8 @@ import numpy as np
 
 from loraserve.engine.config import ModelConfig
 from loraserve.engine.weights.gguf_arch import GGUFArch
-from loraserve.engine.weights.tokenizer import Tokenizer, gguf_field
+from loraserve.engine.weights.gguf_meta import gguf_field
+from loraserve.engine.weights.tokenizer import Tokenizer
 
 ROPE_FREQS = "rope_freqs.weight"
 _Get = Callable[[str], Any]  # a metadata value by key without the "{arch}." prefix; None when absent

@@ -18,7 +18,8 @@ import gguf
 import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
 
-from loraserve.engine.weights.tokenizer import GGUFTokenType, Tokenizer, gguf_field, gpt2_pre_tokenizer
+from loraserve.engine.weights.gguf_meta import gguf_field
+from loraserve.engine.weights.tokenizer import GGUFTokenType, Tokenizer, gpt2_pre_tokenizer
 
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 # llama.cpp's pre-tokenizer names this engine reads back (tokenizer.py), tried in turn on a probe text the

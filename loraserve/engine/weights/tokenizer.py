@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import gguf
-import numpy as np
 from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.models import BPE
 
 from loraserve.chat_template import ChatTemplate
+from loraserve.engine.weights.gguf_meta import gguf_field
 
 # Special tokens that end an assistant turn in common chat templates; generation stops on them too,
 # because a chat model ends its answer with the turn marker, which is often not the file's EOS.
@@ -80,24 +80,6 @@ def gpt2_pre_tokenizer(pre: str) -> tuple[pre_tokenizers.PreTokenizer, bool]:
     if pre in ("qwen2", "deepseek-r1-qwen"):
         return _byte_level(_QWEN2_SPLIT), False
     raise ValueError(f"unsupported GGUF pre-tokenizer {pre!r}")
-
-
-def gguf_field(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
-    """A metadata value as a Python scalar, str or list (arrays of numbers come back as numpy arrays)."""
-    field = reader.fields.get(key)
-    if field is None:
-        return default
-    kind = field.types[0]
-    if kind == gguf.GGUFValueType.ARRAY:
-        if field.types[-1] == gguf.GGUFValueType.STRING:
-            return [bytes(field.parts[i]).decode("utf-8", errors="replace") for i in field.data]
-        if not field.data:
-            return np.zeros(0)
-        return np.concatenate([field.parts[i] for i in field.data])
-    if kind == gguf.GGUFValueType.STRING:
-        return bytes(field.parts[field.data[0]]).decode("utf-8")
-    value = field.parts[field.data[0]][0]
-    return value.item() if hasattr(value, "item") else value
 
 
 def _sentencepiece_merges(tokens: Sequence[str], scores: Sequence[float],
