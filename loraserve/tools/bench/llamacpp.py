@@ -23,10 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import gguf
 import numpy as np
 
 from loraserve.engine.config import ModelConfig
+from loraserve.engine.weights.gguf_meta import GGUFFile, gguf_field
 from loraserve.tools.bench.figures import StreamTiming, stream_figures
 from loraserve.tools.bench.gguf_lora import write_gguf_lora
 from loraserve.tools.bench.workload import BenchRequest
@@ -66,13 +66,12 @@ class LlamaCppResult:
 def check_model_file(path: Path, cfg: ModelConfig) -> str:
     """The file's general.architecture, after checking its shape is the engine's model's: llama.cpp
     would run a different model without a word."""
-    reader = gguf.GGUFReader(str(path))
+    reader = GGUFFile(str(path))
 
     def field(key: str) -> Any:
-        f = reader.get_field(key)
-        if f is None:
+        if (value := gguf_field(reader, key)) is None:
             raise ValueError(f"{path}: not a model GGUF (no {key})")
-        return f.contents()
+        return value
 
     arch = str(field("general.architecture"))
     want = {"block_count": cfg.num_layers, "embedding_length": cfg.hidden_size,

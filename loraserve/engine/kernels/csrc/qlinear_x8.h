@@ -154,6 +154,29 @@ typedef struct {
     const int32_t *c128, *c32;
 } xrows;
 
+#if defined(__AVX2__)
+/* The four activation bytes at a in every 32-bit lane. */
+static inline __m256i bcast4(const int8_t *a) {
+    int32_t v;
+    memcpy(&v, a, 4);
+    return _mm256_set1_epi32(v);
+}
+
+/* y[0:valid] = v's first `valid` lanes (valid <= GR) */
+static inline void x8_store(float *y, __m256 v, int valid) {
+#if defined(VNNI512)
+    _mm256_mask_storeu_ps(y, (__mmask8)(valid >= GR ? 0xff : (1u << valid) - 1), v);
+#else
+    if (valid >= GR) {
+        _mm256_storeu_ps(y, v);
+        return;
+    }
+    _mm256_maskstore_ps(y, _mm256_cmpgt_epi32(_mm256_set1_epi32(valid), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)),
+                        v);
+#endif
+}
+#endif
+
 #if defined(VNNI512)
 /* acc + the dot products of u's unsigned bytes with the four signed bytes at a, broadcast by the instruction
  * itself: gcc would load them with a vpbroadcastd of their own, one more instruction for each vpdpbusd. */
@@ -241,26 +264,6 @@ static inline __attribute__((always_inline)) void x8_tile16(const int type, cons
 #endif
 
 #if defined(VNNI)
-static inline __m256i bcast4(const int8_t *a) {
-    int32_t v;
-    memcpy(&v, a, 4);
-    return _mm256_set1_epi32(v);
-}
-
-/* y[0:valid] = v's first `valid` lanes (valid <= GR) */
-static inline void x8_store(float *y, __m256 v, int valid) {
-#if defined(VNNI512)
-    _mm256_mask_storeu_ps(y, (__mmask8)(valid >= GR ? 0xff : (1u << valid) - 1), v);
-#else
-    if (valid >= GR) {
-        _mm256_storeu_ps(y, v);
-        return;
-    }
-    _mm256_maskstore_ps(y, _mm256_cmpgt_epi32(_mm256_set1_epi32(valid), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)),
-                        v);
-#endif
-}
-
 /* x8_tile16's work on one group (8 rows) in ymm registers: the AVX-512 VNNI build's tile for fewer than MR rows
  * of x, and the AVX-VNNI build's for all. Each row's dot in two chains (a decode step's one row alone would
  * wait on each vpdpbusd's latency), a chunk of the block at a time meeting every row, as the AVX2 tile does:
@@ -341,12 +344,6 @@ static inline __attribute__((always_inline)) void x8_tile(const int type, const 
     if (valid > GR) x8_tile8(type, R, grp + nb * x8_block_bytes(type), nb, a, y + GR, ldy, valid - GR);
 }
 #elif defined(__AVX2__)
-static inline __m256i bcast4(const int8_t *a) {
-    int32_t v;
-    memcpy(&v, a, 4);
-    return _mm256_set1_epi32(v);
-}
-
 /* s + p, as an instruction the compiler cannot reassociate: with the plain intrinsic, gcc sums a block's
  * products as a tree, computes all the rows' products first and spills most of them to the stack (the 4-bit
  * tiles took 1.15-1.2x the time at 4-32 rows: BENCHMARKS.md, "The AVX2 int8 tile: a chunk of a block at a
@@ -426,12 +423,7 @@ static inline __attribute__((always_inline)) void x8_tile(const int type, const 
             }
         }
     }
-    if (valid == GR) {
-        UNROLL for (int r = 0; r < R; r++) _mm256_storeu_ps(y + r * ldy, acc[r]);
-    } else {
-        const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(valid), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-        UNROLL for (int r = 0; r < R; r++) _mm256_maskstore_ps(y + r * ldy, mask, acc[r]);
-    }
+    UNROLL for (int r = 0; r < R; r++) x8_store(y + r * ldy, acc[r], valid);
 }
 #else
 /* The same integer dots and the same float steps per output, in scalar code. */

@@ -237,9 +237,7 @@ static inline __attribute__((always_inline)) void xk_tile8(const int type, const
             }
         }
     }
-    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(valid),
-                                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-    UNROLL for (int r = 0; r < R; r++) _mm256_maskstore_ps(y + r * ldy, mask, acc[r]);
+    UNROLL for (int r = 0; r < R; r++) x8_store(y + r * ldy, acc[r], valid);
 }
 #endif
 
